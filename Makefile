@@ -1,0 +1,62 @@
+# segflow: the two-command start is `make demo` and `make test`.
+#
+# The virtualenv lives outside the clone (default ~/.cache/segflow/venv) so fresh clones reuse
+# the ~5 GB torch install; it is (re)synced whenever pyproject.toml changes. Commands run with
+# this clone's src/ first on PYTHONPATH, so a shared venv never runs another clone's code.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= $(HOME)/.cache/segflow/venv
+DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.segflow-deps-$(DEPS_HASH)
+CONFIG ?= config/config.yaml
+RESULTS ?= results
+
+export PATH := $(VENV)/bin:$(PATH)
+export PYTHONPATH := $(CURDIR)/src
+
+.PHONY: env demo test lint format bench clean
+
+env: $(STAMP)
+	@# The shared venv's `segflow` command should point at this clone (for plain `snakemake`).
+	@python -c "import importlib.metadata as m, json, sys, sysconfig; \
+	  site = [sysconfig.get_paths()['purelib']]; \
+	  dist = next(m.distributions(name='segflow', path=site)); \
+	  sys.exit(json.loads(dist.read_text('direct_url.json'))['url'] != 'file://$(CURDIR)')" 2>/dev/null || \
+	  flock $(VENV).lock python -m pip install --quiet --no-deps --no-build-isolation -e .
+
+$(STAMP): pyproject.toml
+	@mkdir -p $(dir $(VENV))
+	@# flock: two clones syncing the shared venv at once would corrupt it.
+	flock $(VENV).lock bash -euo pipefail -c '\
+	  $(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || \
+	    { echo "segflow needs Python >= 3.11 (found $$($(PYTHON) --version)); set PYTHON=" >&2; exit 1; }; \
+	  test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV); \
+	  $(VENV)/bin/python -m pip install --quiet --upgrade pip; \
+	  $(VENV)/bin/python -m pip install --quiet -e ".[dev]"; \
+	  touch $(STAMP)'
+
+demo: env
+	snakemake --profile profiles/default --configfile $(CONFIG)
+	@echo
+	@python -m segflow summary $(RESULTS)
+
+test: env
+	python -m pytest
+
+lint: env
+	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
+	snakefmt --check Snakefile workflow
+	snakemake --lint --configfile $(CONFIG)
+
+format: env
+	ruff check --fix src tests benchmarks
+	ruff format src tests benchmarks
+	snakefmt Snakefile workflow
+
+bench: env
+	python benchmarks/bench_data.py
+
+clean:
+	rm -rf $(RESULTS) resources/demo .snakemake

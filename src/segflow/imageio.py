@@ -1,0 +1,266 @@
+"""Reading images and masks from disk into canonical arrays, with errors that name the file.
+
+Canonical image: ``(H, W)`` for grayscale or ``(H, W, C)`` with C in {3, 4} in **RGB(A)** order,
+dtype uint8 or uint16. Canonical mask: ``(H, W)`` uint8 with values {0, 1}.
+DICOM files are converted to 8-bit with a Hounsfield-unit window (see :class:`DicomWindow`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segflow.errors import SegflowError
+
+RASTER_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
+_DICOM_MAGIC_OFFSET = 128
+
+
+@dataclass(frozen=True)
+class DicomWindow:
+    """Display window applied to Hounsfield units before conversion to 8-bit.
+
+    Args:
+        center: window centre in HU (e.g. 40 for soft tissue, -600 for lung).
+        width: window width in HU (e.g. 400 soft tissue, 1500 lung).
+    """
+
+    center: float = 40.0
+    width: float = 400.0
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image plus what ingest records about its file."""
+
+    pixels: np.ndarray
+    file_bytes: int
+    md5_bytes: str
+    bit_depth: int
+    stored_channels: int
+    image_format: str
+
+
+def image_kind(path: Path) -> str | None:
+    """Return ``"raster"``, ``"dicom"`` or ``None`` (not an image) for a file path."""
+    suffix = path.suffix.lower()
+    if suffix in RASTER_EXTENSIONS:
+        return "raster"
+    if suffix in DICOM_EXTENSIONS:
+        return "dicom"
+    if suffix == "" and _has_dicom_magic(path):
+        return "dicom"
+    return None
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(_DICOM_MAGIC_OFFSET)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SegflowError(f"{path}: cannot read file ({error.strerror or error})") from None
+    if not data:
+        raise SegflowError(f"{path}: file is empty (0 bytes)")
+    return data
+
+
+def _check_pixel_limit(path: Path, data: bytes, max_pixels: int | None) -> None:
+    """Refuse oversized images from their header, before a decompression bomb is decoded."""
+    if not max_pixels:
+        return
+    from PIL import Image  # header-only read; cv2 has no such API
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except Exception:
+        return
+    if width * height > max_pixels:
+        raise SegflowError(
+            f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{max_pixels} (data.max_pixels)"
+        )
+
+
+def decode_image(
+    path: str | os.PathLike[str],
+    dicom_window: DicomWindow | None = None,
+    max_pixels: int | None = None,
+) -> DecodedImage:
+    """Read and decode one image file.
+
+    Args:
+        path: PNG/JPEG/TIFF/BMP file, or a DICOM file (``.dcm`` or DICM magic bytes).
+        dicom_window: HU window for DICOM; defaults to :class:`DicomWindow()`.
+        max_pixels: refuse images with more pixels than this (None or 0: no limit).
+
+    Returns:
+        The canonical pixels and file facts (size, md5 of the bytes, bit depth, channels).
+
+    Shape:
+        pixels: (H, W) or (H, W, C), C in {3, 4}.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    md5_bytes = hashlib.md5(data).hexdigest()
+    kind = image_kind(path)
+    if kind == "dicom":
+        pixels, bit_depth, stored = _decode_dicom(path, data, dicom_window or DicomWindow())
+        image_format = "dicom"
+    else:
+        _check_pixel_limit(path, data, max_pixels)
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if pixels is None:
+            raise SegflowError(f"{path}: not a readable image (corrupt, truncated or not an image)")
+        pixels = _to_canonical(path, pixels)
+        bit_depth = 16 if pixels.dtype == np.uint16 else 8
+        stored = 1 if pixels.ndim == 2 else pixels.shape[2]
+        image_format = path.suffix.lower().lstrip(".").replace("jpeg", "jpg").replace("tiff", "tif")
+    if max_pixels and pixels.shape[0] * pixels.shape[1] > max_pixels:
+        raise SegflowError(
+            f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels exceeds the limit of {max_pixels} "
+            "(data.max_pixels)"
+        )
+    return DecodedImage(pixels, len(data), md5_bytes, bit_depth, stored, image_format)
+
+
+def _to_canonical(path: Path, pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise SegflowError(
+            f"{path}: pixel type {pixels.dtype} is not supported (only 8- and 16-bit integer images)"
+        )
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 3:
+        if pixels.shape[2] == 3:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+        elif pixels.shape[2] == 4:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA)
+        else:
+            raise SegflowError(f"{path}: {pixels.shape[2]} channels are not supported (1, 3 or 4)")
+    return pixels
+
+
+def _decode_dicom(path: Path, data: bytes, window: DicomWindow) -> tuple[np.ndarray, int, int]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError) as error:
+        raise SegflowError(f"{path}: not a readable DICOM file ({error})") from None
+    if "PixelData" not in dataset:
+        raise SegflowError(f"{path}: DICOM file has no pixel data")
+    try:
+        raw = dataset.pixel_array
+    except Exception as error:
+        raise SegflowError(f"{path}: cannot decode DICOM pixel data ({error})") from None
+    bit_depth = int(getattr(dataset, "BitsStored", raw.dtype.itemsize * 8))
+    if raw.ndim == 3 and raw.shape[-1] == 3:  # colour DICOM (e.g. dermoscopy): no HU to window
+        return raw.astype(np.uint8), bit_depth, 3
+    if raw.ndim != 2:
+        raise SegflowError(f"{path}: multi-frame DICOM (shape {raw.shape}) is not supported")
+    slope = float(getattr(dataset, "RescaleSlope", 1.0))
+    intercept = float(getattr(dataset, "RescaleIntercept", 0.0))
+    hounsfield = raw.astype(np.float32) * slope + intercept
+    low = window.center - window.width / 2.0
+    scaled = (hounsfield - low) / max(window.width, 1e-6)
+    pixels = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = 255 - pixels  # MONOCHROME1 stores inverted grey levels
+    return pixels, bit_depth, 1
+
+
+def canonical_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Drop redundancy that does not change the picture: an opaque alpha, identical RGB channels.
+
+    Two files showing the same picture (gray PNG vs RGB PNG with equal channels) then hash equal.
+    """
+    if pixels.ndim == 3 and pixels.shape[2] == 4 and (pixels[:, :, 3] == _max_value(pixels)).all():
+        pixels = pixels[:, :, :3]
+    if pixels.ndim == 3 and pixels.shape[2] == 3 and is_gray(pixels):
+        pixels = pixels[:, :, 0]
+    return pixels
+
+
+def is_gray(pixels: np.ndarray) -> bool:
+    """True when the image carries no colour: one channel, or R == G == B everywhere."""
+    if pixels.ndim == 2:
+        return True
+    channels = pixels[:, :, :3]
+    return bool(
+        (channels[:, :, 0] == channels[:, :, 1]).all()
+        and (channels[:, :, 1] == channels[:, :, 2]).all()
+    )
+
+
+def pixel_md5(pixels: np.ndarray) -> str:
+    """md5 of the canonical pixels, their shape and dtype (equal only for the same picture)."""
+    canonical = np.ascontiguousarray(canonical_pixels(pixels))
+    digest = hashlib.md5(f"{canonical.shape}|{canonical.dtype}|".encode())
+    digest.update(canonical.data)
+    return digest.hexdigest()
+
+
+def mask_md5(mask: np.ndarray) -> str:
+    """md5 of a binary mask (bit-packed, with its shape)."""
+    digest = hashlib.md5(f"{mask.shape}|".encode())
+    digest.update(np.packbits(mask != 0).data)
+    return digest.hexdigest()
+
+
+def _max_value(pixels: np.ndarray) -> int:
+    return 65535 if pixels.dtype == np.uint16 else 255
+
+
+def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+    """Read a binary mask file: background 0 and one foreground value (1, 255, 65535, ...).
+
+    Returns:
+        uint8 mask with values {0, 1}.
+
+    Shape:
+        (H, W).
+
+    Raises:
+        SegflowError: unreadable file, colour mask with differing channels, or more than two values.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    _check_pixel_limit(path, data, max_pixels)
+    mask = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise SegflowError(
+            f"{path}: not a readable mask image (corrupt, truncated or not an image)"
+        )
+    if mask.ndim == 3:
+        colour = mask[:, :, :3] if mask.shape[2] >= 3 else mask
+        if not (colour == colour[:, :, :1]).all():
+            raise SegflowError(
+                f"{path}: mask has differing colour channels; expected a binary mask"
+            )
+        mask = colour[:, :, 0]
+    foreground = mask.max()
+    if foreground and not ((mask == 0) | (mask == foreground)).all():
+        values = np.unique(mask)
+        shown = ", ".join(map(str, values[:6].tolist())) + (", ..." if values.size > 6 else "")
+        raise SegflowError(
+            f"{path}: mask has {values.size} distinct values ({shown}); expected 0 and one "
+            "foreground value"
+        )
+    return (mask != 0).astype(np.uint8)

@@ -1,0 +1,357 @@
+"""Preprocess: channel handling, 16->8-bit, CLAHE and resize into memory-mappable arrays.
+
+Outputs (in one folder) ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) with
+values {0, 1}, ``test_images.npy`` (M, H, W, C), ``index.parquet`` (id, split, row, original
+size) and ``stats.json`` (per-channel mean/std of the train images, for normalisation).
+Training then slices the arrays with ``np.load(..., mmap_mode="r")`` and never decodes a PNG.
+
+Workers write disjoint row ranges straight into the ``.npy`` memmaps, so memory stays at one
+chunk of decoded images per worker however large the dataset is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from segflow.atomic import atomic_path, write_json, write_parquet
+from segflow.errors import SegflowError
+from segflow.imageio import DicomWindow, decode_image, read_mask
+from segflow.options import option, options_to_dict
+from segflow.parallel import chunked, parallel_map
+from segflow.rle import rle_decode
+
+log = logging.getLogger(__name__)
+
+CHANNEL_MODES = ("auto", "1", "3")
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Image preparation (config section ``preprocess``)."""
+
+    height: int | None = option(None, "output height; null keeps the (common) original size")
+    width: int | None = option(None, "output width; null keeps the (common) original size")
+    channels: str = option(
+        "auto", "output channels; auto = 1 if every image is gray", CHANNEL_MODES
+    )
+    to_uint8: bool = option(True, "convert 16-bit images to 8-bit (full-range scaling)")
+    clahe: bool = option(False, "apply CLAHE (on luminance for colour images)")
+    clahe_clip_limit: float = option(2.0, "CLAHE contrast clip limit")
+    clahe_tile_grid: int = option(8, "CLAHE tiles per side")
+    interpolation: str = option(
+        "auto",
+        "image resize interpolation; auto = area when shrinking, linear when enlarging",
+        ("auto", *INTERPOLATIONS),
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    height: int
+    width: int
+    channels: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Item:
+    image_path: str
+    masks: tuple[tuple[str | None, str | None], ...]  # (mask_path, canonical RLE) to union
+
+
+@dataclass(frozen=True)
+class _ChunkTask:
+    images_path: str
+    masks_path: str | None
+    first_row: int
+    items: tuple[_Item, ...]
+    geometry: _Geometry
+    options: PreprocessOptions
+    dicom_window: DicomWindow
+
+
+def convert_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Return ``(H, W, channels)``: drop alpha, gray->RGB by replication, RGB->gray by luma.
+
+    Shape:
+        pixels: (H, W) or (H, W, C); output: (H, W, channels).
+    """
+    if pixels.ndim == 3 and pixels.shape[2] == 4:
+        pixels = pixels[:, :, :3]
+    if channels == 1:
+        if pixels.ndim == 3:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+        return pixels[:, :, None]
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    return pixels
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map 16-bit to 8-bit over the full range (65535 -> 255); 8-bit passes through."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    return ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def apply_clahe(pixels: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation, on luminance for colour images.
+
+    Shape:
+        pixels: (H, W, 1) or (H, W, 3), uint8 or uint16; output: same.
+    """
+    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
+    if pixels.shape[2] == 1:
+        return clahe.apply(np.ascontiguousarray(pixels[:, :, 0]))[:, :, None]
+    # Equalising R, G, B separately shifts hues; equalise luma only.
+    ycrcb = cv2.cvtColor(pixels, cv2.COLOR_RGB2YCrCb)
+    ycrcb[:, :, 0] = clahe.apply(np.ascontiguousarray(ycrcb[:, :, 0]))
+    return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+
+
+def resize_image(
+    pixels: np.ndarray, height: int, width: int, interpolation: str = "auto"
+) -> np.ndarray:
+    """Resize an (H, W, C) image; ``auto`` uses area when shrinking, linear when enlarging."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    if interpolation == "auto":
+        shrinking = height <= pixels.shape[0] and width <= pixels.shape[1]
+        interpolation = "area" if shrinking else "linear"
+    resized = cv2.resize(pixels, (width, height), interpolation=INTERPOLATIONS[interpolation])
+    return resized if resized.ndim == 3 else resized[:, :, None]  # cv2 drops a single channel
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize, so a mask stays binary."""
+    if mask.shape == (height, width):
+        return mask
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def prepare_image(
+    pixels: np.ndarray, geometry: _Geometry, options: PreprocessOptions
+) -> np.ndarray:
+    """Channels -> bit depth -> CLAHE -> resize, in that order (CLAHE at native resolution)."""
+    pixels = convert_channels(pixels, geometry.channels)
+    if geometry.dtype == "uint8":
+        pixels = to_uint8(pixels)
+    elif pixels.dtype == np.uint8:  # mixed depths kept at 16 bits: promote 8-bit images
+        pixels = pixels.astype(np.uint16) * 257
+    if options.clahe:
+        pixels = apply_clahe(pixels, options.clahe_clip_limit, options.clahe_tile_grid)
+    return resize_image(pixels, geometry.height, geometry.width, options.interpolation)
+
+
+def _load_mask(
+    sources: tuple[tuple[str | None, str | None], ...], shape: tuple[int, int]
+) -> np.ndarray:
+    mask = np.zeros(shape, dtype=np.uint8)
+    for mask_path, mask_rle in sources:
+        part = (
+            read_mask(mask_path)
+            if mask_path
+            else rle_decode(mask_rle, shape, where="manifest mask_rle")
+        )
+        if part.shape != shape:
+            raise SegflowError(
+                f"{mask_path}: mask size {part.shape} differs from its image {shape}"
+            )
+        mask |= part
+    return mask
+
+
+def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
+    """Write one chunk's rows; return per-channel [sum, sum of squares] of the scaled pixels
+    and the number of foreground mask pixels."""
+    images = np.load(task.images_path, mmap_mode="r+")
+    masks = np.load(task.masks_path, mmap_mode="r+") if task.masks_path else None
+    geometry = task.geometry
+    scale = 255.0 if geometry.dtype == "uint8" else 65535.0
+    moments = np.zeros((2, geometry.channels), dtype=np.float64)
+    foreground = 0
+    for offset, item in enumerate(task.items):
+        row = task.first_row + offset
+        pixels = decode_image(item.image_path, task.dicom_window).pixels
+        prepared = prepare_image(pixels, geometry, task.options)
+        images[row] = prepared
+        scaled = prepared.reshape(-1, geometry.channels).astype(np.float64) / scale
+        moments[0] += scaled.sum(axis=0)
+        moments[1] += np.square(scaled).sum(axis=0)
+        if masks is not None:
+            mask = _load_mask(item.masks, pixels.shape[:2])
+            masks[row] = resize_mask(mask, geometry.height, geometry.width)
+            foreground += int(masks[row].sum())
+    images.flush()
+    if masks is not None:
+        masks.flush()
+    return moments, foreground
+
+
+def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometry:
+    if (options.height is None) != (options.width is None):
+        raise SegflowError("set both preprocess.height and preprocess.width, or neither")
+    if options.height is None:
+        sizes = used.groupby(["height", "width"])["id"].first()
+        if len(sizes) > 1:
+            examples = ", ".join(f"{item} is {w}x{h}" for (h, w), item in sizes.head(3).items())
+            raise SegflowError(
+                f"images have {len(sizes)} different sizes ({examples}); set preprocess.height "
+                "and preprocess.width"
+            )
+        height, width = (int(v) for v in sizes.index[0])
+    else:
+        height, width = options.height, options.width
+        if height < 1 or width < 1:
+            raise SegflowError(f"preprocess.height/width must be positive, got {height}x{width}")
+    if options.channels not in CHANNEL_MODES:
+        raise SegflowError(
+            f"unknown preprocess.channels {options.channels!r}; valid: {', '.join(CHANNEL_MODES)}"
+        )
+    channels = (
+        (1 if used["is_gray"].all() else 3) if options.channels == "auto" else int(options.channels)
+    )
+    dtype = "uint8" if options.to_uint8 or (used["bit_depth"] <= 8).all() else "uint16"
+    return _Geometry(height, width, channels, dtype)
+
+
+def _mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple]:
+    """id -> masks to union: its own, or every train member's for the 'union' policy."""
+    by_id = manifest.set_index("id")
+    own = {
+        item_id: ((row.mask_path, row.mask_rle),)
+        for item_id, row in by_id.loc[items.loc[items["split"] == "train", "id"]].iterrows()
+    }
+    train = items[items["split"] == "train"]
+    group_members = train.groupby("exact_group")["id"].agg(list)
+    sources = {}
+    for row in train[train["use_for_training"]].itertuples():
+        if row.train_action == "union":
+            sources[row.id] = tuple(
+                s for member in group_members[row.exact_group] for s in own[member]
+            )
+        else:
+            sources[row.id] = own[row.id]
+    return sources
+
+
+def preprocess(
+    manifest: pd.DataFrame,
+    dedup_items: pd.DataFrame,
+    options: PreprocessOptions,
+    out_dir: str | Path,
+    workers: int = 1,
+    dicom_window: DicomWindow | None = None,
+) -> dict[str, Any]:
+    """Write the preprocessed arrays, index and stats into ``out_dir`` (atomically per file).
+
+    Args:
+        manifest: the ingest manifest.
+        dedup_items: the dedup stage's items (decides which train items are used, and how).
+        options: preprocessing options.
+        out_dir: output folder.
+        workers: processes.
+        dicom_window: HU window for DICOM sources.
+
+    Returns:
+        The stats written to ``stats.json``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used_ids = set(dedup_items.loc[dedup_items["use_for_training"], "id"])
+    train = manifest[(manifest["split"] == "train") & manifest["id"].isin(used_ids)].sort_values(
+        "id"
+    )
+    test = manifest[manifest["split"] == "test"].sort_values("id")
+    if train.empty:
+        raise SegflowError("no train items left to preprocess (all dropped by dedup?)")
+    geometry = _decide_geometry(pd.concat([train, test]), options)
+    sources = _mask_sources(manifest, dedup_items)
+    window = dicom_window or DicomWindow()
+    shape = (geometry.height, geometry.width)
+
+    moments = np.zeros((2, geometry.channels))
+    foreground = 0
+    with contextlib.ExitStack() as stack:
+        paths = {
+            name: stack.enter_context(atomic_path(out_dir / f"{name}.npy"))
+            for name in ("train_images", "train_masks", "test_images")
+        }
+        for split, frame, mask_path in (
+            ("train", train, paths["train_masks"]),
+            ("test", test, None),
+        ):
+            images = np.lib.format.open_memmap(
+                paths[f"{split}_images"],
+                mode="w+",
+                dtype=geometry.dtype,
+                shape=(len(frame), *shape, geometry.channels),
+            )
+            del images  # header and size are on disk; workers reopen the file in r+ mode
+            if mask_path is not None:
+                np.lib.format.open_memmap(
+                    mask_path, mode="w+", dtype=np.uint8, shape=(len(frame), *shape)
+                )
+            items = [
+                _Item(row.image_path, sources[row.id] if split == "train" else ())
+                for row in frame.itertuples()
+            ]
+            chunks = chunked(items, _CHUNK)
+            tasks = [
+                _ChunkTask(
+                    str(paths[f"{split}_images"]),
+                    str(mask_path) if mask_path else None,
+                    index * _CHUNK,
+                    tuple(chunk),
+                    geometry,
+                    options,
+                    window,
+                )
+                for index, chunk in enumerate(chunks)
+            ]
+            results = parallel_map(
+                _process_chunk,
+                tasks,
+                workers,
+                desc=f"preprocess {split}",
+                unit="img",
+                weights=map(len, chunks),
+            )
+            if split == "train":
+                moments = np.sum([chunk_moments for chunk_moments, _ in results], axis=0)
+                foreground = sum(chunk_foreground for _, chunk_foreground in results)
+
+    index = pd.concat(
+        [
+            frame.assign(row=np.arange(len(frame)))[["id", "split", "row", "height", "width"]]
+            for frame in (train, test)
+        ]
+    ).rename(columns={"height": "orig_height", "width": "orig_width"})
+    write_parquet(out_dir / "index.parquet", index)
+    n_pixels = len(train) * geometry.height * geometry.width
+    mean = moments[0] / n_pixels
+    std = np.sqrt(np.maximum(moments[1] / n_pixels - mean**2, 0.0))
+    stats = {
+        "n_train": len(train),
+        "n_test": len(test),
+        "height": geometry.height,
+        "width": geometry.width,
+        "channels": geometry.channels,
+        "dtype": geometry.dtype,
+        "train_mean": mean.round(6).tolist(),
+        "train_std": std.round(6).tolist(),
+        "train_mask_coverage": round(foreground / n_pixels, 6),
+        "options": options_to_dict(options),
+    }
+    write_json(out_dir / "stats.json", stats)
+    return stats

@@ -1,0 +1,75 @@
+import os
+import shlex
+from pathlib import Path
+
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RESULTS = config["results_dir"]
+DEMO = config["demo"]
+DATA = config["data"]
+MAX_THREADS = config["max_threads"]
+CONDA_ENV = "../../envs/segflow.yaml"
+
+
+def cli_flags(options):
+    """Render a config section as `segflow` flags: key `clip_limit` -> `--clip-limit VALUE`."""
+    flags = []
+    for key, value in options.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags.append(
+                f"--{name} {shlex.quote('none' if value is None else str(value))}"
+            )
+    return " ".join(flags)
+
+
+def section_flags(section, exclude=()):
+    return cli_flags({k: v for k, v in config[section].items() if k not in exclude})
+
+
+def dicom_flags():
+    return cli_flags(
+        {
+            "dicom_window_center": DATA["dicom_window_center"],
+            "dicom_window_width": DATA["dicom_window_width"],
+        }
+    )
+
+
+def result(*parts):
+    return str(Path(RESULTS, *parts))
+
+
+def ingest_inputs(wildcards):
+    """The dataset itself: the demo folder (built by generate_demo_data) or the user's paths."""
+    if DEMO["enabled"]:
+        return {"dataset": DEMO["out_dir"]}
+    keys = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
+    return {key: DATA[key] for key in keys if DATA.get(key)}
+
+
+def check_demo_paths():
+    """With the demo on, every data path must lie inside the generated folder."""
+    if not DEMO["enabled"]:
+        return
+    root = Path(DEMO["out_dir"]).resolve()
+    for key in (
+        "train_images",
+        "test_images",
+        "train_masks",
+        "rle_csv",
+        "metadata_csv",
+    ):
+        value = DATA.get(key)
+        if value and root not in Path(value).resolve().parents:
+            raise ValueError(
+                f"config data.{key} = {value!r} is outside demo.out_dir = {DEMO['out_dir']!r}; "
+                "set demo.enabled: false to use your own data"
+            )
+
+
+check_demo_paths()

@@ -1,0 +1,119 @@
+rule generate_demo_data:
+    output:
+        dataset=directory(DEMO["out_dir"]),
+    log:
+        result("logs", "generate_demo_data.log"),
+    benchmark:
+        result("benchmarks", "generate_demo_data.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        flags=section_flags("demo", exclude=("enabled", "out_dir")),
+    shell:
+        "segflow demo-data {output.dataset} {params.flags} 2> {log}"
+
+
+rule ingest_dataset:
+    input:
+        unpack(ingest_inputs),
+    output:
+        manifest=result("ingest", "manifest.parquet"),
+        summary=result("ingest", "summary.json"),
+    log:
+        result("logs", "ingest_dataset.log"),
+    benchmark:
+        result("benchmarks", "ingest_dataset.tsv")
+    conda:
+        CONDA_ENV
+    threads: MAX_THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        flags=section_flags("data"),
+    shell:
+        "segflow ingest {params.flags} --workers {threads}"
+        " --out-manifest {output.manifest} --out-summary {output.summary} 2> {log}"
+
+
+rule find_duplicates:
+    input:
+        manifest=rules.ingest_dataset.output.manifest,
+    output:
+        dedup_items=result("dedup", "items.parquet"),
+        summary=result("dedup", "summary.json"),
+        report=result("dedup", "report.md"),
+    log:
+        result("logs", "find_duplicates.log"),
+    benchmark:
+        result("benchmarks", "find_duplicates.tsv")
+    conda:
+        CONDA_ENV
+    threads: MAX_THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        flags=section_flags("dedup"),
+        dicom=dicom_flags(),
+    shell:
+        "segflow dedup --manifest {input.manifest} {params.flags} {params.dicom}"
+        " --workers {threads} --out-items {output.dedup_items} --out-summary {output.summary}"
+        " --out-report {output.report} 2> {log}"
+
+
+rule preprocess_images:
+    input:
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        train_images=result("preprocess", "train_images.npy"),
+        train_masks=result("preprocess", "train_masks.npy"),
+        test_images=result("preprocess", "test_images.npy"),
+        index=result("preprocess", "index.parquet"),
+        stats=result("preprocess", "stats.json"),
+    log:
+        result("logs", "preprocess_images.log"),
+    benchmark:
+        result("benchmarks", "preprocess_images.tsv")
+    conda:
+        CONDA_ENV
+    threads: MAX_THREADS
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        flags=section_flags("preprocess"),
+        dicom=dicom_flags(),
+        out_dir=lambda wildcards, output: os.path.dirname(output.stats),
+    shell:
+        "segflow preprocess --manifest {input.manifest} --dedup-items {input.dedup_items}"
+        " {params.flags} {params.dicom} --workers {threads} --out-dir {params.out_dir} 2> {log}"
+
+
+rule make_folds:
+    input:
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        folds=result("folds", "folds.csv"),
+        summary=result("folds", "summary.json"),
+    log:
+        result("logs", "make_folds.log"),
+    benchmark:
+        result("benchmarks", "make_folds.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        flags=section_flags("folds"),
+    shell:
+        "segflow folds --manifest {input.manifest} --dedup-items {input.dedup_items}"
+        " {params.flags} --out-folds {output.folds} --out-summary {output.summary} 2> {log}"
