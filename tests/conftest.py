@@ -39,3 +39,62 @@ def isbi_membranes() -> Path:
     if not (root / "images").is_dir():
         pytest.skip(f"real dataset not available at {root}")
     return root
+
+
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+
+
+def copy_workflow(destination: Path) -> Path:
+    """Copy the workflow (not the package, not results) into ``destination`` to run it there."""
+    import shutil
+
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name)
+        else:
+            shutil.copy2(source, destination / name)
+    return destination
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True):
+    """Run Snakemake in ``workdir`` with this checkout's package first on PYTHONPATH."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")])
+    )
+    # Rules call the `segflow` console script of the interpreter running the tests.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule -> job count that a dry run would execute (empty when nothing is to be done)."""
+    import re
+
+    result = run_snakemake(workdir, "--dry-run", *args)
+    output = result.stdout + result.stderr
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    return {
+        match.group(1): int(match.group(2))
+        for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE)
+        if match.group(1) != "total"
+    }

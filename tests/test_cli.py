@@ -1,0 +1,69 @@
+"""Every stage is a `segflow` sub-command with working help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+from segflow.cli import build_parser, main
+
+STAGES = ["demo-data", "ingest", "dedup", "preprocess", "folds", "summary"]
+
+
+@pytest.mark.parametrize("command", STAGES)
+def test_every_stage_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: segflow" in capsys.readouterr().out
+
+
+def test_option_flags_follow_config_keys() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["preprocess"].format_help()
+    for flag in ("--clahe-clip-limit", "--clahe-tile-grid", "--no-to-uint8", "--interpolation"):
+        assert flag in help_text
+
+
+def test_module_entry_point_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "segflow", "--version"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO_ROOT / "src")},
+        check=True,
+    )
+    assert result.stdout.startswith("segflow ")
+
+
+def test_summary_of_an_empty_folder(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", str(tmp_path)]) == 0
+    assert "nothing yet" in capsys.readouterr().out
+
+
+def test_stage_reading_a_missing_artifact_fails_cleanly(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        [
+            "folds",
+            "--manifest",
+            str(tmp_path / "nope.parquet"),
+            "--dedup-items",
+            str(tmp_path / "x.parquet"),
+            "--out-folds",
+            str(tmp_path / "folds.csv"),
+            "--out-summary",
+            str(tmp_path / "s.json"),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert (
+        len(err) == 1
+        and err[0].startswith("segflow folds: error: manifest ")
+        and "nope.parquet" in err[0]
+    )
+    assert not (tmp_path / "folds.csv").exists()

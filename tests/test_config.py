@@ -1,0 +1,66 @@
+"""The workflow's JSON schema and the stage option dataclasses must agree key for key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jsonschema
+import pytest
+import yaml
+from conftest import REPO_ROOT
+
+from segflow.dedup import DedupOptions
+from segflow.demo_data import DemoDataOptions
+from segflow.folds import FoldOptions
+from segflow.ingest import IngestOptions
+from segflow.preprocess import PreprocessOptions
+
+SCHEMA = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+# Config section -> options dataclass, and the section keys that are workflow-only.
+SECTIONS = {
+    "data": (IngestOptions, set()),
+    "dedup": (DedupOptions, set()),
+    "preprocess": (PreprocessOptions, set()),
+    "folds": (FoldOptions, set()),
+    "demo": (DemoDataOptions, {"enabled", "out_dir"}),
+}
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_schema_keys_and_defaults_match_the_options_dataclass(section: str) -> None:
+    options_cls, workflow_only = SECTIONS[section]
+    properties = SCHEMA["properties"][section]["properties"]
+    fields = {field.name: field for field in dataclasses.fields(options_cls)}
+    assert set(properties) - workflow_only == set(fields)
+    for name, field in fields.items():
+        schema_default = properties[name].get("default", None)
+        if name == "train_images":  # required in the schema, no default
+            assert "default" not in properties[name]
+            continue
+        assert schema_default == field.default, f"{section}.{name}"
+        choices = field.metadata.get("choices")
+        if choices is not None:
+            assert list(properties[name]["enum"]) == list(choices), f"{section}.{name}"
+
+
+def test_every_schema_property_is_described() -> None:
+    def walk(node: dict, path: str) -> None:
+        for key, child in node.get("properties", {}).items():
+            assert child.get("description"), f"{path}{key} has no description"
+            walk(child, f"{path}{key}.")
+
+    walk(SCHEMA, "")
+
+
+def test_demo_config_is_valid_and_unknown_keys_are_rejected() -> None:
+    config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    jsonschema.validate(config, SCHEMA)
+    config["preprocess"]["clahe_clp"] = 3.0
+    with pytest.raises(jsonschema.ValidationError, match="clahe_clp"):
+        jsonschema.validate(config, SCHEMA)
+
+
+def test_example_configs_are_valid() -> None:
+    for path in sorted((REPO_ROOT / "config" / "examples").glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(path.read_text()), SCHEMA)

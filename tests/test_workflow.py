@@ -1,0 +1,236 @@
+"""The Snakemake workflow end to end on a small demo dataset: artifacts, reruns, bad config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
+
+pytestmark = pytest.mark.workflow
+
+SMALL_DEMO = {"demo": {"n_train": 60, "n_test": 20, "seed": 5}}
+
+
+def write_config(workdir: Path, name: str, overrides: dict) -> str:
+    path = workdir / name
+    path.write_text(yaml.safe_dump(overrides))
+    return name
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workflow copied to a temp dir and run once on a small demo dataset."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    config = write_config(workdir, "small.yaml", SMALL_DEMO)
+    run_snakemake(workdir, "--configfile", config)
+    return workdir
+
+
+def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
+    results = demo_run / "results"
+    for relative in (
+        "ingest/manifest.parquet",
+        "ingest/summary.json",
+        "dedup/items.parquet",
+        "dedup/summary.json",
+        "dedup/report.md",
+        "preprocess/train_images.npy",
+        "preprocess/train_masks.npy",
+        "preprocess/test_images.npy",
+        "preprocess/index.parquet",
+        "preprocess/stats.json",
+        "folds/folds.csv",
+        "folds/summary.json",
+    ):
+        assert (results / relative).is_file(), relative
+    for rule in (
+        "generate_demo_data",
+        "ingest_dataset",
+        "find_duplicates",
+        "preprocess_images",
+        "make_folds",
+    ):
+        assert (results / "logs" / f"{rule}.log").is_file()
+        assert (results / "benchmarks" / f"{rule}.tsv").is_file()
+    manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
+    assert (manifest["split"] == "train").sum() == 60
+    assert (manifest["split"] == "test").sum() == 20
+    assert "meta_depth" in manifest.columns
+
+
+def test_demo_run_finds_the_planted_duplicates(demo_run: Path) -> None:
+    truth = json.loads((demo_run / "resources" / "demo" / "planted_duplicates.json").read_text())
+    items = pd.read_parquet(demo_run / "results" / "dedup" / "items.parquet").set_index("id")
+    folds = pd.read_csv(demo_run / "results" / "folds" / "folds.csv", dtype={"id": str}).set_index(
+        "id"
+    )
+    for group in truth["train_exact_byte_groups"]:
+        assert items.loc[group, "exact_group"].nunique() == 1
+        assert folds.loc[group, "fold"].nunique() == 1  # duplicates never straddle folds
+    conflicting = truth["conflicting_mask_group"]
+    assert not items.loc[conflicting, "masks_agree"].any()
+    assert not set(conflicting) & set(folds.index)  # default policy drops the conflict
+    for train_id, test_id in truth["train_test_copies"]:
+        assert items.loc[test_id, "leak_train_ids"] == train_id
+
+
+def test_preprocessed_arrays_follow_the_config(demo_run: Path) -> None:
+    preprocess = demo_run / "results" / "preprocess"
+    images = np.load(preprocess / "train_images.npy", mmap_mode="r")
+    masks = np.load(preprocess / "train_masks.npy", mmap_mode="r")
+    index = pd.read_parquet(preprocess / "index.parquet")
+    assert images.shape[1:] == (64, 64, 1) and images.dtype == np.uint8  # config.yaml: 64x64
+    assert masks.shape == images.shape[:3] and set(np.unique(masks)) <= {0, 1}
+    assert len(index[index["split"] == "train"]) == len(images)
+    folds = pd.read_csv(demo_run / "results" / "folds" / "folds.csv", dtype={"id": str})
+    assert set(folds["id"]) == set(index.loc[index["split"] == "train", "id"])
+
+
+def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
+    assert planned_jobs(demo_run, "--configfile", "small.yaml") == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"preprocess": {"clahe_clip_limit": 3.0}}, {"preprocess_images", "all"}),
+        ({"folds": {"seed": 7}}, {"make_folds", "all"}),
+        (
+            {"dedup": {"conflict_policy": "union"}},
+            {"find_duplicates", "preprocess_images", "make_folds", "all"},
+        ),
+        (
+            {"data": {"dicom_window_width": 300.0}},
+            {"ingest_dataset", "find_duplicates", "preprocess_images", "make_folds", "all"},
+        ),
+    ],
+    ids=["clahe", "fold-seed", "conflict-policy", "dicom-window"],
+)
+def test_a_config_change_reruns_exactly_the_dependent_stages(
+    demo_run: Path, change: dict, expected: set
+) -> None:
+    config = write_config(demo_run, "changed.yaml", change)
+    jobs = planned_jobs(
+        demo_run,
+        "--configfile",
+        "small.yaml",
+        config,
+        "--rerun-triggers",
+        "mtime",
+        "params",
+        "input",
+        "code",
+    )
+    assert set(jobs) == expected
+
+
+def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(
+    tmp_path: Path, demo_run: Path
+) -> None:
+    workdir = copy_workflow(tmp_path / "copy")
+    config = write_config(workdir, "small.yaml", SMALL_DEMO)
+    run_snakemake(workdir, "--configfile", config)
+    manifest = workdir / "results" / "ingest" / "manifest.parquet"
+    stats = workdir / "results" / "preprocess" / "stats.json"
+    before = manifest.stat().st_mtime_ns, stats.stat().st_mtime_ns
+    changed = write_config(workdir, "changed.yaml", {"preprocess": {"clahe_clip_limit": 4.0}})
+    run_snakemake(
+        workdir,
+        "--configfile",
+        config,
+        changed,
+        "--rerun-triggers",
+        "mtime",
+        "params",
+        "input",
+        "code",
+    )
+    assert manifest.stat().st_mtime_ns == before[0]
+    assert stats.stat().st_mtime_ns > before[1]
+    assert json.loads(stats.read_text())["options"]["clahe_clip_limit"] == 4.0
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"preprocess": {"clahe_clp": 3.0}}, "clahe_clp"),
+        ({"folds": {"n_folds": "five"}}, "n_folds"),
+        ({"dedup": {"conflict_policy": "vote"}}, "conflict_policy"),
+        ({"resluts_dir": "x"}, "resluts_dir"),
+    ],
+    ids=["typo", "wrong-type", "bad-choice", "top-level-typo"],
+)
+def test_invalid_config_stops_before_any_job_naming_the_key(
+    tmp_path: Path, override: dict, named: str
+) -> None:
+    workdir = copy_workflow(tmp_path)
+    config = write_config(workdir, "bad.yaml", override)
+    result = run_snakemake(workdir, "--configfile", config, check=False)
+    assert result.returncode != 0
+    assert named in result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_bad_input_fails_the_stage_with_a_one_line_error(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    import cv2
+
+    cv2.imwrite(str(data / "images" / "a.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(data / "masks" / "a.png"), np.zeros((8, 8), np.uint8))
+    (data / "images" / "b.png").write_bytes(b"")  # zero-byte image
+    cv2.imwrite(str(data / "masks" / "b.png"), np.zeros((8, 8), np.uint8))
+    config = write_config(
+        workdir,
+        "bad.yaml",
+        {
+            "demo": {"enabled": False},
+            "data": {
+                "train_images": str(data / "images"),
+                "train_masks": str(data / "masks"),
+                "mask_source": "folder",
+                "test_images": None,
+                "rle_csv": None,
+                "metadata_csv": None,
+            },
+        },
+    )
+    result = run_snakemake(workdir, "--configfile", config, check=False)
+    assert result.returncode != 0
+    log = (workdir / "results" / "logs" / "ingest_dataset.log").read_text()
+    errors = [line for line in log.splitlines() if "error:" in line]
+    assert errors == [
+        f"segflow ingest: error: {data / 'images' / 'b.png'}: file is empty (0 bytes)"
+    ]
+    assert "Traceback" not in log
+    assert not (workdir / "results" / "ingest" / "manifest.parquet").exists()
+
+
+def test_workflow_passes_snakemake_lint() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_workflow_is_snakefmt_formatted() -> None:
+    snakefmt = Path(sys.executable).parent / "snakefmt"
+    if not snakefmt.exists():
+        pytest.skip("snakefmt is not installed in this environment")
+    result = subprocess.run(
+        [str(snakefmt), "--check", "Snakefile", "workflow"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
