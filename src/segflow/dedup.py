@@ -9,6 +9,7 @@ so near-copies cannot straddle a train/validation split; they never merge labels
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 CONFLICT_POLICIES = ("drop", "majority", "union")
 TRAIN_MEMBER_POLICIES = ("all", "representative")
 _HASH_CHUNK = 128
+_PAIR_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -101,18 +103,20 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[in
     n_bands = max_distance + 1
     edges = np.linspace(0, 64, n_bands + 1).astype(int)
     pairs: set[tuple[int, int]] = set()
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in itertools.pairwise(edges):
         band = (hashes >> np.uint64(low)) & np.uint64((1 << (high - low)) - 1)
         order = np.argsort(band, kind="stable")
-        sorted_band = band[order]
-        breaks = np.flatnonzero(np.diff(sorted_band)) + 1
+        breaks = np.flatnonzero(np.diff(band[order])) + 1
         for bucket in np.split(order, breaks):
-            if bucket.size < 2:
-                continue
-            xor = hashes[bucket][:, None] ^ hashes[bucket][None, :]
-            distance = np.unpackbits(xor.view(np.uint8), axis=-1).reshape(*xor.shape, 64).sum(-1)
-            first, second = np.nonzero(np.triu(distance <= max_distance, k=1))
-            pairs.update(zip(bucket[first].tolist(), bucket[second].tolist(), strict=True))
+            # Row blocks bound memory when a bucket is large (many similar, blank-ish images).
+            for start in range(0, bucket.size - 1, _PAIR_BLOCK):
+                rows = bucket[start : start + _PAIR_BLOCK]
+                distance = np.bitwise_count(hashes[rows][:, None] ^ hashes[bucket][None, :])
+                first, second = np.nonzero(distance <= max_distance)
+                keep = rows[first] < bucket[second]
+                pairs.update(
+                    zip(rows[first][keep].tolist(), bucket[second][keep].tolist(), strict=True)
+                )
     return sorted(pairs)
 
 
@@ -224,14 +228,23 @@ def find_duplicates(
         )
         items["phash"] = [f"{h:016x}" for h in hashes.tolist()]
         union_find = _UnionFind(len(items))
-        codes = pd.factorize(items["exact_group"])[0]
-        first_of_code: dict[int, int] = {}
-        for index, code in enumerate(codes):
-            union_find.union(first_of_code.setdefault(int(code), index), index)
-        for first, second in near_duplicate_pairs(hashes, options.near_max_distance):
-            if union_find.find(first) != union_find.find(second):
+        first_of_group: dict[int, int] = {}
+        for index, code in enumerate(pd.factorize(items["exact_group"])[0].tolist()):
+            union_find.union(first_of_group.setdefault(code, index), index)
+        # Equal hashes are linked directly; the pair search then runs over distinct hash values
+        # only, so a block of identical (e.g. blank) images costs nothing there.
+        distinct, first_index, hash_codes = np.unique(
+            hashes, return_index=True, return_inverse=True
+        )
+        links = [(int(first_index[code]), index) for index, code in enumerate(hash_codes.tolist())]
+        links += [
+            (int(first_index[first]), int(first_index[second]))
+            for first, second in near_duplicate_pairs(distinct, options.near_max_distance)
+        ]
+        for item_a, item_b in links:
+            if union_find.find(item_a) != union_find.find(item_b):
                 n_near_links += 1
-            union_find.union(first, second)
+                union_find.union(item_a, item_b)
         roots = [union_find.find(index) for index in range(len(items))]
         items["fold_group"] = items["exact_group"].to_numpy()[roots]
     items = items.drop(columns=["_split_order", "md5_bytes", "md5_pixels", "mask_md5"])
@@ -239,17 +252,21 @@ def find_duplicates(
 
 
 def _summarise(items: pd.DataFrame, options: DedupOptions, n_near_links: int) -> dict[str, Any]:
+    duplicated = items[items["group_size"] > 1]
     groups = (
-        items[items["group_size"] > 1]
+        # A boolean column, not a lambda over "split": with no duplicate group at all, a lambda
+        # aggregation keeps the (string) input dtype and the arithmetic below fails.
+        duplicated.assign(_is_train=duplicated["split"] == "train")
         .groupby("exact_group", sort=False)
         .agg(
             size=("id", "size"),
-            n_train=("split", lambda s: int((s == "train").sum())),
+            n_train=("_is_train", "sum"),
             representative=("id", "first"),
             match=("match", "first"),
             masks_agree=("masks_agree", "first"),
         )
     )
+    groups["n_train"] = groups["n_train"].astype(int)
     n_test = groups["size"] - groups["n_train"]
     conflicts = groups[groups["masks_agree"].eq(False).fillna(False)]
     actions = items["train_action"].value_counts()

@@ -39,6 +39,36 @@ def coverage_strata(coverage: pd.Series, n_bins: int) -> pd.Series:
     return strata
 
 
+def _split_strata(strata: pd.Series, n_folds: int) -> np.ndarray:
+    """The strata handed to the splitter: coarser when every stratum is smaller than K.
+
+    StratifiedGroupKFold refuses (ValueError) when *every* class has fewer than K members, which
+    happens on small datasets even though there are enough groups; stratify by empty/non-empty
+    then, or not at all.
+    """
+    for candidate in (strata, (strata > 0).astype(int), pd.Series(0, index=strata.index)):
+        if (candidate.value_counts() >= n_folds).any():
+            return candidate.to_numpy()
+    return np.zeros(len(strata), dtype=int)
+
+
+def _fill_empty_folds(fold: np.ndarray, groups: np.ndarray, n_folds: int) -> None:
+    """Give every empty fold one group, in place.
+
+    StratifiedGroupKFold balances strata greedily and can leave a fold without any item when
+    there are few groups (e.g. as many groups as folds); a fold with no validation images is
+    useless. Move the smallest group (ties: first by name) of the fold holding the most groups
+    (ties: lowest fold) into each empty fold — deterministic, so reruns stay identical.
+    """
+    for empty in range(n_folds):
+        if (fold == empty).any():
+            continue
+        n_groups_per_fold = [len(np.unique(groups[fold == k])) for k in range(n_folds)]
+        donor = int(np.argmax(n_groups_per_fold))
+        names, sizes = np.unique(groups[fold == donor], return_counts=True)
+        fold[groups == names[int(np.argmin(sizes))]] = empty
+
+
 def make_folds(
     manifest: pd.DataFrame, dedup_items: pd.DataFrame, options: FoldOptions
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -75,9 +105,10 @@ def make_folds(
     )
     fold = np.full(len(used), -1, dtype=int)
     for index, (_, validation) in enumerate(
-        splitter.split(used, strata, groups=used["fold_group"])
+        splitter.split(used, _split_strata(strata, options.n_folds), groups=used["fold_group"])
     ):
         fold[validation] = index
+    _fill_empty_folds(fold, used["fold_group"].to_numpy(), options.n_folds)
     folds = pd.DataFrame(
         {
             "id": used["id"],

@@ -86,6 +86,8 @@ def convert_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     Shape:
         pixels: (H, W) or (H, W, C); output: (H, W, channels).
     """
+    if pixels.ndim == 3 and pixels.shape[2] == 1:  # (H, W, 1) is gray too
+        pixels = pixels[:, :, 0]
     if pixels.ndim == 3 and pixels.shape[2] == 4:
         pixels = pixels[:, :, :3]
     if channels == 1:
