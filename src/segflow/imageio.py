@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def image_kind(path: Path) -> str | None:
         return "raster"
     if suffix in DICOM_EXTENSIONS:
         return "dicom"
-    if suffix == "" and _has_dicom_magic(path):
+    # No known extension: DICOM files are often named without one, or by their SOP Instance
+    # UID ("1.2.840....123", whose last component looks like a suffix): check the magic bytes.
+    if _has_dicom_magic(path):
         return "dicom"
     return None
 
@@ -83,18 +86,36 @@ def _check_pixel_limit(path: Path, data: bytes, max_pixels: int | None) -> None:
     """Refuse oversized images from their header, before a decompression bomb is decoded."""
     if not max_pixels:
         return
-    from PIL import Image  # header-only read; cv2 has no such API
-
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
-    except Exception:
+    size = _header_size(data)
+    if size is None:
         return
+    width, height = size
     if width * height > max_pixels:
         raise SegflowError(
             f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of "
             f"{max_pixels} (data.max_pixels)"
         )
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header alone, or None if Pillow cannot parse it."""
+    from PIL import Image  # header-only read; cv2 has no such API
+
+    # Pillow's own bomb check raises before the size can be read (and warns above ~89 M pixels);
+    # max_pixels is the limit that applies here, so switch Pillow's off while reading the header.
+    with _PIL_LIMIT_LOCK:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                return header.size
+        except Exception:
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def decode_image(
@@ -158,32 +179,42 @@ def _to_canonical(path: Path, pixels: np.ndarray) -> np.ndarray:
 
 def _decode_dicom(path: Path, data: bytes, window: DicomWindow) -> tuple[np.ndarray, int, int]:
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
+    # pydicom parses element values lazily and a corrupt file can fail with almost any exception
+    # type (struct.error, BytesLengthException, ValueError, ...), at read time or at first access.
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, OSError, ValueError) as error:
+        has_pixels = "PixelData" in dataset
+    except Exception as error:
         raise SegflowError(f"{path}: not a readable DICOM file ({error})") from None
-    if "PixelData" not in dataset:
+    if not has_pixels:
         raise SegflowError(f"{path}: DICOM file has no pixel data")
     try:
         raw = dataset.pixel_array
+        samples = int(_dicom_value(dataset, "SamplesPerPixel", 1))
+        bit_depth = int(_dicom_value(dataset, "BitsStored", raw.dtype.itemsize * 8))
+        slope = float(_dicom_value(dataset, "RescaleSlope", 1.0))
+        intercept = float(_dicom_value(dataset, "RescaleIntercept", 0.0))
+        photometric = str(_dicom_value(dataset, "PhotometricInterpretation", ""))
     except Exception as error:
         raise SegflowError(f"{path}: cannot decode DICOM pixel data ({error})") from None
-    bit_depth = int(getattr(dataset, "BitsStored", raw.dtype.itemsize * 8))
-    if raw.ndim == 3 and raw.shape[-1] == 3:  # colour DICOM (e.g. dermoscopy): no HU to window
+    if samples == 3 and raw.ndim == 3:  # colour DICOM (e.g. dermoscopy): no HU to window
         return raw.astype(np.uint8), bit_depth, 3
     if raw.ndim != 2:
         raise SegflowError(f"{path}: multi-frame DICOM (shape {raw.shape}) is not supported")
-    slope = float(getattr(dataset, "RescaleSlope", 1.0))
-    intercept = float(getattr(dataset, "RescaleIntercept", 0.0))
     hounsfield = raw.astype(np.float32) * slope + intercept
     low = window.center - window.width / 2.0
     scaled = (hounsfield - low) / max(window.width, 1e-6)
     pixels = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+    if photometric.strip() == "MONOCHROME1":
         pixels = 255 - pixels  # MONOCHROME1 stores inverted grey levels
     return pixels, bit_depth, 1
+
+
+def _dicom_value(dataset: object, keyword: str, default: object) -> object:
+    """An element's value, or ``default`` when the element is absent or empty."""
+    value = getattr(dataset, keyword, None)
+    return default if value is None or value == "" else value
 
 
 def canonical_pixels(pixels: np.ndarray) -> np.ndarray:

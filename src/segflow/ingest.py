@@ -18,6 +18,8 @@ import pandas as pd
 
 from segflow.errors import SegflowError
 from segflow.imageio import (
+    DICOM_EXTENSIONS,
+    RASTER_EXTENSIONS,
     DicomWindow,
     decode_image,
     image_kind,
@@ -71,8 +73,33 @@ class _ScanTask:
     max_pixels: int
 
 
+def _item_id(path: Path) -> str:
+    """The item id of an image file: its name without a known image extension.
+
+    A DICOM file recognised by its magic bytes keeps its whole name: files named by their SOP
+    Instance UID ("1.2.840.113619.2.55.3.1234") have no extension, only dots.
+    """
+    suffix = path.suffix.lower()
+    if suffix in RASTER_EXTENSIONS or suffix in DICOM_EXTENSIONS:
+        return path.stem
+    return path.name
+
+
+def _csv_line_numbers(path: Path, n_rows: int) -> list[int]:
+    """Line number in the file of each data row pandas parsed (blank lines are skipped by pandas,
+    so ``row index + 2`` would point at the wrong line after one)."""
+    fallback = list(range(2, n_rows + 2))
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except Exception:
+        return fallback
+    blank = (raw.apply(lambda column: column.str.strip()) == "").all(axis=1).to_numpy()
+    lines = (np.flatnonzero(~blank) + 2).tolist()
+    return lines if len(lines) == n_rows else fallback
+
+
 def list_images(folder: str | Path, role: str) -> tuple[dict[str, Path], list[str]]:
-    """Map file stem -> path for the images in ``folder``; also return skipped entries.
+    """Map item id (file stem) -> path for the images in ``folder``; also return skipped entries.
 
     Raises:
         SegflowError: missing folder, no images, or two files sharing a stem.
@@ -86,11 +113,12 @@ def list_images(folder: str | Path, role: str) -> tuple[dict[str, Path], list[st
         if path.name.startswith(".") or not path.is_file() or image_kind(path) is None:
             skipped.append(path.name)
             continue
-        if path.stem in found:
+        item_id = _item_id(path)
+        if item_id in found:
             raise SegflowError(
-                f"duplicate id {path.stem!r} in {folder}: {found[path.stem].name} and {path.name}"
+                f"duplicate id {item_id!r} in {folder}: {found[item_id].name} and {path.name}"
             )
-        found[path.stem] = path
+        found[item_id] = path
     if skipped:
         log.warning(
             "%s: skipped %d entries that are not image files (e.g. %s)",
@@ -120,8 +148,9 @@ def _read_rle_csv(options: IngestOptions) -> dict[str, list[tuple[str, str]]]:
             )
     rles: dict[str, list[tuple[str, str]]] = {}
     ids = frame[options.rle_id_column].tolist()
-    for row, (item_id, rle) in enumerate(zip(ids, frame[options.rle_column].tolist(), strict=True)):
-        where = f"{path} row {row + 2} (id {item_id!r})"  # +2: 1-based, after the header line
+    lines = _csv_line_numbers(path, len(frame))
+    for line, item_id, rle in zip(lines, ids, frame[options.rle_column].tolist(), strict=True):
+        where = f"{path} row {line} (id {item_id!r})"  # row = line in the file, header is 1
         if not item_id.strip():
             raise SegflowError(f"{where}: empty id")
         rles.setdefault(item_id, []).append((rle, where))
@@ -144,7 +173,8 @@ def _read_metadata(options: IngestOptions) -> pd.DataFrame:
     duplicated = frame[id_column].duplicated()
     if duplicated.any():
         row = int(duplicated.to_numpy().argmax())
-        raise SegflowError(f"{path} row {row + 2}: duplicate id {frame[id_column].iloc[row]!r}")
+        line = _csv_line_numbers(path, len(frame))[row]
+        raise SegflowError(f"{path} row {line}: duplicate id {frame[id_column].iloc[row]!r}")
     renamed = {column: METADATA_PREFIX + column for column in frame.columns if column != id_column}
     return frame.rename(columns={id_column: "id", **renamed})
 

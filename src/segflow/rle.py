@@ -9,6 +9,7 @@ competitions (Carvana) number pixels row-major instead; ``order="row"`` handles 
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import numpy as np
@@ -18,6 +19,10 @@ from segflow.errors import SegflowError
 RleOrder = Literal["column", "row"]
 RLE_ORDERS: tuple[str, ...] = ("column", "row")
 _EMPTY_TOKENS = frozenset({"", "-1"})
+_INTEGER_TOKEN = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() also takes "1_0", "٣"
+# Bound on |start| and |length| so that start + length cannot overflow int64 (any real image is
+# far smaller, so such a run is reported as running past the end or out of range, not wrapped).
+_MAX_TOKEN = 2**60
 
 
 def _numpy_order(order: str) -> Literal["F", "C"]:
@@ -132,8 +137,16 @@ def _parse_runs(rle: object, where: str) -> tuple[np.ndarray, np.ndarray]:
             f"{where}: odd number of RLE tokens ({len(tokens)}); expected start/length pairs"
         )
     try:
+        if not rle.isascii() or "_" in rle:
+            raise ValueError(rle)
         values = np.array([int(token) for token in tokens], dtype=np.int64)
-    except ValueError:
-        bad = next(token for token in tokens if not token.lstrip("-").isdigit())
-        raise SegflowError(f"{where}: RLE token {bad!r} is not an integer") from None
+    except (ValueError, OverflowError):
+        bad = next((token for token in tokens if not _INTEGER_TOKEN.fullmatch(token)), None)
+        if bad is not None:
+            raise SegflowError(f"{where}: RLE token {bad!r} is not an integer") from None
+        values = np.array([max(-_MAX_TOKEN - 1, min(int(t), _MAX_TOKEN + 1)) for t in tokens])
+    out_of_range = (values > _MAX_TOKEN) | (values < -_MAX_TOKEN)
+    if out_of_range.any():
+        bad = tokens[int(np.argmax(out_of_range))]
+        raise SegflowError(f"{where}: RLE token {bad!r} is out of range")
     return values[0::2], values[1::2]
