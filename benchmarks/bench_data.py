@@ -283,7 +283,7 @@ def _step_scan(spec: StepSpec) -> StepRun:
     watch = Stopwatch()
     manifest, _ = ingest(options, workers=spec.workers)
     watch.lap("ingest")
-    find_duplicates(manifest, DedupOptions(), workers=spec.workers)
+    find_duplicates(manifest, DedupOptions())
     watch.lap("find_duplicates")
     run = watch.stop()
     run.output_bytes = int(manifest.memory_usage(deep=True).sum())
@@ -335,7 +335,7 @@ def _step_find_duplicates(spec: StepSpec) -> StepRun:
     """Exact-duplicate grouping alone, on the manifest an earlier ingest wrote."""
     manifest = _read_manifest(spec.tmp)
     watch = Stopwatch()
-    items, _ = find_duplicates(manifest, DedupOptions(), workers=spec.workers)
+    items, _ = find_duplicates(manifest, DedupOptions())
     run = watch.stop()
     run.output_bytes = int(items.memory_usage(deep=True).sum())
     return run
@@ -346,7 +346,7 @@ def _step_find_duplicates_near(spec: StepSpec) -> StepRun:
     manifest = _read_manifest(spec.tmp)
     options = DedupOptions(near_duplicates=True)
     watch = Stopwatch()
-    items, _ = find_duplicates(manifest, options, workers=spec.workers)
+    items, _ = find_duplicates(manifest, options)
     run = watch.stop()
     run.output_bytes = int(items.memory_usage(deep=True).sum())
     return run
@@ -551,8 +551,8 @@ def report_dedup(
         "the best run.\n"
         "   The scan also decodes and validates the masks. find_duplicates runs with "
         "near_duplicates off\n"
-        "   unless said; with it on, pHash decodes every image again. output: the manifest, "
-        "hashes or dedup\n"
+        "   unless said; with it on it links the pHashes ingest recorded (no decoding). output: "
+        "the manifest,\n   hashes or dedup"
         "   items DataFrame in memory."
     )
 
@@ -721,7 +721,7 @@ def run_benchmark(data: Path | None, workers: int, repeat: int, tmp: str) -> Res
     alone = "find_duplicates alone (existing manifest)"
     dedup.append(measure("find_duplicates", alone, spec(), repeat, env))
     near = "find_duplicates, near_duplicates on (pHash)"
-    dedup.append(measure("find_duplicates_near", near, spec(workers), repeat, env))
+    dedup.append(measure("find_duplicates_near", near, spec(), repeat, env))
     prep = [measure("preprocess", "preprocess", spec(count), repeat, env) for count in counts]
     others_cpu, others_share = CpuClock.now().others_since(start)
     return Results(

@@ -34,6 +34,7 @@ MANIFEST_COLUMNS = [
     "is_gray",
     "md5_bytes",
     "md5_pixels",
+    "phash",
     "mask_path",
     "mask_rle",
     "mask_md5",

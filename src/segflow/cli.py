@@ -94,9 +94,7 @@ def _run_dedup(args: argparse.Namespace) -> None:
     from segflow.dedup import DedupOptions, find_duplicates, summary_markdown
 
     manifest = read_table(args.manifest, "manifest")
-    items, summary = find_duplicates(
-        manifest, dataclass_from_namespace(DedupOptions, args), args.workers, _dicom_window(args)
-    )
+    items, summary = find_duplicates(manifest, dataclass_from_namespace(DedupOptions, args))
     write_parquet(args.out_items, items)
     write_json(args.out_summary, summary)
     write_text(args.out_report, summary_markdown(summary))
@@ -196,8 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--out-items", required=True, help="per-item dedup Parquet to write")
     dedup.add_argument("--out-summary", required=True, help="summary JSON to write")
     dedup.add_argument("--out-report", required=True, help="summary Markdown to write")
-    _add_workers(dedup)
-    _add_dicom_window(dedup)
 
     prep = command(
         "preprocess", _run_preprocess, "CLAHE/resize into memory-mappable arrays", PreprocessOptions

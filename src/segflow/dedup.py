@@ -1,9 +1,10 @@
 """Dedup: exact duplicate groups (same bytes or same decoded pixels), mask-conflict policy,
 train-test leaks, and optional near-duplicate grouping by perceptual hash.
 
-Exact groups are keyed by the md5 of the decoded pixels that ingest recorded, so byte-identical
-files and re-encodings of one picture (other PNG compression, gray vs RGB-with-equal-channels)
-land together without decoding anything again. Near-duplicates only widen the *fold* groups,
+Exact groups are keyed by the md5 of the decoded pixels that ingest recorded, and near-copies
+by the perceptual hash it recorded, so byte-identical files and re-encodings of one picture
+(other PNG compression, gray vs RGB-with-equal-channels) land together without decoding
+anything again: dedup is pure table work. Near-duplicates only widen the *fold* groups,
 so near-copies cannot straddle a train/validation split; they never merge labels.
 """
 
@@ -20,15 +21,12 @@ import numpy as np
 import pandas as pd
 
 from segflow.errors import SegflowError
-from segflow.imageio import DicomWindow, decode_image
 from segflow.options import option
-from segflow.parallel import chunked, parallel_map
 
 log = logging.getLogger(__name__)
 
 CONFLICT_POLICIES = ("drop", "majority", "union")
 TRAIN_MEMBER_POLICIES = ("all", "representative")
-_HASH_CHUNK = 128
 _PAIR_BLOCK = 1024
 
 
@@ -78,16 +76,12 @@ def perceptual_hash(pixels: np.ndarray) -> int:
         pixels: (H, W) or (H, W, C).
     """
     gray = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[:, :, :3], cv2.COLOR_RGB2GRAY)
-    small = cv2.resize(gray.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
+    # Shrink before converting to float: a large image is never copied at 4 bytes a pixel.
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
     low = cv2.dct(small)[:8, :8].flatten()
     # Compare to the median of the AC terms; the DC term only encodes mean brightness.
     bits = low > np.median(low[1:])
     return int(np.packbits(bits).view(">u8")[0])
-
-
-def _hash_chunk(task: tuple[list[str], DicomWindow]) -> list[int]:
-    paths, window = task
-    return [perceptual_hash(decode_image(path, window).pixels) for path in paths]
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
@@ -144,18 +138,13 @@ def _resolve_group(
 
 
 def find_duplicates(
-    manifest: pd.DataFrame,
-    options: DedupOptions,
-    workers: int = 1,
-    dicom_window: DicomWindow | None = None,
+    manifest: pd.DataFrame, options: DedupOptions
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Group duplicates and decide, per train item, whether and how it is used.
 
     Args:
         manifest: the ingest manifest.
         options: grouping and conflict policy.
-        workers: processes for perceptual hashing (only with near_duplicates).
-        dicom_window: window used to decode DICOM for perceptual hashing.
 
     Returns:
         (items, summary). ``items`` has one row per manifest item: id, split, exact_group,
@@ -180,7 +169,13 @@ def find_duplicates(
     items["exact_group"] = items["md5_pixels"].str[:16]
     grouped = items.groupby("exact_group", sort=False)
     items["group_size"] = grouped["id"].transform("size")
-    items["group_n_train"] = grouped["split"].transform(lambda s: int((s == "train").sum()))
+    items["group_n_train"] = (
+        items["split"]
+        .eq("train")
+        .groupby(items["exact_group"], sort=False)
+        .transform("sum")
+        .astype(int)
+    )
     items["group_n_test"] = items["group_size"] - items["group_n_train"]
     n_byte_variants = grouped["md5_bytes"].transform("nunique")
     items["match"] = np.where(
@@ -190,7 +185,11 @@ def find_duplicates(
 
     agree: dict[str, bool | None] = {}
     actions: dict[str, str] = {}
-    for group, members in items[items["split"] == "train"].groupby("exact_group", sort=False):
+    train = items[items["split"] == "train"]
+    # Only groups with several train copies need a decision; every other train item is kept.
+    actions.update(dict.fromkeys(train.loc[train["group_n_train"] == 1, "id"], "keep"))
+    shared = train[train["group_n_train"] > 1]
+    for group, members in shared.groupby("exact_group", sort=False):
         agree[group], group_actions = _resolve_group(members, options)
         if options.train_members == "representative":
             kept = [i for i, action in group_actions.items() if action in ("keep", "union")]
@@ -208,22 +207,10 @@ def find_duplicates(
     items["fold_group"] = items["exact_group"]
     n_near_links = 0
     if options.near_duplicates:
-        by_id = manifest.set_index("id")["image_path"]
-        path_chunks = chunked(by_id.loc[items["id"]].tolist(), _HASH_CHUNK)
-        window = dicom_window or DicomWindow()
+        if "phash" not in manifest.columns:
+            raise SegflowError("the manifest has no phash column; rerun ingest with this version")
         hashes = np.array(
-            [
-                h
-                for chunk in parallel_map(
-                    _hash_chunk,
-                    [(list(c), window) for c in path_chunks],
-                    workers,
-                    desc="phash",
-                    unit="img",
-                    weights=map(len, path_chunks),
-                )
-                for h in chunk
-            ],
+            [int(h, 16) for h in manifest.set_index("id").loc[items["id"], "phash"]],
             dtype=np.uint64,
         )
         items["phash"] = [f"{h:016x}" for h in hashes.tolist()]

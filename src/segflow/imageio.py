@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from segflow.errors import SegflowError
 RASTER_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
 _DICOM_MAGIC_OFFSET = 128
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the image header alone, or None if Pillow cannot parse it."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":  # most files: no Pillow needed
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
     from PIL import Image  # header-only read; cv2 has no such API
 
     # Pillow's own bomb check raises before the size can be read (and warns above ~89 M pixels);
@@ -217,14 +222,17 @@ def _dicom_value(dataset: object, keyword: str, default: object) -> object:
     return default if value is None or value == "" else value
 
 
-def canonical_pixels(pixels: np.ndarray) -> np.ndarray:
+def canonical_pixels(pixels: np.ndarray, gray: bool | None = None) -> np.ndarray:
     """Drop redundancy that does not change the picture: an opaque alpha, identical RGB channels.
 
     Two files showing the same picture (gray PNG vs RGB PNG with equal channels) then hash equal.
+    ``gray`` is :func:`is_gray` of ``pixels`` when the caller already knows it.
     """
     if pixels.ndim == 3 and pixels.shape[2] == 4 and (pixels[:, :, 3] == _max_value(pixels)).all():
         pixels = pixels[:, :, :3]
-    if pixels.ndim == 3 and pixels.shape[2] == 3 and is_gray(pixels):
+    if gray is None:
+        gray = is_gray(pixels)
+    if pixels.ndim == 3 and pixels.shape[2] == 3 and gray:
         pixels = pixels[:, :, 0]
     return pixels
 
@@ -240,9 +248,9 @@ def is_gray(pixels: np.ndarray) -> bool:
     )
 
 
-def pixel_md5(pixels: np.ndarray) -> str:
+def pixel_md5(pixels: np.ndarray, gray: bool | None = None) -> str:
     """md5 of the canonical pixels, their shape and dtype (equal only for the same picture)."""
-    canonical = np.ascontiguousarray(canonical_pixels(pixels))
+    canonical = np.ascontiguousarray(canonical_pixels(pixels, gray))
     digest = hashlib.md5(f"{canonical.shape}|{canonical.dtype}|".encode())
     digest.update(canonical.data)
     return digest.hexdigest()

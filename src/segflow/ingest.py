@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.dedup import perceptual_hash
 from segflow.errors import SegflowError
 from segflow.imageio import (
     DICOM_EXTENSIONS,
@@ -109,7 +110,8 @@ def list_images(folder: str | Path, role: str) -> tuple[dict[str, Path], list[st
         raise SegflowError(f"{role} folder {folder} does not exist or is not a folder")
     found: dict[str, Path] = {}
     skipped: list[str] = []
-    for path in sorted(folder.iterdir()):
+    # Resolve the folder once; its entries are then absolute without a resolve() per file.
+    for path in sorted(folder.resolve().iterdir()):
         if path.name.startswith(".") or not path.is_file() or image_kind(path) is None:
             skipped.append(path.name)
             continue
@@ -186,6 +188,7 @@ def _scan_chunk(tasks: list[_ScanTask]) -> list[dict[str, Any]]:
 def _scan_item(task: _ScanTask) -> dict[str, Any]:
     image = decode_image(task.image_path, task.dicom_window, task.max_pixels)
     height, width = image.pixels.shape[:2]
+    gray = is_gray(image.pixels)
     row: dict[str, Any] = {
         "id": task.item_id,
         "split": task.split,
@@ -196,9 +199,11 @@ def _scan_item(task: _ScanTask) -> dict[str, Any]:
         "width": width,
         "channels": image.stored_channels,
         "bit_depth": image.bit_depth,
-        "is_gray": is_gray(image.pixels),
+        "is_gray": gray,
         "md5_bytes": image.md5_bytes,
-        "md5_pixels": pixel_md5(image.pixels),
+        "md5_pixels": pixel_md5(image.pixels, gray),
+        # Hashed here, on pixels already decoded, so dedup's near-duplicate search never decodes.
+        "phash": f"{perceptual_hash(image.pixels):016x}",
         "mask_path": task.mask_path,
         "mask_rle": None,
         "mask_md5": None,
@@ -264,7 +269,7 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
                     f"train image {train[item_id]} has no mask "
                     f"{Path(options.train_masks) / (item_id + options.mask_suffix)}.*"
                 )
-            mask_paths[item_id] = str(by_image_id[item_id].resolve())
+            mask_paths[item_id] = str(by_image_id[item_id])
         orphans = sorted(set(by_image_id) - set(train))
         if orphans:
             raise SegflowError(
@@ -290,7 +295,7 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
         _ScanTask(
             item_id,
             split,
-            str(path.resolve()),
+            str(path),
             mask_paths.get(item_id) if split == "train" else None,
             tuple(rles[item_id]) if split == "train" and rles else None,
             options.rle_order,
@@ -314,7 +319,7 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
 
     Returns:
         (manifest, summary): one row per item (columns: id, split, image_path, image_format,
-        file_bytes, height, width, channels, bit_depth, is_gray, md5_bytes, md5_pixels,
+        file_bytes, height, width, channels, bit_depth, is_gray, md5_bytes, md5_pixels, phash,
         mask_path, mask_rle, mask_md5, mask_coverage, then ``meta_*`` metadata columns), and a
         JSON-ready summary.
 

@@ -16,6 +16,8 @@ Result = TypeVar("Result")
 
 log = logging.getLogger(__name__)
 
+_PRELOAD = ("numpy", "pandas", "cv2", "segflow.ingest", "segflow.preprocess")
+
 
 def available_cores() -> int:
     """CPU cores this process may use (respects affinity masks set by schedulers like SLURM)."""
@@ -58,6 +60,7 @@ def parallel_map(
     results: list[Result] = []
     with tqdm(total=total, desc=desc, unit=unit, mininterval=1.0, disable=None) as bar:
         if workers <= 1 or len(tasks) <= 1:
+            _limit_native_threads()  # one worker means one core, also for OpenCV's own threads
             for task, weight in zip(tasks, weights, strict=True):
                 results.append(func(task))
                 bar.update(weight)
@@ -65,6 +68,8 @@ def parallel_map(
         # Not "fork": the parent may already run OpenCV/BLAS thread pools, and a forked child
         # inherits their locks in a held state and deadlocks. A fork server is started clean.
         context = multiprocessing.get_context("forkserver")
+        # Import the heavy modules once in the fork server instead of once per worker.
+        context.set_forkserver_preload(list(_PRELOAD))
         with ProcessPoolExecutor(
             max_workers=workers, mp_context=context, initializer=_limit_native_threads
         ) as pool:

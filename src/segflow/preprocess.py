@@ -282,24 +282,23 @@ def preprocess(
     window = dicom_window or DicomWindow()
     shape = (geometry.height, geometry.width)
 
-    moments = np.zeros((2, geometry.channels))
-    foreground = 0
     with contextlib.ExitStack() as stack:
         paths = {
             name: stack.enter_context(atomic_path(out_dir / f"{name}.npy"))
             for name in ("train_images", "train_masks", "test_images")
         }
+        tasks: list[_ChunkTask] = []
         for split, frame, mask_path in (
             ("train", train, paths["train_masks"]),
             ("test", test, None),
         ):
-            images = np.lib.format.open_memmap(
+            # Create each file at full size; workers reopen it in r+ mode and fill their rows.
+            np.lib.format.open_memmap(
                 paths[f"{split}_images"],
                 mode="w+",
                 dtype=geometry.dtype,
                 shape=(len(frame), *shape, geometry.channels),
             )
-            del images  # header and size are on disk; workers reopen the file in r+ mode
             if mask_path is not None:
                 np.lib.format.open_memmap(
                     mask_path, mode="w+", dtype=np.uint8, shape=(len(frame), *shape)
@@ -308,8 +307,7 @@ def preprocess(
                 _Item(row.image_path, sources[row.id] if split == "train" else ())
                 for row in frame.itertuples()
             ]
-            chunks = chunked(items, _CHUNK)
-            tasks = [
+            tasks += [
                 _ChunkTask(
                     str(paths[f"{split}_images"]),
                     str(mask_path) if mask_path else None,
@@ -319,19 +317,20 @@ def preprocess(
                     options,
                     window,
                 )
-                for index, chunk in enumerate(chunks)
+                for index, chunk in enumerate(chunked(items, _CHUNK))
             ]
-            results = parallel_map(
-                _process_chunk,
-                tasks,
-                workers,
-                desc=f"preprocess {split}",
-                unit="img",
-                weights=map(len, chunks),
-            )
-            if split == "train":
-                moments = np.sum([chunk_moments for chunk_moments, _ in results], axis=0)
-                foreground = sum(chunk_foreground for _, chunk_foreground in results)
+        # One pool for both splits: worker start-up is paid once.
+        results = parallel_map(
+            _process_chunk,
+            tasks,
+            workers,
+            desc="preprocess",
+            unit="img",
+            weights=[len(task.items) for task in tasks],
+        )
+    train_results = [result for task, result in zip(tasks, results, strict=True) if task.masks_path]
+    moments = np.sum([chunk_moments for chunk_moments, _ in train_results], axis=0)
+    foreground = sum(chunk_foreground for _, chunk_foreground in train_results)
 
     index = pd.concat(
         [

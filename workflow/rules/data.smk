@@ -53,16 +53,15 @@ rule find_duplicates:
         result("benchmarks", "find_duplicates.tsv")
     conda:
         CONDA_ENV
-    threads: MAX_THREADS
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
     params:
         flags=section_flags("dedup"),
-        dicom=dicom_flags(),
     shell:
-        "segflow dedup --manifest {input.manifest} {params.flags} {params.dicom}"
-        " --workers {threads} --out-items {output.dedup_items} --out-summary {output.summary}"
+        "segflow dedup --manifest {input.manifest} {params.flags}"
+        " --out-items {output.dedup_items} --out-summary {output.summary}"
         " --out-report {output.report} 2> {log}"
 
 
