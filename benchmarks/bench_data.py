@@ -552,8 +552,7 @@ def report_dedup(
         "   The scan also decodes and validates the masks. find_duplicates runs with "
         "near_duplicates off\n"
         "   unless said; with it on it links the pHashes ingest recorded (no decoding). output: "
-        "the manifest,\n   hashes or dedup"
-        "   items DataFrame in memory."
+        "the manifest,\n   hashes or dedup items DataFrame in memory."
     )
 
 
