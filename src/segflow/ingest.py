@@ -139,9 +139,13 @@ def _read_rle_csv(options: IngestOptions) -> dict[str, list[tuple[str, str]]]:
     if not options.rle_csv or not path.is_file():
         raise SegflowError(f"RLE CSV {options.rle_csv!r} does not exist (data.rle_csv)")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise SegflowError(f"{path}: cannot parse CSV ({error})") from None
+    # Blank lines are kept while reading and dropped here, so each row knows its line number.
+    lines = np.arange(len(frame)) + 2  # line 1 is the header
+    blank = (frame.apply(lambda column: column.str.strip()) == "").all(axis=1).to_numpy()
+    frame, lines = frame[~blank], lines[~blank].tolist()
     for column in (options.rle_id_column, options.rle_column):
         if column not in frame.columns:
             raise SegflowError(
@@ -150,7 +154,6 @@ def _read_rle_csv(options: IngestOptions) -> dict[str, list[tuple[str, str]]]:
             )
     rles: dict[str, list[tuple[str, str]]] = {}
     ids = frame[options.rle_id_column].tolist()
-    lines = _csv_line_numbers(path, len(frame))
     for line, item_id, rle in zip(lines, ids, frame[options.rle_column].tolist(), strict=True):
         where = f"{path} row {line} (id {item_id!r})"  # row = line in the file, header is 1
         if not item_id.strip():
