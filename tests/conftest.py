@@ -24,6 +24,21 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_manifest(demo_dataset: Path):
+    """The ingest manifest of ``demo_dataset`` (mask files as the source)."""
+    from segflow.ingest import IngestOptions, ingest
+
+    manifest, _ = ingest(
+        IngestOptions(
+            train_images=str(demo_dataset / "train/images"),
+            test_images=str(demo_dataset / "test/images"),
+            train_masks=str(demo_dataset / "train/masks"),
+        )
+    )
+    return manifest
+
+
+@pytest.fixture(scope="session")
 def tgs_salt() -> Path:
     """The real Kaggle TGS Salt data; tests using it skip when ../shared is absent."""
     root = SHARED_DATASETS / "tgs-salt"

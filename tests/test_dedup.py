@@ -616,18 +616,6 @@ def test_near_duplicates_widen_fold_groups_only(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- demo dataset
 
 
-@pytest.fixture(scope="module")
-def demo_manifest(demo_dataset: Path) -> pd.DataFrame:
-    manifest, _ = ingest(
-        IngestOptions(
-            train_images=str(demo_dataset / "train/images"),
-            test_images=str(demo_dataset / "test/images"),
-            train_masks=str(demo_dataset / "train/masks"),
-        )
-    )
-    return manifest
-
-
 def test_demo_planted_duplicates_found_exactly(
     demo_dataset: Path, demo_manifest: pd.DataFrame
 ) -> None:

@@ -12,7 +12,6 @@ import pytest
 from segflow.dedup import DedupOptions, find_duplicates
 from segflow.errors import SegflowError
 from segflow.folds import FoldOptions, coverage_strata, make_folds
-from segflow.ingest import IngestOptions, ingest
 
 # sklearn warns whenever a stratum has fewer members than K; the small-table tests want that.
 SMALL_STRATA = pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
@@ -256,18 +255,6 @@ def test_small_strata_do_not_crash(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- demo dataset
-
-
-@pytest.fixture(scope="module")
-def demo_manifest(demo_dataset: Path) -> pd.DataFrame:
-    manifest, _ = ingest(
-        IngestOptions(
-            train_images=str(demo_dataset / "train/images"),
-            test_images=str(demo_dataset / "test/images"),
-            train_masks=str(demo_dataset / "train/masks"),
-        )
-    )
-    return manifest
 
 
 @pytest.mark.parametrize("policy", ["drop", "union"])

@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from helpers import write_ct_dicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from segflow.errors import SegflowError
 from segflow.imageio import (
@@ -78,47 +79,6 @@ def _png_header_only(width: int, height: int) -> bytes:
         + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
         + _png_chunk(b"IEND", b"")
     )
-
-
-def _write_dicom(
-    path: Path,
-    stored: np.ndarray | None,
-    *,
-    slope: float = 1.0,
-    intercept: float = -1024.0,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 16,
-    **extra: object,
-) -> Path:
-    """A minimal valid CT DICOM file (explicit VR little endian, with the DICM preamble)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = CTImageStorage
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "CT"
-    dataset.RescaleSlope = slope
-    dataset.RescaleIntercept = intercept
-    dataset.PhotometricInterpretation = photometric
-    dataset.SamplesPerPixel = 1
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = bits_stored
-    dataset.HighBit = bits_stored - 1
-    dataset.PixelRepresentation = 1
-    for keyword, value in extra.items():
-        setattr(dataset, keyword, value)
-    if stored is not None:
-        dataset.Rows, dataset.Columns = stored.shape[-2:]
-        if stored.ndim == 3:
-            dataset.NumberOfFrames = stored.shape[0]
-        dataset.PixelData = stored.astype("<i2").tobytes()
-    else:
-        dataset.Rows, dataset.Columns = 4, 4
-    dataset.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _write_dicom_rgb(path: Path, rgb: np.ndarray) -> Path:
@@ -527,7 +487,7 @@ def test_max_pixels_above_pillow_limit_is_honoured(tmp_path: Path) -> None:
 
 
 def test_max_pixels_applies_to_dicom(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "ct.dcm", HU + 1024)
+    path = write_ct_dicom(tmp_path / "ct.dcm", HU + 1024)
     with pytest.raises(SegflowError, match=r"data\.max_pixels"):
         decode_image(path, max_pixels=7)
     assert decode_image(path, max_pixels=8).pixels.shape == (2, 4)
@@ -537,7 +497,7 @@ def test_max_pixels_applies_to_dicom(tmp_path: Path) -> None:
 
 
 def test_dicom_default_window_by_hand(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "ct.dcm", HU + 1024, slope=1.0, intercept=-1024.0)
+    path = write_ct_dicom(tmp_path / "ct.dcm", HU + 1024, slope=1.0, intercept=-1024.0)
     image = decode_image(path)
     assert image.pixels.dtype == np.uint8
     np.testing.assert_array_equal(image.pixels, HU_SOFT_TISSUE)
@@ -551,7 +511,7 @@ def test_dicom_default_window_by_hand(tmp_path: Path) -> None:
 def test_dicom_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
     # HU = 2 * stored - 1000  <=>  stored = (HU + 1000) / 2 (all HU values here are even).
     stored = (HU.astype(np.int32) + 1000) // 2
-    path = _write_dicom(tmp_path / "ct.dcm", stored, slope=2.0, intercept=-1000.0, bits_stored=12)
+    path = write_ct_dicom(tmp_path / "ct.dcm", stored, slope=2.0, intercept=-1000.0, bits_stored=12)
     image = decode_image(path)
     np.testing.assert_array_equal(image.pixels, HU_SOFT_TISSUE)
     assert image.bit_depth == 12
@@ -562,13 +522,13 @@ def test_dicom_custom_window(tmp_path: Path) -> None:
     hu = np.array([[-1350, 150, -600, -2000, 500, -975]], dtype=np.int16)
     # (HU + 1350) / 1500 * 255: 0, 255, 127.5 -> 128, clipped 0, clipped 255, 375/1500*255 = 63.75
     expected = np.array([[0, 255, 128, 0, 255, 64]], dtype=np.uint8)
-    path = _write_dicom(tmp_path / "lung.dcm", hu, intercept=0.0)
+    path = write_ct_dicom(tmp_path / "lung.dcm", hu, intercept=0.0)
     image = decode_image(path, dicom_window=DicomWindow(center=-600, width=1500))
     np.testing.assert_array_equal(image.pixels, expected)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "m1.dcm", HU + 1024, photometric="MONOCHROME1")
+    path = write_ct_dicom(tmp_path / "m1.dcm", HU + 1024, photometric="MONOCHROME1")
     np.testing.assert_array_equal(decode_image(path).pixels, 255 - HU_SOFT_TISSUE)
 
 
@@ -583,7 +543,7 @@ def test_dicom_rgb_is_passed_through(tmp_path: Path) -> None:
 def test_multi_frame_dicom_is_refused(tmp_path: Path, columns: int) -> None:
     # With 3 columns the frames array is (frames, rows, 3): it must not pass for an RGB image.
     frames = np.stack([HU[:, :columns] + 1024, HU[:, :columns] + 1000])
-    path = _write_dicom(tmp_path / "multi.dcm", frames)
+    path = write_ct_dicom(tmp_path / "multi.dcm", frames)
     with pytest.raises(SegflowError, match="multi-frame") as info:
         decode_image(path)
     assert str(path) in str(info.value)
@@ -591,12 +551,12 @@ def test_multi_frame_dicom_is_refused(tmp_path: Path, columns: int) -> None:
 
 def test_dicom_with_empty_rescale_uses_identity(tmp_path: Path) -> None:
     # An empty (present but zero-length) RescaleSlope/Intercept means "not given": 1 and 0.
-    path = _write_dicom(tmp_path / "empty.dcm", HU, slope="", intercept="")
+    path = write_ct_dicom(tmp_path / "empty.dcm", HU, slope="", intercept="")
     np.testing.assert_array_equal(decode_image(path).pixels, HU_SOFT_TISSUE)
 
 
 def test_dicom_with_malformed_rescale_is_a_segflow_error(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "bad.dcm", HU + 1024, slope=[1, 2])
+    path = write_ct_dicom(tmp_path / "bad.dcm", HU + 1024, slope=[1, 2])
     with pytest.raises(SegflowError) as info:
         decode_image(path)
     assert str(path) in str(info.value)
@@ -605,7 +565,7 @@ def test_dicom_with_malformed_rescale_is_a_segflow_error(tmp_path: Path) -> None
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damage it sees
 def test_corrupt_dicom_files_only_give_segflow_errors(tmp_path: Path) -> None:
     """Seeded byte-level corruption: every outcome is a decoded image or a SegflowError."""
-    base = _write_dicom(tmp_path / "base.dcm", np.tile(HU + 1024, (3, 2))).read_bytes()
+    base = write_ct_dicom(tmp_path / "base.dcm", np.tile(HU + 1024, (3, 2))).read_bytes()
     rng = np.random.default_rng(2024)
     path = tmp_path / "corrupt.dcm"
     outcomes: set[str] = set()
@@ -631,14 +591,14 @@ def test_corrupt_dicom_files_only_give_segflow_errors(tmp_path: Path) -> None:
 
 
 def test_dicom_without_pixel_data(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "nopix.dcm", None)
+    path = write_ct_dicom(tmp_path / "nopix.dcm", None)
     with pytest.raises(SegflowError, match="no pixel data") as info:
         decode_image(path)
     assert str(path) in str(info.value)
 
 
 def test_dicom_with_truncated_pixel_data(tmp_path: Path) -> None:
-    full = _write_dicom(tmp_path / "full.dcm", HU + 1024).read_bytes()
+    full = write_ct_dicom(tmp_path / "full.dcm", HU + 1024).read_bytes()
     path = tmp_path / "cut.dcm"
     path.write_bytes(full[:-6])
     with pytest.raises(SegflowError, match="cannot decode DICOM pixel data") as info:
@@ -655,7 +615,7 @@ def test_text_file_named_dcm(tmp_path: Path) -> None:
 
 
 def test_dicom_detected_by_magic_bytes_without_extension(tmp_path: Path) -> None:
-    path = _write_dicom(tmp_path / "IM000001", HU + 1024)
+    path = write_ct_dicom(tmp_path / "IM000001", HU + 1024)
     assert image_kind(path) == "dicom"
     image = decode_image(path)
     assert image.image_format == "dicom"
@@ -664,7 +624,7 @@ def test_dicom_detected_by_magic_bytes_without_extension(tmp_path: Path) -> None
 
 def test_dicom_named_by_uid_is_detected_by_magic_bytes(tmp_path: Path) -> None:
     # PACS exports name files by SOP Instance UID: the "extension" is the last UID component.
-    path = _write_dicom(tmp_path / "1.2.826.0.1.3680043.8.498.12345", HU + 1024)
+    path = write_ct_dicom(tmp_path / "1.2.826.0.1.3680043.8.498.12345", HU + 1024)
     assert image_kind(path) == "dicom"
     np.testing.assert_array_equal(decode_image(path).pixels, HU_SOFT_TISSUE)
 
@@ -688,7 +648,7 @@ def test_image_kind(tmp_path: Path) -> None:
 
 def test_pydicom_can_read_the_helper_files(tmp_path: Path) -> None:
     # Guards the fixtures themselves: a broken helper would make the window tests meaningless.
-    path = _write_dicom(tmp_path / "ct.dcm", HU + 1024)
+    path = write_ct_dicom(tmp_path / "ct.dcm", HU + 1024)
     dataset = pydicom.dcmread(path)
     assert path.read_bytes()[128:132] == b"DICM"
     np.testing.assert_array_equal(dataset.pixel_array, HU + 1024)

@@ -12,8 +12,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from helpers import naive_encode, write_ct_dicom
 
 from segflow import cli
 from segflow.errors import SegflowError
@@ -65,24 +64,6 @@ def _mask(height: int, width: int, seed: int) -> np.ndarray:
 
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _naive_rle(mask: np.ndarray, order: str = "column") -> str:
-    """Kaggle RLE (1-based) by explicit loops, independent of segflow.rle."""
-    height, width = mask.shape
-    if order == "column":
-        pixels = [mask[y, x] for x in range(width) for y in range(height)]
-    else:
-        pixels = [mask[y, x] for y in range(height) for x in range(width)]
-    runs: list[int] = []
-    begin = None
-    for index, value in enumerate([*pixels, 0]):
-        if value and begin is None:
-            begin = index
-        elif not value and begin is not None:
-            runs += [begin + 1, index - begin]
-            begin = None
-    return " ".join(map(str, runs))
 
 
 def _folder_dataset(root: Path) -> dict:
@@ -150,28 +131,8 @@ def _raises(options: IngestOptions, *fragments: str) -> str:
 
 
 def _write_dicom(path: Path, hu: np.ndarray) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = CTImageStorage
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "CT"
-    dataset.Rows, dataset.Columns = hu.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = 12
-    dataset.HighBit = 11
-    dataset.PixelRepresentation = 1
-    dataset.RescaleSlope = 1
-    dataset.RescaleIntercept = -1024
-    dataset.PixelData = (hu.astype(np.int32) + 1024).astype("<i2").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_as(path, enforce_file_format=True)
-    return path
+    """A 12-bit CT slice stored as HU + 1024 with intercept -1024."""
+    return write_ct_dicom(path, hu.astype(np.int32) + 1024, bits_stored=12)
 
 
 # --------------------------------------------------------------------------- folder source
@@ -307,8 +268,8 @@ def test_rle_csv_column_major_union_and_empty_spellings(tmp_path: Path) -> None:
 
 def test_rle_csv_row_order_is_stored_column_major(tmp_path: Path) -> None:
     truth = _mask(5, 4, 7)
-    row_rle = _naive_rle(truth, "row")
-    column_rle = _naive_rle(truth, "column")
+    row_rle = naive_encode(truth, "row")
+    column_rle = naive_encode(truth, "column")
     assert row_rle != column_rle  # otherwise the test would not tell the orders apart
     _rle_dataset(tmp_path, [("a", row_rle)], ids=("a",))
     manifest, _ = ingest(_rle_options(tmp_path, rle_order="row"))
@@ -440,7 +401,7 @@ def test_demo_dataset_both_mask_sources_agree(demo_dataset: Path) -> None:
     by_id = by_rle.set_index("id")
     for item_id, rle in list(zip(csv["id"], csv["rle_mask"], strict=True))[:25]:
         png = cv2.imread(str(demo_dataset / "train" / "masks" / f"{item_id}.png"), -1) > 0
-        assert by_id.loc[item_id, "mask_rle"] == _naive_rle(png)
+        assert by_id.loc[item_id, "mask_rle"] == naive_encode(png)
         assert by_id.loc[item_id, "mask_rle"] == rle
         assert by_id.loc[item_id, "mask_coverage"] == pytest.approx(png.mean())
 

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import naive_encode
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -45,24 +46,6 @@ RECT_MASK = np.array(
 )
 RECT_COLUMN_RLE = "1 2 4 1"  # pixels 1, 2, 4
 RECT_ROW_RLE = "1 1 4 2"  # pixels 1, 4, 5
-
-
-def naive_encode(mask: np.ndarray, order: str, start: int) -> str:
-    """Reference encoder: walks the pixels with explicit Python loops (no numpy order flags)."""
-    height, width = mask.shape
-    if order == "column":
-        pixels = [mask[y, x] for x in range(width) for y in range(height)]
-    else:
-        pixels = [mask[y, x] for y in range(height) for x in range(width)]
-    runs: list[int] = []
-    run_start = None
-    for index, value in enumerate([*pixels, 0]):
-        if value and run_start is None:
-            run_start = index
-        elif not value and run_start is not None:
-            runs += [run_start + start, index - run_start]
-            run_start = None
-    return " ".join(map(str, runs))
 
 
 # --------------------------------------------------------------------------- hand-computed cases
