@@ -1,0 +1,98 @@
+"""Submission CSV: exact RLE round trip, instance rows, and labels copied from train duplicates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from segflow.dedup import DedupOptions, find_duplicates
+from segflow.rle import rle_decode
+from segflow.submission import (
+    SubmissionOptions,
+    known_test_labels,
+    submission_frame,
+    write_submission,
+)
+
+
+def random_masks(count: int, shape: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    masks = {f"id{index:03d}": (rng.random(shape) < 0.3).astype(np.uint8) for index in range(count)}
+    masks["id000"][:] = 0  # one empty prediction
+    return masks
+
+
+@pytest.mark.parametrize(("order", "start"), [("column", 1), ("row", 1), ("column", 0)])
+def test_written_csv_decodes_back_to_every_mask(tmp_path: Path, order: str, start: int) -> None:
+    masks = random_masks(12, (7, 5), seed=1)
+    options = SubmissionOptions(rle_order=order, rle_start=start)
+    write_submission(tmp_path / "submission.csv", submission_frame(masks, options))
+    written = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
+    assert list(written.columns) == ["id", "rle_mask"]
+    assert written["id"].tolist() == sorted(masks)
+    for row in written.itertuples():
+        decoded = rle_decode(row.rle_mask, (7, 5), order=order, start=start)
+        np.testing.assert_array_equal(decoded, masks[row.id])
+    assert written.loc[written["id"] == "id000", "rle_mask"].item() == ""
+
+
+def test_column_names_and_empty_spelling_are_configurable() -> None:
+    frame = submission_frame(
+        {"a": np.zeros((3, 3), np.uint8)},
+        SubmissionOptions(id_column="ImageId", rle_column="EncodedPixels", empty_rle="-1"),
+    )
+    assert frame.to_dict("records") == [{"ImageId": "a", "EncodedPixels": "-1"}]
+
+
+def test_instances_give_one_row_each_in_kaggle_order() -> None:
+    first = np.zeros((4, 4), np.uint8)
+    first[0:2, 0] = 1  # column-major pixels 1, 2
+    second = np.zeros((4, 4), np.uint8)
+    second[3, 3] = 1  # pixel 16
+    frame = submission_frame({"img": [first, second], "none": []}, SubmissionOptions())
+    assert frame.values.tolist() == [["img", "1 2"], ["img", "16 1"], ["none", ""]]
+
+
+def test_known_labels_replace_predictions_only_when_enabled() -> None:
+    predicted = {"t1": np.zeros((2, 2), np.uint8)}
+    label = {"t1": np.ones((2, 2), np.uint8)}
+    on = submission_frame(predicted, SubmissionOptions(), known_labels=label)
+    off = submission_frame(
+        predicted, SubmissionOptions(copy_train_labels=False), known_labels=label
+    )
+    assert on["rle_mask"].item() == "1 4" and off["rle_mask"].item() == ""
+
+
+def test_train_test_copies_get_the_train_mask(
+    demo_dataset: Path, demo_manifest: pd.DataFrame
+) -> None:
+    truth = json.loads((demo_dataset / "planted_duplicates.json").read_text())
+    items, _ = find_duplicates(demo_manifest, DedupOptions())
+    labels = known_test_labels(demo_manifest, items)
+    assert set(labels) == {test_id for _, test_id in truth["train_test_copies"]}
+    for train_id, test_id in truth["train_test_copies"]:
+        png = cv2.imread(
+            str(demo_dataset / "train" / "masks" / f"{train_id}.png"), cv2.IMREAD_UNCHANGED
+        )
+        np.testing.assert_array_equal(labels[test_id], (png > 0).astype(np.uint8))
+
+
+def test_union_policy_label_is_the_union_of_the_group(demo_manifest: pd.DataFrame) -> None:
+    manifest = demo_manifest.copy()
+    non_empty = manifest[(manifest["split"] == "train") & (manifest["mask_coverage"] > 0)]
+    train = non_empty.drop_duplicates("mask_md5").iloc[:2]
+    test_row = manifest[manifest["split"] == "test"].iloc[[0]].copy()
+    test_row["md5_pixels"] = train["md5_pixels"].iloc[0]
+    manifest.loc[train.index[1], "md5_pixels"] = train["md5_pixels"].iloc[0]  # conflicting pair
+    manifest.loc[test_row.index, "md5_pixels"] = test_row["md5_pixels"]
+    items, _ = find_duplicates(manifest, DedupOptions(conflict_policy="union"))
+    label = known_test_labels(manifest, items)[test_row["id"].item()]
+    masks = [cv2.imread(path, cv2.IMREAD_UNCHANGED) > 0 for path in train["mask_path"]]
+    assert not np.array_equal(masks[0], masks[1])  # a real conflict, so the union is not trivial
+    assert items.set_index("id").loc[train["id"], "train_action"].eq("union").all()
+    np.testing.assert_array_equal(label, (masks[0] | masks[1]).astype(np.uint8))
