@@ -147,6 +147,155 @@ def _run_folds(args: argparse.Namespace) -> None:
     )
 
 
+def _run_train(args: argparse.Namespace) -> None:
+    import json
+
+    from segflow.experiment import load_experiment_values, parse_experiment
+    from segflow.train import train_fold
+
+    stats = json.loads((Path(args.arrays_dir) / "stats.json").read_text())
+    experiment = parse_experiment(
+        args.name, load_experiment_values(args.experiment), in_channels=int(stats["channels"])
+    )
+    train_options = experiment.train
+    if args.workers is not None:  # the rule's threads: DataLoader workers besides the main one
+        import dataclasses
+
+        train_options = dataclasses.replace(train_options, num_workers=max(args.workers - 1, 0))
+    result = train_fold(
+        args.arrays_dir,
+        args.folds,
+        args.fold,
+        experiment.model,
+        experiment.loss,
+        experiment.augment,
+        train_options,
+        args.out_dir,
+        args.resume_dir,
+        ohem_fraction=experiment.ohem_fraction,
+    )
+    log.info("fold %d trained: %s", args.fold, result)
+
+
+def _predict_options(args: argparse.Namespace):
+    from segflow.predict import PredictOptions
+
+    return dataclass_from_namespace(PredictOptions, args)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from segflow.predict import predict_split, write_prediction
+
+    split = "train" if args.command == "predict-oof" else "test"
+    ids, probs = predict_split(
+        args.arrays_dir, args.model, split, _predict_options(args), args.fold, args.folds
+    )
+    write_prediction(args.out_dir, ids, probs)
+    log.info("%s: %d predictions at %s", args.command, len(ids), probs.shape[1:])
+
+
+def _run_evaluate_oof(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from segflow.atomic import atomic_path
+    from segflow.evaluate import assemble_oof, original_truths, score_oof
+
+    ids, probs = assemble_oof(args.fold_dirs)
+    folds = pd.read_csv(args.folds, dtype={"id": str}).set_index("id")
+    manifest = read_table(args.manifest, "manifest")
+    truths = original_truths(manifest, read_table(args.dedup_items, "dedup items"), ids["id"])
+    table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy())
+    out = Path(args.out_dir)
+    with atomic_path(out / "oof_probs.npy") as tmp:
+        np.save(tmp, probs.astype(np.float16))
+    write_csv(out / "oof_ids.csv", ids.assign(fold=folds.loc[ids["id"], "fold"].to_numpy()))
+    write_csv(out / "metrics.csv", table)
+    write_json(out / "metrics.json", summary)
+    log.info(
+        "OOF %s: kaggle %.4f, dice %.4f, iou %.4f (all-empty baseline kaggle %.4f)",
+        args.out_dir,
+        summary["kaggle"],
+        summary["dice"],
+        summary["iou"],
+        summary["all_empty_baseline_kaggle"],
+    )
+
+
+def _run_tune_postprocess(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from segflow.evaluate import original_truths
+    from segflow.postprocess import tune_postprocess
+
+    oof_dir = Path(args.oof_dir)
+    ids = pd.read_csv(oof_dir / "oof_ids.csv", dtype={"id": str})
+    probs = np.load(oof_dir / "oof_probs.npy")
+    truths = original_truths(
+        read_table(args.manifest, "manifest"),
+        read_table(args.dedup_items, "dedup items"),
+        ids["id"],
+    )
+    best, grid = tune_postprocess(
+        probs.astype(np.float32),
+        truths.astype(bool),
+        args.thresholds,
+        args.min_areas,
+        args.fill_holes_options,
+        args.metric,
+    )
+    default_score = grid[
+        (grid["threshold"] == 0.5) & (grid["min_area"] == 0) & ~grid["fill_holes"]
+    ]["score"]
+    write_csv(Path(args.out_dir) / "grid.csv", grid)
+    write_json(
+        Path(args.out_dir) / "params.json",
+        {
+            **dataclasses.asdict(best),
+            "metric": args.metric,
+            "score": float(grid["score"].iloc[0]),
+            "score_at_0.5": float(default_score.iloc[0]) if len(default_score) else None,
+        },
+    )
+    log.info("best post-processing %s: %s %.4f", best, args.metric, grid["score"].iloc[0])
+
+
+def _run_submit(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+
+    from segflow.postprocess import PostprocessParams, apply_postprocess
+    from segflow.predict import merge_folds
+    from segflow.submission import (
+        SubmissionOptions,
+        known_test_labels,
+        submission_frame,
+        write_submission,
+    )
+
+    options = dataclass_from_namespace(SubmissionOptions, args)
+    fold_ids = [pd.read_csv(Path(d) / "ids.csv", dtype={"id": str}) for d in args.fold_dirs]
+    if any(not ids["id"].equals(fold_ids[0]["id"]) for ids in fold_ids):
+        raise SegflowError("test predictions of the folds are not in the same id order")
+    probs = merge_folds([np.load(Path(d) / "probs.npy") for d in args.fold_dirs], args.fold_merge)
+    tuned = json.loads(Path(args.postprocess).read_text())
+    params = PostprocessParams(tuned["threshold"], tuned["min_area"], tuned["fill_holes"])
+    masks = apply_postprocess(probs, params)
+    manifest = read_table(args.manifest, "manifest")
+    known = known_test_labels(manifest, read_table(args.dedup_items, "dedup items"))
+    frame = submission_frame(dict(zip(fold_ids[0]["id"], masks, strict=True)), options, known)
+    write_submission(args.out, frame)
+    copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0
+    log.info(
+        "submission %s: %d rows, %d labels copied from train duplicates",
+        args.out,
+        len(frame),
+        copied,
+    )
+
+
 def _run_summary(args: argparse.Namespace) -> None:
     from segflow.report import results_summary
 
@@ -159,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     from segflow.demo_data import DemoDataOptions
     from segflow.folds import FoldOptions
     from segflow.ingest import IngestOptions
+    from segflow.predict import PredictOptions
     from segflow.preprocess import PreprocessOptions
+    from segflow.submission import SubmissionOptions
 
     parser = argparse.ArgumentParser(prog="segflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"segflow {__version__}")
@@ -211,6 +362,56 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
     folds.add_argument("--out-folds", required=True, help="folds CSV to write")
     folds.add_argument("--out-summary", required=True, help="summary JSON to write")
+
+    train = command("train", _run_train, "train one fold of one experiment (resumable)")
+    train.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    train.add_argument("--folds", required=True, help="folds.csv")
+    train.add_argument("--fold", required=True, type=int, help="the validation fold")
+    train.add_argument("--name", default="experiment", help="experiment name (for messages)")
+    train.add_argument(
+        "--experiment", required=True, help="experiment as inline JSON or a JSON/YAML file"
+    )
+    train.add_argument("--out-dir", required=True, help="folder for model.pt, history, metrics")
+    train.add_argument("--resume-dir", required=True, help="resume checkpoint folder")
+    train.add_argument("--workers", type=int, default=None, help="cores for data loading")
+
+    for name, help_text in (
+        ("predict-oof", "predict a fold model on its own validation fold"),
+        ("predict-test", "predict a fold model on the test set"),
+    ):
+        sub = command(name, _run_predict, help_text, PredictOptions)
+        sub.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+        sub.add_argument("--model", required=True, help="model.pt of the fold")
+        sub.add_argument("--fold", type=int, default=None, help="the fold (predict-oof)")
+        sub.add_argument("--folds", default=None, help="folds.csv (predict-oof)")
+        sub.add_argument("--out-dir", required=True, help="folder for ids.csv and probs.npy")
+
+    evaluate = command("evaluate-oof", _run_evaluate_oof, "assemble and score the OOF predictions")
+    evaluate.add_argument("--fold-dirs", nargs="+", required=True, help="predict-oof outputs")
+    evaluate.add_argument("--folds", required=True, help="folds.csv")
+    evaluate.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
+    evaluate.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    evaluate.add_argument("--out-dir", required=True, help="folder for OOF arrays and metrics")
+
+    tune = command("tune-postprocess", _run_tune_postprocess, "grid-search post-processing on OOF")
+    tune.add_argument("--oof-dir", required=True, help="evaluate-oof output folder")
+    tune.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
+    tune.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    tune.add_argument("--thresholds", nargs="+", type=float, required=True)
+    tune.add_argument("--min-areas", nargs="+", type=int, required=True)
+    tune.add_argument(
+        "--fill-holes-options", nargs="+", type=lambda t: t.lower() == "true", default=[False]
+    )
+    tune.add_argument("--metric", default="kaggle", help="metric to maximise")
+    tune.add_argument("--out-dir", required=True, help="folder for params.json and grid.csv")
+
+    submit = command("submit", _run_submit, "write the Kaggle submission CSV", SubmissionOptions)
+    submit.add_argument("--fold-dirs", nargs="+", required=True, help="predict-test outputs")
+    submit.add_argument("--fold-merge", default="mean", choices=("mean", "gmean"))
+    submit.add_argument("--postprocess", required=True, help="params.json from tune-postprocess")
+    submit.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
+    submit.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    submit.add_argument("--out", required=True, help="submission CSV to write")
 
     summary = command("summary", _run_summary, "print what a workflow run produced")
     summary.add_argument("results_dir", help="the workflow's results folder")

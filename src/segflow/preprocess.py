@@ -155,9 +155,14 @@ def prepare_image(
     return resize_image(pixels, geometry.height, geometry.width, options.interpolation)
 
 
-def _load_mask(
+def load_mask(
     sources: tuple[tuple[str | None, str | None], ...], shape: tuple[int, int]
 ) -> np.ndarray:
+    """The union of mask files / canonical RLE strings at the original resolution.
+
+    Shape:
+        output: (H, W) uint8 {0, 1}.
+    """
     mask = np.zeros(shape, dtype=np.uint8)
     for mask_path, mask_rle in sources:
         part = (
@@ -191,7 +196,7 @@ def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
         moments[0] += scaled.sum(axis=0)
         moments[1] += np.square(scaled).sum(axis=0)
         if masks is not None:
-            mask = _load_mask(item.masks, pixels.shape[:2])
+            mask = load_mask(item.masks, pixels.shape[:2])
             masks[row] = resize_mask(mask, geometry.height, geometry.width)
             foreground += int(masks[row].sum())
     images.flush()
@@ -227,7 +232,7 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometr
     return _Geometry(height, width, channels, dtype)
 
 
-def _mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple]:
+def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple]:
     """id -> masks to union: its own, or every train member's for the 'union' policy."""
     by_id = manifest.set_index("id")
     own = {
@@ -278,7 +283,7 @@ def preprocess(
     if train.empty:
         raise SegflowError("no train items left to preprocess (all dropped by dedup?)")
     geometry = _decide_geometry(pd.concat([train, test]), options)
-    sources = _mask_sources(manifest, dedup_items)
+    sources = mask_sources(manifest, dedup_items)
     window = dicom_window or DicomWindow()
     shape = (geometry.height, geometry.width)
 

@@ -1,0 +1,89 @@
+"""One experiment of the config (``experiments.<name>``): model, loss, augmentation, training.
+
+The workflow passes an experiment to ``segflow train`` as JSON; this module turns it into the
+typed option objects, with errors that name the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from segflow.errors import SegflowError
+
+EXPERIMENT_KEYS = ("model", "loss", "ohem_fraction", "augment", "train")
+DEFAULT_LOSS = {"bce": 1.0, "dice": 1.0}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A parsed experiment: what ``segflow train`` needs besides data paths."""
+
+    name: str
+    model: Any  # segflow.models.ModelSpec
+    loss: dict[str, float]
+    ohem_fraction: float | None
+    augment: Any
+    train: Any  # segflow.train.TrainOptions
+
+
+def _dataclass_from(cls: type, values: dict[str, Any], key: str) -> Any:
+    if not isinstance(values, dict):
+        raise SegflowError(f"{key} must be a mapping, got {type(values).__name__}")
+    fields = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise SegflowError(f"unknown key {key}.{unknown[0]}; valid: {', '.join(sorted(fields))}")
+    return cls(**values)
+
+
+def parse_experiment(name: str, values: dict[str, Any], in_channels: int) -> Experiment:
+    """Validate and type an experiment mapping.
+
+    Args:
+        name: the experiment's name (config key).
+        values: its mapping (model, loss, ohem_fraction, augment, train).
+        in_channels: channels of the preprocessed images (the model's input).
+
+    Returns:
+        The parsed :class:`Experiment`.
+    """
+    from segflow.models import ModelSpec
+    from segflow.train import TrainOptions
+
+    key = f"experiments.{name}"
+    unknown = sorted(set(values) - set(EXPERIMENT_KEYS))
+    if unknown:
+        raise SegflowError(f"unknown key {key}.{unknown[0]}; valid: {', '.join(EXPERIMENT_KEYS)}")
+    model_values = {**values.get("model", {}), "in_channels": in_channels}
+    loss = values.get("loss", DEFAULT_LOSS)
+    if not isinstance(loss, dict) or not loss:
+        raise SegflowError(f"{key}.loss must map loss names to weights, e.g. {{bce: 1, dice: 1}}")
+    return Experiment(
+        name=name,
+        model=_dataclass_from(ModelSpec, model_values, f"{key}.model"),
+        loss={str(k): float(v) for k, v in loss.items()},
+        ohem_fraction=values.get("ohem_fraction"),
+        augment=values.get("augment", "d4"),
+        train=_dataclass_from(TrainOptions, values.get("train", {}), f"{key}.train"),
+    )
+
+
+def load_experiment_values(text_or_path: str) -> dict[str, Any]:
+    """An experiment mapping from inline JSON or from a JSON/YAML file path."""
+    path = Path(text_or_path)
+    if not text_or_path.lstrip().startswith("{") and path.is_file():
+        values = yaml.safe_load(path.read_text())
+    else:
+        try:
+            values = json.loads(text_or_path)
+        except json.JSONDecodeError as error:
+            raise SegflowError(f"experiment is neither a file nor valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise SegflowError("an experiment must be a mapping")
+    return values
