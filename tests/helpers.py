@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -67,3 +69,75 @@ def write_ct_dicom(
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+BRIGHT = 200  # object pixels; the background stays below DARK_MAX
+DARK_MAX = 100
+
+
+def write_synthetic_arrays(
+    out_dir: Path,
+    n: int = 24,
+    size: int = 32,
+    channels: int = 1,
+    n_empty: int = 6,
+    n_folds: int = 3,
+    dtype: str = "uint8",
+    seed: int = 0,
+) -> Path:
+    """Write a tiny dataset the way preprocess and folds do: bright squares are the objects.
+
+    Files: train_images.npy (N, H, W, C), train_masks.npy (N, H, W) {0, 1}, test_images.npy,
+    index.parquet, stats.json and folds.csv (id, fold, group, stratum, coverage).
+    """
+    rng = np.random.default_rng(seed)
+    scale = 255 if dtype == "uint8" else 65535
+    images = rng.integers(0, DARK_MAX, size=(n, size, size, channels)).astype(np.float64)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n_empty, n):
+        side = int(rng.integers(size // 4, size // 2))
+        y, x = rng.integers(0, size - side, size=2)
+        masks[i, y : y + side, x : x + side] = 1
+    images[masks.astype(bool)] = BRIGHT
+    images = (images * (scale // 255)).astype(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "train_images.npy", images)
+    np.save(out_dir / "train_masks.npy", masks)
+    np.save(out_dir / "test_images.npy", images[:4])
+    ids = [f"img{i:03d}" for i in range(n)]
+    index = pd.DataFrame(
+        {
+            "id": ids + [f"test{i}" for i in range(4)],
+            "split": ["train"] * n + ["test"] * 4,
+            "row": list(range(n)) + list(range(4)),
+            "orig_height": size,
+            "orig_width": size,
+        }
+    )
+    index.to_parquet(out_dir / "index.parquet", index=False)
+    scaled = images.reshape(-1, channels).astype(np.float64) / scale
+    stats = {
+        "n_train": n,
+        "n_test": 4,
+        "height": size,
+        "width": size,
+        "channels": channels,
+        "dtype": dtype,
+        "train_mean": scaled.mean(axis=0).round(6).tolist(),
+        "train_std": scaled.std(axis=0).round(6).tolist(),
+        "train_mask_coverage": float(masks.mean()),
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats))
+    coverage = masks.reshape(n, -1).mean(axis=1)
+    # Interleave so every fold gets empty and non-empty items; listed in shuffled order.
+    order = rng.permutation(n)
+    pd.DataFrame(
+        {
+            "id": [ids[i] for i in order],
+            "fold": [i % n_folds for i in order],
+            "group": [ids[i] for i in order],
+            "stratum": [int(coverage[i] > 0) for i in order],
+            "coverage": [round(float(coverage[i]), 6) for i in order],
+        }
+    ).to_csv(out_dir / "folds.csv", index=False)
+    return out_dir

@@ -1,0 +1,166 @@
+"""Tests for device names and per-job GPU slot assignment with flock (segflow.devices).
+
+Slot assignment is plain file locking, so it is tested on CPU with several real processes
+("spawn": fresh interpreters, as Snakemake jobs are; segflow.devices does not import torch).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from segflow.devices import acquire_gpu, resolve_device
+from segflow.errors import SegflowError
+
+CONTEXT = multiprocessing.get_context("spawn")
+# Generous: spawned interpreters start slowly on a busy 2-core machine.
+START_TIMEOUT_S = 60
+
+
+def _hold_slot(lock_dir: str, n_gpus: int, timeout_s: float, results, release) -> None:
+    """Child: claim a slot, report (index, CUDA_VISIBLE_DEVICES, pid) or the error, hold it."""
+    try:
+        lease = acquire_gpu(lock_dir, n_gpus, timeout_s, poll_s=0.05)
+    except SegflowError as error:
+        results.put(("error", str(error), os.getpid()))
+        return
+    with lease:
+        results.put((lease.index, os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()))
+        release.wait(START_TIMEOUT_S)
+
+
+@pytest.fixture()
+def no_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Children inherit the environment: make sure no scheduler assignment is simulated."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "unset-by-test")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+
+
+def _start(lock_dir: Path, n_gpus: int, timeout_s: float, results):
+    """Start a holder; returns (process, its release event).
+
+    One event per process: a process killed while waiting on a shared multiprocessing Event
+    leaves it broken (``set()`` then waits for the dead sleeper forever).
+    """
+    release = CONTEXT.Event()
+    process = CONTEXT.Process(
+        target=_hold_slot, args=(str(lock_dir), n_gpus, timeout_s, results, release)
+    )
+    process.start()
+    return process, release
+
+
+def _finish(started: list) -> None:
+    for process, release in started:
+        if process.is_alive():
+            release.set()
+        process.join(START_TIMEOUT_S)
+
+
+def test_concurrent_jobs_get_distinct_slots(tmp_path: Path, no_visible_devices: None) -> None:
+    results = CONTEXT.Queue()
+    started = [_start(tmp_path, 3, START_TIMEOUT_S, results) for _ in range(3)]
+    try:
+        got = [results.get(timeout=START_TIMEOUT_S) for _ in started]
+    finally:
+        _finish(started)
+    assert sorted(index for index, _, _ in got) == [0, 1, 2]
+    # Each job restricted itself to its own GPU.
+    assert all(visible == str(index) for index, visible, _ in got)
+    assert all(process.exitcode == 0 for process, _ in started)
+    # Released on exit: the lock files are emptied, not deleted.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu0.lock", "gpu1.lock", "gpu2.lock"]
+    assert all(p.read_text() == "" for p in tmp_path.iterdir())
+
+
+def test_third_job_waits_then_times_out_or_gets_a_freed_slot(
+    tmp_path: Path, no_visible_devices: None
+) -> None:
+    results = CONTEXT.Queue()
+    started = [_start(tmp_path, 2, START_TIMEOUT_S, results) for _ in range(2)]
+    try:
+        held = [results.get(timeout=START_TIMEOUT_S) for _ in started]
+        assert sorted(index for index, _, _ in held) == [0, 1]
+        # In this process too: both slots busy, so a short wait fails, naming the holders.
+        began = time.monotonic()
+        with pytest.raises(SegflowError, match=r"all 2 GPU slot\(s\) still held") as caught:
+            acquire_gpu(tmp_path, 2, timeout_s=0.5, poll_s=0.05)
+        assert time.monotonic() - began >= 0.5
+        assert f"pid {held[0][2]}" in str(caught.value)
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
+        # A waiting job gets a slot as soon as one holder goes away.
+        waiter_results = CONTEXT.Queue()
+        started.append(_start(tmp_path, 2, START_TIMEOUT_S, waiter_results))
+        time.sleep(0.5)
+        assert waiter_results.empty()
+        os.kill(held[0][2], signal.SIGTERM)  # default action: dies without any cleanup
+        index, _, _ = waiter_results.get(timeout=START_TIMEOUT_S)
+        assert index == held[0][0]
+    finally:
+        _finish(started)
+
+
+def test_killed_holder_frees_its_slot(tmp_path: Path, no_visible_devices: None) -> None:
+    results = CONTEXT.Queue()
+    holder, _ = _start(tmp_path, 1, START_TIMEOUT_S, results)
+    index, _, pid = results.get(timeout=START_TIMEOUT_S)
+    assert index == 0 and (tmp_path / "gpu0.lock").read_text().strip() == str(pid)
+    os.kill(holder.pid, signal.SIGKILL)  # no finally, no __exit__: only the kernel cleans up
+    holder.join(START_TIMEOUT_S)
+    # The stale pid is still in the file, but the lock is gone.
+    with acquire_gpu(tmp_path, 1, timeout_s=5, poll_s=0.05) as lease:
+        assert lease.index == 0 and lease.held
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+        assert (tmp_path / "gpu0.lock").read_text().strip() == str(os.getpid())
+    assert not lease.held and "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_scheduler_assignment_is_respected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with acquire_gpu(tmp_path / "locks", 2, timeout_s=0) as lease:
+        assert lease.index is None and lease.device == "cuda:0" and not lease.held
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert not (tmp_path / "locks").exists()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_acquire_gpu_rejects_zero_gpus(tmp_path: Path, no_visible_devices: None) -> None:
+    with pytest.raises(SegflowError, match="n_gpus"):
+        acquire_gpu(tmp_path, 0, timeout_s=0)
+
+
+# --------------------------------------------------------------------------- resolve_device
+
+
+def test_resolve_device_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("CPU") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(SegflowError, match="CUDA is not available"):
+            resolve_device(name)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "cuda:-1", "mps0", ""])
+def test_resolve_device_rejects_bad_names(name: str) -> None:
+    with pytest.raises(SegflowError, match="not valid"):
+        resolve_device(name)
+
+
+def test_resolve_device_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SegflowError, match="only 2 GPU"):
+        resolve_device("cuda:2")

@@ -1,0 +1,379 @@
+"""Tests for fold training: outputs, resume, early stopping, top-k averaging, EMA, aux head.
+
+A tiny synthetic dataset (32 images of 32x32, bright squares as objects, 8 empty) and a tiny
+model (mobilenet_v2 encoder cut to 3 stages, 8-16 decoder channels) keep each training run
+well under a second on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import write_synthetic_arrays
+
+from segflow import train as train_module
+from segflow.errors import SegflowError
+from segflow.models import ModelSpec, build_model, forward_logits, load_checkpoint
+from segflow.train import (
+    HISTORY_COLUMNS,
+    TrainingInterrupted,
+    TrainOptions,
+    lr_factor,
+    train_fold,
+)
+
+SPEC = ModelSpec(encoder="mobilenet_v2", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
+LOSS = {"bce": 1.0, "dice": 1.0}
+FAST = {"epochs": 3, "batch_size": 8, "lr": 1e-2}
+_TRAIN_EPOCH = train_module._FoldTrainer.train_epoch
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def arrays_dir(tmp_path: Path) -> Path:
+    return write_synthetic_arrays(tmp_path / "preprocess", n=32, n_empty=8)
+
+
+def _train(
+    arrays_dir: Path,
+    run: Path,
+    spec: ModelSpec = SPEC,
+    augment: Any = "d4",
+    fold: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    options = TrainOptions(**{**FAST, **overrides})
+    return train_fold(
+        arrays_dir,
+        arrays_dir / "folds.csv",
+        fold,
+        spec,
+        LOSS,
+        augment,
+        options,
+        run / "out",
+        run / "resume",
+    )
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _count_epochs(monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) -> list[int]:
+    """Record the epochs trained; raise KeyboardInterrupt at the start of ``interrupt_at``."""
+    trained: list[int] = []
+    original = _TRAIN_EPOCH  # not the current attribute: it may be an earlier patch
+
+    def train_epoch(self: Any, epoch: int) -> tuple[float, float]:
+        if epoch == interrupt_at:
+            raise KeyboardInterrupt
+        trained.append(epoch)
+        return original(self, epoch)
+
+    monkeypatch.setattr(train_module._FoldTrainer, "train_epoch", train_epoch)
+    return trained
+
+
+def _script_scores(monkeypatch: pytest.MonkeyPatch, kaggle: list[float]) -> None:
+    """Make validation report the given kaggle score per epoch (the real loss still trains)."""
+    calls = iter(kaggle)
+
+    def validate(self: Any, model: torch.nn.Module) -> dict[str, float]:
+        score = next(calls, 0.0)  # past the script: the final model's evaluation
+        return {"val_loss": 1 - score, "dice": score, "iou": score, "kaggle": score}
+
+    monkeypatch.setattr(train_module._FoldTrainer, "validate", validate)
+
+
+def _keep_resume_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_module, "_remove_resume_state", lambda resume_dir: None)
+
+
+# --------------------------------------------------------------------------- a normal run
+
+
+def test_train_fold_outputs_and_learning(arrays_dir: Path, tmp_path: Path) -> None:
+    metrics = _train(arrays_dir, tmp_path / "run")
+    out = tmp_path / "run" / "out"
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == list(HISTORY_COLUMNS)
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert history["lr"].is_monotonic_decreasing  # cosine
+    assert ((history[["val_dice", "val_iou", "val_kaggle"]] >= 0).all()).all()
+
+    model, meta = load_checkpoint(out / "model.pt")
+    assert {"fold", "epoch", "monitor", "score", "mean", "std", "input_size", "dtype"} <= set(meta)
+    assert meta["fold"] == 0 and meta["monitor"] == "kaggle" and meta["dtype"] == "uint8"
+    assert meta["input_size"] == [32, 32] and len(meta["mean"]) == len(meta["std"]) == 1
+    best = history.loc[history["val_kaggle"].idxmax()]
+    # The best epoch's weights, re-validated: the same score as during training.
+    assert meta["epoch"] == best["epoch"] == metrics["best_epoch"]
+    assert meta["score"] == pytest.approx(best["val_kaggle"]) == metrics["score"]
+    images = np.load(arrays_dir / "train_images.npy")[:4].astype(np.float32) / 255.0
+    batch = (torch.from_numpy(images).permute(0, 3, 1, 2) - meta["mean"][0]) / meta["std"][0]
+    with torch.no_grad():
+        assert forward_logits(model, batch).shape == (4, 1, 32, 32)
+
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["best_epoch"] == metrics["best_epoch"] and written["epochs_trained"] == 3
+    assert not written["stopped_early"] and written["resumed_from_epoch"] == 0
+    assert not (tmp_path / "run" / "resume").exists()  # deleted once model.pt is written
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_after_interrupt_equals_an_uninterrupted_run(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Augmentation and balanced sampling on: their random draws must be resumed too.
+    settings = {"augment": "d4", "empty_ratio": 0.5, "ema_decay": 0.9, "average_top_k": 2}
+    _train(arrays_dir, tmp_path / "straight", **settings)
+
+    run = tmp_path / "interrupted"
+    trained = _count_epochs(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(arrays_dir, run, **settings)
+    assert trained == [1, 2]
+    assert (run / "resume" / "last.pt").is_file() and not (run / "out" / "model.pt").exists()
+    history_before = pd.read_csv(run / "out" / "history.csv")
+    assert history_before["epoch"].tolist() == [1, 2]
+
+    trained = _count_epochs(monkeypatch)
+    metrics = _train(arrays_dir, run, **settings)
+    assert trained == [3]  # only the missing epoch was trained
+    assert metrics["resumed_from_epoch"] == 2
+    history = pd.read_csv(run / "out" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    pd.testing.assert_frame_equal(history.iloc[:2], history_before)
+
+    straight = _weights(tmp_path / "straight" / "out" / "model.pt")
+    resumed = _weights(run / "out" / "model.pt")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    reference = pd.read_csv(tmp_path / "straight" / "out" / "history.csv")
+    pd.testing.assert_frame_equal(
+        history.drop(columns="seconds"), reference.drop(columns="seconds")
+    )
+
+
+def test_sigterm_keeps_the_last_finished_epoch(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = _TRAIN_EPOCH
+
+    def train_epoch(self: Any, epoch: int) -> tuple[float, float]:
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as Snakemake/SLURM cancel a job
+        return original(self, epoch)
+
+    monkeypatch.setattr(train_module._FoldTrainer, "train_epoch", train_epoch)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        _train(arrays_dir, tmp_path / "run")
+    assert signal.getsignal(signal.SIGTERM) == previous  # handler restored
+    state = torch.load(tmp_path / "run" / "resume" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert not [p for p in (tmp_path / "run" / "resume").iterdir() if ".tmp" in p.name]
+
+
+def test_more_epochs_continue_a_run_and_other_changes_restart_it(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    run = tmp_path / "run"
+    _count_epochs(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(arrays_dir, run, epochs=3, scheduler="none")
+    # epochs is not part of the configuration hash: raising it continues the run.
+    trained = _count_epochs(monkeypatch, interrupt_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        _train(arrays_dir, run, epochs=5, scheduler="none")
+    assert trained == [3, 4]
+    # Any other change (here the learning rate) makes the resume file stale.
+    trained = _count_epochs(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="segflow.train"):
+        metrics = _train(arrays_dir, run, epochs=2, scheduler="none", lr=5e-3)
+    assert "different configuration" in caplog.text
+    assert trained == [1, 2] and metrics["resumed_from_epoch"] == 0
+    assert pd.read_csv(run / "out" / "history.csv")["epoch"].tolist() == [1, 2]
+
+
+# --------------------------------------------------------------------------- model selection
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_scores(monkeypatch, [0.5, 0.6, 0.55, 0.58, 0.9, 0.9])
+    trained = _count_epochs(monkeypatch)
+    metrics = _train(arrays_dir, tmp_path / "run", epochs=6, early_stopping_patience=2)
+    assert trained == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2
+    assert metrics["stopped_early"] and metrics["best_epoch"] == 2
+    assert pd.read_csv(tmp_path / "run" / "out" / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+    assert load_checkpoint(tmp_path / "run" / "out" / "model.pt")[1]["epoch"] == 2
+
+
+def test_val_loss_monitor_is_minimised(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_scores(monkeypatch, [0.1, 0.7, 0.4])  # val_loss = 1 - score: best is epoch 2
+    metrics = _train(arrays_dir, tmp_path / "run", monitor="val_loss")
+    assert metrics["best_epoch"] == 2 and metrics["best_epoch_score"] == pytest.approx(0.3)
+
+
+def test_average_top_k_averages_the_best_snapshots(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_scores(monkeypatch, [0.2, 0.9, 0.5])
+    _keep_resume_state(monkeypatch)
+    metrics = _train(arrays_dir, tmp_path / "run", average_top_k=2)
+    resume = tmp_path / "run" / "resume"
+    assert sorted(p.name for p in resume.glob("snapshot_*")) == [
+        "snapshot_e0002.pt",
+        "snapshot_e0003.pt",
+    ]  # epoch 1 was evicted when epoch 3 arrived
+    snapshots = [torch.load(resume / f"snapshot_e000{e}.pt", weights_only=True) for e in (2, 3)]
+    saved = _weights(tmp_path / "run" / "out" / "model.pt")
+    changed = 0
+    for key, value in saved.items():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(value, (snapshots[0][key] + snapshots[1][key]) / 2)
+            changed += not torch.equal(value, snapshots[0][key])
+        else:
+            assert torch.equal(value, snapshots[0][key])  # the best epoch's counters
+    assert changed > 0
+    assert metrics["averaged_epochs"] == [2, 3] and metrics["best_epoch"] == 2
+    assert load_checkpoint(tmp_path / "run" / "out" / "model.pt")[1]["averaged_epochs"] == [2, 3]
+
+
+def test_ema_weights_are_validated_and_saved(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_scores(monkeypatch, [0.1, 0.2])  # the last epoch is the best
+    _keep_resume_state(monkeypatch)
+    metrics = _train(arrays_dir, tmp_path / "run", epochs=2, ema_decay=0.5)
+    state = torch.load(tmp_path / "run" / "resume" / "last.pt", weights_only=True)
+    saved = _weights(tmp_path / "run" / "out" / "model.pt")
+    assert all(torch.equal(saved[key], state["ema"][key]) for key in saved)
+    assert any(not torch.equal(saved[key], state["model"][key]) for key in saved)
+    assert metrics["weights"].startswith("ema")
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def test_aux_head_is_trained_with_its_loss(arrays_dir: Path, tmp_path: Path) -> None:
+    spec = ModelSpec(
+        encoder=SPEC.encoder, extra=SPEC.extra, aux_head=True
+    )  # mask logits + one "non-empty" logit
+    torch.manual_seed(42)  # train_fold seeds the initial weights with train.seed
+    initial = build_model(spec).classification_head.state_dict()
+    _train(arrays_dir, tmp_path / "run", spec=spec, epochs=2, aux_weight=1.0)
+    model, _ = load_checkpoint(tmp_path / "run" / "out" / "model.pt")
+    trained = model.classification_head.state_dict()
+    # Only the aux loss reaches the classification head; AdamW skips parameters without grads.
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if "weight" in k)
+    with torch.no_grad():
+        masks, labels = model(torch.zeros(2, 1, 32, 32))
+    assert masks.shape == (2, 1, 32, 32) and labels.shape == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"optimizer": "sgd", "scheduler": "plateau", "warmup_epochs": 1, "grad_clip": 1.0},
+        {"optimizer": "adam", "scheduler": "onecycle", "amp": "bf16"},
+        {"scheduler": "cosine_restarts", "restart_epochs": 1, "crop": [16, 16], "empty_ratio": 0.5},
+    ],
+    ids=["sgd-plateau-clip", "adam-onecycle-bf16", "restarts-crop-balanced"],
+)
+def test_option_variants_train(arrays_dir: Path, tmp_path: Path, overrides: dict[str, Any]) -> None:
+    metrics = _train(arrays_dir, tmp_path / "run", epochs=2, **overrides)
+    assert metrics["epochs_trained"] == 2
+    _, meta = load_checkpoint(tmp_path / "run" / "out" / "model.pt")
+    assert meta["input_size"] == [32, 32]  # patches for training, full size for validation
+
+
+def test_dataloader_workers(arrays_dir: Path, tmp_path: Path) -> None:
+    metrics = _train(arrays_dir, tmp_path / "run", epochs=1, num_workers=2)
+    assert metrics["epochs_trained"] == 1
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_lr_schedules() -> None:
+    total, warmup = 100, 10
+    cosine = [lr_factor("cosine", s, total, warmup, 30) for s in range(total)]
+    assert cosine[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert cosine[warmup] == 1.0 and cosine[-1] < 0.001 and np.all(np.diff(cosine[warmup:]) <= 0)
+    restarts = [lr_factor("cosine_restarts", s, total, 0, 25) for s in range(total)]
+    assert restarts[0] == restarts[25] == restarts[50] == 1.0 and restarts[24] < 0.01
+    one_cycle = [lr_factor("onecycle", s, total, 0, 1) for s in range(total)]
+    assert one_cycle[0] == pytest.approx(1 / 25) and max(one_cycle) == pytest.approx(1.0, abs=1e-3)
+    assert int(np.argmax(one_cycle)) == 30 and one_cycle[-1] < 1e-3
+    assert {lr_factor(kind, 50, total, 0, 1) for kind in ("none", "plateau")} == {1.0}
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"lr": 0}, "train.lr"),
+        ({"optimizer": "rmsprop"}, "train.optimizer"),
+        ({"scheduler": "step"}, "train.scheduler"),
+        ({"monitor": "accuracy"}, "train.monitor"),
+        ({"crop": [0, 16]}, "train.crop"),
+        ({"crop": [16]}, "train.crop"),
+        ({"ema_decay": 1.0}, "train.ema_decay"),
+        ({"average_top_k": 0}, "train.average_top_k"),
+        ({"empty_ratio": 1.5}, "train.empty_ratio"),
+        ({"epochs": True}, "train.epochs"),
+    ],
+)
+def test_invalid_options_name_the_key(overrides: dict[str, Any], key: str) -> None:
+    with pytest.raises(SegflowError, match=key.replace(".", r"\.")):
+        TrainOptions(**overrides)
+
+
+def test_crop_accepts_one_size() -> None:
+    assert TrainOptions(crop=16).crop == [16, 16]
+    assert TrainOptions(crop=(16, 8)).crop == [16, 8]
+
+
+def test_bad_inputs_name_the_file(arrays_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SegflowError, match=r"folds\.csv: no fold 7"):
+        _train(arrays_dir, tmp_path / "a", fold=7)
+    with pytest.raises(SegflowError, match=r"in_channels is 3 .*stats\.json"):
+        _train(arrays_dir, tmp_path / "b", spec=ModelSpec(in_channels=3))
+    folds = pd.read_csv(arrays_dir / "folds.csv", dtype={"id": str})
+    folds.loc[0, "id"] = "not-preprocessed"
+    folds.to_csv(arrays_dir / "folds.csv", index=False)
+    with pytest.raises(SegflowError, match=r"folds\.csv: 1 id\(s\).*not-preprocessed"):
+        _train(arrays_dir, tmp_path / "c")
+    (arrays_dir / "train_masks.npy").unlink()
+    with pytest.raises(SegflowError, match=r"train_masks\.npy does not exist"):
+        _train(arrays_dir, tmp_path / "d")
+    with pytest.raises(SegflowError, match="fp16 needs a CUDA device"):
+        train_module._amp_dtype("fp16", torch.device("cpu"))
