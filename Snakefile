@@ -8,6 +8,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
 
 
 rule all:
@@ -15,3 +16,12 @@ rule all:
     input:
         rules.preprocess_images.output,
         rules.make_folds.output,
+        expand(
+            result("oof", "{experiment}", "round0", "metrics.json"),
+            experiment=EXPERIMENTS,
+        ),
+        expand(
+            result("postprocess", "{experiment}", "round0", "params.json"),
+            experiment=EXPERIMENTS,
+        ),
+        result("submission", SUBMIT_EXPERIMENT, "round0", "submission.csv"),

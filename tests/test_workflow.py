@@ -15,7 +15,22 @@ from conftest import REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
-SMALL_DEMO = {"demo": {"n_train": 60, "n_test": 20, "seed": 5}}
+SMALL_DEMO = {
+    "demo": {"n_train": 60, "n_test": 20, "seed": 5},
+    "folds": {"n_folds": 2},
+    "experiments": {"unet_r18": {"train": {"epochs": 1, "batch_size": 8}}},
+    "predict": {"tta": "hflip"},
+    "postprocess": {"thresholds": [0.4, 0.5], "min_areas": [0, 20], "fill_holes_options": [False]},
+}
+MODEL_STAGES = {
+    "train_fold",
+    "predict_oof",
+    "predict_test",
+    "evaluate_oof",
+    "tune_postprocess",
+    "make_submission",
+    "all",
+}
 
 
 def write_config(workdir: Path, name: str, overrides: dict) -> str:
@@ -93,6 +108,40 @@ def test_preprocessed_arrays_follow_the_config(demo_run: Path) -> None:
     assert set(folds["id"]) == set(index.loc[index["split"] == "train", "id"])
 
 
+def test_model_stages_produce_oof_postprocessing_and_submission(demo_run: Path) -> None:
+    results = demo_run / "results"
+    folds = pd.read_csv(results / "folds" / "folds.csv", dtype={"id": str})
+    for fold in (0, 1):
+        model_dir = results / "models" / "unet_r18" / "round0" / f"fold{fold}"
+        history = pd.read_csv(model_dir / "history.csv")
+        assert len(history) == 1 and (model_dir / "model.pt").is_file()
+    assert not (results / ".resume" / "unet_r18" / "round0" / "fold0" / "last.pt").exists()
+    oof_dir = results / "oof" / "unet_r18" / "round0"
+    oof_ids = pd.read_csv(oof_dir / "oof_ids.csv", dtype={"id": str})
+    assert sorted(oof_ids["id"]) == sorted(folds["id"])  # every used train item exactly once
+    oof = np.load(oof_dir / "oof_probs.npy")
+    assert oof.dtype == np.float16 and oof.shape == (len(folds), 101, 101)  # original size
+    metrics = json.loads((oof_dir / "metrics.json").read_text())
+    assert {"dice", "iou", "kaggle", "all_empty_baseline_kaggle"} <= set(metrics)
+    params = json.loads(
+        (results / "postprocess" / "unet_r18" / "round0" / "params.json").read_text()
+    )
+    grid = pd.read_csv(results / "postprocess" / "unet_r18" / "round0" / "grid.csv")
+    assert len(grid) == 4 and params["score"] == pytest.approx(grid["score"].max())
+    submission = pd.read_csv(
+        results / "submission" / "unet_r18" / "round0" / "submission.csv",
+        dtype=str,
+        keep_default_na=False,
+    )
+    manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
+    assert sorted(submission["id"]) == sorted(manifest.loc[manifest["split"] == "test", "id"])
+    truth = json.loads((demo_run / "resources" / "demo" / "planted_duplicates.json").read_text())
+    train_rle = manifest.set_index("id")["mask_rle"]
+    by_id = submission.set_index("id")["rle_mask"]
+    for train_id, test_id in truth["train_test_copies"]:  # known labels copied from train
+        assert by_id[test_id] == (train_rle[train_id] or "")
+
+
 def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
     assert planned_jobs(demo_run, "--configfile", "small.yaml") == {}
 
@@ -100,18 +149,31 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"preprocess": {"clahe_clip_limit": 3.0}}, {"preprocess_images", "all"}),
-        ({"folds": {"seed": 7}}, {"make_folds", "all"}),
+        ({"preprocess": {"clahe_clip_limit": 3.0}}, {"preprocess_images"} | MODEL_STAGES),
+        ({"folds": {"seed": 7}}, {"make_folds"} | MODEL_STAGES),
         (
             {"dedup": {"conflict_policy": "union"}},
-            {"find_duplicates", "preprocess_images", "make_folds", "all"},
+            {"find_duplicates", "preprocess_images", "make_folds"} | MODEL_STAGES,
         ),
         (
             {"data": {"dicom_window_width": 300.0}},
-            {"ingest_dataset", "find_duplicates", "preprocess_images", "make_folds", "all"},
+            {"ingest_dataset", "find_duplicates", "preprocess_images", "make_folds"} | MODEL_STAGES,
         ),
+        ({"experiments": {"unet_r18": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
+        ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
+        ({"postprocess": {"min_areas": [0, 5]}}, {"tune_postprocess", "make_submission", "all"}),
+        ({"submission": {"empty_rle": "-1"}}, {"make_submission", "all"}),
     ],
-    ids=["clahe", "fold-seed", "conflict-policy", "dicom-window"],
+    ids=[
+        "clahe",
+        "fold-seed",
+        "conflict-policy",
+        "dicom-window",
+        "experiment",
+        "tta",
+        "postprocess-grid",
+        "submission-format",
+    ],
 )
 def test_a_config_change_reruns_exactly_the_dependent_stages(
     demo_run: Path, change: dict, expected: set

@@ -12,9 +12,10 @@ with exit status 2; nothing is left half-written because every artifact is writt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -147,7 +148,42 @@ def _run_folds(args: argparse.Namespace) -> None:
     )
 
 
+@contextlib.contextmanager
+def _compute(args: argparse.Namespace) -> Iterator[None]:
+    """Pin torch to the job's threads and, on a multi-GPU machine, to a GPU of its own.
+
+    The GPU slot must be taken before anything initialises CUDA in this process.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    if not args.gpus:
+        yield
+        return
+    from segflow.devices import acquire_gpu
+
+    with acquire_gpu(args.gpu_lock_dir, args.gpus, timeout_s=args.gpu_timeout) as lease:
+        log.info("using GPU slot %s (%s)", lease.index, lease.device)
+        yield
+
+
+def _add_compute(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs on this machine (0: none)")
+    parser.add_argument(
+        "--gpu-lock-dir", default=".segflow-gpu-locks", help="local folder for GPU slot locks"
+    )
+    parser.add_argument(
+        "--gpu-timeout", type=float, default=24 * 3600.0, help="seconds to wait for a free GPU"
+    )
+
+
 def _run_train(args: argparse.Namespace) -> None:
+    with _compute(args):
+        _train(args)
+
+
+def _train(args: argparse.Namespace) -> None:
     import json
 
     from segflow.experiment import load_experiment_values, parse_experiment
@@ -157,11 +193,6 @@ def _run_train(args: argparse.Namespace) -> None:
     experiment = parse_experiment(
         args.name, load_experiment_values(args.experiment), in_channels=int(stats["channels"])
     )
-    train_options = experiment.train
-    if args.workers is not None:  # the rule's threads: DataLoader workers besides the main one
-        import dataclasses
-
-        train_options = dataclasses.replace(train_options, num_workers=max(args.workers - 1, 0))
     result = train_fold(
         args.arrays_dir,
         args.folds,
@@ -169,7 +200,7 @@ def _run_train(args: argparse.Namespace) -> None:
         experiment.model,
         experiment.loss,
         experiment.augment,
-        train_options,
+        experiment.train,
         args.out_dir,
         args.resume_dir,
         ohem_fraction=experiment.ohem_fraction,
@@ -187,9 +218,10 @@ def _run_predict(args: argparse.Namespace) -> None:
     from segflow.predict import predict_split, write_prediction
 
     split = "train" if args.command == "predict-oof" else "test"
-    ids, probs = predict_split(
-        args.arrays_dir, args.model, split, _predict_options(args), args.fold, args.folds
-    )
+    with _compute(args):
+        ids, probs = predict_split(
+            args.arrays_dir, args.model, split, _predict_options(args), args.fold, args.folds
+        )
     write_prediction(args.out_dir, ids, probs)
     log.info("%s: %d predictions at %s", args.command, len(ids), probs.shape[1:])
 
@@ -373,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out-dir", required=True, help="folder for model.pt, history, metrics")
     train.add_argument("--resume-dir", required=True, help="resume checkpoint folder")
-    train.add_argument("--workers", type=int, default=None, help="cores for data loading")
+    _add_compute(train)
 
     for name, help_text in (
         ("predict-oof", "predict a fold model on its own validation fold"),
@@ -385,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--fold", type=int, default=None, help="the fold (predict-oof)")
         sub.add_argument("--folds", default=None, help="folds.csv (predict-oof)")
         sub.add_argument("--out-dir", required=True, help="folder for ids.csv and probs.npy")
+        _add_compute(sub)
 
     evaluate = command("evaluate-oof", _run_evaluate_oof, "assemble and score the OOF predictions")
     evaluate.add_argument("--fold-dirs", nargs="+", required=True, help="predict-oof outputs")

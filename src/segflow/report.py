@@ -39,6 +39,23 @@ def results_summary(results_dir: str | Path) -> str:
             f"  folds       {root / 'folds' / 'folds.csv'}: {folds['n_folds']} folds of "
             f"{folds['items_per_fold']} items ({folds['n_groups']} groups)"
         )
+    for metrics_path in sorted(root.glob("oof/*/round*/metrics.json")):
+        experiment, round_dir = metrics_path.parts[-3], metrics_path.parts[-2]
+        oof = _load(metrics_path) or {}
+        lines.append(
+            f"  OOF         {experiment}/{round_dir}: kaggle {oof['kaggle']:.4f}, dice "
+            f"{oof['dice']:.4f}, iou {oof['iou']:.4f} at threshold {oof['threshold']} "
+            f"(all-empty baseline kaggle {oof['all_empty_baseline_kaggle']:.4f})"
+        )
+        tuned = _load(root / "postprocess" / experiment / round_dir / "params.json")
+        if tuned:
+            lines.append(
+                f"  tuned       {experiment}/{round_dir}: {tuned['metric']} {tuned['score']:.4f} "
+                f"with threshold {tuned['threshold']}, min_area {tuned['min_area']}, "
+                f"fill_holes {tuned['fill_holes']}"
+            )
+    for submission in sorted(root.glob("submission/*/round*/submission.csv")):
+        lines.append(f"  submission  {submission}")
     if len(lines) == 1:
         lines.append("  nothing yet: run `snakemake` (or `make demo`) first")
     return "\n".join(lines)

@@ -1,3 +1,4 @@
+import json
 import os
 import shlex
 from pathlib import Path
@@ -40,6 +41,14 @@ def dicom_flags():
     )
 
 
+EXPERIMENTS = config["experiments"]
+SUBMIT_EXPERIMENT = config["submit_experiment"] or next(iter(EXPERIMENTS))
+N_FOLDS = config["folds"]["n_folds"]
+GPUS = config["gpus"]
+# Concurrent GPU jobs of this machine agree on who uses which GPU through locks in here.
+GPU_LOCK_DIR = str(Path(config["results_dir"], ".gpu-locks"))
+
+
 def result(*parts):
     return str(Path(RESULTS, *parts))
 
@@ -50,6 +59,23 @@ def ingest_inputs(wildcards):
         return {"dataset": DEMO["out_dir"]}
     keys = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
     return {key: DATA[key] for key in keys if DATA.get(key)}
+
+
+def experiment_json(wildcards):
+    """The experiment's config as JSON: a params value, so editing it retrains that experiment."""
+    if wildcards.experiment not in EXPERIMENTS:
+        raise ValueError(
+            f"unknown experiment {wildcards.experiment!r}; configured: {', '.join(EXPERIMENTS)}"
+        )
+    return json.dumps(EXPERIMENTS[wildcards.experiment], sort_keys=True)
+
+
+def fold_dirs(kind, experiment, round):
+    """The per-fold output folders of predict_oof / predict_test for one experiment and round."""
+    return [
+        result(kind, experiment, f"round{round}", f"fold{fold}")
+        for fold in range(N_FOLDS)
+    ]
 
 
 def check_demo_paths():

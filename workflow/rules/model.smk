@@ -1,0 +1,213 @@
+wildcard_constraints:
+    experiment="[A-Za-z0-9_.-]+",
+    round="\d+",
+    fold="\d+",
+
+
+rule train_fold:
+    input:
+        stats=rules.preprocess_images.output.stats,
+        train_images=rules.preprocess_images.output.train_images,
+        train_masks=rules.preprocess_images.output.train_masks,
+        folds=rules.make_folds.output.folds,
+    output:
+        model=result("models", "{experiment}", "round{round}", "fold{fold}", "model.pt"),
+        history=result(
+            "models", "{experiment}", "round{round}", "fold{fold}", "history.csv"
+        ),
+        metrics=result(
+            "models", "{experiment}", "round{round}", "fold{fold}", "metrics.json"
+        ),
+    log:
+        result("logs", "train_fold", "{experiment}_round{round}_fold{fold}.log"),
+    benchmark:
+        result("benchmarks", "train_fold", "{experiment}_round{round}_fold{fold}.tsv")
+    conda:
+        CONDA_ENV
+    threads: MAX_THREADS
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1 if GPUS else 0,
+        gpu_slots=GPUS,
+    params:
+        experiment=experiment_json,
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
+        # Outside the declared outputs: Snakemake deletes a failed job's outputs, not this.
+        resume_dir=lambda wildcards: result(
+            ".resume",
+            wildcards.experiment,
+            f"round{wildcards.round}",
+            f"fold{wildcards.fold}",
+        ),
+        gpu_lock_dir=GPU_LOCK_DIR,
+    shell:
+        "segflow train --arrays-dir {params.arrays_dir} --folds {input.folds}"
+        " --fold {wildcards.fold} --name {wildcards.experiment}"
+        " --experiment {params.experiment:q} --out-dir {params.out_dir}"
+        " --resume-dir {params.resume_dir} --threads {threads} --gpus {resources.gpu_slots}"
+        " --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
+
+
+rule predict_oof:
+    input:
+        model=rules.train_fold.output.model,
+        stats=rules.preprocess_images.output.stats,
+        train_images=rules.preprocess_images.output.train_images,
+        folds=rules.make_folds.output.folds,
+    output:
+        probs=result("oof", "{experiment}", "round{round}", "fold{fold}", "probs.npy"),
+        ids=result("oof", "{experiment}", "round{round}", "fold{fold}", "ids.csv"),
+    log:
+        result("logs", "predict_oof", "{experiment}_round{round}_fold{fold}.log"),
+    benchmark:
+        result("benchmarks", "predict_oof", "{experiment}_round{round}_fold{fold}.tsv")
+    conda:
+        CONDA_ENV
+    threads: min(2, MAX_THREADS)
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1 if GPUS else 0,
+        gpu_slots=GPUS,
+    params:
+        flags=section_flags("predict", exclude=("fold_merge",)),
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        out_dir=lambda wildcards, output: os.path.dirname(output.probs),
+        gpu_lock_dir=GPU_LOCK_DIR,
+    shell:
+        "segflow predict-oof --arrays-dir {params.arrays_dir} --model {input.model}"
+        " --fold {wildcards.fold} --folds {input.folds} {params.flags}"
+        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu_slots}"
+        " --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
+
+
+rule evaluate_oof:
+    input:
+        probs=lambda wildcards: expand(
+            "{dir}/probs.npy",
+            dir=fold_dirs("oof", wildcards.experiment, wildcards.round),
+        ),
+        folds=rules.make_folds.output.folds,
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
+        oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
+        metrics=result("oof", "{experiment}", "round{round}", "metrics.json"),
+        metrics_csv=result("oof", "{experiment}", "round{round}", "metrics.csv"),
+    log:
+        result("logs", "evaluate_oof", "{experiment}_round{round}.log"),
+    benchmark:
+        result("benchmarks", "evaluate_oof", "{experiment}_round{round}.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+    shell:
+        "segflow evaluate-oof --fold-dirs {params.fold_dirs} --folds {input.folds}"
+        " --manifest {input.manifest} --dedup-items {input.dedup_items}"
+        " --out-dir {params.out_dir} 2> {log}"
+
+
+rule tune_postprocess:
+    input:
+        oof_probs=rules.evaluate_oof.output.oof_probs,
+        oof_ids=rules.evaluate_oof.output.oof_ids,
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        params=result("postprocess", "{experiment}", "round{round}", "params.json"),
+        grid=result("postprocess", "{experiment}", "round{round}", "grid.csv"),
+    log:
+        result("logs", "tune_postprocess", "{experiment}_round{round}.log"),
+    benchmark:
+        result("benchmarks", "tune_postprocess", "{experiment}_round{round}.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        thresholds=config["postprocess"]["thresholds"],
+        min_areas=config["postprocess"]["min_areas"],
+        fill_holes=config["postprocess"]["fill_holes_options"],
+        metric=config["postprocess"]["metric"],
+        oof_dir=lambda wildcards, input: os.path.dirname(input.oof_probs),
+        out_dir=lambda wildcards, output: os.path.dirname(output.params),
+    shell:
+        "segflow tune-postprocess --oof-dir {params.oof_dir} --manifest {input.manifest}"
+        " --dedup-items {input.dedup_items} --thresholds {params.thresholds}"
+        " --min-areas {params.min_areas} --fill-holes-options {params.fill_holes}"
+        " --metric {params.metric} --out-dir {params.out_dir} 2> {log}"
+
+
+rule predict_test:
+    input:
+        model=rules.train_fold.output.model,
+        stats=rules.preprocess_images.output.stats,
+        test_images=rules.preprocess_images.output.test_images,
+    output:
+        probs=result("test", "{experiment}", "round{round}", "fold{fold}", "probs.npy"),
+        ids=result("test", "{experiment}", "round{round}", "fold{fold}", "ids.csv"),
+    log:
+        result("logs", "predict_test", "{experiment}_round{round}_fold{fold}.log"),
+    benchmark:
+        result("benchmarks", "predict_test", "{experiment}_round{round}_fold{fold}.tsv")
+    conda:
+        CONDA_ENV
+    threads: min(2, MAX_THREADS)
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1 if GPUS else 0,
+        gpu_slots=GPUS,
+    params:
+        flags=section_flags("predict", exclude=("fold_merge",)),
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        out_dir=lambda wildcards, output: os.path.dirname(output.probs),
+        gpu_lock_dir=GPU_LOCK_DIR,
+    shell:
+        "segflow predict-test --arrays-dir {params.arrays_dir} --model {input.model}"
+        " {params.flags} --out-dir {params.out_dir} --threads {threads}"
+        " --gpus {resources.gpu_slots} --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
+
+
+rule make_submission:
+    input:
+        probs=lambda wildcards: expand(
+            "{dir}/probs.npy",
+            dir=fold_dirs("test", wildcards.experiment, wildcards.round),
+        ),
+        postprocess=rules.tune_postprocess.output.params,
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        submission=result(
+            "submission", "{experiment}", "round{round}", "submission.csv"
+        ),
+    log:
+        result("logs", "make_submission", "{experiment}_round{round}.log"),
+    benchmark:
+        result("benchmarks", "make_submission", "{experiment}_round{round}.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        flags=section_flags("submission"),
+        fold_merge=config["predict"]["fold_merge"],
+        fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],
+    shell:
+        "segflow submit --fold-dirs {params.fold_dirs} --fold-merge {params.fold_merge}"
+        " --postprocess {input.postprocess} --manifest {input.manifest}"
+        " --dedup-items {input.dedup_items} {params.flags} --out {output.submission} 2> {log}"
