@@ -29,7 +29,7 @@ class Experiment:
     loss: dict[str, float]
     ohem_fraction: float | None
     augment: Any
-    train: Any  # segflow.train.TrainOptions
+    train: Any  # segflow.train_options.TrainOptions
 
 
 def _dataclass_from(cls: type, values: dict[str, Any], key: str) -> Any:
@@ -54,7 +54,7 @@ def parse_experiment(name: str, values: dict[str, Any], in_channels: int) -> Exp
         The parsed :class:`Experiment`.
     """
     from segflow.models import ModelSpec
-    from segflow.train import TrainOptions
+    from segflow.train_options import TrainOptions
 
     key = f"experiments.{name}"
     unknown = sorted(set(values) - set(EXPERIMENT_KEYS))

@@ -1,0 +1,307 @@
+"""Resume state of fold training, the EMA of the weights and top-k snapshot averaging.
+
+``resume_dir/last.pt`` holds the complete training state after the last finished epoch (written
+by :func:`save_resume`); the top-k epochs' evaluated weights sit next to it as
+``snapshot_eNNNN.pt`` (:class:`Snapshot`). Both are plain ``torch.save`` files of tensors and
+builtin types, read back with ``weights_only=True``. A resume file is used only when its
+:func:`config_hash` matches: every option except :data:`RESUME_EXEMPT`, the model, loss,
+augmentation and the data (:func:`data_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segflow.atomic import atomic_path
+from segflow.datasets import SegmentationArrays
+from segflow.errors import SegflowError
+from segflow.models import ModelSpec
+from segflow.options import options_to_dict
+from segflow.train_options import TrainOptions
+
+log = logging.getLogger(__name__)
+
+# Options that may differ between a run and its resumption (see segflow.train).
+RESUME_EXEMPT = ("epochs", "early_stopping_patience", "num_workers", "device")
+RESUME_FORMAT = "segflow-resume-1"
+RESUME_FILE = "last.pt"
+
+
+@dataclass
+class Snapshot:
+    """One of the top-k epochs: its monitor value and weights file."""
+
+    epoch: int
+    value: float  # the monitor's value
+    file: str  # name inside resume_dir
+
+
+class Ema:
+    """Exponential moving average of every float entry of a model's state dict.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that short runs are
+    not dominated by the random initialisation. Integer buffers (BatchNorm's batch counter) are
+    copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        """Start the average at a frozen copy of ``model``.
+
+        Args:
+            model: the trained model (copied, in eval mode, without gradients).
+            decay: the decay per update once warmed up, in (0, 1).
+        """
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s current weights (after an optimizer step).
+
+        Args:
+            model: the trained model (same architecture as the average).
+        """
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        source = model.state_dict()
+        for name, value in self.model.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(source[name], 1 - decay)
+            else:
+                value.copy_(source[name])
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state dict on the CPU (safe to save while training goes on).
+
+    Args:
+        model: any module.
+
+    Returns:
+        name -> detached CPU tensor.
+    """
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of Python's, numpy's, torch's and (if initialised) CUDA's global generators.
+
+    Returns:
+        Plain types and tensors only: the resume file is read back with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the generators from :func:`rng_state` (CUDA's only where CUDA is available).
+
+    Args:
+        state: a :func:`rng_state` result, possibly after a save/load round trip.
+    """
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_hash(
+    options: TrainOptions,
+    model_spec: ModelSpec,
+    fold: int,
+    loss_weights: Mapping[str, float],
+    ohem_fraction: float | None,
+    augment: Any,
+    data: Mapping[str, Any],
+) -> str:
+    """The identity of a training configuration, guarding resume (options but RESUME_EXEMPT).
+
+    Args:
+        options: training options; those in :data:`RESUME_EXEMPT` are left out.
+        model_spec: the model.
+        fold: the validation fold.
+        loss_weights: loss term -> weight.
+        ohem_fraction: online hard example mining fraction.
+        augment: augmentation spec.
+        data: the data's identity (:func:`data_fingerprint`).
+
+    Returns:
+        A SHA-256 hex digest.
+    """
+    payload = {
+        "options": {k: v for k, v in options_to_dict(options).items() if k not in RESUME_EXEMPT},
+        "model": dataclasses.asdict(model_spec),
+        "fold": fold,
+        "loss": dict(loss_weights),
+        "ohem_fraction": ohem_fraction,
+        "augment": augment,
+        "data": data,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def data_fingerprint(
+    arrays: SegmentationArrays, train_rows: np.ndarray, val_rows: np.ndarray
+) -> dict[str, str]:
+    """Digests of the training and validation rows and of the arrays' stats.json.
+
+    Args:
+        arrays: the preprocess outputs.
+        train_rows: array rows trained on.
+        val_rows: array rows validated on.
+
+    Returns:
+        {"train_rows", "val_rows", "stats"} -> SHA-256 hex digest.
+    """
+
+    def digest(rows: np.ndarray) -> str:
+        return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
+    stats = json.dumps(arrays.stats, sort_keys=True)
+    return {
+        "train_rows": digest(train_rows),
+        "val_rows": digest(val_rows),
+        "stats": hashlib.sha256(stats.encode()).hexdigest(),
+    }
+
+
+def load_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
+    """The resume state in ``path`` if it is readable and of this configuration, else None.
+
+    Args:
+        path: the resume file (``resume_dir/last.pt``); it need not exist.
+        expected_hash: :func:`config_hash` of the current configuration.
+
+    Returns:
+        The state, or None (with a warning when a file was there but is unusable).
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a foreign or damaged file must not block training
+        log.warning("%s: unreadable resume file ignored (%s); training from scratch", path, error)
+        return None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        log.warning("%s: not a segflow resume file; ignored, training from scratch", path)
+        return None
+    if state.get("config_hash") != expected_hash:
+        log.warning(
+            "%s: written for a different configuration (model, loss, data or options other than "
+            "%s changed); ignored, training from scratch",
+            path,
+            ", ".join(RESUME_EXEMPT),
+        )
+        return None
+    return state
+
+
+def save_resume(resume_dir: Path, state: Mapping[str, Any], dropped: list[Snapshot]) -> None:
+    """Write ``resume_dir/last.pt`` atomically, then delete the snapshots it no longer names.
+
+    Call after the epoch's snapshot is saved (:func:`rank_top_k`): in that order a kill at any
+    point leaves a last.pt whose snapshots all exist.
+
+    Args:
+        resume_dir: the resume folder (exists).
+        state: the complete training state.
+        dropped: snapshots that fell out of the top k.
+    """
+    with atomic_path(resume_dir / RESUME_FILE) as tmp:
+        torch.save(state, tmp)
+    for snapshot in dropped:
+        (resume_dir / snapshot.file).unlink(missing_ok=True)
+
+
+def remove_resume_state(resume_dir: Path) -> None:
+    """Delete what training put in ``resume_dir`` (and the folder if that leaves it empty).
+
+    Args:
+        resume_dir: the resume folder (need not exist).
+    """
+    for path in [resume_dir / RESUME_FILE, *resume_dir.glob("snapshot_e*.pt")]:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        resume_dir.rmdir()
+
+
+def rank_top_k(
+    top_k: list[Snapshot], epoch: int, value: float, k: int, maximise: bool
+) -> tuple[list[Snapshot], Snapshot | None, list[Snapshot]]:
+    """Rank a new epoch into the top k (best first; the earliest among equals).
+
+    Args:
+        top_k: the current top k, best first.
+        epoch: the new epoch.
+        value: its monitor value.
+        k: how many snapshots to keep.
+        maximise: whether higher monitor values are better.
+
+    Returns:
+        (new top k, the new epoch's snapshot if it made it (its file still to be written) else
+        None, earlier snapshots that fell out (their files to delete)).
+    """
+    ranked = sorted(
+        [*top_k, Snapshot(epoch, value, f"snapshot_e{epoch:04d}.pt")],
+        key=lambda s: (-s.value if maximise else s.value, s.epoch),
+    )
+    keep, dropped = ranked[:k], ranked[k:]
+    new = next((s for s in keep if s.epoch == epoch), None)
+    return keep, new, [s for s in dropped if s.epoch != epoch]
+
+
+def average_snapshots(resume_dir: Path, top_k: list[Snapshot]) -> dict[str, torch.Tensor]:
+    """The element-wise average of the top-k snapshots' weights.
+
+    Float entries are averaged in float64 and cast back; integer buffers (BatchNorm batch
+    counters) are the best snapshot's.
+
+    Args:
+        resume_dir: where the snapshot files are.
+        top_k: the snapshots, best first (at least one).
+
+    Returns:
+        A state dict on the CPU.
+
+    Raises:
+        SegflowError: a snapshot file is missing.
+    """
+    states = []
+    for snapshot in top_k:
+        path = resume_dir / snapshot.file
+        if not path.is_file():
+            raise SegflowError(f"{path}: snapshot of epoch {snapshot.epoch} is missing")
+        states.append(torch.load(path, map_location="cpu", weights_only=True))
+    averaged = {}
+    for name, value in states[0].items():
+        if value.dtype.is_floating_point:
+            averaged[name] = torch.stack([s[name].double() for s in states]).mean(0).to(value.dtype)
+        else:
+            averaged[name] = value  # integer buffers (BatchNorm batch counters): the best's
+    return averaged

@@ -1,0 +1,242 @@
+"""What one fold trains and validates on: the row split, datasets, loaders and their seeding.
+
+Every generator involved (Python's, numpy's, torch's, the loader's and sampler's, the
+augmentation's) is reseeded per epoch from (seed, epoch) by :meth:`FoldData.seed_epoch`, so an
+epoch draws the same batches whether the run was resumed or not.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler, Subset
+
+from segflow.augment import build_augmentation
+from segflow.datasets import MemmapDataset, SegmentationArrays, balanced_sampler
+from segflow.errors import SegflowError
+from segflow.train_options import TrainOptions
+
+
+def split_rows(
+    arrays: SegmentationArrays, folds_csv: str | os.PathLike[str], fold: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Array rows of the training items (folds != ``fold``) and validation items (== ``fold``).
+
+    Args:
+        arrays: the preprocess outputs (index.parquet maps id -> row).
+        folds_csv: the folds stage's ``folds.csv`` (columns id, fold, ...).
+        fold: the validation fold.
+
+    Returns:
+        (train_rows, val_rows), each in folds.csv order.
+
+    Raises:
+        SegflowError: unreadable folds.csv, missing columns, unknown fold, or ids that are not
+            in the preprocessed arrays.
+    """
+    folds_csv = Path(folds_csv)
+    if not folds_csv.is_file():
+        raise SegflowError(f"{folds_csv} does not exist (run the folds stage first)")
+    try:
+        folds = pd.read_csv(folds_csv, dtype={"id": str})  # ids like "0042" stay strings
+    except Exception as error:
+        raise SegflowError(f"{folds_csv} is not a readable CSV ({error})") from None
+    for column in ("id", "fold"):
+        if column not in folds.columns:
+            raise SegflowError(f"{folds_csv}: missing column {column!r}")
+    available = sorted(int(v) for v in folds["fold"].unique())
+    if fold not in available:
+        raise SegflowError(f"{folds_csv}: no fold {fold} (folds: {available})")
+    if folds["id"].duplicated().any():
+        raise SegflowError(
+            f"{folds_csv}: id {folds['id'][folds['id'].duplicated()].iloc[0]!r} twice"
+        )
+    is_val = (folds["fold"] == fold).to_numpy()
+    train_rows = arrays.rows_for(folds.loc[~is_val, "id"], where=str(folds_csv))
+    val_rows = arrays.rows_for(folds.loc[is_val, "id"], where=str(folds_csv))
+    if len(train_rows) < 2:
+        raise SegflowError(
+            f"{folds_csv}: only {len(train_rows)} training item(s) outside fold {fold}"
+        )
+    return train_rows, val_rows
+
+
+def build_train_set(
+    arrays: SegmentationArrays, rows: np.ndarray, transform: Any
+) -> tuple[Dataset, np.ndarray]:
+    """The training dataset and whether each of its items has an empty mask.
+
+    The one place that decides what is trained on: pseudo-labelled items will be concatenated
+    here (a ``ConcatDataset`` with their own flags appended).
+
+    Args:
+        arrays: the preprocess outputs.
+        rows: the training items' array rows.
+        transform: the augmentation applied to each item (or None).
+
+    Returns:
+        (dataset, is_empty); is_empty has one entry per dataset item.
+    """
+    dataset = MemmapDataset(
+        arrays.train_images_path,
+        rows,
+        arrays.train_masks_path,
+        transform=transform,
+        mean=arrays.mean,
+        std=arrays.std,
+    )
+    return dataset, arrays.empty_masks(rows)
+
+
+@dataclass
+class FoldData:
+    """The training and validation data of one fold, with the generators that shuffle it."""
+
+    train_set: Dataset
+    sampler: Sampler[int]
+    generator: torch.Generator
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+    @classmethod
+    def build(
+        cls,
+        arrays: SegmentationArrays,
+        train_rows: np.ndarray,
+        val_rows: np.ndarray,
+        augment: Any,
+        options: TrainOptions,
+        pin_memory: bool,
+    ) -> FoldData:
+        """Datasets and loaders: augmented (optionally cropped, balanced) training batches,
+        full-size unaugmented validation batches in row order.
+
+        Args:
+            arrays: the preprocess outputs.
+            train_rows: array rows to train on.
+            val_rows: array rows to validate on.
+            augment: augmentation spec (:func:`segflow.augment.build_augmentation`).
+            options: training options (crop, empty_ratio, batch_size, num_workers, seed).
+            pin_memory: pin batches in page-locked memory (for CUDA).
+
+        Returns:
+            The fold's data.
+        """
+        transform = build_augmentation(
+            augment,
+            arrays.height,
+            arrays.width,
+            crop=tuple(options.crop) if options.crop else None,
+            channels=arrays.channels,
+        )
+        train_set, is_empty = build_train_set(arrays, train_rows, transform)
+        generator = torch.Generator()
+        sampler = balanced_sampler(is_empty, options.empty_ratio, len(train_set), options.seed)
+        if sampler is None:
+            sampler = RandomSampler(train_set, generator=generator)
+        loader_args: dict[str, Any] = {
+            "batch_size": options.batch_size,
+            "num_workers": options.num_workers,
+            "pin_memory": pin_memory,
+            "worker_init_fn": _worker_init if options.num_workers else None,
+        }
+        # A last batch of 1 breaks BatchNorm after global pooling (and wastes a step).
+        train_loader = DataLoader(
+            train_set,
+            sampler=sampler,
+            generator=generator,
+            drop_last=len(train_set) > options.batch_size,
+            **loader_args,
+        )
+        val_set = MemmapDataset(
+            arrays.train_images_path,
+            val_rows,
+            arrays.train_masks_path,
+            mean=arrays.mean,
+            std=arrays.std,
+        )
+        val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+        return cls(train_set, sampler, generator, train_loader, val_loader)
+
+    def seed_epoch(self, base_seed: int, epoch: int) -> None:
+        """Reseed every generator from (seed, epoch): the epoch is the same, resumed or not.
+
+        Args:
+            base_seed: ``train.seed``.
+            epoch: the epoch about to be trained (1-based).
+        """
+        seed = epoch_seed(base_seed, epoch)
+        seed_all(seed)
+        self.generator.manual_seed(seed)
+        sampler_generator = getattr(self.sampler, "generator", None)
+        if sampler_generator is not None and sampler_generator is not self.generator:
+            sampler_generator.manual_seed(seed + 1)
+        _seed_dataset_transforms(self.train_set, seed + 2)  # used when num_workers == 0
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch that does not depend on what earlier epochs drew (resume-safe).
+
+    Args:
+        seed: the run's seed.
+        epoch: the epoch.
+
+    Returns:
+        A 32-bit seed.
+    """
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and every CUDA device) global generators.
+
+    Args:
+        seed: any non-negative integer (numpy gets it modulo 2**32).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _memmap_datasets(dataset: Dataset) -> Iterator[MemmapDataset]:
+    """The MemmapDatasets inside ``dataset`` (through ConcatDataset and Subset)."""
+    if isinstance(dataset, MemmapDataset):
+        yield dataset
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            yield from _memmap_datasets(part)
+    elif isinstance(dataset, Subset):
+        yield from _memmap_datasets(dataset.dataset)
+
+
+def _seed_dataset_transforms(dataset: Dataset, seed: int) -> None:
+    """Seed the augmentation of every MemmapDataset inside ``dataset``."""
+    for part in _memmap_datasets(dataset):
+        part.seed_transform(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader worker start: distinct, reproducible seeds for numpy, random and albumentations.
+
+    ``info.seed`` is the loader's base seed (drawn from its reseeded generator) + worker id.
+    """
+    import cv2
+
+    # A cancelled job's SIGTERM is for the main process, which saves nothing mid-epoch anyway;
+    # workers just die (the inherited handler would raise inside the worker loop).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cv2.setNumThreads(1)  # N workers already use N cores; OpenCV's own pool would oversubscribe
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    _seed_dataset_transforms(info.dataset, seed)

@@ -1,0 +1,152 @@
+"""Options of fold training: :class:`TrainOptions`, its validation and the allowed values.
+
+The config section ``experiments.<name>.train`` and the ``segflow train`` flags map one to one
+onto :class:`TrainOptions` fields (:mod:`segflow.options`). This module needs neither torch nor
+the data: parsing an experiment does not import the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from segflow.errors import SegflowError
+from segflow.options import option
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "cosine_restarts", "plateau", "onecycle")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+MONITORS = ("kaggle", "dice", "iou", "val_loss")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train one fold (config section ``experiments.<name>.train``)."""
+
+    epochs: int = option(10, "epochs to train (may be raised to extend a resumable run)")
+    batch_size: int = option(16, "images per batch (training and validation)")
+    optimizer: str = option("adamw", "optimizer; sgd uses momentum 0.9", OPTIMIZERS)
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(1e-4, "weight decay (decoupled for adamw)")
+    scheduler: str = option(
+        "cosine",
+        "learning-rate schedule per batch: none, cosine (to 0), cosine_restarts (SGDR), plateau "
+        "(x0.5 after 2 epochs without improvement of the monitor), onecycle",
+        SCHEDULERS,
+    )
+    restart_epochs: int | None = option(
+        None, "cycle length of cosine_restarts in epochs; null = a third of the epochs"
+    )
+    warmup_epochs: int = option(0, "linear learning-rate warmup epochs (onecycle: its rise)")
+    grad_clip: float | None = option(None, "clip the gradient norm to this value; null = off")
+    amp: str = option(
+        "auto",
+        "mixed precision: auto = bf16 on CUDA if supported else fp16, off on CPU",
+        AMP_MODES,
+    )
+    channels_last: bool = option(True, "channels-last memory format (CUDA only)")
+    ema_decay: float | None = option(
+        None,
+        "keep an exponential moving average of the weights (e.g. 0.999); it is validated "
+        "and saved instead of the raw weights",
+    )
+    average_top_k: int = option(
+        1, "save the average of the k best epochs' weights (1 = the best epoch's)"
+    )
+    early_stopping_patience: int | None = option(
+        None, "stop after this many epochs without improvement; null = never"
+    )
+    monitor: str = option(
+        "kaggle",
+        "validation quantity picking the best epoch (scores: max; val_loss: min)",
+        MONITORS,
+    )
+    empty_ratio: float | None = option(
+        None, "share of empty masks drawn per epoch (sampling with replacement); null = natural"
+    )
+    crop: list[int] | None = option(  # noqa: RUF009 (option() builds a dataclasses.field)
+        None, "train on random [height, width] patches (validation stays full size)"
+    )
+    num_workers: int = option(0, "DataLoader worker processes (0 = load in the main process)")
+    seed: int = option(42, "seed of initialisation, sampling and augmentation")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    aux_weight: float = option(
+        0.2, "loss weight of the empty/non-empty head when the model has one (model.aux_head)"
+    )
+
+    def __post_init__(self) -> None:
+        """Check every option and canonicalise ``crop`` to ``[height, width]``.
+
+        Raises:
+            SegflowError: naming the first invalid option as ``train.<name>``.
+        """
+        checks: list[tuple[str, bool, str]] = [
+            ("epochs", _is_int(self.epochs, 1), "an integer >= 1"),
+            ("batch_size", _is_int(self.batch_size, 1), "an integer >= 1"),
+            ("lr", _is_number(self.lr) and self.lr > 0, "a number > 0"),
+            ("weight_decay", _is_number(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", _is_int(self.warmup_epochs, 0), "an integer >= 0"),
+            ("restart_epochs", _is_int(self.restart_epochs, 1, True), "an integer >= 1 or null"),
+            (
+                "grad_clip",
+                self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
+                "a number > 0 or null",
+            ),
+            ("channels_last", isinstance(self.channels_last, bool), "true or false"),
+            (
+                "ema_decay",
+                self.ema_decay is None or (_is_number(self.ema_decay) and 0 < self.ema_decay < 1),
+                "in (0, 1) or null",
+            ),
+            ("average_top_k", _is_int(self.average_top_k, 1), "an integer >= 1"),
+            (
+                "early_stopping_patience",
+                _is_int(self.early_stopping_patience, 1, True),
+                "an integer >= 1 or null",
+            ),
+            (
+                "empty_ratio",
+                self.empty_ratio is None
+                or (_is_number(self.empty_ratio) and 0 <= self.empty_ratio <= 1),
+                "in [0, 1] or null",
+            ),
+            ("num_workers", _is_int(self.num_workers, 0), "an integer >= 0"),
+            ("seed", _is_int(self.seed, 0), "an integer >= 0"),
+            ("aux_weight", _is_number(self.aux_weight) and self.aux_weight >= 0, ">= 0"),
+            ("device", isinstance(self.device, str), "a string"),
+        ]
+        for name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("scheduler", SCHEDULERS),
+            ("amp", AMP_MODES),
+            ("monitor", MONITORS),
+        ):
+            checks.append((name, getattr(self, name) in choices, f"one of {', '.join(choices)}"))
+        for name, ok, expected in checks:
+            if not ok:
+                raise SegflowError(f"train.{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.crop is not None:
+            crop = [self.crop, self.crop] if _is_int(self.crop, 1) else self.crop
+            if not (
+                isinstance(crop, list | tuple)
+                and len(crop) == 2
+                and all(_is_int(v, 1) for v in crop)
+            ):
+                raise SegflowError(
+                    f"train.crop must be [height, width] (positive integers) or null, got "
+                    f"{self.crop!r}"
+                )
+            object.__setattr__(self, "crop", [int(v) for v in crop])  # one canonical form
+
+
+def _is_int(value: Any, minimum: int, optional: bool = False) -> bool:
+    """Whether ``value`` is an int (not a bool) >= ``minimum``, or None when ``optional``."""
+    if value is None:
+        return optional
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
