@@ -13,7 +13,9 @@ from segflow.dedup import DedupOptions
 from segflow.demo_data import DemoDataOptions
 from segflow.folds import FoldOptions
 from segflow.ingest import IngestOptions
+from segflow.predict import PredictOptions
 from segflow.preprocess import PreprocessOptions
+from segflow.submission import SubmissionOptions
 
 SCHEMA = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
@@ -24,6 +26,8 @@ SECTIONS = {
     "preprocess": (PreprocessOptions, set()),
     "folds": (FoldOptions, set()),
     "demo": (DemoDataOptions, {"enabled", "out_dir"}),
+    "predict": (PredictOptions, set()),
+    "submission": (SubmissionOptions, set()),
 }
 
 

@@ -96,3 +96,24 @@ def test_union_policy_label_is_the_union_of_the_group(demo_manifest: pd.DataFram
     assert not np.array_equal(masks[0], masks[1])  # a real conflict, so the union is not trivial
     assert items.set_index("id").loc[train["id"], "train_action"].eq("union").all()
     np.testing.assert_array_equal(label, (masks[0] | masks[1]).astype(np.uint8))
+
+
+def test_instance_masks_split_objects_and_touching_ones_on_request() -> None:
+    from segflow.submission import instance_masks
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[2:6, 2:6] = 1  # a small square, separate
+    yy, xx = np.mgrid[:40, :60]
+    discs = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 64) | ((yy - 20) ** 2 + (xx - 34) ** 2 <= 64)
+    mask[discs] = 1  # two discs joined by a neck
+    plain = instance_masks(mask)
+    split = instance_masks(mask, split_touching=True)
+    assert len(plain) == 2 and len(split) == 3
+    for parts in (plain, split):
+        np.testing.assert_array_equal(np.sum(parts, axis=0), mask)  # a partition of the mask
+    frame = submission_frame({"img": split}, SubmissionOptions(instances=True))
+    assert len(frame) == 3
+    union = np.zeros_like(mask)
+    for rle in frame["rle_mask"]:
+        union |= rle_decode(rle, mask.shape)
+    np.testing.assert_array_equal(union, mask)

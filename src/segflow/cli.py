@@ -302,6 +302,7 @@ def _run_submit(args: argparse.Namespace) -> None:
     from segflow.predict import merge_folds
     from segflow.submission import (
         SubmissionOptions,
+        instance_masks,
         known_test_labels,
         submission_frame,
         write_submission,
@@ -317,7 +318,13 @@ def _run_submit(args: argparse.Namespace) -> None:
     masks = apply_postprocess(probs, params)
     manifest = read_table(args.manifest, "manifest")
     known = known_test_labels(manifest, read_table(args.dedup_items, "dedup items"))
-    frame = submission_frame(dict(zip(fold_ids[0]["id"], masks, strict=True)), options, known)
+    predictions: dict[str, np.ndarray | list[np.ndarray]] = dict(
+        zip(fold_ids[0]["id"], masks, strict=True)
+    )
+    if options.instances:  # known train labels are split the same way
+        predictions = {k: instance_masks(v, options.split_touching) for k, v in predictions.items()}
+        known = {k: instance_masks(v, options.split_touching) for k, v in known.items()}
+    frame = submission_frame(predictions, options, known)
     write_submission(args.out, frame)
     copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0
     log.info(

@@ -33,6 +33,24 @@ class SubmissionOptions:
         True, "give test images that dedup found identical to a train image that train label"
     )
     empty_rle: str = option("", "what an empty mask is written as ('' for TGS, '-1' for SIIM)")
+    instances: bool = option(
+        False, "one RLE row per object (connected component), as DSB-style competitions score"
+    )
+    split_touching: bool = option(
+        False, "with instances: split touching objects by a watershed on the distance transform"
+    )
+
+
+def instance_masks(mask: np.ndarray, split_touching: bool = False) -> list[np.ndarray]:
+    """Split a binary mask into one uint8 mask per object (8-connected, optionally watershed).
+
+    Shape:
+        mask: (H, W); output: K masks of (H, W).
+    """
+    from segflow.postprocess import label_instances
+
+    labels = label_instances(mask, split_touching=split_touching)
+    return [(labels == label).astype(np.uint8) for label in range(1, int(labels.max()) + 1)]
 
 
 def train_label(manifest: pd.DataFrame, train_ids: Iterable[str]) -> np.ndarray:
@@ -70,7 +88,7 @@ def known_test_labels(manifest: pd.DataFrame, dedup_items: pd.DataFrame) -> dict
 def submission_frame(
     masks: Mapping[str, np.ndarray | list[np.ndarray]],
     options: SubmissionOptions,
-    known_labels: Mapping[str, np.ndarray] | None = None,
+    known_labels: Mapping[str, np.ndarray | list[np.ndarray]] | None = None,
 ) -> pd.DataFrame:
     """Build the submission table, one row per id (or per instance when a list is given).
 

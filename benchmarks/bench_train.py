@@ -1,0 +1,520 @@
+"""Benchmark segflow's training stage: input pipeline, training step, end-to-end, TTA inference.
+
+Run from the repository root::
+
+    python benchmarks/bench_train.py [--arrays DIR] [--size N] [--batch-size B]
+        [--augment d4|heavy|none] [--workers W] [--seconds S] [--device auto|cpu|cuda]
+
+``--arrays`` is a preprocess output folder (``train_images.npy``, ``train_masks.npy``,
+``index.parquet``, ``stats.json``). Without it a small demo dataset is generated
+(:func:`segflow.demo_data.generate_demo_data`, 300 train images) and run through ingest, dedup
+and preprocess (resized to ``--size`` x ``--size``) in a temporary folder.
+
+It prints, in one run:
+
+1. **Input pipeline**: augmented training batches/s and images/s from the loader the pipeline
+   builds (:meth:`segflow.fold_data.FoldData.build`: ``MemmapDataset`` + ``build_augmentation``
+   + sampler), with 0 workers and with ``--workers``; nothing consumes the batches.
+2. **Training step**: forward + loss + backward + optimizer step of an smp Unet-resnet18 with
+   ``build_loss({'bce': 1, 'dice': 1})`` and the pipeline's optimizer, on one fixed batch that
+   is already on the device: the model's ceiling, images/s.
+3. **End-to-end**: the same step fed by the loader (host-to-device copy included), images/s,
+   and that as a fraction of (2). The project goal on GPU is >= 0.9; on CPU the model dominates
+   and the loader workers compete with it for the same cores.
+4. **TTA inference**: images/s of :func:`segflow.tta.predict_with_tta` for modes ``none``,
+   ``hflip`` and ``d4`` (``eval()``, ``torch.inference_mode()``), and the d4 / none cost ratio.
+
+How it measures:
+
+* Every figure is a rate over a fixed wall-time budget (``--seconds``, default 10; TTA modes
+  half of it each) after a warm-up, counted in whole batches; the per-batch best is shown next to
+  it where that means something. On CUDA every timed region ends with a synchronize.
+* Loader epochs run back to back as in training: each epoch reseeds (``FoldData.seed_epoch``)
+  and, with workers, starts them anew (the pipeline does not use persistent workers), so the
+  worker start-up is part of the rate. Its cost is shown separately (first-batch latency).
+* torch intra-op threads: ``torch.get_num_threads()`` as printed in the header (torch's default
+  unless ``--threads`` is given). The header also says how much CPU other processes used while
+  the benchmark ran; above 10% the timings may be perturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from segflow.dedup import DedupOptions, find_duplicates
+from segflow.errors import SegflowError
+from segflow.fold_data import FoldData
+from segflow.ingest import IngestOptions, ingest
+from segflow.losses import build_loss
+from segflow.models import ModelSpec, build_model, padded_size
+from segflow.parallel import available_cores
+from segflow.preprocess import PreprocessOptions, preprocess
+from segflow.schedules import make_optimizer
+from segflow.train_options import TrainOptions
+from segflow.tta import predict_with_tta
+
+DEMO_TRAIN, DEMO_TEST = 300, 20
+GOAL_FRACTION = 0.9
+BUSY_WARNING = 0.10
+WARMUP_BATCHES = 3
+TTA_MODES = ("none", "hflip", "d4")
+
+
+class BenchError(Exception):
+    """The benchmark could not run; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def make_demo_arrays(tmp: Path, size: int, workers: int) -> Path:
+    """Demo data -> ingest -> dedup -> preprocess at ``size`` x ``size``; the arrays folder."""
+    from segflow.demo_data import DemoDataOptions, generate_demo_data
+
+    demo = tmp / "demo"
+    print(f"generating demo data ({DEMO_TRAIN} train) and preprocessing...", file=sys.stderr)
+    generate_demo_data(demo, DemoDataOptions(n_train=DEMO_TRAIN, n_test=DEMO_TEST))
+    options = IngestOptions(
+        train_images=str(demo / "train" / "images"),
+        test_images=str(demo / "test" / "images"),
+        mask_source="folder",
+        train_masks=str(demo / "train" / "masks"),
+    )
+    manifest, _ = ingest(options, workers=workers)
+    items, _ = find_duplicates(manifest, DedupOptions())
+    out = tmp / "arrays"
+    preprocess(manifest, items, PreprocessOptions(height=size, width=size), out, workers=workers)
+    return out
+
+
+@dataclass
+class Setup:
+    """What every measurement shares."""
+
+    arrays: Any  # SegmentationArrays
+    device: torch.device
+    batch_size: int
+    augment: str
+    rows: np.ndarray
+
+    def fold_data(self, workers: int) -> FoldData:
+        """The pipeline's loaders over all rows (validation rows: a token one)."""
+        options = TrainOptions(batch_size=self.batch_size, num_workers=workers)
+        return FoldData.build(
+            self.arrays,
+            self.rows,
+            self.rows[:1],
+            self.augment,
+            options,
+            pin_memory=self.device.type == "cuda",
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(data: FoldData, first_batch: list[float]) -> Iterator[dict[str, Any]]:
+    """Loader batches, epoch after epoch as in training; records each epoch's first-batch wait."""
+    epoch = 0
+    while True:
+        epoch += 1
+        data.seed_epoch(42, epoch)
+        started = time.perf_counter()
+        for index, batch in enumerate(data.train_loader):
+            if index == 0:
+                first_batch.append(time.perf_counter() - started)
+            yield batch
+
+
+@dataclass
+class Rate:
+    """Batches and images over a timed window."""
+
+    label: str
+    batches: int
+    images: int
+    seconds: float
+    best_batch: float | None = None  # seconds of the fastest single batch, where measured
+    note: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def batches_per_s(self) -> float:
+        return self.batches / self.seconds if self.seconds else 0.0
+
+
+def timed_loop(step: Callable[[], int], seconds: float, device: torch.device) -> Rate:
+    """Call ``step`` (returns images done) until ``seconds`` have passed; count whole calls."""
+    batches = images = 0
+    best = float("inf")
+    _sync(device)
+    start = time.perf_counter()
+    while True:
+        before = time.perf_counter()
+        images += step()
+        _sync(device)
+        now = time.perf_counter()
+        best = min(best, now - before)
+        batches += 1
+        if now - start >= seconds:
+            return Rate("", batches, images, now - start, best)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+
+def measure_loader(setup: Setup, workers: int, seconds: float) -> Rate:
+    """(1) Augmented batches produced by the pipeline's training loader, nothing consuming them."""
+    data = setup.fold_data(workers)
+    first: list[float] = []
+    batches = _batches(data, first)
+    for _ in range(WARMUP_BATCHES):
+        next(batches)
+
+    def step() -> int:
+        return len(next(batches)["image"])
+
+    rate = timed_loop(step, seconds, torch.device("cpu"))
+    batches.close()  # shuts the workers down
+    rate.label = f"loader, {workers} worker{'s' if workers != 1 else ''}"
+    epochs = len(first)
+    rate.note = (
+        f"{len(data.train_loader)} batches/epoch; {epochs} epoch starts, first batch "
+        f"{1000 * float(np.median(first)):.0f} ms (median)"
+    )
+    return rate
+
+
+@dataclass
+class Trainer:
+    """Model, loss and optimizer as the pipeline builds them (no AMP, no EMA, no clipping)."""
+
+    model: torch.nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    size: tuple[int, int]
+
+    @classmethod
+    def build(cls, setup: Setup) -> Trainer:
+        torch.manual_seed(0)
+        spec = ModelSpec(arch="Unet", encoder="resnet18", in_channels=setup.arrays.channels)
+        model = build_model(spec).to(setup.device)
+        loss_fn = build_loss({"bce": 1.0, "dice": 1.0}, mode="binary")
+        optimizer = make_optimizer(model, TrainOptions())
+        size = padded_size(model, setup.arrays.height, setup.arrays.width)
+        return cls(model, loss_fn, optimizer, setup.device, size)
+
+    def pad(self, images: torch.Tensor) -> torch.Tensor:
+        from segflow.datasets import pad_to_size
+
+        return pad_to_size(images, *self.size)[0]
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> int:
+        """One training step; returns the batch size."""
+        from segflow.datasets import crop_to
+
+        height, width = images.shape[-2:]
+        logits = crop_to(self.model(self.pad(images)), height, width)
+        loss = self.loss_fn(logits, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return len(images)
+
+
+def measure_train_step(setup: Setup, trainer: Trainer, seconds: float) -> Rate:
+    """(2) Training steps on one fixed batch already on the device."""
+    data = setup.fold_data(0)
+    batch = next(iter(data.train_loader))
+    images = batch["image"].to(setup.device)
+    masks = batch["mask"].to(setup.device)
+    trainer.model.train()
+    for _ in range(WARMUP_BATCHES):
+        trainer.step(images, masks)
+    rate = timed_loop(lambda: trainer.step(images, masks), seconds, setup.device)
+    rate.label = "train step, fixed batch on device"
+    return rate
+
+
+def measure_end_to_end(setup: Setup, trainer: Trainer, workers: int, seconds: float) -> Rate:
+    """(3) Training steps fed by the pipeline's loader (copy to the device included)."""
+    data = setup.fold_data(workers)
+    first: list[float] = []
+    batches = _batches(data, first)
+    trainer.model.train()
+    non_blocking = setup.device.type == "cuda"
+
+    def step() -> int:
+        batch = next(batches)
+        images = batch["image"].to(setup.device, non_blocking=non_blocking)
+        masks = batch["mask"].to(setup.device, non_blocking=non_blocking)
+        return trainer.step(images, masks)
+
+    for _ in range(WARMUP_BATCHES):
+        step()
+    rate = timed_loop(step, seconds, setup.device)
+    batches.close()
+    rate.label = f"end-to-end, loader {workers} worker{'s' if workers != 1 else ''}"
+    rate.note = f"{len(first)} epoch starts"
+    return rate
+
+
+def measure_tta(setup: Setup, trainer: Trainer, mode: str, seconds: float) -> Rate:
+    """(4) predict_with_tta on one fixed batch on the device, eval mode, inference_mode."""
+    from segflow.datasets import MemmapDataset
+
+    arrays = setup.arrays
+    dataset = MemmapDataset(
+        arrays.train_images_path,
+        setup.rows[: setup.batch_size],
+        mean=arrays.mean,
+        std=arrays.std,
+    )
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(setup.device)
+    model = trainer.model
+    model.eval()
+    height, width = images.shape[-2:]
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        from segflow.datasets import crop_to
+
+        return crop_to(model(trainer.pad(x)), *x.shape[-2:]).sigmoid()
+
+    with torch.inference_mode():
+        for _ in range(2):
+            predict_with_tta(predict, images, mode)
+        rate = timed_loop(
+            lambda: predict_with_tta(predict, images, mode).shape[0], seconds, setup.device
+        )
+    rate.label = f"TTA {mode}"
+    copies = {"none": 1, "hflip": 2, "d4": 8}[mode]
+    rate.note = f"{height}x{width}; the model sees batches of {copies * len(images)}"
+    return rate
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        first, *rest = cells
+        parts = [first.ljust(widths[0])]
+        parts += [cell.rjust(width) for cell, width in zip(rest, widths[1:], strict=True)]
+        return "  ".join(parts).rstrip()
+
+    print(line(headers))
+    print("  ".join("-" * width for width in widths))
+    for row in rows:
+        print(line(row))
+
+
+def _rate_rows(rates: list[Rate], extra: Callable[[Rate], str] = lambda _: "") -> list[list[str]]:
+    rows = []
+    for rate in rates:
+        best = f"{1000 * rate.best_batch:.1f}" if rate.best_batch is not None else "-"
+        rows.append(
+            [
+                rate.label,
+                f"{rate.seconds:.1f}",
+                str(rate.batches),
+                f"{rate.batches_per_s:.2f}",
+                f"{rate.images_per_s:,.1f}",
+                best,
+                extra(rate),
+                rate.note,
+            ]
+        )
+    return rows
+
+
+def _cpu_busy() -> float:
+    times = psutil.cpu_times()
+    return times.user + times.system + getattr(times, "nice", 0.0)
+
+
+def _own_cpu() -> float:
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    """Run every measurement and print the report."""
+    from segflow.datasets import SegmentationArrays
+    from segflow.devices import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.arrays is not None:
+        arrays_dir, source = args.arrays.resolve(), "--arrays"
+    else:
+        arrays_dir = make_demo_arrays(tmp, args.size, max(args.workers, 1))
+        source = f"demo data ({DEMO_TRAIN} train) preprocessed to {args.size}x{args.size}"
+    arrays = SegmentationArrays.open(arrays_dir)
+    rows = np.arange(int((arrays.index["split"] == "train").sum()), dtype=np.int64)
+    setup = Setup(arrays, device, args.batch_size, args.augment, rows)
+    if len(rows) <= args.batch_size:
+        raise BenchError(f"{len(rows)} train images: need more than --batch-size")
+
+    load_before = os.getloadavg()
+    start_wall, start_busy, start_own = time.perf_counter(), _cpu_busy(), _own_cpu()
+    seconds = args.seconds
+    counts = sorted({0, args.workers})
+    print("measuring the input pipeline...", file=sys.stderr)
+    loader = [measure_loader(setup, workers, seconds) for workers in counts]
+    trainer = Trainer.build(setup)
+    print("measuring the training step...", file=sys.stderr)
+    step = measure_train_step(setup, trainer, seconds)
+    print("measuring end-to-end training...", file=sys.stderr)
+    e2e = [measure_end_to_end(setup, trainer, workers, seconds) for workers in counts]
+    print("measuring TTA inference...", file=sys.stderr)
+    tta = [measure_tta(setup, trainer, mode, max(seconds / 2, 1.0)) for mode in TTA_MODES]
+    wall = time.perf_counter() - start_wall
+    others = max((_cpu_busy() - start_busy) - (_own_cpu() - start_own), 0.0)
+    others_share = others / (wall * (psutil.cpu_count() or 1))
+
+    import segflow
+
+    print("segflow training benchmark")
+    print(f"  arrays   {arrays_dir} ({source})")
+    print(
+        f"  data     {len(rows)} train images {arrays.height}x{arrays.width}x{arrays.channels} "
+        f"{arrays.dtype}; augment {args.augment!r}; batch size {args.batch_size}"
+    )
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"  machine  {available_cores()} cores available; device {device} ({device_name}); "
+        f"torch {torch.__version__}, {threads} intra-op thread(s)"
+        f"{' (--threads)' if args.threads else ' (torch default)'}"
+    )
+    print(
+        f"  load     loadavg before {load_before[0]:.2f}/{load_before[1]:.2f}; other processes "
+        f"used {others:.1f} CPU s during the {wall:.0f} s run ({others_share:.0%} of the machine)"
+    )
+    print(f"  segflow  {Path(segflow.__file__).parent}")
+    print(
+        "  method   rates over a fixed wall time after a warm-up of "
+        f"{WARMUP_BATCHES} batches, whole batches counted;\n"
+        "           'best ms' is the fastest single batch; loader epochs restart their workers "
+        "as in training"
+    )
+    if others_share > BUSY_WARNING:
+        print(
+            "  WARNING  other processes competed for the CPU during the benchmark: timings may be "
+            "perturbed"
+        )
+    headers = ["measurement", "s", "batches", "batches/s", "images/s", "best ms", "", "notes"]
+
+    print(f"\n1. Input pipeline: augmented training batches ({args.augment!r}), not consumed")
+    _print_table(headers, _rate_rows(loader))
+
+    print("\n2. Training step: Unet-resnet18, bce+dice, forward+loss+backward+step, fixed batch")
+    _print_table(headers, _rate_rows([step]))
+
+    ceiling = step.images_per_s
+    print("\n3. End-to-end: the loader feeds the model (fraction = images/s / row 2's images/s)")
+    e2e_headers = [*headers[:6], "fraction", "notes"]
+    _print_table(e2e_headers, _rate_rows(e2e, lambda r: f"{r.images_per_s / ceiling:.2f}"))
+    best = max(e2e, key=lambda r: r.images_per_s)
+    fraction = best.images_per_s / ceiling
+    if device.type == "cuda":
+        verdict = "meets" if fraction >= GOAL_FRACTION else "MISSES"
+        print(f"   goal on GPU: >= {GOAL_FRACTION}; best {fraction:.2f}: {verdict}")
+    else:
+        loader_best = max(r.images_per_s for r in loader)
+        print(
+            f"   On CPU the model dominates: the loader alone makes {loader_best:,.0f} images/s, "
+            f"the model trains {ceiling:,.1f};\n"
+            f"   loader workers also share the {available_cores()} cores with the model's "
+            "threads. The >= 0.9 goal is for GPU runs."
+        )
+
+    print("\n4. TTA inference: predict_with_tta, eval mode, torch.inference_mode, fixed batch")
+    none = tta[0].images_per_s
+    tta_headers = [*headers[:6], "x none cost", "notes"]
+    _print_table(tta_headers, _rate_rows(tta, lambda r: f"{none / r.images_per_s:.2f}"))
+    d4 = none / tta[-1].images_per_s
+    print(f"   d4 / none cost ratio: {d4:.2f} (8 model passes per image; 8.0 = no batching gain)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="bench_train.py", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--arrays", type=Path, help="preprocess output folder (default: demo)")
+    parser.add_argument("--size", type=int, default=64, help="demo image size (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
+    parser.add_argument("--augment", default="d4", choices=("d4", "heavy", "none"))
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=available_cores(),
+        help="DataLoader workers for the parallel runs (default: all available cores)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="timed wall time per figure (default: 10)"
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.size < 32 or args.batch_size < 2 or args.workers < 0 or args.seconds <= 0:
+        print(
+            "bench_train.py: need --size >= 32, --batch-size >= 2, --workers >= 0, --seconds > 0",
+            file=sys.stderr,
+        )
+        return 2
+    if args.arrays is not None and not args.arrays.is_dir():
+        print(f"bench_train.py: {args.arrays} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="segflow-bench-train-") as tmp:
+            return run(args, Path(tmp))
+    except (BenchError, SegflowError) as error:
+        print(f"bench_train.py: error: {error}", file=sys.stderr)
+        return 1
+
+
+# Required: DataLoader workers and segflow's pool may re-import this file as __mp_main__.
+if __name__ == "__main__":
+    sys.exit(main())
