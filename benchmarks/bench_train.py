@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import psutil
 import torch
@@ -375,6 +376,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Before any OpenCV call: once OpenCV's thread pool runs in this process, a forked
+    # DataLoader worker deadlocks in segflow.fold_data._worker_init's cv2.setNumThreads(1)
+    # (seen here: the workers' loader hung after the 0-worker run). One thread avoids it.
+    cv2.setNumThreads(1)
     device = resolve_device(args.device)
     if args.arrays is not None:
         arrays_dir, source = args.arrays.resolve(), "--arrays"
@@ -428,7 +433,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         "  method   rates over a fixed wall time after a warm-up of "
         f"{WARMUP_BATCHES} batches, whole batches counted;\n"
         "           'best ms' is the fastest single batch; loader epochs restart their workers "
-        "as in training"
+        "as in training;\n"
+        "           OpenCV limited to 1 thread in this process (cv2.setNumThreads(1)): see run()"
     )
     if others_share > BUSY_WARNING:
         print(
