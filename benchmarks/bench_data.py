@@ -471,7 +471,7 @@ def _mib(size: int) -> str:
     return f"{size / MIB:,.0f} MiB" if size >= 10 * MIB else f"{size / MIB:,.1f} MiB"
 
 
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """First column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
 
@@ -545,7 +545,7 @@ def report_dedup(
                 ratio_cell = f"{seconds / reference:.2f}"
                 rows.append([f"    of which {phase}", "", f"{seconds:.3f}", "", "", ratio_cell])
                 rows[-1] += [""] * (len(headers) - len(rows[-1]))
-    _print_table(headers, rows)
+    print_table(headers, rows)
     print(
         "   CPU s: user + system CPU of the best run, workers included. 'of which': phases of "
         "the best run.\n"
@@ -585,7 +585,7 @@ def report_preprocess(measurements: Sequence[Measurement], repeat: int) -> None:
                 _mib(best.output_bytes),
             ]
         )
-    _print_table(headers, rows)
+    print_table(headers, rows)
     print(
         f"   images = used train items + test items ({measurements[0].best.info['n_images']:,}); "
         "efficiency = speedup / workers;\n"

@@ -53,6 +53,7 @@ import cv2
 import numpy as np
 import psutil
 import torch
+from bench_data import print_table  # same folder: the scripts share one table layout
 
 from segflow.dedup import DedupOptions, find_duplicates
 from segflow.errors import SegflowError
@@ -320,21 +321,6 @@ def measure_tta(setup: Setup, trainer: Trainer, mode: str, seconds: float) -> Ra
 # --------------------------------------------------------------------------------------------
 
 
-def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells: list[str]) -> str:
-        first, *rest = cells
-        parts = [first.ljust(widths[0])]
-        parts += [cell.rjust(width) for cell, width in zip(rest, widths[1:], strict=True)]
-        return "  ".join(parts).rstrip()
-
-    print(line(headers))
-    print("  ".join("-" * width for width in widths))
-    for row in rows:
-        print(line(row))
-
-
 def _rate_rows(rates: list[Rate], extra: Callable[[Rate], str] = lambda _: "") -> list[list[str]]:
     rows = []
     for rate in rates:
@@ -444,15 +430,15 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     headers = ["measurement", "s", "batches", "batches/s", "images/s", "best ms", "", "notes"]
 
     print(f"\n1. Input pipeline: augmented training batches ({args.augment!r}), not consumed")
-    _print_table(headers, _rate_rows(loader))
+    print_table(headers, _rate_rows(loader))
 
     print("\n2. Training step: Unet-resnet18, bce+dice, forward+loss+backward+step, fixed batch")
-    _print_table(headers, _rate_rows([step]))
+    print_table(headers, _rate_rows([step]))
 
     ceiling = step.images_per_s
     print("\n3. End-to-end: the loader feeds the model (fraction = images/s / row 2's images/s)")
     e2e_headers = [*headers[:6], "fraction", "notes"]
-    _print_table(e2e_headers, _rate_rows(e2e, lambda r: f"{r.images_per_s / ceiling:.2f}"))
+    print_table(e2e_headers, _rate_rows(e2e, lambda r: f"{r.images_per_s / ceiling:.2f}"))
     best = max(e2e, key=lambda r: r.images_per_s)
     fraction = best.images_per_s / ceiling
     if device.type == "cuda":
@@ -470,7 +456,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print("\n4. TTA inference: predict_with_tta, eval mode, torch.inference_mode, fixed batch")
     none = tta[0].images_per_s
     tta_headers = [*headers[:6], "x none cost", "notes"]
-    _print_table(tta_headers, _rate_rows(tta, lambda r: f"{none / r.images_per_s:.2f}"))
+    print_table(tta_headers, _rate_rows(tta, lambda r: f"{none / r.images_per_s:.2f}"))
     d4 = none / tta[-1].images_per_s
     print(f"   d4 / none cost ratio: {d4:.2f} (8 model passes per image; 8.0 = no batching gain)")
     return 0
