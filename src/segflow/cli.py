@@ -41,6 +41,11 @@ def read_table(path: str, role: str) -> pd.DataFrame:
         raise SegflowError(f"{role} {path} is not a readable Parquet file ({error})") from None
 
 
+def _add_stage_tables(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
+    parser.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+
+
 def _add_workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
 
@@ -388,8 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = command(
         "preprocess", _run_preprocess, "CLAHE/resize into memory-mappable arrays", PreprocessOptions
     )
-    prep.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
-    prep.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    _add_stage_tables(prep)
     prep.add_argument(
         "--out-dir", required=True, help="folder for the .npy arrays, index and stats"
     )
@@ -397,8 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dicom_window(prep)
 
     folds = command("folds", _run_folds, "assign stratified, duplicate-grouped folds", FoldOptions)
-    folds.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
-    folds.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    _add_stage_tables(folds)
     folds.add_argument("--out-folds", required=True, help="folds CSV to write")
     folds.add_argument("--out-summary", required=True, help="summary JSON to write")
 
@@ -429,14 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate-oof", _run_evaluate_oof, "assemble and score the OOF predictions")
     evaluate.add_argument("--fold-dirs", nargs="+", required=True, help="predict-oof outputs")
     evaluate.add_argument("--folds", required=True, help="folds.csv")
-    evaluate.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
-    evaluate.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    _add_stage_tables(evaluate)
     evaluate.add_argument("--out-dir", required=True, help="folder for OOF arrays and metrics")
 
     tune = command("tune-postprocess", _run_tune_postprocess, "grid-search post-processing on OOF")
     tune.add_argument("--oof-dir", required=True, help="evaluate-oof output folder")
-    tune.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
-    tune.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    _add_stage_tables(tune)
     tune.add_argument("--thresholds", nargs="+", type=float, required=True)
     tune.add_argument("--min-areas", nargs="+", type=int, required=True)
     tune.add_argument(
@@ -449,8 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--fold-dirs", nargs="+", required=True, help="predict-test outputs")
     submit.add_argument("--fold-merge", default="mean", choices=("mean", "gmean"))
     submit.add_argument("--postprocess", required=True, help="params.json from tune-postprocess")
-    submit.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
-    submit.add_argument("--dedup-items", required=True, help="items Parquet from dedup")
+    _add_stage_tables(submit)
     submit.add_argument("--out", required=True, help="submission CSV to write")
 
     summary = command("summary", _run_summary, "print what a workflow run produced")
