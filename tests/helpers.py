@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from segflow.ingest import IngestOptions
 
 
 def naive_encode(mask: np.ndarray, order: str = "column", start: int = 1) -> str:
@@ -141,3 +144,43 @@ def write_synthetic_arrays(
         }
     ).to_csv(out_dir / "folds.csv", index=False)
     return out_dir
+
+
+def write_label_dataset(
+    root: Path,
+    train: dict[str, tuple[np.ndarray, np.ndarray]],
+    classes: tuple[str, ...],
+    source: str = "folder",
+) -> IngestOptions:
+    """A multi-label dataset the way Kaggle ships one; returns its ``IngestOptions``.
+
+    ``train`` maps id -> (gray uint8 image (H, W), class masks (C, H, W) {0, 1}). Only non-empty
+    class masks are written, as Severstal does: ``folder`` writes
+    ``train/masks/<class>/<id>.png`` (every class folder is created), ``rle_csv`` writes a
+    long-format ``train.csv`` (``ImageId,ClassId,EncodedPixels``) encoded by
+    :func:`naive_encode`.
+    """
+    images = root / "train" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item_id, (image, planes) in train.items():
+        cv2.imwrite(str(images / f"{item_id}.png"), image)
+        for name, plane in zip(classes, planes, strict=True):
+            (root / "train" / "masks" / name).mkdir(parents=True, exist_ok=True)
+            if plane.any() and source == "folder":
+                cv2.imwrite(str(root / "train" / "masks" / name / f"{item_id}.png"), plane * 255)
+            if plane.any() and source == "rle_csv":
+                rows.append(f"{item_id},{name},{naive_encode(plane)}\n")
+    (root / "train.csv").write_text("ImageId,ClassId,EncodedPixels\n" + "".join(rows))
+    common = {"train_images": str(images), "classes": classes}
+    if source == "folder":
+        return IngestOptions(**common, train_masks=str(root / "train" / "masks"))
+    return IngestOptions(
+        **common,
+        mask_source="rle_csv",
+        rle_csv=str(root / "train.csv"),
+        rle_id_column="ImageId",
+        rle_class_column="ClassId",
+        rle_column="EncodedPixels",
+        rle_missing_is_empty=True,
+    )

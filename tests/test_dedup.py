@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_label_dataset
 
 from segflow.dedup import (
     CONFLICT_POLICIES,
@@ -26,6 +27,8 @@ from segflow.dedup import (
 )
 from segflow.errors import SegflowError
 from segflow.ingest import IngestOptions, ingest
+from segflow.labels import read_label, unpack_labels
+from segflow.preprocess import PreprocessOptions, preprocess
 
 # --------------------------------------------------------------------------- helpers
 
@@ -311,6 +314,49 @@ def test_conflict_policy_union() -> None:
     assert set(by_id.loc[["r1", "r2", "u1"], "train_action"]) == {"keep"}
     assert summary["n_train_used"] == 11
     assert by_id.loc["pt", "leak_train_ids"] == "p1;p2;p3;p4"
+
+
+def _multilabel_copies(root: Path) -> IngestOptions:
+    """Three copies of one picture (2 classes): s1/s2 carry the same label; x has the same
+    pixels as s1 but in the other class, so only the class tells them apart."""
+    picture = np.random.default_rng(7).integers(0, 256, (6, 5), dtype=np.uint8)
+    region = np.zeros((6, 5), np.uint8)
+    region[1:4, 1:3] = 1
+    other = np.zeros((6, 5), np.uint8)
+    other[4:, :] = 1
+    label = np.stack([region, other])
+    swapped = np.stack([other, region])
+    train = {"s1": (picture, label), "s2": (picture, label.copy()), "x": (picture, swapped)}
+    return write_label_dataset(root, train, ("left", "right"), "rle_csv")
+
+
+def test_multilabel_conflicts_are_decided_by_class_too(tmp_path: Path) -> None:
+    manifest, _ = ingest(_multilabel_copies(tmp_path))
+    by_id = manifest.set_index("id")
+    assert by_id.loc["s1", "mask_coverage"] == by_id.loc["x", "mask_coverage"]
+    assert by_id.loc["s1", "mask_md5"] == by_id.loc["s2", "mask_md5"] != by_id.loc["x", "mask_md5"]
+    items, summary = find_duplicates(manifest, DedupOptions(conflict_policy="majority"))
+    actions = _by_id(items)["train_action"].to_dict()
+    assert actions == {"s1": "keep", "s2": "keep", "x": "drop-minority"}
+    assert summary["conflicting_groups"] == 1
+
+
+def test_multilabel_union_policy_unions_each_class(tmp_path: Path) -> None:
+    manifest, _ = ingest(_multilabel_copies(tmp_path / "data"))
+    items, _ = find_duplicates(manifest, DedupOptions(conflict_policy="union"))
+    assert set(_by_id(items)["train_action"]) == {"union"}
+    preprocess(manifest, items, PreprocessOptions(), tmp_path / "out")
+    masks = np.load(tmp_path / "out/train_masks.npy")
+    rows = manifest.set_index("id")
+    planes = {
+        item_id: unpack_labels(read_label(None, rows.loc[item_id, "mask_rle"], (6, 5), 2, ""), 2)
+        for item_id in ("s1", "x")
+    }
+    union = planes["s1"] | planes["x"]
+    assert union[0].sum() > planes["s1"][0].sum()  # the union really adds pixels to a class
+    assert masks.shape == (3, 6, 5)
+    for row in range(3):
+        np.testing.assert_array_equal(unpack_labels(masks[row], 2), union)
 
 
 @pytest.mark.parametrize(

@@ -6,18 +6,20 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import naive_encode, write_ct_dicom
+from helpers import naive_encode, write_ct_dicom, write_label_dataset
 
 from segflow import cli
 from segflow.errors import SegflowError
 from segflow.imageio import mask_md5
 from segflow.ingest import IngestOptions, ingest
+from segflow.labels import label_md5, pack_labels, read_label, unpack_labels
 from segflow.rle import rle_decode
 
 MANIFEST_COLUMNS = [
@@ -291,6 +293,141 @@ def test_rle_csv_custom_columns(tmp_path: Path) -> None:
         _rle_options(tmp_path, rle_id_column="ImageId", rle_column="EncodedPixels")
     )
     assert manifest["mask_rle"].tolist() == ["2 3"]
+
+
+# --------------------------------------------------------------------------- multi-label
+
+
+CLASSES = ("1", "2", "3")
+
+
+def _labelled(seed: int, empty: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """A 5x4 gray image and 3 class masks (the classes in ``empty`` have no pixel)."""
+    planes = np.stack([_mask(5, 4, seed * 10 + k) for k in range(3)])
+    planes[list(empty)] = 0
+    return _image(5, 4, seed), planes
+
+
+def _label_truth() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {"a": _labelled(1), "b": _labelled(2, empty=(1,)), "c": _labelled(3, empty=(0, 1, 2))}
+
+
+def _check_label_rows(manifest: pd.DataFrame, truth: dict) -> None:
+    rows = manifest.set_index("id")
+    for item_id, (_, planes) in truth.items():
+        row = rows.loc[item_id]
+        label = read_label(row["mask_path"], row["mask_rle"], (5, 4), 3, item_id)
+        np.testing.assert_array_equal(unpack_labels(label, 3), planes)
+        assert row["mask_md5"] == label_md5(pack_labels(planes), 3)
+        assert row["mask_coverage"] == pytest.approx(planes.any(axis=0).mean())
+        assert row["mask_classes"] == "1|2|3"
+
+
+@pytest.mark.parametrize("source", ["rle_csv", "folder"])
+def test_multilabel_manifest(tmp_path: Path, source: str) -> None:
+    truth = _label_truth()
+    options = write_label_dataset(tmp_path, truth, CLASSES, source)
+    manifest, summary = ingest(options)
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, "mask_classes"]
+    _check_label_rows(manifest, truth)
+    rows = manifest.set_index("id")
+    if source == "rle_csv":  # canonical per-class RLE, "" for an empty class
+        assert rows.loc["b", "mask_rle"] == "|".join(naive_encode(p) for p in truth["b"][1])
+        assert rows.loc["b", "mask_rle"].split("|")[1] == ""
+        assert rows.loc["c", "mask_rle"] == "||"
+    else:  # a class without a file is ""
+        masks = Path(options.train_masks or "").resolve()
+        assert rows.loc["b", "mask_path"] == f"{masks / '1' / 'b.png'}||{masks / '3' / 'b.png'}"
+        assert rows.loc["c", "mask_path"] == "||"
+    assert summary["classes"] == ["1", "2", "3"] and summary["multilabel"] is True
+    assert summary["n_train_empty_masks"] == 1
+
+
+def test_binary_summary_names_one_class(tmp_path: Path) -> None:
+    _, summary = ingest(_folder_dataset(tmp_path)["options"])
+    assert summary["classes"] == ["mask"] and summary["multilabel"] is False
+
+
+def test_one_class_list_is_class_aware(tmp_path: Path) -> None:
+    truth = {item_id: (image, planes[:1]) for item_id, (image, planes) in _label_truth().items()}
+    manifest, summary = ingest(write_label_dataset(tmp_path, truth, ("defect",), "rle_csv"))
+    assert manifest["mask_classes"].tolist() == ["defect"] * 3
+    assert manifest.set_index("id").loc["a", "mask_rle"] == naive_encode(truth["a"][1][0])
+    assert summary["multilabel"] is True
+
+
+def test_long_csv_rows_of_one_id_and_class_are_unioned(tmp_path: Path) -> None:
+    _write(tmp_path / "images" / "a.png", _image(5, 4, 0))
+    (tmp_path / "train.csv").write_text("id,class,rle_mask\na,y,1 2\na,x,5 1\na,y,2 3\n")
+    manifest, _ = ingest(_rle_options(tmp_path, classes=("x", "y")))
+    assert manifest["mask_rle"].tolist() == ["5 1|1 4"]
+
+
+def test_long_csv_unknown_class_names_the_row(tmp_path: Path) -> None:
+    options = write_label_dataset(tmp_path, _label_truth(), CLASSES, "rle_csv")
+    csv = Path(options.rle_csv or "")
+    csv.write_text(csv.read_text() + "a,5,1 1\n")
+    line = len(csv.read_text().splitlines())
+    _raises(options, str(csv), f"row {line}", "id 'a'", "ClassId '5'", "data.classes (1, 2, 3)")
+
+
+def test_long_csv_without_the_class_column(tmp_path: Path) -> None:
+    options = write_label_dataset(tmp_path, _label_truth(), CLASSES, "rle_csv")
+    options = dataclasses.replace(options, rle_class_column="Kind")
+    _raises(options, "no column 'Kind'", "data.rle_class_column")
+
+
+@pytest.mark.parametrize("classes", [None, CLASSES])
+def test_missing_csv_rows(tmp_path: Path, classes: tuple[str, ...] | None) -> None:
+    _write(tmp_path / "images" / "a.png", _image(5, 4, 0))
+    _write(tmp_path / "images" / "b.png", _image(5, 4, 1))
+    row = "a,2,1 1\n" if classes else "a,1 1\n"
+    header = "id,class,rle_mask\n" if classes else "id,rle_mask\n"
+    (tmp_path / "train.csv").write_text(header + row)
+    csv = str(tmp_path / "train.csv")
+    _raises(_rle_options(tmp_path, classes=classes), "b.png", csv, "no row", "rle_missing_is_empty")
+    manifest, summary = ingest(_rle_options(tmp_path, classes=classes, rle_missing_is_empty=True))
+    rows = manifest.set_index("id")
+    assert rows.loc["b", "mask_rle"] == ("||" if classes else "")
+    assert rows.loc["b", "mask_coverage"] == 0.0
+    assert rows.loc["a", "mask_rle"] == ("|1 1|" if classes else "1 1")
+    assert summary["n_train_empty_masks"] == 1
+
+
+def test_class_folder_missing_is_an_error(tmp_path: Path) -> None:
+    options = write_label_dataset(tmp_path, _label_truth(), CLASSES, "folder")
+    shutil.rmtree(Path(options.train_masks or "") / "2")
+    _raises(options, str(Path(options.train_masks or "") / "2"), "does not exist", "class '2'")
+
+
+def test_class_mask_without_image_is_an_error(tmp_path: Path) -> None:
+    options = write_label_dataset(tmp_path, _label_truth(), CLASSES, "folder")
+    orphan = _write(Path(options.train_masks or "") / "3" / "zz.png", _mask(5, 4, 0) * 255)
+    _raises(options, str(orphan.resolve()), "has no train image")
+
+
+def test_class_mask_of_different_size(tmp_path: Path) -> None:
+    options = write_label_dataset(tmp_path, _label_truth(), CLASSES, "folder")
+    wrong = _write(Path(options.train_masks or "") / "2" / "a.png", _mask(4, 5, 0) * 255)
+    _raises(options, str(wrong.resolve()), "mask is 5x4", "is 4x5")
+
+
+@pytest.mark.parametrize(
+    ("classes", "fragment"),
+    [
+        ((), "empty list"),
+        (("a", "a"), "'a' more than once"),
+        (("a", ""), "empty"),
+        (("a", " b"), "surrounding spaces"),
+        (("a|b",), "'|'"),
+        (("None",), "reserved"),
+        (tuple(map(str, range(33))), "at most 32"),
+        ("abc", "must be a list"),
+    ],
+)
+def test_invalid_classes(tmp_path: Path, classes: object, fragment: str) -> None:
+    options = dataclasses.replace(_folder_dataset(tmp_path)["options"], classes=classes)
+    _raises(options, "data.classes", fragment)
 
 
 # --------------------------------------------------------------------------- metadata

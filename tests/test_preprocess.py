@@ -14,14 +14,18 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_label_dataset
 
 from segflow.dedup import DedupOptions, find_duplicates
 from segflow.errors import SegflowError
 from segflow.ingest import IngestOptions, ingest
+from segflow.labels import label_dtype, unpack_labels
 from segflow.preprocess import (
     PreprocessOptions,
     apply_clahe,
     convert_channels,
+    load_mask,
+    mask_sources,
     preprocess,
     resize_image,
     resize_mask,
@@ -572,6 +576,68 @@ def test_eight_bit_data_with_to_uint8_false_stays_uint8(gray_data: dict, tmp_pat
     stats = preprocess(manifest, items, PreprocessOptions(to_uint8=False), tmp_path)
     assert stats["dtype"] == "uint8"
     assert np.load(tmp_path / "train_images.npy").dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- multi-label masks
+
+
+def _labelled_train(n_classes: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Gray 12x10 images with ``n_classes`` random class masks; c1/c2 share one picture."""
+    rng = np.random.default_rng(seed)
+    shape = (12, 10)
+    picture = rng.integers(0, 256, shape, dtype=np.uint8)
+    train = {
+        item_id: (
+            picture if item_id.startswith("c") else rng.integers(0, 256, shape, dtype=np.uint8),
+            (rng.random((n_classes, *shape)) < 0.3).astype(np.uint8),
+        )
+        for item_id in ("a", "b", "c1", "c2")
+    }
+    train["b"][1][0] = 0  # an absent class
+    return train
+
+
+@pytest.mark.parametrize(("n_classes", "source"), [(3, "rle_csv"), (9, "folder"), (17, "rle_csv")])
+def test_multilabel_masks_are_packed_and_resized_per_class(
+    tmp_path: Path, n_classes: int, source: str
+) -> None:
+    classes = tuple(f"k{k}" for k in range(n_classes))
+    train = _labelled_train(n_classes, seed=n_classes)
+    options = write_label_dataset(tmp_path / "data", train, classes, source)
+    manifest, items = _ingest_and_dedup(options, DedupOptions(conflict_policy="union"))
+    stats = preprocess(manifest, items, PreprocessOptions(height=7, width=9), tmp_path / "out")
+
+    masks = np.load(tmp_path / "out/train_masks.npy")
+    assert masks.shape == (4, 7, 9) and masks.dtype == label_dtype(n_classes)
+    index = pd.read_parquet(tmp_path / "out/index.parquet").set_index("id")
+    union = train["c1"][1] | train["c2"][1]  # the union policy unions class by class
+    expected = {"a": train["a"][1], "b": train["b"][1], "c1": union, "c2": union}
+    any_class = 0
+    for item_id, planes in expected.items():
+        resized = np.stack([cv2.resize(p, (9, 7), interpolation=cv2.INTER_NEAREST) for p in planes])
+        np.testing.assert_array_equal(
+            unpack_labels(masks[index.loc[item_id, "row"]], n_classes), resized
+        )
+        any_class += int(resized.any(axis=0).sum())
+    assert stats["classes"] == list(classes) and stats["multilabel"] is True
+    assert stats["train_mask_coverage"] == pytest.approx(any_class / (4 * 7 * 9), abs=1e-6)
+    on_disk = json.loads((tmp_path / "out/stats.json").read_text())
+    assert on_disk["classes"] == list(classes) and on_disk["multilabel"] is True
+
+
+def test_binary_stats_name_one_class(gray_data: dict, tmp_path: Path) -> None:
+    manifest, items = _ingest_and_dedup(gray_data["options"])
+    stats = preprocess(manifest, items, PreprocessOptions(), tmp_path)
+    assert stats["classes"] == ["mask"] and stats["multilabel"] is False
+    assert np.load(tmp_path / "train_masks.npy").dtype == np.uint8
+
+
+def test_load_mask_keeps_binary_callers_working(gray_data: dict) -> None:
+    manifest, items = _ingest_and_dedup(gray_data["options"], DedupOptions(conflict_policy="union"))
+    sources = mask_sources(manifest, items)
+    mask = load_mask(sources["c1"], (12, 10))  # the call evaluate.original_truths makes
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, gray_data["train"]["c1"][1] | gray_data["train"]["c2"][1])
 
 
 # --------------------------------------------------------------------------- workers, atomicity

@@ -4,6 +4,10 @@ Every image is decoded exactly once here — which is what validates it — and 
 records what later stages need without decoding again: size, channels, bit depth, md5 of the
 file bytes and of the decoded pixels (for dedup), and the mask's md5 and coverage (for dedup's
 conflict check and the folds' stratification).
+
+With ``classes`` set, masks are multi-label (see :mod:`segflow.labels`): one mask folder per
+class, or a long-format RLE CSV with one row per (id, class); the manifest's mask columns then
+hold one ``|``-separated part per class and the ``mask_classes`` column names the classes.
 """
 
 from __future__ import annotations
@@ -25,11 +29,18 @@ from segflow.imageio import (
     decode_image,
     image_kind,
     is_gray,
-    mask_md5,
     pixel_md5,
-    read_mask,
 )
-from segflow.options import option
+from segflow.labels import (
+    CLASS_SEPARATOR,
+    CLASSES_COLUMN,
+    MAX_CLASSES,
+    class_names,
+    label_md5,
+    pack_labels,
+    read_label,
+)
+from segflow.options import lists_to_tuples, option
 from segflow.parallel import chunked, parallel_map
 from segflow.rle import RLE_ORDERS, rle_decode, rle_encode
 
@@ -38,6 +49,10 @@ log = logging.getLogger(__name__)
 MASK_SOURCES = ("folder", "rle_csv")
 METADATA_PREFIX = "meta_"
 _SCAN_CHUNK = 64
+# The CLI reads these alone as null, so a class of that name could silently turn binary.
+_RESERVED_CLASS_NAMES = ("none", "null")
+
+RleRow = tuple[str, str]  # (RLE string, where it came from: 'file row N (id ...)')
 
 
 @dataclass(frozen=True)
@@ -54,11 +69,29 @@ class IngestOptions:
     rle_column: str = option("rle_mask", "RLE column of the RLE CSV")
     rle_order: str = option("column", "pixel numbering of the RLE", RLE_ORDERS)
     rle_start: int = option(1, "index of the first pixel in the RLE (Kaggle: 1)")
+    classes: tuple[str, ...] | None = option(
+        None,
+        "class names of multi-label masks (bit k = class k); null = binary masks",
+    )
+    rle_class_column: str = option(
+        "class", "class column of a long-format RLE CSV (one row per id and class; with classes)"
+    )
+    rle_missing_is_empty: bool = option(
+        False, "a train image without any RLE CSV row has an empty mask instead of an error"
+    )
     metadata_csv: str | None = option(None, "CSV of per-id metadata joined to the manifest")
     metadata_id_column: str = option("id", "id column of the metadata CSV")
     dicom_window_center: float = option(40.0, "DICOM window centre in Hounsfield units")
     dicom_window_width: float = option(400.0, "DICOM window width in Hounsfield units")
     max_pixels: int = option(100_000_000, "refuse images with more pixels (decompression bombs)")
+
+    def __post_init__(self) -> None:
+        lists_to_tuples(self)
+
+    @property
+    def n_classes(self) -> int:
+        """Bits of the label masks: one per class, one for binary masks."""
+        return len(class_names(self.classes))
 
 
 @dataclass(frozen=True)
@@ -66,12 +99,17 @@ class _ScanTask:
     item_id: str
     split: str
     image_path: str
-    mask_path: str | None
-    rles: tuple[tuple[str, str], ...] | None  # (rle, where-it-came-from) per CSV row
+    mask_path: str | None  # folder source: the mask file, or one '|'-joined path per class
+    rles: tuple[tuple[RleRow, ...], ...]  # RLE source: per class, the CSV rows to union
+    classes: tuple[str, ...] | None
     rle_order: str
     rle_start: int
     dicom_window: DicomWindow
     max_pixels: int
+
+    @property
+    def n_classes(self) -> int:
+        return len(class_names(self.classes))
 
 
 def _item_id(path: Path) -> str:
@@ -99,11 +137,18 @@ def _csv_line_numbers(path: Path, n_rows: int) -> list[int]:
     return lines if len(lines) == n_rows else fallback
 
 
-def list_images(folder: str | Path, role: str) -> tuple[dict[str, Path], list[str]]:
+def list_images(
+    folder: str | Path, role: str, allow_empty: bool = False
+) -> tuple[dict[str, Path], list[str]]:
     """Map item id (file stem) -> path for the images in ``folder``; also return skipped entries.
 
+    Args:
+        folder: the folder to list (not recursively).
+        role: what the files are, for messages ("train image").
+        allow_empty: a folder without images is fine (a class no image has), not an error.
+
     Raises:
-        SegflowError: missing folder, no images, or two files sharing a stem.
+        SegflowError: missing folder, no images (unless allowed), or two files sharing a stem.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -128,13 +173,14 @@ def list_images(folder: str | Path, role: str) -> tuple[dict[str, Path], list[st
             len(skipped),
             ", ".join(skipped[:5]),
         )
-    if not found:
+    if not found and not allow_empty:
         raise SegflowError(f"{role} folder {folder} contains no images")
     return found, skipped
 
 
-def _read_rle_csv(options: IngestOptions) -> dict[str, list[tuple[str, str]]]:
-    """id -> [(rle, 'file row N'), ...]; several rows per id are unioned later."""
+def _read_rle_csv(options: IngestOptions) -> dict[str, list[list[RleRow]]]:
+    """id -> per class, [(rle, 'file row N'), ...]; several rows per (id, class) are unioned
+    later. Binary data has one class; with ``classes`` each row names its class."""
     path = Path(options.rle_csv or "")
     if not options.rle_csv or not path.is_file():
         raise SegflowError(f"RLE CSV {options.rle_csv!r} does not exist (data.rle_csv)")
@@ -146,20 +192,41 @@ def _read_rle_csv(options: IngestOptions) -> dict[str, list[tuple[str, str]]]:
     lines = np.arange(len(frame)) + 2  # line 1 is the header
     blank = (frame.apply(lambda column: column.str.strip()) == "").all(axis=1).to_numpy()
     frame, lines = frame[~blank], lines[~blank].tolist()
-    for column in (options.rle_id_column, options.rle_column):
+    needed = [options.rle_id_column, options.rle_column]
+    if options.classes:
+        needed.append(options.rle_class_column)
+    for column in needed:
         if column not in frame.columns:
             raise SegflowError(
                 f"{path}: no column {column!r} (columns: {', '.join(frame.columns)}); "
-                "set data.rle_id_column / data.rle_column"
+                "set data.rle_id_column / data.rle_column / data.rle_class_column"
             )
-    rles: dict[str, list[tuple[str, str]]] = {}
+    class_values = (
+        frame[options.rle_class_column].tolist() if options.classes else [None] * len(frame)
+    )
+    class_index = {name: k for k, name in enumerate(options.classes or ())}
+    rles: dict[str, list[list[RleRow]]] = {}
     ids = frame[options.rle_id_column].tolist()
-    for line, item_id, rle in zip(lines, ids, frame[options.rle_column].tolist(), strict=True):
+    rows = zip(lines, ids, frame[options.rle_column].tolist(), class_values, strict=True)
+    for line, item_id, rle, class_value in rows:
         where = f"{path} row {line} (id {item_id!r})"  # row = line in the file, header is 1
         if not item_id.strip():
             raise SegflowError(f"{where}: empty id")
-        rles.setdefault(item_id, []).append((rle, where))
+        k = 0 if class_value is None else _class_of_row(class_value, class_index, where, options)
+        rles.setdefault(item_id, [[] for _ in range(options.n_classes)])[k].append((rle, where))
     return rles
+
+
+def _class_of_row(
+    value: str, class_index: dict[str, int], where: str, options: IngestOptions
+) -> int:
+    """The class index of a long-format CSV row; class values match the names as strings."""
+    if value.strip() not in class_index:
+        raise SegflowError(
+            f"{where}: {options.rle_class_column} {value!r} is not one of data.classes "
+            f"({', '.join(options.classes or ())})"
+        )
+    return class_index[value.strip()]
 
 
 def _read_metadata(options: IngestOptions) -> pd.DataFrame:
@@ -212,27 +279,39 @@ def _scan_item(task: _ScanTask) -> dict[str, Any]:
         "mask_md5": None,
         "mask_coverage": float("nan"),
     }
+    if task.classes:  # multi-label manifests only: binary ones keep their columns
+        row[CLASSES_COLUMN] = CLASS_SEPARATOR.join(task.classes)
     if task.split != "train":
         return row
     if task.mask_path is not None:
-        mask = read_mask(task.mask_path, task.max_pixels)
-        if mask.shape != (height, width):
-            raise SegflowError(
-                f"{task.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                f"{task.image_path} is {width}x{height}"
-            )
+        label = read_label(
+            task.mask_path,
+            None,
+            (height, width),
+            task.n_classes,
+            task.image_path,
+            max_pixels=task.max_pixels,
+        )
     else:
-        mask = np.zeros((height, width), dtype=np.uint8)
-        for rle, where in task.rles or ():  # several rows per id: union of their masks
-            mask |= rle_decode(rle, (height, width), task.rle_order, task.rle_start, where=where)
-        # Canonical form (column-major, 1-based, one union string) whatever the input's convention.
-        row["mask_rle"] = rle_encode(mask)
-    row["mask_md5"] = mask_md5(mask)
-    row["mask_coverage"] = float(mask.mean())
+        planes = [_union_of_rows(rows, (height, width), task) for rows in task.rles]
+        # Canonical form (column-major, 1-based, one union string per class) whatever the
+        # input's convention.
+        row["mask_rle"] = CLASS_SEPARATOR.join(rle_encode(plane) for plane in planes)
+        label = pack_labels(np.stack(planes))
+    row["mask_md5"] = label_md5(label, task.n_classes)
+    row["mask_coverage"] = float(np.count_nonzero(label) / label.size)  # pixels of any class
     return row
 
 
-def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any]]:
+def _union_of_rows(rows: tuple[RleRow, ...], shape: tuple[int, int], task: _ScanTask) -> np.ndarray:
+    """One class's mask: the union of its CSV rows (none: empty)."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    for rle, where in rows:
+        mask |= rle_decode(rle, shape, task.rle_order, task.rle_start, where=where)
+    return mask
+
+
+def _check_options(options: IngestOptions) -> None:
     if not options.train_images:
         raise SegflowError("data.train_images is not set")
     if options.mask_source not in MASK_SOURCES:
@@ -243,8 +322,136 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
         raise SegflowError(
             f"unknown data.rle_order {options.rle_order!r}; valid: {', '.join(RLE_ORDERS)}"
         )
+    _check_classes(options.classes)
+
+
+def _check_classes(classes: Any) -> None:
+    """Class names must be usable as CSV values, folder names and '|'-joined manifest parts."""
+    if classes is None:
+        return
+    if isinstance(classes, str) or not all(isinstance(name, str) for name in classes):
+        raise SegflowError(f"data.classes must be a list of class names, got {classes!r}")
+    if not classes:
+        raise SegflowError("data.classes is an empty list; use null for binary masks")
+    if len(classes) > MAX_CLASSES:
+        raise SegflowError(
+            f"data.classes has {len(classes)} classes; at most {MAX_CLASSES} are supported"
+        )
+    for name in classes:
+        if not name or name != name.strip():
+            raise SegflowError(
+                f"data.classes: class name {name!r} is empty or has surrounding spaces"
+            )
+        if CLASS_SEPARATOR in name:
+            raise SegflowError(f"data.classes: class name {name!r} contains {CLASS_SEPARATOR!r}")
+        if name.lower() in _RESERVED_CLASS_NAMES:
+            raise SegflowError(
+                f"data.classes: class name {name!r} is reserved (the CLI reads it as null)"
+            )
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise SegflowError(f"data.classes names {repeated[0]!r} more than once")
+
+
+def _masks_by_image_id(
+    folder: Path, options: IngestOptions, role: str, allow_empty: bool
+) -> dict[str, Path]:
+    """Image id -> mask file in ``folder`` (file stem minus ``mask_suffix``)."""
+    masks, _ = list_images(folder, role, allow_empty=allow_empty)
+    suffix = options.mask_suffix
+    return {
+        stem[: len(stem) - len(suffix)] if suffix else stem: path
+        for stem, path in masks.items()
+        if stem.endswith(suffix)
+    }
+
+
+def _check_no_orphan_masks(by_image_id: dict[str, Path], train: dict[str, Path]) -> None:
+    orphans = sorted(set(by_image_id) - set(train))
+    if orphans:
+        raise SegflowError(
+            f"mask {by_image_id[orphans[0]]} has no train image "
+            f"({len(orphans)} masks without images)"
+        )
+
+
+def _binary_mask_paths(options: IngestOptions, train: dict[str, Path]) -> dict[str, str]:
+    """Every train image must have its mask file."""
+    folder = Path(options.train_masks or "")
+    by_image_id = _masks_by_image_id(folder, options, "train mask", allow_empty=False)
+    for item_id in train:
+        if item_id not in by_image_id:
+            raise SegflowError(
+                f"train image {train[item_id]} has no mask "
+                f"{folder / (item_id + options.mask_suffix)}.*"
+            )
+    _check_no_orphan_masks(by_image_id, train)
+    return {item_id: str(by_image_id[item_id]) for item_id in train}
+
+
+def _class_mask_paths(options: IngestOptions, train: dict[str, Path]) -> dict[str, str]:
+    """'|'-joined per-class mask files (``train_masks/<class>/``); a missing file is an empty
+    class, a missing class folder an error."""
+    root = Path(options.train_masks or "")
+    per_class = []
+    for name in options.classes or ():
+        folder = root / name
+        if not folder.is_dir():
+            raise SegflowError(
+                f"class folder {folder} does not exist: mask_source folder with data.classes "
+                f"expects one folder per class in {root} (missing class {name!r})"
+            )
+        role = f"train mask (class {name!r})"
+        per_class.append(_masks_by_image_id(folder, options, role, allow_empty=True))
+        _check_no_orphan_masks(per_class[-1], train)
+    joined = {
+        item_id: CLASS_SEPARATOR.join(str(masks.get(item_id, "")) for masks in per_class)
+        for item_id in train
+    }
+    if len(per_class) > 1:  # only then are the paths split on '|' when read back
+        for masks in per_class:
+            clash = next((path for path in masks.values() if CLASS_SEPARATOR in str(path)), None)
+            if clash is not None:
+                raise SegflowError(
+                    f"{clash}: a mask path containing {CLASS_SEPARATOR!r} cannot be recorded "
+                    "with several data.classes; rename the file or folder"
+                )
+    return joined
+
+
+def _train_rle_rows(
+    options: IngestOptions, train: dict[str, Path]
+) -> dict[str, tuple[tuple[RleRow, ...], ...]]:
+    """Train id -> per class, its RLE CSV rows; an id without rows has none (empty mask) when
+    ``rle_missing_is_empty``, else it is an error."""
+    rles = _read_rle_csv(options)
+    missing = [item_id for item_id in train if item_id not in rles]
+    if missing and options.rle_missing_is_empty:
+        log.info("%d train images have no row in %s: empty masks", len(missing), options.rle_csv)
+    elif missing:
+        raise SegflowError(
+            f"train image {train[missing[0]]} has no row in {options.rle_csv} "
+            f"({len(missing)} images without masks; set data.rle_missing_is_empty if the CSV "
+            "lists non-empty masks only)"
+        )
+    orphans = sorted(set(rles) - set(train))
+    if orphans:
+        first_row = next(rows[0] for rows in rles[orphans[0]] if rows)
+        raise SegflowError(
+            f"{first_row[1]}: no train image with this id in {options.train_images} "
+            f"({len(orphans)} ids without images)"
+        )
+    no_rows: tuple[tuple[RleRow, ...], ...] = ((),) * options.n_classes
+    return {
+        item_id: tuple(map(tuple, rles[item_id])) if item_id in rles else no_rows
+        for item_id in train
+    }
+
+
+def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any]]:
+    _check_options(options)
     window = DicomWindow(options.dicom_window_center, options.dicom_window_width)
-    train, train_skipped = list_images(options.train_images, "train image")
+    train, train_skipped = list_images(options.train_images or "", "train image")
     test: dict[str, Path] = {}
     test_skipped: list[str] = []
     if options.test_images:
@@ -256,43 +463,16 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
         )
 
     mask_paths: dict[str, str] = {}
-    rles: dict[str, list[tuple[str, str]]] = {}
+    rles: dict[str, tuple[tuple[RleRow, ...], ...]] = {}
     if options.mask_source == "folder":
         if not options.train_masks:
             raise SegflowError("data.train_masks is not set (needed for mask_source: folder)")
-        masks, _ = list_images(options.train_masks, "train mask")
-        by_image_id = {
-            stem[: len(stem) - len(options.mask_suffix)] if options.mask_suffix else stem: path
-            for stem, path in masks.items()
-            if stem.endswith(options.mask_suffix)
-        }
-        for item_id in train:
-            if item_id not in by_image_id:
-                raise SegflowError(
-                    f"train image {train[item_id]} has no mask "
-                    f"{Path(options.train_masks) / (item_id + options.mask_suffix)}.*"
-                )
-            mask_paths[item_id] = str(by_image_id[item_id])
-        orphans = sorted(set(by_image_id) - set(train))
-        if orphans:
-            raise SegflowError(
-                f"mask {by_image_id[orphans[0]]} has no train image "
-                f"({len(orphans)} masks without images)"
-            )
+        if options.classes:
+            mask_paths = _class_mask_paths(options, train)
+        else:
+            mask_paths = _binary_mask_paths(options, train)
     else:
-        rles = _read_rle_csv(options)
-        missing = [item_id for item_id in train if item_id not in rles]
-        if missing:
-            raise SegflowError(
-                f"train image {train[missing[0]]} has no row in {options.rle_csv} "
-                f"({len(missing)} images without masks)"
-            )
-        orphans = sorted(set(rles) - set(train))
-        if orphans:
-            raise SegflowError(
-                f"{rles[orphans[0]][0][1]}: no train image with this id in {options.train_images} "
-                f"({len(orphans)} ids without images)"
-            )
+        rles = _train_rle_rows(options, train)
 
     tasks = [
         _ScanTask(
@@ -300,7 +480,8 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
             split,
             str(path),
             mask_paths.get(item_id) if split == "train" else None,
-            tuple(rles[item_id]) if split == "train" and rles else None,
+            rles.get(item_id, ()) if split == "train" else (),
+            options.classes,
             options.rle_order,
             options.rle_start,
             window,
@@ -323,8 +504,11 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
     Returns:
         (manifest, summary): one row per item (columns: id, split, image_path, image_format,
         file_bytes, height, width, channels, bit_depth, is_gray, md5_bytes, md5_pixels, phash,
-        mask_path, mask_rle, mask_md5, mask_coverage, then ``meta_*`` metadata columns), and a
-        JSON-ready summary.
+        mask_path, mask_rle, mask_md5, mask_coverage, with ``classes`` also mask_classes, then
+        ``meta_*`` metadata columns), and a JSON-ready summary. Multi-label items hold one
+        ``|``-separated part per class in mask_path / mask_rle; mask_md5 hashes the packed
+        label and mask_coverage is the fraction of pixels of any class (see
+        :mod:`segflow.labels`).
 
     Raises:
         SegflowError: any unreadable, missing, mismatched or duplicated input, naming it.
@@ -349,14 +533,19 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
         )
         if missing_metadata:
             log.warning("%d items have no row in %s", missing_metadata, options.metadata_csv)
-    return manifest, _summarise(manifest, skipped, missing_metadata)
+    return manifest, _summarise(manifest, skipped, missing_metadata, options.classes)
 
 
 def _summarise(
-    manifest: pd.DataFrame, skipped: dict[str, list[str]], missing_metadata: int
+    manifest: pd.DataFrame,
+    skipped: dict[str, list[str]],
+    missing_metadata: int,
+    classes: tuple[str, ...] | None,
 ) -> dict[str, Any]:
     train = manifest[manifest["split"] == "train"]
     summary: dict[str, Any] = {
+        "classes": list(class_names(classes)),
+        "multilabel": classes is not None,
         "n_items": len(manifest),
         "n_train": len(train),
         "n_test": int((manifest["split"] == "test").sum()),

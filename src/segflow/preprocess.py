@@ -1,9 +1,14 @@
 """Preprocess: channel handling, 16->8-bit, CLAHE and resize into memory-mappable arrays.
 
-Outputs (in one folder) ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) with
-values {0, 1}, ``test_images.npy`` (M, H, W, C), ``index.parquet`` (id, split, row, original
-size) and ``stats.json`` (per-channel mean/std of the train images, for normalisation).
-Training then slices the arrays with ``np.load(..., mmap_mode="r")`` and never decodes a PNG.
+Outputs (in one folder) ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) of
+packed label masks (bit k = class k, :func:`segflow.labels.label_dtype`; binary data: uint8
+{0, 1}), ``test_images.npy`` (M, H, W, C), ``index.parquet`` (id, split, row, original size)
+and ``stats.json`` (per-channel mean/std of the train images, for normalisation; the class
+names). Training then slices the arrays with ``np.load(..., mmap_mode="r")`` and never decodes
+a PNG.
+
+The classes come from the manifest itself (its ``mask_classes`` column, written by ingest when
+``data.classes`` is set), so the arrays always match the masks they were decoded from.
 
 Workers write disjoint row ranges straight into the ``.npy`` memmaps, so memory stays at one
 chunk of decoded images per worker however large the dataset is.
@@ -15,7 +20,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -23,10 +28,10 @@ import pandas as pd
 
 from segflow.atomic import atomic_path, write_json, write_parquet
 from segflow.errors import SegflowError
-from segflow.imageio import DicomWindow, decode_image, read_mask
+from segflow.imageio import DicomWindow, decode_image
+from segflow.labels import class_names, label_dtype, manifest_classes, read_label
 from segflow.options import option, options_to_dict
 from segflow.parallel import chunked, parallel_map
-from segflow.rle import rle_decode
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,18 @@ class _Geometry:
     dtype: str
 
 
+class MaskSource(NamedTuple):
+    """One manifest item's mask columns (see :func:`segflow.labels.read_label`)."""
+
+    mask_path: str | None
+    mask_rle: str | None
+    where: str = "manifest item"  # names the item in error messages (its image path)
+
+
 @dataclass(frozen=True)
 class _Item:
     image_path: str
-    masks: tuple[tuple[str | None, str | None], ...]  # (mask_path, canonical RLE) to union
+    masks: tuple[MaskSource, ...]  # unioned: one item's own, or a 'union' group's
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,7 @@ class _ChunkTask:
     geometry: _Geometry
     options: PreprocessOptions
     dicom_window: DicomWindow
+    n_classes: int
 
 
 def convert_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
@@ -135,9 +149,15 @@ def resize_image(
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize, so a mask stays binary."""
+    """Nearest-neighbour resize, so a mask stays binary and a packed label keeps its values.
+
+    Shape:
+        mask: (H, W) uint8, uint16 or uint32; output: (height, width), same dtype.
+    """
     if mask.shape == (height, width):
         return mask
+    if mask.dtype == np.uint32:  # OpenCV 4 has no unsigned 32-bit type; nearest only copies bits
+        return resize_mask(mask.view(np.int32), height, width).view(np.uint32)
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
@@ -156,31 +176,30 @@ def prepare_image(
 
 
 def load_mask(
-    sources: tuple[tuple[str | None, str | None], ...], shape: tuple[int, int]
+    sources: tuple[MaskSource, ...], shape: tuple[int, int], n_classes: int = 1
 ) -> np.ndarray:
-    """The union of mask files / canonical RLE strings at the original resolution.
+    """The union (per class: bitwise OR) of manifest masks at the original resolution.
+
+    Args:
+        sources: the manifest mask columns to union (see :func:`mask_sources`).
+        shape: (height, width) of the image.
+        n_classes: classes of the manifest (1 for binary masks).
+
+    Returns:
+        The packed label mask (bit k = class k); binary: uint8 {0, 1}.
 
     Shape:
-        output: (H, W) uint8 {0, 1}.
+        output: (H, W).
     """
-    mask = np.zeros(shape, dtype=np.uint8)
-    for mask_path, mask_rle in sources:
-        part = (
-            read_mask(mask_path)
-            if mask_path
-            else rle_decode(mask_rle, shape, where="manifest mask_rle")
-        )
-        if part.shape != shape:
-            raise SegflowError(
-                f"{mask_path}: mask size {part.shape} differs from its image {shape}"
-            )
-        mask |= part
-    return mask
+    label = np.zeros(shape, dtype=label_dtype(n_classes))
+    for source in sources:
+        label |= read_label(source.mask_path, source.mask_rle, shape, n_classes, source.where)
+    return label
 
 
 def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
     """Write one chunk's rows; return per-channel [sum, sum of squares] of the scaled pixels
-    and the number of foreground mask pixels."""
+    and the number of foreground mask pixels (pixels of any class)."""
     images = np.load(task.images_path, mmap_mode="r+")
     masks = np.load(task.masks_path, mmap_mode="r+") if task.masks_path else None
     geometry = task.geometry
@@ -196,9 +215,9 @@ def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
         moments[0] += scaled.sum(axis=0)
         moments[1] += np.square(scaled).sum(axis=0)
         if masks is not None:
-            mask = load_mask(item.masks, pixels.shape[:2])
-            masks[row] = resize_mask(mask, geometry.height, geometry.width)
-            foreground += int(masks[row].sum())
+            label = load_mask(item.masks, pixels.shape[:2], task.n_classes)
+            masks[row] = resize_mask(label, geometry.height, geometry.width)
+            foreground += int(np.count_nonzero(masks[row]))
     images.flush()
     if masks is not None:
         masks.flush()
@@ -232,11 +251,12 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometr
     return _Geometry(height, width, channels, dtype)
 
 
-def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple]:
-    """id -> masks to union: its own, or every train member's for the 'union' policy."""
+def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple[MaskSource, ...]]:
+    """id -> masks to union: its own, or every train member's for the 'union' policy (the
+    packed labels are OR-ed, so the union is per class)."""
     by_id = manifest.set_index("id")
     own = {
-        item_id: ((row.mask_path, row.mask_rle),)
+        item_id: (MaskSource(row.mask_path, row.mask_rle, row.image_path),)
         for item_id, row in by_id.loc[items.loc[items["split"] == "train", "id"]].iterrows()
     }
     train = items[items["split"] == "train"]
@@ -271,7 +291,10 @@ def preprocess(
         dicom_window: HU window for DICOM sources.
 
     Returns:
-        The stats written to ``stats.json``.
+        The stats written to ``stats.json``: n_train, n_test, height, width, channels, dtype,
+        train_mean, train_std, train_mask_coverage (fraction of pixels of any class), classes
+        (the label bits' names; binary: ``["mask"]``), multilabel (whether ingest had
+        ``data.classes``) and options.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +306,8 @@ def preprocess(
     if train.empty:
         raise SegflowError("no train items left to preprocess (all dropped by dedup?)")
     geometry = _decide_geometry(pd.concat([train, test]), options)
+    classes = manifest_classes(manifest)
+    n_classes = len(class_names(classes))
     sources = mask_sources(manifest, dedup_items)
     window = dicom_window or DicomWindow()
     shape = (geometry.height, geometry.width)
@@ -306,7 +331,7 @@ def preprocess(
             )
             if mask_path is not None:
                 np.lib.format.open_memmap(
-                    mask_path, mode="w+", dtype=np.uint8, shape=(len(frame), *shape)
+                    mask_path, mode="w+", dtype=label_dtype(n_classes), shape=(len(frame), *shape)
                 )
             items = [
                 _Item(row.image_path, sources[row.id] if split == "train" else ())
@@ -321,6 +346,7 @@ def preprocess(
                     geometry,
                     options,
                     window,
+                    n_classes,
                 )
                 for index, chunk in enumerate(chunked(items, _CHUNK))
             ]
@@ -357,6 +383,8 @@ def preprocess(
         "train_mean": mean.round(6).tolist(),
         "train_std": std.round(6).tolist(),
         "train_mask_coverage": round(foreground / n_pixels, 6),
+        "classes": list(class_names(classes)),
+        "multilabel": classes is not None,
         "options": options_to_dict(options),
     }
     write_json(out_dir / "stats.json", stats)

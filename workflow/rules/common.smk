@@ -15,12 +15,17 @@ CONDA_ENV = "../../envs/segflow.yaml"
 
 
 def cli_flags(options):
-    """Render a config section as `segflow` flags: key `clip_limit` -> `--clip-limit VALUE`."""
+    """Render a config section as `segflow` flags: key `clip_limit` -> `--clip-limit VALUE`;
+    a list (schema: minItems 1) gives one quoted value per item: `--classes a 'b c'`."""
     flags = []
     for key, value in options.items():
         name = key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, list):
+            flags.append(
+                f"--{name} " + " ".join(shlex.quote(str(item)) for item in value)
+            )
         else:
             flags.append(
                 f"--{name} {shlex.quote('none' if value is None else str(value))}"
@@ -42,7 +47,21 @@ def dicom_flags():
 
 
 EXPERIMENTS = config["experiments"]
-SUBMIT_EXPERIMENT = config["submit_experiment"] or next(iter(EXPERIMENTS))
+
+
+def experiments_to_run():
+    """The experiments the default target trains: run_experiments, or every configured one."""
+    names = config["run_experiments"] or list(EXPERIMENTS)
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(
+            f"config run_experiments names {unknown[0]!r}; configured: {', '.join(EXPERIMENTS)}"
+        )
+    return names
+
+
+RUN_EXPERIMENTS = experiments_to_run()
+SUBMIT_EXPERIMENT = config["submit_experiment"] or RUN_EXPERIMENTS[0]
 N_FOLDS = config["folds"]["n_folds"]
 GPUS = config["gpus"]
 # Concurrent GPU jobs of this machine agree on who uses which GPU through locks in here.
