@@ -7,6 +7,7 @@ epoch draws the same batches whether the run was resumed or not.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
@@ -93,6 +94,7 @@ def build_train_set(
         transform=transform,
         mean=arrays.mean,
         std=arrays.std,
+        n_classes=len(arrays.classes),
     )
     return dataset, arrays.empty_masks(rows)
 
@@ -143,12 +145,15 @@ class FoldData:
         sampler = balanced_sampler(is_empty, options.empty_ratio, len(train_set), options.seed)
         if sampler is None:
             sampler = RandomSampler(train_set, generator=generator)
+        workers = loader_workers(options.num_workers, cuda=pin_memory)
         loader_args: dict[str, Any] = {
             "batch_size": options.batch_size,
-            "num_workers": options.num_workers,
+            "num_workers": workers,
             "pin_memory": pin_memory,
-            "worker_init_fn": _worker_init if options.num_workers else None,
         }
+        if workers:
+            loader_args["worker_init_fn"] = _worker_init
+            loader_args["multiprocessing_context"] = _worker_context()
         # A last batch of 1 breaks BatchNorm after global pooling (and wastes a step).
         train_loader = DataLoader(
             train_set,
@@ -163,6 +168,7 @@ class FoldData:
             arrays.train_masks_path,
             mean=arrays.mean,
             std=arrays.std,
+            n_classes=len(arrays.classes),
         )
         val_loader = DataLoader(val_set, shuffle=False, **loader_args)
         return cls(train_set, sampler, generator, train_loader, val_loader)
@@ -181,6 +187,44 @@ class FoldData:
         if sampler_generator is not None and sampler_generator is not self.generator:
             sampler_generator.manual_seed(seed + 1)
         _seed_dataset_transforms(self.train_set, seed + 2)  # used when num_workers == 0
+
+
+def loader_workers(requested: int | None, cuda: bool) -> int:
+    """DataLoader worker processes: the configured count, or derived from the job's threads.
+
+    Args:
+        requested: ``train.num_workers``; None derives it from torch's thread count (the rule's
+            ``threads``): all but one on CUDA, where the main process only feeds the GPU; none
+            on CPU, where the model step already uses every core (``benchmarks/bench_train.py``
+            measured 2 workers *slower* than 0 on a 2-core machine).
+        cuda: whether the model runs on a CUDA device.
+
+    Returns:
+        The worker count (0 = load in the main process).
+    """
+    if requested is not None:
+        return requested
+    return max(torch.get_num_threads() - 1, 0) if cuda else 0
+
+
+# Imported once by the fork server rather than by every worker of every epoch.
+_WORKER_PRELOAD = (
+    "numpy",
+    "cv2",
+    "torch",
+    "albumentations",
+    "segflow.datasets",
+    "segflow.fold_data",
+)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Start workers from a clean fork server, never by forking this process: the trainer has
+    OpenCV and OpenMP thread pools running, and a forked child inherits their locks held and
+    hangs on its first resize."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(_WORKER_PRELOAD))
+    return context
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -68,7 +68,11 @@ class TrainOptions:
     crop: list[int] | None = option(  # noqa: RUF009 (option() builds a dataclasses.field)
         None, "train on random [height, width] patches (validation stays full size)"
     )
-    num_workers: int = option(0, "DataLoader worker processes (0 = load in the main process)")
+    num_workers: int | None = option(
+        None,
+        "DataLoader worker processes (0 = load in the main process); null = from the job's"
+        " threads: threads - 1 on CUDA, 0 on CPU",
+    )
     seed: int = option(42, "seed of initialisation, sampling and augmentation")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     aux_weight: float = option(
@@ -111,7 +115,11 @@ class TrainOptions:
                 or (_is_number(self.empty_ratio) and 0 <= self.empty_ratio <= 1),
                 "in [0, 1] or null",
             ),
-            ("num_workers", _is_int(self.num_workers, 0), "an integer >= 0"),
+            (
+                "num_workers",
+                self.num_workers is None or _is_int(self.num_workers, 0),
+                "an integer >= 0 or null",
+            ),
             ("seed", _is_int(self.seed, 0), "an integer >= 0"),
             ("aux_weight", _is_number(self.aux_weight) and self.aux_weight >= 0, ">= 0"),
             ("device", isinstance(self.device, str), "a string"),
