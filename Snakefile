@@ -18,10 +18,10 @@ rule all:
         rules.make_folds.output,
         expand(
             result("oof", "{experiment}", "round0", "metrics.json"),
-            experiment=EXPERIMENTS,
+            experiment=RUN_EXPERIMENTS,
         ),
         expand(
             result("postprocess", "{experiment}", "round0", "params.json"),
-            experiment=EXPERIMENTS,
+            experiment=RUN_EXPERIMENTS,
         ),
         result("submission", SUBMIT_EXPERIMENT, "round0", "submission.csv"),

@@ -22,3 +22,11 @@ def test_experiment_parsing_names_bad_keys(tmp_path: Path) -> None:
     (tmp_path / "exp.yaml").write_text("model:\n  arch: Unet\n")
     assert load_experiment_values(str(tmp_path / "exp.yaml")) == {"model": {"arch": "Unet"}}
     assert load_experiment_values('{"loss": {"dice": 1}}') == {"loss": {"dice": 1}}
+
+
+def test_input_channels_and_classes_come_from_the_data() -> None:
+    experiment = parse_experiment("multi", {"model": {"arch": "Unet"}}, in_channels=1, classes=4)
+    assert (experiment.model.in_channels, experiment.model.classes) == (1, 4)
+    for key in ("in_channels", "classes"):
+        with pytest.raises(SegflowError, match=rf"experiments\.x\.model\.{key} is set by the data"):
+            parse_experiment("x", {"model": {key: 3}}, in_channels=1)

@@ -111,7 +111,7 @@ def test_aux_head_gives_a_label_and_forward_logits_returns_the_mask() -> None:
     assert isinstance(out, tuple) and len(out) == 2
     mask, label = out
     assert mask.shape == (2, 2, 64, 64)
-    assert label.shape == (2, 1)
+    assert label.shape == (2, 2)  # one "non-empty" logit per class
     assert torch.equal(logits, mask)
 
 

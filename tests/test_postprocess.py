@@ -14,8 +14,11 @@ from segflow.errors import SegflowError
 from segflow.metrics import instance_precision_iou, per_image_scores
 from segflow.postprocess import (
     PostprocessParams,
+    apply_classes,
     apply_postprocess,
     label_instances,
+    params_from_summary,
+    tune_classes,
     tune_postprocess,
 )
 
@@ -230,11 +233,11 @@ def test_tune_recovers_the_planted_optimum() -> None:
         probs, truths, PLANTED_THRESHOLDS, PLANTED_MIN_AREAS, fill_holes_options=(True, False)
     )
     assert best == PostprocessParams(threshold=0.4, min_area=6, fill_holes=False)
-    assert list(grid.columns) == ["threshold", "min_area", "fill_holes", "score"]
+    assert list(grid.columns) == ["threshold", "min_area", "fill_holes", "gate", "score"]
     assert len(grid) == 5 * 5 * 2
     # Nothing has holes, so filling ties; the tie goes to no filling.
-    assert grid.iloc[0].tolist() == [0.4, 6, False, 1.0]
-    assert grid.iloc[1].tolist() == [0.4, 6, True, 1.0]
+    assert grid.iloc[0].tolist() == [0.4, 6, False, 0.0, 1.0]
+    assert grid.iloc[1].tolist() == [0.4, 6, True, 0.0, 1.0]
     assert (grid["score"].iloc[2:] < 1.0).all()
     assert grid["score"].is_monotonic_decreasing
 
@@ -434,3 +437,81 @@ def test_label_instances_rejects_bad_input() -> None:
         label_instances(np.zeros((2, 3, 3)))
     with pytest.raises(SegflowError, match=r"postprocess\.min_distance"):
         label_instances(np.ones((3, 3)), split_touching=True, min_distance=0)
+
+
+# --------------------------------------------------------------------------- aux-head gate, classes
+
+
+def _gated_dataset() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every image has one confident blob; only the odd images' truth has it. A head that
+    knows (non-empty probability 0.9 vs 0.2) lets a gate between 0.2 and 0.9 fix every image."""
+    probs = np.full((10, 12, 12), 0.05)
+    probs[:, 3:9, 3:9] = 0.95
+    truths = np.zeros((10, 12, 12), dtype=bool)
+    truths[1::2, 3:9, 3:9] = True
+    nonempty = np.where(np.arange(10) % 2 == 1, 0.9, 0.2).astype(np.float32)
+    return probs, truths, nonempty
+
+
+def test_gate_empties_images_the_head_calls_empty() -> None:
+    probs, _, nonempty = _gated_dataset()
+    gated = apply_postprocess(probs, PostprocessParams(gate=0.5), nonempty)
+    assert gated[::2].sum() == 0 and (gated[1::2].sum(axis=(1, 2)) == 36).all()
+    ungated = apply_postprocess(probs, PostprocessParams(gate=0.5))  # no head: no gate
+    assert (ungated.sum(axis=(1, 2)) == 36).all()
+    single = apply_postprocess(probs[0], PostprocessParams(gate=0.5), nonempty[0])
+    assert single.shape == (12, 12) and single.sum() == 0
+
+
+def test_tune_finds_the_planted_gate_and_scores_it_like_apply() -> None:
+    probs, truths, nonempty = _gated_dataset()
+    best, grid = tune_postprocess(
+        probs, truths, [0.5], [0], nonempty=nonempty, gates=[0.1, 0.5, 0.95]
+    )
+    assert best.gate == 0.5 and grid.iloc[0]["score"] == 1.0
+    assert sorted(grid["gate"]) == [0.0, 0.1, 0.5, 0.95]  # "no gate" is always a candidate
+    for row in grid.itertuples():
+        params = PostprocessParams(row.threshold, row.min_area, row.fill_holes, row.gate)
+        pred = apply_postprocess(probs, params, nonempty)
+        assert row.score == pytest.approx(per_image_scores(pred, truths)["kaggle"].mean())
+    _, no_head = tune_postprocess(probs, truths, [0.5], [0], gates=[0.5])
+    assert no_head["gate"].tolist() == [0.0]  # without a head the gates are not tried
+    with pytest.raises(SegflowError, match=r"postprocess\.gates"):
+        tune_postprocess(probs, truths, [0.5], [0], nonempty=nonempty, gates=[1.0])
+
+
+def test_tune_classes_tunes_each_class_on_its_own_bit() -> None:
+    planted_probs, planted_truths = _planted_dataset()
+    gate_probs, gate_truths, nonempty = _gated_dataset()
+    n = len(gate_probs)
+    # Class 0: the planted threshold/min-area problem; class 1: the gate problem.
+    probs = np.stack([planted_probs[:n, :12, :12], gate_probs], axis=1)
+    packed = planted_truths[:n, :12, :12].astype(np.uint8) | (gate_truths.astype(np.uint8) << 1)
+    heads = np.stack([np.ones(n, np.float32), nonempty], axis=1)
+    params, grid, summary = tune_classes(
+        probs,
+        packed,
+        ["a", "b"],
+        PLANTED_THRESHOLDS,
+        PLANTED_MIN_AREAS,
+        gates=[0.5],
+        nonempty=heads,
+    )
+    expected_a, _ = tune_postprocess(
+        planted_probs[:n, :12, :12],
+        planted_truths[:n, :12, :12],
+        PLANTED_THRESHOLDS,
+        PLANTED_MIN_AREAS,
+        nonempty=heads[:, 0],
+        gates=[0.5],
+    )
+    assert params[0] == expected_a and params[1].gate == 0.5
+    assert [r["class"] for r in summary["classes"]] == ["a", "b"]
+    assert summary["score"] == pytest.approx(np.mean([r["score"] for r in summary["classes"]]))
+    assert set(grid["class"]) == {"a", "b"}
+    assert params_from_summary(summary, ["a", "b"]) == params
+    with pytest.raises(SegflowError, match="the data has"):
+        params_from_summary(summary, ["a"])
+    masks = apply_classes(probs, params, heads)
+    assert masks.shape == (n, 2, 12, 12)
+    np.testing.assert_array_equal(masks[:, 1], apply_postprocess(gate_probs, params[1], nonempty))

@@ -14,7 +14,13 @@ from segflow.errors import SegflowError
 from segflow.evaluate import assemble_oof, original_truths, score_oof
 from segflow.folds import FoldOptions, make_folds
 from segflow.models import ModelSpec, build_model, save_checkpoint
-from segflow.predict import PredictOptions, merge_folds, predict_split, write_prediction
+from segflow.predict import (
+    PredictOptions,
+    merge_folds,
+    nonempty_probs,
+    predict_split,
+    write_prediction,
+)
 from segflow.preprocess import PreprocessOptions, preprocess
 
 
@@ -43,7 +49,7 @@ def test_oof_prediction_covers_exactly_the_validation_fold(prepared: dict) -> No
         root / "folds.csv",
     )
     assert sorted(ids["id"]) == sorted(folds.loc[folds["fold"] == 1, "id"])
-    assert probs.dtype == np.float16 and probs.shape == (len(ids), 101, 101)  # original size
+    assert probs.dtype == np.float16 and probs.shape == (len(ids), 1, 101, 101)  # original size
     assert probs.min() >= 0.0 and probs.max() <= 1.0
 
 
@@ -53,7 +59,8 @@ def test_test_prediction_with_tta_and_tiling(prepared: dict) -> None:
         root / "arrays", root / "model.pt", "test", PredictOptions(device="cpu")
     )
     n_test = (prepared["manifest"]["split"] == "test").sum()
-    assert len(plain_ids) == n_test and plain.shape == (n_test, 101, 101)
+    assert len(plain_ids) == n_test and plain.shape == (n_test, 1, 101, 101)
+    assert list(plain_ids.columns) == ["id", "orig_height", "orig_width"]  # no aux head
     _, d4 = predict_split(
         root / "arrays", root / "model.pt", "test", PredictOptions(tta="d4", device="cpu")
     )
@@ -71,7 +78,7 @@ def test_assemble_and_score_oof(prepared: dict, tmp_path: Path) -> None:
     dirs = []
     for fold in range(3):
         ids = folds.loc[folds["fold"] == fold, ["id"]].reset_index(drop=True)
-        perfect = np.stack([truth_by_id[i] for i in ids["id"]]).astype(np.float16)
+        perfect = np.stack([truth_by_id[i] for i in ids["id"]])[:, None].astype(np.float16)
         write_prediction(tmp_path / f"fold{fold}", ids, perfect)
         dirs.append(tmp_path / f"fold{fold}")
     ids, probs = assemble_oof(dirs)
@@ -82,6 +89,7 @@ def test_assemble_and_score_oof(prepared: dict, tmp_path: Path) -> None:
     empty_share = np.mean([t.sum() == 0 for t in truths])
     assert summary["all_empty_baseline_kaggle"] == pytest.approx(empty_share)
     assert list(table["group"].astype(str)) == ["all", "0", "1", "2"]
+    assert set(table["class"]) == {"mask"} and "per_class" not in summary
     with pytest.raises(SegflowError, match="predicted by two folds"):
         assemble_oof([dirs[0], dirs[0]])
 
@@ -92,3 +100,50 @@ def test_fold_merges() -> None:
     assert merge_folds([a, b], "gmean") == pytest.approx(np.full((1, 2, 2), 0.4))
     with pytest.raises(KeyError, match="valid: mean, gmean"):
         merge_folds([a], "median")
+
+
+def test_aux_head_nonempty_probability_is_averaged_over_tta(prepared: dict) -> None:
+    root = prepared["root"]
+    torch.manual_seed(1)
+    spec = ModelSpec(arch="Unet", encoder="resnet18", in_channels=1, aux_head=True)
+    model = build_model(spec)
+    save_checkpoint(root / "aux.pt", model, spec, {"mean": [0.5], "std": [0.25]})
+    ids, probs = predict_split(
+        root / "arrays", root / "aux.pt", "test", PredictOptions(tta="d4", device="cpu")
+    )
+    gate = nonempty_probs(ids, 1)
+    assert gate is not None and gate.shape == (len(ids), 1)
+    # The same mean by hand for the first image: sigmoid of the label logit of each D4 copy.
+    images = np.load(root / "arrays" / "test_images.npy", mmap_mode="r")
+    row = int(
+        pd.read_parquet(root / "arrays" / "index.parquet").query("split == 'test'")["row"].iloc[0]
+    )
+    x = (torch.from_numpy(images[row].astype(np.float32) / 255).permute(2, 0, 1)[None] - 0.5) / 0.25
+    copies = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+    model.eval()
+    with torch.no_grad():
+        expected = torch.stack([torch.sigmoid(model(c)[1]) for c in copies]).mean()
+    assert gate[0, 0] == pytest.approx(float(expected), abs=1e-5)
+    _, tiled = predict_split(
+        root / "arrays", root / "aux.pt", "test", PredictOptions(tile=32, device="cpu")
+    )
+    assert tiled.shape == probs.shape  # tiled runs predict masks, and no gate (tiles != images)
+
+
+def test_multilabel_scores_average_over_classes() -> None:
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[0, :4] |= 1  # class 0 on images 0, 1
+    truth[1, 2:] |= 1
+    truth[2, :, :3] |= 2  # class 1 on image 2 only
+    probs = np.zeros((4, 2, 8, 8), np.float16)
+    probs[:, 0] = truth & 1  # class 0 perfect
+    probs[2, 1, :, :3] = 1  # class 1 perfect on image 2 ...
+    probs[3, 1, 0, 0] = 1  # ... and a false positive on the empty image 3
+    table, summary = score_oof(probs, truth, np.array([0, 0, 1, 1]), ["a", "b"])
+    per_class = {r["class"]: r["kaggle"] for r in summary["per_class"]}
+    assert per_class == {"a": 1.0, "b": 0.75}
+    assert summary["kaggle"] == pytest.approx(0.875)
+    assert summary["all_empty_baseline_kaggle"] == pytest.approx((0.5 + 0.75) / 2)
+    assert len(table) == 2 * 3  # (all, fold 0, fold 1) per class
+    with pytest.raises(SegflowError, match="one map per class"):
+        score_oof(probs[:, :1], truth, np.zeros(4), ["a", "b"])

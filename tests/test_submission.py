@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from segflow.dedup import DedupOptions, find_duplicates
+from segflow.errors import SegflowError
 from segflow.rle import rle_decode
 from segflow.submission import (
     SubmissionOptions,
@@ -117,3 +118,32 @@ def test_instance_masks_split_objects_and_touching_ones_on_request() -> None:
     for rle in frame["rle_mask"]:
         union |= rle_decode(rle, mask.shape)
     np.testing.assert_array_equal(union, mask)
+
+
+def test_multilabel_rows_per_class_decode_back_and_known_labels_unpack() -> None:
+    masks = random_masks(3, (6, 5), seed=2)
+    stacks = {key: np.stack([m, 1 - m]) for key, m in masks.items()}  # class b = not class a
+    known = {"id001": np.full((6, 5), 0b10, np.uint8)}  # a copied train label: only class b
+    frame = submission_frame(stacks, SubmissionOptions(), known, classes=["a", "b"])
+    assert list(frame.columns) == ["id", "class", "rle_mask"]
+    assert frame[["id", "class"]].values.tolist() == [
+        [i, c] for i in sorted(masks) for c in ("a", "b")
+    ]
+    for row in frame.itertuples():
+        decoded = rle_decode(row.rle_mask, (6, 5))
+        if row.id == "id001":
+            expected = np.zeros((6, 5)) if row._2 == "a" else np.ones((6, 5))
+        else:
+            expected = stacks[row.id][0 if row._2 == "a" else 1]
+        np.testing.assert_array_equal(decoded, expected)
+    instances = submission_frame(
+        {"x": np.stack([np.eye(4, dtype=np.uint8), np.zeros((4, 4), np.uint8)])},
+        SubmissionOptions(instances=True, class_column="ClassId"),
+        classes=["1", "2"],
+    )
+    # The diagonal is one 8-connected object; the empty class still gets its row.
+    assert instances.values.tolist() == [["x", "1", "1 1 6 1 11 1 16 1"], ["x", "2", ""]]
+    with pytest.raises(SegflowError, match="has 1 classes, not 2"):
+        submission_frame(
+            {"x": np.zeros((1, 4, 4), np.uint8)}, SubmissionOptions(), classes=["a", "b"]
+        )

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,6 +24,7 @@ from helpers import write_synthetic_arrays
 
 from segflow import train as train_module
 from segflow.errors import SegflowError
+from segflow.fold_data import loader_workers
 from segflow.models import ModelSpec, build_model, forward_logits, load_checkpoint
 from segflow.train import (
     HISTORY_COLUMNS,
@@ -297,6 +299,33 @@ def test_aux_head_is_trained_with_its_loss(arrays_dir: Path, tmp_path: Path) -> 
     assert masks.shape == (2, 1, 32, 32) and labels.shape == (2, 1)
 
 
+def test_multilabel_masks_train_one_output_and_head_logit_per_class(tmp_path: Path) -> None:
+    arrays_dir = write_synthetic_arrays(tmp_path / "arrays", n=24, size=32)
+    squares = np.load(arrays_dir / "train_masks.npy")
+    top_half = np.zeros_like(squares)  # class b: the upper half of each square
+    for i, square in enumerate(squares):
+        rows = np.flatnonzero(square.any(axis=1))
+        if rows.size:
+            top_half[i, rows[0] : rows[0] + rows.size // 2] = square[
+                rows[0] : rows[0] + rows.size // 2
+            ]
+    np.save(arrays_dir / "train_masks.npy", squares | (top_half << 1))
+    stats = json.loads((arrays_dir / "stats.json").read_text())
+    (arrays_dir / "stats.json").write_text(json.dumps({**stats, "classes": ["a", "b"]}))
+
+    spec = ModelSpec(encoder=SPEC.encoder, extra=SPEC.extra, classes=2, aux_head=True)
+    metrics = _train(arrays_dir, tmp_path / "run", spec=spec, epochs=4, augment="none")
+    history = pd.read_csv(tmp_path / "run" / "out" / "history.csv")
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert 0.0 <= metrics["final"]["dice"] <= 1.0
+    model, _ = load_checkpoint(tmp_path / "run" / "out" / "model.pt")
+    with torch.no_grad():
+        masks, labels = model(torch.zeros(2, 1, 32, 32))
+    assert masks.shape == (2, 2, 32, 32) and labels.shape == (2, 2)
+    with pytest.raises(SegflowError, match="lists 2 class"):
+        _train(arrays_dir, tmp_path / "binary", epochs=1)  # a one-class model on two classes
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -313,9 +342,26 @@ def test_option_variants_train(arrays_dir: Path, tmp_path: Path, overrides: dict
     assert meta["input_size"] == [32, 32]  # patches for training, full size for validation
 
 
-def test_dataloader_workers(arrays_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.timeout(120)
+def test_dataloader_workers_after_opencv_threads_started(arrays_dir: Path, tmp_path: Path) -> None:
+    # Workers come from a fork server, so whatever thread pools this process runs stay here.
+    cv2.setNumThreads(2)
+    cv2.GaussianBlur(np.zeros((512, 512), np.float32), (0, 0), 3.0)
     metrics = _train(arrays_dir, tmp_path / "run", epochs=1, num_workers=2)
     assert metrics["epochs_trained"] == 1
+
+
+def test_loader_workers_follow_threads() -> None:
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert loader_workers(None, cuda=True) == 3
+        assert loader_workers(None, cuda=False) == 0
+        assert loader_workers(2, cuda=False) == 2
+        torch.set_num_threads(1)
+        assert loader_workers(None, cuda=True) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- schedules

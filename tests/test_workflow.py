@@ -7,20 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from conftest import REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
+from helpers import write_label_dataset
+
+from segflow.rle import rle_decode
 
 pytestmark = pytest.mark.workflow
 
 SMALL_DEMO = {
     "demo": {"n_train": 60, "n_test": 20, "seed": 5},
     "folds": {"n_folds": 2},
-    "experiments": {"unet_r18": {"train": {"epochs": 1, "batch_size": 8}}},
+    "experiments": {"fpn_r18": {"train": {"epochs": 1, "batch_size": 8}}},
     "predict": {"tta": "hflip"},
-    "postprocess": {"thresholds": [0.4, 0.5], "min_areas": [0, 20], "fill_holes_options": [False]},
+    "postprocess": {
+        "thresholds": [0.4, 0.5],
+        "min_areas": [0, 20],
+        "fill_holes_options": [False],
+        "gates": [0.5],
+    },
 }
 MODEL_STAGES = {
     "train_fold",
@@ -112,24 +121,27 @@ def test_model_stages_produce_oof_postprocessing_and_submission(demo_run: Path) 
     results = demo_run / "results"
     folds = pd.read_csv(results / "folds" / "folds.csv", dtype={"id": str})
     for fold in (0, 1):
-        model_dir = results / "models" / "unet_r18" / "round0" / f"fold{fold}"
+        model_dir = results / "models" / "fpn_r18" / "round0" / f"fold{fold}"
         history = pd.read_csv(model_dir / "history.csv")
         assert len(history) == 1 and (model_dir / "model.pt").is_file()
-    assert not (results / ".resume" / "unet_r18" / "round0" / "fold0" / "last.pt").exists()
-    oof_dir = results / "oof" / "unet_r18" / "round0"
+    assert not (results / ".resume" / "fpn_r18" / "round0" / "fold0" / "last.pt").exists()
+    oof_dir = results / "oof" / "fpn_r18" / "round0"
     oof_ids = pd.read_csv(oof_dir / "oof_ids.csv", dtype={"id": str})
     assert sorted(oof_ids["id"]) == sorted(folds["id"])  # every used train item exactly once
     oof = np.load(oof_dir / "oof_probs.npy")
-    assert oof.dtype == np.float16 and oof.shape == (len(folds), 101, 101)  # original size
+    assert oof.dtype == np.float16 and oof.shape == (len(folds), 1, 101, 101)  # original size
     metrics = json.loads((oof_dir / "metrics.json").read_text())
     assert {"dice", "iou", "kaggle", "all_empty_baseline_kaggle"} <= set(metrics)
     params = json.loads(
-        (results / "postprocess" / "unet_r18" / "round0" / "params.json").read_text()
+        (results / "postprocess" / "fpn_r18" / "round0" / "params.json").read_text()
     )
-    grid = pd.read_csv(results / "postprocess" / "unet_r18" / "round0" / "grid.csv")
-    assert len(grid) == 4 and params["score"] == pytest.approx(grid["score"].max())
+    grid = pd.read_csv(results / "postprocess" / "fpn_r18" / "round0" / "grid.csv")
+    # thresholds x min_areas x (no gate, gate 0.5): the demo model has an aux head
+    assert len(grid) == 8 and params["score"] == pytest.approx(grid["score"].max())
+    assert [record["class"] for record in params["classes"]] == ["mask"]
+    assert oof_ids["nonempty_prob_0"].between(0, 1).all()
     submission = pd.read_csv(
-        results / "submission" / "unet_r18" / "round0" / "submission.csv",
+        results / "submission" / "fpn_r18" / "round0" / "submission.csv",
         dtype=str,
         keep_default_na=False,
     )
@@ -159,7 +171,7 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
             {"data": {"dicom_window_width": 300.0}},
             {"ingest_dataset", "find_duplicates", "preprocess_images", "make_folds"} | MODEL_STAGES,
         ),
-        ({"experiments": {"unet_r18": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
+        ({"experiments": {"fpn_r18": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
         ({"postprocess": {"min_areas": [0, 5]}}, {"tune_postprocess", "make_submission", "all"}),
         ({"submission": {"empty_rle": "-1"}}, {"make_submission", "all"}),
@@ -296,3 +308,96 @@ def test_workflow_is_snakefmt_formatted() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _two_class_dataset(root: Path, n_train: int = 40, n_test: int = 8, size: int = 48) -> None:
+    """Severstal-style data: bright squares are class 1, dark discs class 2 (both may appear,
+    and overlap), train.csv in long format listing only non-empty (image, class) pairs; the
+    last test image is a byte copy of train image 0."""
+    rng = np.random.default_rng(3)
+    train = {}
+    yy, xx = np.mgrid[:size, :size]
+    for index in range(n_train + n_test):
+        image = rng.integers(90, 140, size=(size, size)).astype(np.uint8)
+        planes = np.zeros((2, size, size), np.uint8)
+        if index % 3 != 0:
+            y, x = rng.integers(0, size - 16, size=2)
+            planes[0, y : y + 16, x : x + 16] = 1
+            image[planes[0] == 1] = 230
+        if index % 2 == 0:
+            cy, cx = rng.integers(8, size - 8, size=2)
+            planes[1] = (yy - cy) ** 2 + (xx - cx) ** 2 <= 49
+            image[planes[1] == 1] = 20
+        train[f"img{index:03d}"] = (image, planes)
+    test = {key: train.pop(key) for key in list(train)[n_train:]}
+    test["img999"] = train["img000"]
+    write_label_dataset(root, train, ("1", "2"), source="rle_csv")
+    (root / "test").mkdir()
+    for key, (image, _) in test.items():
+        cv2.imwrite(str(root / "test" / f"{key}.png"), image)
+
+
+def test_multilabel_competition_runs_end_to_end(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "workflow")
+    _two_class_dataset(workdir / "data")
+    overrides = {
+        "results_dir": "results-ml",
+        "demo": {"enabled": False},
+        "data": {
+            "train_images": "data/train/images",
+            "test_images": "data/test",
+            "mask_source": "rle_csv",
+            "rle_csv": "data/train.csv",
+            "rle_id_column": "ImageId",
+            "rle_class_column": "ClassId",
+            "rle_column": "EncodedPixels",
+            "rle_missing_is_empty": True,
+            "classes": ["1", "2"],
+            "metadata_csv": None,
+        },
+        "preprocess": {"height": 32, "width": 32, "clahe": False},
+        "folds": {"n_folds": 2},
+        "run_experiments": ["tiny"],
+        "experiments": {
+            "tiny": {
+                "model": {
+                    "arch": "Unet",
+                    "encoder": "mobilenet_v2",
+                    "aux_head": True,
+                    "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+                },
+                "augment": "none",
+                "train": {"epochs": 2, "batch_size": 8, "lr": 0.01},
+            }
+        },
+        "predict": {"tta": "hflip"},
+        "postprocess": {"thresholds": [0.5], "min_areas": [0, 10], "gates": [0.5]},
+        "submission": {
+            "id_column": "ImageId",
+            "class_column": "ClassId",
+            "rle_column": "EncodedPixels",
+        },
+    }
+    run_snakemake(workdir, "--configfile", write_config(workdir, "ml.yaml", overrides))
+    results = workdir / "results-ml"
+    stats = json.loads((results / "preprocess" / "stats.json").read_text())
+    assert stats["classes"] == ["1", "2"] and stats["multilabel"] is True
+    oof = np.load(results / "oof" / "tiny" / "round0" / "oof_probs.npy")
+    assert oof.shape == (40, 2, 48, 48)
+    metrics = json.loads((results / "oof" / "tiny" / "round0" / "metrics.json").read_text())
+    assert [record["class"] for record in metrics["per_class"]] == ["1", "2"]
+    params = json.loads((results / "postprocess" / "tiny" / "round0" / "params.json").read_text())
+    assert [record["class"] for record in params["classes"]] == ["1", "2"]
+    submission = pd.read_csv(
+        results / "submission" / "tiny" / "round0" / "submission.csv",
+        dtype=str,
+        keep_default_na=False,
+    )
+    assert list(submission.columns) == ["ImageId", "ClassId", "EncodedPixels"]
+    assert len(submission) == 9 * 2  # every test image, every class
+    copied = submission[submission["ImageId"] == "img999"].set_index("ClassId")["EncodedPixels"]
+    train_csv = pd.read_csv(workdir / "data" / "train.csv", dtype=str)
+    expected = train_csv[train_csv["ImageId"] == "img000"].set_index("ClassId")["EncodedPixels"]
+    assert copied["2"] == expected["2"] and copied["1"] == expected.get("1", "")
+    for rle in submission["EncodedPixels"]:
+        assert rle_decode(rle, (48, 48)).shape == (48, 48)

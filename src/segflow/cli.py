@@ -172,6 +172,12 @@ def _compute(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def _add_stats(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stats", required=True, help="preprocess's stats.json (the class names, in bit order)"
+    )
+
+
 def _add_compute(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs on this machine (0: none)")
@@ -196,7 +202,10 @@ def _train(args: argparse.Namespace) -> None:
 
     stats = json.loads((Path(args.arrays_dir) / "stats.json").read_text())
     experiment = parse_experiment(
-        args.name, load_experiment_values(args.experiment), in_channels=int(stats["channels"])
+        args.name,
+        load_experiment_values(args.experiment),
+        in_channels=int(stats["channels"]),
+        classes=len(stats.get("classes", ["mask"])),
     )
     result = train_fold(
         args.arrays_dir,
@@ -231,17 +240,31 @@ def _run_predict(args: argparse.Namespace) -> None:
     log.info("%s: %d predictions at %s", args.command, len(ids), probs.shape[1:])
 
 
+def _classes(stats_path: str) -> tuple[list[str], bool]:
+    """(class names in bit order, multi-label?) from preprocess's stats.json."""
+    import json
+
+    path = Path(stats_path)
+    if not path.is_file():
+        raise SegflowError(f"{path} does not exist (run preprocess first)")
+    stats = json.loads(path.read_text())
+    return list(stats.get("classes", ["mask"])), bool(stats.get("multilabel", False))
+
+
 def _run_evaluate_oof(args: argparse.Namespace) -> None:
     import numpy as np
 
     from segflow.atomic import atomic_path
     from segflow.evaluate import assemble_oof, original_truths, score_oof
 
+    classes, _ = _classes(args.stats)
     ids, probs = assemble_oof(args.fold_dirs)
     folds = pd.read_csv(args.folds, dtype={"id": str}).set_index("id")
     manifest = read_table(args.manifest, "manifest")
-    truths = original_truths(manifest, read_table(args.dedup_items, "dedup items"), ids["id"])
-    table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy())
+    truths = original_truths(
+        manifest, read_table(args.dedup_items, "dedup items"), ids["id"], len(classes)
+    )
+    table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes)
     out = Path(args.out_dir)
     with atomic_path(out / "oof_probs.npy") as tmp:
         np.save(tmp, probs.astype(np.float16))
@@ -259,43 +282,37 @@ def _run_evaluate_oof(args: argparse.Namespace) -> None:
 
 
 def _run_tune_postprocess(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import numpy as np
 
     from segflow.evaluate import original_truths
-    from segflow.postprocess import tune_postprocess
+    from segflow.postprocess import tune_classes
+    from segflow.predict import nonempty_probs
 
+    classes, _ = _classes(args.stats)
     oof_dir = Path(args.oof_dir)
     ids = pd.read_csv(oof_dir / "oof_ids.csv", dtype={"id": str})
-    probs = np.load(oof_dir / "oof_probs.npy")
+    probs = np.load(oof_dir / "oof_probs.npy", mmap_mode="r")
     truths = original_truths(
         read_table(args.manifest, "manifest"),
         read_table(args.dedup_items, "dedup items"),
         ids["id"],
+        len(classes),
     )
-    best, grid = tune_postprocess(
-        probs.astype(np.float32),
-        truths.astype(bool),
+    _, grid, summary = tune_classes(
+        probs,
+        truths,
+        classes,
         args.thresholds,
         args.min_areas,
         args.fill_holes_options,
         args.metric,
+        nonempty_probs(ids, len(classes)),
+        args.gates,
     )
-    default_score = grid[
-        (grid["threshold"] == 0.5) & (grid["min_area"] == 0) & ~grid["fill_holes"]
-    ]["score"]
     write_csv(Path(args.out_dir) / "grid.csv", grid)
-    write_json(
-        Path(args.out_dir) / "params.json",
-        {
-            **dataclasses.asdict(best),
-            "metric": args.metric,
-            "score": float(grid["score"].iloc[0]),
-            "score_at_0.5": float(default_score.iloc[0]) if len(default_score) else None,
-        },
-    )
-    log.info("best post-processing %s: %s %.4f", best, args.metric, grid["score"].iloc[0])
+    write_json(Path(args.out_dir) / "params.json", summary)
+    for record in summary["classes"]:
+        log.info("best post-processing of %s: %s", record["class"], record)
 
 
 def _run_submit(args: argparse.Namespace) -> None:
@@ -303,33 +320,30 @@ def _run_submit(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from segflow.postprocess import PostprocessParams, apply_postprocess
-    from segflow.predict import merge_folds
+    from segflow.postprocess import apply_classes, params_from_summary
+    from segflow.predict import merge_folds, nonempty_probs
     from segflow.submission import (
         SubmissionOptions,
-        instance_masks,
         known_test_labels,
         submission_frame,
         write_submission,
     )
 
+    classes, multilabel = _classes(args.stats)
     options = dataclass_from_namespace(SubmissionOptions, args)
     fold_ids = [pd.read_csv(Path(d) / "ids.csv", dtype={"id": str}) for d in args.fold_dirs]
     if any(not ids["id"].equals(fold_ids[0]["id"]) for ids in fold_ids):
         raise SegflowError("test predictions of the folds are not in the same id order")
     probs = merge_folds([np.load(Path(d) / "probs.npy") for d in args.fold_dirs], args.fold_merge)
-    tuned = json.loads(Path(args.postprocess).read_text())
-    params = PostprocessParams(tuned["threshold"], tuned["min_area"], tuned["fill_holes"])
-    masks = apply_postprocess(probs, params)
+    gates = [nonempty_probs(ids, len(classes)) for ids in fold_ids]
+    nonempty = None if any(g is None for g in gates) else np.mean(gates, axis=0)
+    params = params_from_summary(json.loads(Path(args.postprocess).read_text()), classes)
+    masks = apply_classes(probs, params, nonempty)
     manifest = read_table(args.manifest, "manifest")
-    known = known_test_labels(manifest, read_table(args.dedup_items, "dedup items"))
-    predictions: dict[str, np.ndarray | list[np.ndarray]] = dict(
-        zip(fold_ids[0]["id"], masks, strict=True)
-    )
-    if options.instances:  # known train labels are split the same way
-        predictions = {k: instance_masks(v, options.split_touching) for k, v in predictions.items()}
-        known = {k: instance_masks(v, options.split_touching) for k, v in known.items()}
-    frame = submission_frame(predictions, options, known)
+    known = known_test_labels(manifest, read_table(args.dedup_items, "dedup items"), len(classes))
+    # Binary data keeps the two-column format: one (H, W) mask per id, no class column.
+    predictions = dict(zip(fold_ids[0]["id"], masks if multilabel else masks[:, 0], strict=True))
+    frame = submission_frame(predictions, options, known, classes if multilabel else None)
     write_submission(args.out, frame)
     copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0
     log.info(
@@ -432,16 +446,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate-oof", _run_evaluate_oof, "assemble and score the OOF predictions")
     evaluate.add_argument("--fold-dirs", nargs="+", required=True, help="predict-oof outputs")
     evaluate.add_argument("--folds", required=True, help="folds.csv")
+    _add_stats(evaluate)
     _add_stage_tables(evaluate)
     evaluate.add_argument("--out-dir", required=True, help="folder for OOF arrays and metrics")
 
     tune = command("tune-postprocess", _run_tune_postprocess, "grid-search post-processing on OOF")
     tune.add_argument("--oof-dir", required=True, help="evaluate-oof output folder")
+    _add_stats(tune)
     _add_stage_tables(tune)
     tune.add_argument("--thresholds", nargs="+", type=float, required=True)
     tune.add_argument("--min-areas", nargs="+", type=int, required=True)
     tune.add_argument(
         "--fill-holes-options", nargs="+", type=lambda t: t.lower() == "true", default=[False]
+    )
+    tune.add_argument(
+        "--gates",
+        nargs="*",
+        type=float,
+        default=[],
+        help="aux-head non-empty probability gates to try (0, no gate, is always tried)",
     )
     tune.add_argument("--metric", default="kaggle", help="metric to maximise")
     tune.add_argument("--out-dir", required=True, help="folder for params.json and grid.csv")
@@ -450,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--fold-dirs", nargs="+", required=True, help="predict-test outputs")
     submit.add_argument("--fold-merge", default="mean", choices=("mean", "gmean"))
     submit.add_argument("--postprocess", required=True, help="params.json from tune-postprocess")
+    _add_stats(submit)
     _add_stage_tables(submit)
     submit.add_argument("--out", required=True, help="submission CSV to write")
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
 from segflow.errors import SegflowError
+from segflow.labels import unpack_labels
 
 # Full-scale value of each stored pixel type: pixels are scaled to [0, 1] before normalising,
 # the same scale in which preprocess computed train_mean / train_std.
@@ -148,6 +149,11 @@ class SegmentationArrays:
         return str(self.stats["dtype"])
 
     @property
+    def classes(self) -> list[str]:
+        """Class names in bit order of the packed masks (binary data: one class)."""
+        return [str(name) for name in self.stats.get("classes", ["mask"])]
+
+    @property
     def mean(self) -> list[float]:
         """Per-channel mean of the train images in [0, 1] units."""
         return [float(v) for v in self.stats["train_mean"]]
@@ -201,7 +207,8 @@ class MemmapDataset(Dataset):
     """Rows of a preprocessed (N, H, W, C) image array (and (N, H, W) mask array) as tensors.
 
     Each item is a dict: ``image`` float32 (C, H, W), normalised as (pixel / full scale - mean) /
-    std; ``mask`` float32 (1, H, W) in {0, 1} (only when ``masks_path`` is given); ``row`` the
+    std; ``mask`` float32 (K, H, W) in {0, 1}, one plane per class (only when ``masks_path`` is
+    given); ``row`` the
     array row (int). ``transform`` (an albumentations transform) is applied to the uint8/uint16
     image and the mask together, before scaling, so spatial augmentations move both alike.
     """
@@ -214,14 +221,17 @@ class MemmapDataset(Dataset):
         transform: Any = None,
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
+        n_classes: int = 1,
     ) -> None:
         """Args:
         images_path: ``*_images.npy`` (N, H, W, C), uint8 or uint16.
         rows: which rows of the arrays make up the dataset, in order.
-        masks_path: ``train_masks.npy`` (N, H, W) {0, 1}, or None for unlabelled images.
+        masks_path: ``train_masks.npy`` (N, H, W) packed labels (bit k = class k; binary data
+            {0, 1}), or None for unlabelled images.
         transform: an albumentations transform called as ``transform(image=..., mask=...)``.
         mean: per-channel mean in [0, 1] units (``stats.json`` train_mean).
         std: per-channel std in [0, 1] units (``stats.json`` train_std).
+        n_classes: mask planes to unpack from the packed labels.
         """
         self.images_path = str(images_path)
         self.masks_path = str(masks_path) if masks_path is not None else None
@@ -229,6 +239,7 @@ class MemmapDataset(Dataset):
         self.transform = transform
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = safe_std(std)
+        self.n_classes = n_classes
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
         self._scale = 1.0
@@ -286,7 +297,9 @@ class MemmapDataset(Dataset):
             "row": row,
         }
         if mask is not None:
-            sample["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)[None])
+            # Augmented packed (nearest-neighbour moves whole labels), then split into planes.
+            planes = unpack_labels(np.asarray(mask), self.n_classes)
+            sample["mask"] = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))
         return sample
 
 

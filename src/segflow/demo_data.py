@@ -522,7 +522,7 @@ def _distractors(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         kind = str(rng.choice(["ellipse", "polygon", "blob"]))
         patch = _draw_shape(rng, h, w, kind).astype(np.float32) / 255.0
         patch = cv2.GaussianBlur(patch, (0, 0), rng.uniform(1.5, 5.0))
-        out += rng.choice([-1.0, 1.0]) * rng.uniform(0.04, 0.18) * patch
+        out += rng.choice([-1.0, 1.0]) * rng.uniform(0.03, 0.1) * patch
     return out
 
 
@@ -535,7 +535,7 @@ def _render_sample(
     """One image (uint8, HxW or HxWx3) and its mask (uint8 HxW, 0/255)."""
     bg, angle, period = _background(rng, h, w)
     # Empty images get distractors more often, so "any blob" is not a shortcut to "object".
-    if rng.random() < (0.8 if empty else 0.5):
+    if rng.random() < (0.6 if empty else 0.4):
         bg += _distractors(rng, h, w)
 
     mask = np.zeros((h, w), np.uint8) if empty else _object_mask(rng, h, w)
@@ -545,7 +545,7 @@ def _render_sample(
         alpha = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), rng.uniform(0.6, 1.5))
         # Keep the background's illumination inside the object, replace its texture.
         illumination = cv2.GaussianBlur(bg, (0, 0), 6.0)
-        contrast = rng.uniform(0.015, 0.05) if rng.random() < 0.25 else rng.uniform(0.05, 0.3)
+        contrast = rng.uniform(0.12, 0.35)
         interior = (
             illumination
             + rng.choice([-1.0, 1.0]) * contrast

@@ -42,13 +42,16 @@ def _dataclass_from(cls: type, values: dict[str, Any], key: str) -> Any:
     return cls(**values)
 
 
-def parse_experiment(name: str, values: dict[str, Any], in_channels: int) -> Experiment:
+def parse_experiment(
+    name: str, values: dict[str, Any], in_channels: int, classes: int = 1
+) -> Experiment:
     """Validate and type an experiment mapping.
 
     Args:
         name: the experiment's name (config key).
         values: its mapping (model, loss, ohem_fraction, augment, train).
         in_channels: channels of the preprocessed images (the model's input).
+        classes: mask classes of the data (the model's output channels).
 
     Returns:
         The parsed :class:`Experiment`.
@@ -60,7 +63,13 @@ def parse_experiment(name: str, values: dict[str, Any], in_channels: int) -> Exp
     unknown = sorted(set(values) - set(EXPERIMENT_KEYS))
     if unknown:
         raise SegflowError(f"unknown key {key}.{unknown[0]}; valid: {', '.join(EXPERIMENT_KEYS)}")
-    model_values = {**values.get("model", {}), "in_channels": in_channels}
+    model_values = values.get("model", {})
+    for derived in ("in_channels", "classes"):
+        if isinstance(model_values, dict) and derived in model_values:
+            raise SegflowError(
+                f"{key}.model.{derived} is set by the data (preprocess stats.json); remove it"
+            )
+    model_values = {**model_values, "in_channels": in_channels, "classes": classes}
     loss = values.get("loss", DEFAULT_LOSS)
     if not isinstance(loss, dict) or not loss:
         raise SegflowError(f"{key}.loss must map loss names to weights, e.g. {{bce: 1, dice: 1}}")

@@ -72,7 +72,8 @@ class ModelSpec:
             (downloads!), or a path to a local ``.pt``/``.pth``/``.safetensors`` encoder state dict.
         in_channels: image channels.
         classes: output mask channels (logits).
-        aux_head: add smp's image-level classification head (one logit, "mask is non-empty").
+        aux_head: add smp's image-level classification head (one logit per class, "this
+            class's mask is non-empty").
         decoder_attention: decoder attention type (``"scse"``); Unet and UnetPlusPlus only.
         extra: further constructor keyword arguments (e.g. ``decoder_channels``), passed through.
     """
@@ -368,7 +369,7 @@ def _constructor_kwargs(cls: type[torch.nn.Module], spec: ModelSpec) -> dict[str
         "classes": spec.classes,
     }
     if spec.aux_head:
-        kwargs["aux_params"] = {"classes": 1}
+        kwargs["aux_params"] = {"classes": spec.classes}  # per class: is its mask non-empty?
     if spec.decoder_attention is not None:
         if "decoder_attention_type" not in accepted:
             with_attention = [

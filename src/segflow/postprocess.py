@@ -12,6 +12,7 @@ gap in an object's outline does not close a hole.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +41,15 @@ class PostprocessParams:
     threshold: float = option(0.5, "foreground where probability > threshold, in (0, 1)")
     min_area: int = option(0, "remove 8-connected objects of fewer pixels (0: keep all)")
     fill_holes: bool = option(False, "fill background regions enclosed by an object")
+    gate: float = option(
+        0.0, "empty the mask when the aux head's non-empty probability is below this (0: off)"
+    )
 
     def __post_init__(self) -> None:
         _check_threshold(self.threshold, "postprocess.threshold")
         _check_min_area(self.min_area, "postprocess.min_area")
         _check_bool(self.fill_holes, "postprocess.fill_holes")
+        _check_gate(self.gate, "postprocess.gate")
 
 
 def _check_threshold(value: Any, key: str) -> None:
@@ -52,6 +57,13 @@ def _check_threshold(value: Any, key: str) -> None:
         raise SegflowError(f"{key} must be a number in (0, 1), got {value!r}")
     if not 0.0 < float(value) < 1.0:
         raise SegflowError(f"{key} must be in (0, 1), got {value!r}")
+
+
+def _check_gate(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise SegflowError(f"{key} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise SegflowError(f"{key} must be in [0, 1), got {value!r}")
 
 
 def _check_min_area(value: Any, key: str) -> None:
@@ -115,20 +127,25 @@ def _filled(mask: np.ndarray) -> np.ndarray:
     return labels != labels[0, 0]  # fg pixels are label 0, the outer region is labels[0, 0]
 
 
-def apply_postprocess(prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
-    """Threshold probabilities, remove small objects, optionally fill holes — in that order.
+def apply_postprocess(
+    prob: np.ndarray, params: PostprocessParams, nonempty: np.ndarray | None = None
+) -> np.ndarray:
+    """Threshold probabilities, remove small objects, optionally fill holes — in that order;
+    then empty the masks of images the aux head calls empty (``params.gate``).
 
     Args:
         prob: foreground probabilities.
         params: threshold (foreground where prob > threshold), min_area (8-connected objects of
             fewer pixels are removed) and fill_holes (4-connected background regions that do not
-            reach the image border become foreground).
+            reach the image border become foreground), gate (see ``nonempty``).
+        nonempty: per image, the aux head's probability that the mask is non-empty; images
+            below ``params.gate`` get an empty mask. None (no aux head) disables the gate.
 
     Returns:
         uint8 mask with values {0, 1}.
 
     Shape:
-        prob and output: (H, W) or (N, H, W).
+        prob and output: (H, W) or (N, H, W); nonempty: () or (N,).
     """
     prob = np.asarray(prob)
     if prob.ndim not in (2, 3):
@@ -148,6 +165,8 @@ def apply_postprocess(prob: np.ndarray, params: PostprocessParams) -> np.ndarray
         if params.fill_holes:
             mask = _filled(mask).view(np.uint8)
         out[chunk] = framed.interior(mask)
+    if nonempty is not None and params.gate > 0:
+        out[np.asarray(nonempty, dtype=np.float32).reshape(n) < params.gate] = 0
     return out[0] if prob.ndim == 2 else out
 
 
@@ -320,6 +339,8 @@ def tune_postprocess(
     min_areas: Sequence[int],
     fill_holes_options: Sequence[bool] = (False,),
     metric: str = "kaggle",
+    nonempty: np.ndarray | None = None,
+    gates: Sequence[float] = (),
 ) -> tuple[PostprocessParams, pd.DataFrame]:
     """Grid-search the post-processing that maximises the mean per-image ``metric``.
 
@@ -335,15 +356,18 @@ def tune_postprocess(
         min_areas: candidate minimum object areas in pixels, each >= 0.
         fill_holes_options: candidate fill_holes values.
         metric: ``"dice"``, ``"iou"`` or ``"kaggle"``.
+        nonempty: the aux head's per-image non-empty probabilities, or None (no aux head).
+        gates: candidate gates in [0, 1) (used with ``nonempty``); 0, no gate, is always tried.
 
     Returns:
-        (best, grid): grid has columns threshold, min_area, fill_holes, score (mean over the
-        images), one row per grid point, best first. Scores equal to 12 decimals are ties,
-        broken toward the lower threshold, then the smaller min_area, then no hole filling, so
-        the choice is deterministic and prefers the least aggressive post-processing.
+        (best, grid): grid has columns threshold, min_area, fill_holes, gate, score (mean over
+        the images), one row per grid point, best first. Scores equal to 12 decimals are ties,
+        broken toward the lower threshold, then the smaller min_area, then no hole filling,
+        then the lower gate, so the choice is deterministic and prefers the least aggressive
+        post-processing.
 
     Shape:
-        probs, truths: (N, H, W).
+        probs, truths: (N, H, W); nonempty: (N,).
     """
     if metric not in METRIC_NAMES:
         raise SegflowError(
@@ -352,6 +376,12 @@ def tune_postprocess(
     grid_t = _validated_grid(thresholds, "postprocess.thresholds", _check_threshold)
     grid_m = _validated_grid(min_areas, "postprocess.min_areas", _check_min_area)
     grid_f = _validated_grid(fill_holes_options, "postprocess.fill_holes_options", _check_bool)
+    grid_g = [0.0]
+    if nonempty is not None:
+        grid_g = _validated_grid([0.0, *gates], "postprocess.gates", _check_gate)
+        nonempty = np.asarray(nonempty, dtype=np.float32)
+        if nonempty.shape != (len(probs),):
+            raise ValueError(f"nonempty must have shape ({len(probs)},), got {nonempty.shape}")
     probs = np.asarray(probs)
     truths = np.asarray(truths)
     if probs.ndim != 3 or probs.shape != truths.shape:
@@ -373,13 +403,21 @@ def tune_postprocess(
         )
     truth_area = np.count_nonzero(truths, axis=(1, 2))
     rows = []
-    for index in np.ndindex(*shape[:3]):
-        scores = scores_from_counts(metric, intersection[index], pred_area[index], truth_area)
-        t_index, m_index, f_index = index
-        rows.append((grid_t[t_index], grid_m[m_index], grid_f[f_index], float(scores.mean())))
-    grid = pd.DataFrame(rows, columns=["threshold", "min_area", "fill_holes", "score"])
+    for gate in grid_g:
+        # A gated image predicts nothing: no intersection, no predicted area.
+        kept = np.ones(n, dtype=bool) if nonempty is None else ~(nonempty < gate)
+        for index in np.ndindex(*shape[:3]):
+            scores = scores_from_counts(
+                metric, intersection[index] * kept, pred_area[index] * kept, truth_area
+            )
+            t_index, m_index, f_index = index
+            rows.append(
+                (grid_t[t_index], grid_m[m_index], grid_f[f_index], gate, float(scores.mean()))
+            )
+    grid = pd.DataFrame(rows, columns=["threshold", "min_area", "fill_holes", "gate", "score"])
     order = np.lexsort(
         (
+            grid["gate"].to_numpy(),
             grid["fill_holes"].to_numpy(),
             grid["min_area"].to_numpy(),
             grid["threshold"].to_numpy(),
@@ -392,6 +430,7 @@ def tune_postprocess(
         threshold=float(best["threshold"]),
         min_area=int(best["min_area"]),
         fill_holes=bool(best["fill_holes"]),
+        gate=float(best["gate"]),
     )
     return params, grid
 
@@ -479,3 +518,117 @@ def label_instances(
         )
         labels[rest > 0] = rest[rest > 0] + seeds.size
     return labels
+
+
+def tune_classes(
+    probs: np.ndarray,
+    truths: np.ndarray,
+    classes: Sequence[str],
+    thresholds: Sequence[float],
+    min_areas: Sequence[int],
+    fill_holes_options: Sequence[bool] = (False,),
+    metric: str = "kaggle",
+    nonempty: np.ndarray | None = None,
+    gates: Sequence[float] = (),
+) -> tuple[list[PostprocessParams], pd.DataFrame, dict[str, Any]]:
+    """:func:`tune_postprocess` for each class on its own (the metric is a mean over classes,
+    so the per-class optima are the joint optimum).
+
+    Args:
+        probs: OOF probabilities, one map per class.
+        truths: packed label masks (bit k = class k; binary masks are {0, 1}).
+        classes: class names in bit order.
+        thresholds, min_areas, fill_holes_options, metric, gates: the grid, as in
+            :func:`tune_postprocess`.
+        nonempty: the aux head's non-empty probabilities per image and class, or None.
+
+    Returns:
+        (best parameters per class, the whole grid with a ``class`` column, JSON-ready summary
+        with ``metric``, ``score`` and ``score_at_0.5`` (means over classes) and ``classes``:
+        one record per class with its parameters and scores).
+
+    Shape:
+        probs: (N, K, H, W); truths: (N, H, W); nonempty: (N, K).
+    """
+    if probs.ndim != 4 or probs.shape[1] != len(classes):
+        raise SegflowError(
+            f"probabilities of shape {probs.shape} do not hold one map per class ({len(classes)})"
+        )
+    truths = np.asarray(truths)
+    best_params, grids, records = [], [], []
+    for k, name in enumerate(classes):
+        params, grid = tune_postprocess(
+            np.asarray(probs[:, k], dtype=np.float32),
+            (truths >> k) & 1,
+            thresholds,
+            min_areas,
+            fill_holes_options,
+            metric,
+            None if nonempty is None else nonempty[:, k],
+            gates,
+        )
+        plain = grid[
+            (grid["threshold"] == 0.5)
+            & (grid["min_area"] == 0)
+            & ~grid["fill_holes"]
+            & (grid["gate"] == 0)
+        ]["score"]
+        best_params.append(params)
+        grids.append(grid.assign(**{"class": name}))
+        records.append(
+            {
+                "class": name,
+                **dataclasses.asdict(params),
+                "score": float(grid["score"].iloc[0]),
+                "score_at_0.5": float(plain.iloc[0]) if len(plain) else None,
+            }
+        )
+    defaults = [r["score_at_0.5"] for r in records]
+    summary = {
+        "metric": metric,
+        "score": float(np.mean([r["score"] for r in records])),
+        "score_at_0.5": None if None in defaults else float(np.mean(defaults)),
+        "classes": records,
+    }
+    grid = pd.concat(grids, ignore_index=True)
+    return best_params, grid[["class", *[c for c in grid.columns if c != "class"]]], summary
+
+
+def params_from_summary(summary: dict[str, Any], classes: Sequence[str]) -> list[PostprocessParams]:
+    """The per-class parameters of a :func:`tune_classes` summary (``params.json``), in the
+    order of ``classes``.
+
+    Raises:
+        SegflowError: the summary's classes are not ``classes``.
+    """
+    records = summary.get("classes")
+    if not isinstance(records, list) or [r.get("class") for r in records] != list(classes):
+        found = [r.get("class") for r in records] if isinstance(records, list) else records
+        raise SegflowError(
+            f"post-processing parameters are for classes {found}, the data has {list(classes)}"
+        )
+    fields = [f.name for f in dataclasses.fields(PostprocessParams)]
+    return [PostprocessParams(**{name: record[name] for name in fields}) for record in records]
+
+
+def apply_classes(
+    probs: np.ndarray, params: Sequence[PostprocessParams], nonempty: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`apply_postprocess` per class with its own parameters.
+
+    Shape:
+        probs: (N, K, H, W); nonempty: (N, K); output: (N, K, H, W) uint8 {0, 1}.
+    """
+    if probs.ndim != 4 or probs.shape[1] != len(params):
+        raise SegflowError(f"probabilities of shape {probs.shape} but {len(params)} classes")
+    return np.stack(
+        [
+            apply_postprocess(
+                np.asarray(probs[:, k], dtype=np.float32),
+                class_params,
+                None if nonempty is None else nonempty[:, k],
+            )
+            for k, class_params in enumerate(params)
+        ],
+        axis=1,
+    )

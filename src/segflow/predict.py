@@ -56,11 +56,11 @@ def predict_rows(
     options: PredictOptions,
     device: torch.device,
     divisor: int = 32,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Sigmoid probabilities for ``images[rows]`` at the preprocessed resolution.
 
     Args:
-        model: a segmentation model (mask logits via :func:`segflow.models.forward_logits`).
+        model: a segmentation model, optionally with an aux (image-level) head.
         images: the preprocessed (N, H, W, C) array (a memmap is fine: rows are read in batches).
         rows: which rows to predict.
         mean, std: per-channel normalisation of the training run (in [0, 1] units).
@@ -69,15 +69,15 @@ def predict_rows(
         divisor: the model's required input multiple; inputs are reflect-padded to it.
 
     Returns:
-        float32 probabilities of the first (or only) class.
+        (mask probabilities, non-empty probabilities of the aux head averaged over the TTA
+        copies, or None without an aux head or with tiling, where the head sees tiles).
 
     Shape:
-        output: (len(rows), H, W).
+        masks: (len(rows), K, H, W) float32; non-empty: (len(rows), K) float32.
     """
     import torch
 
     from segflow.datasets import crop_to, pad_to_multiple
-    from segflow.models import forward_logits
     from segflow.tiling import predict_tiled
     from segflow.tta import predict_with_tta
 
@@ -86,21 +86,27 @@ def predict_rows(
     scale = _scale(images.dtype)
     height, width = images.shape[1:3]
     model = model.to(device).eval()
+    label_probs: list[torch.Tensor] = []  # aux-head sigmoids of every TTA copy, in call order
 
     def probabilities(batch: torch.Tensor) -> torch.Tensor:
         padded, _ = pad_to_multiple(batch, divisor)
-        logits = forward_logits(model, padded)
+        logits = model(padded)
+        if isinstance(logits, tuple | list):  # smp's aux head: (mask logits, label logits)
+            logits, label_logits = logits
+            label_probs.append(torch.sigmoid(label_logits.float()))
         return torch.sigmoid(crop_to(logits, batch.shape[-2], batch.shape[-1]).float())
 
     def augmented(batch: torch.Tensor) -> torch.Tensor:
         return predict_with_tta(probabilities, batch, options.tta)
 
-    out = np.empty((len(rows), height, width), dtype=np.float32)
+    masks: np.ndarray | None = None
+    nonempty: np.ndarray | None = None
     with torch.inference_mode():
         for start in range(0, len(rows), options.batch_size):
             chunk = np.asarray(images[rows[start : start + options.batch_size]])
             batch = torch.from_numpy(chunk.astype(np.float32) / scale).permute(0, 3, 1, 2)
             batch = ((batch.to(device) - mean_t) / std_t).contiguous()
+            label_probs.clear()
             if options.tile:
                 probs = torch.stack(
                     [
@@ -117,24 +123,43 @@ def predict_rows(
                 )
             else:
                 probs = augmented(batch)
-            out[start : start + len(chunk)] = probs[:, 0].cpu().numpy()
-    return out
+            if masks is None:
+                masks = np.empty((len(rows), probs.shape[1], height, width), dtype=np.float32)
+                if label_probs and not options.tile:
+                    nonempty = np.empty((len(rows), probs.shape[1]), dtype=np.float32)
+            masks[start : start + len(chunk)] = probs.cpu().numpy()
+            if nonempty is not None:
+                # TTA calls hold whole copies of the batch, copy-major: average the copies.
+                copies = torch.cat(label_probs).view(-1, len(chunk), probs.shape[1])
+                nonempty[start : start + len(chunk)] = copies.mean(dim=0).cpu().numpy()
+    if masks is None:
+        masks = np.empty((0, 1, height, width), dtype=np.float32)
+    return masks, nonempty
 
 
 def restore_resolution(probs: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Resize each probability map back to its original (height, width), bilinearly.
+    """Resize each image's probability maps back to its original (height, width), bilinearly.
 
     Shape:
-        probs: (N, h, w); output: N arrays of their own (H_i, W_i), float32.
+        probs: (N, K, h, w); output: N arrays of (K, H_i, W_i), float32.
     """
-    return [
-        prob if prob.shape == size else cv2.resize(prob, size[::-1], interpolation=cv2.INTER_LINEAR)
-        for prob, size in zip(probs, sizes, strict=True)
-    ]
+    restored = []
+    for prob, size in zip(probs, sizes, strict=True):
+        if prob.shape[1:] == tuple(size):
+            restored.append(prob)
+            continue
+        # cv2 resizes (h, w, K) channel-wise in one call (up to 512 channels).
+        resized = cv2.resize(
+            np.ascontiguousarray(prob.transpose(1, 2, 0)),
+            (int(size[1]), int(size[0])),
+            interpolation=cv2.INTER_LINEAR,
+        )
+        restored.append(resized.reshape(size[0], size[1], -1).transpose(2, 0, 1))
+    return restored
 
 
 def stack_original(probs: list[np.ndarray], where: str) -> np.ndarray:
-    """Stack same-sized maps as float16 (N, H, W); mixed original sizes are not supported yet."""
+    """Stack same-sized maps as float16 (N, K, H, W); mixed original sizes are not supported yet."""
     shapes = {prob.shape for prob in probs}
     if len(shapes) > 1:
         raise SegflowError(
@@ -142,7 +167,7 @@ def stack_original(probs: list[np.ndarray], where: str) -> np.ndarray:
             "for mixed-size datasets is not supported yet"
         )
     if not probs:
-        return np.zeros((0, 0, 0), dtype=np.float16)
+        return np.zeros((0, 1, 0, 0), dtype=np.float16)
     return np.stack(probs).astype(np.float16)
 
 
@@ -192,10 +217,11 @@ def predict_split(
     """Predict one fold model on its validation fold (``split="train"``) or on the test set.
 
     Returns:
-        (ids with their original sizes, float16 probabilities at the original resolution).
+        (ids with their original sizes, plus one ``nonempty_prob_<k>`` column per class when
+        the model has an aux head; float16 probabilities at the original resolution).
 
     Shape:
-        probabilities: (N, H_orig, W_orig).
+        probabilities: (N, K, H_orig, W_orig).
     """
     from segflow.devices import resolve_device
     from segflow.models import load_checkpoint, required_divisor
@@ -213,12 +239,33 @@ def predict_split(
         rows = index[index["split"] == "test"].reset_index(drop=True)
     images = np.load(arrays_dir / f"{split}_images.npy", mmap_mode="r")
     mean, std = meta.get("mean", stats["train_mean"]), meta.get("std", stats["train_std"])
-    probs = predict_rows(
+    probs, nonempty = predict_rows(
         model, images, rows["row"].to_numpy(), mean, std, options, device, required_divisor(model)
     )
     sizes = list(zip(rows["orig_height"], rows["orig_width"], strict=True))
     restored = stack_original(restore_resolution(probs, sizes), f"{split} predictions")
-    return rows[["id", "orig_height", "orig_width"]], restored
+    ids = rows[["id", "orig_height", "orig_width"]].reset_index(drop=True)
+    if nonempty is not None:
+        for k in range(nonempty.shape[1]):
+            ids[nonempty_column(k)] = nonempty[:, k]
+    return ids, restored
+
+
+def nonempty_column(k: int) -> str:
+    """The ids.csv column holding class ``k``'s aux-head probability that the mask is non-empty."""
+    return f"nonempty_prob_{k}"
+
+
+def nonempty_probs(ids: pd.DataFrame, n_classes: int) -> np.ndarray | None:
+    """The aux-head non-empty probabilities stored in an ids table, or None if it has none.
+
+    Shape:
+        output: (len(ids), n_classes) float32.
+    """
+    columns = [nonempty_column(k) for k in range(n_classes)]
+    if not all(column in ids.columns for column in columns):
+        return None
+    return ids[columns].to_numpy(dtype=np.float32)
 
 
 def write_prediction(out_dir: str | Path, ids: pd.DataFrame, probs: np.ndarray) -> None:

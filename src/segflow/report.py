@@ -50,10 +50,14 @@ def results_summary(results_dir: str | Path) -> str:
         tuned = _load(root / "postprocess" / experiment / round_dir / "params.json")
         if tuned:
             lines.append(
-                f"  tuned       {experiment}/{round_dir}: {tuned['metric']} {tuned['score']:.4f} "
-                f"with threshold {tuned['threshold']}, min_area {tuned['min_area']}, "
-                f"fill_holes {tuned['fill_holes']}"
+                f"  tuned       {experiment}/{round_dir}: {tuned['metric']} {tuned['score']:.4f}"
             )
+            for record in tuned.get("classes", []):
+                gate = f", gate {record['gate']}" if record.get("gate") else ""
+                lines.append(
+                    f"    {record['class']}: threshold {record['threshold']}, min_area "
+                    f"{record['min_area']}, fill_holes {record['fill_holes']}{gate}"
+                )
     for submission in sorted(root.glob("submission/*/round*/submission.csv")):
         lines.append(f"  submission  {submission}")
     if len(lines) == 1:

@@ -7,7 +7,7 @@ file is written, so a submission can never silently disagree with the prediction
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pandas as pd
 
 from segflow.atomic import write_csv
 from segflow.errors import SegflowError
-from segflow.imageio import read_mask
+from segflow.labels import label_dtype, read_label, unpack_labels
 from segflow.options import option
 from segflow.rle import RLE_ORDERS, rle_decode, rle_encode
 
@@ -39,6 +39,9 @@ class SubmissionOptions:
     split_touching: bool = option(
         False, "with instances: split touching objects by a watershed on the distance transform"
     )
+    class_column: str = option(
+        "class", "class column name in the submission CSV (multi-label data: one row per class)"
+    )
 
 
 def instance_masks(mask: np.ndarray, split_touching: bool = False) -> list[np.ndarray]:
@@ -53,34 +56,43 @@ def instance_masks(mask: np.ndarray, split_touching: bool = False) -> list[np.nd
     return [(labels == label).astype(np.uint8) for label in range(1, int(labels.max()) + 1)]
 
 
-def train_label(manifest: pd.DataFrame, train_ids: Iterable[str]) -> np.ndarray:
-    """The union of the original-resolution masks of ``train_ids`` (one id: its own mask).
+def train_label(manifest: pd.DataFrame, train_ids: Iterable[str], n_classes: int = 1) -> np.ndarray:
+    """The union (per class) of the original-resolution labels of ``train_ids`` (one id: its
+    own label).
+
+    Args:
+        manifest: the ingest manifest.
+        train_ids: train items whose labels are unioned.
+        n_classes: classes of the manifest (1 for binary masks).
+
+    Returns:
+        The packed label mask (bit k = class k, see :mod:`segflow.labels`); binary: {0, 1}.
 
     Shape:
-        output: (H, W) uint8 {0, 1}.
+        output: (H, W), dtype :func:`segflow.labels.label_dtype` (binary: uint8).
     """
     rows = manifest.set_index("id").loc[list(train_ids)]
     shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
-    mask = np.zeros(shape, dtype=np.uint8)
+    label = np.zeros(shape, dtype=label_dtype(n_classes))
     for row in rows.itertuples():
-        part = (
-            read_mask(row.mask_path)
-            if isinstance(row.mask_path, str)
-            else rle_decode(row.mask_rle, shape, where=f"manifest mask_rle of {row.Index}")
-        )
-        mask |= part
-    return mask
+        label |= read_label(row.mask_path, row.mask_rle, shape, n_classes, row.image_path)
+    return label
 
 
-def known_test_labels(manifest: pd.DataFrame, dedup_items: pd.DataFrame) -> dict[str, np.ndarray]:
+def known_test_labels(
+    manifest: pd.DataFrame, dedup_items: pd.DataFrame, n_classes: int = 1
+) -> dict[str, np.ndarray]:
     """Test id -> train label for test images identical to usable train images (dedup's leaks).
 
     Members of a duplicate group whose masks agree share one mask; a group resolved by the
     ``union`` policy gives the union, matching what the model was trained on.
+
+    Returns:
+        Packed label masks (bit k = class k; binary: {0, 1}), see :mod:`segflow.labels`.
     """
     leaks = dedup_items[dedup_items["split"].eq("test") & dedup_items["leak_train_ids"].notna()]
     return {
-        row.id: train_label(manifest, str(row.leak_train_ids).split(";"))
+        row.id: train_label(manifest, str(row.leak_train_ids).split(";"), n_classes)
         for row in leaks.itertuples()
     }
 
@@ -88,36 +100,60 @@ def known_test_labels(manifest: pd.DataFrame, dedup_items: pd.DataFrame) -> dict
 def submission_frame(
     masks: Mapping[str, np.ndarray | list[np.ndarray]],
     options: SubmissionOptions,
-    known_labels: Mapping[str, np.ndarray | list[np.ndarray]] | None = None,
+    known_labels: Mapping[str, np.ndarray] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Build the submission table, one row per id (or per instance when a list is given).
+    """Build the submission table: one row per id, or per (id, class) with classes, or per
+    object with ``options.instances``.
 
     Args:
-        masks: test id -> (H, W) binary mask at the original resolution, or a list of instance
-            masks (one RLE row each, DSB-style); an empty list gives one empty row.
-        options: column names and RLE convention.
-        known_labels: test id -> label that replaces the prediction (``copy_train_labels``).
+        masks: test id -> prediction at the original resolution: a binary (H, W) mask, a list
+            of instance masks (binary data, already split; an empty list gives one empty row),
+            or with ``classes`` one (K, H, W) stack of class masks.
+        options: column names, RLE convention, instance mode.
+        known_labels: test id -> packed train label that replaces the prediction
+            (``copy_train_labels``); bit k is class k.
+        classes: class names for multi-label data (adds ``options.class_column``); None for
+            binary data.
 
     Returns:
-        DataFrame with the two configured columns, sorted by id (instance rows in given order).
+        DataFrame with the configured columns, sorted by id, then class (instance rows in
+        label order).
 
     Raises:
         SegflowError: an RLE string that does not decode back to its mask (a bug, not bad input).
     """
     if options.rle_order not in RLE_ORDERS:
         raise SegflowError(f"unknown submission.rle_order {options.rle_order!r}")
-    rows: list[tuple[str, str]] = []
+    names = list(classes) if classes is not None else [None]
+    rows: list[tuple[str, ...]] = []
     for item_id in sorted(masks):
+        prediction = masks[item_id]
         if options.copy_train_labels and known_labels and item_id in known_labels:
-            prediction: np.ndarray | list[np.ndarray] = known_labels[item_id]
-        else:
-            prediction = masks[item_id]
-        instances = prediction if isinstance(prediction, list) else [prediction]
-        if not instances:
-            rows.append((item_id, options.empty_rle))
-        for mask in instances:
-            rows.append((item_id, _checked_rle(item_id, mask, options)))
-    return pd.DataFrame(rows, columns=[options.id_column, options.rle_column])
+            prediction = unpack_labels(known_labels[item_id], len(names))
+            if classes is None:
+                prediction = prediction[0]
+        per_class = prediction if classes is not None else [prediction]
+        if len(per_class) != len(names):
+            raise SegflowError(
+                f"prediction of {item_id} has {len(per_class)} classes, not {len(names)}"
+            )
+        for name, class_prediction in zip(names, per_class, strict=True):
+            key = (item_id,) if name is None else (item_id, name)
+            if isinstance(class_prediction, list):
+                instances = class_prediction
+            elif options.instances:
+                instances = instance_masks(class_prediction, options.split_touching)
+            else:
+                instances = [class_prediction]
+            if not instances:
+                rows.append((*key, options.empty_rle))
+            for mask in instances:
+                rows.append((*key, _checked_rle(item_id, mask, options)))
+    columns = [options.id_column, options.rle_column]
+    if classes is not None:
+        columns.insert(1, options.class_column)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _checked_rle(item_id: str, mask: np.ndarray, options: SubmissionOptions) -> str:

@@ -199,7 +199,11 @@ class _FoldTrainer:
         self.model = build_model(model_spec).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(dict(loss_weights), mode="binary", ohem_fraction=ohem_fraction)
+        self.loss_fn = build_loss(
+            dict(loss_weights),
+            mode="binary" if model_spec.classes == 1 else "multilabel",
+            ohem_fraction=ohem_fraction,
+        )
         self.aux_loss_fn = nn.BCEWithLogitsLoss()
         self.data = FoldData.build(
             arrays, train_rows, val_rows, augment, options, pin_memory=self.device.type == "cuda"
@@ -257,10 +261,10 @@ class _FoldTrainer:
         """The segmentation loss plus ``aux_weight`` x the empty/non-empty head's BCE."""
         loss = self.loss_fn(mask_logits, masks)
         if label_logits is not None:
-            # Image-level target: does the (possibly cropped) mask contain anything?
-            labels = masks.flatten(1).amax(dim=1, keepdim=True)
+            # Image-level target per class: does the (possibly cropped) mask contain anything?
+            labels = masks.flatten(2).amax(dim=2)
             loss = loss + self.options.aux_weight * self.aux_loss_fn(
-                label_logits.reshape(len(labels), -1)[:, :1], labels
+                label_logits.reshape(labels.shape), labels
             )
         return loss
 
@@ -330,8 +334,9 @@ class _FoldTrainer:
             mask_logits, label_logits = self._forward(model, images)
             total += float(self._loss(mask_logits, label_logits, masks)) * len(images)
             count += len(images)
-            pred = (mask_logits[:, 0] > 0).cpu().numpy()  # sigmoid > 0.5
-            truth = masks[:, 0].cpu().numpy().astype(bool)
+            # Every (image, class) pair is scored: the mean is the mean over classes.
+            pred = (mask_logits > 0).flatten(0, 1).cpu().numpy()  # sigmoid > 0.5
+            truth = masks.flatten(0, 1).cpu().numpy().astype(bool)
             for name, values in per_image_scores(pred, truth).items():
                 if name in scores:
                     scores[name].append(values)
@@ -467,8 +472,8 @@ def train_fold(
             index.parquet, stats.json).
         folds_csv: the folds stage's folds.csv.
         fold: the validation fold.
-        model_spec: a :class:`segflow.models.ModelSpec` (binary: ``classes`` 1; ``in_channels``
-            the arrays' channels).
+        model_spec: a :class:`segflow.models.ModelSpec` (``classes`` and ``in_channels`` those
+            of the arrays' stats.json).
         loss_weights: loss term -> weight (:func:`segflow.losses.build_loss`).
         augment: augmentation spec (:func:`segflow.augment.build_augmentation`).
         options: training options.
@@ -497,8 +502,11 @@ def train_fold(
     train_rows, val_rows = split_rows(arrays, folds_csv, fold)
     if len(val_rows) == 0:
         raise SegflowError(f"{folds_csv}: fold {fold} has no validation items")
-    if model_spec.classes != 1:
-        raise SegflowError(f"model.classes must be 1 (binary masks), got {model_spec.classes}")
+    if model_spec.classes != len(arrays.classes):
+        raise SegflowError(
+            f"model.classes is {model_spec.classes} but {arrays.root / 'stats.json'} lists "
+            f"{len(arrays.classes)} class(es): {', '.join(arrays.classes)}"
+        )
     if model_spec.in_channels != arrays.channels:
         raise SegflowError(
             f"model.in_channels is {model_spec.in_channels} but {arrays.root / 'stats.json'} "

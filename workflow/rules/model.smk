@@ -90,6 +90,7 @@ rule evaluate_oof:
             dir=fold_dirs("oof", wildcards.experiment, wildcards.round),
         ),
         folds=rules.make_folds.output.folds,
+        stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.find_duplicates.output.dedup_items,
     output:
@@ -112,7 +113,7 @@ rule evaluate_oof:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
         "segflow evaluate-oof --fold-dirs {params.fold_dirs} --folds {input.folds}"
-        " --manifest {input.manifest} --dedup-items {input.dedup_items}"
+        " --stats {input.stats} --manifest {input.manifest} --dedup-items {input.dedup_items}"
         " --out-dir {params.out_dir} 2> {log}"
 
 
@@ -120,6 +121,7 @@ rule tune_postprocess:
     input:
         oof_probs=rules.evaluate_oof.output.oof_probs,
         oof_ids=rules.evaluate_oof.output.oof_ids,
+        stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.find_duplicates.output.dedup_items,
     output:
@@ -139,13 +141,15 @@ rule tune_postprocess:
         thresholds=config["postprocess"]["thresholds"],
         min_areas=config["postprocess"]["min_areas"],
         fill_holes=config["postprocess"]["fill_holes_options"],
+        gates=config["postprocess"]["gates"],
         metric=config["postprocess"]["metric"],
         oof_dir=lambda wildcards, input: os.path.dirname(input.oof_probs),
         out_dir=lambda wildcards, output: os.path.dirname(output.params),
     shell:
-        "segflow tune-postprocess --oof-dir {params.oof_dir} --manifest {input.manifest}"
-        " --dedup-items {input.dedup_items} --thresholds {params.thresholds}"
-        " --min-areas {params.min_areas} --fill-holes-options {params.fill_holes}"
+        "segflow tune-postprocess --oof-dir {params.oof_dir} --stats {input.stats}"
+        " --manifest {input.manifest} --dedup-items {input.dedup_items}"
+        " --thresholds {params.thresholds} --min-areas {params.min_areas}"
+        " --fill-holes-options {params.fill_holes} --gates {params.gates}"
         " --metric {params.metric} --out-dir {params.out_dir} 2> {log}"
 
 
@@ -187,6 +191,7 @@ rule make_submission:
             dir=fold_dirs("test", wildcards.experiment, wildcards.round),
         ),
         postprocess=rules.tune_postprocess.output.params,
+        stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.find_duplicates.output.dedup_items,
     output:
@@ -209,5 +214,5 @@ rule make_submission:
         fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],
     shell:
         "segflow submit --fold-dirs {params.fold_dirs} --fold-merge {params.fold_merge}"
-        " --postprocess {input.postprocess} --manifest {input.manifest}"
+        " --postprocess {input.postprocess} --stats {input.stats} --manifest {input.manifest}"
         " --dedup-items {input.dedup_items} {params.flags} --out {output.submission} 2> {log}"
