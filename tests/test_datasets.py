@@ -20,6 +20,7 @@ from segflow.datasets import (
     pad_to_multiple,
 )
 from segflow.errors import SegflowError
+from segflow.labels import label_dtype
 
 
 @pytest.fixture()
@@ -221,3 +222,24 @@ def test_pad_reflects_the_border() -> None:
     padded, _ = pad_to_multiple(x, 16)
     assert torch.equal(padded[..., 30, :30], x[..., 28, :])  # row H mirrors row H - 2
     assert torch.equal(padded[..., :30, 31], x[..., :, 27])
+
+
+@pytest.mark.parametrize("n_classes", [2, 20])
+def test_packed_masks_unpack_to_class_planes_after_warping(tmp_path: Path, n_classes: int) -> None:
+    arrays_dir = write_synthetic_arrays(tmp_path / "arrays", n=8, size=32)
+    squares = np.load(arrays_dir / "train_masks.npy").astype(label_dtype(n_classes))
+    top = n_classes - 1  # the highest class: bit 19 needs uint32, which OpenCV cannot warp
+    np.save(arrays_dir / "train_masks.npy", squares | (squares << top))
+    arrays = SegmentationArrays.open(arrays_dir)
+    warp = A.Compose([A.Affine(rotate=(30, 30), p=1.0)], seed=0)  # cv2 warpAffine, nearest
+    dataset = MemmapDataset(
+        arrays.train_images_path,
+        np.arange(8),
+        arrays.train_masks_path,
+        transform=warp,
+        n_classes=n_classes,
+    )
+    for i in range(len(dataset)):
+        mask = dataset[i]["mask"]
+        assert mask.shape == (n_classes, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(mask[0], mask[top]) and not mask[1:top].any()

@@ -285,8 +285,12 @@ class MemmapDataset(Dataset):
         mask = np.asarray(self._masks[row]) if self._masks is not None else None
         if self.transform is not None:
             if mask is not None:
-                out = self.transform(image=image, mask=mask)
+                # OpenCV warps have no uint32 (17-32 classes): move the same bits as int32.
+                signed = mask.dtype == np.uint32
+                out = self.transform(image=image, mask=mask.view(np.int32) if signed else mask)
                 image, mask = out["image"], out["mask"]
+                if signed:
+                    mask = np.ascontiguousarray(mask).view(np.uint32)
             else:
                 image = self.transform(image=image)["image"]
         if image.ndim == 2:  # some transforms drop a single channel axis
