@@ -9,6 +9,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
+include: "workflow/rules/ensemble.smk"
 
 
 rule all:
@@ -16,12 +17,4 @@ rule all:
     input:
         rules.preprocess_images.output,
         rules.make_folds.output,
-        expand(
-            result("oof", "{experiment}", "round0", "metrics.json"),
-            experiment=RUN_EXPERIMENTS,
-        ),
-        expand(
-            result("postprocess", "{experiment}", "round0", "params.json"),
-            experiment=RUN_EXPERIMENTS,
-        ),
-        result("submission", SUBMIT_EXPERIMENT, "round0", "submission.csv"),
+        rules.choose_submission.output,

@@ -38,6 +38,9 @@ MODEL_STAGES = {
     "evaluate_oof",
     "tune_postprocess",
     "make_submission",
+    "blend_experiments",
+    "stack_models",
+    "choose_submission",
     "all",
 }
 
@@ -173,8 +176,11 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ),
         ({"experiments": {"fpn_r18": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
-        ({"postprocess": {"min_areas": [0, 5]}}, {"tune_postprocess", "make_submission", "all"}),
-        ({"submission": {"empty_rle": "-1"}}, {"make_submission", "all"}),
+        (
+            {"postprocess": {"min_areas": [0, 5]}},
+            {"tune_postprocess", "make_submission", "choose_submission", "all"},
+        ),
+        ({"submission": {"empty_rle": "-1"}}, {"make_submission", "choose_submission", "all"}),
     ],
     ids=[
         "clahe",
@@ -401,3 +407,75 @@ def test_multilabel_competition_runs_end_to_end(tmp_path: Path) -> None:
     assert copied["2"] == expected["2"] and copied["1"] == expected.get("1", "")
     for rle in submission["EncodedPixels"]:
         assert rle_decode(rle, (48, 48)).shape == (48, 48)
+
+
+SECOND_LEVEL_DEMO = {
+    **SMALL_DEMO,
+    "demo": {"n_train": 60, "n_test": 24, "seed": 5},
+    "experiments": {
+        "fpn_r18": {"train": {"epochs": 1, "batch_size": 8}},
+        "tiny": {
+            "model": {
+                "arch": "Unet",
+                "encoder": "mobilenet_v2",
+                "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+            },
+            "augment": "none",
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        },
+    },
+    # Untrained models are unsure everywhere; a loose bound still selects some images.
+    "pseudo": {"rounds": 1, "max_uncertain_share": 1.0, "top_fraction": 0.5},
+    "stack": {"backend": "catboost", "pixels_per_image": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def second_level_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("second-level"))
+    run_snakemake(workdir, "--configfile", write_config(workdir, "two.yaml", SECOND_LEVEL_DEMO))
+    return workdir
+
+
+def test_pseudo_round_trains_on_selected_test_images_and_scores_on_real_labels(
+    second_level_run: Path,
+) -> None:
+    results = second_level_run / "results"
+    selection = pd.read_csv(results / "pseudo" / "round1" / "selection.csv", dtype={"id": str})
+    items = pd.read_parquet(results / "dedup" / "items.parquet")
+    duplicates = set(items.loc[items["split"].eq("test") & items["leak_train_ids"].notna(), "id"])
+    assert len(selection) == 24 and selection["selected"].sum() > 0
+    assert not selection.loc[selection["id"].isin(duplicates), "selected"].any()
+    targets = np.load(results / "pseudo" / "round1" / "targets.npy")
+    assert targets.shape == (selection["selected"].sum(), 64, 64)
+    folds = pd.read_csv(results / "folds" / "folds.csv", dtype={"id": str})
+    for name in ("fpn_r18", "tiny"):
+        log = (results / "logs" / "train_fold" / f"{name}_round1_fold0.log").read_text()
+        n_pseudo = int(selection["selected"].sum())
+        assert f"{(folds['fold'] != 0).sum() + n_pseudo} training" in log
+        oof_ids = pd.read_csv(results / "oof" / name / "round1" / "oof_ids.csv", dtype={"id": str})
+        assert sorted(oof_ids["id"]) == sorted(folds["id"])  # real labels only, every item once
+
+
+def test_final_choice_and_stage_table(second_level_run: Path) -> None:
+    results = second_level_run / "results"
+    stages = pd.read_csv(results / "final" / "stages.csv")
+    expected = {(n, r) for r in (0, 1) for n in ("fpn_r18", "tiny", "ensemble")}
+    expected |= {("stack_gate", 1), ("stack_pixel", 1)}
+    assert set(zip(stages["candidate"], stages["round"], strict=True)) == expected
+    choice = json.loads((results / "final" / "choice.json").read_text())
+    assert choice["tuned_oof_score"] == pytest.approx(stages["tuned"].max())
+    chosen = results / "submission" / choice["candidate"] / f"round{choice['round']}"
+    assert (results / "final" / "submission.csv").read_bytes() == (
+        chosen / "submission.csv"
+    ).read_bytes()
+    assert "| stack_gate |" in (results / "final" / "stages.md").read_text()
+    assert (results / "stack" / "round1" / "class_0" / "gate_model.cbm").is_file()
+    weights = json.loads((results / "ensemble" / "round0" / "weights.json").read_text())
+    assert sum(weights["weights"].values()) == pytest.approx(1.0)
+
+
+def test_rerunning_a_pseudo_round_never_retrains_round_0(second_level_run: Path) -> None:
+    jobs = planned_jobs(second_level_run, "--configfile", "two.yaml", "-R", "select_pseudo_labels")
+    assert jobs.get("train_fold") == 4  # 2 experiments x 2 folds of round 1 only
+    assert "blend_experiments" in jobs and "evaluate_oof" in jobs

@@ -218,6 +218,9 @@ def _train(args: argparse.Namespace) -> None:
         args.out_dir,
         args.resume_dir,
         ohem_fraction=experiment.ohem_fraction,
+        pseudo_dir=args.pseudo_dir,
+        max_pseudo_share=args.max_pseudo_share,
+        pseudo_weight=args.pseudo_weight,
     )
     log.info("fold %d trained: %s", args.fold, result)
 
@@ -354,6 +357,165 @@ def _run_submit(args: argparse.Namespace) -> None:
     )
 
 
+def _grouped(dirs: Sequence[str], groups: int, what: str) -> list[list[str]]:
+    """Split experiment-major folder lists (``--test-dirs``) into one list per experiment."""
+    if len(dirs) % groups:
+        raise SegflowError(f"{len(dirs)} {what} do not split into {groups} experiments")
+    size = len(dirs) // groups
+    return [list(dirs[i * size : (i + 1) * size]) for i in range(groups)]
+
+
+def _run_blend(args: argparse.Namespace) -> None:
+
+    from segflow.second_level import (
+        load_oof,
+        load_test,
+        oof_truths,
+        run_blend,
+        write_candidate,
+    )
+
+    classes, _ = _classes(args.stats)
+    if len(args.oof_dirs) != len(args.names):
+        raise SegflowError(f"{len(args.names)} names but {len(args.oof_dirs)} OOF folders")
+    oof = [load_oof(d) for d in args.oof_dirs]
+    test = [
+        load_test(dirs, args.fold_merge)
+        for dirs in _grouped(args.test_dirs, len(args.names), "test folders")
+    ]
+    folds = pd.read_csv(args.folds, dtype={"id": str})
+    truths = oof_truths(
+        read_table(args.manifest, "manifest"),
+        read_table(args.dedup_items, "dedup items"),
+        oof[0].ids["id"],
+        len(classes),
+    )
+    blended_oof, blended_test, summary, table = run_blend(
+        args.names, oof, test, truths, folds, classes, args.metric, args.step
+    )
+    metrics = write_candidate(
+        Path(args.out_oof).parent,
+        Path(args.out_test).parent,
+        blended_oof,
+        blended_test,
+        folds,
+        truths,
+        classes,
+        {"weights": summary["weights"]},
+    )
+    write_json(args.out_weights, summary)
+    write_csv(Path(args.out_weights).with_name("table.csv"), table)
+    log.info("ensemble weights %s: OOF kaggle %.4f", summary["weights"], metrics["kaggle"])
+
+
+def _run_select_pseudo(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+
+    from segflow.atomic import atomic_path
+    from segflow.pseudo import PseudoOptions
+    from segflow.second_level import load_test, select_pseudo_stage
+
+    options = dataclass_from_namespace(PseudoOptions, args)
+    stats_path = Path(args.arrays_dir) / "stats.json"
+    classes, _ = _classes(str(stats_path))
+    stats = json.loads(stats_path.read_text())
+    selection, targets, summary = select_pseudo_stage(
+        load_test([args.test_dir], "mean"),
+        json.loads(Path(args.postprocess).read_text()),
+        classes,
+        read_table(args.dedup_items, "dedup items"),
+        options,
+        (int(stats["height"]), int(stats["width"])),
+    )
+    out = Path(args.out_dir)
+    with atomic_path(out / "targets.npy") as tmp:
+        np.save(tmp, targets)
+    write_csv(out / "selection.csv", selection)
+    write_json(out / "summary.json", {**summary, "source": args.test_dir})
+    log.info("pseudo-labels: %d of %d test images selected", summary["n_selected"], len(selection))
+
+
+def _run_stack(args: argparse.Namespace) -> None:
+    from segflow.second_level import load_oof, load_test, oof_truths
+    from segflow.stack_stage import StackOptions, load_stack_inputs, run_stack
+
+    options = dataclass_from_namespace(StackOptions, args)
+    classes, _ = _classes(str(Path(args.arrays_dir) / "stats.json"))
+    if len(args.oof_dirs) != len(args.names):
+        raise SegflowError(f"{len(args.names)} names but {len(args.oof_dirs)} OOF folders")
+    manifest = read_table(args.manifest, "manifest")
+    base_oof = load_oof(args.base_oof_dir)
+    inputs = load_stack_inputs(
+        args.names,
+        [load_oof(d) for d in args.oof_dirs],
+        [
+            load_test(dirs, args.fold_merge)
+            for dirs in _grouped(args.test_dirs, len(args.names), "test folders")
+        ],
+        base_oof,
+        load_test([args.base_test_dir], "mean"),
+        oof_truths(
+            manifest, read_table(args.dedup_items, "dedup items"), base_oof.ids["id"], len(classes)
+        ),
+        pd.read_csv(args.folds, dtype={"id": str}),
+        classes,
+        args.arrays_dir,
+        manifest,
+    )
+    round_dir = Path(args.base_oof_dir).name
+    results = Path(args.base_oof_dir).parent.parent.parent
+    candidate_dirs = {
+        name: (results / "oof" / name / round_dir, results / "test" / name / round_dir)
+        for name in ("stack_gate", "stack_pixel")
+    }
+    summary = run_stack(inputs, options, args.out_dir, candidate_dirs)
+    log.info("stacking: %s", summary["candidates"])
+
+
+def _run_choose(args: argparse.Namespace) -> None:
+    import shutil
+
+    from segflow.atomic import atomic_path
+    from segflow.second_level import choose_candidate, markdown_table, stage_table
+
+    pairs = []
+    for text in args.candidates:
+        name, _, round_ = text.partition(":")
+        pairs.append((name, int(round_ or 0)))
+    results = Path(args.results_dir)
+    table = stage_table(pairs, results)
+    chosen = choose_candidate(table, args.force)
+    source = (
+        results / "submission" / chosen["candidate"] / f"round{chosen['round']}" / "submission.csv"
+    )
+    out = Path(args.out_dir)
+    with atomic_path(out / "submission.csv") as tmp:
+        shutil.copyfile(source, tmp)
+    table["chosen"] = (table["candidate"] == chosen["candidate"]) & (
+        table["round"] == chosen["round"]
+    )
+    write_csv(out / "stages.csv", table)
+    write_text(out / "stages.md", markdown_table(table))
+    choice = {
+        "candidate": chosen["candidate"],
+        "round": int(chosen["round"]),
+        "stage": chosen["stage"],
+        "metric": chosen["tuned_metric"],
+        "tuned_oof_score": float(chosen["tuned"]),
+        "delta_vs_best_single": float(chosen["delta_tuned"]),
+        "reason": f"forced by submit_experiment {args.force}"
+        if args.force
+        else "best tuned OOF score",
+        "submission": str(source),
+    }
+    write_json(out / "choice.json", choice)
+    log.info(
+        "final submission: %s round %d (%s)", choice["candidate"], choice["round"], choice["reason"]
+    )
+
+
 def _run_summary(args: argparse.Namespace) -> None:
     from segflow.report import results_summary
 
@@ -368,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     from segflow.ingest import IngestOptions
     from segflow.predict import PredictOptions
     from segflow.preprocess import PreprocessOptions
+    from segflow.pseudo import PseudoOptions
+    from segflow.stack_stage import StackOptions
     from segflow.submission import SubmissionOptions
 
     parser = argparse.ArgumentParser(prog="segflow", description=__doc__.split("\n\n")[0])
@@ -429,6 +593,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out-dir", required=True, help="folder for model.pt, history, metrics")
     train.add_argument("--resume-dir", required=True, help="resume checkpoint folder")
+    train.add_argument(
+        "--pseudo-dir", default=None, help="a pseudo-labelling round's select-pseudo output"
+    )
+    train.add_argument(
+        "--max-pseudo-share", type=float, default=0.3, help="cap on pseudo-labelled draws"
+    )
+    train.add_argument(
+        "--pseudo-weight", type=float, default=1.0, help="loss weight of pseudo-labelled images"
+    )
     _add_compute(train)
 
     for name, help_text in (
@@ -476,6 +649,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats(submit)
     _add_stage_tables(submit)
     submit.add_argument("--out", required=True, help="submission CSV to write")
+
+    blend = command("blend", _run_blend, "tune the experiments' blend weights on OOF, apply them")
+    blend.add_argument("--names", nargs="+", required=True, help="experiment names")
+    blend.add_argument("--oof-dirs", nargs="+", required=True, help="evaluate-oof folders")
+    blend.add_argument(
+        "--test-dirs", nargs="+", required=True, help="predict-test folders, experiment-major"
+    )
+    blend.add_argument("--n-folds", type=int, required=True)
+    blend.add_argument("--fold-merge", default="mean", choices=("mean", "gmean"))
+    blend.add_argument("--metric", default="kaggle")
+    blend.add_argument("--step", type=float, default=0.1, help="weight grid step")
+    blend.add_argument("--folds", required=True, help="folds.csv")
+    _add_stats(blend)
+    _add_stage_tables(blend)
+    blend.add_argument("--out-oof", required=True, help="blended oof_probs.npy to write")
+    blend.add_argument("--out-test", required=True, help="blended test probs.npy to write")
+    blend.add_argument("--out-weights", required=True, help="weights.json to write")
+
+    pseudo = command(
+        "select-pseudo",
+        _run_select_pseudo,
+        "select pseudo-labels for the next round",
+        PseudoOptions,
+    )
+    pseudo.add_argument("--test-dir", required=True, help="the round's final test prediction")
+    pseudo.add_argument("--postprocess", required=True, help="its tuned params.json")
+    pseudo.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    pseudo.add_argument("--dedup-items", required=True, help="dedup items Parquet")
+    pseudo.add_argument("--out-dir", required=True, help="selection.csv, targets.npy, summary")
+
+    stack = command("stack", _run_stack, "fit the stacked gate and pixel blender", StackOptions)
+    stack.add_argument("--names", nargs="+", required=True, help="experiment names")
+    stack.add_argument("--oof-dirs", nargs="+", required=True, help="evaluate-oof folders")
+    stack.add_argument(
+        "--test-dirs", nargs="+", required=True, help="predict-test folders, experiment-major"
+    )
+    stack.add_argument("--n-folds", type=int, required=True)
+    stack.add_argument("--fold-merge", default="mean", choices=("mean", "gmean"))
+    stack.add_argument("--base-oof-dir", required=True, help="the ensemble's OOF folder")
+    stack.add_argument("--base-test-dir", required=True, help="the ensemble's test folder")
+    stack.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    stack.add_argument("--folds", required=True, help="folds.csv")
+    _add_stage_tables(stack)
+    stack.add_argument("--threads", type=int, default=1)
+    stack.add_argument("--out-dir", required=True, help="artifacts folder")
+
+    choose = command("choose", _run_choose, "pick the final submission on OOF; stage table")
+    choose.add_argument("--candidates", nargs="+", required=True, help="name:round pairs")
+    choose.add_argument("--results-dir", required=True)
+    choose.add_argument("--force", default=None, help="name:round to submit regardless")
+    choose.add_argument("--out-dir", required=True)
 
     summary = command("summary", _run_summary, "print what a workflow run produced")
     summary.add_argument("results_dir", help="the workflow's results folder")

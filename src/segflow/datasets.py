@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,8 @@ class MemmapDataset(Dataset):
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
         n_classes: int = 1,
+        mask_rows: np.ndarray | None = None,
+        pseudo: bool = False,
     ) -> None:
         """Args:
         images_path: ``*_images.npy`` (N, H, W, C), uint8 or uint16.
@@ -232,10 +234,19 @@ class MemmapDataset(Dataset):
         mean: per-channel mean in [0, 1] units (``stats.json`` train_mean).
         std: per-channel std in [0, 1] units (``stats.json`` train_std).
         n_classes: mask planes to unpack from the packed labels.
+        mask_rows: rows of the mask array, when they differ from ``rows`` (pseudo-labelled test
+            images: targets are stored apart from the images).
+        pseudo: mark the items as pseudo-labelled (``sample["pseudo"]`` 1.0), for the loss.
         """
         self.images_path = str(images_path)
         self.masks_path = str(masks_path) if masks_path is not None else None
         self.rows = np.asarray(rows, dtype=np.int64)
+        self.mask_rows = self.rows if mask_rows is None else np.asarray(mask_rows, dtype=np.int64)
+        if len(self.mask_rows) != len(self.rows):
+            raise SegflowError(
+                f"{self.masks_path}: {len(self.mask_rows)} mask rows for {len(self.rows)} images"
+            )
+        self.pseudo = pseudo
         self.transform = transform
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = safe_std(std)
@@ -282,7 +293,13 @@ class MemmapDataset(Dataset):
             self._open()
         row = int(self.rows[item])
         image = np.asarray(self._images[row])
-        mask = np.asarray(self._masks[row]) if self._masks is not None else None
+        mask = None
+        if self._masks is not None:
+            mask = np.asarray(self._masks[int(self.mask_rows[item])])
+        # Soft targets (pseudo-labels) are (K, H, W) probabilities: channels-last for albumentations.
+        soft = mask is not None and mask.ndim == 3
+        if soft:
+            mask = mask.transpose(1, 2, 0).astype(np.float32)
         if self.transform is not None:
             if mask is not None:
                 # OpenCV warps have no uint32 (17-32 classes): move the same bits as int32.
@@ -301,9 +318,12 @@ class MemmapDataset(Dataset):
             "row": row,
         }
         if mask is not None:
-            # Augmented packed (nearest-neighbour moves whole labels), then split into planes.
-            planes = unpack_labels(np.asarray(mask), self.n_classes)
+            if soft:
+                planes = np.asarray(mask).reshape(*mask.shape[:2], -1).transpose(2, 0, 1)
+            else:  # augmented packed (nearest-neighbour moves whole labels), then split
+                planes = unpack_labels(np.asarray(mask), self.n_classes)
             sample["mask"] = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))
+            sample["pseudo"] = torch.tensor(1.0 if self.pseudo else 0.0)
         return sample
 
 
@@ -349,6 +369,45 @@ def balanced_sampler(
         replacement=True,
         generator=generator,
     )
+
+
+class PseudoMixSampler(Sampler[int]):
+    """Every epoch: the real items (or draws from ``real_sampler``) plus a fresh random subset
+    of the pseudo-labelled items, capped so they are at most ``max_share`` of the epoch.
+
+    Items 0..n_real-1 are real and n_real.. are pseudo-labelled (a ConcatDataset in that order).
+    The ``generator`` is reseeded per epoch by the trainer, so a resumed epoch draws the same.
+    """
+
+    def __init__(
+        self,
+        n_real: int,
+        n_pseudo: int,
+        max_share: float,
+        generator: torch.Generator,
+        real_sampler: Sampler[int] | None = None,
+    ) -> None:
+        if not 0.0 <= max_share < 1.0:
+            raise SegflowError(f"pseudo.max_pseudo_share must be in [0, 1), got {max_share}")
+        self.n_real, self.n_pseudo = n_real, n_pseudo
+        self.real_sampler = real_sampler
+        self.generator = generator
+        real_draws = len(real_sampler) if real_sampler is not None else n_real
+        # share = p / (real + p)  <=>  p = share / (1 - share) * real
+        self.pseudo_draws = min(n_pseudo, int(max_share / (1.0 - max_share) * real_draws))
+        self.real_draws = real_draws
+
+    def __len__(self) -> int:
+        return self.real_draws + self.pseudo_draws
+
+    def __iter__(self) -> Iterator[int]:
+        if self.real_sampler is not None:
+            real = torch.as_tensor(list(self.real_sampler), dtype=torch.int64)
+        else:
+            real = torch.arange(self.n_real)
+        pseudo = self.n_real + torch.randperm(self.n_pseudo, generator=self.generator)
+        items = torch.cat([real, pseudo[: self.pseudo_draws]])
+        yield from items[torch.randperm(len(items), generator=self.generator)].tolist()
 
 
 def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -7,6 +7,7 @@ epoch draws the same batches whether the run was resumed or not.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import random
@@ -22,7 +23,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler, Subset
 
 from segflow.augment import build_augmentation
-from segflow.datasets import MemmapDataset, SegmentationArrays, balanced_sampler
+from segflow.datasets import (
+    MemmapDataset,
+    PseudoMixSampler,
+    SegmentationArrays,
+    balanced_sampler,
+)
 from segflow.errors import SegflowError
 from segflow.train_options import TrainOptions
 
@@ -71,23 +77,85 @@ def split_rows(
     return train_rows, val_rows
 
 
+@dataclass(frozen=True)
+class PseudoLabels:
+    """Pseudo-labelled test images that a round > 0 trains on (``segflow select-pseudo``).
+
+    Attributes:
+        targets_path: ``targets.npy``: packed label masks (M, H, W) (hard labels) or float16
+            probabilities (M, K, H, W) (soft labels), at the preprocessed size.
+        test_rows: the images' rows in ``test_images.npy``, aligned with the targets.
+        max_share: at most this share of an epoch's draws are pseudo-labelled.
+        weight: loss weight of a pseudo-labelled image relative to a real one.
+    """
+
+    targets_path: Path
+    test_rows: np.ndarray
+    max_share: float
+    weight: float
+
+    @classmethod
+    def load(
+        cls,
+        pseudo_dir: str | os.PathLike[str],
+        arrays: SegmentationArrays,
+        max_share: float,
+        weight: float,
+    ) -> PseudoLabels:
+        """Read a selection folder: ``selection.csv`` (selected ids in target order) and
+        ``targets.npy``.
+
+        Raises:
+            SegflowError: missing files, targets of another size or count, or ids that are not
+                test images of these arrays.
+        """
+        pseudo_dir = Path(pseudo_dir)
+        for name in ("selection.csv", "targets.npy"):
+            if not (pseudo_dir / name).is_file():
+                raise SegflowError(f"{pseudo_dir / name} does not exist (run select-pseudo)")
+        selection = pd.read_csv(pseudo_dir / "selection.csv", dtype={"id": str})
+        ids = selection.loc[selection["selected"].astype(bool), "id"]
+        targets = np.load(pseudo_dir / "targets.npy", mmap_mode="r")
+        if len(targets) != len(ids) or targets.shape[-2:] != (arrays.height, arrays.width):
+            raise SegflowError(
+                f"{pseudo_dir / 'targets.npy'}: shape {targets.shape}, expected "
+                f"{len(ids)} targets of {arrays.height}x{arrays.width}"
+            )
+        rows = arrays.rows_for(ids, split="test", where=str(pseudo_dir / "selection.csv"))
+        return cls(pseudo_dir / "targets.npy", rows, float(max_share), float(weight))
+
+    def fingerprint(self) -> str:
+        """Digest of the targets and rows: a changed selection must not resume old weights."""
+        digest = hashlib.sha256(np.asarray(self.test_rows, dtype=np.int64).tobytes())
+        with open(self.targets_path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(f"{self.max_share}:{self.weight}".encode())
+        return digest.hexdigest()
+
+
 def build_train_set(
-    arrays: SegmentationArrays, rows: np.ndarray, transform: Any
+    arrays: SegmentationArrays,
+    rows: np.ndarray,
+    transform: Any,
+    pseudo: PseudoLabels | None = None,
 ) -> tuple[Dataset, np.ndarray]:
     """The training dataset and whether each of its items has an empty mask.
 
-    The one place that decides what is trained on: pseudo-labelled items will be concatenated
-    here (a ``ConcatDataset`` with their own flags appended).
+    The one place that decides what is trained on: the real training rows, then (for a
+    pseudo-labelling round) the pseudo-labelled test images, as one ``ConcatDataset``.
 
     Args:
         arrays: the preprocess outputs.
         rows: the training items' array rows.
         transform: the augmentation applied to each item (or None).
+        pseudo: pseudo-labelled test images to append, or None.
 
     Returns:
-        (dataset, is_empty); is_empty has one entry per dataset item.
+        (dataset, is_empty); is_empty has one entry per *real* item (balanced sampling and the
+        pseudo share are decided on the real items).
     """
-    dataset = MemmapDataset(
+    dataset: Dataset = MemmapDataset(
         arrays.train_images_path,
         rows,
         arrays.train_masks_path,
@@ -96,6 +164,19 @@ def build_train_set(
         std=arrays.std,
         n_classes=len(arrays.classes),
     )
+    if pseudo is not None and len(pseudo.test_rows):
+        pseudo_set = MemmapDataset(
+            arrays.test_images_path,
+            pseudo.test_rows,
+            pseudo.targets_path,
+            transform=transform,
+            mean=arrays.mean,
+            std=arrays.std,
+            n_classes=len(arrays.classes),
+            mask_rows=np.arange(len(pseudo.test_rows)),
+            pseudo=True,
+        )
+        dataset = ConcatDataset([dataset, pseudo_set])
     return dataset, arrays.empty_masks(rows)
 
 
@@ -118,6 +199,7 @@ class FoldData:
         augment: Any,
         options: TrainOptions,
         pin_memory: bool,
+        pseudo: PseudoLabels | None = None,
     ) -> FoldData:
         """Datasets and loaders: augmented (optionally cropped, balanced) training batches,
         full-size unaugmented validation batches in row order.
@@ -129,6 +211,8 @@ class FoldData:
             augment: augmentation spec (:func:`segflow.augment.build_augmentation`).
             options: training options (crop, empty_ratio, batch_size, num_workers, seed).
             pin_memory: pin batches in page-locked memory (for CUDA).
+            pseudo: pseudo-labelled test images for a round > 0 (training only: validation
+                stays the real fold, so every round's OOF is on real labels).
 
         Returns:
             The fold's data.
@@ -140,10 +224,14 @@ class FoldData:
             crop=tuple(options.crop) if options.crop else None,
             channels=arrays.channels,
         )
-        train_set, is_empty = build_train_set(arrays, train_rows, transform)
+        train_set, is_empty = build_train_set(arrays, train_rows, transform, pseudo)
         generator = torch.Generator()
-        sampler = balanced_sampler(is_empty, options.empty_ratio, len(train_set), options.seed)
-        if sampler is None:
+        sampler = balanced_sampler(is_empty, options.empty_ratio, len(is_empty), options.seed)
+        if pseudo is not None and len(pseudo.test_rows):
+            sampler = PseudoMixSampler(
+                len(is_empty), len(pseudo.test_rows), pseudo.max_share, generator, sampler
+            )
+        elif sampler is None:
             sampler = RandomSampler(train_set, generator=generator)
         workers = loader_workers(options.num_workers, cuda=pin_memory)
         loader_args: dict[str, Any] = {
@@ -183,9 +271,10 @@ class FoldData:
         seed = epoch_seed(base_seed, epoch)
         seed_all(seed)
         self.generator.manual_seed(seed)
-        sampler_generator = getattr(self.sampler, "generator", None)
-        if sampler_generator is not None and sampler_generator is not self.generator:
-            sampler_generator.manual_seed(seed + 1)
+        for sampler in (self.sampler, getattr(self.sampler, "real_sampler", None)):
+            sampler_generator = getattr(sampler, "generator", None)
+            if sampler_generator is not None and sampler_generator is not self.generator:
+                sampler_generator.manual_seed(seed + 1)
         _seed_dataset_transforms(self.train_set, seed + 2)  # used when num_workers == 0
 
 

@@ -58,8 +58,21 @@ def results_summary(results_dir: str | Path) -> str:
                     f"    {record['class']}: threshold {record['threshold']}, min_area "
                     f"{record['min_area']}, fill_holes {record['fill_holes']}{gate}"
                 )
-    for submission in sorted(root.glob("submission/*/round*/submission.csv")):
-        lines.append(f"  submission  {submission}")
+    choice = _load(root / "final" / "choice.json")
+    if choice:
+        lines.append(
+            f"  final       {root / 'final' / 'submission.csv'}: {choice['candidate']} round "
+            f"{choice['round']} ({choice['reason']}, tuned OOF {choice['metric']} "
+            f"{choice['tuned_oof_score']:.4f})"
+        )
+        stages = root / "final" / "stages.md"
+        if stages.is_file():
+            lines.append("")
+            lines.append("OOF per stage (raw scores at threshold 0.5; tuned = after post-processing):")
+            lines.append(stages.read_text().rstrip())
+    else:
+        for submission in sorted(root.glob("submission/*/round*/submission.csv")):
+            lines.append(f"  submission  {submission}")
     if len(lines) == 1:
         lines.append("  nothing yet: run `snakemake` (or `make demo`) first")
     return "\n".join(lines)

@@ -74,7 +74,7 @@ from segflow.checkpointing import remove_resume_state as _remove_resume_state
 from segflow.datasets import SegmentationArrays, crop_to, pad_to_size
 from segflow.devices import resolve_device
 from segflow.errors import SegflowError
-from segflow.fold_data import FoldData, build_train_set, seed_all, split_rows
+from segflow.fold_data import FoldData, PseudoLabels, build_train_set, seed_all, split_rows
 from segflow.losses import build_loss
 from segflow.metrics import per_image_scores
 from segflow.models import ModelSpec, build_model, padded_size, save_checkpoint
@@ -187,6 +187,7 @@ class _FoldTrainer:
         options: TrainOptions,
         ohem_fraction: float | None,
         resume_dir: Path,
+        pseudo: PseudoLabels | None = None,
     ) -> None:
         """Build model, loss, data, optimizer and schedules (the arguments as in train_fold)."""
         self.fold, self.options, self.resume_dir = fold, options, resume_dir
@@ -205,8 +206,15 @@ class _FoldTrainer:
             ohem_fraction=ohem_fraction,
         )
         self.aux_loss_fn = nn.BCEWithLogitsLoss()
+        self.pseudo_weight = pseudo.weight if pseudo is not None else 1.0
         self.data = FoldData.build(
-            arrays, train_rows, val_rows, augment, options, pin_memory=self.device.type == "cuda"
+            arrays,
+            train_rows,
+            val_rows,
+            augment,
+            options,
+            pin_memory=self.device.type == "cuda",
+            pseudo=pseudo,
         )
 
         self.optimizer = make_optimizer(self.model, options)
@@ -268,6 +276,28 @@ class _FoldTrainer:
             )
         return loss
 
+    def _batch_loss(
+        self,
+        mask_logits: torch.Tensor,
+        label_logits: torch.Tensor | None,
+        masks: torch.Tensor,
+        is_pseudo: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`_loss`, with pseudo-labelled images weighted by ``pseudo.pseudo_weight``.
+
+        The weighted mean of the real and pseudo parts' losses, each weighted by its image
+        count (times the pseudo weight), so weight 1 equals the plain loss of the batch.
+        """
+        pseudo = is_pseudo.to(self.device).bool()
+        if self.pseudo_weight == 1.0 or not pseudo.any() or pseudo.all():
+            return self._loss(mask_logits, label_logits, masks)
+        parts, weights = [], []
+        for selected, weight in ((~pseudo, 1.0), (pseudo, self.pseudo_weight)):
+            labels = None if label_logits is None else label_logits[selected]
+            parts.append(self._loss(mask_logits[selected], labels, masks[selected]))
+            weights.append(weight * int(selected.sum()))
+        return (parts[0] * weights[0] + parts[1] * weights[1]) / (weights[0] + weights[1])
+
     def _current_lr(self) -> float:
         """The optimizer's current learning rate."""
         return float(self.optimizer.param_groups[0]["lr"])
@@ -295,7 +325,7 @@ class _FoldTrainer:
             images = batch["image"].to(self.device, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
             mask_logits, label_logits = self._forward(self.model, images)
-            loss = self._loss(mask_logits, label_logits, masks)
+            loss = self._batch_loss(mask_logits, label_logits, masks, batch["pseudo"])
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.options.grad_clip is not None:
@@ -464,6 +494,9 @@ def train_fold(
     out_dir: str | os.PathLike[str],
     resume_dir: str | os.PathLike[str],
     ohem_fraction: float | None = None,
+    pseudo_dir: str | os.PathLike[str] | None = None,
+    max_pseudo_share: float = 0.3,
+    pseudo_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Train on the folds other than ``fold``, validate on ``fold``; resumable.
 
@@ -481,6 +514,10 @@ def train_fold(
         resume_dir: where the resume state lives while training (outside ``out_dir``); deleted
             after model.pt is written.
         ohem_fraction: online hard example mining fraction for the pixel-wise loss terms.
+        pseudo_dir: a pseudo-labelling round's selection (``selection.csv``, ``targets.npy``):
+            those test images are trained on too, never validated on.
+        max_pseudo_share: at most this share of each epoch's draws are pseudo-labelled.
+        pseudo_weight: loss weight of a pseudo-labelled image relative to a real one.
 
     Returns:
         The metrics written to metrics.json.
@@ -512,7 +549,12 @@ def train_fold(
             f"model.in_channels is {model_spec.in_channels} but {arrays.root / 'stats.json'} "
             f"says the images have {arrays.channels} channel(s)"
         )
+    pseudo = None
+    if pseudo_dir is not None:
+        pseudo = PseudoLabels.load(pseudo_dir, arrays, max_pseudo_share, pseudo_weight)
     fingerprint = data_fingerprint(arrays, train_rows, val_rows)
+    if pseudo is not None:
+        fingerprint["pseudo"] = pseudo.fingerprint()
     expected_hash = config_hash(
         options, model_spec, fold, loss_weights, ohem_fraction, augment, fingerprint
     )
@@ -527,6 +569,7 @@ def train_fold(
         options,
         ohem_fraction,
         resume_dir,
+        pseudo,
     )
     log.info(
         "fold %d: %d training / %d validation images, %d batches per epoch, device %s, amp %s",

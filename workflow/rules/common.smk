@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -62,6 +63,74 @@ def experiments_to_run():
 
 RUN_EXPERIMENTS = experiments_to_run()
 SUBMIT_EXPERIMENT = config["submit_experiment"] or RUN_EXPERIMENTS[0]
+# Second-level candidates share the experiments' artifact layout (oof/, test/, postprocess/,
+# submission/), so their names are reserved and the base rules only match real experiments.
+SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
+EXPERIMENT_PATTERN = "|".join(re.escape(name) for name in EXPERIMENTS)
+PSEUDO = config["pseudo"]
+ROUNDS = list(range(PSEUDO["rounds"] + 1))
+FINAL_ROUND = ROUNDS[-1]
+STACK = config["stack"]
+
+
+def check_experiment_names():
+    reserved = sorted(set(EXPERIMENTS) & set(SECOND_LEVEL))
+    if reserved:
+        raise ValueError(
+            f"experiment name {reserved[0]!r} is reserved for a second-level stage; rename it"
+        )
+
+
+check_experiment_names()
+
+
+def candidates():
+    """(name, round) of everything scored on OOF: each experiment and the ensemble per round,
+    the stacked models on the final round."""
+    pairs = [(name, r) for r in ROUNDS for name in [*RUN_EXPERIMENTS, "ensemble"]]
+    if STACK["enabled"]:
+        pairs += [("stack_gate", FINAL_ROUND), ("stack_pixel", FINAL_ROUND)]
+    return pairs
+
+
+def pseudo_dir(round):
+    return result("pseudo", f"round{round}")
+
+
+def pseudo_inputs(wildcards):
+    """A pseudo-labelling round trains on round r-1's selection; round 0 on real labels only."""
+    if int(wildcards.round) == 0:
+        return {}
+    return {
+        "pseudo_selection": os.path.join(pseudo_dir(wildcards.round), "selection.csv"),
+        "pseudo_targets": os.path.join(pseudo_dir(wildcards.round), "targets.npy"),
+    }
+
+
+def pseudo_flags(wildcards):
+    if int(wildcards.round) == 0:
+        return ""
+    return (
+        f"--pseudo-dir {shlex.quote(pseudo_dir(wildcards.round))}"
+        f" --max-pseudo-share {PSEUDO['max_pseudo_share']}"
+        f" --pseudo-weight {PSEUDO['pseudo_weight']}"
+    )
+
+
+def test_prediction_dirs(wildcards):
+    """An experiment's per-fold test predictions, or a second-level stage's merged one."""
+    if wildcards.experiment in SECOND_LEVEL:
+        return [result("test", wildcards.experiment, f"round{wildcards.round}")]
+    return fold_dirs("test", wildcards.experiment, wildcards.round)
+
+
+def experiment_dirs(kind, round):
+    """oof/ or test/ folders of every run experiment for one round (test: per fold)."""
+    if kind == "oof":
+        return [result("oof", name, f"round{round}") for name in RUN_EXPERIMENTS]
+    return [d for name in RUN_EXPERIMENTS for d in fold_dirs("test", name, round)]
+
+
 N_FOLDS = config["folds"]["n_folds"]
 GPUS = config["gpus"]
 # Concurrent GPU jobs of this machine agree on who uses which GPU through locks in here.

@@ -6,6 +6,7 @@ wildcard_constraints:
 
 rule train_fold:
     input:
+        unpack(pseudo_inputs),
         stats=rules.preprocess_images.output.stats,
         train_images=rules.preprocess_images.output.train_images,
         train_masks=rules.preprocess_images.output.train_masks,
@@ -22,6 +23,8 @@ rule train_fold:
         result("logs", "train_fold", "{experiment}_round{round}_fold{fold}.log"),
     benchmark:
         result("benchmarks", "train_fold", "{experiment}_round{round}_fold{fold}.tsv")
+    wildcard_constraints:
+        experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
     threads: MAX_THREADS
@@ -42,12 +45,13 @@ rule train_fold:
             f"fold{wildcards.fold}",
         ),
         gpu_lock_dir=GPU_LOCK_DIR,
+        pseudo=pseudo_flags,
     shell:
         "segflow train --arrays-dir {params.arrays_dir} --folds {input.folds}"
         " --fold {wildcards.fold} --name {wildcards.experiment}"
         " --experiment {params.experiment:q} --out-dir {params.out_dir}"
-        " --resume-dir {params.resume_dir} --threads {threads} --gpus {resources.gpu_slots}"
-        " --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
+        " --resume-dir {params.resume_dir} {params.pseudo} --threads {threads}"
+        " --gpus {resources.gpu_slots} --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
 
 
 rule predict_oof:
@@ -63,6 +67,8 @@ rule predict_oof:
         result("logs", "predict_oof", "{experiment}_round{round}_fold{fold}.log"),
     benchmark:
         result("benchmarks", "predict_oof", "{experiment}_round{round}_fold{fold}.tsv")
+    wildcard_constraints:
+        experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
     threads: min(2, MAX_THREADS)
@@ -102,6 +108,8 @@ rule evaluate_oof:
         result("logs", "evaluate_oof", "{experiment}_round{round}.log"),
     benchmark:
         result("benchmarks", "evaluate_oof", "{experiment}_round{round}.tsv")
+    wildcard_constraints:
+        experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
     threads: 1
@@ -119,8 +127,9 @@ rule evaluate_oof:
 
 rule tune_postprocess:
     input:
-        oof_probs=rules.evaluate_oof.output.oof_probs,
-        oof_ids=rules.evaluate_oof.output.oof_ids,
+        # From evaluate_oof for an experiment, from a second-level rule otherwise.
+        oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
+        oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
         stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.find_duplicates.output.dedup_items,
@@ -165,6 +174,8 @@ rule predict_test:
         result("logs", "predict_test", "{experiment}_round{round}_fold{fold}.log"),
     benchmark:
         result("benchmarks", "predict_test", "{experiment}_round{round}_fold{fold}.tsv")
+    wildcard_constraints:
+        experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
     threads: min(2, MAX_THREADS)
@@ -187,8 +198,7 @@ rule predict_test:
 rule make_submission:
     input:
         probs=lambda wildcards: expand(
-            "{dir}/probs.npy",
-            dir=fold_dirs("test", wildcards.experiment, wildcards.round),
+            "{dir}/probs.npy", dir=test_prediction_dirs(wildcards)
         ),
         postprocess=rules.tune_postprocess.output.params,
         stats=rules.preprocess_images.output.stats,

@@ -1,0 +1,188 @@
+rule blend_experiments:
+    input:
+        oof_probs=lambda wildcards: expand(
+            "{dir}/oof_probs.npy", dir=experiment_dirs("oof", wildcards.round)
+        ),
+        test_probs=lambda wildcards: expand(
+            "{dir}/probs.npy", dir=experiment_dirs("test", wildcards.round)
+        ),
+        folds=rules.make_folds.output.folds,
+        stats=rules.preprocess_images.output.stats,
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        oof_probs=result("oof", "ensemble", "round{round}", "oof_probs.npy"),
+        oof_ids=result("oof", "ensemble", "round{round}", "oof_ids.csv"),
+        metrics=result("oof", "ensemble", "round{round}", "metrics.json"),
+        metrics_csv=result("oof", "ensemble", "round{round}", "metrics.csv"),
+        test_probs=result("test", "ensemble", "round{round}", "probs.npy"),
+        test_ids=result("test", "ensemble", "round{round}", "ids.csv"),
+        weights=result("ensemble", "round{round}", "weights.json"),
+        table=result("ensemble", "round{round}", "table.csv"),
+    log:
+        result("logs", "blend_experiments", "round{round}.log"),
+    benchmark:
+        result("benchmarks", "blend_experiments", "round{round}.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        names=RUN_EXPERIMENTS,
+        oof_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.oof_probs],
+        test_dirs=lambda wildcards, input: [
+            os.path.dirname(p) for p in input.test_probs
+        ],
+        n_folds=N_FOLDS,
+        fold_merge=config["predict"]["fold_merge"],
+        metric=config["postprocess"]["metric"],
+        step=config["ensemble"]["weight_step"],
+    shell:
+        "segflow blend --names {params.names} --oof-dirs {params.oof_dirs}"
+        " --test-dirs {params.test_dirs} --n-folds {params.n_folds}"
+        " --fold-merge {params.fold_merge} --metric {params.metric} --step {params.step}"
+        " --folds {input.folds} --stats {input.stats} --manifest {input.manifest}"
+        " --dedup-items {input.dedup_items} --out-oof {output.oof_probs}"
+        " --out-test {output.test_probs} --out-weights {output.weights} 2> {log}"
+
+
+rule select_pseudo_labels:
+    input:
+        # Round r trains on round r-1's final test prediction: the ensemble, post-processed.
+        test_probs=lambda wildcards: result(
+            "test", "ensemble", f"round{int(wildcards.round) - 1}", "probs.npy"
+        ),
+        postprocess=lambda wildcards: result(
+            "postprocess",
+            "ensemble",
+            f"round{int(wildcards.round) - 1}",
+            "params.json",
+        ),
+        stats=rules.preprocess_images.output.stats,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        selection=result("pseudo", "round{round}", "selection.csv"),
+        targets=result("pseudo", "round{round}", "targets.npy"),
+        summary=result("pseudo", "round{round}", "summary.json"),
+    log:
+        result("logs", "select_pseudo_labels", "round{round}.log"),
+    benchmark:
+        result("benchmarks", "select_pseudo_labels", "round{round}.tsv")
+    wildcard_constraints:
+        round=r"[1-9]\d*",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        flags=section_flags("pseudo", exclude=("rounds",)),
+        test_dir=lambda wildcards, input: os.path.dirname(input.test_probs),
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        out_dir=lambda wildcards, output: os.path.dirname(output.selection),
+    shell:
+        "segflow select-pseudo --test-dir {params.test_dir} --postprocess {input.postprocess}"
+        " --arrays-dir {params.arrays_dir} --dedup-items {input.dedup_items} {params.flags}"
+        " --out-dir {params.out_dir} 2> {log}"
+
+
+rule stack_models:
+    input:
+        oof_probs=expand("{dir}/oof_probs.npy", dir=experiment_dirs("oof", FINAL_ROUND)),
+        oof_ids=expand("{dir}/oof_ids.csv", dir=experiment_dirs("oof", FINAL_ROUND)),
+        test_probs=expand("{dir}/probs.npy", dir=experiment_dirs("test", FINAL_ROUND)),
+        base_oof=result("oof", "ensemble", f"round{FINAL_ROUND}", "oof_probs.npy"),
+        base_test=result("test", "ensemble", f"round{FINAL_ROUND}", "probs.npy"),
+        folds=rules.make_folds.output.folds,
+        stats=rules.preprocess_images.output.stats,
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+    output:
+        gate_oof=result("oof", "stack_gate", f"round{FINAL_ROUND}", "oof_probs.npy"),
+        gate_oof_ids=result("oof", "stack_gate", f"round{FINAL_ROUND}", "oof_ids.csv"),
+        gate_metrics=result("oof", "stack_gate", f"round{FINAL_ROUND}", "metrics.json"),
+        gate_test=result("test", "stack_gate", f"round{FINAL_ROUND}", "probs.npy"),
+        gate_test_ids=result("test", "stack_gate", f"round{FINAL_ROUND}", "ids.csv"),
+        pixel_oof=result("oof", "stack_pixel", f"round{FINAL_ROUND}", "oof_probs.npy"),
+        pixel_oof_ids=result("oof", "stack_pixel", f"round{FINAL_ROUND}", "oof_ids.csv"),
+        pixel_metrics=result(
+            "oof", "stack_pixel", f"round{FINAL_ROUND}", "metrics.json"
+        ),
+        pixel_test=result("test", "stack_pixel", f"round{FINAL_ROUND}", "probs.npy"),
+        pixel_test_ids=result("test", "stack_pixel", f"round{FINAL_ROUND}", "ids.csv"),
+        summary=result("stack", f"round{FINAL_ROUND}", "summary.json"),
+    log:
+        result("logs", "stack_models.log"),
+    benchmark:
+        result("benchmarks", "stack_models.tsv")
+    conda:
+        CONDA_ENV
+    threads: MAX_THREADS
+    resources:
+        mem_mb=16000,
+        runtime=120,
+    params:
+        names=RUN_EXPERIMENTS,
+        oof_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.oof_probs],
+        test_dirs=lambda wildcards, input: [
+            os.path.dirname(p) for p in input.test_probs
+        ],
+        n_folds=N_FOLDS,
+        fold_merge=config["predict"]["fold_merge"],
+        flags=section_flags("stack", exclude=("enabled",)),
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        base_oof_dir=lambda wildcards, input: os.path.dirname(input.base_oof),
+        base_test_dir=lambda wildcards, input: os.path.dirname(input.base_test),
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    shell:
+        "segflow stack --names {params.names} --oof-dirs {params.oof_dirs}"
+        " --test-dirs {params.test_dirs} --n-folds {params.n_folds}"
+        " --fold-merge {params.fold_merge} --base-oof-dir {params.base_oof_dir}"
+        " --base-test-dir {params.base_test_dir} --arrays-dir {params.arrays_dir}"
+        " --folds {input.folds} --manifest {input.manifest}"
+        " --dedup-items {input.dedup_items} {params.flags} --threads {threads}"
+        " --out-dir {params.out_dir} 2> {log}"
+
+
+rule choose_submission:
+    input:
+        params=[
+            result("postprocess", name, f"round{r}", "params.json")
+            for name, r in candidates()
+        ],
+        metrics=[
+            result("oof", name, f"round{r}", "metrics.json")
+            for name, r in candidates()
+        ],
+        submissions=[
+            result("submission", name, f"round{r}", "submission.csv")
+            for name, r in candidates()
+        ],
+    output:
+        submission=result("final", "submission.csv"),
+        choice=result("final", "choice.json"),
+        stages_csv=result("final", "stages.csv"),
+        stages_md=result("final", "stages.md"),
+    log:
+        result("logs", "choose_submission.log"),
+    benchmark:
+        result("benchmarks", "choose_submission.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        candidates=[f"{name}:{r}" for name, r in candidates()],
+        # results/final/choice.json -> results
+        results_dir=lambda wildcards, output: os.path.dirname(
+            os.path.dirname(output.choice)
+        ),
+        out_dir=lambda wildcards, output: os.path.dirname(output.choice),
+    shell:
+        "segflow choose --candidates {params.candidates} --results-dir {params.results_dir}"
+        " --out-dir {params.out_dir} 2> {log}"
