@@ -22,7 +22,9 @@ pytestmark = pytest.mark.workflow
 SMALL_DEMO = {
     "demo": {"n_train": 60, "n_test": 20, "seed": 5},
     "folds": {"n_folds": 2},
+    "run_experiments": ["fpn_r18"],
     "experiments": {"fpn_r18": {"train": {"epochs": 1, "batch_size": 8}}},
+    "pseudo": {"rounds": 0},
     "predict": {"tta": "hflip"},
     "postprocess": {
         "thresholds": [0.4, 0.5],
@@ -411,6 +413,7 @@ def test_multilabel_competition_runs_end_to_end(tmp_path: Path) -> None:
 
 SECOND_LEVEL_DEMO = {
     **SMALL_DEMO,
+    "run_experiments": ["fpn_r18", "tiny"],
     "demo": {"n_train": 60, "n_test": 24, "seed": 5},
     "experiments": {
         "fpn_r18": {"train": {"epochs": 1, "batch_size": 8}},

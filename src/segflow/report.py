@@ -68,7 +68,9 @@ def results_summary(results_dir: str | Path) -> str:
         stages = root / "final" / "stages.md"
         if stages.is_file():
             lines.append("")
-            lines.append("OOF per stage (raw scores at threshold 0.5; tuned = after post-processing):")
+            lines.append(
+                "OOF per stage (raw scores at threshold 0.5; tuned = after post-processing):"
+            )
             lines.append(stages.read_text().rstrip())
     else:
         for submission in sorted(root.glob("submission/*/round*/submission.csv")):
