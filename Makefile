@@ -15,7 +15,7 @@ RESULTS ?= results
 export PATH := $(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: env demo test lint format bench clean
+.PHONY: env demo demo-full test lint format bench clean
 
 env: $(STAMP)
 	@# The shared venv's `segflow` command should point at this clone (for plain `snakemake`).
@@ -41,6 +41,12 @@ demo: env
 	@echo
 	@python -m segflow summary $(RESULTS)
 
+# Every stage on the demo data: two experiments, one pseudo-labelling round, stacking.
+demo-full: env
+	snakemake --profile profiles/default --configfile config/examples/demo-full.yaml
+	@echo
+	@python -m segflow summary results/demo-full
+
 test: env
 	python -m pytest
 
@@ -59,4 +65,4 @@ bench: env
 	python benchmarks/bench_data.py
 
 clean:
-	rm -rf $(RESULTS) resources/demo .snakemake
+	rm -rf $(RESULTS) results/demo-full resources/demo .snakemake
