@@ -428,3 +428,14 @@ def test_bad_input_gives_clear_errors() -> None:
         fit_pixel_blender(maps, np.zeros((4, 5, 6), dtype=bool), np.arange(4) % 2)
     with pytest.raises(SegflowError, match="characters"):
         image_features({"exp a": maps["a"]})
+
+
+def test_pixel_blender_probabilities_return_to_the_images_base_rate() -> None:
+    # The sample is half positives; the images are 10% positive. With uninformative maps the
+    # blend can only learn the base rate, and must report the images' rate, not the sample's.
+    rng = np.random.default_rng(11)
+    maps = {"a": rng.random((60, 12, 12)).astype(np.float32)}
+    truth = rng.random((60, 12, 12)) < 0.1
+    result = fit_pixel_blender(maps, truth, np.arange(60) % 3, pixels_per_image=16)
+    assert result.prior_shift < -1.5  # log-odds from ~0.5 down to ~0.1
+    assert float(np.mean(result.oof_probs, dtype=np.float64)) == pytest.approx(0.1, abs=0.05)

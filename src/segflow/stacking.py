@@ -592,6 +592,8 @@ class PixelBlenderResult:
     scores: pd.DataFrame
     """Mean per-image dice, iou and kaggle at threshold 0.5; rows ``blend`` and each input
     experiment, so the blend can be compared with what it blends."""
+    prior_shift: float = 0.0
+    """Log-odds added to the final model's output (see :func:`apply_pixel_blender`)."""
 
     def metrics(self) -> dict[str, Any]:
         """A JSON-able summary: backend, features, sample size, scores."""
@@ -599,6 +601,7 @@ class PixelBlenderResult:
             "backend": self.final_model.backend,
             "features": list(self.final_model.feature_names),
             "n_samples": self.n_samples,
+            "prior_shift": self.prior_shift,
             "threshold": MASK_THRESHOLD,
             "scores": {name: row.to_dict() for name, row in self.scores.iterrows()},
         }
@@ -610,6 +613,7 @@ def apply_pixel_blender(
     images: np.ndarray | None = None,
     rows: np.ndarray | Sequence[int] | None = None,
     chunk_images: int | None = None,
+    prior_shift: float = 0.0,
 ) -> np.ndarray:
     """Blend whole probability maps with a fitted pixel blender, a chunk of images at a time.
 
@@ -621,6 +625,9 @@ def apply_pixel_blender(
         rows: the images to blend (default all), in the order given.
         chunk_images: images per chunk (None: a 4 Mi-value feature budget); the result does not
             depend on it.
+        prior_shift: log-odds added to the model's output: the blender is trained on a pixel
+            sample with many more positives than the images have, and this moves its
+            probabilities back to the images' base rate (``PixelBlenderResult.prior_shift``).
 
     Returns:
         The blended probabilities, float16.
@@ -636,9 +643,24 @@ def apply_pixel_blender(
     done = 0
     for chunk_rows, chunk_features in iter_pixel_features(prob_maps, images, rows, chunk_images):
         blended = model.predict_proba(chunk_features).reshape(len(chunk_rows), *first.shape[1:])
+        if prior_shift:
+            blended = _shift_log_odds(blended, prior_shift)
         out[done : done + len(chunk_rows)] = blended
         done += len(chunk_rows)
     return out
+
+
+def _shift_log_odds(prob: np.ndarray, shift: float) -> np.ndarray:
+    # 0 and 1 map to -inf / +inf log-odds and back: certain predictions stay certain.
+    with np.errstate(divide="ignore", over="ignore"):
+        return 1.0 / (1.0 + np.exp(-(np.log(prob) - np.log1p(-prob) + shift)))
+
+
+def _prior_shift(sample_target: np.ndarray, image_rate: float) -> float:
+    """Log-odds from the sample's positive rate to the images' (prior correction)."""
+    sample_rate = float(np.clip(np.mean(sample_target), 1e-6, 1 - 1e-6))
+    image_rate = float(np.clip(image_rate, 1e-6, 1 - 1e-6))
+    return float(np.log(image_rate / (1 - image_rate)) - np.log(sample_rate / (1 - sample_rate)))
 
 
 def _mean_scores(prob_plane: np.ndarray, truth_plane: np.ndarray) -> dict[str, float]:
@@ -697,6 +719,10 @@ def fit_pixel_blender(
     features = sampled_pixel_features(prob_maps, images, rows, ys, xs, chunk_images)
     target = np.asarray(truth_plane[rows, ys, xs]).astype(np.int64)
     sample_folds = folds[rows]
+    # Per image, the share of positive pixels: the base rate the sample over-represents.
+    positive_share = np.count_nonzero(truth_plane.reshape(len(truth_plane), -1), axis=1) / (
+        truth_plane.shape[1] * truth_plane.shape[2]
+    )
     oof_probs = np.empty(truth_plane.shape, dtype=np.float16)
     fold_models: dict[int, StackingClassifier] = {}
     for fold in np.unique(folds):
@@ -706,8 +732,9 @@ def fit_pixel_blender(
         model = make_classifier(backend, params, seed)
         model.fit(features[trained_on].reset_index(drop=True), target[trained_on])
         fold_rows = np.flatnonzero(folds == fold)
+        shift = _prior_shift(target[trained_on], positive_share[folds != fold].mean())
         oof_probs[fold_rows] = apply_pixel_blender(
-            model, prob_maps, images, fold_rows, chunk_images
+            model, prob_maps, images, fold_rows, chunk_images, shift
         )
         fold_models[int(fold)] = model
     final_model = make_classifier(backend, params, seed).fit(features, target)
@@ -721,6 +748,7 @@ def fit_pixel_blender(
         importances=final_model.feature_importances().sort_values(ascending=False),
         n_samples=len(target),
         scores=pd.DataFrame.from_dict(scores, orient="index")[list(METRIC_NAMES)],
+        prior_shift=_prior_shift(target, positive_share.mean()),
     )
 
 
