@@ -19,6 +19,7 @@ from segflow.stack_features import (
     iter_pixel_features,
     pixel_feature_names,
     sample_pixels,
+    sample_weights,
     sampled_pixel_features,
 )
 from segflow.stacking import (
@@ -191,7 +192,7 @@ class _RecordingClassifier:
         self.feature_names: list[str] = []
         self.key = (params or {}).get("key", "row_id")
 
-    def fit(self, features: pd.DataFrame, target: np.ndarray) -> Self:
+    def fit(self, features: pd.DataFrame, target: np.ndarray, sample_weight: Any = None) -> Self:
         self.feature_names = list(features.columns)
         self.seen = set(np.round(features[self.key].to_numpy(), 6).tolist())
         return self
@@ -436,6 +437,18 @@ def test_pixel_blender_probabilities_return_to_the_images_base_rate() -> None:
     rng = np.random.default_rng(11)
     maps = {"a": rng.random((60, 12, 12)).astype(np.float32)}
     truth = rng.random((60, 12, 12)) < 0.1
-    result = fit_pixel_blender(maps, truth, np.arange(60) % 3, pixels_per_image=16)
-    assert result.prior_shift < -1.5  # log-odds from ~0.5 down to ~0.1
-    assert float(np.mean(result.oof_probs, dtype=np.float64)) == pytest.approx(0.1, abs=0.05)
+    result = fit_pixel_blender(maps, truth, np.arange(60) % 3, pixels_per_image=64)
+    assert float(np.mean(result.oof_probs, dtype=np.float64)) == pytest.approx(0.1, abs=0.03)
+
+
+def test_sample_weights_give_back_each_images_class_balance() -> None:
+    truth = np.zeros((2, 10, 10), dtype=bool)
+    truth[0, :2] = True  # 20 positives, 80 negatives
+    rows, ys, xs = sample_pixels(truth, 10, seed=0)  # image 0: 5 + 5, image 1: 10 negatives
+    weights = sample_weights(truth, rows, ys, xs)
+    label = truth[rows, ys, xs]
+    per_pixel = weights * 200 / len(weights)  # undo the mean-1 normalisation (200 pixels)
+    assert per_pixel[(rows == 0) & label].sum() == pytest.approx(20)
+    assert per_pixel[(rows == 0) & ~label].sum() == pytest.approx(80)
+    assert per_pixel[rows == 1].sum() == pytest.approx(100)
+    assert weights.mean() == pytest.approx(1.0)

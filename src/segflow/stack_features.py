@@ -376,6 +376,30 @@ def sample_pixels(
     return np.concatenate(rows), flat // width, flat % width
 
 
+def sample_weights(
+    truth_plane: np.ndarray, rows: np.ndarray, ys: np.ndarray, xs: np.ndarray
+) -> np.ndarray:
+    """Inverse-probability weights of a :func:`sample_pixels` sample, normalised to mean 1.
+
+    A sampled pixel stands for every pixel of its class in its image: weight = (pixels of that
+    class in the image) / (pixels of that class sampled from it). The weighted sample then has
+    the images' own class balance, so a model fitted on it predicts calibrated probabilities
+    although the sample itself is about half positives.
+
+    Shape:
+        truth_plane: (N, H, W); rows, ys, xs and output: (n_samples,).
+    """
+    truth_plane = check_truth_plane(truth_plane)
+    label = np.asarray(truth_plane[rows, ys, xs]) != 0
+    positives = np.count_nonzero(truth_plane.reshape(len(truth_plane), -1), axis=1)
+    pixels = truth_plane.shape[1] * truth_plane.shape[2]
+    in_image = np.where(label, positives[rows], pixels - positives[rows])
+    key = rows * 2 + label  # (image, class) cells
+    sampled = np.bincount(key, minlength=2 * len(truth_plane))[key]
+    weights = in_image / sampled
+    return weights / weights.mean()
+
+
 def check_truth_plane(truth_plane: object) -> np.ndarray:
     """``truth_plane`` if it is one class's (N, H, W) masks, bool or 0/1.
 

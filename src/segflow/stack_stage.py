@@ -199,9 +199,7 @@ def run_stack(
         )
         write_blender_artifacts(blender, class_dir)
         blend_oof[:, k] = blender.oof_probs
-        blend_test[:, k] = apply_pixel_blender(
-            blender.final_model, test_maps, inputs.test_images, prior_shift=blender.prior_shift
-        )
+        blend_test[:, k] = apply_pixel_blender(blender.final_model, test_maps, inputs.test_images)
         per_class[name] = {"gate": gate.metrics(), "blender": blender.metrics()}
         log.info(
             "class %s: gate OOF AUC %.4f; blender scores %s",

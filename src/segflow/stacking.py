@@ -47,6 +47,7 @@ from segflow.stack_features import (
     chunk_size,
     iter_pixel_features,
     sample_pixels,
+    sample_weights,
     sampled_pixel_features,
 )
 
@@ -64,8 +65,10 @@ class StackingClassifier(Protocol):
     suffix: ClassVar[str]
     feature_names: list[str]
 
-    def fit(self, features: pd.DataFrame, target: np.ndarray) -> Self:
-        """Fit on ``features`` (rows) and the 0/1 ``target``; returns self."""
+    def fit(
+        self, features: pd.DataFrame, target: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> Self:
+        """Fit on ``features`` (rows) and the 0/1 ``target`` (optionally weighted)."""
         ...
 
     def predict_proba(self, features: pd.DataFrame) -> np.ndarray:
@@ -108,7 +111,12 @@ class _BoostedClassifier:
         self.feature_names: list[str] = []
         self._model: Any = None
 
-    def fit(self, features: pd.DataFrame, target: np.ndarray) -> Self:
+    def fit(
+        self,
+        features: pd.DataFrame,
+        target: np.ndarray,
+        sample_weight: np.ndarray | None = None,
+    ) -> Self:
         """Fit on a numeric feature table and a 0/1 target.
 
         A target with a single value (a fold with no positive image, say) cannot train a
@@ -117,12 +125,13 @@ class _BoostedClassifier:
         Args:
             features: one row per sample, numeric or bool columns, NaN allowed.
             target: the label of each row, 0/1 or bool.
+            sample_weight: a positive weight per row (None: all 1).
 
         Returns:
             self, fitted.
 
         Shape:
-            features: (n, F); target: (n,).
+            features: (n, F); target, sample_weight: (n,).
 
         Raises:
             SegflowError: a non-numeric column, bad name, or a target of another length or
@@ -132,10 +141,21 @@ class _BoostedClassifier:
         target = _binary_target(target, len(features))
         self.feature_names = list(features.columns)
         matrix = features.to_numpy(dtype=np.float64)
+        weight = None
+        if sample_weight is not None:
+            weight = np.asarray(sample_weight, dtype=np.float64)
+            if (
+                weight.shape != (len(target),)
+                or not np.all(np.isfinite(weight))
+                or (weight <= 0).any()
+            ):
+                raise SegflowError(
+                    f"{self.backend}: sample_weight must be {len(target)} positive finite values"
+                )
         if target.min() == target.max():
             self._model = self._fit_constant(matrix, float(target[0]))
         else:
-            self._model = self._fit_matrix(matrix, target)
+            self._model = self._fit_matrix(matrix, target, weight)
         return self
 
     def predict_proba(self, features: pd.DataFrame) -> np.ndarray:
@@ -267,12 +287,18 @@ class LightGBMClassifier(_BoostedClassifier):
         params.update(objective="binary", seed=self.seed)
         return params, int(rounds[-1])
 
-    def _fit_matrix(self, matrix: np.ndarray, target: np.ndarray) -> Any:
+    def _fit_matrix(
+        self, matrix: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None
+    ) -> Any:
         import lightgbm
 
         params, rounds = self._train_params()
         dataset = lightgbm.Dataset(
-            matrix, label=target, feature_name=self.feature_names, params={"verbosity": -1}
+            matrix,
+            label=target,
+            weight=weight,
+            feature_name=self.feature_names,
+            params={"verbosity": -1},
         )
         return lightgbm.train(params, dataset, num_boost_round=rounds)
 
@@ -319,12 +345,14 @@ class CatBoostClassifier(_BoostedClassifier):
         params = {**self.params, "loss_function": "Logloss", "random_seed": self.seed}
         return CatBoostModel(**{**params, **overrides})
 
-    def _fit_matrix(self, matrix: np.ndarray, target: np.ndarray) -> Any:
+    def _fit_matrix(
+        self, matrix: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None
+    ) -> Any:
         from catboost import CatBoostError, Pool
 
         model = self._new_model()
         try:
-            model.fit(Pool(matrix, label=target, feature_names=self.feature_names))
+            model.fit(Pool(matrix, label=target, weight=weight, feature_names=self.feature_names))
         except CatBoostError as error:
             raise SegflowError(f"catboost: training failed: {error}") from error
         return model
@@ -592,8 +620,6 @@ class PixelBlenderResult:
     scores: pd.DataFrame
     """Mean per-image dice, iou and kaggle at threshold 0.5; rows ``blend`` and each input
     experiment, so the blend can be compared with what it blends."""
-    prior_shift: float = 0.0
-    """Log-odds added to the final model's output (see :func:`apply_pixel_blender`)."""
 
     def metrics(self) -> dict[str, Any]:
         """A JSON-able summary: backend, features, sample size, scores."""
@@ -601,7 +627,6 @@ class PixelBlenderResult:
             "backend": self.final_model.backend,
             "features": list(self.final_model.feature_names),
             "n_samples": self.n_samples,
-            "prior_shift": self.prior_shift,
             "threshold": MASK_THRESHOLD,
             "scores": {name: row.to_dict() for name, row in self.scores.iterrows()},
         }
@@ -613,7 +638,6 @@ def apply_pixel_blender(
     images: np.ndarray | None = None,
     rows: np.ndarray | Sequence[int] | None = None,
     chunk_images: int | None = None,
-    prior_shift: float = 0.0,
 ) -> np.ndarray:
     """Blend whole probability maps with a fitted pixel blender, a chunk of images at a time.
 
@@ -625,9 +649,6 @@ def apply_pixel_blender(
         rows: the images to blend (default all), in the order given.
         chunk_images: images per chunk (None: a 4 Mi-value feature budget); the result does not
             depend on it.
-        prior_shift: log-odds added to the model's output: the blender is trained on a pixel
-            sample with many more positives than the images have, and this moves its
-            probabilities back to the images' base rate (``PixelBlenderResult.prior_shift``).
 
     Returns:
         The blended probabilities, float16.
@@ -643,24 +664,9 @@ def apply_pixel_blender(
     done = 0
     for chunk_rows, chunk_features in iter_pixel_features(prob_maps, images, rows, chunk_images):
         blended = model.predict_proba(chunk_features).reshape(len(chunk_rows), *first.shape[1:])
-        if prior_shift:
-            blended = _shift_log_odds(blended, prior_shift)
         out[done : done + len(chunk_rows)] = blended
         done += len(chunk_rows)
     return out
-
-
-def _shift_log_odds(prob: np.ndarray, shift: float) -> np.ndarray:
-    # 0 and 1 map to -inf / +inf log-odds and back: certain predictions stay certain.
-    with np.errstate(divide="ignore", over="ignore"):
-        return 1.0 / (1.0 + np.exp(-(np.log(prob) - np.log1p(-prob) + shift)))
-
-
-def _prior_shift(sample_target: np.ndarray, image_rate: float) -> float:
-    """Log-odds from the sample's positive rate to the images' (prior correction)."""
-    sample_rate = float(np.clip(np.mean(sample_target), 1e-6, 1 - 1e-6))
-    image_rate = float(np.clip(image_rate, 1e-6, 1 - 1e-6))
-    return float(np.log(image_rate / (1 - image_rate)) - np.log(sample_rate / (1 - sample_rate)))
 
 
 def _mean_scores(prob_plane: np.ndarray, truth_plane: np.ndarray) -> dict[str, float]:
@@ -719,10 +725,9 @@ def fit_pixel_blender(
     features = sampled_pixel_features(prob_maps, images, rows, ys, xs, chunk_images)
     target = np.asarray(truth_plane[rows, ys, xs]).astype(np.int64)
     sample_folds = folds[rows]
-    # Per image, the share of positive pixels: the base rate the sample over-represents.
-    positive_share = np.count_nonzero(truth_plane.reshape(len(truth_plane), -1), axis=1) / (
-        truth_plane.shape[1] * truth_plane.shape[2]
-    )
+    # The sample over-represents positives (and small images' pixels); inverse-probability
+    # weights make it stand for every pixel, so the blend's probabilities keep the base rate.
+    weights = sample_weights(truth_plane, rows, ys, xs)
     oof_probs = np.empty(truth_plane.shape, dtype=np.float16)
     fold_models: dict[int, StackingClassifier] = {}
     for fold in np.unique(folds):
@@ -730,14 +735,15 @@ def fit_pixel_blender(
         if not trained_on.any():
             raise SegflowError(f"fold {fold}: no pixels sampled outside it to train on")
         model = make_classifier(backend, params, seed)
-        model.fit(features[trained_on].reset_index(drop=True), target[trained_on])
+        model.fit(
+            features[trained_on].reset_index(drop=True), target[trained_on], weights[trained_on]
+        )
         fold_rows = np.flatnonzero(folds == fold)
-        shift = _prior_shift(target[trained_on], positive_share[folds != fold].mean())
         oof_probs[fold_rows] = apply_pixel_blender(
-            model, prob_maps, images, fold_rows, chunk_images, shift
+            model, prob_maps, images, fold_rows, chunk_images
         )
         fold_models[int(fold)] = model
-    final_model = make_classifier(backend, params, seed).fit(features, target)
+    final_model = make_classifier(backend, params, seed).fit(features, target, weights)
     scores = {"blend": _mean_scores(oof_probs, truth_plane)}
     for name, maps in prob_maps.items():
         scores[name] = _mean_scores(maps, truth_plane)
@@ -748,7 +754,6 @@ def fit_pixel_blender(
         importances=final_model.feature_importances().sort_values(ascending=False),
         n_samples=len(target),
         scores=pd.DataFrame.from_dict(scores, orient="index")[list(METRIC_NAMES)],
-        prior_shift=_prior_shift(target, positive_share.mean()),
     )
 
 
