@@ -67,3 +67,21 @@ def test_stage_reading_a_missing_artifact_fails_cleanly(
         and "nope.parquet" in err[0]
     )
     assert not (tmp_path / "folds.csv").exists()
+
+
+def test_summary_ends_with_the_final_choice_and_the_stage_table(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "choice.json").write_text(
+        '{"candidate": "ensemble", "round": 1, "reason": "best tuned OOF score",'
+        ' "metric": "kaggle", "tuned_oof_score": 0.61}'
+    )
+    (final / "stages.md").write_text("| stage | candidate |\n|---|---|\n| ensemble | ensemble |\n")
+    assert main(["summary", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "final" in out and "ensemble round 1 (best tuned OOF score, tuned OOF kaggle 0.6100)" in out
+    )
+    assert out.rstrip().endswith("| ensemble | ensemble |")
