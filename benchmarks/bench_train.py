@@ -2,13 +2,15 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_train.py [--arrays DIR] [--size N] [--batch-size B]
-        [--augment d4|heavy|none] [--workers W] [--seconds S] [--device auto|cpu|cuda]
+    python benchmarks/bench_train.py [--arrays DIR] [--size N] [--demo-images N]
+        [--batch-size B] [--augment d4|heavy|none] [--workers W] [--seconds S]
+        [--device auto|cpu|cuda] [--amp auto|off|bf16|fp16]
 
 ``--arrays`` is a preprocess output folder (``train_images.npy``, ``train_masks.npy``,
-``index.parquet``, ``stats.json``). Without it a small demo dataset is generated
-(:func:`segflow.demo_data.generate_demo_data`, 300 train images) and run through ingest, dedup
-and preprocess (resized to ``--size`` x ``--size``) in a temporary folder.
+``index.parquet``, ``stats.json``). Without it a demo dataset is generated
+(:func:`segflow.demo_data.generate_demo_data`, ``--demo-images`` train images, 300 by default)
+and run through ingest, dedup and preprocess (resized to ``--size`` x ``--size``) in a
+temporary folder.
 
 It prints, in one run:
 
@@ -29,9 +31,9 @@ How it measures:
 * Every figure is a rate over a fixed wall-time budget (``--seconds``, default 10; TTA modes
   half of it each) after a warm-up, counted in whole batches; the per-batch best is shown next to
   it where that means something. On CUDA every timed region ends with a synchronize.
-* Loader epochs run back to back as in training: each epoch reseeds (``FoldData.seed_epoch``)
-  and, with workers, starts them anew (the pipeline does not use persistent workers), so the
-  worker start-up is part of the rate. Its cost is shown separately (first-batch latency).
+* Loader epochs run back to back as in training: each epoch reseeds (``FoldData.seed_epoch``);
+  workers persist across epochs as in training, so their start-up falls in the warm-up. It is
+  shown separately: the first epoch's first-batch latency, and the median of later epochs'.
 * torch intra-op threads: ``torch.get_num_threads()`` as printed in the header (torch's default
   unless ``--threads`` is given). The header also says how much CPU other processes used while
   the benchmark ran; above 10% the timings may be perturbed.
@@ -64,10 +66,11 @@ from segflow.models import ModelSpec, build_model, padded_size
 from segflow.parallel import available_cores
 from segflow.preprocess import PreprocessOptions, preprocess
 from segflow.schedules import make_optimizer
-from segflow.train_options import TrainOptions
+from segflow.train import amp_dtype
+from segflow.train_options import AMP_MODES, TrainOptions
 from segflow.tta import predict_with_tta
 
-DEMO_TRAIN, DEMO_TEST = 300, 20
+DEMO_TRAIN, DEMO_TEST = 300, 20  # defaults of --demo-images; few test images: unused
 GOAL_FRACTION = 0.9
 BUSY_WARNING = 0.10
 WARMUP_BATCHES = 3
@@ -83,13 +86,13 @@ class BenchError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def make_demo_arrays(tmp: Path, size: int, workers: int) -> Path:
+def make_demo_arrays(tmp: Path, size: int, workers: int, n_train: int = DEMO_TRAIN) -> Path:
     """Demo data -> ingest -> dedup -> preprocess at ``size`` x ``size``; the arrays folder."""
     from segflow.demo_data import DemoDataOptions, generate_demo_data
 
     demo = tmp / "demo"
-    print(f"generating demo data ({DEMO_TRAIN} train) and preprocessing...", file=sys.stderr)
-    generate_demo_data(demo, DemoDataOptions(n_train=DEMO_TRAIN, n_test=DEMO_TEST))
+    print(f"generating demo data ({n_train} train) and preprocessing...", file=sys.stderr)
+    generate_demo_data(demo, DemoDataOptions(n_train=n_train, n_test=DEMO_TEST))
     options = IngestOptions(
         train_images=str(demo / "train" / "images"),
         test_images=str(demo / "test" / "images"),
@@ -200,33 +203,44 @@ def measure_loader(setup: Setup, workers: int, seconds: float) -> Rate:
     rate = timed_loop(step, seconds, torch.device("cpu"))
     batches.close()  # shuts the workers down
     rate.label = f"loader, {workers} worker{'s' if workers != 1 else ''}"
-    epochs = len(first)
+    later = f", later {1000 * float(np.median(first[1:])):.0f} ms" if len(first) > 1 else ""
     rate.note = (
-        f"{len(data.train_loader)} batches/epoch; {epochs} epoch starts, first batch "
-        f"{1000 * float(np.median(first)):.0f} ms (median)"
+        f"{len(data.train_loader)} batches/epoch; {len(first)} epoch starts, first batch "
+        f"{1000 * first[0]:.0f} ms{later}"
     )
     return rate
 
 
 @dataclass
 class Trainer:
-    """Model, loss and optimizer as the pipeline builds them (no AMP, no EMA, no clipping)."""
+    """Model, loss and optimizer as the pipeline builds them, with its default precision.
+
+    On CUDA that is ``train.amp: auto`` (bf16 autocast where supported, else fp16 with a
+    gradient scaler) and channels-last memory, as :class:`segflow.train._FoldTrainer` does; on
+    the CPU full precision. No EMA, no clipping.
+    """
 
     model: torch.nn.Module
     loss_fn: Any
     optimizer: torch.optim.Optimizer
     device: torch.device
     size: tuple[int, int]
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
 
     @classmethod
-    def build(cls, setup: Setup) -> Trainer:
+    def build(cls, setup: Setup, amp: str = "auto") -> Trainer:
         torch.manual_seed(0)
         spec = ModelSpec(arch="Unet", encoder="resnet18", in_channels=setup.arrays.channels)
         model = build_model(spec).to(setup.device)
+        if setup.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
         loss_fn = build_loss({"bce": 1.0, "dice": 1.0}, mode="binary")
         optimizer = make_optimizer(model, TrainOptions())
         size = padded_size(model, setup.arrays.height, setup.arrays.width)
-        return cls(model, loss_fn, optimizer, setup.device, size)
+        dtype = amp_dtype(amp, setup.device)
+        scaler = torch.amp.GradScaler(setup.device.type, enabled=dtype == torch.float16)
+        return cls(model, loss_fn, optimizer, setup.device, size, dtype, scaler)
 
     def pad(self, images: torch.Tensor) -> torch.Tensor:
         from segflow.datasets import pad_to_size
@@ -238,11 +252,18 @@ class Trainer:
         from segflow.datasets import crop_to
 
         height, width = images.shape[-2:]
-        logits = crop_to(self.model(self.pad(images)), height, width)
-        loss = self.loss_fn(logits, masks)
+        padded = self.pad(images)
+        if self.device.type == "cuda":
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            logits = crop_to(self.model(padded), height, width)
+            loss = self.loss_fn(logits.float(), masks)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return len(images)
 
 
@@ -370,8 +391,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     if args.arrays is not None:
         arrays_dir, source = args.arrays.resolve(), "--arrays"
     else:
-        arrays_dir = make_demo_arrays(tmp, args.size, max(args.workers, 1))
-        source = f"demo data ({DEMO_TRAIN} train) preprocessed to {args.size}x{args.size}"
+        arrays_dir = make_demo_arrays(tmp, args.size, max(args.workers, 1), args.demo_images)
+        source = f"demo data ({args.demo_images} train) preprocessed to {args.size}x{args.size}"
     arrays = SegmentationArrays.open(arrays_dir)
     rows = np.arange(int((arrays.index["split"] == "train").sum()), dtype=np.int64)
     setup = Setup(arrays, device, args.batch_size, args.augment, rows)
@@ -384,7 +405,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     counts = sorted({0, args.workers})
     print("measuring the input pipeline...", file=sys.stderr)
     loader = [measure_loader(setup, workers, seconds) for workers in counts]
-    trainer = Trainer.build(setup)
+    trainer = Trainer.build(setup, args.amp)
     print("measuring the training step...", file=sys.stderr)
     step = measure_train_step(setup, trainer, seconds)
     print("measuring end-to-end training...", file=sys.stderr)
@@ -408,7 +429,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print(
         f"  machine  {available_cores()} cores available; device {device} ({device_name}); "
         f"torch {torch.__version__}, {threads} intra-op thread(s)"
-        f"{' (--threads)' if args.threads else ' (torch default)'}"
+        f"{' (--threads)' if args.threads else ' (torch default)'}; step precision "
+        f"{trainer.amp_dtype or 'float32'}{', channels-last' if device.type == 'cuda' else ''}"
     )
     print(
         f"  load     loadavg before {load_before[0]:.2f}/{load_before[1]:.2f}; other processes "
@@ -418,7 +440,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print(
         "  method   rates over a fixed wall time after a warm-up of "
         f"{WARMUP_BATCHES} batches, whole batches counted;\n"
-        "           'best ms' is the fastest single batch; loader epochs restart their workers "
+        "           'best ms' is the fastest single batch; loader workers persist across epochs "
         "as in training;\n"
         "           OpenCV limited to 1 thread in this process (cv2.setNumThreads(1)): see run()"
     )
@@ -469,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arrays", type=Path, help="preprocess output folder (default: demo)")
     parser.add_argument("--size", type=int, default=64, help="demo image size (default: 64)")
+    parser.add_argument(
+        "--demo-images",
+        type=int,
+        default=DEMO_TRAIN,
+        help=f"demo train images (default: {DEMO_TRAIN}); on a GPU use thousands, or every "
+        "epoch's start (one worker augments the first batch alone) dominates the rates",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
     parser.add_argument("--augment", default="d4", choices=("d4", "heavy", "none"))
     parser.add_argument(
@@ -481,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=10.0, help="timed wall time per figure (default: 10)"
     )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--amp", default="auto", choices=AMP_MODES, help="train.amp for the step (default: auto)"
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)"
     )

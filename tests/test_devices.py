@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from segflow.devices import acquire_gpu, resolve_device
 from segflow.errors import SegflowError
@@ -36,9 +37,15 @@ def _hold_slot(lock_dir: str, n_gpus: int, timeout_s: float, results, release) -
 
 @pytest.fixture()
 def no_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Children inherit the environment: make sure no scheduler assignment is simulated."""
+    """Children inherit the environment: make sure no scheduler assignment is simulated.
+
+    The GPUs here are fake (lock files only), so CUDA's state does not matter; on a GPU machine
+    an earlier test may have initialised CUDA in this pytest process, which acquire_gpu would
+    rightly refuse (see test_acquire_gpu_refuses_once_cuda_is_initialised).
+    """
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "unset-by-test")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
 
 
 def _start(lock_dir: Path, n_gpus: int, timeout_s: float, results):
@@ -127,6 +134,15 @@ def test_scheduler_assignment_is_respected(tmp_path: Path, monkeypatch: pytest.M
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert not (tmp_path / "locks").exists()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_acquire_gpu_refuses_once_cuda_is_initialised(
+    tmp_path: Path, no_visible_devices: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="after CUDA was initialised"):
+        acquire_gpu(tmp_path, 2, timeout_s=0)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ and not list(tmp_path.iterdir())
 
 
 def test_acquire_gpu_rejects_zero_gpus(tmp_path: Path, no_visible_devices: None) -> None:

@@ -12,7 +12,7 @@ from helpers import write_synthetic_arrays
 
 from segflow.datasets import PseudoMixSampler, SegmentationArrays
 from segflow.errors import SegflowError
-from segflow.fold_data import FoldData, PseudoLabels, split_rows
+from segflow.fold_data import FoldData, PseudoLabels, SeededItems, split_rows
 from segflow.train import train_fold
 from segflow.train_options import TrainOptions
 
@@ -151,3 +151,49 @@ def test_bad_pseudo_folder_is_named(arrays_dir: Path) -> None:
     (pseudo_dir / "selection.csv").unlink()
     with pytest.raises(SegflowError, match=r"selection\.csv does not exist"):
         PseudoLabels.load(pseudo_dir, arrays, 0.5, 1.0)
+
+
+def _epoch_batches(data: FoldData, epoch: int) -> list[tuple[list[int], torch.Tensor]]:
+    data.seed_epoch(7, epoch)
+    return [(batch["row"].tolist(), batch["image"]) for batch in data.train_loader]
+
+
+@pytest.mark.timeout(180)
+def test_epochs_do_not_depend_on_workers_or_on_what_ran_before(arrays_dir: Path) -> None:
+    """Per-draw augmentation seeds: 0 or 2 (persistent) workers give the same epochs, and an
+    epoch replayed after another (a resume) is drawn exactly as the first time."""
+    arrays = SegmentationArrays.open(arrays_dir)
+    pseudo = PseudoLabels.load(_pseudo_dir(arrays_dir, False), arrays, max_share=0.5, weight=1.0)
+    train_rows, val_rows = split_rows(arrays, arrays_dir / "folds.csv", 0)
+    epochs = {}
+    for workers in (0, 2):
+        options = TrainOptions(batch_size=4, num_workers=workers)
+        data = FoldData.build(arrays, train_rows, val_rows, "heavy", options, False, pseudo)
+        assert data.train_loader.persistent_workers == (workers > 0)
+        epochs[workers] = [_epoch_batches(data, epoch) for epoch in (1, 2, 1)]
+    for workers in (0, 2):
+        first, second, replayed = epochs[workers]
+        assert [rows for rows, _ in first] == [rows for rows, _ in replayed]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, replayed, strict=True))
+        assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(first, second, strict=True))
+    for plain, pooled in zip(epochs[0], epochs[2], strict=True):
+        assert [rows for rows, _ in plain] == [rows for rows, _ in pooled]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(plain, pooled, strict=True))
+
+
+def test_seeded_items_address_every_part_and_refuse_what_they_cannot(arrays_dir: Path) -> None:
+    arrays = SegmentationArrays.open(arrays_dir)
+    pseudo = PseudoLabels.load(_pseudo_dir(arrays_dir, False), arrays, max_share=0.5, weight=1.0)
+    train_rows, val_rows = split_rows(arrays, arrays_dir / "folds.csv", 0)
+    data = FoldData.build(
+        arrays, train_rows, val_rows, "d4", TrainOptions(batch_size=4), False, pseudo
+    )
+    items = SeededItems(data.train_set)
+    assert len(items) == len(train_rows) + 2
+    assert float(items[(len(train_rows) - 1, 3)]["pseudo"]) == 0.0
+    assert float(items[(len(train_rows), 3)]["pseudo"]) == 1.0
+    assert torch.equal(items[(5, 11)]["image"], items[(5, 11)]["image"])
+    with pytest.raises(IndexError):
+        items[(len(items), 0)]
+    with pytest.raises(SegflowError, match="MemmapDataset"):
+        SeededItems(torch.utils.data.Subset(data.train_set, [0, 1]))

@@ -422,4 +422,4 @@ def test_bad_inputs_name_the_file(arrays_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SegflowError, match=r"train_masks\.npy does not exist"):
         _train(arrays_dir, tmp_path / "d")
     with pytest.raises(SegflowError, match="fp16 needs a CUDA device"):
-        train_module._amp_dtype("fp16", torch.device("cpu"))
+        train_module.amp_dtype("fp16", torch.device("cpu"))

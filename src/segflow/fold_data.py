@@ -1,8 +1,11 @@
 """What one fold trains and validates on: the row split, datasets, loaders and their seeding.
 
-Every generator involved (Python's, numpy's, torch's, the loader's and sampler's, the
-augmentation's) is reseeded per epoch from (seed, epoch) by :meth:`FoldData.seed_epoch`, so an
-epoch draws the same batches whether the run was resumed or not.
+Every generator involved (Python's, numpy's, torch's, the loader's and sampler's) is reseeded
+per epoch from (seed, epoch) by :meth:`FoldData.seed_epoch`, so an epoch draws the same batches
+whether the run was resumed or not. The sampler hands every draw its own augmentation seed
+(:class:`SeededSampler`, :class:`SeededItems`), so what an item looks like does not depend on
+which worker loads it, or on how many workers there are; that lets the workers persist across
+epochs instead of being started again for each one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler
 
 from segflow.augment import build_augmentation
 from segflow.datasets import (
@@ -242,11 +245,19 @@ class FoldData:
         if workers:
             loader_args["worker_init_fn"] = _worker_init
             loader_args["multiprocessing_context"] = _worker_context()
+            # Started once per fold, not once per epoch: a worker start costs an unpickled
+            # dataset and reopened memmaps, and with many workers that added up to seconds
+            # per epoch (benchmarks/bench_train.py on a 16-core GPU machine).
+            loader_args["persistent_workers"] = True
         # A last batch of 1 breaks BatchNorm after global pooling (and wastes a step).
+        # The loader draws its workers' base seed from its own generator, once per worker start
+        # (with persistent workers: once per fold). Sharing the sampler's generator would shift
+        # the first epoch's draws against every later one.
+        worker_generator = torch.Generator().manual_seed(options.seed)
         train_loader = DataLoader(
-            train_set,
-            sampler=sampler,
-            generator=generator,
+            SeededItems(train_set),
+            sampler=SeededSampler(sampler, generator),
+            generator=worker_generator,
             drop_last=len(train_set) > options.batch_size,
             **loader_args,
         )
@@ -275,7 +286,61 @@ class FoldData:
             sampler_generator = getattr(sampler, "generator", None)
             if sampler_generator is not None and sampler_generator is not self.generator:
                 sampler_generator.manual_seed(seed + 1)
-        _seed_dataset_transforms(self.train_set, seed + 2)  # used when num_workers == 0
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Wraps a sampler of item indices: yields ``(index, seed)``, one augmentation seed per draw.
+
+    The seeds come from ``generator`` (reseeded per epoch by :meth:`FoldData.seed_epoch`) after
+    the wrapped sampler has drawn its indices, so an epoch's items and their augmentations are
+    a function of (seed, epoch) alone: the same with 0 or N workers, resumed or not.
+    """
+
+    def __init__(self, sampler: Sampler[int], generator: torch.Generator) -> None:
+        self.sampler = sampler
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = [int(index) for index in self.sampler]
+        seeds = torch.randint(0, 2**31 - 1, (len(indices),), generator=self.generator)
+        yield from zip(indices, seeds.tolist(), strict=True)
+
+
+class SeededItems(Dataset):
+    """A training set addressed by ``(index, seed)``: each item's augmentation is seeded by its own
+    seed just before it is drawn (see :class:`SeededSampler`).
+
+    Args:
+        dataset: a :class:`MemmapDataset` or a ``ConcatDataset`` of them (what
+            :func:`build_train_set` returns).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        parts = [dataset] if isinstance(dataset, MemmapDataset) else []
+        if isinstance(dataset, ConcatDataset):
+            parts = list(dataset.datasets)
+        if not parts or not all(isinstance(part, MemmapDataset) for part in parts):
+            raise SegflowError(
+                f"SeededItems needs a MemmapDataset or a ConcatDataset of them, got {dataset!r}"
+            )
+        self.parts: list[MemmapDataset] = parts  # type: ignore[assignment]
+        self.ends = np.cumsum([len(part) for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} out of range for {len(self)} items")
+        which = int(np.searchsorted(self.ends, index, side="right"))
+        start = int(self.ends[which - 1]) if which else 0
+        part = self.parts[which]
+        part.seed_transform(seed)
+        return part[index - start]
 
 
 def loader_workers(requested: int | None, cuda: bool) -> int:
@@ -340,25 +405,9 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _memmap_datasets(dataset: Dataset) -> Iterator[MemmapDataset]:
-    """The MemmapDatasets inside ``dataset`` (through ConcatDataset and Subset)."""
-    if isinstance(dataset, MemmapDataset):
-        yield dataset
-    elif isinstance(dataset, ConcatDataset):
-        for part in dataset.datasets:
-            yield from _memmap_datasets(part)
-    elif isinstance(dataset, Subset):
-        yield from _memmap_datasets(dataset.dataset)
-
-
-def _seed_dataset_transforms(dataset: Dataset, seed: int) -> None:
-    """Seed the augmentation of every MemmapDataset inside ``dataset``."""
-    for part in _memmap_datasets(dataset):
-        part.seed_transform(seed)
-
-
 def _worker_init(worker_id: int) -> None:
-    """DataLoader worker start: distinct, reproducible seeds for numpy, random and albumentations.
+    """DataLoader worker start: one OpenCV thread, default SIGTERM, distinct reproducible seeds
+    for numpy and random (albumentations is seeded per item, see :class:`SeededItems`).
 
     ``info.seed`` is the loader's base seed (drawn from its reseeded generator) + worker id.
     """
@@ -372,4 +421,3 @@ def _worker_init(worker_id: int) -> None:
     seed = info.seed % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    _seed_dataset_transforms(info.dataset, seed)

@@ -150,7 +150,7 @@ def _interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.amp`` on ``device``, or None for full precision.
 
     Args:
@@ -192,7 +192,7 @@ class _FoldTrainer:
         """Build model, loss, data, optimizer and schedules (the arguments as in train_fold)."""
         self.fold, self.options, self.resume_dir = fold, options, resume_dir
         self.device = resolve_device(options.device)
-        self.amp_dtype = _amp_dtype(options.amp, self.device)
+        self.amp_dtype = amp_dtype(options.amp, self.device)
         self.channels_last = options.channels_last and self.device.type == "cuda"
         self.maximise = options.monitor != "val_loss"
 
