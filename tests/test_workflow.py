@@ -429,7 +429,7 @@ SECOND_LEVEL_DEMO = {
     },
     # Untrained models are unsure everywhere; a loose bound still selects some images.
     "pseudo": {"rounds": 1, "max_uncertain_share": 1.0, "top_fraction": 0.5},
-    "stack": {"backend": "catboost", "pixels_per_image": 16},
+    "stack": {"backend": "catboost", "pixels_per_image": 16, "threshold_target": True},
 }
 
 
@@ -473,7 +473,13 @@ def test_final_choice_and_stage_table(second_level_run: Path) -> None:
         chosen / "submission.csv"
     ).read_bytes()
     assert "| stack_gate |" in (results / "final" / "stages.md").read_text()
-    assert (results / "stack" / "round1" / "class_0" / "gate_model.cbm").is_file()
+    class_dir = results / "stack" / "round1" / "class_0"
+    assert (class_dir / "gate_model.cbm").is_file()
+    assert (class_dir / "threshold_model.cbm").is_file()
+    thresholds = pd.read_csv(class_dir / "threshold_oof.csv")
+    assert thresholds["predicted"].between(0.05, 0.95).all()
+    summary = json.loads((results / "stack" / "round1" / "summary.json").read_text())
+    assert "mae" in next(iter(summary["classes"].values()))["threshold"]
     weights = json.loads((results / "ensemble" / "round0" / "weights.json").read_text())
     assert sum(weights["weights"].values()) == pytest.approx(1.0)
 

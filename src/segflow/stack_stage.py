@@ -6,7 +6,8 @@ cross-fitted on the first level's folds (:mod:`segflow.stacking`), so their OOF 
 final models, fitted on all OOF, are applied to the test features. Two candidates come out:
 
 * ``stack_gate``: the ensemble's probabilities with the gate's non-empty probability (tuned as
-  ``postprocess.gates`` like an aux head's);
+  ``postprocess.gates`` like an aux head's); with ``stack.threshold_target`` the probabilities
+  are recalibrated to each image's predicted best threshold (:mod:`segflow.stack_threshold`);
 * ``stack_pixel``: the blender's probabilities.
 """
 
@@ -34,6 +35,13 @@ from segflow.second_level import (
     json_ready,
     write_candidate,
 )
+from segflow.stack_threshold import (
+    ThresholdResult,
+    best_thresholds,
+    fit_threshold,
+    recalibrate,
+    write_threshold_artifacts,
+)
 from segflow.stacking import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,11 @@ class StackOptions:
         64, "pixels sampled per training image for the pixel blender (half positive)"
     )
     seed: int = option(0, "seed of sampling and boosting")
+    threshold_target: bool = option(
+        False,
+        "also fit each image's best threshold (regression on the gate's features) and apply it "
+        "in the stack_gate candidate",
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -58,6 +71,10 @@ class StackOptions:
             )
         if self.pixels_per_image < 2:
             raise SegflowError(f"stack.pixels_per_image must be >= 2, got {self.pixels_per_image}")
+        if not isinstance(self.threshold_target, bool):
+            raise SegflowError(
+                f"stack.threshold_target must be true or false, got {self.threshold_target!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,11 @@ def run_stack(
     gate_test = np.zeros((len(inputs.base_test.ids), n_classes), np.float32)
     blend_oof = np.zeros(inputs.base_oof.probs.shape, np.float16)
     blend_test = np.zeros(inputs.base_test.probs.shape, np.float16)
+    # The gate candidate's maps: the ensemble's, or recalibrated to per-image thresholds.
+    gate_maps_oof = np.asarray(inputs.base_oof.probs)
+    gate_maps_test = np.asarray(inputs.base_test.probs)
+    if options.threshold_target:
+        gate_maps_oof, gate_maps_test = gate_maps_oof.copy(), gate_maps_test.copy()
     per_class: dict[str, Any] = {}
     for k, name in enumerate(inputs.classes):
         class_dir = out_dir / f"class_{k}"
@@ -201,6 +223,15 @@ def run_stack(
         blend_oof[:, k] = blender.oof_probs
         blend_test[:, k] = apply_pixel_blender(blender.final_model, test_maps, inputs.test_images)
         per_class[name] = {"gate": gate.metrics(), "blender": blender.metrics()}
+        if options.threshold_target:
+            threshold = _fit_thresholds(
+                inputs, k, truth, train_features, fold_of, options, class_dir
+            )
+            gate_maps_oof[:, k] = recalibrate(gate_maps_oof[:, k], threshold.predicted)
+            gate_maps_test[:, k] = recalibrate(
+                gate_maps_test[:, k], threshold.final_model.predict_proba(test_features)
+            )
+            per_class[name]["threshold"] = threshold.metrics()
         log.info(
             "class %s: gate OOF AUC %.4f; blender scores %s",
             name,
@@ -212,8 +243,8 @@ def run_stack(
     summaries = {
         "stack_gate": write_candidate(
             *gate_dirs,
-            Prediction(gate_columns(inputs.base_oof.ids, gate_oof), inputs.base_oof.probs),
-            Prediction(gate_columns(inputs.base_test.ids, gate_test), inputs.base_test.probs),
+            Prediction(gate_columns(inputs.base_oof.ids, gate_oof), gate_maps_oof),
+            Prediction(gate_columns(inputs.base_test.ids, gate_test), gate_maps_test),
             inputs.folds,
             inputs.truths,
             inputs.classes,
@@ -239,6 +270,23 @@ def run_stack(
     )
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _fit_thresholds(
+    inputs: StackInputs,
+    k: int,
+    truth: np.ndarray,
+    features: pd.DataFrame,
+    fold_of: np.ndarray,
+    options: StackOptions,
+    class_dir: Path,
+) -> ThresholdResult:
+    """Class k's per-image threshold model, on the ensemble's OOF maps; artifacts written."""
+    best, informative = best_thresholds(inputs.base_oof.probs[:, k], truth)
+    result = fit_threshold(features, best, informative, fold_of, options.backend, seed=options.seed)
+    write_threshold_artifacts(result, class_dir, inputs.base_oof.ids["id"].tolist())
+    log.info("class %d: per-image thresholds %s", k, result.metrics())
+    return result
 
 
 def _without_gate(ids: pd.DataFrame) -> pd.DataFrame:

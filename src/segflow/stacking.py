@@ -138,7 +138,7 @@ class _BoostedClassifier:
                 with values other than 0/1.
         """
         features = check_feature_frame(features)
-        target = _binary_target(target, len(features))
+        target = self._check_target(target, len(features))
         self.feature_names = list(features.columns)
         matrix = features.to_numpy(dtype=np.float64)
         weight = None
@@ -225,6 +225,9 @@ class _BoostedClassifier:
         model._model, model.feature_names = cls._load_native(path)
         return model
 
+    def _check_target(self, target: object, n_rows: int) -> np.ndarray:
+        return _binary_target(target, n_rows)
+
     # Backend-specific parts.
     def _fit_matrix(self, matrix: np.ndarray, target: np.ndarray) -> Any:
         raise NotImplementedError
@@ -267,6 +270,7 @@ class LightGBMClassifier(_BoostedClassifier):
 
     backend: ClassVar[str] = "lightgbm"
     suffix: ClassVar[str] = ".txt"
+    objective: ClassVar[str] = "binary"
     default_params: ClassVar[dict[str, Any]] = {
         "num_iterations": 200,
         "learning_rate": 0.05,
@@ -284,7 +288,7 @@ class LightGBMClassifier(_BoostedClassifier):
         rounds = [params.pop(alias) for alias in _LIGHTGBM_ROUND_ALIASES if alias in params]
         if len(rounds) != 1:
             raise SegflowError("lightgbm: give the number of trees once (num_iterations)")
-        params.update(objective="binary", seed=self.seed)
+        params.update(objective=self.objective, seed=self.seed)
         return params, int(rounds[-1])
 
     def _fit_matrix(
@@ -757,7 +761,7 @@ def fit_pixel_blender(
     )
 
 
-def _importance_frame(importances: pd.Series) -> pd.DataFrame:
+def importance_frame(importances: pd.Series) -> pd.DataFrame:
     return pd.DataFrame({"feature": importances.index, "importance": importances.to_numpy()})
 
 
@@ -799,8 +803,8 @@ def write_gate_artifacts(
         }
     )
     write_csv(paths["oof"], oof)
-    write_csv(paths["importances"], _importance_frame(result.importances))
-    write_json(paths["metrics"], _finite_or_none(result.metrics()))
+    write_csv(paths["importances"], importance_frame(result.importances))
+    write_json(paths["metrics"], finite_or_none(result.metrics()))
     return paths
 
 
@@ -826,17 +830,17 @@ def write_blender_artifacts(
     result.final_model.save(paths["model"])
     with atomic_path(paths["oof_probs"]) as tmp:
         np.save(tmp, result.oof_probs)
-    write_csv(paths["importances"], _importance_frame(result.importances))
-    write_json(paths["metrics"], _finite_or_none(result.metrics()))
+    write_csv(paths["importances"], importance_frame(result.importances))
+    write_json(paths["metrics"], finite_or_none(result.metrics()))
     return paths
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     """``value`` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
     if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
+        return {key: finite_or_none(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite_or_none(item) for item in value]
+        return [finite_or_none(item) for item in value]
     if isinstance(value, float | np.floating) and not math.isfinite(float(value)):
         return None
     return value
