@@ -73,14 +73,15 @@ def copy_workflow(destination: Path) -> Path:
     return destination
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True):
-    """Run Snakemake in ``workdir`` with this checkout's package first on PYTHONPATH."""
+def run_snakemake(workdir: Path, *args: str, check: bool = True, src: Path | None = None):
+    """Run Snakemake in ``workdir`` with this checkout's package (or ``src``, a copy of the
+    ``src`` folder) first on PYTHONPATH."""
     import subprocess
     import sys
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")])
+        filter(None, [str(src or REPO_ROOT / "src"), env.get("PYTHONPATH")])
     )
     # Rules call the `segflow` console script of the interpreter running the tests.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -99,11 +100,11 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True):
     return result
 
 
-def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+def planned_jobs(workdir: Path, *args: str, src: Path | None = None) -> dict[str, int]:
     """Rule -> job count that a dry run would execute (empty when nothing is to be done)."""
     import re
 
-    result = run_snakemake(workdir, "--dry-run", *args)
+    result = run_snakemake(workdir, "--dry-run", *args, src=src)
     output = result.stdout + result.stderr
     if "Nothing to be done" in output:
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from conftest import REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
 from helpers import write_label_dataset
 
+from segflow.demo_data import DemoDataOptions, generate_demo_data
 from segflow.rle import rle_decode
 
 pytestmark = pytest.mark.workflow
@@ -211,6 +213,137 @@ def test_a_config_change_reruns_exactly_the_dependent_stages(
         "code",
     )
     assert set(jobs) == expected
+
+
+# The profile's trigger set (profiles/default/config.yaml), as a user's rerun would use it.
+TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
+# What one experiment's change reruns with 2 folds: its fold models and predictions, its OOF
+# scoring, the ensemble and stacking on top, and the four candidates' tuning and submissions
+# (fpn_r18, ensemble, stack_gate, stack_pixel).
+ONE_EXPERIMENT = {
+    "train_fold": 2,
+    "predict_oof": 2,
+    "predict_test": 2,
+    "evaluate_oof": 1,
+    "blend_experiments": 1,
+    "stack_models": 1,
+    "tune_postprocess": 4,
+    "make_submission": 4,
+    "choose_submission": 1,
+    "all": 1,
+}
+STACK_ONLY = {
+    "stack_models": 1,
+    "tune_postprocess": 2,
+    "make_submission": 2,
+    "choose_submission": 1,
+    "all": 1,
+}
+EXTRA_EXPERIMENT = {
+    "model": {"arch": "Unet", "encoder": "resnet18", "encoder_weights": None},
+    "train": {"epochs": 1, "batch_size": 8},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"folds": {"n_folds": 3}},
+            {
+                **ONE_EXPERIMENT,
+                "make_folds": 1,
+                "train_fold": 3,
+                "predict_oof": 3,
+                "predict_test": 3,
+            },
+        ),
+        (
+            {
+                "run_experiments": ["fpn_r18", "unet"],
+                "experiments": {"unet": EXTRA_EXPERIMENT},
+            },
+            # Only the new experiment trains; fpn_r18's tuning and submission stay.
+            {**ONE_EXPERIMENT, "tune_postprocess": 4, "make_submission": 4},
+        ),
+        ({"experiments": {"fpn_r18": {"loss": {"bce": 1.0, "lovasz": 0.5}}}}, ONE_EXPERIMENT),
+        (
+            {"pseudo": {"rounds": 1, "max_uncertain_share": 1.0}},
+            # Round 1 only: selection, its folds, and the second level moved to round 1.
+            {**ONE_EXPERIMENT, "select_pseudo_labels": 1},
+        ),
+        ({"stack": {"backend": "catboost"}}, STACK_ONLY),
+        (
+            {"postprocess": {"thresholds": [0.3, 0.5]}},
+            {"tune_postprocess": 4, "make_submission": 4, "choose_submission": 1, "all": 1},
+        ),
+        (
+            {"submission": {"id_column": "img", "rle_column": "EncodedPixels"}},
+            {"make_submission": 4, "choose_submission": 1, "all": 1},
+        ),
+    ],
+    ids=[
+        "fold-count",
+        "add-experiment",
+        "experiment-loss",
+        "pseudo-round",
+        "stack-backend",
+        "postprocess-grid",
+        "submission-columns",
+    ],
+)
+def test_each_edit_plans_exactly_the_jobs_it_affects(
+    demo_run: Path, change: dict, expected: dict
+) -> None:
+    config = write_config(demo_run, "changed.yaml", change)
+    assert planned_jobs(demo_run, "--configfile", "small.yaml", config, *TRIGGERS) == expected
+
+
+def test_editing_stacking_code_reruns_stacking_but_not_training(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    """snakemake#1694: package code the rule calls, not only the rule's own code, must count."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO_ROOT / "src" / "segflow", src / "segflow")
+    with (src / "segflow" / "stack_features.py").open("a") as module:
+        module.write("\n# an edit of a module only the stacking stage uses\n")
+    assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src) == STACK_ONLY
+    with (src / "segflow" / "errors.py").open("a") as module:
+        module.write("\n# every stage raises SegflowError\n")
+    edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
+    assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack_models"} <= set(
+        edited_everywhere
+    )
+
+
+def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_path: Path) -> None:
+    """A user's dataset (not the generated demo): a file overwritten in place leaves its
+    folder's modification time alone, so only the data stamp param can notice it."""
+    workdir = copy_workflow(tmp_path / "user")
+    generate_demo_data(workdir / "mydata", DemoDataOptions(n_train=60, n_test=20, seed=5))
+    user_data = {
+        "demo": {"enabled": False},
+        "data": {
+            "train_images": "mydata/train/images",
+            "test_images": "mydata/test/images",
+            "mask_source": "rle_csv",
+            "rle_csv": "mydata/train.csv",
+            "metadata_csv": "mydata/metadata.csv",
+        },
+        "folds": {"n_folds": 2},
+    }
+    config = write_config(workdir, "user.yaml", user_data)
+    target = "results/folds/folds.csv"
+    run_snakemake(workdir, target, "--configfile", config)
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
+    image_path = sorted((workdir / "mydata" / "train" / "images").glob("*.png"))[0]
+    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
+        "ingest_dataset": 1,
+        "find_duplicates": 1,
+        "make_folds": 1,
+    }
 
 
 def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(

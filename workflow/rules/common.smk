@@ -6,6 +6,8 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from segflow.fingerprint import folder_stamp, stage_fingerprint
+
 validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results_dir"]
@@ -147,6 +149,15 @@ def ingest_inputs(wildcards):
         return {"dataset": DEMO["out_dir"]}
     keys = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
     return {key: DATA[key] for key in keys if DATA.get(key)}
+
+
+def data_stamp(wildcards):
+    """A stamp of the user's data folders (files overwritten in place included); none for the
+    demo, whose folder is this workflow's own output and tracked as such."""
+    if DEMO["enabled"]:
+        return "demo"
+    keys = ("train_images", "test_images", "train_masks")
+    return folder_stamp(*(DATA[key] for key in keys if DATA.get(key)))
 
 
 def experiment_json(wildcards):

@@ -12,6 +12,7 @@ rule generate_demo_data:
         mem_mb=1000,
         runtime=10,
     params:
+        code=stage_fingerprint("demo-data"),
         flags=section_flags("demo", exclude=("enabled", "out_dir")),
     shell:
         "segflow demo-data {output.dataset} {params.flags} 2> {log}"
@@ -34,6 +35,8 @@ rule ingest_dataset:
         mem_mb=4000,
         runtime=60,
     params:
+        code=stage_fingerprint("ingest"),
+        data=data_stamp,
         flags=section_flags("data"),
     shell:
         "segflow ingest {params.flags} --workers {threads}"
@@ -58,6 +61,7 @@ rule find_duplicates:
         mem_mb=4000,
         runtime=60,
     params:
+        code=stage_fingerprint("dedup"),
         flags=section_flags("dedup"),
     shell:
         "segflow dedup --manifest {input.manifest} {params.flags}"
@@ -86,6 +90,7 @@ rule preprocess_images:
         mem_mb=8000,
         runtime=120,
     params:
+        code=stage_fingerprint("preprocess"),
         flags=section_flags("preprocess"),
         dicom=dicom_flags(),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
@@ -112,6 +117,7 @@ rule make_folds:
         mem_mb=2000,
         runtime=10,
     params:
+        code=stage_fingerprint("folds"),
         flags=section_flags("folds"),
     shell:
         "segflow folds --manifest {input.manifest} --dedup-items {input.dedup_items}"

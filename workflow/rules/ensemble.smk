@@ -30,6 +30,7 @@ rule blend_experiments:
         mem_mb=8000,
         runtime=30,
     params:
+        code=stage_fingerprint("blend"),
         names=RUN_EXPERIMENTS,
         oof_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.oof_probs],
         test_dirs=lambda wildcards, input: [
@@ -79,6 +80,7 @@ rule select_pseudo_labels:
         mem_mb=8000,
         runtime=30,
     params:
+        code=stage_fingerprint("select-pseudo"),
         flags=section_flags("pseudo", exclude=("rounds",)),
         test_dir=lambda wildcards, input: os.path.dirname(input.test_probs),
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
@@ -125,6 +127,7 @@ rule stack_models:
         mem_mb=16000,
         runtime=120,
     params:
+        code=stage_fingerprint("stack"),
         names=RUN_EXPERIMENTS,
         oof_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.oof_probs],
         test_dirs=lambda wildcards, input: [
@@ -177,6 +180,7 @@ rule choose_submission:
         mem_mb=2000,
         runtime=10,
     params:
+        code=stage_fingerprint("choose"),
         candidates=[f"{name}:{r}" for name, r in candidates()],
         # results/final/choice.json -> results
         results_dir=lambda wildcards, output: os.path.dirname(

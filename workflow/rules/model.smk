@@ -34,6 +34,7 @@ rule train_fold:
         gpu=1 if GPUS else 0,
         gpu_slots=GPUS,
     params:
+        code=stage_fingerprint("train"),
         experiment=experiment_json,
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.model),
@@ -78,6 +79,7 @@ rule predict_oof:
         gpu=1 if GPUS else 0,
         gpu_slots=GPUS,
     params:
+        code=stage_fingerprint("predict-oof"),
         flags=section_flags("predict", exclude=("fold_merge",)),
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.probs),
@@ -117,6 +119,7 @@ rule evaluate_oof:
         mem_mb=8000,
         runtime=30,
     params:
+        code=stage_fingerprint("evaluate-oof"),
         fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
@@ -147,6 +150,7 @@ rule tune_postprocess:
         mem_mb=8000,
         runtime=30,
     params:
+        code=stage_fingerprint("tune-postprocess"),
         thresholds=config["postprocess"]["thresholds"],
         min_areas=config["postprocess"]["min_areas"],
         fill_holes=config["postprocess"]["fill_holes_options"],
@@ -185,6 +189,7 @@ rule predict_test:
         gpu=1 if GPUS else 0,
         gpu_slots=GPUS,
     params:
+        code=stage_fingerprint("predict-test"),
         flags=section_flags("predict", exclude=("fold_merge",)),
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.probs),
@@ -219,6 +224,7 @@ rule make_submission:
         mem_mb=8000,
         runtime=30,
     params:
+        code=stage_fingerprint("submit"),
         flags=section_flags("submission"),
         fold_merge=config["predict"]["fold_merge"],
         fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],

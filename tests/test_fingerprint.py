@@ -1,0 +1,100 @@
+"""Code fingerprints of stages (segflow.fingerprint): what goes in, what changes them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from segflow.errors import SegflowError
+from segflow.fingerprint import (
+    STAGE_MODULES,
+    code_fingerprint,
+    folder_stamp,
+    module_closure,
+    package_root,
+    stage_fingerprint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _package(root: Path) -> Path:
+    """A fake segflow: a imports b inside a function, b imports c, d is unrelated."""
+    package = root / "segflow"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def run():\n    from segflow.b import helper\n    helper()\n")
+    (package / "b.py").write_text("import numpy\nfrom segflow import c\n\ndef helper(): pass\n")
+    (package / "c.py").write_text("from segflow.errors import SegflowError\n")
+    (package / "d.py").write_text("import segflow.a\n")
+    (package / "cli.py").write_text("from segflow import a\n")
+    (package / "errors.py").write_text("class SegflowError(Exception): pass\n")
+    return package
+
+
+def test_closure_follows_imports_anywhere_and_only_segflow(tmp_path: Path) -> None:
+    package = _package(tmp_path)
+    assert module_closure("segflow.a", root=package) == [
+        "segflow.a",
+        "segflow.b",
+        "segflow.c",
+        "segflow.errors",
+    ]
+    assert module_closure("segflow.d", root=package)[:2] == ["segflow.a", "segflow.b"]
+    with pytest.raises(SegflowError, match=r"segflow\.nope"):
+        module_closure("segflow.nope", root=package)
+    with pytest.raises(SegflowError, match=r"segflow\.cli"):
+        module_closure("segflow.cli", root=package)
+
+
+def test_fingerprint_changes_exactly_with_the_modules_used(tmp_path: Path) -> None:
+    package = _package(tmp_path)
+    before = _fresh(package, "segflow.a")
+    assert re.fullmatch(r"[0-9a-f]{16}", before)
+    (package / "d.py").write_text("import segflow.a\n# unrelated edit\n")
+    (package / "cli.py").write_text("# the wiring is not part of any fingerprint\n")
+    assert _fresh(package, "segflow.a") == before
+    (package / "c.py").write_text("from segflow.errors import SegflowError\nX = 1\n")
+    assert _fresh(package, "segflow.a") != before
+
+
+def _fresh(package: Path, entry: str) -> str:
+    """The fingerprint computed anew (the cache is per process: a run plans once)."""
+    from segflow import fingerprint
+
+    fingerprint._cached_fingerprint.cache_clear()
+    return code_fingerprint(entry, root=package)
+
+
+def test_stacking_code_is_in_the_stack_stage_only() -> None:
+    closures = {name: module_closure(*modules) for name, modules in STAGE_MODULES.items()}
+    users = {name for name, modules in closures.items() if "segflow.stacking" in modules}
+    assert users == {"stack"}
+    assert "segflow.train" in closures["train"] and "segflow.train" not in closures["predict-oof"]
+    assert all("segflow.errors" in modules for modules in closures.values())
+    assert package_root() == Path(__import__("segflow").__file__).resolve().parent
+
+
+def test_every_rule_command_has_a_fingerprint() -> None:
+    rules = "\n".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
+    commands = set(re.findall(r'"segflow ([a-z-]+)', rules))
+    fingerprinted = set(re.findall(r'stage_fingerprint\("([a-z-]+)"\)', rules))
+    assert commands == fingerprinted == set(STAGE_MODULES)
+    with pytest.raises(KeyError, match="valid: demo-data"):
+        stage_fingerprint("bogus")
+
+
+def test_folder_stamp_sees_files_overwritten_in_place(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"one")
+    (folder / "sub" / "b.png").write_bytes(b"two")
+    before = folder_stamp(folder, tmp_path / "absent")
+    assert before == folder_stamp(folder, tmp_path / "absent")
+    folder_mtime = folder.stat().st_mtime_ns
+    (folder / "a.png").write_bytes(b"ONE!")  # the folder's own mtime does not move
+    assert folder.stat().st_mtime_ns == folder_mtime
+    assert folder_stamp(folder, tmp_path / "absent") != before
+    assert folder_stamp(tmp_path / "absent") != folder_stamp(tmp_path / "other-absent")
