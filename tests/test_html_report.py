@@ -20,7 +20,7 @@ from segflow.folds import FoldOptions, make_folds
 from segflow.html_report import build_report, per_image_kaggle, pick_cases
 from segflow.ingest import IngestOptions, ingest
 from segflow.postprocess import tune_classes
-from segflow.report_figures import grid_heatmap_png, overlay_png
+from segflow.report_figures import grid_heatmap_png, learning_curves_png, overlay_png
 from segflow.second_level import choose_candidate, stage_table
 
 # Markup in a name from the config must come out as text, never as markup.
@@ -237,4 +237,17 @@ def test_figures_reject_inconsistent_inputs() -> None:
     png = overlay_png(
         np.zeros((8, 16, 3), np.uint16), np.ones((2, 8, 16), bool), np.zeros((2, 8, 16), bool), "o"
     )
+    assert png.startswith(b"\x89PNG")
+
+
+def test_figure_text_from_the_config_never_starts_mathtext() -> None:
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "train_loss": [1.0, 0.5],
+            "val_loss": [1.0, 0.6],
+            "val_kaggle": [0.1, 0.2],
+        }
+    )
+    png = learning_curves_png({0: history}, r"exp $\notacommand$ round 0")
     assert png.startswith(b"\x89PNG")

@@ -29,6 +29,12 @@ CLASS_COLOURS = (
 DPI = 100
 
 
+def plain(text: object) -> str:
+    """``text`` for a matplotlib label: ``$`` escaped, so a name from the config never starts
+    mathtext (which could fail to parse)."""
+    return str(text).replace("$", r"\$")
+
+
 def _png(figure: Figure) -> bytes:
     """The figure as PNG bytes (Agg canvas attached here: no global pyplot backend)."""
     FigureCanvasAgg(figure)
@@ -77,7 +83,7 @@ def learning_curves_png(histories: Mapping[int, pd.DataFrame], title: str) -> by
     for axes in (loss_axes, metric_axes):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, loc="best")
-    figure.suptitle(title)
+    figure.suptitle(plain(title))
     return _png(figure)
 
 
@@ -99,7 +105,9 @@ def fold_metric_png(table: pd.DataFrame, metric: str = "kaggle") -> bytes:
     positions = np.arange(len(pivot))
     for i, fold in enumerate(pivot.columns):
         axes.bar(positions + i * width, pivot[fold], width, label=f"fold {fold}")
-    axes.set_xticks(positions + width * (pivot.shape[1] - 1) / 2, pivot.index, rotation=20)
+    axes.set_xticks(
+        positions + width * (pivot.shape[1] - 1) / 2, [plain(x) for x in pivot.index], rotation=20
+    )
     axes.set(ylabel=f"OOF {metric}", ylim=(0, 1), title=f"OOF {metric} per fold")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=8)
@@ -161,7 +169,7 @@ def grid_heatmap_png(grid: pd.DataFrame, title: str) -> bytes:
         image = axes.imshow(cells.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
         axes.set_xticks(range(cells.shape[1]), [str(v) for v in cells.columns])
         axes.set_yticks(range(cells.shape[0]), [f"{v:g}" for v in cells.index])
-        axes.set(xlabel="min component area (px)", ylabel="threshold", title=f"class {name}")
+        axes.set(xlabel="min component area (px)", ylabel="threshold", title=plain(f"class {name}"))
         if cells.size <= 120:  # annotate only grids small enough to stay readable
             values = cells.to_numpy()
             middle = (np.nanmin(values) + np.nanmax(values)) / 2
@@ -177,7 +185,7 @@ def grid_heatmap_png(grid: pd.DataFrame, title: str) -> bytes:
             Rectangle((best_j - 0.5, best_i - 0.5), 1, 1, edgecolor="red", linewidth=2, fill=False)
         )
         figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-    figure.suptitle(title)
+    figure.suptitle(plain(title))
     return _png(figure)
 
 
@@ -195,8 +203,8 @@ def importance_png(importances: pd.DataFrame, title: str, top: int = 20) -> byte
     rows = importances.sort_values("importance", ascending=False).head(top).iloc[::-1]
     figure = Figure(figsize=(7, 0.28 * len(rows) + 1.2))
     axes = figure.subplots()
-    axes.barh(rows["feature"].astype(str), rows["importance"], color="C0")
-    axes.set(xlabel="importance (sum 1)", title=title)
+    axes.barh([plain(f) for f in rows["feature"]], rows["importance"], color="C0")
+    axes.set(xlabel="importance (sum 1)", title=plain(title))
     axes.tick_params(axis="y", labelsize=7)
     axes.grid(axis="x", alpha=0.3)
     return _png(figure)
