@@ -251,3 +251,12 @@ def test_figure_text_from_the_config_never_starts_mathtext() -> None:
     )
     png = learning_curves_png({0: history}, r"exp $\notacommand$ round 0")
     assert png.startswith(b"\x89PNG")
+
+
+def test_heat_map_outlines_the_tuned_cell_which_must_be_in_the_grid() -> None:
+    grid = pd.DataFrame(
+        {"threshold": [0.3, 0.3, 0.5, 0.5], "min_area": [0, 5] * 2, "score": [1.0, 1.0, 0.5, 0.2]}
+    )
+    assert grid_heatmap_png(grid, "g", {"mask": (0.3, 5)}).startswith(b"\x89PNG")
+    with pytest.raises(SegflowError, match=r"threshold 0\.4 was chosen but is not in the grid"):
+        grid_heatmap_png(grid, "g", {"mask": (0.4, 5)})

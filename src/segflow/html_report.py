@@ -321,7 +321,11 @@ def _postprocess_section(root: Path, candidates: Sequence[Candidate]) -> str:
         folder = root / "postprocess" / candidate.name / f"round{candidate.round}"
         grid = _read_csv(folder / "grid.csv")
         params = _read_json(folder / "params.json")
-        png = report_figures.grid_heatmap_png(grid, candidate.label)
+        chosen = {
+            str(r["class"]): (float(r["threshold"]), int(r["min_area"]))
+            for r in params.get("classes", [])
+        }
+        png = report_figures.grid_heatmap_png(grid, candidate.label, chosen)
         body += [
             f"<h3>{escape(candidate.label)}</h3>",
             png_img(png, f"post-processing grid of {candidate.label}"),

@@ -139,16 +139,19 @@ def strata_png(strata_per_fold: Mapping[str, Sequence[int]]) -> bytes:
     return _png(figure)
 
 
-def grid_heatmap_png(grid: pd.DataFrame, title: str) -> bytes:
+def grid_heatmap_png(
+    grid: pd.DataFrame, title: str, chosen: Mapping[str, tuple[float, int]] | None = None
+) -> bytes:
     """Post-processing score over threshold x min component area, one panel per class.
 
-    Each cell is the best score over the other grid axes (fill holes, gate); the best cell of a
-    class is outlined.
+    Each cell is the best score over the other grid axes (fill holes, gate); the chosen cell of
+    a class (else its best) is outlined.
 
     Args:
         grid: ``grid.csv`` of tune-postprocess (columns threshold, min_area, score; optional
             class, fill_holes, gate).
         title: the figure title (candidate and round).
+        chosen: class -> the tuned (threshold, min_area) (``params.json``), outlined.
 
     Returns:
         PNG bytes.
@@ -180,13 +183,26 @@ def grid_heatmap_png(grid: pd.DataFrame, title: str) -> bytes:
                     axes.text(
                         j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color=colour
                     )
-        best_i, best_j = np.unravel_index(np.nanargmax(cells.to_numpy()), cells.shape)
+        if chosen and name in chosen:
+            # Ties are common: outline the cell tuning picked, not just any maximum.
+            best_i = _position(cells.index, chosen[name][0], f"{title}: threshold")
+            best_j = _position(cells.columns, chosen[name][1], f"{title}: min_area")
+        else:
+            best_i, best_j = np.unravel_index(np.nanargmax(cells.to_numpy()), cells.shape)
         axes.add_patch(
             Rectangle((best_j - 0.5, best_i - 0.5), 1, 1, edgecolor="red", linewidth=2, fill=False)
         )
         figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     figure.suptitle(plain(title))
     return _png(figure)
+
+
+def _position(values: pd.Index, target: float, what: str) -> int:
+    """Where ``target`` sits among ``values`` (float-tolerant: it went through CSV and JSON)."""
+    matches = np.flatnonzero(np.isclose(values.to_numpy(dtype=float), target))
+    if len(matches) == 0:
+        raise SegflowError(f"{what} {target} was chosen but is not in the grid")
+    return int(matches[0])
 
 
 def importance_png(importances: pd.DataFrame, title: str, top: int = 20) -> bytes:
