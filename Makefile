@@ -40,12 +40,14 @@ demo: env
 	snakemake --profile profiles/default --configfile $(CONFIG)
 	@echo
 	@python -m segflow summary $(RESULTS)
+	@echo "HTML report: $(RESULTS)/report/report.html"
 
 # Every stage on the demo data: two experiments, one pseudo-labelling round, stacking.
 demo-full: env
 	snakemake --profile profiles/default --configfile config/examples/demo-full.yaml
 	@echo
 	@python -m segflow summary results/demo-full
+	@echo "HTML report: results/demo-full/report/report.html"
 
 test: env
 	python -m pytest

@@ -10,6 +10,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/ensemble.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -18,3 +19,4 @@ rule all:
         rules.preprocess_images.output,
         rules.make_folds.output,
         rules.choose_submission.output,
+        rules.write_report.output,

@@ -114,3 +114,25 @@ def planned_jobs(workdir: Path, *args: str, src: Path | None = None) -> dict[str
         for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE)
         if match.group(1) != "total"
     }
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless-capable Chromium; installed with apt-get (Debian ``chromium``) when missing
+    and this is root on a Debian-like system, otherwise the test is skipped saying why."""
+    import shutil
+    import subprocess
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True,
+            timeout=900,
+        )
+        if found := shutil.which("chromium"):
+            return found
+    pytest.skip("no chromium on PATH and `apt-get install chromium` was not possible here")

@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 
 from segflow.cli import build_parser, main
 
-STAGES = ["demo-data", "ingest", "dedup", "preprocess", "folds", "summary"]
+STAGES = ["demo-data", "ingest", "dedup", "preprocess", "folds", "summary", "report"]
 
 
 @pytest.mark.parametrize("command", STAGES)

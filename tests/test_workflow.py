@@ -45,6 +45,7 @@ MODEL_STAGES = {
     "blend_experiments",
     "stack_models",
     "choose_submission",
+    "write_report",
     "all",
 }
 
@@ -161,6 +162,76 @@ def test_model_stages_produce_oof_postprocessing_and_submission(demo_run: Path) 
         assert by_id[test_id] == (train_rle[train_id] or "")
 
 
+# Injected into a copy of the report (the report itself has no script): after load, write how
+# many <img> decoded and which sections rendered into the DOM that --dump-dom prints.
+IMAGE_CHECK = """<script>window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const out = document.createElement("pre");
+  out.id = "segflow-check";
+  out.textContent = JSON.stringify({
+    images: images.length,
+    decoded: images.filter((i) => i.complete && i.naturalWidth > 0).length,
+    sections: Array.from(document.querySelectorAll("section > h2")).map((h) => h.textContent),
+  });
+  document.body.appendChild(out);
+});</script>"""
+
+
+def _rendered(chromium: str, page: Path) -> dict:
+    """What headless Chromium reports about ``page`` (see ``IMAGE_CHECK``)."""
+    import html
+    import re
+
+    result = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = re.search(r'<pre id="segflow-check">([^<]*)</pre>', result.stdout)
+    assert found, f"chromium rendered no check:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def test_report_renders_in_headless_chromium(demo_run: Path, tmp_path: Path, chromium: str) -> None:
+    report = demo_run / "results" / "report" / "report.html"
+    assert (demo_run / "results" / "logs" / "write_report.log").is_file()
+    assert (demo_run / "results" / "benchmarks" / "write_report.tsv").is_file()
+    text = report.read_text()
+    assert "<script" not in text and "://" not in text  # self-contained (":" is not base64)
+    checked = tmp_path / "checked.html"
+    checked.write_text(text.replace("</body>", IMAGE_CHECK + "</body>"))
+    rendered = _rendered(chromium, checked)
+    assert rendered["sections"] == [
+        "Duplicates",
+        "Fold balance",
+        "Learning curves",
+        "Out-of-fold scores",
+        "Post-processing grid",
+        "Stacking feature importance",
+        "Gain per stage",
+        "Example OOF cases",
+    ]
+    # strata, learning curves, OOF bars, 4 grids (fpn, ensemble, 2 stacks), gate + blender,
+    # best / median / worst
+    assert rendered["images"] == 12
+    assert rendered["decoded"] == rendered["images"]
+    # The check itself sees a broken image.
+    broken = tmp_path / "broken.html"
+    broken.write_text(
+        checked.read_text().replace("</body>", '<img src="data:image/png;base64,AAAA"></body>')
+    )
+    assert _rendered(chromium, broken)["decoded"] == 12
+
+
 def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
     assert planned_jobs(demo_run, "--configfile", "small.yaml") == {}
 
@@ -182,9 +253,12 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
         (
             {"postprocess": {"min_areas": [0, 5]}},
-            {"tune_postprocess", "make_submission", "choose_submission", "all"},
+            {"tune_postprocess", "make_submission", "choose_submission", "write_report", "all"},
         ),
-        ({"submission": {"empty_rle": "-1"}}, {"make_submission", "choose_submission", "all"}),
+        (
+            {"submission": {"empty_rle": "-1"}},
+            {"make_submission", "choose_submission", "write_report", "all"},
+        ),
     ],
     ids=[
         "clahe",

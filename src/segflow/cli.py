@@ -522,6 +522,13 @@ def _run_summary(args: argparse.Namespace) -> None:
     print(results_summary(args.results_dir))
 
 
+def _run_report(args: argparse.Namespace) -> None:
+    from segflow.html_report import write_report
+
+    write_report(args.results_dir, args.out, _dicom_window(args), args.title)
+    log.info("report %s", args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per stage."""
     from segflow.dedup import DedupOptions
@@ -703,6 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = command("summary", _run_summary, "print what a workflow run produced")
     summary.add_argument("results_dir", help="the workflow's results folder")
+
+    report = command("report", _run_report, "write the run's self-contained HTML report")
+    report.add_argument("--results-dir", required=True, help="the workflow's results folder")
+    report.add_argument("--title", default="segflow report", help="page title")
+    _add_dicom_window(report)
+    report.add_argument("--out", required=True, help="report.html to write")
     return parser
 
 

@@ -1,0 +1,52 @@
+rule write_report:
+    input:
+        # Everything the report reads, so it is rebuilt whenever any of it changes.
+        stages=rules.choose_submission.output.stages_csv,
+        choice=rules.choose_submission.output.choice,
+        dedup_summary=rules.find_duplicates.output.summary,
+        dedup_items=rules.find_duplicates.output.dedup_items,
+        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_images.output.stats,
+        folds=rules.make_folds.output.folds,
+        folds_summary=rules.make_folds.output.summary,
+        histories=[
+            result("models", name, f"round{r}", f"fold{fold}", "history.csv")
+            for r in ROUNDS
+            for name in RUN_EXPERIMENTS
+            for fold in range(N_FOLDS)
+        ],
+        oof=[
+            result("oof", name, f"round{r}", filename)
+            for name, r in candidates()
+            for filename in ("metrics.json", "oof_probs.npy", "oof_ids.csv")
+        ],
+        grids=[
+            result("postprocess", name, f"round{r}", "grid.csv")
+            for name, r in candidates()
+        ],
+        stack=(
+            [result("stack", f"round{FINAL_ROUND}", "summary.json")]
+            if STACK["enabled"]
+            else []
+        ),
+    output:
+        report=result("report", "report.html"),
+    log:
+        result("logs", "write_report.log"),
+    benchmark:
+        result("benchmarks", "write_report.tsv")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    params:
+        # results/final/stages.csv -> results
+        results_dir=lambda wildcards, input: os.path.dirname(
+            os.path.dirname(input.stages)
+        ),
+        dicom=dicom_flags(),
+    shell:
+        "segflow report --results-dir {params.results_dir} {params.dicom}"
+        " --out {output.report} 2> {log}"
