@@ -304,6 +304,7 @@ ONE_EXPERIMENT = {
     "tune_postprocess": 4,
     "make_submission": 4,
     "choose_submission": 1,
+    "write_report": 1,
     "all": 1,
 }
 STACK_ONLY = {
@@ -311,6 +312,7 @@ STACK_ONLY = {
     "tune_postprocess": 2,
     "make_submission": 2,
     "choose_submission": 1,
+    "write_report": 1,
     "all": 1,
 }
 EXTRA_EXPERIMENT = {
@@ -349,11 +351,17 @@ EXTRA_EXPERIMENT = {
         ({"stack": {"backend": "catboost"}}, STACK_ONLY),
         (
             {"postprocess": {"thresholds": [0.3, 0.5]}},
-            {"tune_postprocess": 4, "make_submission": 4, "choose_submission": 1, "all": 1},
+            {
+                "tune_postprocess": 4,
+                "make_submission": 4,
+                "choose_submission": 1,
+                "write_report": 1,
+                "all": 1,
+            },
         ),
         (
             {"submission": {"id_column": "img", "rle_column": "EncodedPixels"}},
-            {"make_submission": 4, "choose_submission": 1, "all": 1},
+            {"make_submission": 4, "choose_submission": 1, "write_report": 1, "all": 1},
         ),
     ],
     ids=[

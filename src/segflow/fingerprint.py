@@ -132,6 +132,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "select-pseudo": ("segflow.pseudo", "segflow.second_level"),
     "stack": ("segflow.stack_stage", "segflow.second_level"),
     "choose": ("segflow.second_level",),
+    "report": ("segflow.html_report",),
 }
 """``segflow`` sub-command -> the modules its ``cli._run_*`` function imports."""
 

@@ -42,6 +42,7 @@ rule write_report:
         mem_mb=4000,
         runtime=15,
     params:
+        code=stage_fingerprint("report"),
         # results/final/stages.csv -> results
         results_dir=lambda wildcards, input: os.path.dirname(
             os.path.dirname(input.stages)
