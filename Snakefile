@@ -12,9 +12,21 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/ensemble.smk"
 
 
+# Light jobs run on the submitting machine under a cluster executor (profiles/slurm): queueing
+# them would take longer than running them.
+localrules:
+    all,
+    generate_demo_data,
+    select_pseudo_labels,
+    choose_submission,
+
+
 rule all:
     default_target: True
     input:
         rules.preprocess_images.output,
         rules.make_folds.output,
         rules.choose_submission.output,
+
+
+check_cluster_rules()

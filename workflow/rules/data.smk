@@ -7,10 +7,9 @@ rule generate_demo_data:
         result("benchmarks", "generate_demo_data.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("generate_demo_data", 1)
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("generate_demo_data", mem_mb=1000, runtime=10),
     params:
         flags=section_flags("demo", exclude=("enabled", "out_dir")),
     shell:
@@ -29,10 +28,9 @@ rule ingest_dataset:
         result("benchmarks", "ingest_dataset.tsv")
     conda:
         CONDA_ENV
-    threads: MAX_THREADS
+    threads: rule_threads("ingest_dataset", MAX_THREADS)
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **job_resources("ingest_dataset", mem_mb=4000, runtime=60),
     params:
         flags=section_flags("data"),
     shell:
@@ -53,10 +51,9 @@ rule find_duplicates:
         result("benchmarks", "find_duplicates.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("find_duplicates", 1)
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **job_resources("find_duplicates", mem_mb=4000, runtime=60),
     params:
         flags=section_flags("dedup"),
     shell:
@@ -81,10 +78,9 @@ rule preprocess_images:
         result("benchmarks", "preprocess_images.tsv")
     conda:
         CONDA_ENV
-    threads: MAX_THREADS
+    threads: rule_threads("preprocess_images", MAX_THREADS)
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **job_resources("preprocess_images", mem_mb=8000, runtime=120),
     params:
         flags=section_flags("preprocess"),
         dicom=dicom_flags(),
@@ -107,10 +103,9 @@ rule make_folds:
         result("benchmarks", "make_folds.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("make_folds", 1)
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **job_resources("make_folds", mem_mb=2000, runtime=10),
     params:
         flags=section_flags("folds"),
     shell:
