@@ -13,6 +13,15 @@ include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/report.smk"
 
 
+# Light jobs run on the submitting machine under a cluster executor (profiles/slurm): queueing
+# them would take longer than running them.
+localrules:
+    all,
+    generate_demo_data,
+    select_pseudo_labels,
+    choose_submission,
+
+
 rule all:
     default_target: True
     input:
@@ -20,3 +29,6 @@ rule all:
         rules.make_folds.output,
         rules.choose_submission.output,
         rules.write_report.output,
+
+
+check_cluster_rules()

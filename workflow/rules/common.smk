@@ -143,6 +143,81 @@ def result(*parts):
     return str(Path(RESULTS, *parts))
 
 
+CLUSTER = config["cluster"]
+# Rules that may run on a GPU; every other one is CPU-only and never asks for one.
+GPU_RULES = ("train_fold", "predict_oof", "predict_test")
+GPU_KEYS = ("gpu", "gpu_model", "gres")
+# Rules that called job_resources(): check_cluster_rules() matches cluster.rules against them.
+RESOURCE_RULES = set()
+
+
+def cluster_setting(rule_name, key):
+    """cluster.rules.<rule_name>.<key>, else the cluster-wide cluster.<key> (None when unset)."""
+    value = CLUSTER["rules"].get(rule_name, {}).get(key)
+    return CLUSTER.get(key) if value is None else value
+
+
+def rule_threads(rule_name, default):
+    """Threads of a rule: cluster.rules.<rule_name>.cpus_per_task when set (sbatch
+    --cpus-per-task follows threads, so the two never disagree), else ``default``."""
+    return CLUSTER["rules"].get(rule_name, {}).get("cpus_per_task", default)
+
+
+def job_resources(rule_name, mem_mb, runtime):
+    """Scheduler resources of a rule: memory (scaled by the attempt, so a job that ran out of
+    memory is retried with more), runtime in minutes, and the partition, account and GPU
+    request of the `cluster` config section (names the SLURM executor plugin reads)."""
+    RESOURCE_RULES.add(rule_name)
+    override = CLUSTER["rules"].get(rule_name, {})
+    if rule_name not in GPU_RULES:
+        asked = [key for key in GPU_KEYS if override.get(key) is not None]
+        if asked:
+            raise ValueError(
+                f"config cluster.rules.{rule_name}.{asked[0]}: {rule_name} runs on the CPU only; "
+                f"GPUs can be requested for {', '.join(GPU_RULES)}"
+            )
+    base_mem = override.get("mem_mb", mem_mb)
+    resources = {
+        "mem_mb": lambda wildcards, attempt: base_mem * attempt,
+        "runtime": override.get("runtime", runtime),
+    }
+    gpu, gres = 0, None
+    if rule_name in GPU_RULES:
+        gres = cluster_setting(rule_name, "gres")
+        gpu = cluster_setting(rule_name, "gpu")
+        if gpu is None:  # follow `gpus`: this machine's GPUs, one per job
+            gpu = 1 if GPUS else 0
+        if gres is not None:  # a raw --gres replaces --gpus
+            resources["gres"] = gres
+            gpu = 0
+        elif gpu and cluster_setting(rule_name, "gpu_model"):
+            resources["gpu_model"] = cluster_setting(rule_name, "gpu_model")
+        # `gpu` also bounds concurrent GPU jobs of a local run (--resources gpu=N).
+        resources["gpu"] = gpu
+    on_gpu = bool(gpu or gres)
+    partition = (
+        CLUSTER["rules"].get(rule_name, {}).get("partition")
+        or (CLUSTER["gpu_partition"] if on_gpu else None)
+        or CLUSTER["partition"]
+    )
+    if partition:
+        resources["slurm_partition"] = partition
+    account = cluster_setting(rule_name, "account")
+    if account:
+        resources["slurm_account"] = account
+    return resources
+
+
+def check_cluster_rules():
+    """Every rule named in cluster.rules must exist (a typo would silently change nothing)."""
+    unknown = sorted(set(CLUSTER["rules"]) - RESOURCE_RULES)
+    if unknown:
+        raise ValueError(
+            f"config cluster.rules names unknown rule {unknown[0]!r}; "
+            f"rules: {', '.join(sorted(RESOURCE_RULES))}"
+        )
+
+
 def ingest_inputs(wildcards):
     """The dataset itself: the demo folder (built by generate_demo_data) or the user's paths."""
     if DEMO["enabled"]:

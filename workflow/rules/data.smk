@@ -7,10 +7,9 @@ rule generate_demo_data:
         result("benchmarks", "generate_demo_data.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("generate_demo_data", 1)
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("generate_demo_data", mem_mb=1000, runtime=10),
     params:
         code=stage_fingerprint("demo-data"),
         flags=section_flags("demo", exclude=("enabled", "out_dir")),
@@ -30,10 +29,9 @@ rule ingest_dataset:
         result("benchmarks", "ingest_dataset.tsv")
     conda:
         CONDA_ENV
-    threads: MAX_THREADS
+    threads: rule_threads("ingest_dataset", MAX_THREADS)
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **job_resources("ingest_dataset", mem_mb=4000, runtime=60),
     params:
         code=stage_fingerprint("ingest"),
         data=data_stamp,
@@ -56,10 +54,9 @@ rule find_duplicates:
         result("benchmarks", "find_duplicates.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("find_duplicates", 1)
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **job_resources("find_duplicates", mem_mb=4000, runtime=60),
     params:
         code=stage_fingerprint("dedup"),
         flags=section_flags("dedup"),
@@ -85,10 +82,9 @@ rule preprocess_images:
         result("benchmarks", "preprocess_images.tsv")
     conda:
         CONDA_ENV
-    threads: MAX_THREADS
+    threads: rule_threads("preprocess_images", MAX_THREADS)
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **job_resources("preprocess_images", mem_mb=8000, runtime=120),
     params:
         code=stage_fingerprint("preprocess"),
         flags=section_flags("preprocess"),
@@ -112,10 +108,9 @@ rule make_folds:
         result("benchmarks", "make_folds.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("make_folds", 1)
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **job_resources("make_folds", mem_mb=2000, runtime=10),
     params:
         code=stage_fingerprint("folds"),
         flags=section_flags("folds"),

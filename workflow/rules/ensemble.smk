@@ -25,10 +25,9 @@ rule blend_experiments:
         result("benchmarks", "blend_experiments", "round{round}.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("blend_experiments", 1)
     resources:
-        mem_mb=8000,
-        runtime=30,
+        **job_resources("blend_experiments", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("blend"),
         names=RUN_EXPERIMENTS,
@@ -75,10 +74,9 @@ rule select_pseudo_labels:
         round=r"[1-9]\d*",
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("select_pseudo_labels", 1)
     resources:
-        mem_mb=8000,
-        runtime=30,
+        **job_resources("select_pseudo_labels", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("select-pseudo"),
         flags=section_flags("pseudo", exclude=("rounds",)),
@@ -122,10 +120,9 @@ rule stack_models:
         result("benchmarks", "stack_models.tsv")
     conda:
         CONDA_ENV
-    threads: MAX_THREADS
+    threads: rule_threads("stack_models", MAX_THREADS)
     resources:
-        mem_mb=16000,
-        runtime=120,
+        **job_resources("stack_models", mem_mb=16000, runtime=120),
     params:
         code=stage_fingerprint("stack"),
         names=RUN_EXPERIMENTS,
@@ -175,10 +172,9 @@ rule choose_submission:
         result("benchmarks", "choose_submission.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("choose_submission", 1)
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **job_resources("choose_submission", mem_mb=2000, runtime=10),
     params:
         code=stage_fingerprint("choose"),
         candidates=[f"{name}:{r}" for name, r in candidates()],

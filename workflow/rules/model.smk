@@ -27,11 +27,9 @@ rule train_fold:
         experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
-    threads: MAX_THREADS
+    threads: rule_threads("train_fold", MAX_THREADS)
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=1 if GPUS else 0,
+        **job_resources("train_fold", mem_mb=8000, runtime=240),
         gpu_slots=GPUS,
     params:
         code=stage_fingerprint("train"),
@@ -72,11 +70,9 @@ rule predict_oof:
         experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
-    threads: min(2, MAX_THREADS)
+    threads: rule_threads("predict_oof", min(2, MAX_THREADS))
     resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=1 if GPUS else 0,
+        **job_resources("predict_oof", mem_mb=8000, runtime=60),
         gpu_slots=GPUS,
     params:
         code=stage_fingerprint("predict-oof"),
@@ -114,10 +110,9 @@ rule evaluate_oof:
         experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_oof", 1)
     resources:
-        mem_mb=8000,
-        runtime=30,
+        **job_resources("evaluate_oof", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("evaluate-oof"),
         fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],
@@ -145,10 +140,9 @@ rule tune_postprocess:
         result("benchmarks", "tune_postprocess", "{experiment}_round{round}.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("tune_postprocess", 1)
     resources:
-        mem_mb=8000,
-        runtime=30,
+        **job_resources("tune_postprocess", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("tune-postprocess"),
         thresholds=config["postprocess"]["thresholds"],
@@ -182,11 +176,9 @@ rule predict_test:
         experiment=EXPERIMENT_PATTERN,
     conda:
         CONDA_ENV
-    threads: min(2, MAX_THREADS)
+    threads: rule_threads("predict_test", min(2, MAX_THREADS))
     resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=1 if GPUS else 0,
+        **job_resources("predict_test", mem_mb=8000, runtime=60),
         gpu_slots=GPUS,
     params:
         code=stage_fingerprint("predict-test"),
@@ -219,10 +211,9 @@ rule make_submission:
         result("benchmarks", "make_submission", "{experiment}_round{round}.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("make_submission", 1)
     resources:
-        mem_mb=8000,
-        runtime=30,
+        **job_resources("make_submission", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("submit"),
         flags=section_flags("submission"),

@@ -37,10 +37,9 @@ rule write_report:
         result("benchmarks", "write_report.tsv")
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("write_report", 1)
     resources:
-        mem_mb=4000,
-        runtime=15,
+        **job_resources("write_report", mem_mb=4000, runtime=15),
     params:
         code=stage_fingerprint("report"),
         # results/final/stages.csv -> results
