@@ -57,6 +57,21 @@ def isbi_membranes() -> Path:
 
 
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+# What the data stages write under results/, besides ingest/manifest.parquet (whose image
+# paths are absolute, so two runs' manifests are compared as tables, not bytes).
+DATA_ARTIFACTS = (
+    "ingest/summary.json",
+    "dedup/items.parquet",
+    "dedup/summary.json",
+    "dedup/report.md",
+    "preprocess/train_images.npy",
+    "preprocess/train_masks.npy",
+    "preprocess/test_images.npy",
+    "preprocess/index.parquet",
+    "preprocess/stats.json",
+    "folds/folds.csv",
+    "folds/summary.json",
+)
 
 
 def copy_workflow(destination: Path) -> Path:

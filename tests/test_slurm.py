@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, copy_workflow, run_snakemake
+from conftest import DATA_ARTIFACTS, REPO_ROOT, copy_workflow, run_snakemake
 
 from segflow.models import load_checkpoint
 
@@ -195,19 +195,6 @@ SUBMITTED_RULES = {
     "make_folds",
     "train_fold",
 }
-DATA_ARTIFACTS = (  # byte for byte (the manifest holds absolute paths: compared apart)
-    "ingest/summary.json",
-    "dedup/items.parquet",
-    "dedup/summary.json",
-    "dedup/report.md",
-    "preprocess/train_images.npy",
-    "preprocess/train_masks.npy",
-    "preprocess/test_images.npy",
-    "preprocess/index.parquet",
-    "preprocess/stats.json",
-    "folds/folds.csv",
-    "folds/summary.json",
-)
 SLURM_RUN = {
     "demo": {"n_train": 40, "n_test": 12, "seed": 5},
     "folds": {"n_folds": 2},

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
+from conftest import DATA_ARTIFACTS, REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
 from helpers import write_label_dataset
 
 from segflow.demo_data import DemoDataOptions, generate_demo_data
@@ -50,6 +50,10 @@ MODEL_STAGES = {
 }
 
 
+# The profile's trigger set (profiles/default/config.yaml), as a user's rerun would use it.
+TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
+
+
 def write_config(workdir: Path, name: str, overrides: dict) -> str:
     path = workdir / name
     path.write_text(yaml.safe_dump(overrides))
@@ -67,20 +71,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
     results = demo_run / "results"
-    for relative in (
-        "ingest/manifest.parquet",
-        "ingest/summary.json",
-        "dedup/items.parquet",
-        "dedup/summary.json",
-        "dedup/report.md",
-        "preprocess/train_images.npy",
-        "preprocess/train_masks.npy",
-        "preprocess/test_images.npy",
-        "preprocess/index.parquet",
-        "preprocess/stats.json",
-        "folds/folds.csv",
-        "folds/summary.json",
-    ):
+    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS):
         assert (results / relative).is_file(), relative
     for rule in (
         "generate_demo_data",
@@ -275,22 +266,10 @@ def test_a_config_change_reruns_exactly_the_dependent_stages(
     demo_run: Path, change: dict, expected: set
 ) -> None:
     config = write_config(demo_run, "changed.yaml", change)
-    jobs = planned_jobs(
-        demo_run,
-        "--configfile",
-        "small.yaml",
-        config,
-        "--rerun-triggers",
-        "mtime",
-        "params",
-        "input",
-        "code",
-    )
+    jobs = planned_jobs(demo_run, "--configfile", "small.yaml", config, *TRIGGERS)
     assert set(jobs) == expected
 
 
-# The profile's trigger set (profiles/default/config.yaml), as a user's rerun would use it.
-TRIGGERS = ("--rerun-triggers", "mtime", "params", "input", "code")
 # What one experiment's change reruns with 2 folds: its fold models and predictions, its OOF
 # scoring, the ensemble and stacking on top, and the four candidates' tuning and submissions
 # (fpn_r18, ensemble, stack_gate, stack_pixel).

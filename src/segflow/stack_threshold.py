@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from segflow.atomic import write_csv, write_json
 from segflow.errors import SegflowError
 from segflow.metrics import per_image_scores
 from segflow.stack_features import check_feature_frame, check_truth_plane
@@ -33,8 +32,7 @@ from segflow.stacking import (
     BACKENDS,
     CatBoostClassifier,
     LightGBMClassifier,
-    finite_or_none,
-    importance_frame,
+    write_image_model_artifacts,
 )
 
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))
@@ -66,37 +64,24 @@ class LightGBMRegressor(LightGBMClassifier):
 class CatBoostRegressor(CatBoostClassifier):
     """CatBoost RMSE regressor; ``predict_proba`` returns the predicted value."""
 
+    loss_function: ClassVar[str] = "RMSE"
+
     def _check_target(self, target: object, n_rows: int) -> np.ndarray:
         return _regression_target(target, n_rows)
 
-    def _new_model(self, **overrides: Any) -> Any:
+    @staticmethod
+    def _model_class() -> type:
         from catboost import CatBoostRegressor as CatBoostModel
 
-        params = {**self.params, "loss_function": "RMSE", "random_seed": self.seed}
-        return CatBoostModel(**{**params, **overrides})
+        return CatBoostModel
 
-    def _fit_constant(self, matrix: np.ndarray, value: float) -> Any:
-        from catboost import Pool
-
-        # As the classifier: one throw-away tree, weight 0, the constant as the bias.
-        synthetic = np.tile(np.array([[0.0], [1.0]]), (1, len(self.feature_names)))
-        model = self._new_model(iterations=1)
-        model.fit(Pool(synthetic, label=[0.0, 1.0], feature_names=self.feature_names))
-        model.set_scale_and_bias(0.0, float(value))
-        return model
+    def _constant_bias(self, value: float) -> float:
+        return float(value)  # a regressor's raw prediction is the value itself
 
     def _predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
         from catboost import Pool
 
         return self._model.predict(Pool(matrix, feature_names=self.feature_names))
-
-    @classmethod
-    def _load_native(cls, path: Path) -> tuple[Any, list[str]]:
-        from catboost import CatBoostRegressor as CatBoostModel
-
-        model = CatBoostModel()
-        model.load_model(str(path), format="cbm")
-        return model, list(model.feature_names_)
 
 
 REGRESSORS: dict[str, type[LightGBMRegressor] | type[CatBoostRegressor]] = {
@@ -293,26 +278,5 @@ def write_threshold_artifacts(
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
     """
-    out_dir = Path(out_dir)
-    if len(ids) != len(result.best):
-        raise SegflowError(f"{len(ids)} ids for a model fitted on {len(result.best)} images")
-    paths = {
-        "model": out_dir / f"threshold_model{result.final_model.suffix}",
-        "oof": out_dir / "threshold_oof.csv",
-        "importances": out_dir / "threshold_importances.csv",
-        "metrics": out_dir / "threshold_metrics.json",
-    }
-    result.final_model.save(paths["model"])
-    oof = pd.DataFrame(
-        {
-            "id": list(ids),
-            "fold": result.folds,
-            "best": result.best,
-            "informative": result.informative,
-            "predicted": result.predicted,
-        }
-    )
-    write_csv(paths["oof"], oof)
-    write_csv(paths["importances"], importance_frame(result.importances))
-    write_json(paths["metrics"], finite_or_none(result.metrics()))
-    return paths
+    oof = {"best": result.best, "informative": result.informative, "predicted": result.predicted}
+    return write_image_model_artifacts("threshold", result, out_dir, ids, oof)

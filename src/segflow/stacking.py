@@ -343,11 +343,17 @@ class CatBoostClassifier(_BoostedClassifier):
         "allow_writing_files": False,
     }
 
-    def _new_model(self, **overrides: Any) -> Any:
+    loss_function: ClassVar[str] = "Logloss"
+
+    @staticmethod
+    def _model_class() -> type:
         from catboost import CatBoostClassifier as CatBoostModel
 
-        params = {**self.params, "loss_function": "Logloss", "random_seed": self.seed}
-        return CatBoostModel(**{**params, **overrides})
+        return CatBoostModel
+
+    def _new_model(self, **overrides: Any) -> Any:
+        params = {**self.params, "loss_function": self.loss_function, "random_seed": self.seed}
+        return self._model_class()(**{**params, **overrides})
 
     def _fit_matrix(
         self, matrix: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None
@@ -370,9 +376,13 @@ class CatBoostClassifier(_BoostedClassifier):
         synthetic = np.tile(np.array([[0.0], [1.0]]), (1, len(self.feature_names)))
         model = self._new_model(iterations=1)
         model.fit(Pool(synthetic, label=[0, 1], feature_names=self.feature_names))
-        probability = min(max(value, _CONSTANT_EPSILON), 1.0 - _CONSTANT_EPSILON)
-        model.set_scale_and_bias(0.0, math.log(probability / (1.0 - probability)))
+        model.set_scale_and_bias(0.0, self._constant_bias(value))
         return model
+
+    def _constant_bias(self, value: float) -> float:
+        """The raw prediction (a logit here) that a constant model outputs for ``value``."""
+        probability = min(max(value, _CONSTANT_EPSILON), 1.0 - _CONSTANT_EPSILON)
+        return math.log(probability / (1.0 - probability))
 
     def _predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
         from catboost import Pool
@@ -390,9 +400,7 @@ class CatBoostClassifier(_BoostedClassifier):
 
     @classmethod
     def _load_native(cls, path: Path) -> tuple[Any, list[str]]:
-        from catboost import CatBoostClassifier as CatBoostModel
-
-        model = CatBoostModel()
+        model = cls._model_class()()
         model.load_model(str(path), format="cbm")
         return model, list(model.feature_names_)
 
@@ -782,26 +790,49 @@ def write_gate_artifacts(
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
     """
+    oof = {
+        "nonempty_prob": result.nonempty_prob,
+        "truth_nonempty": result.truth_nonempty,
+    }
+    return write_image_model_artifacts("gate", result, out_dir, ids, oof)
+
+
+def write_image_model_artifacts(
+    prefix: str,
+    result: Any,
+    out_dir: str | os.PathLike[str],
+    ids: Sequence[str],
+    oof_columns: Mapping[str, np.ndarray],
+) -> dict[str, Path]:
+    """The artifacts of an image-level second-level model (the gate, the threshold regressor).
+
+    Files: ``<prefix>_model.txt|cbm`` (``result.final_model``, native format),
+    ``<prefix>_oof.csv`` (id, fold, then ``oof_columns``), ``<prefix>_importances.csv`` and
+    ``<prefix>_metrics.json`` (``result.metrics()``), each written atomically.
+
+    Args:
+        prefix: file name prefix.
+        result: a fitted result with ``final_model``, ``folds``, ``importances``, ``metrics()``.
+        out_dir: the folder (created if missing).
+        ids: the image ids, row-aligned with ``result.folds``.
+        oof_columns: the per-image OOF columns after id and fold.
+
+    Returns:
+        Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
+    """
     out_dir = Path(out_dir)
-    if len(ids) != len(result.nonempty_prob):
+    if len(ids) != len(result.folds):
         raise SegflowError(
-            f"{len(ids)} ids for a gate fitted on {len(result.nonempty_prob)} images"
+            f"{len(ids)} ids for a {prefix} model fitted on {len(result.folds)} images"
         )
     paths = {
-        "model": out_dir / f"gate_model{result.final_model.suffix}",
-        "oof": out_dir / "gate_oof.csv",
-        "importances": out_dir / "gate_importances.csv",
-        "metrics": out_dir / "gate_metrics.json",
+        "model": out_dir / f"{prefix}_model{result.final_model.suffix}",
+        "oof": out_dir / f"{prefix}_oof.csv",
+        "importances": out_dir / f"{prefix}_importances.csv",
+        "metrics": out_dir / f"{prefix}_metrics.json",
     }
     result.final_model.save(paths["model"])
-    oof = pd.DataFrame(
-        {
-            "id": list(ids),
-            "fold": result.folds,
-            "nonempty_prob": result.nonempty_prob,
-            "truth_nonempty": result.truth_nonempty,
-        }
-    )
+    oof = pd.DataFrame({"id": list(ids), "fold": result.folds, **oof_columns})
     write_csv(paths["oof"], oof)
     write_csv(paths["importances"], importance_frame(result.importances))
     write_json(paths["metrics"], finite_or_none(result.metrics()))
