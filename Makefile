@@ -10,6 +10,10 @@ VENV ?= $(HOME)/.cache/segflow/venv
 DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.segflow-deps-$(DEPS_HASH)
 CONFIG ?= config/config.yaml
+# This machine's GPUs: the demo targets give each GPU job its own (config `gpus`) and run at
+# most this many at once (--resources gpu). 0 without nvidia-smi.
+GPUS ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+GPU_FLAGS = --config gpus=$(or $(GPUS),0) --resources gpu=$(or $(GPUS),0)
 RESULTS ?= results
 
 export PATH := $(VENV)/bin:$(PATH)
@@ -37,14 +41,14 @@ $(STAMP): pyproject.toml
 	  touch $(STAMP)'
 
 demo: env
-	snakemake --profile profiles/default --configfile $(CONFIG)
+	snakemake --profile profiles/default --configfile $(CONFIG) $(GPU_FLAGS)
 	@echo
 	@python -m segflow summary $(RESULTS)
 	@echo "HTML report: $(RESULTS)/report/report.html"
 
 # Every stage on the demo data: two experiments, one pseudo-labelling round, stacking.
 demo-full: env
-	snakemake --profile profiles/default --configfile config/examples/demo-full.yaml
+	snakemake --profile profiles/default --configfile config/examples/demo-full.yaml $(GPU_FLAGS)
 	@echo
 	@python -m segflow summary results/demo-full
 	@echo "HTML report: results/demo-full/report/report.html"

@@ -57,6 +57,21 @@ def test_every_schema_property_is_described() -> None:
     walk(SCHEMA, "")
 
 
+def test_every_schema_property_uses_only_schema_keywords() -> None:
+    """A description with an unquoted ", " in a YAML flow mapping silently becomes a key."""
+    keywords = set(jsonschema.Draft7Validator.META_SCHEMA["properties"])
+
+    def walk(node: dict, path: str) -> None:
+        for key, child in node.get("properties", {}).items():
+            unknown = set(child) - keywords
+            assert not unknown, f"{path}{key}: not schema keywords: {sorted(unknown)}"
+            walk(child, f"{path}{key}.")
+            if isinstance(child.get("items"), dict):
+                walk(child["items"], f"{path}{key}[].")
+
+    walk(SCHEMA, "")
+
+
 def test_demo_config_is_valid_and_unknown_keys_are_rejected() -> None:
     config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
     jsonschema.validate(config, SCHEMA)

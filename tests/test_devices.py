@@ -6,16 +6,21 @@ Slot assignment is plain file locking, so it is tested on CPU with several real 
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
+import re
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import copy_workflow, run_snakemake
 
-from segflow.devices import acquire_gpu, resolve_device
+from segflow.devices import GPU_LOCK_DIR_ENV, acquire_gpu, default_gpu_lock_dir, resolve_device
 from segflow.errors import SegflowError
 
 CONTEXT = multiprocessing.get_context("spawn")
@@ -180,3 +185,80 @@ def test_resolve_device_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(SegflowError, match="only 2 GPU"):
         resolve_device("cuda:2")
+
+
+def test_default_lock_dir_is_local_and_per_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(GPU_LOCK_DIR_ENV, raising=False)
+    assert (
+        default_gpu_lock_dir() == Path(tempfile.gettempdir()) / f"segflow-gpu-locks-{os.getuid()}"
+    )
+    monkeypatch.setenv(GPU_LOCK_DIR_ENV, "/scratch/locks")
+    assert default_gpu_lock_dir() == Path("/scratch/locks")
+
+
+def test_lock_dir_of_another_user_is_refused(
+    tmp_path: Path, no_visible_devices: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "locks").mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(SegflowError, match="not owned by this user"):
+        acquire_gpu(tmp_path / "locks", 2, timeout_s=0)
+
+
+# ------------------------------------------------ GPU slots through Snakemake, faked on CPU
+
+GPU_SLOT_RUN = {
+    "demo": {"n_train": 36, "n_test": 8, "seed": 3},
+    "folds": {"n_folds": 3},
+    "gpus": 2,  # fake: lock slots only; `device: auto` still trains on the CPU
+    "run_experiments": ["fpn_r18"],
+    "experiments": {"fpn_r18": {"train": {"epochs": 1, "batch_size": 8}}},
+    "pseudo": {"rounds": 0},
+    "cluster": {"rules": {"train_fold": {"cpus_per_task": 1}}},
+}
+LOG_LINE = re.compile(r"^(\S+ \S+) \w+ [\w.]+: (.*)$")
+
+
+def _slot_intervals(log_path: Path) -> tuple[int, float, float, bool]:
+    """(claimed slot, claim time, last log time, whether the job waited) from a train log."""
+    slot, waited, start, end = None, False, None, None
+    for line in log_path.read_text().splitlines():
+        match = LOG_LINE.match(line)
+        if not match:
+            continue
+        when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        end = when
+        if claimed := re.match(r"claimed GPU (\d+)", match.group(2)):
+            slot, start = int(claimed.group(1)), when
+        waited = waited or "GPU slot(s) held" in match.group(2)
+    if slot is None:
+        raise AssertionError(f"{log_path} never claimed a GPU slot:\n{log_path.read_text()}")
+    return slot, start, end, waited
+
+
+@pytest.mark.workflow
+def test_concurrent_snakemake_jobs_each_lock_their_own_fake_gpu(
+    tmp_path: Path, no_visible_devices: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three train jobs at once on a 2-"GPU" machine, with no `--resources gpu` limit (an
+    executor that does not count GPUs): two run on distinct slots, the third waits for one."""
+    monkeypatch.setenv(GPU_LOCK_DIR_ENV, str(tmp_path / "locks"))
+    workdir = copy_workflow(tmp_path / "work")
+    (workdir / "slots.yaml").write_text(yaml.safe_dump(GPU_SLOT_RUN))
+    targets = [f"results/models/fpn_r18/round0/fold{k}/model.pt" for k in range(3)]
+    run_snakemake(workdir, *targets, "--cores", "3", "--configfile", "slots.yaml")
+
+    logs = sorted((workdir / "results/logs/train_fold").glob("*.log"))
+    assert len(logs) == 3
+    jobs = [_slot_intervals(path) for path in logs]
+    assert {slot for slot, *_ in jobs} == {0, 1}
+    assert sum(waited for *_, waited in jobs) >= 1, "no job ever waited for a slot"
+    for i, (slot_a, start_a, end_a, _) in enumerate(jobs):
+        for slot_b, start_b, end_b, _ in jobs[i + 1 :]:
+            if slot_a == slot_b:  # one slot, one job at a time
+                assert end_a <= start_b or end_b <= start_a, (slot_a, jobs)
+    assert sorted(path.name for path in (tmp_path / "locks").iterdir()) == [
+        "gpu0.lock",
+        "gpu1.lock",
+    ]
+    assert not (workdir / "results/.gpu-locks").exists()

@@ -165,9 +165,10 @@ def _compute(args: argparse.Namespace) -> Iterator[None]:
     if not args.gpus:
         yield
         return
-    from segflow.devices import acquire_gpu
+    from segflow.devices import acquire_gpu, default_gpu_lock_dir
 
-    with acquire_gpu(args.gpu_lock_dir, args.gpus, timeout_s=args.gpu_timeout) as lease:
+    lock_dir = args.gpu_lock_dir or default_gpu_lock_dir()
+    with acquire_gpu(lock_dir, args.gpus, timeout_s=args.gpu_timeout) as lease:
         log.info("using GPU slot %s (%s)", lease.index, lease.device)
         yield
 
@@ -182,7 +183,10 @@ def _add_compute(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs on this machine (0: none)")
     parser.add_argument(
-        "--gpu-lock-dir", default=".segflow-gpu-locks", help="local folder for GPU slot locks"
+        "--gpu-lock-dir",
+        default=None,
+        help="folder of this machine's GPU slot locks, on local disk "
+        "(default: $SEGFLOW_GPU_LOCK_DIR, else <tmp>/segflow-gpu-locks-<uid>)",
     )
     parser.add_argument(
         "--gpu-timeout", type=float, default=24 * 3600.0, help="seconds to wait for a free GPU"

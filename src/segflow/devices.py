@@ -6,6 +6,10 @@ at once but does not say which job gets which GPU, so both would land on ``cuda:
 ``lock_dir/gpu{k}.lock`` and restricts itself to GPU k with ``CUDA_VISIBLE_DEVICES``. The kernel
 drops a ``flock`` when its holder dies, however it dies (even ``kill -9``), so a crashed job
 never leaves a stale lock behind; that is why there is no "lock file exists" protocol here.
+The locks live on the machine's own disk (:func:`default_gpu_lock_dir`), not in the results
+folder: on a cluster that folder is shared by every node, and a job on one node must not wait
+for a GPU held on another. Every segflow job of one user on one machine, of any workflow and
+under any executor, shares them.
 
 Ordering: ``CUDA_VISIBLE_DEVICES`` is read once, when CUDA is initialised in the process (the
 first CUDA call, including ``torch.cuda.device_count()`` when NVML is unavailable). So call
@@ -21,6 +25,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -70,6 +75,23 @@ def resolve_device(name: str = "auto") -> torch.device:
             )
         return torch.device("cuda", index)
     return torch.device("cuda")
+
+
+GPU_LOCK_DIR_ENV = "SEGFLOW_GPU_LOCK_DIR"
+
+
+def default_gpu_lock_dir() -> Path:
+    """The folder of this machine's GPU slot locks.
+
+    Returns:
+        ``$SEGFLOW_GPU_LOCK_DIR`` when set, else ``<tmp>/segflow-gpu-locks-<uid>`` on the local
+        temporary disk (``flock`` is only reliable there; per user, since another user's jobs
+        could not open our lock files anyway).
+    """
+    configured = os.environ.get(GPU_LOCK_DIR_ENV)
+    if configured:
+        return Path(configured)
+    return Path(tempfile.gettempdir()) / f"segflow-gpu-locks-{os.getuid()}"
 
 
 class GpuLease:
@@ -192,8 +214,11 @@ def acquire_gpu(
             "ignored. Call it before any CUDA use."
         )
     lock_dir = Path(lock_dir)
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if lock_dir.stat().st_uid != os.getuid():  # e.g. planted in a shared /tmp by another user
+        raise SegflowError(f"{lock_dir}: GPU lock folder is not owned by this user")
     deadline = time.monotonic() + timeout_s
+    waiting = False
     while True:
         for k in range(n_gpus):
             path = lock_dir / f"gpu{k}.lock"
@@ -210,4 +235,7 @@ def acquire_gpu(
                 f"{lock_dir}: all {n_gpus} GPU slot(s) still held after {timeout_s:g} s "
                 f"({_holders(lock_dir, n_gpus)})"
             )
+        if not waiting:
+            waiting = True
+            log.info("all %d GPU slot(s) held (%s); waiting", n_gpus, _holders(lock_dir, n_gpus))
         time.sleep(poll_s)

@@ -135,8 +135,6 @@ def experiment_dirs(kind, round):
 
 N_FOLDS = config["folds"]["n_folds"]
 GPUS = config["gpus"]
-# Concurrent GPU jobs of this machine agree on who uses which GPU through locks in here.
-GPU_LOCK_DIR = str(Path(config["results_dir"], ".gpu-locks"))
 
 
 def result(*parts):

@@ -43,14 +43,13 @@ rule train_fold:
             f"round{wildcards.round}",
             f"fold{wildcards.fold}",
         ),
-        gpu_lock_dir=GPU_LOCK_DIR,
         pseudo=pseudo_flags,
     shell:
         "segflow train --arrays-dir {params.arrays_dir} --folds {input.folds}"
         " --fold {wildcards.fold} --name {wildcards.experiment}"
         " --experiment {params.experiment:q} --out-dir {params.out_dir}"
         " --resume-dir {params.resume_dir} {params.pseudo} --threads {threads}"
-        " --gpus {resources.gpu_slots} --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
+        " --gpus {resources.gpu_slots} 2> {log}"
 
 
 rule predict_oof:
@@ -79,12 +78,10 @@ rule predict_oof:
         flags=section_flags("predict", exclude=("fold_merge",)),
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.probs),
-        gpu_lock_dir=GPU_LOCK_DIR,
     shell:
         "segflow predict-oof --arrays-dir {params.arrays_dir} --model {input.model}"
         " --fold {wildcards.fold} --folds {input.folds} {params.flags}"
-        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu_slots}"
-        " --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
+        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu_slots} 2> {log}"
 
 
 rule evaluate_oof:
@@ -185,11 +182,10 @@ rule predict_test:
         flags=section_flags("predict", exclude=("fold_merge",)),
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.probs),
-        gpu_lock_dir=GPU_LOCK_DIR,
     shell:
         "segflow predict-test --arrays-dir {params.arrays_dir} --model {input.model}"
         " {params.flags} --out-dir {params.out_dir} --threads {threads}"
-        " --gpus {resources.gpu_slots} --gpu-lock-dir {params.gpu_lock_dir} 2> {log}"
+        " --gpus {resources.gpu_slots} 2> {log}"
 
 
 rule make_submission:
