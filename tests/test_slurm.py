@@ -283,3 +283,69 @@ def test_slurm_profile_runs_jobs_through_sbatch_like_a_local_run(
     history_cluster = pd.read_csv(cluster / fold / "history.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(history_local, history_cluster)
     assert len(history_cluster) == 1
+
+
+def slurm_jobs(job_ids: list[str]) -> list[tuple[str, str, str, str]]:
+    """(job id, rule, state, memory) of each job, as slurmctld reports them."""
+    queue = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%k|%T|%m"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    jobs = []
+    for line in queue.splitlines():
+        job_id, comment, state, memory = line.split("|")
+        rule = re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", comment).group(1)
+        jobs.append((job_id, rule, state, memory))
+    return sorted(jobs, key=lambda job: int(job[0]))
+
+
+# Below what `segflow folds` (and the Snakemake job step that starts it, ~200 MB each) needs:
+# SLURM kills the first attempt, and the profile's retries ask for 2x, then 3x.
+STARVED_MEM_MB = 150
+
+
+@pytest.mark.slurm
+def test_job_killed_for_memory_is_retried_with_more(slurm_cluster: Path, tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "cluster")
+    run = {
+        **SLURM_RUN,
+        "cluster": {
+            "rules": {
+                "ingest_dataset": {"mem_mb": 1500},
+                "find_duplicates": {"mem_mb": 1500},
+                "make_folds": {"mem_mb": STARVED_MEM_MB},
+            }
+        },
+    }
+    result = run_snakemake(
+        workdir,
+        "results/folds/folds.csv",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        write_config(workdir, run),
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-no-account",
+        "--slurm-init-seconds-before-status-checks",
+        "5",
+        "--slurm-logdir",
+        str(tmp_path / "slurm-logs"),
+    )
+    output = result.stdout + result.stderr
+    jobs = slurm_jobs(re.findall(r"submitted with SLURM jobid (\d+)", output))
+    attempts = [job for job in jobs if job[1] == "make_folds"]
+    assert len(attempts) >= 2, (jobs, output[-3000:])
+    # Each attempt asked for mem_mb x attempt; all but the last were killed by slurmstepd for
+    # exceeding it (state FAILED without cgroups), the last completed.
+    assert [memory for *_, memory in attempts] == [
+        f"{STARVED_MEM_MB * attempt}M" for attempt in range(1, len(attempts) + 1)
+    ]
+    for job_id, _, state, _ in attempts[:-1]:
+        log = next((tmp_path / "slurm-logs").rglob(f"{job_id}.log")).read_text()
+        assert state == "FAILED" and "Exceeded job memory limit" in log, (job_id, state, log)
+    assert attempts[-1][2] == "COMPLETED", attempts
+    folds = pd.read_csv(workdir / "results/folds/folds.csv")
+    assert len(folds) > 0 and set(folds["fold"]) == {0, 1}

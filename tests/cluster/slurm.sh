@@ -57,7 +57,11 @@ SlurmdLogFile=$state/log/slurmd.log
 # No cgroups (containers, no systemd): plain process tracking, no task binding.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+# Memory limits enforced without cgroups: every second each step's RSS is read from /proc and
+# a step above its job's --mem is killed (state OUT_OF_MEMORY), as a real cluster would.
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SwitchType=switch/none
