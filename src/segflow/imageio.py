@@ -7,11 +7,14 @@ DICOM files are converted to 8-bit with a Hounsfield-unit window (see :class:`Di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import struct
 import threading
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +103,80 @@ def _check_pixel_limit(path: Path, data: bytes, max_pixels: int | None) -> None:
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
+_CV_LOG_LOCK = threading.Lock()
+_cv_quiet_depth = 0  # decodes in flight that have OpenCV's own logging switched off
+_cv_log_level = 0  # OpenCV's log level before the first of them
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """Switch OpenCV's logging off while decoding: on a bad file it prints multi-line
+    ``[ERROR] ... imdecode_ ...`` reports to stderr, next to the one-line error raised here."""
+    global _cv_quiet_depth, _cv_log_level
+    logging_ = cv2.utils.logging
+    with _CV_LOG_LOCK:
+        if _cv_quiet_depth == 0:
+            _cv_log_level = logging_.getLogLevel()
+            logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+        _cv_quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _CV_LOG_LOCK:
+            _cv_quiet_depth -= 1
+            if _cv_quiet_depth == 0:
+                logging_.setLogLevel(_cv_log_level)
+
+
+def _check_png_chunks(path: Path, data: bytes, role: str) -> None:
+    """Refuse a truncated or corrupted PNG from its chunk structure, before libpng sees it.
+
+    libpng prints its own ``libpng error: ...`` line to stderr (which cannot be switched off
+    from Python) on exactly these files; walking the chunk headers and checking the CRCs of the
+    critical chunks costs one pass over the bytes and names what is wrong instead.
+
+    Raises:
+        SegflowError: a chunk runs past the end of the file, a critical chunk (IHDR, PLTE,
+            IDAT, IEND) fails its CRC, or the file ends without an IEND chunk.
+    """
+    view = memoryview(data)
+    offset = len(_PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", view[offset : offset + 8])
+        end = offset + 12 + length
+        name = kind.decode("latin-1")
+        if end > len(data):
+            raise SegflowError(
+                f"{path}: not a readable {role} (truncated PNG: chunk {name} at byte {offset} "
+                f"needs {end} bytes, the file has {len(data)})"
+            )
+        # Ancillary chunks (lower-case first letter) with a bad CRC are dropped by libpng with a
+        # warning, not refused, so only the critical ones are checked.
+        if kind[:1].isupper():
+            (crc,) = struct.unpack(">I", view[end - 4 : end])
+            if zlib.crc32(view[offset + 4 : end - 4]) != crc:
+                raise SegflowError(
+                    f"{path}: not a readable {role} (corrupt PNG: CRC mismatch in chunk {name} "
+                    f"at byte {offset})"
+                )
+        if kind == b"IEND":
+            return
+        offset = end
+    raise SegflowError(
+        f"{path}: not a readable {role} (truncated PNG: the file ends before its IEND chunk)"
+    )
+
+
+def _imdecode(path: Path, data: bytes, role: str) -> np.ndarray:
+    """Decode raster bytes as stored (bit depth and channels kept); ``role`` names the kind
+    of file ("image", "mask image") in the error."""
+    if data[:8] == _PNG_SIGNATURE:
+        _check_png_chunks(path, data, role)
+    with _quiet_opencv():
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise SegflowError(f"{path}: not a readable {role} (corrupt, truncated or not an image)")
+    return pixels
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
@@ -146,14 +223,12 @@ def decode_image(
     md5_bytes = hashlib.md5(data).hexdigest()
     kind = image_kind(path)
     if kind == "dicom":
-        pixels, bit_depth, stored = _decode_dicom(path, data, dicom_window or DicomWindow())
+        window = dicom_window or DicomWindow()
+        pixels, bit_depth, stored = _decode_dicom(path, data, window, max_pixels)
         image_format = "dicom"
     else:
         _check_pixel_limit(path, data, max_pixels)
-        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if pixels is None:
-            raise SegflowError(f"{path}: not a readable image (corrupt, truncated or not an image)")
-        pixels = _to_canonical(path, pixels)
+        pixels = _to_canonical(path, _imdecode(path, data, "image"))
         bit_depth = 16 if pixels.dtype == np.uint16 else 8
         stored = 1 if pixels.ndim == 2 else pixels.shape[2]
         image_format = path.suffix.lower().lstrip(".").replace("jpeg", "jpg").replace("tiff", "tif")
@@ -167,8 +242,11 @@ def decode_image(
 
 def _to_canonical(path: Path, pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype not in (np.uint8, np.uint16):
+        # Float (and 32-bit integer) TIFFs have no agreed value range to map to 8/16 bits
+        # (reflectance 0..1, raw counts, HU, ...): the user must choose the scaling.
         raise SegflowError(
-            f"{path}: pixel type {pixels.dtype} is not supported (only 8- and 16-bit integer images)"
+            f"{path}: pixel type {pixels.dtype} is not supported (only 8- and 16-bit integer "
+            "images); convert it to 8- or 16-bit with the value range you want"
         )
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
@@ -182,7 +260,9 @@ def _to_canonical(path: Path, pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def _decode_dicom(path: Path, data: bytes, window: DicomWindow) -> tuple[np.ndarray, int, int]:
+def _decode_dicom(
+    path: Path, data: bytes, window: DicomWindow, max_pixels: int | None
+) -> tuple[np.ndarray, int, int]:
     import pydicom
 
     # pydicom parses element values lazily and a corrupt file can fail with almost any exception
@@ -193,7 +273,8 @@ def _decode_dicom(path: Path, data: bytes, window: DicomWindow) -> tuple[np.ndar
     except Exception as error:
         raise SegflowError(f"{path}: not a readable DICOM file ({error})") from None
     if not has_pixels:
-        raise SegflowError(f"{path}: DICOM file has no pixel data")
+        raise SegflowError(f"{path}: DICOM file has no pixel data (PixelData element missing)")
+    _check_dicom_pixel_limit(path, dataset, max_pixels)
     try:
         raw = dataset.pixel_array
         samples = int(_dicom_value(dataset, "SamplesPerPixel", 1))
@@ -214,6 +295,25 @@ def _decode_dicom(path: Path, data: bytes, window: DicomWindow) -> tuple[np.ndar
     if photometric.strip() == "MONOCHROME1":
         pixels = 255 - pixels  # MONOCHROME1 stores inverted grey levels
     return pixels, bit_depth, 1
+
+
+def _check_dicom_pixel_limit(path: Path, dataset: object, max_pixels: int | None) -> None:
+    """Refuse a DICOM whose Rows x Columns (x frames) exceed the limit before its pixel data
+    is decompressed (JPEG 2000 or RLE pixel data can expand far beyond the file size)."""
+    if not max_pixels:
+        return
+    try:
+        rows = int(_dicom_value(dataset, "Rows", 0))
+        columns = int(_dicom_value(dataset, "Columns", 0))
+        frames = int(_dicom_value(dataset, "NumberOfFrames", 1))
+    except Exception:  # malformed values: left to the decoder, which reports them
+        return
+    if rows * columns * max(frames, 1) > max_pixels:
+        size = f"{columns}x{rows}" + (f"x{frames} frames" if frames > 1 else "")
+        raise SegflowError(
+            f"{path}: {size} = {rows * columns * max(frames, 1)} pixels exceeds the limit of "
+            f"{max_pixels} (data.max_pixels)"
+        )
 
 
 def _dicom_value(dataset: object, keyword: str, default: object) -> object:
@@ -282,11 +382,7 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np
     path = Path(path)
     data = _read_bytes(path)
     _check_pixel_limit(path, data, max_pixels)
-    mask = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise SegflowError(
-            f"{path}: not a readable mask image (corrupt, truncated or not an image)"
-        )
+    mask = _imdecode(path, data, "mask image")
     if mask.ndim == 3:
         colour = mask[:, :, :3] if mask.shape[2] >= 3 else mask
         if not (colour == colour[:, :, :1]).all():

@@ -51,6 +51,8 @@ METADATA_PREFIX = "meta_"
 _SCAN_CHUNK = 64
 # The CLI reads these alone as null, so a class of that name could silently turn binary.
 _RESERVED_CLASS_NAMES = ("none", "null")
+# In an id or class name these would make a path of it (class names become folder names).
+_PATH_CHARACTERS = ("/", "\\", "\0")
 
 RleRow = tuple[str, str]  # (RLE string, where it came from: 'file row N (id ...)')
 
@@ -84,6 +86,11 @@ class IngestOptions:
     dicom_window_center: float = option(40.0, "DICOM window centre in Hounsfield units")
     dicom_window_width: float = option(400.0, "DICOM window width in Hounsfield units")
     max_pixels: int = option(100_000_000, "refuse images with more pixels (decompression bombs)")
+    data_root: str | None = option(
+        None,
+        "folder every image and mask file must lie in once symlinks are resolved; null: the "
+        "folder it is listed from",
+    )
 
     def __post_init__(self) -> None:
         lists_to_tuples(self)
@@ -137,8 +144,28 @@ def _csv_line_numbers(path: Path, n_rows: int) -> list[int]:
     return lines if len(lines) == n_rows else fallback
 
 
+def _printable(name: str) -> str:
+    """A file name as text that UTF-8 files can hold: undecodable bytes become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _check_inside(path: Path, root: Path, role: str) -> None:
+    """Refuse a symlink whose target (all links resolved) lies outside ``root``.
+
+    Raises:
+        SegflowError: the link leaves the data root (a dataset's link to /etc/passwd or
+            ~/.ssh would otherwise be read, hashed and recorded).
+    """
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        raise SegflowError(
+            f"{_printable(str(path))}: {role} is a symlink to {_printable(str(target))}, outside "
+            f"the data root {root}; set data.data_root to a folder that holds the link targets"
+        )
+
+
 def list_images(
-    folder: str | Path, role: str, allow_empty: bool = False
+    folder: str | Path, role: str, allow_empty: bool = False, root: Path | None = None
 ) -> tuple[dict[str, Path], list[str]]:
     """Map item id (file stem) -> path for the images in ``folder``; also return skipped entries.
 
@@ -146,20 +173,48 @@ def list_images(
         folder: the folder to list (not recursively).
         role: what the files are, for messages ("train image").
         allow_empty: a folder without images is fine (a class no image has), not an error.
+        root: resolved folder that the folder and every symlink in it must resolve into;
+            None: the folder itself.
+
+    Returns:
+        (id -> path, names of the skipped entries): hidden files, folders and files that are
+        not images by extension or DICOM magic.
 
     Raises:
-        SegflowError: missing folder, no images (unless allowed), or two files sharing a stem.
+        SegflowError: missing folder, no images (unless allowed), two files sharing a stem, a
+            file name that is not UTF-8, or a folder or symlink resolving outside ``root``.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise SegflowError(f"{role} folder {folder} does not exist or is not a folder")
+    # Resolve the folder once; its entries are then absolute without a resolve() per file, and
+    # only an entry that is itself a symlink can lead elsewhere.
+    resolved = folder.resolve()
+    root = root or resolved
+    if not resolved.is_relative_to(root):
+        raise SegflowError(
+            f"{role} folder {folder} resolves to {resolved}, outside data.data_root {root}"
+        )
     found: dict[str, Path] = {}
     skipped: list[str] = []
-    # Resolve the folder once; its entries are then absolute without a resolve() per file.
-    for path in sorted(folder.resolve().iterdir()):
-        if path.name.startswith(".") or not path.is_file() or image_kind(path) is None:
-            skipped.append(path.name)
+    for path in sorted(resolved.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            skipped.append(_printable(path.name))
             continue
+        if path.is_symlink():  # checked before image_kind, which may open the file
+            _check_inside(path, root, role)
+        if image_kind(path) is None:
+            skipped.append(_printable(path.name))
+            continue
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            # The id and path must go into UTF-8 Parquet and CSV files; a guessed re-encoding
+            # would give ids that match neither the file nor a CSV row.
+            raise SegflowError(
+                f"{_printable(str(path))}: file name is not valid UTF-8; rename the file "
+                "(e.g. convmv -f latin1 -t utf8)"
+            ) from None
         item_id = _item_id(path)
         if item_id in found:
             raise SegflowError(
@@ -174,8 +229,23 @@ def list_images(
             ", ".join(skipped[:5]),
         )
     if not found and not allow_empty:
-        raise SegflowError(f"{role} folder {folder} contains no images")
+        hint = (
+            " (set data.test_images: null to run without a test set)"
+            if role == "test image"
+            else ""
+        )
+        raise SegflowError(f"{role} folder {folder} contains no images{hint}")
     return found, skipped
+
+
+def _check_id_is_a_name(item_id: str, where: str) -> None:
+    """Ids are file stems: one that is a path is refused before anything could build a file
+    name from it (``../../etc/passwd``, ``/abs/path``, ``a/b``)."""
+    if any(char in item_id for char in _PATH_CHARACTERS) or item_id.strip() in (".", ".."):
+        raise SegflowError(
+            f"{where}: the id is a path, not an image id (ids are image file names without "
+            "extension; '/', '\\' and '..' are refused)"
+        )
 
 
 def _read_rle_csv(options: IngestOptions) -> dict[str, list[list[RleRow]]]:
@@ -212,6 +282,7 @@ def _read_rle_csv(options: IngestOptions) -> dict[str, list[list[RleRow]]]:
         where = f"{path} row {line} (id {item_id!r})"  # row = line in the file, header is 1
         if not item_id.strip():
             raise SegflowError(f"{where}: empty id")
+        _check_id_is_a_name(item_id, where)
         k = 0 if class_value is None else _class_of_row(class_value, class_index, where, options)
         rles.setdefault(item_id, [[] for _ in range(options.n_classes)])[k].append((rle, where))
     return rles
@@ -322,6 +393,10 @@ def _check_options(options: IngestOptions) -> None:
         raise SegflowError(
             f"unknown data.rle_order {options.rle_order!r}; valid: {', '.join(RLE_ORDERS)}"
         )
+    if options.max_pixels < 0:
+        raise SegflowError(
+            f"data.max_pixels must be positive (0: no limit), got {options.max_pixels}"
+        )
     _check_classes(options.classes)
 
 
@@ -344,6 +419,11 @@ def _check_classes(classes: Any) -> None:
             )
         if CLASS_SEPARATOR in name:
             raise SegflowError(f"data.classes: class name {name!r} contains {CLASS_SEPARATOR!r}")
+        # The folder source reads train_masks/<class>/: a path here would leave train_masks.
+        if any(char in name for char in _PATH_CHARACTERS) or name in (".", ".."):
+            raise SegflowError(
+                f"data.classes: class name {name!r} is a path (contains '/', '\\' or is '..')"
+            )
         if name.lower() in _RESERVED_CLASS_NAMES:
             raise SegflowError(
                 f"data.classes: class name {name!r} is reserved (the CLI reads it as null)"
@@ -354,10 +434,10 @@ def _check_classes(classes: Any) -> None:
 
 
 def _masks_by_image_id(
-    folder: Path, options: IngestOptions, role: str, allow_empty: bool
+    folder: Path, options: IngestOptions, role: str, allow_empty: bool, root: Path | None
 ) -> dict[str, Path]:
     """Image id -> mask file in ``folder`` (file stem minus ``mask_suffix``)."""
-    masks, _ = list_images(folder, role, allow_empty=allow_empty)
+    masks, _ = list_images(folder, role, allow_empty=allow_empty, root=root)
     suffix = options.mask_suffix
     return {
         stem[: len(stem) - len(suffix)] if suffix else stem: path
@@ -375,10 +455,12 @@ def _check_no_orphan_masks(by_image_id: dict[str, Path], train: dict[str, Path])
         )
 
 
-def _binary_mask_paths(options: IngestOptions, train: dict[str, Path]) -> dict[str, str]:
+def _binary_mask_paths(
+    options: IngestOptions, train: dict[str, Path], root: Path | None
+) -> dict[str, str]:
     """Every train image must have its mask file."""
     folder = Path(options.train_masks or "")
-    by_image_id = _masks_by_image_id(folder, options, "train mask", allow_empty=False)
+    by_image_id = _masks_by_image_id(folder, options, "train mask", allow_empty=False, root=root)
     for item_id in train:
         if item_id not in by_image_id:
             raise SegflowError(
@@ -389,7 +471,9 @@ def _binary_mask_paths(options: IngestOptions, train: dict[str, Path]) -> dict[s
     return {item_id: str(by_image_id[item_id]) for item_id in train}
 
 
-def _class_mask_paths(options: IngestOptions, train: dict[str, Path]) -> dict[str, str]:
+def _class_mask_paths(
+    options: IngestOptions, train: dict[str, Path], data_root: Path | None
+) -> dict[str, str]:
     """'|'-joined per-class mask files (``train_masks/<class>/``); a missing file is an empty
     class, a missing class folder an error."""
     root = Path(options.train_masks or "")
@@ -402,7 +486,9 @@ def _class_mask_paths(options: IngestOptions, train: dict[str, Path]) -> dict[st
                 f"expects one folder per class in {root} (missing class {name!r})"
             )
         role = f"train mask (class {name!r})"
-        per_class.append(_masks_by_image_id(folder, options, role, allow_empty=True))
+        per_class.append(
+            _masks_by_image_id(folder, options, role, allow_empty=True, root=data_root)
+        )
         _check_no_orphan_masks(per_class[-1], train)
     joined = {
         item_id: CLASS_SEPARATOR.join(str(masks.get(item_id, "")) for masks in per_class)
@@ -448,14 +534,25 @@ def _train_rle_rows(
     }
 
 
+def _data_root(options: IngestOptions) -> Path | None:
+    """The resolved ``data_root``; None when unset (each folder is then its own root)."""
+    if not options.data_root:
+        return None
+    root = Path(options.data_root)
+    if not root.is_dir():
+        raise SegflowError(f"data.data_root {root} does not exist or is not a folder")
+    return root.resolve()
+
+
 def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any]]:
     _check_options(options)
     window = DicomWindow(options.dicom_window_center, options.dicom_window_width)
-    train, train_skipped = list_images(options.train_images or "", "train image")
+    root = _data_root(options)
+    train, train_skipped = list_images(options.train_images or "", "train image", root=root)
     test: dict[str, Path] = {}
     test_skipped: list[str] = []
     if options.test_images:
-        test, test_skipped = list_images(options.test_images, "test image")
+        test, test_skipped = list_images(options.test_images, "test image", root=root)
     clash = sorted(set(train) & set(test))
     if clash:
         raise SegflowError(
@@ -468,9 +565,9 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
         if not options.train_masks:
             raise SegflowError("data.train_masks is not set (needed for mask_source: folder)")
         if options.classes:
-            mask_paths = _class_mask_paths(options, train)
+            mask_paths = _class_mask_paths(options, train, root)
         else:
-            mask_paths = _binary_mask_paths(options, train)
+            mask_paths = _binary_mask_paths(options, train, root)
     else:
         rles = _train_rle_rows(options, train)
 
@@ -514,6 +611,15 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
         SegflowError: any unreadable, missing, mismatched or duplicated input, naming it.
     """
     tasks, skipped = _build_tasks(options)
+    # Several rows for one id (and class) are unioned: Airbus lists one row per ship. Counted,
+    # since in a one-row-per-image CSV (TGS) they mean a broken file.
+    several_rows = sum(any(len(rows) > 1 for rows in task.rles) for task in tasks)
+    if several_rows:
+        log.info(
+            "%d train ids have several rows for one class in %s: their runs are unioned",
+            several_rows,
+            options.rle_csv,
+        )
     chunks = chunked(tasks, _SCAN_CHUNK)
     rows = [
         row
@@ -533,7 +639,9 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
         )
         if missing_metadata:
             log.warning("%d items have no row in %s", missing_metadata, options.metadata_csv)
-    return manifest, _summarise(manifest, skipped, missing_metadata, options.classes)
+    summary = _summarise(manifest, skipped, missing_metadata, options.classes)
+    summary["rle_ids_with_several_rows"] = several_rows
+    return manifest, summary
 
 
 def _summarise(

@@ -6,8 +6,11 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from segflow.config_check import check_config
 from segflow.fingerprint import folder_stamp, stage_fingerprint
 
+# One line naming the bad key first; snakemake's validate then fills in the defaults.
+check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results_dir"]
