@@ -830,3 +830,213 @@ def test_config_typo_and_wrong_type_stop_the_dry_run_naming_the_key(
     assert message in output.splitlines(), output[-3000:]
     assert "Failed validating" not in output  # not snakemake's hundred-line schema dump
     assert not (workdir / "results").exists()
+
+
+# --------------------------------------------------------------------------- manifest paths
+# Later stages open the files the manifest names; ingest recorded the data roots it checked
+# them against, and a manifest edited afterwards (by hand, a tool, an attacker) must not make
+# preprocess, submit or report read outside them.
+
+
+def _stage_tables(capfd: pytest.CaptureFixture[str], root: Path, out: Path) -> tuple[Path, Path]:
+    """Ingest (mask files, a test folder) and dedup ``root``; return (manifest, items) paths."""
+    assert _cli(capfd, _ingest_argv(root, out, "--test-images", str(root / "test"))).code == 0
+    manifest, items = out / "manifest.parquet", out / "items.parquet"
+    dedup = ["dedup", "--manifest", str(manifest), "--out-items", str(items)]
+    dedup += ["--out-summary", str(out / "dedup.json"), "--out-report", str(out / "dedup.md")]
+    assert _cli(capfd, dedup).code == 0
+    return manifest, items
+
+
+def _leaky_dataset(root: Path) -> Path:
+    """``_dataset`` plus a test folder whose ``t`` copies train image ``a`` (dedup's leak, whose
+    label the submission copies from a's mask file)."""
+    _dataset(root)
+    (root / "test").mkdir()
+    (root / "test" / "t.png").write_bytes((_images(root) / "a.png").read_bytes())
+    _write(root / "test" / "u.png", _gray(7))
+    return root
+
+
+def _tamper(manifest_path: Path, item_id: str, column: str, value: str) -> None:
+    """Replace one row's path; the recorded data roots (Parquet key-value metadata) stay."""
+    manifest = pd.read_parquet(manifest_path)
+    assert manifest.attrs["segflow_data_roots"]  # written by ingest, read back by pandas
+    manifest.loc[manifest["id"] == item_id, column] = value
+    manifest.to_parquet(manifest_path, index=False)
+
+
+def _escaping_path(tmp_path: Path, root: Path, kind: str) -> str:
+    """A path to a real PNG outside the data: through '..', absolute, relative or a symlink."""
+    outside = _write(tmp_path / "elsewhere" / "x.png", _gray(5))
+    if kind == "dotdot":  # starts inside the images folder, climbs out of it
+        return f"{_images(root)}/../../../elsewhere/x.png"
+    if kind == "relative":
+        return "../../etc/passwd"
+    if kind == "symlink":  # a link inside the folder, added after ingest, leading out
+        link = _images(root) / "z.png"
+        link.symlink_to(outside)
+        return str(link)
+    return str(outside)
+
+
+def _preprocess_argv(manifest: Path, items: Path, out: Path) -> list[str]:
+    return [
+        *("preprocess", "--manifest", str(manifest), "--dedup-items", str(items)),
+        *("--out-dir", str(out)),
+    ]
+
+
+ESCAPES = ["dotdot", "absolute", "relative", "symlink"]
+
+
+def test_untampered_manifest_paths_are_read_back(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    root = _leaky_dataset(tmp_path / "data")
+    manifest, items = _stage_tables(capfd, root, tmp_path / "tables")
+    # A '..' that stays inside the data folder is a harmless spelling of the same file.
+    _tamper(manifest, "b", "image_path", f"{_images(root)}/../images/b.png")
+    arrays = tmp_path / "arrays"
+    assert _cli(capfd, _preprocess_argv(manifest, items, arrays)).code == 0
+    images = np.load(arrays / "train_images.npy")
+    index = pd.read_parquet(arrays / "index.parquet")
+    assert (images[index.set_index("id").loc["b", "row"], :, :, 0] == _gray(1)).all()
+    # Derived tables do not inherit the manifest's roots: their bytes never depend on them.
+    for table in (items, arrays / "index.parquet"):
+        assert not pd.read_parquet(table).attrs, table
+
+
+@pytest.mark.parametrize("column", ["image_path", "mask_path"])
+@pytest.mark.parametrize("kind", ESCAPES)
+def test_preprocess_refuses_a_manifest_path_leading_out_of_the_data(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], column: str, kind: str
+) -> None:
+    root = _leaky_dataset(tmp_path / "data")
+    manifest, items = _stage_tables(capfd, root, tmp_path / "tables")
+    bad = _escaping_path(tmp_path, root, kind)
+    _tamper(manifest, "b", column, bad)
+    out = tmp_path / "arrays"
+    _refused(
+        capfd,
+        _preprocess_argv(manifest, items, out),
+        out,
+        f"manifest row 'b': {column} {bad!r}",
+        "outside the data roots ingest recorded",
+    )
+
+
+def test_preprocess_refuses_a_manifest_without_recorded_roots(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # An older manifest, or a table made by another tool: nothing to check its paths against.
+    root = _leaky_dataset(tmp_path / "data")
+    manifest, items = _stage_tables(capfd, root, tmp_path / "tables")
+    frame = pd.read_parquet(manifest)
+    frame.attrs = {}
+    frame.to_parquet(manifest, index=False)
+    out = tmp_path / "arrays"
+    _refused(
+        capfd,
+        _preprocess_argv(manifest, items, out),
+        out,
+        "manifest row 'a': mask_path",
+        "records no data roots",
+        "rerun segflow ingest",
+    )
+
+
+def _submit_argv(tmp_path: Path, manifest: Path, items: Path, out: Path) -> list[str]:
+    """``segflow submit`` of an all-empty prediction for the two test images t and u."""
+    from segflow.postprocess import tune_classes
+
+    fold = tmp_path / "test_fold"
+    fold.mkdir()
+    pd.DataFrame({"id": ["t", "u"]}).to_csv(fold / "ids.csv", index=False)
+    np.save(fold / "probs.npy", np.zeros((2, 1, H, W), np.float16))
+    zeros = np.zeros((1, 1, H, W), np.float32)
+    _, _, params = tune_classes(zeros, zeros[:, 0].astype(np.uint8), ["mask"], [0.5], [0])
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    (tmp_path / "stats.json").write_text(json.dumps({"classes": ["mask"]}))
+    return [
+        *("submit", "--fold-dirs", str(fold), "--postprocess", str(tmp_path / "params.json")),
+        *("--stats", str(tmp_path / "stats.json")),
+        *("--manifest", str(manifest), "--dedup-items", str(items)),
+        *("--out", str(out / "submission.csv")),
+    ]
+
+
+@pytest.mark.parametrize("kind", ESCAPES)
+def test_submit_refuses_a_copied_label_path_leading_out_of_the_data(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], kind: str
+) -> None:
+    root = _leaky_dataset(tmp_path / "data")
+    manifest, items = _stage_tables(capfd, root, tmp_path / "tables")
+    out = tmp_path / "submission"
+    argv = _submit_argv(tmp_path, manifest, items, out)
+    assert _cli(capfd, argv).code == 0  # untampered: t gets a's mask
+    written = pd.read_csv(out / "submission.csv", keep_default_na=False).set_index("id")
+    assert written.loc["t", "rle_mask"] != "" and written.loc["u", "rle_mask"] == ""
+    (out / "submission.csv").unlink()
+    bad = _escaping_path(tmp_path, root, kind)
+    _tamper(manifest, "a", "mask_path", bad)
+    _refused(capfd, argv, out, f"manifest row 'a': mask_path {bad!r}", "outside the data roots")
+
+
+# The report needs a whole results folder: test_html_report builds one as a fixture.
+from test_html_report import WORST_ID, results  # noqa: E402, F401
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")  # the fixture's 10 images
+@pytest.mark.parametrize("column", ["image_path", "mask_path"])
+def test_report_refuses_a_manifest_path_leading_out_of_the_data(
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    results: Path,  # noqa: F811 (the fixture imported above)
+    column: str,
+) -> None:
+    # The report reads every OOF item's mask file (its true mask) and decodes the images of its
+    # example cases, the worst OOF image among them.
+    bad = str(_write(tmp_path / "elsewhere" / "x.png", _gray(5)))
+    _tamper(results / "ingest" / "manifest.parquet", WORST_ID, column, bad)
+    out = tmp_path / "report"
+    argv = ["report", "--results-dir", str(results), "--out", str(out / "report.html")]
+    fragment = f"manifest row {WORST_ID!r}: {column} {bad!r}"
+    _refused(capfd, argv, out, fragment, "outside the data roots")
+
+
+# --------------------------------------------------------------------------- CSV ids with extension
+# Severstal and Airbus key RLE rows by file name (0002cc93b.jpg); segflow ids are stems.
+
+
+def test_rle_csv_ids_with_extension_are_matched_to_their_images(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    root = _dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = _rle_argv(root, out, [("a.png", "1 2"), ("b.png", ""), ("c.png", "-1")])
+    manifest, _ = _accepted(capfd, argv, out)
+    assert sorted(manifest.index) == ["a", "b", "c"]
+    assert manifest.loc["a", "mask_rle"] == "1 2" and manifest.loc["b", "mask_rle"] == ""
+
+
+@pytest.mark.parametrize(
+    ("rows", "fragments"),
+    [
+        (
+            [("b.png", "1 1"), ("c", "")],
+            ["row 2 (id 'b.png'): the id is an image file name", "row 3 (id 'c')", "one style"],
+        ),
+        ([("b", "1 1"), ("b.png", "2 1")], ["row 3 (id 'b.png')", "one style"]),
+        ([("a.png", "1 1")], ["row 2 (id 'a.png'): ambiguous id", "a.png.png"]),
+    ],
+    ids=["mixed-styles", "both-spellings-of-one-image", "stem-of-one-name-of-another"],
+)
+def test_ambiguous_rle_csv_ids_are_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], rows: list, fragments: list[str]
+) -> None:
+    root = _dataset(tmp_path / "data")
+    _write(_images(root) / "a.png.png", _gray(5))  # stem 'a.png': the file name of a.png
+    out = tmp_path / "out"
+    argv = _rle_argv(root, out, rows, "--rle-missing-is-empty")
+    _refused(capfd, argv, out, *fragments)

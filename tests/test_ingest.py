@@ -20,6 +20,7 @@ from segflow.errors import SegflowError
 from segflow.imageio import mask_md5
 from segflow.ingest import IngestOptions, ingest
 from segflow.labels import label_md5, pack_labels, read_label, unpack_labels
+from segflow.manifest import csv_id_style, data_roots
 from segflow.rle import rle_decode
 
 MANIFEST_COLUMNS = [
@@ -428,6 +429,135 @@ def test_class_mask_of_different_size(tmp_path: Path) -> None:
 def test_invalid_classes(tmp_path: Path, classes: object, fragment: str) -> None:
     options = dataclasses.replace(_folder_dataset(tmp_path)["options"], classes=classes)
     _raises(options, "data.classes", fragment)
+
+
+# --------------------------------------------------------------------------- ids with extension
+# Severstal and Airbus key their CSV rows by file name (ImageId=0002cc93b.jpg); ids are stems.
+
+SEVERSTAL_IDS = ("0002cc93b", "00031f466", "0007a71bf")
+
+
+def _severstal(root: Path, classes: tuple[str, ...] | None) -> tuple[IngestOptions, dict]:
+    """JPEG train images and a CSV keyed by file name listing non-empty masks only, one row per
+    (image, class), or for binary data (Airbus) one row per object; returns the options and
+    id -> (C, H, W) planes the CSV encodes."""
+    n_classes = len(classes or ("mask",))
+    header = "ImageId,ClassId,EncodedPixels\n" if classes else "ImageId,EncodedPixels\n"
+    rows, truth = [], {}
+    for seed, item_id in enumerate(SEVERSTAL_IDS):
+        _write(root / "images" / f"{item_id}.jpg", _image(5, 4, seed))
+        planes = np.stack([_mask(5, 4, seed * 10 + k) for k in range(n_classes)])
+        if seed == 1:  # no row for the last class (binary: an image without any row)
+            planes[-1] = 0
+        truth[item_id] = planes
+        for k, plane in enumerate(planes):
+            if classes:
+                rows.append(f"{item_id}.jpg,{classes[k]},{naive_encode(plane)}\n")
+            else:  # one row per column of the mask, unioned again by ingest
+                for x in np.flatnonzero(plane.any(axis=0)):
+                    column = np.zeros_like(plane)
+                    column[:, x] = plane[:, x]
+                    rows.append(f"{item_id}.jpg,{naive_encode(column)}\n")
+    (root / "train.csv").write_text(header + "".join(rows))
+    options = _rle_options(
+        root,
+        rle_id_column="ImageId",
+        rle_column="EncodedPixels",
+        rle_class_column="ClassId",
+        classes=classes,
+        rle_missing_is_empty=True,
+    )
+    return options, truth
+
+
+@pytest.mark.parametrize("classes", [("1", "2", "3", "4"), None], ids=["severstal", "airbus"])
+def test_csv_ids_with_extension_match_the_image_files(
+    tmp_path: Path, classes: tuple[str, ...] | None
+) -> None:
+    options, truth = _severstal(tmp_path, classes)
+    manifest, summary = ingest(options)
+    assert manifest["id"].tolist() == list(SEVERSTAL_IDS)  # ids stay file stems
+    # Airbus: one row per object (here per column), unioned; 00031f466 has no row at all.
+    assert summary["rle_ids_with_several_rows"] == (0 if classes else 2)
+    assert csv_id_style(manifest) == "filename"
+    n_classes = len(classes or ("mask",))
+    for row in manifest.itertuples():
+        label = read_label(row.mask_path, row.mask_rle, (5, 4), n_classes, row.id)
+        np.testing.assert_array_equal(unpack_labels(label, n_classes), truth[row.id])
+    # The CLI's manifest file keeps the id style for the submission.
+    out = tmp_path / "out"
+    argv = ["ingest", "--train-images", str(tmp_path / "images"), "--mask-source", "rle_csv"]
+    argv += ["--rle-csv", str(tmp_path / "train.csv"), "--rle-id-column", "ImageId"]
+    argv += ["--rle-column", "EncodedPixels", "--rle-missing-is-empty"]
+    if classes:
+        argv += ["--rle-class-column", "ClassId", "--classes", *classes]
+    argv += ["--out-manifest", str(out / "m.parquet"), "--out-summary", str(out / "s.json")]
+    assert cli.main(argv) == 0
+    assert csv_id_style(pd.read_parquet(out / "m.parquet")) == "filename"
+
+
+def test_csv_ids_without_extension_keep_the_stem_style(tmp_path: Path) -> None:
+    _rle_dataset(tmp_path, [("a", "1 1"), ("b", ""), ("c", ""), ("d", "")])
+    manifest, _ = ingest(_rle_options(tmp_path))
+    assert csv_id_style(manifest) == "stem"
+    assert manifest.set_index("id").loc["a", "mask_rle"] == "1 1"
+
+
+def test_csv_mixing_ids_with_and_without_extension_is_refused(tmp_path: Path) -> None:
+    csv = _rle_dataset(tmp_path, [("a.png", "1 1"), ("b", ""), ("c.png", ""), ("d.png", "")])
+    _raises(
+        _rle_options(tmp_path),
+        f"{csv} row 2 (id 'a.png'): the id is an image file name",
+        f"{csv} row 3 (id 'b') names an image without its extension",
+        "one style",
+    )
+    # Both spellings of one image are the same mixture.
+    _rle_dataset(tmp_path, [("a", "1 1"), ("a.png", "2 1")], ids=("a",))
+    _raises(_rle_options(tmp_path), "one style")
+
+
+def test_csv_id_that_is_a_stem_and_another_file_name_is_refused(tmp_path: Path) -> None:
+    # 'x.png' is the stem of x.png.png and the file name of x.png: which image is meant?
+    _write(tmp_path / "images" / "x.png", _image(5, 4, 0))
+    _write(tmp_path / "images" / "x.png.png", _image(5, 4, 1))
+    (tmp_path / "train.csv").write_text("id,rle_mask\nx.png,1 1\n")
+    _raises(
+        _rle_options(tmp_path, rle_missing_is_empty=True),
+        "row 2 (id 'x.png'): ambiguous id",
+        "x.png.png",
+    )
+
+
+def test_csv_ids_with_extension_and_two_images_sharing_a_stem_are_refused(
+    tmp_path: Path,
+) -> None:
+    _write(tmp_path / "images" / "a.jpg", _image(5, 4, 0))
+    _write(tmp_path / "images" / "a.png", _image(5, 4, 1))
+    (tmp_path / "train.csv").write_text("id,rle_mask\na.jpg,1 1\na.png,2 1\n")
+    _raises(_rle_options(tmp_path), "duplicate id 'a'", "a.jpg and a.png")
+
+
+def test_manifest_records_the_data_roots_it_checked(tmp_path: Path) -> None:
+    options = _folder_dataset(tmp_path / "data")["options"]
+    manifest, _ = ingest(options)
+    folders = (options.train_images, options.train_masks, options.test_images)
+    assert data_roots(manifest) == tuple(sorted(Path(f or "").resolve() for f in folders))
+    with_root, _ = ingest(dataclasses.replace(options, data_root=str(tmp_path)))
+    assert data_roots(with_root) == (tmp_path.resolve(),)
+    # Recorded deterministically: the same data and config give the same manifest bytes.
+    for out in ("one", "two"):
+        argv = ["ingest", "--train-images", str(options.train_images), "--train-masks"]
+        argv += [str(options.train_masks), "--test-images", str(options.test_images)]
+        argv += [
+            "--mask-suffix",
+            "_mask",
+            "--out-manifest",
+            str(tmp_path / out / "manifest.parquet"),
+        ]
+        assert cli.main([*argv, "--out-summary", str(tmp_path / out / "summary.json")]) == 0
+    one, two = (tmp_path / out / "manifest.parquet" for out in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()
+    assert data_roots(pd.read_parquet(one)) == data_roots(manifest)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -10,14 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from segflow.cli import main
 from segflow.dedup import DedupOptions, find_duplicates
 from segflow.errors import SegflowError
+from segflow.ingest import IngestOptions, ingest
+from segflow.postprocess import tune_classes
 from segflow.rle import rle_decode
 from segflow.submission import (
     SubmissionOptions,
     known_test_labels,
     submission_frame,
     write_submission,
+    written_ids,
 )
 
 
@@ -147,3 +151,81 @@ def test_multilabel_rows_per_class_decode_back_and_known_labels_unpack() -> None
         submission_frame(
             {"x": np.zeros((1, 4, 4), np.uint8)}, SubmissionOptions(), classes=["a", "b"]
         )
+
+
+# --------------------------------------------------------------------------- ids with extension
+
+TEST_FILES = ("004f40c73.jpg", "006f39c41.png")
+
+
+def _filename_keyed_data(root: Path) -> pd.DataFrame:
+    """Ingest JPEG/PNG images whose train CSV keys rows by file name (Severstal, Airbus)."""
+    rng = np.random.default_rng(0)
+    for folder, names in (("train", ("0002cc93b.jpg", "00031f466.jpg")), ("test", TEST_FILES)):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            cv2.imwrite(str(root / folder / name), rng.integers(0, 256, (6, 5), dtype=np.uint8))
+    (root / "train.csv").write_text("ImageId,EncodedPixels\n0002cc93b.jpg,1 3\n00031f466.jpg,\n")
+    manifest, _ = ingest(
+        IngestOptions(
+            train_images=str(root / "train"),
+            test_images=str(root / "test"),
+            mask_source="rle_csv",
+            rle_csv=str(root / "train.csv"),
+            rle_id_column="ImageId",
+            rle_column="EncodedPixels",
+        )
+    )
+    return manifest
+
+
+def _stem_keyed_csv(root: Path) -> dict:
+    """Options of the same train images with a CSV keyed by stem (TGS)."""
+    (root / "stems.csv").write_text("id,rle_mask\n0002cc93b,1 3\n00031f466,\n")
+    return {"mask_source": "rle_csv", "rle_csv": str(root / "stems.csv")}
+
+
+def test_ids_are_written_as_the_train_csv_wrote_them(tmp_path: Path) -> None:
+    manifest = _filename_keyed_data(tmp_path)
+    ids = ["004f40c73", "006f39c41"]
+    assert written_ids(manifest, ids) == dict(zip(ids, TEST_FILES, strict=True))
+    assert written_ids(manifest, ids, "stem") == {i: i for i in ids}
+    masks = {item_id: np.eye(6, 5, dtype=np.uint8) for item_id in ids}
+    options = SubmissionOptions(id_column="ImageId", rle_column="EncodedPixels")
+    frame = submission_frame(masks, options, id_names=written_ids(manifest, ids))
+    assert frame["ImageId"].tolist() == list(TEST_FILES)
+    assert (frame["EncodedPixels"] == "1 1 8 1 15 1 22 1 29 1").all()
+    stems, _ = ingest(
+        IngestOptions(train_images=str(tmp_path / "train"), **_stem_keyed_csv(tmp_path))
+    )
+    assert written_ids(stems, ["0002cc93b"]) == {"0002cc93b": "0002cc93b"}
+    assert written_ids(stems, ["0002cc93b"], "filename") == {"0002cc93b": "0002cc93b.jpg"}
+    with pytest.raises(SegflowError, match=r"unknown submission\.id_style 'name'"):
+        written_ids(manifest, ids, "name")
+    with pytest.raises(SegflowError, match="id 'ghost' is not in the manifest"):
+        written_ids(manifest, ["ghost"], "filename")
+
+
+def test_submit_writes_file_name_ids(tmp_path: Path) -> None:
+    manifest = _filename_keyed_data(tmp_path / "data")
+    manifest.to_parquet(tmp_path / "manifest.parquet", index=False)
+    items, _ = find_duplicates(manifest, DedupOptions())
+    items.to_parquet(tmp_path / "items.parquet", index=False)
+    fold = tmp_path / "fold0"
+    fold.mkdir()
+    pd.DataFrame({"id": ["004f40c73", "006f39c41"]}).to_csv(fold / "ids.csv", index=False)
+    np.save(fold / "probs.npy", np.ones((2, 1, 6, 5), np.float16))
+    ones = np.ones((1, 1, 6, 5), np.float32)
+    _, _, params = tune_classes(ones, ones[:, 0].astype(np.uint8), ["mask"], [0.5], [0])
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    (tmp_path / "stats.json").write_text(json.dumps({"classes": ["mask"]}))
+    argv = ["submit", "--fold-dirs", str(fold), "--postprocess", str(tmp_path / "params.json")]
+    argv += ["--stats", str(tmp_path / "stats.json"), "--id-column", "ImageId"]
+    argv += ["--manifest", str(tmp_path / "manifest.parquet")]
+    argv += ["--dedup-items", str(tmp_path / "items.parquet")]
+    for style, expected in (("auto", list(TEST_FILES)), ("stem", ["004f40c73", "006f39c41"])):
+        out = tmp_path / f"{style}.csv"
+        assert main([*argv, "--id-style", style, "--out", str(out)]) == 0
+        written = pd.read_csv(out, dtype=str)
+        assert written["ImageId"].tolist() == expected
+        assert (written["rle_mask"] == "1 30").all()

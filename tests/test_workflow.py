@@ -48,6 +48,14 @@ MODEL_STAGES = {
     "write_report",
     "all",
 }
+# What a change of a second-level stage's output reruns after it.
+SECOND_LEVEL_TAIL = {
+    "tune_postprocess",
+    "make_submission",
+    "choose_submission",
+    "write_report",
+    "all",
+}
 
 
 # The profile's trigger set (profiles/default/config.yaml), as a user's rerun would use it.
@@ -250,6 +258,13 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
             {"submission": {"empty_rle": "-1"}},
             {"make_submission", "choose_submission", "write_report", "all"},
         ),
+        ({"submit_experiment": "fpn_r18:0"}, {"choose_submission", "write_report", "all"}),
+        # Training-only pseudo options: no round uses them here, nothing reruns.
+        ({"pseudo": {"pseudo_weight": 0.5, "max_pseudo_share": 0.2}}, set()),
+        (
+            {"ensemble": {"weight_step": 0.25}},
+            {"blend_experiments", "stack_models"} | SECOND_LEVEL_TAIL,
+        ),
     ],
     ids=[
         "clahe",
@@ -260,6 +275,9 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         "tta",
         "postprocess-grid",
         "submission-format",
+        "submit-choice",
+        "pseudo-share-round0",
+        "ensemble-step",
     ],
 )
 def test_a_config_change_reruns_exactly_the_dependent_stages(
@@ -440,8 +458,9 @@ def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(
         ({"folds": {"n_folds": "five"}}, "n_folds"),
         ({"dedup": {"conflict_policy": "vote"}}, "conflict_policy"),
         ({"resluts_dir": "x"}, "resluts_dir"),
+        ({"submit_experiment": "fpn_r18:7"}, "submit_experiment 'fpn_r18:7' is not a candidate"),
     ],
-    ids=["typo", "wrong-type", "bad-choice", "top-level-typo"],
+    ids=["typo", "wrong-type", "bad-choice", "top-level-typo", "unknown-submit-candidate"],
 )
 def test_invalid_config_stops_before_any_job_naming_the_key(
     tmp_path: Path, override: dict, named: str

@@ -26,17 +26,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from segflow.atomic import atomic_path
+from segflow.atomic import remove_stale_temporaries, write_torch
 from segflow.datasets import SegmentationArrays
 from segflow.errors import SegflowError
 from segflow.models import ModelSpec
 from segflow.options import options_to_dict
+from segflow.provenance import options_hash
 from segflow.train_options import TrainOptions
 
 log = logging.getLogger(__name__)
 
-# Options that may differ between a run and its resumption (see segflow.train).
-RESUME_EXEMPT = ("epochs", "early_stopping_patience", "num_workers", "device")
+# Options that may differ between a run and its resumption (see segflow.train): how long, where,
+# and what to do about a non-finite loss (so a fold stopped by one can resume with skip_batch).
+RESUME_EXEMPT = (
+    "epochs",
+    "early_stopping_patience",
+    "num_workers",
+    "device",
+    "nonfinite_loss",
+    "max_skipped_fraction",
+)
 RESUME_FORMAT = "segflow-resume-1"
 RESUME_FILE = "last.pt"
 
@@ -98,6 +107,23 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
         name -> detached CPU tensor.
     """
     return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or inf, or None.
+
+    Args:
+        state: a state dict (any device; one device sync for the whole dict).
+
+    Returns:
+        The tensor's name, or None when every entry is finite.
+    """
+    names = [name for name, value in state.items() if value.dtype.is_floating_point]
+    if not names:
+        return None
+    finite = torch.stack([torch.isfinite(state[name]).all() for name in names]).cpu()
+    bad = torch.nonzero(~finite).flatten()
+    return names[int(bad[0])] if len(bad) else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -162,8 +188,7 @@ def config_hash(
         "augment": augment,
         "data": data,
     }
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return options_hash(payload)
 
 
 def data_fingerprint(
@@ -233,8 +258,7 @@ def save_resume(resume_dir: Path, state: Mapping[str, Any], dropped: list[Snapsh
         state: the complete training state.
         dropped: snapshots that fell out of the top k.
     """
-    with atomic_path(resume_dir / RESUME_FILE) as tmp:
-        torch.save(state, tmp)
+    write_torch(resume_dir / RESUME_FILE, state)
     for snapshot in dropped:
         (resume_dir / snapshot.file).unlink(missing_ok=True)
 
@@ -247,6 +271,8 @@ def remove_resume_state(resume_dir: Path) -> None:
     """
     for path in [resume_dir / RESUME_FILE, *resume_dir.glob("snapshot_e*.pt")]:
         path.unlink(missing_ok=True)
+    if resume_dir.is_dir():  # temporaries of a writer killed mid-save (kill -9)
+        remove_stale_temporaries(resume_dir)
     with contextlib.suppress(OSError):
         resume_dir.rmdir()
 

@@ -7,6 +7,8 @@ The Snakemake rules call exactly these commands, so every stage can also be run 
 
 A :class:`~segflow.errors.SegflowError` is printed as one ``segflow <stage>: error: ...`` line
 with exit status 2; nothing is left half-written because every artifact is written atomically.
+An ``OSError`` (disk full, permission denied) is printed the same way with exit status 1
+(``--verbose`` adds its traceback).
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from pathlib import Path
 import pandas as pd
 
 from segflow import __version__
-from segflow.atomic import write_csv, write_json, write_parquet, write_text
+from segflow.atomic import (
+    is_disk_full,
+    write_csv,
+    write_json,
+    write_npy,
+    write_parquet,
+    write_text,
+)
 from segflow.errors import SegflowError
 from segflow.imageio import DicomWindow
 from segflow.options import add_dataclass_arguments, dataclass_from_namespace
+from segflow.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 
 log = logging.getLogger("segflow")
 
@@ -85,9 +95,10 @@ def _run_demo_data(args: argparse.Namespace) -> None:
 def _run_ingest(args: argparse.Namespace) -> None:
     from segflow.ingest import IngestOptions, ingest
 
-    manifest, summary = ingest(dataclass_from_namespace(IngestOptions, args), workers=args.workers)
-    write_parquet(args.out_manifest, manifest)
-    write_json(args.out_summary, summary)
+    options = dataclass_from_namespace(IngestOptions, args)
+    manifest, summary = ingest(options, workers=args.workers)
+    write_parquet(args.out_manifest, manifest, keep_attrs=True)  # its data roots
+    write_json(args.out_summary, with_provenance(summary, stage_provenance(options)))
     log.info(
         "manifest: %d train + %d test items -> %s",
         summary["n_train"],
@@ -100,9 +111,10 @@ def _run_dedup(args: argparse.Namespace) -> None:
     from segflow.dedup import DedupOptions, find_duplicates, summary_markdown
 
     manifest = read_table(args.manifest, "manifest")
-    items, summary = find_duplicates(manifest, dataclass_from_namespace(DedupOptions, args))
+    options = dataclass_from_namespace(DedupOptions, args)
+    items, summary = find_duplicates(manifest, options)
     write_parquet(args.out_items, items)
-    write_json(args.out_summary, summary)
+    write_json(args.out_summary, with_provenance(summary, stage_provenance(options)))
     write_text(args.out_report, summary_markdown(summary))
     log.info(
         "%d duplicate groups with %d members; %d conflicting",
@@ -138,13 +150,16 @@ def _run_preprocess(args: argparse.Namespace) -> None:
 def _run_folds(args: argparse.Namespace) -> None:
     from segflow.folds import FoldOptions, make_folds
 
+    options = dataclass_from_namespace(FoldOptions, args)
     folds, summary = make_folds(
         read_table(args.manifest, "manifest"),
         read_table(args.dedup_items, "dedup items"),
-        dataclass_from_namespace(FoldOptions, args),
+        options,
     )
     write_csv(args.out_folds, folds)
-    write_json(args.out_summary, summary)
+    write_json(
+        args.out_summary, with_provenance(summary, stage_provenance(options, seed=options.seed))
+    )
     log.info(
         "%d items in %d folds: %s per fold",
         summary["n_items"],
@@ -261,7 +276,6 @@ def _classes(stats_path: str) -> tuple[list[str], bool]:
 def _run_evaluate_oof(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from segflow.atomic import atomic_path
     from segflow.evaluate import assemble_oof, original_truths, score_oof
 
     classes, _ = _classes(args.stats)
@@ -273,11 +287,11 @@ def _run_evaluate_oof(args: argparse.Namespace) -> None:
     )
     table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes)
     out = Path(args.out_dir)
-    with atomic_path(out / "oof_probs.npy") as tmp:
-        np.save(tmp, probs.astype(np.float16))
+    write_npy(out / "oof_probs.npy", probs.astype(np.float16))
     write_csv(out / "oof_ids.csv", ids.assign(fold=folds.loc[ids["id"], "fold"].to_numpy()))
     write_csv(out / "metrics.csv", table)
-    write_json(out / "metrics.json", summary)
+    # No options and no randomness: the metrics follow from the fold predictions alone.
+    write_json(out / "metrics.json", with_provenance(summary, stage_provenance({})))
     log.info(
         "OOF %s: kaggle %.4f, dice %.4f, iou %.4f (all-empty baseline kaggle %.4f)",
         args.out_dir,
@@ -317,7 +331,17 @@ def _run_tune_postprocess(args: argparse.Namespace) -> None:
         args.gates,
     )
     write_csv(Path(args.out_dir) / "grid.csv", grid)
-    write_json(Path(args.out_dir) / "params.json", summary)
+    grid_options = {
+        "thresholds": args.thresholds,
+        "min_areas": args.min_areas,
+        "fill_holes_options": args.fill_holes_options,
+        "gates": args.gates,
+        "metric": args.metric,
+    }
+    write_json(
+        Path(args.out_dir) / "params.json",
+        with_provenance(summary, stage_provenance(grid_options)),
+    )
     for record in summary["classes"]:
         log.info("best post-processing of %s: %s", record["class"], record)
 
@@ -334,6 +358,7 @@ def _run_submit(args: argparse.Namespace) -> None:
         known_test_labels,
         submission_frame,
         write_submission,
+        written_ids,
     )
 
     classes, multilabel = _classes(args.stats)
@@ -350,7 +375,8 @@ def _run_submit(args: argparse.Namespace) -> None:
     known = known_test_labels(manifest, read_table(args.dedup_items, "dedup items"), len(classes))
     # Binary data keeps the two-column format: one (H, W) mask per id, no class column.
     predictions = dict(zip(fold_ids[0]["id"], masks if multilabel else masks[:, 0], strict=True))
-    frame = submission_frame(predictions, options, known, classes if multilabel else None)
+    id_names = written_ids(manifest, predictions, options.id_style)  # stems or file names
+    frame = submission_frame(predictions, options, known, classes if multilabel else None, id_names)
     write_submission(args.out, frame)
     copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0
     log.info(
@@ -397,6 +423,15 @@ def _run_blend(args: argparse.Namespace) -> None:
     blended_oof, blended_test, summary, table = run_blend(
         args.names, oof, test, truths, folds, classes, args.metric, args.step
     )
+    block = stage_provenance(
+        {
+            "names": args.names,
+            "n_folds": args.n_folds,
+            "fold_merge": args.fold_merge,
+            "metric": args.metric,
+            "step": args.step,
+        }
+    )
     metrics = write_candidate(
         Path(args.out_oof).parent,
         Path(args.out_test).parent,
@@ -405,9 +440,9 @@ def _run_blend(args: argparse.Namespace) -> None:
         folds,
         truths,
         classes,
-        {"weights": summary["weights"]},
+        {"weights": summary["weights"], PROVENANCE_KEY: block},
     )
-    write_json(args.out_weights, summary)
+    write_json(args.out_weights, with_provenance(summary, block))
     write_csv(Path(args.out_weights).with_name("table.csv"), table)
     log.info("ensemble weights %s: OOF kaggle %.4f", summary["weights"], metrics["kaggle"])
 
@@ -415,9 +450,6 @@ def _run_blend(args: argparse.Namespace) -> None:
 def _run_select_pseudo(args: argparse.Namespace) -> None:
     import json
 
-    import numpy as np
-
-    from segflow.atomic import atomic_path
     from segflow.pseudo import PseudoOptions
     from segflow.second_level import load_test, select_pseudo_stage
 
@@ -434,10 +466,12 @@ def _run_select_pseudo(args: argparse.Namespace) -> None:
         (int(stats["height"]), int(stats["width"])),
     )
     out = Path(args.out_dir)
-    with atomic_path(out / "targets.npy") as tmp:
-        np.save(tmp, targets)
+    write_npy(out / "targets.npy", targets)
     write_csv(out / "selection.csv", selection)
-    write_json(out / "summary.json", {**summary, "source": args.test_dir})
+    write_json(
+        out / "summary.json",
+        with_provenance({**summary, "source": args.test_dir}, stage_provenance(options)),
+    )
     log.info("pseudo-labels: %d of %d test images selected", summary["n_selected"], len(selection))
 
 
@@ -514,7 +548,8 @@ def _run_choose(args: argparse.Namespace) -> None:
         else "best tuned OOF score",
         "submission": str(source),
     }
-    write_json(out / "choice.json", choice)
+    block = stage_provenance({"candidates": args.candidates, "force": args.force})
+    write_json(out / "choice.json", with_provenance(choice, block))
     log.info(
         "final submission: %s round %d (%s)", choice["candidate"], choice["round"], choice["reason"]
     )
@@ -737,4 +772,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SegflowError as error:
         print(f"segflow {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # The machine, not the input: say so in one line (the atomic writers left no partial
+        # artifact behind); the traceback only helps a developer.
+        log.debug("traceback of the error below", exc_info=True)
+        hint = "; free some space and rerun" if is_disk_full(error) else ""
+        message = " ".join(str(error).splitlines())  # pyarrow's messages span lines
+        print(f"segflow {args.command}: error: {message}{hint}", file=sys.stderr)
+        return 1
     return 0

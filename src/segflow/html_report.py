@@ -26,9 +26,11 @@ from segflow.atomic import write_text
 from segflow.errors import SegflowError
 from segflow.evaluate import class_truths, original_truths
 from segflow.imageio import DicomWindow, decode_image
+from segflow.manifest import data_roots, resolve_manifest_path
 from segflow.metrics import per_image_scores
 from segflow.postprocess import apply_classes, params_from_summary
 from segflow.predict import nonempty_probs
+from segflow.provenance import PROVENANCE_KEY
 
 SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
 # Images scored per chunk for the example cases: bounds memory on large OOF arrays.
@@ -223,6 +225,8 @@ def _dedup_section(root: Path) -> str:
     summary = _read_json(root / "dedup" / "summary.json")
     flat = []
     for key, value in summary.items():
+        if key == PROVENANCE_KEY:  # version, seed and config hash: not a duplicate count
+            continue
         if isinstance(value, dict):
             flat += [(f"{key}.{k}", v) for k, v in value.items() if not isinstance(v, list | dict)]
         elif not isinstance(value, list):
@@ -417,7 +421,8 @@ def _cases_section(
         )[0]
         truth = original_truths(manifest, dedup_items, [item_id], len(classes))[0]
         truth_planes = np.stack([class_truths(truth, k) for k in range(len(classes))])
-        image = decode_image(paths[item_id], dicom_window).pixels
+        path = resolve_manifest_path(paths[item_id], "image_path", item_id, data_roots(manifest))
+        image = decode_image(str(path), dicom_window).pixels
         fold = f", fold {ids['fold'].iloc[index]}" if "fold" in ids else ""
         title = (
             f"{kind}: {item_id} (Kaggle {scores[index]:.3f}{fold}; true {int(truth_planes.sum())}"

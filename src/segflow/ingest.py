@@ -40,6 +40,7 @@ from segflow.labels import (
     pack_labels,
     read_label,
 )
+from segflow.manifest import record_attributes
 from segflow.options import lists_to_tuples, option
 from segflow.parallel import chunked, parallel_map
 from segflow.rle import RLE_ORDERS, rle_decode, rle_encode
@@ -67,7 +68,9 @@ class IngestOptions:
     train_masks: str | None = option(None, "folder of mask images matched by file stem")
     mask_suffix: str = option("", "suffix after the image stem in mask file names, e.g. '_mask'")
     rle_csv: str | None = option(None, "CSV of run-length-encoded masks (mask_source rle_csv)")
-    rle_id_column: str = option("id", "id column of the RLE CSV")
+    rle_id_column: str = option(
+        "id", "id column of the RLE CSV: image file names with or without extension (one style)"
+    )
     rle_column: str = option("rle_mask", "RLE column of the RLE CSV")
     rle_order: str = option("column", "pixel numbering of the RLE", RLE_ORDERS)
     rle_start: int = option(1, "index of the first pixel in the RLE (Kaggle: 1)")
@@ -239,12 +242,12 @@ def list_images(
 
 
 def _check_id_is_a_name(item_id: str, where: str) -> None:
-    """Ids are file stems: one that is a path is refused before anything could build a file
-    name from it (``../../etc/passwd``, ``/abs/path``, ``a/b``)."""
+    """Ids are file names or stems: one that is a path is refused before anything could build a
+    file name from it (``../../etc/passwd``, ``/abs/path``, ``a/b``)."""
     if any(char in item_id for char in _PATH_CHARACTERS) or item_id.strip() in (".", ".."):
         raise SegflowError(
-            f"{where}: the id is a path, not an image id (ids are image file names without "
-            "extension; '/', '\\' and '..' are refused)"
+            f"{where}: the id is a path, not an image id (ids are image file names, with or "
+            "without their extension; '/', '\\' and '..' are refused)"
         )
 
 
@@ -505,12 +508,60 @@ def _class_mask_paths(
     return joined
 
 
+def _first_row(rows: list[list[RleRow]]) -> str:
+    """Where one of an id's CSV rows is ('file row N (id ...)'): its first of the first class
+    it has rows for."""
+    return next(class_rows[0][1] for class_rows in rows if class_rows)
+
+
+def _match_csv_ids(
+    rles: dict[str, list[list[RleRow]]], train: dict[str, Path]
+) -> tuple[dict[str, list[list[RleRow]]], str]:
+    """Key the CSV's rows by train id: a CSV id is an image's stem, or its whole file name
+    (Severstal and Airbus write ``0002cc93b.jpg``).
+
+    Returns:
+        (train id -> rows, for ids that match no image: the CSV id -> rows; the CSV's id style,
+        ``filename`` or ``stem``).
+
+    Raises:
+        SegflowError: an id that is one image's stem and another's file name, or a CSV mixing
+            both styles (``a`` and ``b.jpg``): which image a row means would be a guess.
+    """
+    by_name = {path.name: item_id for item_id, path in train.items()}
+    matched: dict[str, list[list[RleRow]]] = {}
+    first_of_style: dict[str, str] = {}  # style -> where its first row is
+    for csv_id, rows in rles.items():
+        named = by_name.get(csv_id)
+        if csv_id in train and named is not None and named != csv_id:
+            raise SegflowError(
+                f"{_first_row(rows)}: ambiguous id: the stem of {train[csv_id].name} and the "
+                f"file name of {train[named].name}; rename one of the images"
+            )
+        item_id = csv_id if csv_id in train else named
+        # An extension-less file (a DICOM named by its UID) reads the same in both styles.
+        if item_id is not None and train[item_id].name != item_id:
+            style = "filename" if item_id != csv_id else "stem"
+            first_of_style.setdefault(style, _first_row(rows))
+        matched[item_id if item_id is not None else csv_id] = rows
+    if len(first_of_style) > 1:
+        raise SegflowError(
+            f"{first_of_style['filename']}: the id is an image file name, but "
+            f"{first_of_style['stem']} names an image without its extension; write every id "
+            "in one style"
+        )
+    return matched, next(iter(first_of_style), "stem")
+
+
 def _train_rle_rows(
     options: IngestOptions, train: dict[str, Path]
-) -> dict[str, tuple[tuple[RleRow, ...], ...]]:
+) -> tuple[dict[str, tuple[tuple[RleRow, ...], ...]], str]:
     """Train id -> per class, its RLE CSV rows; an id without rows has none (empty mask) when
-    ``rle_missing_is_empty``, else it is an error."""
-    rles = _read_rle_csv(options)
+    ``rle_missing_is_empty``, else it is an error. Also returns the CSV's id style
+    (:func:`_match_csv_ids`)."""
+    rles, id_style = _match_csv_ids(_read_rle_csv(options), train)
+    if id_style == "filename":
+        log.info("%s: ids are image file names (with extension)", options.rle_csv)
     missing = [item_id for item_id in train if item_id not in rles]
     if missing and options.rle_missing_is_empty:
         log.info("%d train images have no row in %s: empty masks", len(missing), options.rle_csv)
@@ -522,16 +573,16 @@ def _train_rle_rows(
         )
     orphans = sorted(set(rles) - set(train))
     if orphans:
-        first_row = next(rows[0] for rows in rles[orphans[0]] if rows)
         raise SegflowError(
-            f"{first_row[1]}: no train image with this id in {options.train_images} "
-            f"({len(orphans)} ids without images)"
+            f"{_first_row(rles[orphans[0]])}: no train image with this id in "
+            f"{options.train_images} ({len(orphans)} ids without images)"
         )
     no_rows: tuple[tuple[RleRow, ...], ...] = ((),) * options.n_classes
-    return {
+    rows = {
         item_id: tuple(map(tuple, rles[item_id])) if item_id in rles else no_rows
         for item_id in train
     }
+    return rows, id_style
 
 
 def _data_root(options: IngestOptions) -> Path | None:
@@ -544,7 +595,23 @@ def _data_root(options: IngestOptions) -> Path | None:
     return root.resolve()
 
 
-def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any]]:
+def _recorded_roots(options: IngestOptions, root: Path | None) -> list[Path]:
+    """The roots :func:`list_images` checked the files against: ``data_root``, or else each
+    listed folder (resolved), for later stages to check the manifest's paths against."""
+    if root is not None:
+        return [root]
+    folders = [options.train_images, options.test_images]
+    if options.mask_source == "folder":
+        masks = Path(options.train_masks or "")
+        folders += [str(masks / name) for name in options.classes or ()] or [str(masks)]
+    return [Path(folder).resolve() for folder in folders if folder]
+
+
+def _build_tasks(
+    options: IngestOptions,
+) -> tuple[list[_ScanTask], dict[str, Any], list[Path], str | None]:
+    """The scan tasks, the skipped entries per split, the roots the paths were checked against
+    and the RLE CSV's id style (None without a CSV)."""
     _check_options(options)
     window = DicomWindow(options.dicom_window_center, options.dicom_window_width)
     root = _data_root(options)
@@ -561,6 +628,7 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
 
     mask_paths: dict[str, str] = {}
     rles: dict[str, tuple[tuple[RleRow, ...], ...]] = {}
+    id_style = None
     if options.mask_source == "folder":
         if not options.train_masks:
             raise SegflowError("data.train_masks is not set (needed for mask_source: folder)")
@@ -569,7 +637,7 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
         else:
             mask_paths = _binary_mask_paths(options, train, root)
     else:
-        rles = _train_rle_rows(options, train)
+        rles, id_style = _train_rle_rows(options, train)
 
     tasks = [
         _ScanTask(
@@ -588,7 +656,7 @@ def _build_tasks(options: IngestOptions) -> tuple[list[_ScanTask], dict[str, Any
         for item_id, path in sorted(items.items())
     ]
     skipped = {"train": train_skipped, "test": test_skipped}
-    return tasks, skipped
+    return tasks, skipped, _recorded_roots(options, root), id_style
 
 
 def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -605,12 +673,13 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
         ``meta_*`` metadata columns), and a JSON-ready summary. Multi-label items hold one
         ``|``-separated part per class in mask_path / mask_rle; mask_md5 hashes the packed
         label and mask_coverage is the fraction of pixels of any class (see
-        :mod:`segflow.labels`).
+        :mod:`segflow.labels`). The manifest's ``attrs`` record the data roots its paths were
+        checked against and the RLE CSV's id style (:mod:`segflow.manifest`).
 
     Raises:
         SegflowError: any unreadable, missing, mismatched or duplicated input, naming it.
     """
-    tasks, skipped = _build_tasks(options)
+    tasks, skipped, roots, id_style = _build_tasks(options)
     # Several rows for one id (and class) are unioned: Airbus lists one row per ship. Counted,
     # since in a one-row-per-image CSV (TGS) they mean a broken file.
     several_rows = sum(any(len(rows) > 1 for rows in task.rles) for task in tasks)
@@ -639,6 +708,7 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
         )
         if missing_metadata:
             log.warning("%d items have no row in %s", missing_metadata, options.metadata_csv)
+    record_attributes(manifest, roots, id_style)
     summary = _summarise(manifest, skipped, missing_metadata, options.classes)
     summary["rle_ids_with_several_rows"] = several_rows
     return manifest, summary

@@ -27,7 +27,7 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
-from segflow.atomic import atomic_path
+from segflow.atomic import write_torch
 from segflow.errors import SegflowError
 
 ARCHITECTURES: dict[str, type[torch.nn.Module]] = {
@@ -245,8 +245,7 @@ def save_checkpoint(
         "spec": _plain(dataclasses.asdict(spec), "spec"),
         **{key: _plain(value, key) for key, value in extra.items()},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
 
 
 def load_checkpoint(

@@ -270,9 +270,8 @@ def nonempty_probs(ids: pd.DataFrame, n_classes: int) -> np.ndarray | None:
 
 def write_prediction(out_dir: str | Path, ids: pd.DataFrame, probs: np.ndarray) -> None:
     """Write ``ids.csv`` and ``probs.npy`` (float16) atomically into ``out_dir``."""
-    from segflow.atomic import atomic_path, write_csv
+    from segflow.atomic import write_csv, write_npy
 
     out_dir = Path(out_dir)
-    with atomic_path(out_dir / "probs.npy") as tmp:
-        np.save(tmp, probs.astype(np.float16))
+    write_npy(out_dir / "probs.npy", probs.astype(np.float16))
     write_csv(out_dir / "ids.csv", ids)

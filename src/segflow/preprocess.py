@@ -17,8 +17,10 @@ chunk of decoded images per worker however large the dataset is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,8 +32,10 @@ from segflow.atomic import atomic_path, write_json, write_parquet
 from segflow.errors import SegflowError
 from segflow.imageio import DicomWindow, decode_image
 from segflow.labels import class_names, label_dtype, manifest_classes, read_label
+from segflow.manifest import data_roots, resolve_manifest_path
 from segflow.options import option, options_to_dict
 from segflow.parallel import chunked, parallel_map
+from segflow.provenance import stage_provenance, with_provenance
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +228,28 @@ def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
     return moments, foreground
 
 
+def reserve_space(path: str | os.PathLike[str]) -> None:
+    """Allocate the disk blocks of the (sparse) file ``path`` now.
+
+    Workers fill the memmaps through page faults: on a full disk the kernel then kills them
+    with SIGBUS instead of any error being raised. Allocating up front turns that into an
+    ``OSError`` (ENOSPC) here, before any work. A file system without fallocate is left sparse.
+
+    Raises:
+        OSError: no space for the file (ENOSPC, EDQUOT) or another I/O error.
+    """
+    if not hasattr(os, "posix_fallocate"):  # not on macOS: best effort only
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometry:
     if (options.height is None) != (options.width is None):
         raise SegflowError("set both preprocess.height and preprocess.width, or neither")
@@ -253,10 +279,23 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometr
 
 def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple[MaskSource, ...]]:
     """id -> masks to union: its own, or every train member's for the 'union' policy (the
-    packed labels are OR-ed, so the union is per class)."""
+    packed labels are OR-ed, so the union is per class). Mask files are resolved and checked
+    to lie in the manifest's data roots (:func:`segflow.manifest.resolve_manifest_path`).
+
+    Raises:
+        SegflowError: a mask path leads outside the data roots ingest recorded.
+    """
     by_id = manifest.set_index("id")
+    roots = data_roots(manifest)
+    n_classes = len(class_names(manifest_classes(manifest)))
     own = {
-        item_id: (MaskSource(row.mask_path, row.mask_rle, row.image_path),)
+        item_id: (
+            MaskSource(
+                resolve_manifest_path(row.mask_path, "mask_path", item_id, roots, n_classes),
+                row.mask_rle,
+                row.image_path,
+            ),
+        )
         for item_id, row in by_id.loc[items.loc[items["split"] == "train", "id"]].iterrows()
     }
     train = items[items["split"] == "train"]
@@ -294,7 +333,7 @@ def preprocess(
         The stats written to ``stats.json``: n_train, n_test, height, width, channels, dtype,
         train_mean, train_std, train_mask_coverage (fraction of pixels of any class), classes
         (the label bits' names; binary: ``["mask"]``), multilabel (whether ingest had
-        ``data.classes``) and options.
+        ``data.classes``), options and provenance (:mod:`segflow.provenance`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +348,13 @@ def preprocess(
     classes = manifest_classes(manifest)
     n_classes = len(class_names(classes))
     sources = mask_sources(manifest, dedup_items)
+    # Checked before any output file exists: a path leading out of the data writes nothing.
+    roots = data_roots(manifest)
+    image_paths = {
+        row.id: str(resolve_manifest_path(row.image_path, "image_path", row.id, roots))
+        for frame in (train, test)
+        for row in frame.itertuples()
+    }
     window = dicom_window or DicomWindow()
     shape = (geometry.height, geometry.width)
 
@@ -329,12 +375,14 @@ def preprocess(
                 dtype=geometry.dtype,
                 shape=(len(frame), *shape, geometry.channels),
             )
+            reserve_space(paths[f"{split}_images"])
             if mask_path is not None:
                 np.lib.format.open_memmap(
                     mask_path, mode="w+", dtype=label_dtype(n_classes), shape=(len(frame), *shape)
                 )
+                reserve_space(mask_path)
             items = [
-                _Item(row.image_path, sources[row.id] if split == "train" else ())
+                _Item(image_paths[row.id], sources[row.id] if split == "train" else ())
                 for row in frame.itertuples()
             ]
             tasks += [
@@ -387,5 +435,8 @@ def preprocess(
         "multilabel": classes is not None,
         "options": options_to_dict(options),
     }
+    # Deterministic (no seed): the same manifest and options give the same arrays.
+    block = stage_provenance({"options": stats["options"], "dicom_window": asdict(window)})
+    stats = with_provenance(stats, block)
     write_json(out_dir / "stats.json", stats)
     return stats

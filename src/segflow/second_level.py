@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from segflow.atomic import atomic_path, write_csv, write_json
+from segflow.atomic import write_csv, write_json, write_npy
 from segflow.errors import SegflowError
 from segflow.evaluate import class_truths, original_truths, score_oof
 from segflow.predict import merge_folds, nonempty_column
@@ -86,13 +86,11 @@ def write_candidate(
     fold_of = folds.set_index("id").loc[oof.ids["id"], "fold"].to_numpy()
     table, summary = score_oof(np.asarray(oof.probs), truths, fold_of, classes)
     summary.update(extra_metrics or {})
-    with atomic_path(oof_dir / "oof_probs.npy") as tmp:
-        np.save(tmp, np.asarray(oof.probs, dtype=np.float16))
+    write_npy(oof_dir / "oof_probs.npy", np.asarray(oof.probs, dtype=np.float16))
     write_csv(oof_dir / "oof_ids.csv", oof.ids.assign(fold=fold_of))
     write_csv(oof_dir / "metrics.csv", table)
     write_json(oof_dir / "metrics.json", summary)
-    with atomic_path(test_dir / "probs.npy") as tmp:
-        np.save(tmp, np.asarray(test.probs, dtype=np.float16))
+    write_npy(test_dir / "probs.npy", np.asarray(test.probs, dtype=np.float16))
     write_csv(test_dir / "ids.csv", test.ids)
     return summary
 

@@ -27,6 +27,7 @@ import pandas as pd
 from segflow.atomic import write_json
 from segflow.errors import SegflowError
 from segflow.options import option
+from segflow.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.second_level import (
     Prediction,
     check_aligned,
@@ -152,7 +153,8 @@ def run_stack(
         inputs: from :func:`load_stack_inputs`.
         options: backend, pixel sample size, seed.
         out_dir: artifacts: ``class_<k>/`` (feature tables, native models, importances,
-            metrics) and ``summary.json``.
+            metrics) and ``summary.json``; every JSON carries the stage's provenance block
+            (:mod:`segflow.provenance`, seed ``options.seed``).
         candidate_dirs: ``stack_gate`` / ``stack_pixel`` -> (OOF folder, test folder).
 
     Returns:
@@ -169,6 +171,10 @@ def run_stack(
     )
 
     out_dir = Path(out_dir)
+    # One block for every JSON of the stage: its options, the experiments it stacks, its seed.
+    block = stage_provenance(
+        {"options": dataclasses.asdict(options), "names": list(inputs.names)}, seed=options.seed
+    )
     fold_of = inputs.folds.set_index("id").loc[inputs.base_oof.ids["id"], "fold"].to_numpy()
     n_classes = len(inputs.classes)
     gate_oof = np.zeros((len(fold_of), n_classes), np.float32)
@@ -206,7 +212,7 @@ def run_stack(
         gate = fit_gate(
             train_features, nonempty_images(truth), fold_of, options.backend, seed=options.seed
         )
-        write_gate_artifacts(gate, class_dir, inputs.base_oof.ids["id"].tolist())
+        write_gate_artifacts(gate, class_dir, inputs.base_oof.ids["id"].tolist(), block)
         gate_oof[:, k] = gate.nonempty_prob
         gate_test[:, k] = gate.final_model.predict_proba(test_features)
 
@@ -219,13 +225,13 @@ def run_stack(
             seed=options.seed,
             pixels_per_image=options.pixels_per_image,
         )
-        write_blender_artifacts(blender, class_dir)
+        write_blender_artifacts(blender, class_dir, block)
         blend_oof[:, k] = blender.oof_probs
         blend_test[:, k] = apply_pixel_blender(blender.final_model, test_maps, inputs.test_images)
         per_class[name] = {"gate": gate.metrics(), "blender": blender.metrics()}
         if options.threshold_target:
             threshold = _fit_thresholds(
-                inputs, k, truth, train_features, fold_of, options, class_dir
+                inputs, k, truth, train_features, fold_of, options, class_dir, block
             )
             gate_maps_oof[:, k] = recalibrate(gate_maps_oof[:, k], threshold.predicted)
             gate_maps_test[:, k] = recalibrate(
@@ -248,6 +254,7 @@ def run_stack(
             inputs.folds,
             inputs.truths,
             inputs.classes,
+            {PROVENANCE_KEY: block},
         ),
         "stack_pixel": write_candidate(
             *pixel_dirs,
@@ -256,6 +263,7 @@ def run_stack(
             inputs.folds,
             inputs.truths,
             inputs.classes,
+            {PROVENANCE_KEY: block},
         ),
     }
     summary = json_ready(
@@ -268,6 +276,7 @@ def run_stack(
             },
         }
     )
+    summary = with_provenance(summary, block)
     write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -280,11 +289,12 @@ def _fit_thresholds(
     fold_of: np.ndarray,
     options: StackOptions,
     class_dir: Path,
+    provenance: dict[str, Any],
 ) -> ThresholdResult:
     """Class k's per-image threshold model, on the ensemble's OOF maps; artifacts written."""
     best, informative = best_thresholds(inputs.base_oof.probs[:, k], truth)
     result = fit_threshold(features, best, informative, fold_of, options.backend, seed=options.seed)
-    write_threshold_artifacts(result, class_dir, inputs.base_oof.ids["id"].tolist())
+    write_threshold_artifacts(result, class_dir, inputs.base_oof.ids["id"].tolist(), provenance)
     log.info("class %d: per-image thresholds %s", k, result.metrics())
     return result
 

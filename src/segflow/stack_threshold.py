@@ -270,13 +270,17 @@ def fit_threshold(
 
 
 def write_threshold_artifacts(
-    result: ThresholdResult, out_dir: str | os.PathLike[str], ids: Sequence[str]
+    result: ThresholdResult,
+    out_dir: str | os.PathLike[str],
+    ids: Sequence[str],
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``threshold_model.txt|cbm``, ``threshold_oof.csv`` (id, fold, best, informative,
-    predicted), ``threshold_importances.csv`` and ``threshold_metrics.json`` atomically.
+    predicted), ``threshold_importances.csv`` and ``threshold_metrics.json`` (with the stage's
+    :mod:`segflow.provenance` block when ``provenance`` is given) atomically.
 
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
     """
     oof = {"best": result.best, "informative": result.informative, "predicted": result.predicted}
-    return write_image_model_artifacts("threshold", result, out_dir, ids, oof)
+    return write_image_model_artifacts("threshold", result, out_dir, ids, oof, provenance)

@@ -37,9 +37,10 @@ import pandas as pd
 from sklearn.metrics import log_loss as sklearn_log_loss
 from sklearn.metrics import roc_auc_score
 
-from segflow.atomic import atomic_path, write_csv, write_json
+from segflow.atomic import atomic_path, write_csv, write_json, write_npy
 from segflow.errors import SegflowError
 from segflow.metrics import METRIC_NAMES, per_image_scores
+from segflow.provenance import with_provenance
 from segflow.stack_features import (
     MASK_THRESHOLD,
     check_feature_frame,
@@ -774,7 +775,10 @@ def importance_frame(importances: pd.Series) -> pd.DataFrame:
 
 
 def write_gate_artifacts(
-    result: GateResult, out_dir: str | os.PathLike[str], ids: Sequence[str]
+    result: GateResult,
+    out_dir: str | os.PathLike[str],
+    ids: Sequence[str],
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write a gate's artifacts atomically into ``out_dir``.
 
@@ -786,6 +790,7 @@ def write_gate_artifacts(
         result: from :func:`fit_gate`.
         out_dir: the folder (created if missing).
         ids: the image ids, row-aligned with the features the gate was fitted on.
+        provenance: the stage's :mod:`segflow.provenance` block, added to the metrics JSON.
 
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
@@ -794,7 +799,7 @@ def write_gate_artifacts(
         "nonempty_prob": result.nonempty_prob,
         "truth_nonempty": result.truth_nonempty,
     }
-    return write_image_model_artifacts("gate", result, out_dir, ids, oof)
+    return write_image_model_artifacts("gate", result, out_dir, ids, oof, provenance)
 
 
 def write_image_model_artifacts(
@@ -803,6 +808,7 @@ def write_image_model_artifacts(
     out_dir: str | os.PathLike[str],
     ids: Sequence[str],
     oof_columns: Mapping[str, np.ndarray],
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """The artifacts of an image-level second-level model (the gate, the threshold regressor).
 
@@ -816,6 +822,7 @@ def write_image_model_artifacts(
         out_dir: the folder (created if missing).
         ids: the image ids, row-aligned with ``result.folds``.
         oof_columns: the per-image OOF columns after id and fold.
+        provenance: the stage's :mod:`segflow.provenance` block, added to the metrics JSON.
 
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
@@ -835,18 +842,21 @@ def write_image_model_artifacts(
     oof = pd.DataFrame({"id": list(ids), "fold": result.folds, **oof_columns})
     write_csv(paths["oof"], oof)
     write_csv(paths["importances"], importance_frame(result.importances))
-    write_json(paths["metrics"], finite_or_none(result.metrics()))
+    write_json(paths["metrics"], _metrics_json(result.metrics(), provenance))
     return paths
 
 
 def write_blender_artifacts(
-    result: PixelBlenderResult, out_dir: str | os.PathLike[str]
+    result: PixelBlenderResult,
+    out_dir: str | os.PathLike[str],
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write a pixel blender's artifacts atomically into ``out_dir``.
 
     Files: ``blender_model.txt|cbm`` (the final model, native format),
     ``blender_oof_probs.npy`` (float16 (N, H, W), row-aligned like the input maps),
-    ``blender_importances.csv``, ``blender_metrics.json`` (:meth:`PixelBlenderResult.metrics`).
+    ``blender_importances.csv``, ``blender_metrics.json`` (:meth:`PixelBlenderResult.metrics`,
+    with the stage's :mod:`segflow.provenance` block when ``provenance`` is given).
 
     Returns:
         Kind (``model``, ``oof_probs``, ``importances``, ``metrics``) -> path.
@@ -859,11 +869,18 @@ def write_blender_artifacts(
         "metrics": out_dir / "blender_metrics.json",
     }
     result.final_model.save(paths["model"])
-    with atomic_path(paths["oof_probs"]) as tmp:
-        np.save(tmp, result.oof_probs)
+    write_npy(paths["oof_probs"], result.oof_probs)
     write_csv(paths["importances"], importance_frame(result.importances))
-    write_json(paths["metrics"], finite_or_none(result.metrics()))
+    write_json(paths["metrics"], _metrics_json(result.metrics(), provenance))
     return paths
+
+
+def _metrics_json(
+    metrics: Mapping[str, Any], provenance: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A second-level model's metrics as strict JSON, with the provenance block if given."""
+    metrics = finite_or_none(dict(metrics))
+    return metrics if provenance is None else with_provenance(metrics, provenance)
 
 
 def finite_or_none(value: Any) -> Any:

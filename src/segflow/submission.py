@@ -17,8 +17,11 @@ import pandas as pd
 from segflow.atomic import write_csv
 from segflow.errors import SegflowError
 from segflow.labels import label_dtype, read_label, unpack_labels
+from segflow.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.options import option
 from segflow.rle import RLE_ORDERS, rle_decode, rle_encode
+
+ID_STYLES = ("auto", "stem", "filename")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class SubmissionOptions:
     )
     class_column: str = option(
         "class", "class column name in the submission CSV (multi-label data: one row per class)"
+    )
+    id_style: str = option(
+        "auto",
+        "how ids are written: stem (file name without extension), filename (with it, as "
+        "Severstal and Airbus), auto: as the train RLE CSV wrote them (else stem)",
+        ID_STYLES,
     )
 
 
@@ -70,12 +79,18 @@ def train_label(manifest: pd.DataFrame, train_ids: Iterable[str], n_classes: int
 
     Shape:
         output: (H, W), dtype :func:`segflow.labels.label_dtype` (binary: uint8).
+
+    Raises:
+        SegflowError: a mask path leads outside the data roots ingest recorded
+            (:func:`segflow.manifest.resolve_manifest_path`), or an unreadable mask.
     """
     rows = manifest.set_index("id").loc[list(train_ids)]
     shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
+    roots = data_roots(manifest)
     label = np.zeros(shape, dtype=label_dtype(n_classes))
     for row in rows.itertuples():
-        label |= read_label(row.mask_path, row.mask_rle, shape, n_classes, row.image_path)
+        mask_path = resolve_manifest_path(row.mask_path, "mask_path", row.Index, roots, n_classes)
+        label |= read_label(mask_path, row.mask_rle, shape, n_classes, row.image_path)
     return label
 
 
@@ -97,11 +112,45 @@ def known_test_labels(
     }
 
 
+def written_ids(
+    manifest: pd.DataFrame, ids: Iterable[str], id_style: str = "auto"
+) -> dict[str, str]:
+    """Each id as the submission writes it: the id (file stem), or its image's file name.
+
+    Args:
+        manifest: the ingest manifest (its image paths give the file names, its attributes
+            the train RLE CSV's id style, :func:`segflow.manifest.csv_id_style`).
+        ids: the ids to write.
+        id_style: ``stem``, ``filename``, or ``auto``: as the train RLE CSV wrote its ids.
+
+    Returns:
+        id -> the id to write.
+
+    Raises:
+        SegflowError: an unknown style, or an id the manifest does not have.
+    """
+    if id_style not in ID_STYLES:
+        raise SegflowError(
+            f"unknown submission.id_style {id_style!r}; valid: {', '.join(ID_STYLES)}"
+        )
+    ids = list(ids)
+    style = csv_id_style(manifest) if id_style == "auto" else id_style
+    if style == "stem":
+        return {item_id: item_id for item_id in ids}
+    paths = manifest.set_index("id")["image_path"]
+    missing = [item_id for item_id in ids if item_id not in paths.index]
+    if missing:
+        raise SegflowError(f"id {missing[0]!r} is not in the manifest; rerun the workflow")
+    # Only the name is used: no file is opened, so the path needs no check here.
+    return {item_id: Path(str(paths[item_id])).name for item_id in ids}
+
+
 def submission_frame(
     masks: Mapping[str, np.ndarray | list[np.ndarray]],
     options: SubmissionOptions,
     known_labels: Mapping[str, np.ndarray] | None = None,
     classes: Sequence[str] | None = None,
+    id_names: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Build the submission table: one row per id, or per (id, class) with classes, or per
     object with ``options.instances``.
@@ -115,6 +164,7 @@ def submission_frame(
             (``copy_train_labels``); bit k is class k.
         classes: class names for multi-label data (adds ``options.class_column``); None for
             binary data.
+        id_names: id -> the id written in the file (:func:`written_ids`); None writes the ids.
 
     Returns:
         DataFrame with the configured columns, sorted by id, then class (instance rows in
@@ -134,12 +184,13 @@ def submission_frame(
             if classes is None:
                 prediction = prediction[0]
         per_class = prediction if classes is not None else [prediction]
+        written = id_names[item_id] if id_names is not None else item_id
         if len(per_class) != len(names):
             raise SegflowError(
                 f"prediction of {item_id} has {len(per_class)} classes, not {len(names)}"
             )
         for name, class_prediction in zip(names, per_class, strict=True):
-            key = (item_id,) if name is None else (item_id, name)
+            key = (written,) if name is None else (written, name)
             if isinstance(class_prediction, list):
                 instances = class_prediction
             elif options.instances:

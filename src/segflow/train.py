@@ -9,7 +9,9 @@
   weights (BatchNorm statistics averaged too, not recalibrated). The saved weights are then
   validated once more; their score is the checkpoint's ``score``.
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`), rewritten after every epoch.
-- ``metrics.json``: best epoch, scores, early stopping, timing.
+  ``skipped_batches`` counts the batches skipped for a NaN/inf loss (``nonfinite_loss``).
+- ``metrics.json``: best epoch, scores, early stopping, timing, provenance
+  (:mod:`segflow.provenance`: seed, :func:`config_hash`, segflow version).
 
 Resume: after every finished epoch ``resume_dir/last.pt`` is rewritten atomically with the
 complete training state (model, optimizer, schedulers, AMP scaler, EMA, history, top-k
@@ -21,11 +23,18 @@ A rerun with the same configuration continues after the last finished epoch, so 
 The resume file is used only when its configuration hash matches: model spec, fold, loss,
 augmentation, data (ids and stats.json) and every option except :data:`RESUME_EXEMPT`. Those
 may change between an interrupted run and its rerun: ``epochs`` (train longer or stop sooner),
-``early_stopping_patience``, and ``num_workers``/``device`` (where and how fast, not what).
+``early_stopping_patience``, ``num_workers``/``device`` (where and how fast, not what), and
+``nonfinite_loss``/``max_skipped_fraction`` (a fold stopped by a NaN loss may resume skipping).
 Changing ``epochs`` re-derives the learning-rate schedule from the new total for the remaining
 epochs. (A *finished* run has deleted its resume state; it is not extended but retrained.) Every epoch reseeds all generators from (seed, epoch), so an interrupted and resumed run
 gives bitwise the weights of an uninterrupted one on CPU (with the same ``num_workers``; on CUDA
 up to non-deterministic kernels).
+
+Non-finite values: a batch whose loss is NaN/inf stops the fold with a :class:`SegflowError`
+naming fold, epoch and batch before its optimizer step (``nonfinite_loss: error``), or is
+skipped (``skip_batch``) until more than ``max_skipped_fraction`` of an epoch's batches are.
+Weights holding NaN/inf after an epoch, or a non-finite validation loss, stop the fold too: so
+no snapshot, ``last.pt`` or ``model.pt`` ever holds non-finite weights.
 
 The pieces live in their own modules and the public names are re-exported here:
 :mod:`segflow.train_options` (:class:`TrainOptions`), :mod:`segflow.fold_data` (row split,
@@ -43,6 +52,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +63,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from segflow.atomic import atomic_path, write_csv, write_json
+from segflow.atomic import write_csv, write_json, write_torch
 from segflow.checkpointing import (
     RESUME_EXEMPT,
     RESUME_FILE,
@@ -64,6 +74,7 @@ from segflow.checkpointing import (
     config_hash,
     cpu_state,
     data_fingerprint,
+    first_nonfinite,
     load_resume,
     rank_top_k,
     rng_state,
@@ -79,6 +90,7 @@ from segflow.losses import build_loss
 from segflow.metrics import per_image_scores
 from segflow.models import ModelSpec, build_model, padded_size, save_checkpoint
 from segflow.options import options_to_dict
+from segflow.provenance import provenance
 from segflow.schedules import (
     lr_factor,
     make_optimizer,
@@ -119,6 +131,7 @@ HISTORY_COLUMNS = (
     "val_kaggle",
     "lr",
     "seconds",
+    "skipped_batches",
 )
 THRESHOLD = 0.5
 
@@ -229,6 +242,7 @@ class _FoldTrainer:
         )
         self.ema = Ema(self.model, options.ema_decay) if options.ema_decay else None
         self.global_step = 0
+        self.epoch_skipped = 0  # batches of the last trained epoch skipped for a NaN/inf loss
         self.history: list[dict[str, float]] = []
         self.top_k: list[Snapshot] = []
 
@@ -321,11 +335,24 @@ class _FoldTrainer:
             disable=None,
             mininterval=1.0,
         )
-        for batch in bar:
+        self.epoch_skipped = 0
+        # A skipped batch's forward pass has already moved BatchNorm's running statistics
+        # (to NaN): with skip_batch they are copied before each batch and put back.
+        buffers = list(self.model.buffers()) if self.options.nonfinite_loss == "skip_batch" else []
+        for index, batch in enumerate(bar, start=1):
             images = batch["image"].to(self.device, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
+            saved = [buffer.detach().clone() for buffer in buffers]
             mask_logits, label_logits = self._forward(self.model, images)
             loss = self._batch_loss(mask_logits, label_logits, masks, batch["pseudo"])
+            # One device sync per batch: a NaN/inf loss must be caught before its step turns
+            # every weight into NaN.
+            if not bool(torch.isfinite(loss.detach())):
+                with torch.no_grad():
+                    for buffer, copy_ in zip(buffers, saved, strict=True):
+                        buffer.copy_(copy_)
+                self._skip_nonfinite_batch(epoch, index, float(loss.detach()))
+                continue
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.options.grad_clip is not None:
@@ -345,12 +372,72 @@ class _FoldTrainer:
             if not bar.disable:
                 bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
         mean = float(total) / max(count, 1)
-        if not math.isfinite(mean):
+        if not math.isfinite(mean):  # finite batch losses whose sum overflowed
             raise SegflowError(
                 f"fold {self.fold} epoch {epoch}: training loss is {mean} (diverged); lower "
                 "train.lr or set train.grad_clip"
             )
         return mean, lr
+
+    def _skip_nonfinite_batch(self, epoch: int, batch: int, value: float) -> None:
+        """Handle batch ``batch`` (1-based) of ``epoch`` whose loss is ``value`` (NaN or inf).
+
+        With ``skip_batch`` the batch is dropped before its optimizer step; the learning-rate
+        schedule still advances, so it stays aligned with the epochs.
+
+        Raises:
+            SegflowError: ``nonfinite_loss`` is ``error``, or more than ``max_skipped_fraction``
+                of the epoch's batches (or all of them) were skipped.
+        """
+        where = f"fold {self.fold} epoch {epoch} batch {batch}/{self.steps_per_epoch}"
+        hint = "lower train.lr, set train.grad_clip or check the input data"
+        if self.options.nonfinite_loss == "error":
+            raise SegflowError(
+                f"{where}: training loss is {value}; stopped before its optimizer step, nothing "
+                f"of this epoch is saved ({hint}, or set train.nonfinite_loss: skip_batch)"
+            )
+        self.epoch_skipped += 1
+        limit = math.floor(self.options.max_skipped_fraction * self.steps_per_epoch)
+        if self.epoch_skipped > limit or self.epoch_skipped == self.steps_per_epoch:
+            raise SegflowError(
+                f"{where}: training loss is {value}; {self.epoch_skipped} of "
+                f"{self.steps_per_epoch} batches of this epoch skipped, more than "
+                f"train.max_skipped_fraction = {self.options.max_skipped_fraction}; stopped, "
+                f"nothing of this epoch is saved ({hint})"
+            )
+        log.warning("%s: training loss is %s; batch skipped (train.nonfinite_loss)", where, value)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if per_batch_schedule_active(self.options, self.global_step, self.steps_per_epoch):
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+
+    def _check_finite(self, epoch: int, val_loss: float) -> None:
+        """Stop before an epoch with NaN/inf weights or validation loss is snapshot or saved.
+
+        A step can overflow the weights although every loss was finite (the next batch's loss
+        would then be NaN); last.pt must keep the previous, finite epoch.
+
+        Raises:
+            SegflowError: naming fold, epoch and the first non-finite tensor.
+        """
+        models = [("trained", self.model)]
+        if self.ema is not None:
+            models.append(("EMA", self.ema.model))
+        for label, model in models:
+            name = first_nonfinite(model.state_dict())
+            if name is not None:
+                raise SegflowError(
+                    f"fold {self.fold} epoch {epoch}: the {label} weights hold NaN/inf ({name}); "
+                    "stopped, nothing of this epoch is saved (lower train.lr or set "
+                    "train.grad_clip)"
+                )
+        if not math.isfinite(val_loss):
+            raise SegflowError(
+                f"fold {self.fold} epoch {epoch}: validation loss is {val_loss}; stopped, "
+                "nothing of this epoch is saved (check the validation images)"
+            )
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -387,6 +474,7 @@ class _FoldTrainer:
         self.seed_epoch(epoch)
         train_loss, lr = self.train_epoch(epoch)
         scores = self.validate(self.evaluated_model)
+        self._check_finite(epoch, scores["val_loss"])
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -394,6 +482,7 @@ class _FoldTrainer:
             **{f"val_{name}": scores[name] for name in SCORE_NAMES},
             "lr": lr,
             "seconds": round(time.monotonic() - started, 3),
+            "skipped_batches": self.epoch_skipped,
         }
         self.history.append(row)
         value = self.monitor_value(row)
@@ -433,8 +522,7 @@ class _FoldTrainer:
             self.top_k, epoch, value, self.options.average_top_k, self.maximise
         )
         if new is not None:
-            with atomic_path(self.resume_dir / new.file) as tmp:
-                torch.save(cpu_state(self.evaluated_model), tmp)
+            write_torch(self.resume_dir / new.file, cpu_state(self.evaluated_model))
         self.top_k = top_k
         return dropped
 
@@ -620,10 +708,13 @@ def train_fold(
         stopped_early=stopped_early,
         resumed_from_epoch=resumed_from,
         train_seconds=round(sum(row["seconds"] for row in trainer.history), 3),
+        skipped_batches=int(sum(row.get("skipped_batches", 0) for row in trainer.history)),
         elapsed_seconds=round(time.monotonic() - started, 3),
         n_train=len(trainer.data.train_set),
         n_val=len(val_rows),
         options=options_to_dict(options),
+        # config_hash: the same digest that guards the resume file.
+        provenance=provenance(options.seed, expected_hash),
     )
     write_json(out_dir / "metrics.json", metrics)
     _remove_resume_state(resume_dir)
@@ -684,6 +775,12 @@ def _save_model(
     """
     options = trainer.options
     model, averaged_epochs = trainer.final_model()
+    nonfinite = first_nonfinite(model.state_dict())
+    if nonfinite is not None:  # snapshots are checked when taken; this guards old resume dirs
+        raise SegflowError(
+            f"fold {trainer.fold}: the final weights hold NaN/inf ({nonfinite}); model.pt not "
+            f"written (delete {trainer.resume_dir} to train from scratch)"
+        )
     final_scores = trainer.validate(model)
     best_epoch, best_value = trainer.best_epoch()
     score = (

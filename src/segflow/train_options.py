@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "cosine_restarts", "plateau", "onecycle")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 MONITORS = ("kaggle", "dice", "iou", "val_loss")
+NONFINITE_LOSS = ("error", "skip_batch")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,17 @@ class TrainOptions:
     aux_weight: float = option(
         0.2, "loss weight of the empty/non-empty head when the model has one (model.aux_head)"
     )
+    nonfinite_loss: str = option(
+        "error",
+        "a batch with a NaN/inf loss: error = stop the fold naming the batch (nothing of that "
+        "epoch is saved); skip_batch = skip it without an optimizer step (counted in history.csv)",
+        NONFINITE_LOSS,
+    )
+    max_skipped_fraction: float = option(
+        0.1,
+        "with nonfinite_loss: skip_batch, stop the fold when more than this fraction of an "
+        "epoch's batches is skipped (a fully skipped epoch always stops it)",
+    )
 
     def __post_init__(self) -> None:
         """Check every option and canonicalise ``crop`` to ``[height, width]``.
@@ -122,6 +134,11 @@ class TrainOptions:
             ),
             ("seed", _is_int(self.seed, 0), "an integer >= 0"),
             ("aux_weight", _is_number(self.aux_weight) and self.aux_weight >= 0, ">= 0"),
+            (
+                "max_skipped_fraction",
+                _is_number(self.max_skipped_fraction) and 0 <= self.max_skipped_fraction <= 1,
+                "in [0, 1]",
+            ),
             ("device", isinstance(self.device, str), "a string"),
         ]
         for name, choices in (
@@ -129,6 +146,7 @@ class TrainOptions:
             ("scheduler", SCHEDULERS),
             ("amp", AMP_MODES),
             ("monitor", MONITORS),
+            ("nonfinite_loss", NONFINITE_LOSS),
         ):
             checks.append((name, getattr(self, name) in choices, f"one of {', '.join(choices)}"))
         for name, ok, expected in checks:

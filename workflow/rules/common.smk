@@ -67,7 +67,6 @@ def experiments_to_run():
 
 
 RUN_EXPERIMENTS = experiments_to_run()
-SUBMIT_EXPERIMENT = config["submit_experiment"] or RUN_EXPERIMENTS[0]
 # Second-level candidates share the experiments' artifact layout (oof/, test/, postprocess/,
 # submission/), so their names are reserved and the base rules only match real experiments.
 SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
@@ -96,6 +95,21 @@ def candidates():
     if STACK["enabled"]:
         pairs += [("stack_gate", FINAL_ROUND), ("stack_pixel", FINAL_ROUND)]
     return pairs
+
+
+def submit_flag():
+    """`--force name:round` when the config names the candidate to submit (checked against
+    the candidates here, before any job runs), else nothing: the best on OOF is chosen.
+    """
+    forced = config["submit_experiment"]
+    if forced is None:
+        return ""
+    known = [f"{name}:{r}" for name, r in candidates()]
+    if forced not in known:
+        raise ValueError(
+            f"config submit_experiment {forced!r} is not a candidate; candidates: {', '.join(known)}"
+        )
+    return f"--force {shlex.quote(forced)}"
 
 
 def pseudo_dir(round):

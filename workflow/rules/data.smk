@@ -14,7 +14,7 @@ rule generate_demo_data:
         code=stage_fingerprint("demo-data"),
         flags=section_flags("demo", exclude=("enabled", "out_dir")),
     shell:
-        "segflow demo-data {output.dataset} {params.flags} 2> {log}"
+        "segflow demo-data {output.dataset:q} {params.flags} 2> {log:q}"
 
 
 rule ingest_dataset:
@@ -38,7 +38,7 @@ rule ingest_dataset:
         flags=section_flags("data"),
     shell:
         "segflow ingest {params.flags} --workers {threads}"
-        " --out-manifest {output.manifest} --out-summary {output.summary} 2> {log}"
+        " --out-manifest {output.manifest:q} --out-summary {output.summary:q} 2> {log:q}"
 
 
 rule find_duplicates:
@@ -61,9 +61,9 @@ rule find_duplicates:
         code=stage_fingerprint("dedup"),
         flags=section_flags("dedup"),
     shell:
-        "segflow dedup --manifest {input.manifest} {params.flags}"
-        " --out-items {output.dedup_items} --out-summary {output.summary}"
-        " --out-report {output.report} 2> {log}"
+        "segflow dedup --manifest {input.manifest:q} {params.flags}"
+        " --out-items {output.dedup_items:q} --out-summary {output.summary:q}"
+        " --out-report {output.report:q} 2> {log:q}"
 
 
 rule preprocess_images:
@@ -91,8 +91,8 @@ rule preprocess_images:
         dicom=dicom_flags(),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
     shell:
-        "segflow preprocess --manifest {input.manifest} --dedup-items {input.dedup_items}"
-        " {params.flags} {params.dicom} --workers {threads} --out-dir {params.out_dir} 2> {log}"
+        "segflow preprocess --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " {params.flags} {params.dicom} --workers {threads} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule make_folds:
@@ -115,5 +115,5 @@ rule make_folds:
         code=stage_fingerprint("folds"),
         flags=section_flags("folds"),
     shell:
-        "segflow folds --manifest {input.manifest} --dedup-items {input.dedup_items}"
-        " {params.flags} --out-folds {output.folds} --out-summary {output.summary} 2> {log}"
+        "segflow folds --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " {params.flags} --out-folds {output.folds:q} --out-summary {output.summary:q} 2> {log:q}"

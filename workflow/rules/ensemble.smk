@@ -40,12 +40,12 @@ rule blend_experiments:
         metric=config["postprocess"]["metric"],
         step=config["ensemble"]["weight_step"],
     shell:
-        "segflow blend --names {params.names} --oof-dirs {params.oof_dirs}"
-        " --test-dirs {params.test_dirs} --n-folds {params.n_folds}"
-        " --fold-merge {params.fold_merge} --metric {params.metric} --step {params.step}"
-        " --folds {input.folds} --stats {input.stats} --manifest {input.manifest}"
-        " --dedup-items {input.dedup_items} --out-oof {output.oof_probs}"
-        " --out-test {output.test_probs} --out-weights {output.weights} 2> {log}"
+        "segflow blend --names {params.names:q} --oof-dirs {params.oof_dirs:q}"
+        " --test-dirs {params.test_dirs:q} --n-folds {params.n_folds:q}"
+        " --fold-merge {params.fold_merge:q} --metric {params.metric:q} --step {params.step:q}"
+        " --folds {input.folds:q} --stats {input.stats:q} --manifest {input.manifest:q}"
+        " --dedup-items {input.dedup_items:q} --out-oof {output.oof_probs:q}"
+        " --out-test {output.test_probs:q} --out-weights {output.weights:q} 2> {log:q}"
 
 
 rule select_pseudo_labels:
@@ -79,14 +79,16 @@ rule select_pseudo_labels:
         **job_resources("select_pseudo_labels", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("select-pseudo"),
-        flags=section_flags("pseudo", exclude=("rounds",)),
+        flags=section_flags(
+            "pseudo", exclude=("rounds", "max_pseudo_share", "pseudo_weight")
+        ),
         test_dir=lambda wildcards, input: os.path.dirname(input.test_probs),
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.selection),
     shell:
-        "segflow select-pseudo --test-dir {params.test_dir} --postprocess {input.postprocess}"
-        " --arrays-dir {params.arrays_dir} --dedup-items {input.dedup_items} {params.flags}"
-        " --out-dir {params.out_dir} 2> {log}"
+        "segflow select-pseudo --test-dir {params.test_dir:q} --postprocess {input.postprocess:q}"
+        " --arrays-dir {params.arrays_dir:q} --dedup-items {input.dedup_items:q} {params.flags}"
+        " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule stack_models:
@@ -138,13 +140,13 @@ rule stack_models:
         base_test_dir=lambda wildcards, input: os.path.dirname(input.base_test),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     shell:
-        "segflow stack --names {params.names} --oof-dirs {params.oof_dirs}"
-        " --test-dirs {params.test_dirs} --n-folds {params.n_folds}"
-        " --fold-merge {params.fold_merge} --base-oof-dir {params.base_oof_dir}"
-        " --base-test-dir {params.base_test_dir} --arrays-dir {params.arrays_dir}"
-        " --folds {input.folds} --manifest {input.manifest}"
-        " --dedup-items {input.dedup_items} {params.flags} --threads {threads}"
-        " --out-dir {params.out_dir} 2> {log}"
+        "segflow stack --names {params.names:q} --oof-dirs {params.oof_dirs:q}"
+        " --test-dirs {params.test_dirs:q} --n-folds {params.n_folds:q}"
+        " --fold-merge {params.fold_merge:q} --base-oof-dir {params.base_oof_dir:q}"
+        " --base-test-dir {params.base_test_dir:q} --arrays-dir {params.arrays_dir:q}"
+        " --folds {input.folds:q} --manifest {input.manifest:q}"
+        " --dedup-items {input.dedup_items:q} {params.flags} --threads {threads}"
+        " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule choose_submission:
@@ -178,11 +180,12 @@ rule choose_submission:
     params:
         code=stage_fingerprint("choose"),
         candidates=[f"{name}:{r}" for name, r in candidates()],
+        force=submit_flag(),
         # results/final/choice.json -> results
         results_dir=lambda wildcards, output: os.path.dirname(
             os.path.dirname(output.choice)
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.choice),
     shell:
-        "segflow choose --candidates {params.candidates} --results-dir {params.results_dir}"
-        " --out-dir {params.out_dir} 2> {log}"
+        "segflow choose --candidates {params.candidates:q} --results-dir {params.results_dir:q}"
+        " {params.force} --out-dir {params.out_dir:q} 2> {log:q}"

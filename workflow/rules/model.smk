@@ -1,7 +1,7 @@
 wildcard_constraints:
     experiment="[A-Za-z0-9_.-]+",
-    round="\d+",
-    fold="\d+",
+    round=r"\d+",
+    fold=r"\d+",
 
 
 rule train_fold:
@@ -45,11 +45,11 @@ rule train_fold:
         ),
         pseudo=pseudo_flags,
     shell:
-        "segflow train --arrays-dir {params.arrays_dir} --folds {input.folds}"
-        " --fold {wildcards.fold} --name {wildcards.experiment}"
-        " --experiment {params.experiment:q} --out-dir {params.out_dir}"
-        " --resume-dir {params.resume_dir} {params.pseudo} --threads {threads}"
-        " --gpus {resources.gpu_slots} 2> {log}"
+        "segflow train --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
+        " --fold {wildcards.fold:q} --name {wildcards.experiment:q}"
+        " --experiment {params.experiment:q} --out-dir {params.out_dir:q}"
+        " --resume-dir {params.resume_dir:q} {params.pseudo} --threads {threads}"
+        " --gpus {resources.gpu_slots} 2> {log:q}"
 
 
 rule predict_oof:
@@ -79,9 +79,9 @@ rule predict_oof:
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.probs),
     shell:
-        "segflow predict-oof --arrays-dir {params.arrays_dir} --model {input.model}"
-        " --fold {wildcards.fold} --folds {input.folds} {params.flags}"
-        " --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu_slots} 2> {log}"
+        "segflow predict-oof --arrays-dir {params.arrays_dir:q} --model {input.model:q}"
+        " --fold {wildcards.fold:q} --folds {input.folds:q} {params.flags}"
+        " --out-dir {params.out_dir:q} --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"
 
 
 rule evaluate_oof:
@@ -115,9 +115,9 @@ rule evaluate_oof:
         fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
-        "segflow evaluate-oof --fold-dirs {params.fold_dirs} --folds {input.folds}"
-        " --stats {input.stats} --manifest {input.manifest} --dedup-items {input.dedup_items}"
-        " --out-dir {params.out_dir} 2> {log}"
+        "segflow evaluate-oof --fold-dirs {params.fold_dirs:q} --folds {input.folds:q}"
+        " --stats {input.stats:q} --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule tune_postprocess:
@@ -150,11 +150,11 @@ rule tune_postprocess:
         oof_dir=lambda wildcards, input: os.path.dirname(input.oof_probs),
         out_dir=lambda wildcards, output: os.path.dirname(output.params),
     shell:
-        "segflow tune-postprocess --oof-dir {params.oof_dir} --stats {input.stats}"
-        " --manifest {input.manifest} --dedup-items {input.dedup_items}"
-        " --thresholds {params.thresholds} --min-areas {params.min_areas}"
-        " --fill-holes-options {params.fill_holes} --gates {params.gates}"
-        " --metric {params.metric} --out-dir {params.out_dir} 2> {log}"
+        "segflow tune-postprocess --oof-dir {params.oof_dir:q} --stats {input.stats:q}"
+        " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " --thresholds {params.thresholds:q} --min-areas {params.min_areas:q}"
+        " --fill-holes-options {params.fill_holes:q} --gates {params.gates:q}"
+        " --metric {params.metric:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule predict_test:
@@ -183,9 +183,9 @@ rule predict_test:
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.probs),
     shell:
-        "segflow predict-test --arrays-dir {params.arrays_dir} --model {input.model}"
-        " {params.flags} --out-dir {params.out_dir} --threads {threads}"
-        " --gpus {resources.gpu_slots} 2> {log}"
+        "segflow predict-test --arrays-dir {params.arrays_dir:q} --model {input.model:q}"
+        " {params.flags} --out-dir {params.out_dir:q} --threads {threads}"
+        " --gpus {resources.gpu_slots} 2> {log:q}"
 
 
 rule make_submission:
@@ -216,6 +216,6 @@ rule make_submission:
         fold_merge=config["predict"]["fold_merge"],
         fold_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.probs],
     shell:
-        "segflow submit --fold-dirs {params.fold_dirs} --fold-merge {params.fold_merge}"
-        " --postprocess {input.postprocess} --stats {input.stats} --manifest {input.manifest}"
-        " --dedup-items {input.dedup_items} {params.flags} --out {output.submission} 2> {log}"
+        "segflow submit --fold-dirs {params.fold_dirs:q} --fold-merge {params.fold_merge:q}"
+        " --postprocess {input.postprocess:q} --stats {input.stats:q} --manifest {input.manifest:q}"
+        " --dedup-items {input.dedup_items:q} {params.flags} --out {output.submission:q} 2> {log:q}"

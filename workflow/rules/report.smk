@@ -48,5 +48,5 @@ rule write_report:
         ),
         dicom=dicom_flags(),
     shell:
-        "segflow report --results-dir {params.results_dir} {params.dicom}"
-        " --out {output.report} 2> {log}"
+        "segflow report --results-dir {params.results_dir:q} {params.dicom}"
+        " --out {output.report:q} 2> {log:q}"
