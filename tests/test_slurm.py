@@ -195,6 +195,7 @@ SUBMITTED_RULES = {
     "make_folds",
     "train_fold",
 }
+JOB_MEM_MB = 4000
 SLURM_RUN = {
     "demo": {"n_train": 40, "n_test": 12, "seed": 5},
     "folds": {"n_folds": 2},
@@ -204,7 +205,9 @@ SLURM_RUN = {
     "pseudo": {"rounds": 0},
     "cluster": {
         "partition": "segflow",  # not the cluster's default: proves the config reaches sbatch
-        "rules": {rule: {"mem_mb": 1500, "runtime": 20} for rule in SUBMITTED_RULES},
+        # Well above a training job's peak (about 1.5 GB with its Snakemake job step): SLURM
+        # enforces the limit, and a kill would show up as a retry.
+        "rules": {rule: {"mem_mb": JOB_MEM_MB, "runtime": 20} for rule in SUBMITTED_RULES},
     },
 }
 
@@ -256,7 +259,7 @@ def test_slurm_profile_runs_jobs_through_sbatch_like_a_local_run(
     for rule, (job_id, state, partition, memory) in jobs.items():
         assert state == "COMPLETED", (rule, state)
         assert partition == "segflow", rule
-        assert memory == "1500M", rule
+        assert memory == f"{JOB_MEM_MB}M", rule
         assert list(logdir.rglob(f"{job_id}.log")), f"no SLURM log of job {job_id} ({rule})"
 
     manifests = [
@@ -313,8 +316,8 @@ def test_job_killed_for_memory_is_retried_with_more(slurm_cluster: Path, tmp_pat
         **SLURM_RUN,
         "cluster": {
             "rules": {
-                "ingest_dataset": {"mem_mb": 1500},
-                "find_duplicates": {"mem_mb": 1500},
+                "ingest_dataset": {"mem_mb": JOB_MEM_MB},
+                "find_duplicates": {"mem_mb": JOB_MEM_MB},
                 "make_folds": {"mem_mb": STARVED_MEM_MB},
             }
         },
