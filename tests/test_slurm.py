@@ -243,18 +243,11 @@ def test_slurm_profile_runs_jobs_through_sbatch_like_a_local_run(
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", output)
     assert len(job_ids) == len(SUBMITTED_RULES), output[-3000:]
 
-    # slurmctld's own record of those jobs: rule (sbatch --comment), state, partition, memory.
-    queue = subprocess.run(
-        ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%k|%T|%P|%m"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    jobs = {}
-    for line in queue.splitlines():
-        job_id, comment, state, partition, memory = line.split("|")
-        rule = re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", comment).group(1)
-        jobs[rule] = (job_id, state, partition, memory)
+    # slurmctld's own record of those jobs.
+    jobs = {
+        rule: (job_id, state, partition, memory)
+        for job_id, rule, state, partition, memory in slurm_jobs(job_ids)
+    }
     assert set(jobs) == SUBMITTED_RULES  # generate_demo_data is a localrule: not submitted
     for rule, (job_id, state, partition, memory) in jobs.items():
         assert state == "COMPLETED", (rule, state)
@@ -288,19 +281,20 @@ def test_slurm_profile_runs_jobs_through_sbatch_like_a_local_run(
     assert len(history_cluster) == 1
 
 
-def slurm_jobs(job_ids: list[str]) -> list[tuple[str, str, str, str]]:
-    """(job id, rule, state, memory) of each job, as slurmctld reports them."""
+def slurm_jobs(job_ids: list[str]) -> list[tuple[str, str, str, str, str]]:
+    """(job id, rule, state, partition, memory) of each job, as slurmctld reports them; the
+    rule comes from the job's sbatch --comment."""
     queue = subprocess.run(
-        ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%k|%T|%m"],
+        ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%k|%T|%P|%m"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     jobs = []
     for line in queue.splitlines():
-        job_id, comment, state, memory = line.split("|")
+        job_id, comment, state, partition, memory = line.split("|")
         rule = re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", comment).group(1)
-        jobs.append((job_id, rule, state, memory))
+        jobs.append((job_id, rule, state, partition, memory))
     return sorted(jobs, key=lambda job: int(job[0]))
 
 
@@ -346,7 +340,7 @@ def test_job_killed_for_memory_is_retried_with_more(slurm_cluster: Path, tmp_pat
     assert [memory for *_, memory in attempts] == [
         f"{STARVED_MEM_MB * attempt}M" for attempt in range(1, len(attempts) + 1)
     ]
-    for job_id, _, state, _ in attempts[:-1]:
+    for job_id, _, state, _, _ in attempts[:-1]:
         log = next((tmp_path / "slurm-logs").rglob(f"{job_id}.log")).read_text()
         assert state == "FAILED" and "Exceeded job memory limit" in log, (job_id, state, log)
     assert attempts[-1][2] == "COMPLETED", attempts
