@@ -11,14 +11,22 @@ import pandas as pd
 
 from segflow.errors import SegflowError
 from segflow.metrics import METRIC_NAMES, summarise_scores
-from segflow.preprocess import load_mask, mask_sources
+from segflow.preprocess import MaskSource, load_mask, mask_sources
 
 
 def original_truths(
-    manifest: pd.DataFrame, dedup_items: pd.DataFrame, ids: Sequence[str], n_classes: int = 1
+    manifest: pd.DataFrame,
+    dedup_items: pd.DataFrame,
+    ids: Sequence[str],
+    n_classes: int = 1,
+    sources: dict[str, tuple[MaskSource, ...]] | None = None,
 ) -> np.ndarray:
     """Training labels of ``ids`` at the original resolution, as the model was trained on them
     (the union mask for members of a group resolved by the ``union`` policy).
+
+    Args:
+        sources: :func:`segflow.preprocess.mask_sources` of the manifest, when the caller reads
+            labels in chunks (it resolves and checks every mask path, so build it once).
 
     Returns:
         Packed label masks: bit k is class k (binary: {0, 1}); see :mod:`segflow.labels`.
@@ -26,7 +34,8 @@ def original_truths(
     Shape:
         output: (len(ids), H, W); all images must share one size.
     """
-    sources = mask_sources(manifest, dedup_items)
+    if sources is None:
+        sources = mask_sources(manifest, dedup_items)
     sizes = manifest.set_index("id").loc[list(ids), ["height", "width"]]
     if len(sizes.drop_duplicates()) > 1:
         raise SegflowError("OOF scoring needs one original image size; these images differ")

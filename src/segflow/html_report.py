@@ -30,6 +30,7 @@ from segflow.manifest import data_roots, resolve_manifest_path
 from segflow.metrics import per_image_scores
 from segflow.postprocess import apply_classes, params_from_summary
 from segflow.predict import nonempty_probs
+from segflow.preprocess import mask_sources
 from segflow.provenance import PROVENANCE_KEY
 
 SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
@@ -392,13 +393,14 @@ def _cases_section(
     gates = nonempty_probs(ids, len(classes))
     manifest = _read_parquet(root / "ingest" / "manifest.parquet")
     dedup_items = _read_parquet(root / "dedup" / "items.parquet")
+    sources = mask_sources(manifest, dedup_items)
     scores, areas = np.zeros(len(ids)), np.zeros(len(ids))
     for start in range(0, len(ids), CHUNK):
         part = slice(start, start + CHUNK)
         masks = apply_classes(
             np.asarray(probs[part]), params, None if gates is None else gates[part]
         )
-        truths = original_truths(manifest, dedup_items, ids["id"].iloc[part], len(classes))
+        truths = original_truths(manifest, dedup_items, ids["id"].iloc[part], len(classes), sources)
         scores[part] = per_image_kaggle(masks, truths)
         areas[part] = masks.sum(axis=(1, 2, 3)) + sum(
             class_truths(truths, k).sum(axis=(1, 2)) for k in range(len(classes))
@@ -419,7 +421,7 @@ def _cases_section(
             params,
             None if gates is None else gates[index : index + 1],
         )[0]
-        truth = original_truths(manifest, dedup_items, [item_id], len(classes))[0]
+        truth = original_truths(manifest, dedup_items, [item_id], len(classes), sources)[0]
         truth_planes = np.stack([class_truths(truth, k) for k in range(len(classes))])
         path = resolve_manifest_path(paths[item_id], "image_path", item_id, data_roots(manifest))
         image = decode_image(str(path), dicom_window).pixels
