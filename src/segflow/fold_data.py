@@ -35,6 +35,9 @@ from segflow.datasets import (
 from segflow.errors import SegflowError
 from segflow.train_options import TrainOptions
 
+# Per-channel (mean, std) in [0, 1] units.
+Normalisation = tuple[list[float], list[float]]
+
 
 def split_rows(
     arrays: SegmentationArrays, folds_csv: str | os.PathLike[str], fold: int
@@ -142,6 +145,7 @@ def build_train_set(
     rows: np.ndarray,
     transform: Any,
     pseudo: PseudoLabels | None = None,
+    normalisation: Normalisation | None = None,
 ) -> tuple[Dataset, np.ndarray]:
     """The training dataset and whether each of its items has an empty mask.
 
@@ -153,18 +157,21 @@ def build_train_set(
         rows: the training items' array rows.
         transform: the augmentation applied to each item (or None).
         pseudo: pseudo-labelled test images to append, or None.
+        normalisation: per-channel (mean, std) the model is fed; None: the data's own
+            (``arrays.mean``, ``arrays.std``).
 
     Returns:
         (dataset, is_empty); is_empty has one entry per *real* item (balanced sampling and the
         pseudo share are decided on the real items).
     """
+    mean, std = normalisation or (arrays.mean, arrays.std)
     dataset: Dataset = MemmapDataset(
         arrays.train_images_path,
         rows,
         arrays.train_masks_path,
         transform=transform,
-        mean=arrays.mean,
-        std=arrays.std,
+        mean=mean,
+        std=std,
         n_classes=len(arrays.classes),
     )
     if pseudo is not None and len(pseudo.test_rows):
@@ -173,8 +180,8 @@ def build_train_set(
             pseudo.test_rows,
             pseudo.targets_path,
             transform=transform,
-            mean=arrays.mean,
-            std=arrays.std,
+            mean=mean,
+            std=std,
             n_classes=len(arrays.classes),
             mask_rows=np.arange(len(pseudo.test_rows)),
             pseudo=True,
@@ -203,6 +210,7 @@ class FoldData:
         options: TrainOptions,
         pin_memory: bool,
         pseudo: PseudoLabels | None = None,
+        normalisation: Normalisation | None = None,
     ) -> FoldData:
         """Datasets and loaders: augmented (optionally cropped, balanced) training batches,
         full-size unaugmented validation batches in row order.
@@ -216,6 +224,8 @@ class FoldData:
             pin_memory: pin batches in page-locked memory (for CUDA).
             pseudo: pseudo-labelled test images for a round > 0 (training only: validation
                 stays the real fold, so every round's OOF is on real labels).
+            normalisation: per-channel (mean, std) the model is fed
+                (:func:`segflow.pretrained.input_normalisation`); None: the data's own.
 
         Returns:
             The fold's data.
@@ -227,7 +237,8 @@ class FoldData:
             crop=tuple(options.crop) if options.crop else None,
             channels=arrays.channels,
         )
-        train_set, is_empty = build_train_set(arrays, train_rows, transform, pseudo)
+        train_set, is_empty = build_train_set(arrays, train_rows, transform, pseudo, normalisation)
+        mean, std = normalisation or (arrays.mean, arrays.std)
         generator = torch.Generator()
         sampler = balanced_sampler(is_empty, options.empty_ratio, len(is_empty), options.seed)
         if pseudo is not None and len(pseudo.test_rows):
@@ -265,8 +276,8 @@ class FoldData:
             arrays.train_images_path,
             val_rows,
             arrays.train_masks_path,
-            mean=arrays.mean,
-            std=arrays.std,
+            mean=mean,
+            std=std,
             n_classes=len(arrays.classes),
         )
         val_loader = DataLoader(val_set, shuffle=False, **loader_args)

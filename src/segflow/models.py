@@ -4,6 +4,8 @@ A :class:`ModelSpec` names the architecture, the encoder and where its weights c
 stored in every checkpoint, so :func:`load_checkpoint` rebuilds the exact network without the
 caller knowing how it was configured. Nothing here downloads unless a spec explicitly asks for
 ``encoder_weights: imagenet`` (or another smp tag); checkpoints are always rebuilt offline.
+Weights that pip packages ship (``encoder_weights: package:<name>``) and the input
+normalisation of pretrained weights are :mod:`segflow.pretrained`'s.
 
 Input sizes: most smp models need height and width divisible by the encoder's output stride
 (:func:`required_divisor`); PAN needs at least 8 times that (:func:`min_input_size`). Callers pad
@@ -19,7 +21,7 @@ import dataclasses
 import difflib
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,19 @@ import segmentation_models_pytorch as smp
 import torch
 
 from segflow.atomic import write_torch
-from segflow.errors import SegflowError
+from segflow.errors import SegflowError, first_line
+from segflow.pretrained import (
+    PACKAGE_PREFIX,
+    WEIGHT_FILE_SUFFIXES,
+    WEIGHT_PACKAGES,
+    differs_only_in_input_channels,
+    efficientnet_pytorch_to_timm,
+    fold_rgb_kernel,
+    is_efficientnet_pytorch,
+    package_of_encoder,
+    read_state_dict,
+    weights_file,
+)
 
 ARCHITECTURES: dict[str, type[torch.nn.Module]] = {
     "Unet": smp.Unet,
@@ -44,7 +58,6 @@ ARCHITECTURES: dict[str, type[torch.nn.Module]] = {
 }
 
 CHECKPOINT_FORMAT = "segflow-model-1"
-WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
 ENCODER_LIST_URL = "https://smp.readthedocs.io/en/latest/encoders.html"
 
 # Constructor arguments that ModelSpec fields own; ``extra`` may not set them behind its back.
@@ -69,7 +82,11 @@ class ModelSpec:
         arch: smp architecture, a key of :data:`ARCHITECTURES`.
         encoder: smp encoder name (``smp.encoders.get_encoder_names()``) or ``tu-<timm model>``.
         encoder_weights: None (random init), an smp pretrained tag such as ``"imagenet"``
-            (downloads!), or a path to a local ``.pt``/``.pth``/``.safetensors`` encoder state dict.
+            (downloads!), ``"package:<pip name>"`` (offline ImageNet weights that an installed
+            package ships: :data:`segflow.pretrained.WEIGHT_PACKAGES`), or a path to a local
+            ``.pt``/``.pth``/``.safetensors`` encoder state dict (or to an EfficientNet-PyTorch
+            file such as those packages ship). Pretrained weights change the input normalisation
+            (:func:`segflow.pretrained.input_normalisation`).
         in_channels: image channels.
         classes: output mask channels (logits).
         aux_head: add smp's image-level classification head (one logit per class, "this
@@ -122,11 +139,14 @@ class ModelSpec:
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """Build the smp model described by ``spec`` (in training mode, on the CPU).
 
-    A local weights file (``encoder_weights`` ending in .pt, .pth or .safetensors) is read
-    after building with random weights: ``torch.load(weights_only=True)`` or safetensors, then a
-    strict load into ``model.encoder``. Its keys must be the encoder's own
-    (``model.encoder.state_dict()``); RGB first-convolution weights are adapted to
-    ``in_channels`` as smp does for its pretrained weights.
+    A local weights file (``encoder_weights`` ending in .pt, .pth or .safetensors, or the file
+    of a ``package:<name>``) is read after building with random weights:
+    ``torch.load(weights_only=True)`` or safetensors, then a strict load into ``model.encoder``.
+    Its keys must be the encoder's own (``model.encoder.state_dict()``), or EfficientNet-PyTorch
+    keys for a ``timm-tf_efficientnet_lite*`` encoder (translated by name,
+    :func:`segflow.pretrained.efficientnet_pytorch_to_timm`). RGB first-convolution weights are
+    adapted to ``in_channels`` (:func:`segflow.pretrained.fold_rgb_kernel`: for weights of known
+    normalisation, folded consistently with it).
 
     Args:
         spec: architecture, encoder, weights, channels, heads.
@@ -145,7 +165,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     """
     cls = _architecture(spec.arch)
     _check_encoder(spec.encoder)
-    local_weights = _local_weights_path(spec.encoder_weights)
+    local_weights = weights_file(spec.encoder_weights, spec.encoder)
     if spec.encoder_weights is not None and local_weights is None:
         _check_pretrained_tag(spec.encoder, spec.encoder_weights)
     kwargs = _constructor_kwargs(cls, spec)
@@ -159,7 +179,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
             f"model: cannot build {spec.arch} with encoder {spec.encoder!r}: {exc}"
         ) from exc
     if local_weights is not None:
-        _load_encoder_weights(model, local_weights)
+        _load_encoder_weights(model, local_weights, spec)
     return model
 
 
@@ -276,7 +296,7 @@ def load_checkpoint(
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise SegflowError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+        raise SegflowError(f"{path}: not a readable checkpoint ({first_line(exc)})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
         raise SegflowError(
@@ -294,7 +314,7 @@ def load_checkpoint(
         model.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as exc:
         raise SegflowError(
-            f"{path}: weights do not match the stored spec ({_first_line(exc)})"
+            f"{path}: weights do not match the stored spec ({first_line(exc)})"
         ) from exc
     metadata = {key: value for key, value in checkpoint.items() if key != "state_dict"}
     return model.to(device).eval(), metadata
@@ -332,16 +352,6 @@ def _check_encoder(encoder: str) -> None:
     )
 
 
-def _local_weights_path(weights: str | None) -> Path | None:
-    """The weights file if ``encoder_weights`` names one, else None (no weights, or an smp tag)."""
-    if weights is None:
-        return None
-    path = Path(weights)
-    if path.suffix.lower() in WEIGHT_FILE_SUFFIXES:
-        return path
-    return None
-
-
 def _check_pretrained_tag(encoder: str, tag: str) -> None:
     if encoder.startswith("tu-"):
         return  # timm picks the pretrained variant from the encoder name itself
@@ -349,8 +359,9 @@ def _check_pretrained_tag(encoder: str, tag: str) -> None:
     if tag not in available:
         raise SegflowError(
             f"model.encoder_weights: {tag!r} is neither a weights file "
-            f"({'/'.join(WEIGHT_FILE_SUFFIXES)}) nor a pretrained tag of {encoder!r} "
-            f"(available: {', '.join(available) or 'none'})"
+            f"({'/'.join(WEIGHT_FILE_SUFFIXES)}), a weights package "
+            f"({', '.join(PACKAGE_PREFIX + name for name in WEIGHT_PACKAGES)}) nor a "
+            f"pretrained tag of {encoder!r} (available: {', '.join(available) or 'none'})"
         )
 
 
@@ -397,30 +408,23 @@ def _constructor_kwargs(cls: type[torch.nn.Module], spec: ModelSpec) -> dict[str
     return kwargs
 
 
-def _load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a local encoder state dict into ``model.encoder``, strictly."""
-    if not path.is_file():
-        raise SegflowError(f"model.encoder_weights: {path}: file not found")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+def _load_encoder_weights(model: torch.nn.Module, path: Path, spec: ModelSpec) -> None:
+    """Load a local encoder state dict into ``model.encoder``, strictly.
 
-            state_dict = load_file(path, device="cpu")
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch and safetensors raise many types for a bad file
-        raise SegflowError(
-            f"model.encoder_weights: {path}: not a readable state dict ({_first_line(exc)})"
-        ) from exc
-    if not isinstance(state_dict, Mapping) or not all(
-        isinstance(value, torch.Tensor) for value in state_dict.values()
-    ):
-        raise SegflowError(
-            f"model.encoder_weights: {path}: expected a state dict of tensors (name -> tensor)"
-        )
+    EfficientNet-PyTorch weights for a ``timm-tf_efficientnet_lite*`` encoder are translated by
+    name first; their normalisation is known, so a gray model gets the folded first convolution.
+    """
+    state_dict = read_state_dict(path)
     expected = model.encoder.state_dict()
+    rgb_std = None
+    if set(state_dict) != set(expected) and is_efficientnet_pytorch(state_dict, spec.encoder):
+        state_dict = efficientnet_pytorch_to_timm(state_dict, model.encoder, str(path))
+        package = package_of_encoder(spec.encoder)
+        rgb_std = package.std if package is not None else None
     try:
-        model.encoder.load_state_dict(_adapt_input_channels(state_dict, expected), strict=True)
+        model.encoder.load_state_dict(
+            _adapt_input_channels(state_dict, expected, rgb_std), strict=True
+        )
     except RuntimeError as exc:
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
@@ -428,7 +432,7 @@ def _load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
             f"(e.g. {unexpected[:3]})"
             if missing or unexpected
-            else _first_line(exc)
+            else first_line(exc)
         )
         raise SegflowError(
             f"model.encoder_weights: {path}: does not fit encoder "
@@ -437,33 +441,25 @@ def _load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _adapt_input_channels(
-    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    rgb_std: Sequence[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Fit an RGB encoder's first convolution to the model's input channels, as smp does.
+    """Fit an RGB encoder's first convolution to the model's input channels.
 
     Weight files are usually RGB (3 input channels) while segmentation images are often gray.
     smp adapts its own pretrained weights in ``patch_first_conv``: for 1 channel the RGB kernels
     are summed, for n channels they are repeated cyclically and scaled by 3 / n. The same rule
     is applied here to any 4-D weight that differs from the model only in having 3 input
-    channels; every other difference is left for the strict load to report.
+    channels, except that for 1 channel and a known RGB normalisation (``rgb_std``) the
+    kernels are folded consistently with it (:func:`segflow.pretrained.fold_rgb_kernel`);
+    every other difference is left for the strict load to report.
     """
     adapted = dict(state_dict)
     for key, value in state_dict.items():
         target = expected.get(key)
-        if (
-            target is None
-            or value.shape == target.shape
-            or value.ndim != 4
-            or value.shape[1] != 3
-            or value.shape[0] != target.shape[0]
-            or value.shape[2:] != target.shape[2:]
-        ):
-            continue
-        channels = target.shape[1]
-        if channels == 1:
-            adapted[key] = value.sum(dim=1, keepdim=True)
-        else:
-            adapted[key] = value[:, torch.arange(channels) % 3] * (3 / channels)
+        if target is not None and differs_only_in_input_channels(value, target):
+            adapted[key] = fold_rgb_kernel(value, target.shape[1], rgb_std)
     return adapted
 
 
@@ -511,12 +507,3 @@ def _plain(value: Any, key: str) -> Any:
         f"checkpoint extra {key}: {type(value).__name__} cannot be stored "
         "(weights-only checkpoints hold plain values and tensors)"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    """The informative line of an exception message (torch's weights-only errors are long)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported global" in line:
-            return line.split(" was not an allowed global")[0]
-    return lines[0] if lines else type(exc).__name__

@@ -7,7 +7,9 @@
   EMA weights when ``ema_decay`` is set, else the trained weights — of the best epoch by
   ``monitor``, or the element-wise average of the ``average_top_k`` best epochs' evaluated
   weights (BatchNorm statistics averaged too, not recalibrated). The saved weights are then
-  validated once more; their score is the checkpoint's ``score``.
+  validated once more; their score is the checkpoint's ``score``. Its ``mean``/``std`` are
+  what the model was fed (:func:`segflow.pretrained.input_normalisation`: the data's
+  statistics, or the normalisation of pretrained encoder weights), and so what prediction uses.
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`), rewritten after every epoch.
   ``skipped_batches`` counts the batches skipped for a NaN/inf loss (``nonfinite_loss``).
 - ``metrics.json``: best epoch, scores, early stopping, timing, provenance
@@ -90,6 +92,7 @@ from segflow.losses import build_loss
 from segflow.metrics import per_image_scores
 from segflow.models import ModelSpec, build_model, padded_size, save_checkpoint
 from segflow.options import options_to_dict
+from segflow.pretrained import input_normalisation
 from segflow.provenance import provenance
 from segflow.schedules import (
     lr_factor,
@@ -211,6 +214,15 @@ class _FoldTrainer:
 
         seed_all(options.seed)  # the initial weights
         self.model = build_model(model_spec).to(self.device)
+        # What the model is fed, here and (through model.pt) in prediction: the data's own
+        # statistics, or the normalisation that pretrained encoder weights were trained with.
+        self.normalisation = input_normalisation(model_spec, arrays.mean, arrays.std)
+        log.info(
+            "fold %d: input normalisation mean %s std %s",
+            fold,
+            [round(v, 4) for v in self.normalisation[0]],
+            [round(v, 4) for v in self.normalisation[1]],
+        )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(
@@ -228,6 +240,7 @@ class _FoldTrainer:
             options,
             pin_memory=self.device.type == "cuda",
             pseudo=pseudo,
+            normalisation=self.normalisation,
         )
 
         self.optimizer = make_optimizer(self.model, options)
@@ -766,7 +779,7 @@ def _save_model(
 
     Args:
         trainer: the trainer after its last epoch.
-        arrays: the preprocess outputs (normalisation and input size for the checkpoint).
+        arrays: the preprocess outputs (input size for the checkpoint).
         model_spec: the model.
         out_dir: the output folder.
 
@@ -801,8 +814,8 @@ def _save_model(
             "epoch": best_epoch,
             "monitor": options.monitor,
             "score": score,
-            "mean": arrays.mean,
-            "std": arrays.std,
+            "mean": trainer.normalisation[0],
+            "std": trainer.normalisation[1],
             "input_size": [arrays.height, arrays.width],
             "dtype": arrays.dtype,
             "averaged_epochs": averaged_epochs,
