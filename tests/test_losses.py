@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from segflow.errors import SegflowError
-from segflow.losses import LOSSES, PIXELWISE, build_loss, ohem_count
+from segflow.losses import LOSSES, PIXELWISE, TERM_OPTIONS, build_loss, ohem_count, parse_loss
 
 CONFIDENT = 20.0  # logit magnitude that is "certain" for every term (lovasz needs > 1)
 
@@ -122,20 +125,156 @@ def test_binary_target_without_channel_axis_and_dtypes() -> None:
 def test_bce_pos_weight_per_class_broadcasts_over_channels() -> None:
     target = _target(channels=3)
     logits = torch.randn(2, 3, 16, 16)
-    loss = build_loss({"bce": 1.0}, mode="multilabel", bce={"pos_weight": [1.0, 2.0, 4.0]})
+    loss = build_loss({"bce": {"weight": 1, "pos_weight": [1.0, 2.0, 4.0]}}, mode="multilabel")
     pos_weight = torch.tensor([1.0, 2.0, 4.0]).view(3, 1, 1)
     expected = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
     assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_term_options_are_passed() -> None:
-    logits, target = torch.randn(2, 1, 16, 16), _target()
-    gamma2 = build_loss({"focal": 1.0})(logits, target)
-    gamma0 = build_loss({"focal": 1.0}, focal={"gamma": 0.0})(logits, target)
-    # gamma 0 is plain BCE, which is never below the focal-weighted value.
+# --------------------------------------------------------------------------- term options
+
+
+def test_short_form_is_unchanged_and_equals_a_mapping_without_options() -> None:
+    logits, target = torch.randn(2, 1, 8, 8), _target(size=8)
+    plain = F.binary_cross_entropy_with_logits(logits, target)
+    assert build_loss({"bce": 1})(logits, target).item() == pytest.approx(plain.item(), rel=1e-6)
+    as_mapping = build_loss({"bce": {"weight": 1}})(logits, target)
+    assert as_mapping.item() == pytest.approx(plain.item(), rel=1e-6)
+    # One canonical form, so both hash alike (resume) and old configs keep their hash.
+    assert parse_loss({"bce": 1}) == parse_loss({"bce": {"weight": 1}}) == {"bce": 1.0}
+    assert parse_loss({"focal": {"weight": 2, "gamma": 1}}) == {
+        "focal": {"weight": 2.0, "gamma": 1.0}
+    }
+
+
+def test_bce_pos_weight_is_the_weighted_log_likelihood() -> None:
+    logits, target = torch.randn(2, 1, 8, 8), _target(size=8)
+    loss = build_loss({"bce": {"weight": 2, "pos_weight": 3.0}})
+    prob = torch.sigmoid(logits)
+    direct = -(3.0 * target * prob.log() + (1 - target) * (1 - prob).log()).mean()
+    assert loss(logits, target).item() == pytest.approx(2 * direct.item(), rel=1e-5)
+    assert loss.last_terms["bce"] == pytest.approx(direct.item(), rel=1e-5)
+    assert direct.item() > F.binary_cross_entropy_with_logits(logits, target).item() * 1.2
+
+
+def test_ohem_keeps_the_hardest_pos_weighted_pixels() -> None:
+    # The weight applies per pixel before mining: tripled positives are picked more often.
+    logits, target = torch.randn(2, 1, 8, 8), _target(size=8)
+    loss = build_loss({"bce": {"weight": 1, "pos_weight": 3.0}}, ohem_fraction=0.25)
+    prob = torch.sigmoid(logits)
+    per_pixel = -(3.0 * target * prob.log() + (1 - target) * (1 - prob).log()).flatten()
+    expected = per_pixel.sort(descending=True).values[: ohem_count(128, 0.25)].mean()
+    assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_focal_gamma_and_alpha_follow_the_focal_formula() -> None:
+    logits, target = torch.randn(2, 1, 8, 8) * 2, _target(size=8)
+    prob = torch.sigmoid(logits)
+    p_t = torch.where(target == 1, prob, 1 - prob)
+    alpha_t = torch.where(target == 1, 0.25, 0.75)
+    for gamma in (0.0, 1.0, 3.0):
+        direct = -((1 - p_t) ** gamma * p_t.log()).mean()
+        value = build_loss({"focal": {"weight": 1, "gamma": gamma}})(logits, target)
+        assert value.item() == pytest.approx(direct.item(), rel=1e-4), gamma
+        weighted = -(alpha_t * (1 - p_t) ** gamma * p_t.log()).mean()
+        value = build_loss({"focal": {"weight": 1, "gamma": gamma, "alpha": 0.25}})(logits, target)
+        assert value.item() == pytest.approx(weighted.item(), rel=1e-4), gamma
+    # gamma 0 is plain BCE, which is never below the focal-weighted value (default gamma 2).
+    gamma0 = build_loss({"focal": {"weight": 1, "gamma": 0}})(logits, target)
     bce = F.binary_cross_entropy_with_logits(logits, target)
     assert gamma0.item() == pytest.approx(bce.item(), rel=1e-5)
-    assert gamma2.item() < gamma0.item()
+    assert build_loss({"focal": 1.0})(logits, target).item() < gamma0.item()
+
+
+def test_tversky_alpha_beta_gamma_follow_the_tp_fp_fn_formula() -> None:
+    logits, target = torch.randn(2, 1, 8, 8) * 2, _target(size=8)
+    prob = torch.sigmoid(logits)
+    tp = (prob * target).sum()
+    fp = (prob * (1 - target)).sum()
+    fn = ((1 - prob) * target).sum()
+    for alpha, beta, gamma in ((0.3, 0.7, 1.0), (0.7, 0.3, 1.0), (0.3, 0.7, 0.75)):
+        direct = (1 - tp / (tp + alpha * fp + beta * fn)) ** gamma
+        options = {"weight": 1, "alpha": alpha, "beta": beta, "gamma": gamma}
+        value = build_loss({"tversky": options})(logits, target)
+        assert value.item() == pytest.approx(direct.item(), rel=1e-4), (alpha, beta, gamma)
+    # alpha = beta = 0.5 is Dice; 0.3/0.7 is not.
+    dice = build_loss({"dice": 1})(logits, target).item()
+    assert build_loss({"tversky": 1})(logits, target).item() == pytest.approx(dice, rel=1e-5)
+    skewed = build_loss({"tversky": {"weight": 1, "alpha": 0.3, "beta": 0.7}})(logits, target)
+    assert abs(skewed.item() - dice) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["dice", "jaccard"])
+def test_log_loss_and_smooth_follow_the_score_formula(name: str) -> None:
+    logits, target = torch.randn(2, 1, 8, 8) * 2, _target(size=8)
+    prob = torch.sigmoid(logits)
+    intersection, total = (prob * target).sum(), (prob + target).sum()
+
+    def score(smooth: float) -> torch.Tensor:
+        # smp: (TP + smooth) / (TP + a FP + b FN + smooth), a = b = 1/2 (dice) or 1 (jaccard).
+        if name == "dice":
+            return (intersection + smooth) / (total / 2 + smooth)
+        return (intersection + smooth) / (total - intersection + smooth)
+
+    log_loss = build_loss({name: {"weight": 1, "log_loss": True}})(logits, target)
+    assert log_loss.item() == pytest.approx(-score(0.0).log().item(), rel=1e-5)
+    assert build_loss({name: 1})(logits, target).item() == pytest.approx(
+        1 - score(0.0).item(), rel=1e-5
+    )
+    smoothed = build_loss({name: {"weight": 1, "smooth": 10.0}})(logits, target)
+    assert smoothed.item() == pytest.approx(1 - score(10.0).item(), rel=1e-5)
+    assert abs(smoothed.item() - (1 - score(0.0).item())) > 1e-3
+
+
+def _lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovasz hinge of flattened pixels: sorted hinge errors dot the Jaccard loss increments."""
+    logits, target = logits.flatten(), target.flatten()
+    errors = 1 - logits * (2 * target - 1)
+    errors, order = errors.sort(descending=True)
+    labels = target[order]
+    positives = labels.sum()
+    jaccard = 1 - (positives - labels.cumsum(0)) / (positives + (1 - labels).cumsum(0))
+    increments = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return (errors.clamp_min(0) * increments).sum()
+
+
+def test_lovasz_per_image_is_the_mean_of_per_image_losses() -> None:
+    # Planted: image 0 has a large mask predicted right, image 1 a small mask predicted wrong.
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, :, :4] = 1
+    target[1, :, 0, 0] = 1
+    logits = (2 * target - 1) * 2.0
+    logits[1, :, 0, 0] = -1.0
+    logits[1, :, 7, 7] = 0.5
+    batch = build_loss({"lovasz": 1})(logits, target).item()
+    per_image = build_loss({"lovasz": {"weight": 1, "per_image": True}})(logits, target).item()
+    assert batch == pytest.approx(_lovasz_hinge(logits, target).item(), rel=1e-5)
+    expected = (_lovasz_hinge(logits[0], target[0]) + _lovasz_hinge(logits[1], target[1])) / 2
+    assert per_image == pytest.approx(expected.item(), rel=1e-5)
+    # The batch loss dilutes image 1's error among image 0's many right pixels.
+    assert per_image > 2 * batch
+
+
+def test_each_term_option_is_registered_in_the_schema() -> None:
+    schema_path = Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+    schema = yaml.safe_load(schema_path.read_text())
+    loss = schema["properties"]["experiments"]["additionalProperties"]["properties"]["loss"]
+    assert set(loss["properties"]) == set(LOSSES) == set(TERM_OPTIONS)
+    for name, options in TERM_OPTIONS.items():
+        assert list(loss["properties"][name]["properties"]) == ["weight", *options], name
+    # The workflow's config check accepts both forms and names a misspelt option in one line.
+    from segflow.config_check import check_config
+
+    config = yaml.safe_load((schema_path.parents[2] / "config" / "config.yaml").read_text())
+    experiment = config["experiments"]["fpn_r18"]
+    experiment["loss"] = {"bce": {"weight": 1, "pos_weight": [3.0]}, "lovasz": 1}
+    check_config(config, schema_path)
+    experiment["loss"] = {"focal": {"weight": 1, "gama": 2}}
+    with pytest.raises(SegflowError, match=r"unknown key experiments\.fpn_r18\.loss\.focal\.gama"):
+        check_config(config, schema_path)
+    experiment["loss"] = {"bce": {"weight": 1, "pos_weight": 0}}
+    with pytest.raises(SegflowError, match=r"experiments\.fpn_r18\.loss\.bce\.pos_weight: 0"):
+        check_config(config, schema_path)
 
 
 # --------------------------------------------------------------------------- OHEM
@@ -219,16 +358,45 @@ def test_bad_mode_options_and_ohem() -> None:
             build_loss({"bce": 1.0}, ohem_fraction=fraction)
     with pytest.raises(SegflowError, match=r"loss\.ohem_fraction applies to the pixel-wise"):
         build_loss({"dice": 1.0, "lovasz": 1.0}, ohem_fraction=0.5)
-    with pytest.raises(SegflowError, match=r"loss\.focal: options given for a term"):
-        build_loss({"bce": 1.0}, focal={"gamma": 1.0})
-    with pytest.raises(SegflowError, match=r"loss\.dice\.mode: set by segflow"):
-        build_loss({"dice": 1.0}, dice={"mode": "multiclass"})
-    with pytest.raises(SegflowError, match=r"loss\.dice: invalid options"):
-        build_loss({"dice": 1.0}, dice={"smoth": 1.0})
-    with pytest.raises(SegflowError, match=r"loss\.focal\.class_weights"):
-        build_loss(
-            {"focal": 1.0}, mode="multilabel", ohem_fraction=0.5, focal={"class_weights": [1, 2]}
-        )
+
+
+def test_unknown_option_names_the_key_and_lists_the_terms_options() -> None:
+    with pytest.raises(SegflowError) as info:
+        parse_loss({"dice": {"weight": 1, "smoth": 1.0}}, "experiments.fpn.loss")
+    message = str(info.value)
+    assert message == (
+        "experiments.fpn.loss.dice.smoth: unknown option; valid for dice: weight, log_loss, smooth"
+    )
+    # Options segflow sets itself are not options of a term either.
+    for name, option in (("dice", "mode"), ("bce", "reduction"), ("focal", "class_weights")):
+        with pytest.raises(SegflowError, match=rf"^loss\.{name}\.{option}: unknown option; "):
+            build_loss({name: {"weight": 1, option: 1}})
+
+
+@pytest.mark.parametrize(
+    ("term", "pattern"),
+    [
+        ({"bce": {"weight": -1}}, r"loss\.bce: weight must be finite and >= 0, got -1"),
+        ({"bce": {"weight": "1"}}, r"loss\.bce: weight must be a number"),
+        ({"bce": {"pos_weight": 2}}, r"loss\.bce\.weight: missing"),
+        ({"bce": {"weight": 1, "pos_weight": 0}}, r"loss\.bce\.pos_weight: must be a number > 0"),
+        ({"bce": {"weight": 1, "pos_weight": -2.0}}, r"loss\.bce\.pos_weight: must be"),
+        ({"bce": {"weight": 1, "pos_weight": [1, 0]}}, r"loss\.bce\.pos_weight: must be"),
+        ({"bce": {"weight": 1, "pos_weight": [1, 2]}}, r"2 values for 1 mask class"),
+        ({"focal": {"weight": 1, "gamma": -0.5}}, r"loss\.focal\.gamma: must be a number >= 0"),
+        ({"focal": {"weight": 1, "alpha": 1.5}}, r"loss\.focal\.alpha: must be a number in"),
+        ({"lovasz": {"weight": 1, "per_image": "yes"}}, r"per_image: must be true or false"),
+        ({"dice": {"weight": 1, "log_loss": 1}}, r"loss\.dice\.log_loss: must be true or false"),
+        ({"jaccard": {"weight": 1, "smooth": -1}}, r"loss\.jaccard\.smooth: must be a number"),
+        ({"tversky": {"weight": 1, "gamma": 0}}, r"loss\.tversky\.gamma: must be a number > 0"),
+        ({"tversky": {"weight": 1, "alpha": 0, "beta": 0}}, r"loss\.tversky: alpha and beta"),
+        ({"tversky": {"weight": 1, "beta": float("inf")}}, r"loss\.tversky\.beta: must be"),
+    ],
+)
+def test_bad_option_values_give_one_line(term: dict, pattern: str) -> None:
+    with pytest.raises(SegflowError, match=pattern) as info:
+        build_loss(term)
+    assert "\n" not in str(info.value)
 
 
 def test_pixelwise_names_are_registered() -> None:

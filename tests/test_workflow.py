@@ -341,6 +341,10 @@ EXTRA_EXPERIMENT = {
         ),
         ({"experiments": {"fpn_r18": {"loss": {"bce": 1.0, "lovasz": 0.5}}}}, ONE_EXPERIMENT),
         (
+            {"experiments": {"fpn_r18": {"loss": {"bce": {"weight": 1.0, "pos_weight": 2.0}}}}},
+            ONE_EXPERIMENT,
+        ),
+        (
             {"pseudo": {"rounds": 1, "max_uncertain_share": 1.0}},
             # Round 1 only: selection, its folds, and the second level moved to round 1.
             {**ONE_EXPERIMENT, "select_pseudo_labels": 1},
@@ -365,6 +369,7 @@ EXTRA_EXPERIMENT = {
         "fold-count",
         "add-experiment",
         "experiment-loss",
+        "experiment-loss-option",
         "pseudo-round",
         "stack-backend",
         "postprocess-grid",

@@ -160,7 +160,7 @@ def config_hash(
     options: TrainOptions,
     model_spec: ModelSpec,
     fold: int,
-    loss_weights: Mapping[str, float],
+    loss_weights: Mapping[str, Any],
     ohem_fraction: float | None,
     augment: Any,
     data: Mapping[str, Any],
@@ -171,7 +171,7 @@ def config_hash(
         options: training options; those in :data:`RESUME_EXEMPT` are left out.
         model_spec: the model.
         fold: the validation fold.
-        loss_weights: loss term -> weight.
+        loss_weights: loss term -> weight, or -> ``{weight, <option>: value}``.
         ohem_fraction: online hard example mining fraction.
         augment: augmentation spec.
         data: the data's identity (:func:`data_fingerprint`).

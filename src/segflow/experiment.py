@@ -26,7 +26,7 @@ class Experiment:
 
     name: str
     model: Any  # segflow.models.ModelSpec
-    loss: dict[str, float]
+    loss: dict[str, Any]  # term -> weight, or -> {weight, options} (segflow.losses.parse_loss)
     ohem_fraction: float | None
     augment: Any
     train: Any  # segflow.train_options.TrainOptions
@@ -56,6 +56,7 @@ def parse_experiment(
     Returns:
         The parsed :class:`Experiment`.
     """
+    from segflow.losses import parse_loss
     from segflow.models import ModelSpec
     from segflow.train_options import TrainOptions
 
@@ -70,13 +71,10 @@ def parse_experiment(
                 f"{key}.model.{derived} is set by the data (preprocess stats.json); remove it"
             )
     model_values = {**model_values, "in_channels": in_channels, "classes": classes}
-    loss = values.get("loss", DEFAULT_LOSS)
-    if not isinstance(loss, dict) or not loss:
-        raise SegflowError(f"{key}.loss must map loss names to weights, e.g. {{bce: 1, dice: 1}}")
     return Experiment(
         name=name,
         model=_dataclass_from(ModelSpec, model_values, f"{key}.model"),
-        loss={str(k): float(v) for k, v in loss.items()},
+        loss=parse_loss(values.get("loss", DEFAULT_LOSS), f"{key}.loss", classes),
         ohem_fraction=values.get("ohem_fraction"),
         augment=values.get("augment", "d4"),
         train=_dataclass_from(TrainOptions, values.get("train", {}), f"{key}.train"),

@@ -88,7 +88,7 @@ from segflow.datasets import SegmentationArrays, crop_to, pad_to_size
 from segflow.devices import resolve_device
 from segflow.errors import SegflowError
 from segflow.fold_data import FoldData, PseudoLabels, build_train_set, seed_all, split_rows
-from segflow.losses import build_loss
+from segflow.losses import build_loss, parse_loss
 from segflow.metrics import per_image_scores
 from segflow.models import ModelSpec, build_model, padded_size, save_checkpoint
 from segflow.options import options_to_dict
@@ -198,7 +198,7 @@ class _FoldTrainer:
         val_rows: np.ndarray,
         fold: int,
         model_spec: ModelSpec,
-        loss_weights: Mapping[str, float],
+        loss_weights: Mapping[str, Any],
         augment: Any,
         options: TrainOptions,
         ohem_fraction: float | None,
@@ -229,7 +229,7 @@ class _FoldTrainer:
             dict(loss_weights),
             mode="binary" if model_spec.classes == 1 else "multilabel",
             ohem_fraction=ohem_fraction,
-        )
+        ).to(self.device)  # bce's pos_weight is a buffer
         self.aux_loss_fn = nn.BCEWithLogitsLoss()
         self.pseudo_weight = pseudo.weight if pseudo is not None else 1.0
         self.data = FoldData.build(
@@ -589,7 +589,7 @@ def train_fold(
     folds_csv: str | os.PathLike[str],
     fold: int,
     model_spec: ModelSpec,
-    loss_weights: Mapping[str, float],
+    loss_weights: Mapping[str, Any],
     augment: Any,
     options: TrainOptions,
     out_dir: str | os.PathLike[str],
@@ -608,7 +608,8 @@ def train_fold(
         fold: the validation fold.
         model_spec: a :class:`segflow.models.ModelSpec` (``classes`` and ``in_channels`` those
             of the arrays' stats.json).
-        loss_weights: loss term -> weight (:func:`segflow.losses.build_loss`).
+        loss_weights: loss term -> weight, or -> ``{"weight": w, <option>: value}``
+            (:func:`segflow.losses.build_loss`).
         augment: augmentation spec (:func:`segflow.augment.build_augmentation`).
         options: training options.
         out_dir: where model.pt, history.csv and metrics.json go.
@@ -656,6 +657,8 @@ def train_fold(
     fingerprint = data_fingerprint(arrays, train_rows, val_rows)
     if pseudo is not None:
         fingerprint["pseudo"] = pseudo.fingerprint()
+    # Canonical form: equal loss configs (1 vs 1.0, {weight: 1} vs 1) hash alike.
+    loss_weights = parse_loss(loss_weights, "loss", model_spec.classes)
     expected_hash = config_hash(
         options, model_spec, fold, loss_weights, ohem_fraction, augment, fingerprint
     )
