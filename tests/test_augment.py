@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from segflow import augment
-from segflow.augment import PRESETS, build_augmentation
+from segflow.augment import (
+    PRESETS,
+    AugmentPhase,
+    augment_phases,
+    build_augmentation,
+    build_augmentation_schedule,
+    is_phase_list,
+)
 from segflow.errors import SegflowError
 
 # albumentations itself is imported through segflow.augment, which first disables its PyPI
@@ -239,3 +246,93 @@ def test_bad_serialized_dicts() -> None:
     bad = {"__version__": "2.0.8", "transform": {"__class_fullname__": "NoSuchTransform", "p": 1}}
     with pytest.raises(SegflowError, match="invalid serialized albumentations pipeline"):
         build_augmentation(bad, 64, 64)
+
+
+# --------------------------------------------------------------------------- phases
+
+PHASES = [
+    {"until_epoch": 2, "augment": "none"},
+    {"until_epoch": 6, "augment": "d4"},
+    {"augment": "heavy"},
+]
+
+
+def test_phases_cover_every_epoch_up_to_and_including_until_epoch() -> None:
+    schedule = build_augmentation_schedule(PHASES, 64, 64, channels=1)
+    assert [schedule.index_for(epoch) for epoch in range(1, 10)] == [0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert schedule.transform_for(2) is None  # none: the input unchanged
+    assert _names(schedule.transform_for(3)) == ["Compose", "D4"]
+    assert "Affine" in _names(schedule.transform_for(1000))
+    mask = _blocky_mask()
+    # A crop applies in every phase, "none" included.
+    cropped = build_augmentation_schedule(PHASES, 64, 64, crop=(32, 32), channels=1)
+    assert all(
+        t(image=_image_of(mask, 1), mask=mask)["mask"].shape == (32, 32) for t in cropped.transforms
+    )
+
+
+def test_a_plain_spec_is_one_open_ended_phase() -> None:
+    for spec in ("d4", [{"name": "D4"}], A.to_dict(A.HorizontalFlip(p=1.0)), None):
+        assert not is_phase_list(spec)
+        assert augment_phases(spec) == (AugmentPhase(None, spec),)
+    schedule = build_augmentation_schedule("d4", 64, 64)
+    assert schedule.index_for(1) == schedule.index_for(500) == 0
+    assert _names(schedule.transforms[0]) == ["Compose", "D4"]
+    with pytest.raises(SegflowError, match="phases"):
+        build_augmentation(PHASES, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("phases", "pattern"),
+    [
+        (
+            [{"until_epoch": 2, "augment": "d4"}, {"until_epoch": 4, "augment": "none"}],
+            r"^augment\[1\]\.until_epoch: the last phase runs to the end",
+        ),
+        (
+            [{"augment": "none"}, {"augment": "d4"}],
+            r"^augment\[0\]\.until_epoch must be an integer >= 1",
+        ),
+        (
+            [{"until_epoch": 0, "augment": "none"}, {"augment": "d4"}],
+            r"^augment\[0\]\.until_epoch must be .*got 0",
+        ),
+        (
+            [{"until_epoch": True, "augment": "none"}, {"augment": "d4"}],
+            r"^augment\[0\]\.until_epoch must be .*got True",
+        ),
+        (
+            [
+                {"until_epoch": 3, "augment": "none"},
+                {"until_epoch": 3, "augment": "d4"},
+                {"augment": "heavy"},
+            ],
+            r"^augment\[1\]\.until_epoch 3 must be greater than the previous phase's 3$",
+        ),
+        (
+            [{"until_epoch": 2, "augment": "none"}, {"name": "D4"}],
+            r"^augment\[1\]: expected a phase",
+        ),
+        (
+            [{"until_epoch": 2, "augment": "none", "p": 1}, {"augment": "d4"}],
+            r"^augment\[0\]: unknown key\(s\) \['p'\]",
+        ),
+        (
+            [{"until_epoch": 2, "augment": [{"augment": "d4"}]}, {"augment": "d4"}],
+            r"^augment\[0\]\.augment: phases cannot nest$",
+        ),
+        (
+            [{"until_epoch": 2, "augment": [{"name": "Foo"}]}, {"augment": "d4"}],
+            r"^augment\[0\]\.augment\[0\]: unknown albumentations transform 'Foo'$",
+        ),
+    ],
+)
+def test_bad_phases_fail_in_one_line_naming_the_phase(phases: list, pattern: str) -> None:
+    with pytest.raises(SegflowError, match=pattern) as error:
+        build_augmentation_schedule(phases, 64, 64)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_preset_in_a_phase_names_the_phase() -> None:
+    with pytest.raises(KeyError, match=r"augment\[1\]\.augment: unknown preset 'd8'"):
+        build_augmentation_schedule([{"until_epoch": 1, "augment": "d4"}, {"augment": "d8"}], 8, 8)

@@ -16,6 +16,7 @@ from segflow.ingest import IngestOptions
 from segflow.predict import PredictOptions
 from segflow.preprocess import PreprocessOptions
 from segflow.submission import SubmissionOptions
+from segflow.train_options import TrainOptions
 
 SCHEMA = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
@@ -46,6 +47,22 @@ def test_schema_keys_and_defaults_match_the_options_dataclass(section: str) -> N
         choices = field.metadata.get("choices")
         if choices is not None:
             assert list(properties[name]["enum"]) == list(choices), f"{section}.{name}"
+
+
+def test_train_schema_properties_are_train_options_fields() -> None:
+    """experiments.*.train lists options without `default:` (see the schema); each is a
+    TrainOptions field whose default the schema accepts, with the same choices."""
+    train = SCHEMA["properties"]["experiments"]["additionalProperties"]["properties"]["train"]
+    fields = {field.name: field for field in dataclasses.fields(TrainOptions)}
+    for name, schema in train["properties"].items():
+        assert name in fields, name
+        assert "default" not in schema, name
+        jsonschema.validate(fields[name].default, schema)
+        choices = fields[name].metadata.get("choices")
+        if choices is not None:
+            assert list(schema["enum"]) == list(choices), name
+    for name in ("steps_per_epoch", "mixup_prob", "mixup_alpha", "cutmix_prob", "cutmix_alpha"):
+        assert name in train["properties"], name
 
 
 def test_every_schema_property_is_described() -> None:

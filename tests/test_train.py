@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ import torch
 from helpers import write_synthetic_arrays
 
 from segflow import train as train_module
+from segflow.datasets import MemmapDataset, SegmentationArrays
 from segflow.errors import SegflowError
-from segflow.fold_data import loader_workers
+from segflow.fold_data import FoldData, loader_workers, split_rows
 from segflow.models import ModelSpec, build_model, forward_logits, load_checkpoint
 from segflow.train import (
     HISTORY_COLUMNS,
     TrainingInterrupted,
     TrainOptions,
+    config_hash,
     lr_factor,
     train_fold,
 )
@@ -362,6 +365,152 @@ def test_loader_workers_follow_threads() -> None:
         assert loader_workers(None, cuda=True) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- epoch length, phases, mixing
+
+PHASES = [{"until_epoch": 1, "augment": "none"}, {"augment": "d4"}]
+
+
+def _fold_data(arrays_dir: Path, augment: Any = "d4", **overrides: Any) -> FoldData:
+    arrays = SegmentationArrays.open(arrays_dir)
+    train_rows, val_rows = split_rows(arrays, arrays_dir / "folds.csv", 0)
+    options = TrainOptions(**{"batch_size": 4, **overrides})
+    return FoldData.build(arrays, train_rows, val_rows, augment, options, pin_memory=False)
+
+
+def test_steps_per_epoch_gives_exactly_that_many_batches(arrays_dir: Path) -> None:
+    natural = _fold_data(arrays_dir, batch_size=3)
+    n_train = len(natural.train_set)
+    assert n_train % 3 == 0 and len(natural.train_loader) == n_train // 3  # 21 items
+    # Two whole passes: every item exactly twice, reshuffled between the passes.
+    data = _fold_data(arrays_dir, batch_size=3, steps_per_epoch=2 * n_train // 3)
+    for epoch in (1, 2):
+        data.seed_epoch(7, epoch)
+        batches = [batch["row"].tolist() for batch in data.train_loader]
+        assert len(batches) == 2 * n_train // 3 and {len(rows) for rows in batches} == {3}
+        drawn = [row for rows in batches for row in rows]
+        assert set(Counter(drawn).values()) == {2}
+        assert drawn[:n_train] != drawn[n_train:]  # the second pass is reshuffled
+    # Fewer draws than items, more than items, and balanced sampling: always N batches.
+    for steps, extra in ((2, {}), (13, {}), (7, {"empty_ratio": 0.5})):
+        data = _fold_data(arrays_dir, steps_per_epoch=steps, **extra)
+        data.seed_epoch(7, 1)
+        batches = [batch["row"] for batch in data.train_loader]
+        assert len(data.train_loader) == len(batches) == steps
+        assert all(len(rows) == 4 for rows in batches)
+    # Deterministic per (seed, epoch): a replayed epoch draws the same rows.
+    data = _fold_data(arrays_dir, steps_per_epoch=9, empty_ratio=0.5)
+    epochs = []
+    for epoch in (1, 2, 1):
+        data.seed_epoch(7, epoch)
+        epochs.append(torch.cat([batch["row"] for batch in data.train_loader]).tolist())
+    assert epochs[0] == epochs[2] != epochs[1]
+
+
+def test_the_lr_schedule_follows_steps_per_epoch(arrays_dir: Path, tmp_path: Path) -> None:
+    _train(arrays_dir, tmp_path / "run", epochs=2, steps_per_epoch=3, scheduler="cosine")
+    lrs = pd.read_csv(tmp_path / "run" / "out" / "history.csv")["lr"].tolist()
+    # history's lr is that of each epoch's last batch: steps 2 and 5 of 6.
+    expected = [FAST["lr"] * lr_factor("cosine", step, 6, 0, 1) for step in (2, 5)]
+    assert lrs == pytest.approx(expected)
+
+
+def _reference_images(arrays_dir: Path) -> MemmapDataset:
+    """Every training image as the trainer loads it, without augmentation."""
+    arrays = SegmentationArrays.open(arrays_dir)
+    rows = np.arange(np.load(arrays.train_images_path, mmap_mode="r").shape[0])
+    return MemmapDataset(arrays.train_images_path, rows, mean=arrays.mean, std=arrays.std)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_augment_phases_switch_at_the_epoch_even_in_persistent_workers(
+    arrays_dir: Path, workers: int
+) -> None:
+    reference = _reference_images(arrays_dir)
+    data = _fold_data(arrays_dir, augment=PHASES, num_workers=workers)
+    assert data.train_loader.persistent_workers == (workers > 0)
+
+    def unchanged_and_dihedral(epoch: int) -> tuple[int, int]:
+        data.seed_epoch(7, epoch)
+        same = dihedral = 0
+        for batch in data.train_loader:
+            for row, image in zip(batch["row"].tolist(), batch["image"], strict=True):
+                original = reference[row]["image"]
+                same += torch.equal(image, original)
+                variants = [torch.rot90(original, k, (1, 2)) for k in range(4)]
+                variants += [variant.flip(2) for variant in variants]
+                dihedral += any(torch.equal(image, variant) for variant in variants)
+        return same, dihedral
+
+    n_drawn = len(data.train_loader) * 4
+    assert unchanged_and_dihedral(1) == (n_drawn, n_drawn)  # "none": the input as stored
+    same, dihedral = unchanged_and_dihedral(2)
+    assert dihedral == n_drawn and same < n_drawn / 2  # "d4": flipped and rotated
+    assert unchanged_and_dihedral(1) == (n_drawn, n_drawn)  # a resumed epoch 1 is "none" again
+
+
+def test_resumed_run_with_phases_steps_and_mixing_equals_an_uninterrupted_one(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {
+        "augment": [{"until_epoch": 1, "augment": "none"}, {"augment": "d4"}],
+        "steps_per_epoch": 3,
+        "mixup_prob": 0.4,
+        "cutmix_prob": 0.4,
+        "empty_ratio": 0.5,
+    }
+    _train(arrays_dir, tmp_path / "straight", **settings)
+    run = tmp_path / "interrupted"
+    _count_epochs(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(arrays_dir, run, **settings)
+    trained = _count_epochs(monkeypatch)
+    assert _train(arrays_dir, run, **settings)["resumed_from_epoch"] == 2 and trained == [3]
+    straight = _weights(tmp_path / "straight" / "out" / "model.pt")
+    resumed = _weights(run / "out" / "model.pt")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    # The mixing takes part: without it the same run trains other weights.
+    unmixed = {**settings, "mixup_prob": 0.0, "cutmix_prob": 0.0}
+    _train(arrays_dir, tmp_path / "unmixed", **unmixed)
+    other = _weights(tmp_path / "unmixed" / "out" / "model.pt")
+    assert any(not torch.equal(straight[key], other[key]) for key in straight)
+
+
+def test_mixup_with_lovasz_stops_before_training(arrays_dir: Path, tmp_path: Path) -> None:
+    options = TrainOptions(**FAST, mixup_prob=0.5)
+    with pytest.raises(SegflowError, match=r"train\.mixup_prob: .*lovasz"):
+        train_fold(
+            arrays_dir,
+            arrays_dir / "folds.csv",
+            0,
+            SPEC,
+            {"bce": 1.0, "lovasz": 1.0},
+            "d4",
+            options,
+            tmp_path / "out",
+            tmp_path / "resume",
+        )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"steps_per_epoch": 250},
+        {"mixup_prob": 0.5},
+        {"mixup_alpha": 0.2},
+        {"cutmix_prob": 0.5},
+        {"cutmix_alpha": 0.5},
+        {"augment": PHASES},
+    ],
+)
+def test_new_options_enter_the_resume_config_hash(change: dict[str, Any]) -> None:
+    def digest(values: dict[str, Any]) -> str:
+        augment = values.pop("augment", "d4")
+        return config_hash(TrainOptions(**values), SPEC, 0, LOSS, None, augment, {"data": "x"})
+
+    assert digest(dict(change)) != digest({})
 
 
 # --------------------------------------------------------------------------- schedules

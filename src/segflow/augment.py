@@ -6,7 +6,12 @@ The config key ``augment`` is one of
   ``heavy`` (D4, affine, elastic or grid distortion, brightness/contrast, hue/saturation for
   3-channel images, Gaussian noise);
 - a list of ``{"name": "<albumentations class>", "params": {...}}`` entries, applied in order;
-- a dict written by ``albumentations.to_dict`` (any pipeline, OneOf etc. included).
+- a dict written by ``albumentations.to_dict`` (any pipeline, OneOf etc. included);
+- a list of *phases*, ``[{until_epoch: 2, augment: none}, {until_epoch: 6, augment: d4},
+  {augment: heavy}]``: each phase's ``augment`` (any of the above) applies up to and including
+  epoch ``until_epoch``, strictly increasing; the last phase has no ``until_epoch`` and runs to
+  the end (:func:`augment_phases`, :class:`AugmentSchedule`). The phase of an epoch is a function
+  of the epoch alone, so a resumed run picks up the right one.
 
 The pipeline is called as ``aug(image=image, mask=mask)`` so geometric transforms move image and
 mask together (masks are resampled nearest-neighbour, so they stay binary) and intensity
@@ -20,6 +25,7 @@ import difflib
 import inspect
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -33,6 +39,7 @@ import albumentations as A
 from segflow.errors import SegflowError
 
 PRESETS = ("none", "d4", "heavy")
+PHASE_KEYS = ("until_epoch", "augment")
 
 AugmentSpec = str | Sequence[Mapping[str, Any]] | Mapping[str, Any] | None
 
@@ -43,17 +50,20 @@ def build_augmentation(
     width: int,
     crop: tuple[int, int] | None = None,
     channels: int = 3,
+    key: str = "augment",
 ) -> A.Compose | None:
     """The training augmentation pipeline for ``spec`` (config key ``augment``).
 
     Args:
         spec: a preset name, a list of ``{"name", "params"}`` entries, or an
-            ``albumentations.to_dict`` dict; None means ``"none"``.
+            ``albumentations.to_dict`` dict; None means ``"none"``. A list of phases is built
+            by :func:`build_augmentation_schedule`.
         height, width: the size of the images the pipeline receives.
         crop: (height, width) of a random patch cut first (patch training); None keeps the size.
         channels: image channels. Colour transforms (hue/saturation) are left out of the presets
             unless it is 3: on 1-channel images albumentations 2 warns on every call and changes
             brightness only, which RandomBrightnessContrast already does.
+        key: the config key named in error messages (a phase's is ``augment[i].augment``).
 
     Returns:
         An ``albumentations.Compose`` to call as ``aug(image=..., mask=...)``, or None when there
@@ -69,27 +79,181 @@ def build_augmentation(
     """
     for name, value in (("height", height), ("width", width), ("channels", channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SegflowError(f"augment: {name} must be an integer >= 1, got {value!r}")
+            raise SegflowError(f"{key}: {name} must be an integer >= 1, got {value!r}")
     out_height, out_width = height, width
     prefix: list[A.BasicTransform] = []
     if crop is not None:
         out_height, out_width = _check_crop(crop, height, width)
         prefix.append(A.RandomCrop(height=out_height, width=out_width, p=1.0))
 
+    if is_phase_list(spec):
+        raise SegflowError(
+            f"{key}: a list of phases needs build_augmentation_schedule (phases cannot nest)"
+        )
     if spec is None or isinstance(spec, str):
-        transforms = _preset(spec or "none", out_height == out_width, channels)
+        transforms = _preset(spec or "none", out_height == out_width, channels, key)
     elif isinstance(spec, Mapping):
-        transforms = [_from_serialized(spec)]
+        transforms = [_from_serialized(spec, key)]
     elif isinstance(spec, Sequence):
-        transforms = [_from_entry(index, entry) for index, entry in enumerate(spec)]
+        transforms = [_from_entry(f"{key}[{index}]", entry) for index, entry in enumerate(spec)]
     else:
         raise SegflowError(
-            f"augment: expected a preset name, a list of transforms or a serialized dict, "
-            f"got {type(spec).__name__}"
+            f"{key}: expected a preset name, a list of transforms, a list of phases or a "
+            f"serialized dict, got {type(spec).__name__}"
         )
     if not prefix and not transforms:
         return None
     return A.Compose([*prefix, *transforms])
+
+
+@dataclass(frozen=True)
+class AugmentPhase:
+    """One phase of an augmentation schedule.
+
+    Attributes:
+        until_epoch: the phase's last epoch (inclusive); None for the open-ended last phase.
+        spec: the phase's augmentation (a preset, transform list or serialized dict).
+    """
+
+    until_epoch: int | None
+    spec: AugmentSpec
+
+
+def is_phase_list(spec: Any) -> bool:
+    """Whether ``spec`` is a list of phases: a list with a mapping holding ``augment`` or
+    ``until_epoch`` (a transform list holds ``{name, params}`` mappings)."""
+    if isinstance(spec, str | Mapping) or not isinstance(spec, Sequence):
+        return False
+    return any(isinstance(entry, Mapping) and set(PHASE_KEYS) & set(entry) for entry in spec)
+
+
+def augment_phases(spec: AugmentSpec) -> tuple[AugmentPhase, ...]:
+    """The phases of an ``augment`` value: its own list, or one open-ended phase.
+
+    Only the structure is checked here; each phase's spec is checked when it is built.
+
+    Args:
+        spec: the config value ``augment``.
+
+    Returns:
+        The phases in order; the last one has ``until_epoch`` None.
+
+    Raises:
+        SegflowError: a malformed phase, naming it as ``augment[i]``.
+    """
+    if not is_phase_list(spec):
+        return (AugmentPhase(None, spec),)
+    phases: list[AugmentPhase] = []
+    entries = list(spec)  # type: ignore[arg-type]
+    for index, entry in enumerate(entries):
+        where = f"augment[{index}]"
+        last = index == len(entries) - 1
+        if not isinstance(entry, Mapping) or "augment" not in entry:
+            raise SegflowError(
+                f"{where}: expected a phase {{until_epoch: <last epoch>, augment: <preset, "
+                f"transform list or dict>}} (a phase list holds phases only)"
+            )
+        unknown = sorted(set(entry) - set(PHASE_KEYS))
+        if unknown:
+            raise SegflowError(
+                f"{where}: unknown key(s) {unknown}; a phase has {' and '.join(PHASE_KEYS)}"
+            )
+        if is_phase_list(entry["augment"]):
+            raise SegflowError(f"{where}.augment: phases cannot nest")
+        until = entry.get("until_epoch")
+        if last:
+            if until is not None:
+                raise SegflowError(
+                    f"{where}.until_epoch: the last phase runs to the end of training; "
+                    "remove its until_epoch"
+                )
+        elif isinstance(until, bool) or not isinstance(until, int) or until < 1:
+            raise SegflowError(
+                f"{where}.until_epoch must be an integer >= 1 (the phase's last epoch), "
+                f"got {until!r}; only the last phase has none"
+            )
+        elif phases and until <= phases[-1].until_epoch:  # type: ignore[operator]
+            raise SegflowError(
+                f"{where}.until_epoch {until} must be greater than the previous phase's "
+                f"{phases[-1].until_epoch}"
+            )
+        phases.append(AugmentPhase(until, entry["augment"]))
+    return tuple(phases)
+
+
+def phase_index(phases: Sequence[AugmentPhase], epoch: int) -> int:
+    """The index of the phase that ``epoch`` (1-based) trains in.
+
+    Args:
+        phases: :func:`augment_phases` output.
+        epoch: the epoch.
+
+    Returns:
+        The first phase whose ``until_epoch`` is at least ``epoch``, else the last phase.
+    """
+    for index, phase in enumerate(phases):
+        if phase.until_epoch is None or epoch <= phase.until_epoch:
+            return index
+    return len(phases) - 1
+
+
+@dataclass(frozen=True)
+class AugmentSchedule:
+    """The built pipeline of every phase; :meth:`index_for` picks an epoch's.
+
+    Attributes:
+        phases: the phases (:func:`augment_phases`).
+        transforms: each phase's pipeline (:func:`build_augmentation`; None = unchanged).
+    """
+
+    phases: tuple[AugmentPhase, ...]
+    transforms: tuple[A.Compose | None, ...]
+
+    def index_for(self, epoch: int) -> int:
+        """The phase of ``epoch`` (1-based)."""
+        return phase_index(self.phases, epoch)
+
+    def transform_for(self, epoch: int) -> A.Compose | None:
+        """The pipeline of ``epoch`` (1-based)."""
+        return self.transforms[self.index_for(epoch)]
+
+
+def build_augmentation_schedule(
+    spec: AugmentSpec,
+    height: int,
+    width: int,
+    crop: tuple[int, int] | None = None,
+    channels: int = 3,
+) -> AugmentSchedule:
+    """Every phase's pipeline of an ``augment`` value (a plain spec is one open-ended phase).
+
+    Args:
+        spec: the config value ``augment``: a spec of :func:`build_augmentation`, or a list of
+            phases ``{until_epoch, augment}``.
+        height, width, crop, channels: as in :func:`build_augmentation` (the crop applies in
+            every phase).
+
+    Returns:
+        The schedule; every phase is built (and so validated) up front.
+
+    Raises:
+        KeyError: an unknown preset name (the message lists the presets).
+        SegflowError: a malformed phase or spec, naming it (``augment[i].augment[j]`` etc.).
+    """
+    phases = augment_phases(spec)
+    several = len(phases) > 1
+    transforms = tuple(
+        build_augmentation(
+            phase.spec,
+            height,
+            width,
+            crop=crop,
+            channels=channels,
+            key=f"augment[{index}].augment" if several else "augment",
+        )
+        for index, phase in enumerate(phases)
+    )
+    return AugmentSchedule(phases, transforms)
 
 
 def _check_crop(crop: Any, height: int, width: int) -> tuple[int, int]:
@@ -107,9 +271,9 @@ def _check_crop(crop: Any, height: int, width: int) -> tuple[int, int]:
     return crop_height, crop_width
 
 
-def _preset(name: str, square: bool, channels: int) -> list[Any]:
+def _preset(name: str, square: bool, channels: int, key: str = "augment") -> list[Any]:
     if name not in PRESETS:
-        raise KeyError(f"augment: unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        raise KeyError(f"{key}: unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     if name == "none":
         return []
     # D4 includes the transpose, which swaps height and width: only the flips keep a
@@ -150,9 +314,8 @@ def _preset(name: str, square: bool, channels: int) -> list[Any]:
     return heavy
 
 
-def _from_entry(index: int, entry: Any) -> A.BasicTransform:
-    """One ``{"name": ..., "params": {...}}`` list entry as an albumentations transform."""
-    where = f"augment[{index}]"
+def _from_entry(where: str, entry: Any) -> A.BasicTransform:
+    """One ``{"name": ..., "params": {...}}`` list entry (config key ``where``) as a transform."""
     if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
         raise SegflowError(f"{where}: expected {{'name': <transform>, 'params': {{...}}}}")
     unknown_keys = sorted(set(entry) - {"name", "params"})
@@ -182,16 +345,16 @@ def _from_entry(index: int, entry: Any) -> A.BasicTransform:
         raise SegflowError(f"{where}: invalid params for {name}: {_one_line(exc)}") from exc
 
 
-def _from_serialized(spec: Mapping[str, Any]) -> Any:
+def _from_serialized(spec: Mapping[str, Any], key: str = "augment") -> Any:
     if "transform" not in spec:
         raise SegflowError(
-            "augment: a mapping must be an albumentations.to_dict() result (with a 'transform' key)"
+            f"{key}: a mapping must be an albumentations.to_dict() result (with a 'transform' key)"
         )
     try:
         return A.from_dict(dict(spec))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SegflowError(
-            f"augment: invalid serialized albumentations pipeline ({type(exc).__name__}: {exc})"
+            f"{key}: invalid serialized albumentations pipeline ({type(exc).__name__}: {exc})"
         ) from exc
 
 

@@ -5,7 +5,13 @@ per epoch from (seed, epoch) by :meth:`FoldData.seed_epoch`, so an epoch draws t
 whether the run was resumed or not. The sampler hands every draw its own augmentation seed
 (:class:`SeededSampler`, :class:`SeededItems`), so what an item looks like does not depend on
 which worker loads it, or on how many workers there are; that lets the workers persist across
-epochs instead of being started again for each one.
+epochs instead of being started again for each one. For the same reason each draw names its
+augmentation phase (``augment`` as a list of phases): every worker holds every phase's pipeline,
+and the epoch's phase travels with the draw, so a switch reaches persistent workers too.
+
+``train.steps_per_epoch`` fixes an epoch at that many batches (:class:`EpochDraws`): passes of
+the sampler (shuffled, balanced by ``empty_ratio``, mixed with pseudo-labels), reshuffled each
+pass and cut at ``steps_per_epoch x batch_size`` draws.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import multiprocessing
 import os
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler
 
-from segflow.augment import build_augmentation
+from segflow.augment import AugmentSchedule, build_augmentation_schedule
 from segflow.datasets import (
     MemmapDataset,
     PseudoMixSampler,
@@ -192,13 +198,23 @@ def build_train_set(
 
 @dataclass
 class FoldData:
-    """The training and validation data of one fold, with the generators that shuffle it."""
+    """The training and validation data of one fold, with the generators that shuffle it.
+
+    Attributes:
+        train_set: the training items (:func:`build_train_set`).
+        sampler: the index sampler of one epoch (before :class:`SeededSampler`).
+        generator: the generator reseeded per epoch (shuffling, augmentation seeds).
+        train_loader: batches of augmented training items.
+        val_loader: full-size validation batches in row order.
+        augment: every augmentation phase's pipeline; :meth:`seed_epoch` selects the epoch's.
+    """
 
     train_set: Dataset
     sampler: Sampler[int]
     generator: torch.Generator
     train_loader: DataLoader
     val_loader: DataLoader
+    augment: AugmentSchedule | None = None
 
     @classmethod
     def build(
@@ -219,8 +235,10 @@ class FoldData:
             arrays: the preprocess outputs.
             train_rows: array rows to train on.
             val_rows: array rows to validate on.
-            augment: augmentation spec (:func:`segflow.augment.build_augmentation`).
-            options: training options (crop, empty_ratio, batch_size, num_workers, seed).
+            augment: augmentation spec or list of phases
+                (:func:`segflow.augment.build_augmentation_schedule`).
+            options: training options (crop, empty_ratio, steps_per_epoch, batch_size,
+                num_workers, seed).
             pin_memory: pin batches in page-locked memory (for CUDA).
             pseudo: pseudo-labelled test images for a round > 0 (training only: validation
                 stays the real fold, so every round's OOF is on real labels).
@@ -230,14 +248,16 @@ class FoldData:
         Returns:
             The fold's data.
         """
-        transform = build_augmentation(
+        schedule = build_augmentation_schedule(
             augment,
             arrays.height,
             arrays.width,
             crop=tuple(options.crop) if options.crop else None,
             channels=arrays.channels,
         )
-        train_set, is_empty = build_train_set(arrays, train_rows, transform, pseudo, normalisation)
+        train_set, is_empty = build_train_set(
+            arrays, train_rows, schedule.transforms[0], pseudo, normalisation
+        )
         mean, std = normalisation or (arrays.mean, arrays.std)
         generator = torch.Generator()
         sampler = balanced_sampler(is_empty, options.empty_ratio, len(is_empty), options.seed)
@@ -247,6 +267,8 @@ class FoldData:
             )
         elif sampler is None:
             sampler = RandomSampler(train_set, generator=generator)
+        if options.steps_per_epoch is not None:
+            sampler = EpochDraws(sampler, options.steps_per_epoch * options.batch_size)
         workers = loader_workers(options.num_workers, cuda=pin_memory)
         loader_args: dict[str, Any] = {
             "batch_size": options.batch_size,
@@ -266,7 +288,7 @@ class FoldData:
         # the first epoch's draws against every later one.
         worker_generator = torch.Generator().manual_seed(options.seed)
         train_loader = DataLoader(
-            SeededItems(train_set),
+            SeededItems(train_set, schedule.transforms),
             sampler=SeededSampler(sampler, generator),
             generator=worker_generator,
             drop_last=len(train_set) > options.batch_size,
@@ -281,26 +303,63 @@ class FoldData:
             n_classes=len(arrays.classes),
         )
         val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-        return cls(train_set, sampler, generator, train_loader, val_loader)
+        return cls(train_set, sampler, generator, train_loader, val_loader, schedule)
 
     def seed_epoch(self, base_seed: int, epoch: int) -> None:
-        """Reseed every generator from (seed, epoch): the epoch is the same, resumed or not.
+        """Reseed every generator from (seed, epoch) and select the epoch's augmentation phase:
+        the epoch is the same, resumed or not.
 
         Args:
             base_seed: ``train.seed``.
             epoch: the epoch about to be trained (1-based).
         """
+        if self.augment is not None:
+            # Read in this process when the epoch's iterator starts, then sent with every draw.
+            self.train_loader.sampler.phase = self.augment.index_for(epoch)  # type: ignore[union-attr]
         seed = epoch_seed(base_seed, epoch)
         seed_all(seed)
         self.generator.manual_seed(seed)
-        for sampler in (self.sampler, getattr(self.sampler, "real_sampler", None)):
+        base = self.sampler.sampler if isinstance(self.sampler, EpochDraws) else self.sampler
+        for sampler in (base, getattr(base, "real_sampler", None)):
             sampler_generator = getattr(sampler, "generator", None)
             if sampler_generator is not None and sampler_generator is not self.generator:
                 sampler_generator.manual_seed(seed + 1)
 
 
-class SeededSampler(Sampler[tuple[int, int]]):
-    """Wraps a sampler of item indices: yields ``(index, seed)``, one augmentation seed per draw.
+class EpochDraws(Sampler[int]):
+    """Exactly ``draws`` indices per epoch: passes of ``sampler``, one after another, cut short.
+
+    Each pass iterates the wrapped sampler anew (a fresh permutation, fresh weighted draws, a
+    fresh pseudo-label subset), so a small set is seen evenly and a large one partly, and the
+    epoch stays a function of the generators that :meth:`FoldData.seed_epoch` reseeds.
+
+    Args:
+        sampler: the per-pass sampler of item indices (not empty).
+        draws: indices per epoch (``steps_per_epoch x batch_size``).
+    """
+
+    def __init__(self, sampler: Sampler[int], draws: int) -> None:
+        if len(sampler) == 0:  # type: ignore[arg-type]
+            raise SegflowError("train.steps_per_epoch: the training set is empty")
+        self.sampler = sampler
+        self.draws = int(draws)
+
+    def __len__(self) -> int:
+        return self.draws
+
+    def __iter__(self) -> Iterator[int]:
+        remaining = self.draws
+        while remaining > 0:
+            for index in self.sampler:
+                yield index
+                remaining -= 1
+                if remaining == 0:
+                    return
+
+
+class SeededSampler(Sampler[tuple[int, int, int]]):
+    """Wraps a sampler of item indices: yields ``(index, seed, phase)``, one augmentation seed per
+    draw and the epoch's augmentation phase (set by :meth:`FoldData.seed_epoch`).
 
     The seeds come from ``generator`` (reseeded per epoch by :meth:`FoldData.seed_epoch`) after
     the wrapped sampler has drawn its indices, so an epoch's items and their augmentations are
@@ -310,26 +369,35 @@ class SeededSampler(Sampler[tuple[int, int]]):
     def __init__(self, sampler: Sampler[int], generator: torch.Generator) -> None:
         self.sampler = sampler
         self.generator = generator
+        self.phase = 0
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         indices = [int(index) for index in self.sampler]
         seeds = torch.randint(0, 2**31 - 1, (len(indices),), generator=self.generator)
-        yield from zip(indices, seeds.tolist(), strict=True)
+        phase = self.phase  # fixed for the whole epoch, even if changed mid-iteration
+        for index, seed in zip(indices, seeds.tolist(), strict=True):
+            yield index, seed, phase
 
 
 class SeededItems(Dataset):
-    """A training set addressed by ``(index, seed)``: each item's augmentation is seeded by its own
-    seed just before it is drawn (see :class:`SeededSampler`).
+    """A training set addressed by ``(index, seed)`` or ``(index, seed, phase)``: each item's
+    augmentation (phase ``phase``'s pipeline) is seeded by its own seed just before it is drawn
+    (see :class:`SeededSampler`).
+
+    The pipelines live in the dataset, so each worker process holds all of them and picks the
+    one its draw names: nothing needs to be sent to (persistent) workers when the phase changes.
 
     Args:
         dataset: a :class:`MemmapDataset` or a ``ConcatDataset`` of them (what
             :func:`build_train_set` returns).
+        transforms: each phase's pipeline (:class:`segflow.augment.AugmentSchedule`); None keeps
+            the datasets' own transform whatever the phase.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, transforms: Sequence[Any] | None = None) -> None:
         parts = [dataset] if isinstance(dataset, MemmapDataset) else []
         if isinstance(dataset, ConcatDataset):
             parts = list(dataset.datasets)
@@ -339,17 +407,20 @@ class SeededItems(Dataset):
             )
         self.parts: list[MemmapDataset] = parts  # type: ignore[assignment]
         self.ends = np.cumsum([len(part) for part in self.parts])
+        self.transforms = None if transforms is None else list(transforms)
 
     def __len__(self) -> int:
         return int(self.ends[-1])
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, seed = key
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        index, seed, phase = (*key, 0) if len(key) == 2 else key
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range for {len(self)} items")
         which = int(np.searchsorted(self.ends, index, side="right"))
         start = int(self.ends[which - 1]) if which else 0
         part = self.parts[which]
+        if self.transforms is not None:
+            part.transform = self.transforms[phase]
         part.seed_transform(seed)
         return part[index - start]
 

@@ -28,7 +28,9 @@ may change between an interrupted run and its rerun: ``epochs`` (train longer or
 ``early_stopping_patience``, ``num_workers``/``device`` (where and how fast, not what), and
 ``nonfinite_loss``/``max_skipped_fraction`` (a fold stopped by a NaN loss may resume skipping).
 Changing ``epochs`` re-derives the learning-rate schedule from the new total for the remaining
-epochs. (A *finished* run has deleted its resume state; it is not extended but retrained.) Every epoch reseeds all generators from (seed, epoch), so an interrupted and resumed run
+epochs. An epoch is one pass over the training set, or ``steps_per_epoch`` batches; the
+augmentation phase (``augment`` as a list of phases) and the mixup/cutmix draws are functions of
+(seed, epoch[, batch]), so they resume too. (A *finished* run has deleted its resume state; it is not extended but retrained.) Every epoch reseeds all generators from (seed, epoch), so an interrupted and resumed run
 gives bitwise the weights of an uninterrupted one on CPU (with the same ``num_workers``; on CUDA
 up to non-deterministic kernels).
 
@@ -90,6 +92,7 @@ from segflow.errors import SegflowError
 from segflow.fold_data import FoldData, PseudoLabels, build_train_set, seed_all, split_rows
 from segflow.losses import build_loss, parse_loss
 from segflow.metrics import per_image_scores
+from segflow.mixing import check_mixing_loss, mix_batch, mixing_enabled
 from segflow.models import ModelSpec, build_model, padded_size, save_checkpoint
 from segflow.options import options_to_dict
 from segflow.pretrained import input_normalisation
@@ -231,6 +234,8 @@ class _FoldTrainer:
             ohem_fraction=ohem_fraction,
         ).to(self.device)  # bce's pos_weight is a buffer
         self.aux_loss_fn = nn.BCEWithLogitsLoss()
+        check_mixing_loss(options, loss_weights)
+        self.mixing = mixing_enabled(options)
         self.pseudo_weight = pseudo.weight if pseudo is not None else 1.0
         self.data = FoldData.build(
             arrays,
@@ -244,6 +249,7 @@ class _FoldTrainer:
         )
 
         self.optimizer = make_optimizer(self.model, options)
+        # train.steps_per_epoch when set, else one pass: the lr schedule is derived from it.
         self.steps_per_epoch = len(self.data.train_loader)
         # A bound method: LambdaLR saves a callable object's attributes, which would pin the
         # schedule to the old epochs on resume.
@@ -355,6 +361,8 @@ class _FoldTrainer:
         for index, batch in enumerate(bar, start=1):
             images = batch["image"].to(self.device, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
+            if self.mixing:
+                images, masks, _ = mix_batch(images, masks, self.options, epoch, index)
             saved = [buffer.detach().clone() for buffer in buffers]
             mask_logits, label_logits = self._forward(self.model, images)
             loss = self._batch_loss(mask_logits, label_logits, masks, batch["pseudo"])
@@ -610,7 +618,8 @@ def train_fold(
             of the arrays' stats.json).
         loss_weights: loss term -> weight, or -> ``{"weight": w, <option>: value}``
             (:func:`segflow.losses.build_loss`).
-        augment: augmentation spec (:func:`segflow.augment.build_augmentation`).
+        augment: augmentation spec or list of phases
+            (:func:`segflow.augment.build_augmentation_schedule`).
         options: training options.
         out_dir: where model.pt, history.csv and metrics.json go.
         resume_dir: where the resume state lives while training (outside ``out_dir``); deleted

@@ -69,6 +69,24 @@ class TrainOptions:
     crop: list[int] | None = option(  # noqa: RUF009 (option() builds a dataclasses.field)
         None, "train on random [height, width] patches (validation stays full size)"
     )
+    steps_per_epoch: int | None = option(
+        None,
+        "optimizer steps per epoch: steps x batch_size draws in passes over the training set, "
+        "reshuffled (and empty_ratio-balanced) each pass; null = one pass. The lr schedule "
+        "follows",
+    )
+    mixup_prob: float = option(
+        0.0,
+        "share of batches mixed with mixup (images and masks blended with one Beta(mixup_alpha) "
+        "weight: soft masks, refused with the lovasz loss); 0 = off",
+    )
+    mixup_alpha: float = option(0.4, "Beta(alpha, alpha) parameter of mixup's weight")
+    cutmix_prob: float = option(
+        0.0,
+        "share of batches mixed with cutmix (one box pasted into image and mask alike); "
+        "mixup_prob + cutmix_prob <= 1, at most one of them per batch; 0 = off",
+    )
+    cutmix_alpha: float = option(1.0, "Beta(alpha, alpha) parameter of cutmix's area share")
     num_workers: int | None = option(
         None,
         "DataLoader worker processes (0 = load in the main process); null = from the job's"
@@ -128,6 +146,19 @@ class TrainOptions:
                 "in [0, 1] or null",
             ),
             (
+                "steps_per_epoch",
+                _is_int(self.steps_per_epoch, 1, True),
+                "an integer >= 1 or null",
+            ),
+            ("mixup_prob", _is_fraction(self.mixup_prob), "in [0, 1]"),
+            ("mixup_alpha", _is_number(self.mixup_alpha) and self.mixup_alpha > 0, "a number > 0"),
+            ("cutmix_prob", _is_fraction(self.cutmix_prob), "in [0, 1]"),
+            (
+                "cutmix_alpha",
+                _is_number(self.cutmix_alpha) and self.cutmix_alpha > 0,
+                "a number > 0",
+            ),
+            (
                 "num_workers",
                 self.num_workers is None or _is_int(self.num_workers, 0),
                 "an integer >= 0 or null",
@@ -152,6 +183,11 @@ class TrainOptions:
         for name, ok, expected in checks:
             if not ok:
                 raise SegflowError(f"train.{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.mixup_prob + self.cutmix_prob > 1:
+            raise SegflowError(
+                f"train.cutmix_prob: mixup_prob + cutmix_prob must be <= 1 (at most one mix per "
+                f"batch), got {self.mixup_prob} + {self.cutmix_prob}"
+            )
         if self.crop is not None:
             crop = [self.crop, self.crop] if _is_int(self.crop, 1) else self.crop
             if not (
@@ -171,6 +207,11 @@ def _is_int(value: Any, minimum: int, optional: bool = False) -> bool:
     if value is None:
         return optional
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_fraction(value: Any) -> bool:
+    """Whether ``value`` is a number in [0, 1]."""
+    return _is_number(value) and 0 <= value <= 1
 
 
 def _is_number(value: Any) -> bool:
