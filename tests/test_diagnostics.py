@@ -61,6 +61,9 @@ def test_undertrained_fires_while_the_score_still_rises_at_the_last_epoch() -> N
     # Best in the last 10% of 20 epochs (epoch 19), still rising over the last 3.
     rising = [0.01 * i for i in range(18)] + [0.3, 0.299]
     assert _kinds(rising) == ["undertrained"]
+    # The last 10% of 30 epochs is 3 epochs: a best 3 epochs before the end is not late.
+    assert _kinds([0.01 * i for i in range(26)] + [0.6, 0.4, 0.5, 0.55]) == []
+    assert _kinds([0.01 * i for i in range(26)] + [0.5, 0.55, 0.6, 0.58]) == ["undertrained"]
 
 
 def test_undertrained_stays_silent_within_the_noise_margin() -> None:
