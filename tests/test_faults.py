@@ -514,6 +514,7 @@ def test_skip_batch_resumes_a_stopped_fold_and_counts_the_skipped_batches(
     # The skipped batch made no optimizer step; the schedule still advanced past it.
     steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {3 * 3 - 1} and state["global_step"] == 3 * 3
+    assert metrics["optimizer_steps"] == 3 * 3 - 1  # what the optimizer counted
 
 
 @pytest.mark.parametrize(

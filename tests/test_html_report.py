@@ -20,15 +20,26 @@ from segflow.folds import FoldOptions, make_folds
 from segflow.html_report import build_report, per_image_kaggle, pick_cases
 from segflow.ingest import IngestOptions, ingest
 from segflow.postprocess import tune_classes
+from segflow.report import results_summary
 from segflow.report_figures import grid_heatmap_png, learning_curves_png, overlay_png
-from segflow.second_level import choose_candidate, stage_table
+from segflow.second_level import choose_candidate, constant_baselines, stage_table
 
 # Markup in a name from the config must come out as text, never as markup.
 NASTY = 'net<b>&"x'
 WORST_ID = "img05"  # the one image the experiment misses entirely
 # make_folds stratifies 10 images: some coverage strata hold a single image.
 pytestmark = pytest.mark.filterwarnings("ignore:The least populated class")
-SECTIONS = ("dedup", "folds", "learning", "oof", "postprocess", "stacking", "stages", "cases")
+SECTIONS = (
+    "diagnostics",
+    "dedup",
+    "folds",
+    "learning",
+    "oof",
+    "postprocess",
+    "stacking",
+    "stages",
+    "cases",
+)
 
 
 class _Images(HTMLParser):
@@ -107,25 +118,31 @@ def results(tmp_path: Path) -> Path:
     probs[ids["id"] == WORST_ID] = 0.0
     _write_candidate(root, NASTY, ids, probs, truths)
     _write_candidate(root, "stack_gate", ids, np.zeros_like(probs), truths)
-    for fold in (0, 1):
+    # Fold 0 still rises at its last epoch after 12 optimizer steps (undertrained, too few
+    # steps); fold 1 has levelled off after 1000 steps (healthy).
+    curves = {0: [0.2, 0.4, 0.5], 1: [0.2, 0.4, 0.5, 0.55, 0.6, 0.61, 0.61, 0.6, 0.61, 0.605]}
+    for fold, kaggle in curves.items():
         history = root / "models" / NASTY / "round0" / f"fold{fold}"
         history.mkdir(parents=True)
+        epochs = np.arange(1, len(kaggle) + 1)
         pd.DataFrame(
             {
-                "epoch": [1, 2, 3],
-                "train_loss": [1.0, 0.7, 0.5],
-                "val_loss": [1.1, 0.8, 0.7],
-                "val_dice": [0.3, 0.5, 0.6],
-                "val_kaggle": [0.2, 0.4, 0.5],
+                "epoch": epochs,
+                "train_loss": 1.0 / epochs,
+                "val_loss": 1.1 - np.array(kaggle),
+                "val_dice": np.array(kaggle) + 0.1,
+                "val_kaggle": kaggle,
             }
         ).to_csv(history / "history.csv", index=False)
+        metrics = {"monitor": "kaggle", "optimizer_steps": 12 if fold == 0 else 1000}
+        (history / "metrics.json").write_text(json.dumps(metrics))
     class_dir = root / "stack" / "round0" / "class_0"
     class_dir.mkdir(parents=True)
     importances = pd.DataFrame({"feature": ["f_a", "f_b"], "importance": [0.75, 0.25]})
     importances.to_csv(class_dir / "gate_importances.csv", index=False)
     importances.to_csv(class_dir / "blender_importances.csv", index=False)
 
-    table = stage_table([(NASTY, 0), ("stack_gate", 0)], root)
+    table = constant_baselines(stage_table([(NASTY, 0), ("stack_gate", 0)], root), root)
     chosen = choose_candidate(table)
     table["chosen"] = table["candidate"] == chosen["candidate"]
     table.to_csv(root / "final" / "stages.csv", index=False)
@@ -186,6 +203,7 @@ def test_stacking_section_says_when_stacking_did_not_run(results: Path) -> None:
     [
         "postprocess/stack_gate/round0/grid.csv",
         f"models/{NASTY}/round0/fold1/history.csv",
+        f"models/{NASTY}/round0/fold0/metrics.json",
         "stack/round0/class_0/gate_importances.csv",
         "final/stages.csv",
     ],
@@ -208,6 +226,61 @@ def test_cli_writes_the_report_atomically(
     assert main(["report", "--results-dir", str(results), "--out", str(out)]) == 2
     assert "choice.json does not exist" in capsys.readouterr().err
     assert out.read_text().startswith("<!DOCTYPE html>")  # the old report is untouched
+
+
+ESCAPED = "net&lt;b&gt;&amp;&quot;x"
+
+
+def test_constant_predictions_are_scored_on_the_oof_truths(results: Path) -> None:
+    stages = pd.read_csv(results / "final" / "stages.csv").set_index("candidate")
+    # 4 of the 10 masks are empty: predicting nothing scores 0.4 under the Kaggle metric; no
+    # mask covers more than 95% of its image, so predicting everything scores 0.
+    assert stages["const_empty"].tolist() == [pytest.approx(0.4)] * 2
+    assert stages["const_full"].tolist() == [0.0, 0.0]
+    # The stacked gate predicts nothing: it is the all-empty prediction, gain 0.
+    assert stages.loc["stack_gate", "gain_vs_constant"] == pytest.approx(0.0)
+    assert bool(stages.loc["stack_gate", "near_constant"])
+    # The experiment misses one image of ten: a gain of 0.5 over all-empty, well above noise.
+    assert stages.loc[NASTY, "gain_vs_constant"] == pytest.approx(0.5)
+    assert stages.loc[NASTY, "noise"] < 0.5 and not bool(stages.loc[NASTY, "near_constant"])
+
+
+def test_report_and_summary_list_the_flags_with_their_numbers(
+    results: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = build_report(results)
+    section = page.split('<section id="diagnostics">', 1)[1].split("</section>", 1)[0]
+    assert "<h2>Diagnostics</h2>" in page
+    assert (
+        f"{ESCAPED} round 0 fold 0: undertrained: raise epochs or budget (best val_kaggle "
+        "0.5000 at epoch 3 of 3, last-3 trend +0.1500/epoch)" in section
+    )
+    assert f"{ESCAPED} round 0 fold 0: too few optimizer steps" in section
+    assert "12 optimizer steps in 3 epochs &lt; 300" in section
+    assert "stack_gate round 0: no better than a constant prediction" in section
+    assert "all-empty 0.4000, all-foreground 0.0000; gain +0.0000" in section
+    assert "fold 1:" not in section and f"{ESCAPED} round 0:" not in section  # healthy ones
+    assert "<h3>Folds</h3>" in section and "Candidates against constant predictions" in section
+
+    stats = {"classes": ["mask"], "n_train": 10, "n_test": 0, "height": 24, "width": 24}
+    stats |= {"channels": 1, "dtype": "uint8"}  # what the summary's preprocess line reads
+    (results / "preprocess" / "stats.json").write_text(json.dumps(stats))
+    assert main(["summary", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "Diagnostics (2 folds, 2 candidates checked" in out
+    assert f"! {NASTY} round 0 fold 0: undertrained: raise epochs or budget" in out
+    assert f"! {NASTY} round 0 fold 0: too few optimizer steps" in out
+    assert "! stack_gate round 0: no better than a constant prediction" in out
+    assert out.count("! ") == 3
+    assert out == results_summary(results) + "\n"
+
+
+def test_report_says_when_the_stage_table_predates_the_constants(results: Path) -> None:
+    stages = pd.read_csv(results / "final" / "stages.csv")
+    stages.drop(columns=["near_constant"]).to_csv(results / "final" / "stages.csv", index=False)
+    page = build_report(results)
+    assert "no constant-prediction columns" in page
+    assert "no better than a constant" not in page
 
 
 def test_pick_cases_prefers_visible_images_among_ties() -> None:

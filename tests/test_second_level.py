@@ -20,6 +20,7 @@ from segflow.second_level import (
     run_blend,
     select_pseudo_stage,
     stage_table,
+    tuned_scores,
     write_candidate,
 )
 
@@ -60,6 +61,54 @@ def test_stage_table_deltas_against_the_best_single_and_the_choice(tmp_path: Pat
     markdown = markdown_table(table)
     assert "| experiment | b | 0 | 0.5000 | 0.6000 | 0.5500 | baseline |" in markdown
     assert "+0.0500" in markdown and "-0.1500" in markdown
+
+
+@pytest.mark.parametrize("metric", ["kaggle", "dice"])
+def test_tuned_scores_are_the_per_image_scores_the_tuner_averaged(metric: str) -> None:
+    from segflow.postprocess import tune_classes
+
+    rng = np.random.default_rng(3)
+    truths = np.zeros((12, 16, 16), np.uint8)
+    for i in range(12):
+        if i % 3:
+            truths[i, 2 : 4 + i, 3 : 5 + i] |= 0b01
+        if i % 2:
+            truths[i, 8:14, 8:14] |= 0b10
+    planes = np.stack([(truths >> k) & 1 for k in range(2)], 1).astype(np.float32)
+    probs = (0.6 * planes + 0.5 * rng.random(planes.shape)).clip(0, 1).astype(np.float16)
+    ids = pd.DataFrame({"id": [f"i{i}" for i in range(12)]})
+    gate = rng.random((12, 2)).astype(np.float32)
+    ids = ids.assign(nonempty_prob_0=gate[:, 0], nonempty_prob_1=gate[:, 1])
+    _, _, summary = tune_classes(
+        probs, truths, ["a", "b"], [0.4, 0.6], [0, 6], [False, True], metric, gate, [0.5]
+    )
+    scores = tuned_scores(Prediction(ids, probs), summary, ["a", "b"], truths)
+    assert scores.shape == (12,)
+    assert scores.mean() == pytest.approx(summary["score"], abs=1e-12)
+
+
+def test_markdown_table_marks_a_candidate_near_a_constant() -> None:
+    table = pd.DataFrame(
+        {
+            "stage": ["experiment", "stack_gate"],
+            "candidate": ["a", "stack_gate"],
+            "round": [0, 0],
+            "kaggle": [0.8, 0.4],
+            "dice": [0.8, 0.4],
+            "tuned": [0.8, 0.4],
+            "delta_tuned": [0.0, -0.4],
+            "baseline": [True, False],
+            "const_empty": [0.4, 0.4],
+            "const_full": [0.0, 0.0],
+            "gain_vs_constant": [0.4, 0.0],
+            "noise": [0.1, 0.0],
+            "near_constant": [False, True],
+        }
+    )
+    markdown = markdown_table(table)
+    assert "| const_empty | const_full | gain_vs_constant | noise |" in markdown
+    assert "| 0.4000 | 0.0000 | +0.4000 | 0.1000 |" in markdown
+    assert "| -0.4000 | 0.4000 | 0.0000 | +0.0000 near constant | 0.0000 |" in markdown
 
 
 def test_candidate_files_round_trip(tmp_path: Path) -> None:

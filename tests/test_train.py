@@ -25,6 +25,7 @@ from helpers import write_synthetic_arrays
 
 from segflow import train as train_module
 from segflow.datasets import MemmapDataset, SegmentationArrays
+from segflow.diagnostics import optimizer_steps
 from segflow.errors import SegflowError
 from segflow.fold_data import FoldData, loader_workers, split_rows
 from segflow.models import ModelSpec, build_model, forward_logits, load_checkpoint
@@ -141,6 +142,11 @@ def test_train_fold_outputs_and_learning(arrays_dir: Path, tmp_path: Path) -> No
     written = json.loads((out / "metrics.json").read_text())
     assert written["best_epoch"] == metrics["best_epoch"] and written["epochs_trained"] == 3
     assert not written["stopped_early"] and written["resumed_from_epoch"] == 0
+    # Every batch of every epoch took a step (drop_last: n_train // batch_size batches), as
+    # the diagnostics estimate it for runs that predate the field.
+    assert written["optimizer_steps"] == 3 * (written["n_train"] // 8) > 0
+    del written["optimizer_steps"]
+    assert optimizer_steps(written) == (3 * (written["n_train"] // 8), True)
     assert not (tmp_path / "run" / "resume").exists()  # deleted once model.pt is written
 
 
@@ -167,6 +173,8 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(
     metrics = _train(arrays_dir, run, **settings)
     assert trained == [3]  # only the missing epoch was trained
     assert metrics["resumed_from_epoch"] == 2
+    straight_metrics = json.loads((tmp_path / "straight" / "out" / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == straight_metrics["optimizer_steps"]  # resumed count
     history = pd.read_csv(run / "out" / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3]
     pd.testing.assert_frame_equal(history.iloc[:2], history_before)

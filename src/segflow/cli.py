@@ -516,14 +516,19 @@ def _run_choose(args: argparse.Namespace) -> None:
     import shutil
 
     from segflow.atomic import atomic_path
-    from segflow.second_level import choose_candidate, markdown_table, stage_table
+    from segflow.second_level import (
+        choose_candidate,
+        constant_baselines,
+        markdown_table,
+        stage_table,
+    )
 
     pairs = []
     for text in args.candidates:
         name, _, round_ = text.partition(":")
         pairs.append((name, int(round_ or 0)))
     results = Path(args.results_dir)
-    table = stage_table(pairs, results)
+    table = constant_baselines(stage_table(pairs, results), results)
     chosen = choose_candidate(table, args.force)
     source = (
         results / "submission" / chosen["candidate"] / f"round{chosen['round']}" / "submission.csv"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from segflow import report_figures
+from segflow import diagnostics, report_figures
 from segflow.atomic import write_text
 from segflow.errors import SegflowError
 from segflow.evaluate import class_truths, original_truths
@@ -285,6 +285,57 @@ def _learning_section(root: Path, candidates: Sequence[Candidate], n_folds: int)
     return _section("learning", "Learning curves", body)
 
 
+def _diagnostics_section(
+    root: Path, candidates: Sequence[Candidate], n_folds: int, stages: pd.DataFrame
+) -> str:
+    curves = []
+    for candidate in candidates:
+        if not candidate.is_experiment:
+            continue
+        model_dir = root / "models" / candidate.name / f"round{candidate.round}"
+        for fold in range(n_folds):
+            fold_dir = model_dir / f"fold{fold}"
+            history = _read_csv(fold_dir / "history.csv")
+            metrics = _read_json(fold_dir / "metrics.json")
+            curves.append(
+                diagnostics.fold_curve(history, metrics, candidate.name, candidate.round, fold)
+            )
+    flags = diagnostics.all_flags(curves, stages)
+    items = "".join(f"<li>{escape(flag.line())}</li>" for flag in flags)
+    body = [
+        _note(
+            f"Undertrained: the best epoch in the last {diagnostics.LATE_FRACTION:.0%} of the "
+            f"epochs (at least the last) and the last {diagnostics.TREND_EPOCHS} epochs' slope "
+            f"above {diagnostics.TREND_EPS:g} per epoch. Overfit: the best epoch in the first "
+            f"half and the epochs after it (up to {diagnostics.TREND_EPOCHS}) worse by more "
+            f"than max({diagnostics.OVERFIT_ABS:g}, {diagnostics.OVERFIT_REL:g} x best). Few "
+            f"steps: under {diagnostics.MIN_OPTIMIZER_STEPS} optimizer steps. Near constant: "
+            "the tuned OOF score's mean per-image gain over the better constant prediction "
+            "(all-empty or all-foreground, same metric) is at most 1.96 x its standard error."
+        ),
+        f"<ul>{items}</ul>" if flags else _note("no flags"),
+    ]
+    if curves:
+        table = diagnostics.curves_table(curves)
+        table["optimizer_steps"] = [
+            ""
+            if c.optimizer_steps is None
+            else f"{'~' if c.steps_estimated else ''}{c.optimizer_steps}"
+            for c in curves
+        ]
+        body += ["<h3>Folds</h3>", html_table(table.drop(columns=["steps_estimated"]))]
+    if set(diagnostics.CONSTANT_COLUMNS) <= set(stages.columns):
+        columns = ["candidate", "round", "tuned_metric", "tuned", *diagnostics.CONSTANT_COLUMNS]
+        constants = stages[columns].copy()
+        constants["near_constant"] = constants["near_constant"].astype(str)
+        body += ["<h3>Candidates against constant predictions</h3>", html_table(constants)]
+    else:
+        body.append(
+            _note("final/stages.csv has no constant-prediction columns: rerun choose_submission")
+        )
+    return _section("diagnostics", "Diagnostics", body)
+
+
 def _oof_section(root: Path, candidates: Sequence[Candidate]) -> str:
     rows, bars = [], []
     for candidate in candidates:
@@ -463,6 +514,7 @@ def build_report(
     classes = [str(name) for name in stats.get("classes", ["mask"])]
     n_folds = int(_read_json(root / "folds" / "summary.json")["n_folds"])
     sections = [
+        _diagnostics_section(root, candidates, n_folds, stages),
         _dedup_section(root),
         _folds_section(root),
         _learning_section(root, candidates, n_folds),
@@ -475,6 +527,7 @@ def build_report(
     nav = " ".join(
         f'<a href="#{anchor}">{label}</a>'
         for anchor, label in (
+            ("diagnostics", "diagnostics"),
             ("dedup", "duplicates"),
             ("folds", "folds"),
             ("learning", "learning curves"),

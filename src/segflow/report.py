@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import pandas as pd
+
+from segflow.diagnostics import FoldCurve, all_flags, fold_curve
+
+_FOLD_DIR = re.compile(r"round(\d+)/fold(\d+)$")
 
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fold_curves(root: Path) -> list[FoldCurve]:
+    """:class:`segflow.diagnostics.FoldCurve` of every trained fold under ``root/models``
+    (``history.csv``, with ``metrics.json`` when it is there), by experiment, round and fold."""
+    found = []
+    for history in root.glob("models/*/round*/fold*/history.csv"):
+        match = _FOLD_DIR.search(history.parent.relative_to(root).as_posix())
+        if match is None:
+            continue
+        round_, fold = int(match.group(1)), int(match.group(2))
+        found.append((history.parts[-4], round_, fold, history))
+    curves = []
+    for experiment, round_, fold, history in sorted(found):
+        metrics = _load(history.parent / "metrics.json") or {}
+        curves.append(fold_curve(pd.read_csv(history), metrics, experiment, round_, fold))
+    return curves
+
+
+def diagnostics_lines(root: Path) -> list[str]:
+    """The diagnostics block of the summary: every flag of :mod:`segflow.diagnostics` on the
+    trained folds and the final choice's candidates, one line each (none if nothing to check)."""
+    curves = fold_curves(root)
+    stages_path = root / "final" / "stages.csv"
+    stages = pd.read_csv(stages_path) if stages_path.is_file() else None
+    if not curves and stages is None:
+        return []
+    flags = all_flags(curves, stages)
+    checked = f"{len(curves)} folds" + (f", {len(stages)} candidates" if stages is not None else "")
+    lines = ["", f"Diagnostics ({checked} checked; see segflow.diagnostics for the rules):"]
+    lines += [f"  ! {flag.line()}" for flag in flags] or ["  no flags"]
+    if stages is not None and "near_constant" not in stages.columns:
+        lines.append(f"  {stages_path} has no constant-prediction columns (rerun choose)")
+    return lines
 
 
 def results_summary(results_dir: str | Path) -> str:
@@ -77,4 +118,5 @@ def results_summary(results_dir: str | Path) -> str:
             lines.append(f"  submission  {submission}")
     if len(lines) == 1:
         lines.append("  nothing yet: run `snakemake` (or `make demo`) first")
+    lines += diagnostics_lines(root)
     return "\n".join(lines)

@@ -28,6 +28,9 @@ from segflow.predict import merge_folds, nonempty_column
 
 log = logging.getLogger(__name__)
 
+# Images whose masks are read and scored at once: bounds memory on large OOF sets.
+CHUNK = 256
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -287,6 +290,103 @@ def stage_table(
     return table
 
 
+def tuned_scores(
+    oof: Prediction, summary: dict[str, Any], classes: Sequence[str], truths: np.ndarray
+) -> np.ndarray:
+    """Per-image scores of a candidate's OOF prediction after its tuned post-processing, with
+    the tuning metric, the mean over classes (their mean is ``params.json``'s score).
+
+    Args:
+        oof: the candidate's OOF prediction (rows aligned with ``truths``).
+        summary: its ``params.json`` (metric and per-class parameters).
+        classes: class names in bit order.
+        truths: packed true label masks.
+
+    Returns:
+        float64 scores.
+
+    Shape:
+        oof.probs: (N, K, H, W); truths: (N, H, W); output: (N,).
+    """
+    from segflow.metrics import get_metric
+    from segflow.postprocess import apply_classes, params_from_summary
+    from segflow.predict import nonempty_probs
+
+    metric = get_metric(str(summary["metric"]))
+    masks = apply_classes(
+        np.asarray(oof.probs),
+        params_from_summary(summary, classes),
+        nonempty_probs(oof.ids, len(classes)),
+    )
+    per_class = [metric(masks[:, k] != 0, class_truths(truths, k)) for k in range(len(classes))]
+    return np.mean(per_class, axis=0)
+
+
+def constant_baselines(table: pd.DataFrame, results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The stage table with each candidate's tuned OOF score against constant predictions.
+
+    Adds :data:`segflow.diagnostics.CONSTANT_COLUMNS`: the all-empty and all-foreground
+    predictions' OOF scores with the candidate's tuning metric, the mean per-image gain of the
+    tuned prediction over the better one, its noise margin and whether the candidate is within
+    it (:func:`segflow.diagnostics.constant_check`). The true masks come from the results
+    folder's manifest and dedup items, read in chunks of images (once for candidates that share
+    their OOF ids).
+
+    Args:
+        table: :func:`stage_table`'s table.
+        results_dir: the workflow's results folder.
+
+    Returns:
+        A copy of ``table`` with the extra columns.
+    """
+    from segflow.diagnostics import constant_check, constant_columns, constant_scores
+    from segflow.preprocess import mask_sources
+
+    root = Path(results_dir)
+    manifest = _read_parquet(root / "ingest" / "manifest.parquet")
+    dedup_items = _read_parquet(root / "dedup" / "items.parquet")
+    sources = mask_sources(manifest, dedup_items)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    loaded = []
+    for row in table.itertuples():
+        folder = f"round{row.round}"
+        oof = load_oof(root / "oof" / row.candidate / folder)
+        metrics = json.loads((root / "oof" / row.candidate / folder / "metrics.json").read_text())
+        tuned = json.loads(
+            (root / "postprocess" / row.candidate / folder / "params.json").read_text()
+        )
+        loaded.append((oof, tuned, [str(c) for c in metrics.get("classes", ["mask"])]))
+        groups.setdefault(tuple(oof.ids["id"]), []).append(len(loaded) - 1)
+    columns: list[dict[str, Any]] = [{} for _ in loaded]
+    for ids, members in groups.items():
+        n_classes = len(loaded[members[0]][2])
+        scores: dict[int, list[np.ndarray]] = {i: [] for i in members}
+        areas, pixels = [], 0
+        for start in range(0, len(ids), CHUNK):
+            part = slice(start, start + CHUNK)
+            truths = original_truths(manifest, dedup_items, list(ids[part]), n_classes, sources)
+            pixels = truths.shape[1] * truths.shape[2]
+            areas.append(
+                np.stack([class_truths(truths, k).sum(axis=(1, 2)) for k in range(n_classes)], 1)
+            )
+            for i in members:
+                oof, tuned, classes = loaded[i]
+                chunk = Prediction(oof.ids.iloc[part], oof.probs[part])
+                scores[i].append(tuned_scores(chunk, tuned, classes, truths))
+        for i in members:
+            metric = str(loaded[i][1]["metric"])
+            constants = constant_scores(np.concatenate(areas), pixels, metric)
+            check = constant_check(np.concatenate(scores[i]), constants, metric)
+            columns[i] = constant_columns(check)
+    return pd.concat([table.reset_index(drop=True), pd.DataFrame(columns)], axis=1)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise SegflowError(f"{path} does not exist (run the workflow's ingest and dedup first)")
+    return pd.read_parquet(path)
+
+
 def choose_candidate(table: pd.DataFrame, forced: str | None = None) -> pd.Series:
     """The candidate whose submission is final: ``forced`` ("name:round"), else the best tuned
     OOF score (ties go to the simpler, earlier-listed candidate)."""
@@ -304,8 +404,13 @@ def choose_candidate(table: pd.DataFrame, forced: str | None = None) -> pd.Serie
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """The stage table as GitHub Markdown (no extra dependency)."""
+    """The stage table as GitHub Markdown (no extra dependency); with
+    :func:`constant_baselines`' columns, the two constant predictions' scores and the noise
+    margin follow; a candidate whose gain over the better constant is within noise is marked
+    ``near constant``."""
     columns = ["stage", "candidate", "round", "kaggle", "dice", "tuned", "delta_tuned"]
+    if "near_constant" in table.columns:
+        columns += ["const_empty", "const_full", "gain_vs_constant", "noise"]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -316,6 +421,9 @@ def markdown_table(table: pd.DataFrame) -> str:
             value = getattr(row, column)
             if column == "delta_tuned":
                 cells.append("baseline" if row.baseline else f"{value:+.4f}")
+            elif column == "gain_vs_constant":
+                near = " near constant" if str(row.near_constant) == "True" else ""
+                cells.append(f"{value:+.4f}{near}")
             elif isinstance(value, float):
                 cells.append(f"{value:.4f}")
             else:
@@ -329,6 +437,7 @@ __all__ = [
     "check_aligned",
     "choose_candidate",
     "class_truths",
+    "constant_baselines",
     "gate_columns",
     "json_ready",
     "load_oof",
@@ -338,5 +447,6 @@ __all__ = [
     "run_blend",
     "select_pseudo_stage",
     "stage_table",
+    "tuned_scores",
     "write_candidate",
 ]

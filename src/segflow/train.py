@@ -12,7 +12,7 @@
   statistics, or the normalisation of pretrained encoder weights), and so what prediction uses.
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`), rewritten after every epoch.
   ``skipped_batches`` counts the batches skipped for a NaN/inf loss (``nonfinite_loss``).
-- ``metrics.json``: best epoch, scores, early stopping, timing, provenance
+- ``metrics.json``: best epoch, scores, early stopping, optimizer steps, timing, provenance
   (:mod:`segflow.provenance`: seed, :func:`config_hash`, segflow version).
 
 Resume: after every finished epoch ``resume_dir/last.pt`` is rewritten atomically with the
@@ -729,11 +729,14 @@ def train_fold(
     if stopped_early:
         log.info("fold %d: early stop after epoch %d", fold, trainer.history[-1]["epoch"])
     metrics = _save_model(trainer, arrays, model_spec, out_dir)
+    skipped = int(sum(row.get("skipped_batches", 0) for row in trainer.history))
     metrics.update(
         stopped_early=stopped_early,
         resumed_from_epoch=resumed_from,
         train_seconds=round(sum(row["seconds"] for row in trainer.history), 3),
-        skipped_batches=int(sum(row.get("skipped_batches", 0) for row in trainer.history)),
+        skipped_batches=skipped,
+        # global_step counts skipped batches too; they took no step (segflow.diagnostics).
+        optimizer_steps=trainer.global_step - skipped,
         elapsed_seconds=round(time.monotonic() - started, 3),
         n_train=len(trainer.data.train_set),
         n_val=len(val_rows),

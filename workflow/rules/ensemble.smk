@@ -163,6 +163,14 @@ rule choose_submission:
             result("submission", name, f"round{r}", "submission.csv")
             for name, r in candidates()
         ],
+        # The tuned OOF predictions against constant ones (segflow.diagnostics).
+        oof=[
+            result("oof", name, f"round{r}", filename)
+            for name, r in candidates()
+            for filename in ("oof_probs.npy", "oof_ids.csv")
+        ],
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
     output:
         submission=result("final", "submission.csv"),
         choice=result("final", "choice.json"),
@@ -176,7 +184,7 @@ rule choose_submission:
         CONDA_ENV
     threads: rule_threads("choose_submission", 1)
     resources:
-        **job_resources("choose_submission", mem_mb=2000, runtime=10),
+        **job_resources("choose_submission", mem_mb=4000, runtime=15),
     params:
         code=stage_fingerprint("choose"),
         candidates=[f"{name}:{r}" for name, r in candidates()],

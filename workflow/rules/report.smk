@@ -15,6 +15,12 @@ rule write_report:
             for name in RUN_EXPERIMENTS
             for fold in range(N_FOLDS)
         ],
+        model_metrics=[
+            result("models", name, f"round{r}", f"fold{fold}", "metrics.json")
+            for r in ROUNDS
+            for name in RUN_EXPERIMENTS
+            for fold in range(N_FOLDS)
+        ],
         oof=[
             result("oof", name, f"round{r}", filename)
             for name, r in candidates()
