@@ -1,11 +1,17 @@
-"""Resume state of fold training, the EMA of the weights and top-k snapshot averaging.
+"""Resume state of fold training, weight averages (EMA, SWA, top-k snapshots) and BatchNorm
+recalibration.
 
 ``resume_dir/last.pt`` holds the complete training state after the last finished epoch (written
-by :func:`save_resume`); the top-k epochs' evaluated weights sit next to it as
-``snapshot_eNNNN.pt`` (:class:`Snapshot`). Both are plain ``torch.save`` files of tensors and
-builtin types, read back with ``weights_only=True``. A resume file is used only when its
-:func:`config_hash` matches: every option except :data:`RESUME_EXEMPT`, the model, loss,
+by :func:`save_resume`), the running SWA average (:class:`WeightAverage`) included; the top-k
+epochs' evaluated weights sit next to it as ``snapshot_eNNNN.pt`` and a snapshot ensemble's
+cycle ends as ``cycle_eNNNN.pt`` (:class:`Snapshot`). All are plain ``torch.save`` files of
+tensors and builtin types, read back with ``weights_only=True``. A resume file is used only when
+its :func:`config_hash` matches: every option except :data:`RESUME_EXEMPT`, the model, loss,
 augmentation and the data (:func:`data_fingerprint`).
+
+An average of weights has the average of the snapshots' BatchNorm statistics, which are not the
+statistics of the averaged network's own activations; :func:`recalibrate_batchnorm` recomputes
+them with one pass over training batches (as ``torch.optim.swa_utils.update_bn`` does).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,8 @@ RESUME_EXEMPT = (
 )
 RESUME_FORMAT = "segflow-resume-1"
 RESUME_FILE = "last.pt"
+# Files next to last.pt: top-k snapshots, snapshot-ensemble cycle ends (remove_resume_state).
+SNAPSHOT_PATTERNS = ("snapshot_e*.pt", "cycle_e*.pt")
 
 
 @dataclass
@@ -95,6 +103,128 @@ class Ema:
                 value.lerp_(source[name], 1 - decay)
             else:
                 value.copy_(source[name])
+
+
+class WeightAverage:
+    """Equal running average of a model's end-of-epoch weights (stochastic weight averaging).
+
+    Every float entry of the state dict is averaged as ``torch.optim.swa_utils.AveragedModel``
+    does, ``avg += (w - avg) / (n + 1)``, on the CPU in the entry's dtype (BatchNorm statistics
+    too: :func:`recalibrate_batchnorm` replaces them before use); integer buffers (BatchNorm batch
+    counters) are the latest. The average and the epochs in it live in the resume state, so a
+    resumed run continues the same average.
+    """
+
+    def __init__(self) -> None:
+        self.average: dict[str, torch.Tensor] | None = None
+        self.epochs: list[int] = []
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, epoch: int) -> None:
+        """Add ``model``'s current weights as the end of ``epoch``.
+
+        Args:
+            model: the trained model.
+            epoch: the epoch just finished (1-based).
+        """
+        current = cpu_state(model)
+        if self.average is None:
+            self.average = current
+        else:
+            count = len(self.epochs)
+            for name, value in self.average.items():
+                if value.dtype.is_floating_point:
+                    value += (current[name] - value) / (count + 1)
+                else:
+                    self.average[name] = current[name]
+        self.epochs.append(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average and its epochs, for the resume file."""
+        return {"average": self.average, "epochs": list(self.epochs)}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue from :meth:`state_dict` (None: an empty average)."""
+        state = state or {}
+        self.average = state.get("average")
+        self.epochs = [int(epoch) for epoch in state.get("epochs", [])]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    batches: Iterable[Any],
+    device: torch.device | str | None = None,
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+) -> int:
+    """Recompute every BatchNorm layer's running statistics from one pass over ``batches``.
+
+    As ``torch.optim.swa_utils.update_bn``: the statistics are reset and, with momentum None,
+    become the plain mean over the batches of each batch's mean and (unbiased) variance, from
+    forward passes in training mode without gradients. The weights do not change. Deterministic
+    when ``batches`` is (a loader reseeded beforehand). Models without BatchNorm are left as
+    they are, without a pass.
+
+    Args:
+        model: the model (its BatchNorm layers' buffers are overwritten); its train/eval mode
+            is restored afterwards.
+        batches: an iterable of image tensors, of dicts with an ``"image"`` tensor (segflow's
+            loaders) or of tuples whose first item is the images.
+        device: where to move each batch (None: as it comes).
+        forward: ``forward(model, images)`` to run instead of ``model(images)`` (padding,
+            autocast).
+
+    Returns:
+        The number of batches run (0 without BatchNorm layers).
+
+    Raises:
+        SegflowError: ``batches`` is empty (the old statistics are then kept).
+    """
+    norms = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+    ]
+    if not norms:
+        return 0
+    saved = [
+        (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in norms
+    ]
+    was_training = model.training
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative average: every batch counts the same
+    model.train()
+    count = 0
+    try:
+        for batch in batches:
+            if isinstance(batch, Mapping):
+                images = batch["image"]
+            elif isinstance(batch, tuple | list):
+                images = batch[0]
+            else:
+                images = batch
+            if device is not None:
+                images = images.to(device, non_blocking=True)
+            if forward is not None:
+                forward(model, images)
+            else:
+                model(images)
+            count += 1
+        if count == 0:
+            raise SegflowError("BatchNorm recalibration: no training batches to run")
+    except BaseException:
+        for module, (_, mean, var, tracked) in zip(norms, saved, strict=True):
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
+            module.num_batches_tracked.copy_(tracked)
+        raise
+    finally:
+        for module, (momentum, *_) in zip(norms, saved, strict=True):
+            module.momentum = momentum
+        model.train(was_training)
+    return count
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -269,7 +399,8 @@ def remove_resume_state(resume_dir: Path) -> None:
     Args:
         resume_dir: the resume folder (need not exist).
     """
-    for path in [resume_dir / RESUME_FILE, *resume_dir.glob("snapshot_e*.pt")]:
+    snapshots = [path for pattern in SNAPSHOT_PATTERNS for path in resume_dir.glob(pattern)]
+    for path in [resume_dir / RESUME_FILE, *snapshots]:
         path.unlink(missing_ok=True)
     if resume_dir.is_dir():  # temporaries of a writer killed mid-save (kill -9)
         remove_stale_temporaries(resume_dir)
@@ -318,12 +449,7 @@ def average_snapshots(resume_dir: Path, top_k: list[Snapshot]) -> dict[str, torc
     Raises:
         SegflowError: a snapshot file is missing.
     """
-    states = []
-    for snapshot in top_k:
-        path = resume_dir / snapshot.file
-        if not path.is_file():
-            raise SegflowError(f"{path}: snapshot of epoch {snapshot.epoch} is missing")
-        states.append(torch.load(path, map_location="cpu", weights_only=True))
+    states = load_snapshots(resume_dir, top_k)
     averaged = {}
     for name, value in states[0].items():
         if value.dtype.is_floating_point:
@@ -331,3 +457,42 @@ def average_snapshots(resume_dir: Path, top_k: list[Snapshot]) -> dict[str, torc
         else:
             averaged[name] = value  # integer buffers (BatchNorm batch counters): the best's
     return averaged
+
+
+def load_snapshots(resume_dir: Path, snapshots: list[Snapshot]) -> list[dict[str, torch.Tensor]]:
+    """The weights of ``snapshots``, in their order.
+
+    Args:
+        resume_dir: where the snapshot files are.
+        snapshots: the snapshots.
+
+    Returns:
+        One state dict (on the CPU) per snapshot.
+
+    Raises:
+        SegflowError: a snapshot file is missing.
+    """
+    states = []
+    for snapshot in snapshots:
+        path = resume_dir / snapshot.file
+        if not path.is_file():
+            raise SegflowError(f"{path}: snapshot of epoch {snapshot.epoch} is missing")
+        states.append(torch.load(path, map_location="cpu", weights_only=True))
+    return states
+
+
+def keep_recent(
+    snapshots: list[Snapshot], new: Snapshot, k: int
+) -> tuple[list[Snapshot], list[Snapshot]]:
+    """Append ``new`` and keep the ``k`` most recent snapshots (a snapshot ensemble's members).
+
+    Args:
+        snapshots: the kept snapshots, oldest first.
+        new: the epoch's snapshot (its file already written).
+        k: how many to keep.
+
+    Returns:
+        (kept snapshots oldest first, the ones that fell out (their files to delete)).
+    """
+    ranked = [*(s for s in snapshots if s.epoch != new.epoch), new]
+    return ranked[-k:], [s for s in ranked[:-k] if s.file != new.file]

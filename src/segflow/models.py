@@ -13,6 +13,10 @@ to :func:`padded_size` and crop the logits back.
 
 Training: DeepLabV3Plus, UPerNet and PAN apply BatchNorm after a global pooling, which fails in
 training mode for a batch of one image — use batches of at least 2 (``drop_last``).
+
+Snapshot ensembles (``train.snapshot_ensemble``): a checkpoint may hold several members' weights
+(key ``snapshots``); :func:`load_checkpoint` then returns a :class:`SnapshotEnsemble`, which
+behaves like one model whose logits are those of the members' mean probability.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ _MANAGED_KWARGS = {
     "decoder_attention_type": "decoder_attention",
     "activation": None,
 }
-_RESERVED_CHECKPOINT_KEYS = ("format", "state_dict", "spec")
+_RESERVED_CHECKPOINT_KEYS = ("format", "state_dict", "spec", "snapshots")
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,60 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     return model
 
 
+def mean_probability_logit(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``logit(mean_k sigmoid(logits[k]))``, computed without overflow for confident logits.
+
+    ``log mean p = logsumexp(logsigmoid(z)) - log K`` and likewise for ``1 - p`` with ``-z``;
+    the ``log K`` cancels. One member gives back its own logits.
+
+    Args:
+        logits: one tensor per member, all of one shape (any float dtype; computed in float32).
+
+    Returns:
+        The logits of the mean probability, float32.
+    """
+    if not logits:
+        raise SegflowError("mean_probability_logit needs at least one member's logits")
+    log_p = log_q = None  # running logsumexp of log(p_k) and log(1 - p_k)
+    for z in logits:
+        z = z.float()
+        lp, lq = torch.nn.functional.logsigmoid(z), torch.nn.functional.logsigmoid(-z)
+        log_p = lp if log_p is None else torch.logaddexp(log_p, lp)
+        log_q = lq if log_q is None else torch.logaddexp(log_q, lq)
+    return log_p - log_q
+
+
+class SnapshotEnsemble(torch.nn.Module):
+    """Members of one architecture (a run's snapshots) whose probabilities are averaged.
+
+    ``forward`` returns what one member returns — mask logits, or (mask logits, label logits)
+    with an aux head — each being :func:`mean_probability_logit` of the members' outputs, so
+    anything that applies a sigmoid to a model's logits (prediction, TTA, validation) gets the
+    members' mean probability without knowing it runs an ensemble. Costs K forward passes.
+
+    Args:
+        members: the models (same architecture and input size).
+
+    Shape:
+        as one member: input (N, C, H, W), mask logits (N, classes, H, W), label logits
+        (N, classes).
+    """
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise SegflowError("a snapshot ensemble needs at least one member")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = [member(x) for member in self.members]
+        if isinstance(outputs[0], tuple | list):
+            return tuple(
+                mean_probability_logit([out[i] for out in outputs]) for i in range(len(outputs[0]))
+            )
+        return mean_probability_logit(outputs)
+
+
 def forward_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The mask logits of ``model(x)``, dropping the label logits of an aux head if present.
 
@@ -247,9 +305,12 @@ def save_checkpoint(
     :func:`load_checkpoint` reads with ``weights_only=True``; ``extra`` must therefore hold only
     plain values (str, int, float, bool, None, lists/tuples/dicts of them, tensors). numpy
     scalars and paths are converted; anything else is refused here rather than at load time.
+    A :class:`SnapshotEnsemble` adds ``snapshots`` (its members' state dicts, in order);
+    ``state_dict`` is then the last member's (the same tensors, stored once), which is what a
+    reader that knows no ensembles loads.
 
     Raises:
-        ValueError: ``extra`` uses a reserved key (format, state_dict, spec).
+        ValueError: ``extra`` uses a reserved key (format, state_dict, spec, snapshots).
         TypeError: ``extra`` holds a value that a weights-only load could not read back.
     """
     extra = dict(extra or {})
@@ -259,12 +320,14 @@ def save_checkpoint(
     # torch.compile and (Distributed)DataParallel wrap the model and prefix its state dict keys
     # ("_orig_mod.", "module."); store the plain model's so load_checkpoint can rebuild it.
     model = _unwrap(model)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "state_dict": model.state_dict(),
-        "spec": _plain(dataclasses.asdict(spec), "spec"),
-        **{key: _plain(value, key) for key, value in extra.items()},
-    }
+    payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT}
+    if isinstance(model, SnapshotEnsemble):
+        snapshots = [_unwrap(member).state_dict() for member in model.members]
+        payload.update(state_dict=snapshots[-1], snapshots=snapshots)
+    else:
+        payload["state_dict"] = model.state_dict()
+    payload["spec"] = _plain(dataclasses.asdict(spec), "spec")
+    payload.update({key: _plain(value, key) for key, value in extra.items()})
     write_torch(path, payload)
 
 
@@ -276,7 +339,8 @@ def load_checkpoint(
     The file is read with ``torch.load(weights_only=True)`` (no arbitrary pickles), the model is
     rebuilt from the stored spec with ``encoder_weights=None`` (the trained weights replace any
     pretrained ones anyway, so nothing is downloaded or read from the original weights file) and
-    the state dict is loaded strictly.
+    the state dict is loaded strictly. A checkpoint with ``snapshots`` gives a
+    :class:`SnapshotEnsemble` of one rebuilt model per stored state dict.
 
     Args:
         path: the checkpoint file.
@@ -284,7 +348,7 @@ def load_checkpoint(
 
     Returns:
         (model in eval mode on ``device``, metadata): the metadata is the checkpoint without its
-        state dict (format, spec as a dict, and the extra keys given when saving).
+        weights (format, spec as a dict, and the extra keys given when saving).
 
     Raises:
         SegflowError: missing or unreadable file, not a segflow checkpoint, or weights that do not
@@ -309,14 +373,28 @@ def load_checkpoint(
         spec = ModelSpec.from_dict(checkpoint["spec"])
     except (SegflowError, TypeError) as exc:
         raise SegflowError(f"{path}: invalid stored spec: {exc}") from exc
-    model = build_model(dataclasses.replace(spec, encoder_weights=None))
-    try:
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise SegflowError(
-            f"{path}: weights do not match the stored spec ({first_line(exc)})"
-        ) from exc
-    metadata = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+    snapshots = checkpoint.get("snapshots")
+    if snapshots is not None and (
+        not isinstance(snapshots, list)
+        or not snapshots
+        or not all(isinstance(state, dict) for state in snapshots)
+    ):
+        raise SegflowError(f"{path}: snapshots must be a non-empty list of state dicts")
+    states = snapshots if snapshots is not None else [checkpoint["state_dict"]]
+    models = []
+    for index, state in enumerate(states):
+        model = build_model(dataclasses.replace(spec, encoder_weights=None))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            which = f"snapshot {index}" if snapshots is not None else "weights"
+            raise SegflowError(
+                f"{path}: {which} do not match the stored spec ({first_line(exc)})"
+            ) from exc
+        models.append(model)
+    model = SnapshotEnsemble(models) if snapshots is not None else models[0]
+    weights = ("state_dict", "snapshots")
+    metadata = {key: value for key, value in checkpoint.items() if key not in weights}
     return model.to(device).eval(), metadata
 
 
@@ -475,6 +553,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _as_model(model: ModelSpec | torch.nn.Module) -> torch.nn.Module:
+    if isinstance(model, SnapshotEnsemble):
+        return model.members[0]  # members share the architecture
     if isinstance(model, torch.nn.Module):
         return model
     spec = dataclasses.replace(model, encoder_weights=None)

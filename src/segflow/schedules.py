@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from segflow.train_options import TrainOptions
+from segflow.train_options import TrainOptions, restart_cycle_epochs
 
 # OneCycle: start and end learning rates as fractions of lr (torch's OneCycleLR defaults).
 _ONECYCLE_START, _ONECYCLE_END = 1 / 25, 1 / 25 / 1e4
@@ -89,8 +89,38 @@ def options_lr_factor(options: TrainOptions, steps_per_epoch: int, step: int) ->
     """
     total = options.epochs * steps_per_epoch
     warmup = options.warmup_epochs * steps_per_epoch
-    restart = options.restart_epochs or max(1, round((options.epochs - options.warmup_epochs) / 3))
+    restart = restart_cycle_epochs(options)
     return lr_factor(options.scheduler, step, total, warmup, restart * steps_per_epoch)
+
+
+def in_swa_phase(options: TrainOptions, epoch: int) -> bool:
+    """Whether ``epoch`` (1-based) is one of the last ``swa_epochs`` epochs, whose end-of-epoch
+    weights stochastic weight averaging collects (and which train at ``swa_lr`` if set).
+
+    Args:
+        options: training options (epochs, swa_epochs).
+        epoch: the epoch.
+
+    Returns:
+        False when SWA is off.
+    """
+    return options.swa_epochs > 0 and epoch > options.epochs - options.swa_epochs
+
+
+def swa_learning_rate(options: TrainOptions, epoch: int) -> float | None:
+    """The constant learning rate of ``epoch`` if it is an SWA epoch with ``swa_lr`` set.
+
+    It overrides the schedule batch by batch (the schedulers still step, so their state stays
+    that of the schedule); None = the schedule's rate.
+
+    Args:
+        options: training options (epochs, swa_epochs, swa_lr).
+        epoch: the epoch (1-based).
+
+    Returns:
+        ``swa_lr`` or None.
+    """
+    return options.swa_lr if in_swa_phase(options, epoch) else None
 
 
 def make_schedulers(

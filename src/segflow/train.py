@@ -6,10 +6,24 @@
 - ``model.pt`` (:func:`segflow.models.save_checkpoint`) holding the *evaluated* weights — the
   EMA weights when ``ema_decay`` is set, else the trained weights — of the best epoch by
   ``monitor``, or the element-wise average of the ``average_top_k`` best epochs' evaluated
-  weights (BatchNorm statistics averaged too, not recalibrated). The saved weights are then
-  validated once more; their score is the checkpoint's ``score``. Its ``mean``/``std`` are
-  what the model was fed (:func:`segflow.pretrained.input_normalisation`: the data's
-  statistics, or the normalisation of pretrained encoder weights), and so what prediction uses.
+  weights (BatchNorm statistics averaged too, or recalibrated with ``recalibrate_bn``). The
+  saved weights are then validated once more; their score is the checkpoint's ``score``. Its
+  ``mean``/``std`` are what the model was fed (:func:`segflow.pretrained.input_normalisation`:
+  the data's statistics, or the normalisation of pretrained encoder weights), and so what
+  prediction uses.
+  Two alternatives (they exclude each other):
+
+  - SWA (``swa_epochs`` N): the equal average of the *trained* weights at the end of each of
+    the last N epochs (:class:`segflow.checkpointing.WeightAverage`; those epochs train at a
+    constant ``swa_lr`` if set, else on the schedule). Its BatchNorm statistics are then
+    recomputed with one pass over the training loader reseeded from (seed, epoch 0), so the
+    recalibration is the same on every run with this seed; the result is validated and kept
+    if ``swa_select: always``, or (default ``best``) only if it validates strictly better than
+    the weights saved without SWA. An early stop averages the SWA epochs reached (none: no SWA).
+  - Snapshot ensemble (``snapshot_ensemble`` K, with ``cosine_restarts``): the evaluated
+    weights at the end of each of the last K restart cycles, all stored in model.pt; it loads
+    as a :class:`segflow.models.SnapshotEnsemble` predicting the members' mean probability
+    (K forward passes per prediction), and the ensemble is what is validated at the end.
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`), rewritten after every epoch.
   ``skipped_batches`` counts the batches skipped for a NaN/inf loss (``nonfinite_loss``).
 - ``metrics.json``: best epoch, scores, early stopping, optimizer steps, timing, provenance
@@ -17,7 +31,8 @@
 
 Resume: after every finished epoch ``resume_dir/last.pt`` is rewritten atomically with the
 complete training state (model, optimizer, schedulers, AMP scaler, EMA, history, top-k
-bookkeeping, RNG states); the top-k epochs' weights sit next to it as ``snapshot_eNNNN.pt``.
+bookkeeping, the running SWA average, RNG states); the top-k epochs' weights sit next to it as
+``snapshot_eNNNN.pt``, a snapshot ensemble's cycle ends as ``cycle_eNNNN.pt``.
 A rerun with the same configuration continues after the last finished epoch, so a killed job
 (SIGTERM, Ctrl-C, OOM kill, node loss) loses at most one epoch. ``resume_dir`` must lie outside
 ``out_dir``: Snakemake deletes a failed job's outputs. It is deleted once ``model.pt`` is written.
@@ -28,9 +43,11 @@ may change between an interrupted run and its rerun: ``epochs`` (train longer or
 ``early_stopping_patience``, ``num_workers``/``device`` (where and how fast, not what), and
 ``nonfinite_loss``/``max_skipped_fraction`` (a fold stopped by a NaN loss may resume skipping).
 Changing ``epochs`` re-derives the learning-rate schedule from the new total for the remaining
-epochs. An epoch is one pass over the training set, or ``steps_per_epoch`` batches; the
-augmentation phase (``augment`` as a list of phases) and the mixup/cutmix draws are functions of
-(seed, epoch[, batch]), so they resume too. (A *finished* run has deleted its resume state; it is not extended but retrained.) Every epoch reseeds all generators from (seed, epoch), so an interrupted and resumed run
+epochs, and moves the SWA window (an SWA average begun before the new window is dropped). An
+epoch is one pass over the training set, or ``steps_per_epoch`` batches; the augmentation phase
+(``augment`` as a list of phases) and the mixup/cutmix draws are functions of (seed, epoch[,
+batch]), so they resume too. (A *finished* run has deleted its resume state; it is not extended
+but retrained.) Every epoch reseeds all generators from (seed, epoch), so an interrupted and resumed run
 gives bitwise the weights of an uninterrupted one on CPU (with the same ``num_workers``; on CUDA
 up to non-deterministic kernels).
 
@@ -74,13 +91,17 @@ from segflow.checkpointing import (
     RESUME_FORMAT,
     Ema,
     Snapshot,
+    WeightAverage,
     average_snapshots,
     config_hash,
     cpu_state,
     data_fingerprint,
     first_nonfinite,
+    keep_recent,
     load_resume,
+    load_snapshots,
     rank_top_k,
+    recalibrate_batchnorm,
     rng_state,
     save_resume,
     set_rng_state,
@@ -93,18 +114,33 @@ from segflow.fold_data import FoldData, PseudoLabels, build_train_set, seed_all,
 from segflow.losses import build_loss, parse_loss
 from segflow.metrics import per_image_scores
 from segflow.mixing import check_mixing_loss, mix_batch, mixing_enabled
-from segflow.models import ModelSpec, build_model, padded_size, save_checkpoint
+from segflow.models import (
+    ModelSpec,
+    SnapshotEnsemble,
+    build_model,
+    padded_size,
+    save_checkpoint,
+)
 from segflow.options import options_to_dict
 from segflow.pretrained import input_normalisation
 from segflow.provenance import provenance
 from segflow.schedules import (
+    in_swa_phase,
     lr_factor,
     make_optimizer,
     make_schedulers,
     options_lr_factor,
     per_batch_schedule_active,
+    swa_learning_rate,
 )
-from segflow.train_options import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULERS, TrainOptions
+from segflow.train_options import (
+    AMP_MODES,
+    MONITORS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    TrainOptions,
+    is_cycle_end,
+)
 
 __all__ = [
     "AMP_MODES",
@@ -140,6 +176,8 @@ HISTORY_COLUMNS = (
     "skipped_batches",
 )
 THRESHOLD = 0.5
+# BatchNorm recalibration draws its training batches as this (never trained) epoch would.
+RECALIBRATION_EPOCH = 0
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -264,6 +302,8 @@ class _FoldTrainer:
         self.epoch_skipped = 0  # batches of the last trained epoch skipped for a NaN/inf loss
         self.history: list[dict[str, float]] = []
         self.top_k: list[Snapshot] = []
+        self.swa = WeightAverage() if options.swa_epochs else None
+        self.cycle_snapshots: list[Snapshot] = []  # snapshot ensemble members, oldest first
 
     # ----------------------------------------------------------------- helpers
 
@@ -335,6 +375,11 @@ class _FoldTrainer:
         """The optimizer's current learning rate."""
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _set_lr(self, lr: float) -> None:
+        """Set every parameter group's learning rate (``swa_lr`` overriding the schedule)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     # ----------------------------------------------------------------- one epoch
 
     def seed_epoch(self, epoch: int) -> None:
@@ -344,6 +389,9 @@ class _FoldTrainer:
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Train one epoch; returns (mean training loss, learning rate of its last batch)."""
         self.model.train()
+        swa_lr = swa_learning_rate(self.options, epoch)
+        if swa_lr is not None:
+            self._set_lr(swa_lr)
         # Summed on the device: a float() per batch would wait for the GPU every step.
         total, count, lr = torch.zeros((), device=self.device), 0, self._current_lr()
         bar = tqdm(
@@ -379,6 +427,8 @@ class _FoldTrainer:
             if self.options.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+            if swa_lr is not None:  # the schedulers keep stepping; their rate is overridden
+                self._set_lr(swa_lr)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             lr = self._current_lr()
@@ -547,6 +597,24 @@ class _FoldTrainer:
         self.top_k = top_k
         return dropped
 
+    def update_averages(self, epoch: int, value: float) -> list[Snapshot]:
+        """Add this epoch to the SWA average and, at a cycle end, to the snapshot ensemble.
+
+        Returns:
+            Cycle snapshots that fell out of the last ``snapshot_ensemble`` (their files are
+            deleted after last.pt is written).
+        """
+        if self.swa is not None and in_swa_phase(self.options, epoch):
+            self.swa.update(self.model, epoch)
+        if self.options.snapshot_ensemble < 2 or not is_cycle_end(self.options, epoch):
+            return []
+        new = Snapshot(epoch, value, f"cycle_e{epoch:04d}.pt")
+        write_torch(self.resume_dir / new.file, cpu_state(self.evaluated_model))
+        self.cycle_snapshots, dropped = keep_recent(
+            self.cycle_snapshots, new, self.options.snapshot_ensemble
+        )
+        return dropped
+
     # ----------------------------------------------------------------- resume
 
     def state(self, config_hash: str) -> dict[str, Any]:
@@ -565,6 +633,8 @@ class _FoldTrainer:
             "ema_updates": self.ema.updates if self.ema is not None else 0,
             "history": [dict(row) for row in self.history],
             "top_k": [dataclasses.asdict(s) for s in self.top_k],
+            "swa": self.swa.state_dict() if self.swa is not None else None,
+            "cycle_snapshots": [dataclasses.asdict(s) for s in self.cycle_snapshots],
             "rng": rng_state(),
         }
 
@@ -582,13 +652,74 @@ class _FoldTrainer:
         self.global_step = int(state["global_step"])
         self.history = [dict(row) for row in state["history"]]
         self.top_k = [Snapshot(**s) for s in state["top_k"]]
+        if self.swa is not None:
+            self.swa.load_state_dict(state.get("swa"))
+            first = self.options.epochs - self.options.swa_epochs + 1
+            if self.swa.epochs and self.swa.epochs[0] < first:
+                # train.epochs was raised: the collected epochs are no longer the last ones.
+                log.warning(
+                    "fold %d: SWA average of epochs %s dropped; SWA now starts at epoch %d",
+                    self.fold,
+                    self.swa.epochs,
+                    first,
+                )
+                self.swa = WeightAverage()
+        self.cycle_snapshots = [Snapshot(**s) for s in state.get("cycle_snapshots", [])]
         set_rng_state(state["rng"])
 
+    # ----------------------------------------------------------------- final weights
+
     def final_model(self) -> tuple[nn.Module, list[int]]:
-        """The weights to save: the best snapshot, or the average of the top k."""
+        """The weights to save without SWA: the best snapshot, or the average of the top k
+        (its BatchNorm statistics recalibrated with ``recalibrate_bn``)."""
         model = copy.deepcopy(self.evaluated_model)
         model.load_state_dict(average_snapshots(self.resume_dir, self.top_k))
+        if self.options.recalibrate_bn and len(self.top_k) > 1:
+            self.recalibrate_batchnorm(model)
         return model, [s.epoch for s in self.top_k]
+
+    def swa_model(self) -> tuple[nn.Module, list[int]] | None:
+        """(the SWA average with recalibrated BatchNorm statistics, its epochs), or None (SWA
+        off, or no SWA epoch trained)."""
+        if self.swa is None or self.swa.average is None:
+            return None
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.swa.average)
+        self.recalibrate_batchnorm(model)
+        return model.eval(), list(self.swa.epochs)
+
+    def ensemble_model(self) -> SnapshotEnsemble:
+        """The snapshot ensemble of the kept cycle ends' evaluated weights.
+
+        Raises:
+            SegflowError: no cycle end was reached.
+        """
+        if not self.cycle_snapshots:
+            raise SegflowError(
+                f"fold {self.fold}: train.snapshot_ensemble is set but no restart cycle ended"
+            )
+        if len(self.cycle_snapshots) < self.options.snapshot_ensemble:
+            log.warning(
+                "fold %d: only %d of train.snapshot_ensemble = %d cycle ends were trained",
+                self.fold,
+                len(self.cycle_snapshots),
+                self.options.snapshot_ensemble,
+            )
+        members = []
+        for state in load_snapshots(self.resume_dir, self.cycle_snapshots):
+            member = copy.deepcopy(self.evaluated_model)
+            member.load_state_dict(state)
+            members.append(member)
+        return SnapshotEnsemble(members).eval()
+
+    def recalibrate_batchnorm(self, model: nn.Module) -> None:
+        """Recompute ``model``'s BatchNorm statistics on one pass of the training loader,
+        reseeded as epoch :data:`RECALIBRATION_EPOCH` (the same batches on every run)."""
+        self.data.seed_epoch(self.options.seed, RECALIBRATION_EPOCH)
+        batches = recalibrate_batchnorm(
+            model, self.data.train_loader, self.device, forward=self._forward
+        )
+        log.info("fold %d: BatchNorm statistics recalibrated on %d batches", self.fold, batches)
 
 
 @_interrupt_on_sigterm()
@@ -705,6 +836,7 @@ def train_fold(
         # Order matters for a kill at any point: new snapshot, then last.pt naming it, then
         # the snapshots last.pt no longer names.
         dropped = trainer.update_top_k(epoch, trainer.monitor_value(row))
+        dropped += trainer.update_averages(epoch, trainer.monitor_value(row))
         save_resume(resume_dir, trainer.state(expected_hash), dropped)
         write_csv(out_dir / "history.csv", _history_frame(trainer.history))
         best_epoch, _ = trainer.best_epoch()
@@ -790,7 +922,10 @@ def _resume(trainer: _FoldTrainer, path: Path, expected_hash: str, out_dir: Path
 def _save_model(
     trainer: _FoldTrainer, arrays: SegmentationArrays, model_spec: ModelSpec, out_dir: Path
 ) -> dict[str, Any]:
-    """Validate the final weights once more and save them as ``out_dir/model.pt``.
+    """Pick the final weights, validate them once more and save them as ``out_dir/model.pt``.
+
+    The final weights: the snapshot ensemble if ``snapshot_ensemble``, else the best epoch or
+    top-k average, replaced by the SWA average when ``swa_select`` says so.
 
     Args:
         trainer: the trainer after its last epoch.
@@ -802,24 +937,66 @@ def _save_model(
         The model-selection part of metrics.json (fold ... epochs_trained).
     """
     options = trainer.options
-    model, averaged_epochs = trainer.final_model()
-    nonfinite = first_nonfinite(model.state_dict())
-    if nonfinite is not None:  # snapshots are checked when taken; this guards old resume dirs
-        raise SegflowError(
-            f"fold {trainer.fold}: the final weights hold NaN/inf ({nonfinite}); model.pt not "
-            f"written (delete {trainer.resume_dir} to train from scratch)"
-        )
-    final_scores = trainer.validate(model)
     best_epoch, best_value = trainer.best_epoch()
-    score = (
-        final_scores["val_loss"] if options.monitor == "val_loss" else final_scores[options.monitor]
-    )
     source = "ema" if options.ema_decay else "trained"
-    weights = (
-        f"{source} weights averaged over epochs {averaged_epochs}"
-        if len(averaged_epochs) > 1
-        else f"{source} weights of epoch {best_epoch}"
-    )
+    ensemble_epochs: list[int] = []
+    if options.snapshot_ensemble >= 2:
+        model: nn.Module = trainer.ensemble_model()
+        ensemble_epochs, averaged_epochs = [s.epoch for s in trainer.cycle_snapshots], []
+        weights = (
+            f"snapshot ensemble of the {source} weights of epochs {ensemble_epochs} (mean "
+            "probability)"
+        )
+    else:
+        model, averaged_epochs = trainer.final_model()
+        recalibrated = " (BatchNorm recalibrated)" if options.recalibrate_bn else ""
+        weights = (
+            f"{source} weights averaged over epochs {averaged_epochs}{recalibrated}"
+            if len(averaged_epochs) > 1
+            else f"{source} weights of epoch {best_epoch}"
+        )
+    _check_final_weights(trainer, model)
+    final_scores = trainer.validate(model)
+    score = _monitored(options, final_scores)
+
+    swa_summary = None
+    swa = trainer.swa_model()
+    if swa is not None:
+        swa_model, swa_epochs = swa
+        _check_final_weights(trainer, swa_model)
+        swa_scores = trainer.validate(swa_model)
+        swa_score = _monitored(options, swa_scores)
+        better = swa_score > score if trainer.maximise else swa_score < score
+        selected = options.swa_select == "always" or better
+        swa_summary = {
+            "epochs": swa_epochs,
+            "score": swa_score,
+            "final": swa_scores,
+            "without_swa_score": score,
+            "selected": selected,
+        }
+        log.info(
+            "fold %d: SWA over epochs %s: %s %.4f vs %.4f without SWA -> %s",
+            trainer.fold,
+            swa_epochs,
+            options.monitor,
+            swa_score,
+            score,
+            "SWA kept" if selected else "SWA dropped (train.swa_select: best)",
+        )
+        if selected:
+            model, final_scores, score = swa_model, swa_scores, swa_score
+            averaged_epochs = swa_epochs
+            weights = (
+                f"SWA of the trained weights over epochs {averaged_epochs} (BatchNorm recalibrated)"
+            )
+    elif options.swa_epochs:
+        log.warning(
+            "fold %d: no SWA epoch was trained (stopped after epoch %d, SWA from epoch %d)",
+            trainer.fold,
+            trainer.history[-1]["epoch"],
+            options.epochs - options.swa_epochs + 1,
+        )
     save_checkpoint(
         out_dir / "model.pt",
         model,
@@ -834,6 +1011,7 @@ def _save_model(
             "input_size": [arrays.height, arrays.width],
             "dtype": arrays.dtype,
             "averaged_epochs": averaged_epochs,
+            "ensemble_epochs": ensemble_epochs,
             "weights": weights,
             "threshold": THRESHOLD,
         },
@@ -847,8 +1025,26 @@ def _save_model(
         "final": final_scores,
         "weights": weights,
         "averaged_epochs": averaged_epochs,
+        "ensemble_epochs": ensemble_epochs,
+        "swa": swa_summary,
         "epochs_trained": len(trainer.history),
     }
+
+
+def _monitored(options: TrainOptions, scores: Mapping[str, float]) -> float:
+    """The monitored quantity of :meth:`_FoldTrainer.validate`'s scores."""
+    return scores["val_loss"] if options.monitor == "val_loss" else scores[options.monitor]
+
+
+def _check_final_weights(trainer: _FoldTrainer, model: nn.Module) -> None:
+    """Refuse to save NaN/inf weights (snapshots are checked when taken; this guards old
+    resume dirs and the SWA average)."""
+    nonfinite = first_nonfinite(model.state_dict())
+    if nonfinite is not None:
+        raise SegflowError(
+            f"fold {trainer.fold}: the final weights hold NaN/inf ({nonfinite}); model.pt not "
+            f"written (delete {trainer.resume_dir} to train from scratch)"
+        )
 
 
 def _history_frame(history: list[dict[str, float]]) -> pd.DataFrame:

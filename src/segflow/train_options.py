@@ -19,6 +19,7 @@ SCHEDULERS = ("none", "cosine", "cosine_restarts", "plateau", "onecycle")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 MONITORS = ("kaggle", "dice", "iou", "val_loss")
 NONFINITE_LOSS = ("error", "skip_batch")
+SWA_SELECT = ("best", "always")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,33 @@ class TrainOptions:
     )
     average_top_k: int = option(
         1, "save the average of the k best epochs' weights (1 = the best epoch's)"
+    )
+    recalibrate_bn: bool = option(
+        False,
+        "recompute the BatchNorm running statistics of an average_top_k > 1 average with one "
+        "seeded pass over the training batches (false = the snapshots' statistics averaged)",
+    )
+    swa_epochs: int = option(
+        0,
+        "stochastic weight averaging: average the trained weights at the end of each of the "
+        "last N epochs, recompute BatchNorm statistics on the training batches and validate "
+        "the result (0 = off)",
+    )
+    swa_lr: float | None = option(
+        None,
+        "constant learning rate during the swa_epochs; null = the schedule goes on (with "
+        "cosine it is small by then: prefer none, cosine_restarts or an swa_lr)",
+    )
+    swa_select: str = option(
+        "best",
+        "best = keep the SWA weights only if they validate better than the weights saved "
+        "without SWA (best epoch or top-k average); always = keep them",
+        SWA_SELECT,
+    )
+    snapshot_ensemble: int = option(
+        0,
+        "with cosine_restarts, save the weights at the end of each of the last K cycles; "
+        "model.pt predicts the mean of their probabilities (prediction costs x K; 0 or 1 = off)",
     )
     early_stopping_patience: int | None = option(
         None, "stop after this many epochs without improvement; null = never"
@@ -134,6 +162,14 @@ class TrainOptions:
                 "in (0, 1) or null",
             ),
             ("average_top_k", _is_int(self.average_top_k, 1), "an integer >= 1"),
+            ("recalibrate_bn", isinstance(self.recalibrate_bn, bool), "true or false"),
+            ("swa_epochs", _is_int(self.swa_epochs, 0), "an integer >= 0"),
+            (
+                "swa_lr",
+                self.swa_lr is None or (_is_number(self.swa_lr) and self.swa_lr > 0),
+                "a number > 0 or null",
+            ),
+            ("snapshot_ensemble", _is_int(self.snapshot_ensemble, 0), "an integer >= 0"),
             (
                 "early_stopping_patience",
                 _is_int(self.early_stopping_patience, 1, True),
@@ -178,6 +214,7 @@ class TrainOptions:
             ("amp", AMP_MODES),
             ("monitor", MONITORS),
             ("nonfinite_loss", NONFINITE_LOSS),
+            ("swa_select", SWA_SELECT),
         ):
             checks.append((name, getattr(self, name) in choices, f"one of {', '.join(choices)}"))
         for name, ok, expected in checks:
@@ -200,6 +237,56 @@ class TrainOptions:
                     f"{self.crop!r}"
                 )
             object.__setattr__(self, "crop", [int(v) for v in crop])  # one canonical form
+        self._check_averaging()
+
+    def _check_averaging(self) -> None:
+        """Refuse combinations of SWA and snapshot ensembles that cannot do what they say.
+
+        Raises:
+            SegflowError: naming the option.
+        """
+        if self.swa_epochs > self.epochs:
+            raise SegflowError(
+                f"train.swa_epochs ({self.swa_epochs}) exceeds train.epochs ({self.epochs})"
+            )
+        if self.snapshot_ensemble < 2:
+            return
+        if self.swa_epochs:
+            raise SegflowError(
+                "train.snapshot_ensemble and train.swa_epochs exclude each other (an ensemble of "
+                "cycle ends, or one average of the last epochs)"
+            )
+        if self.scheduler != "cosine_restarts":
+            raise SegflowError(
+                f"train.snapshot_ensemble needs train.scheduler: cosine_restarts (cycles to take "
+                f"snapshots at), got {self.scheduler!r}"
+            )
+        if self.early_stopping_patience is not None:
+            raise SegflowError(
+                "train.snapshot_ensemble: early stopping would cut the restart cycles short; set "
+                "train.early_stopping_patience: null"
+            )
+        cycles = (self.epochs - self.warmup_epochs) // restart_cycle_epochs(self)
+        if self.snapshot_ensemble > cycles:
+            raise SegflowError(
+                f"train.snapshot_ensemble: {self.snapshot_ensemble} cycle ends asked for but "
+                f"{self.epochs} epochs ({self.warmup_epochs} warmup) hold {cycles} complete "
+                f"cycle(s) of {restart_cycle_epochs(self)} epochs (train.restart_epochs)"
+            )
+
+
+def restart_cycle_epochs(options: TrainOptions) -> int:
+    """The cycle length of ``cosine_restarts`` in epochs: ``restart_epochs``, or by default a
+    third of the epochs after warmup (at least 1)."""
+    if options.restart_epochs is not None:
+        return options.restart_epochs
+    return max(1, round((options.epochs - options.warmup_epochs) / 3))
+
+
+def is_cycle_end(options: TrainOptions, epoch: int) -> bool:
+    """Whether ``epoch`` (1-based) ends a ``cosine_restarts`` cycle (its learning rate's low)."""
+    done = epoch - options.warmup_epochs
+    return done > 0 and done % restart_cycle_epochs(options) == 0
 
 
 def _is_int(value: Any, minimum: int, optional: bool = False) -> bool:
