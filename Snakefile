@@ -8,6 +8,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/budget.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/report.smk"

@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 
 from segflow.cli import build_parser, main
 
-STAGES = ["demo-data", "ingest", "dedup", "preprocess", "folds", "summary", "report"]
+STAGES = ["demo-data", "ingest", "dedup", "preprocess", "folds", "plan-budget", "summary", "report"]
 
 
 @pytest.mark.parametrize("command", STAGES)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
+from segflow.budget import BudgetOptions
 from segflow.dedup import DedupOptions
 from segflow.demo_data import DemoDataOptions
 from segflow.folds import FoldOptions
@@ -29,6 +30,7 @@ SECTIONS = {
     "demo": (DemoDataOptions, {"enabled", "out_dir"}),
     "predict": (PredictOptions, set()),
     "submission": (SubmissionOptions, set()),
+    "budget": (BudgetOptions, set()),
 }
 
 

@@ -220,12 +220,15 @@ def _train(args: argparse.Namespace) -> None:
     from segflow.train import train_fold
 
     stats = json.loads((Path(args.arrays_dir) / "stats.json").read_text())
+    values = load_experiment_values(args.experiment)
     experiment = parse_experiment(
         args.name,
-        load_experiment_values(args.experiment),
+        values,
         in_channels=int(stats["channels"]),
         classes=len(stats.get("classes", ["mask"])),
     )
+    if args.plan is not None:
+        experiment = _planned(experiment, values, args)
     result = train_fold(
         args.arrays_dir,
         args.folds,
@@ -242,6 +245,128 @@ def _train(args: argparse.Namespace) -> None:
         pseudo_weight=args.pseudo_weight,
     )
     log.info("fold %d trained: %s", args.fold, result)
+
+
+def _planned(experiment, values: dict, args: argparse.Namespace):
+    """The experiment with ``train.epochs`` replaced by the budget plan's for this training."""
+    import dataclasses
+
+    from segflow.budget import planned_epochs, read_plan
+
+    epochs = planned_epochs(
+        read_plan(args.plan), args.name, args.round, args.fold, values, where=args.plan
+    )
+    train = experiment.train
+    log.info(
+        "budget plan %s: %d epoch(s) for %s round %d fold %d (train.epochs: %d)",
+        args.plan,
+        epochs,
+        args.name,
+        args.round,
+        args.fold,
+        train.epochs,
+    )
+    if epochs <= train.warmup_epochs:
+        log.warning(
+            "the plan's %d epoch(s) do not outlast train.warmup_epochs = %d: the learning rate "
+            "never decays",
+            epochs,
+            train.warmup_epochs,
+        )
+    return dataclasses.replace(experiment, train=dataclasses.replace(train, epochs=epochs))
+
+
+def _json_mapping(text: str, flag: str) -> dict:
+    """A JSON object given on the command line."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SegflowError(f"{flag} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise SegflowError(f"{flag} must be a JSON mapping")
+    return value
+
+
+def _run_plan_budget(args: argparse.Namespace) -> None:
+    with _compute(args):
+        _plan_budget(args)
+
+
+def _plan_budget(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from segflow.budget import BudgetOptions, plan_budget
+    from segflow.budget_measure import (
+        device_startup_seconds,
+        machine_description,
+        measure_experiment,
+        process_startup_seconds,
+    )
+    from segflow.datasets import SegmentationArrays
+    from segflow.devices import resolve_device
+    from segflow.predict import PredictOptions
+
+    options = dataclass_from_namespace(BudgetOptions, args)
+    if options.minutes is None:
+        raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
+    experiments = _json_mapping(args.experiments, "--experiments")
+    if not all(isinstance(values, dict) for values in experiments.values()):
+        raise SegflowError("--experiments must map each experiment name to its mapping")
+    predict_values = _json_mapping(args.predict, "--predict")
+    known = {field.name for field in dataclasses.fields(PredictOptions)}
+    unknown = sorted(set(predict_values) - known)
+    if unknown:
+        raise SegflowError(f"unknown key predict.{unknown[0]}; valid: {', '.join(sorted(known))}")
+    predict = PredictOptions(**predict_values)
+    arrays = SegmentationArrays.open(args.arrays_dir)
+    threads = max(1, args.threads)
+    predict_threads = max(1, min(args.predict_threads, threads))
+    # What every job pays before it works: the interpreter, imports and the device (timed
+    # within plan_budget, whose time counts against the budget).
+    startups: dict[str, float] = {}
+
+    def measure(name, experiment):
+        device = resolve_device(experiment.train.device)
+        if "process" not in startups:
+            startups["process"] = process_startup_seconds()
+        if str(device) not in startups:  # measurable once per process and device
+            startups[str(device)] = device_startup_seconds(device)
+        log.info("budget: timing %s on %s", name, device)
+        return measure_experiment(
+            arrays,
+            args.folds,
+            experiment,
+            predict,
+            options.measure_steps,
+            predict_threads,
+            startups["process"] + startups[str(device)],
+        )
+
+    plan = plan_budget(
+        args.arrays_dir,
+        args.folds,
+        experiments,
+        options,
+        measure,
+        pseudo_rounds=args.pseudo_rounds,
+        max_pseudo_share=args.max_pseudo_share,
+        parallel_jobs=options.parallel_jobs or max(1, args.gpus),
+        machine=machine_description(resolve_device("auto"), threads, predict_threads),
+    )
+    # The config values the plan follows from (no paths); the timings are not seeded.
+    block = stage_provenance(
+        {
+            "budget": dataclasses.asdict(options),
+            "experiments": experiments,
+            "predict": dataclasses.asdict(predict),
+            "pseudo_rounds": args.pseudo_rounds,
+            "max_pseudo_share": args.max_pseudo_share,
+        }
+    )
+    write_json(args.out, with_provenance(plan, block))
+    log.info("budget plan -> %s", args.out)
 
 
 def _predict_options(args: argparse.Namespace):
@@ -575,6 +700,7 @@ def _run_report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per stage."""
+    from segflow.budget import BudgetOptions
     from segflow.dedup import DedupOptions
     from segflow.demo_data import DemoDataOptions
     from segflow.folds import FoldOptions
@@ -653,7 +779,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--pseudo-weight", type=float, default=1.0, help="loss weight of pseudo-labelled images"
     )
+    train.add_argument(
+        "--plan",
+        default=None,
+        help="a time budget's plan.json (segflow plan-budget): its epochs replace train.epochs",
+    )
+    train.add_argument(
+        "--round", type=int, default=0, help="the pseudo-labelling round (looked up in --plan)"
+    )
     _add_compute(train)
+
+    plan = command(
+        "plan-budget",
+        _run_plan_budget,
+        "time each experiment here; plan epochs that fit the time budget",
+        BudgetOptions,
+    )
+    plan.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    plan.add_argument("--folds", required=True, help="folds.csv")
+    plan.add_argument(
+        "--experiments", required=True, help="JSON mapping of experiment name -> experiment"
+    )
+    plan.add_argument("--predict", default="{}", help="the predict section as JSON (TTA, ...)")
+    plan.add_argument("--pseudo-rounds", type=int, default=0, help="pseudo-labelling rounds")
+    plan.add_argument(
+        "--max-pseudo-share", type=float, default=0.3, help="cap on pseudo-labelled draws"
+    )
+    plan.add_argument(
+        "--predict-threads", type=int, default=2, help="CPU threads of the prediction jobs"
+    )
+    plan.add_argument("--out", required=True, help="plan.json to write")
+    _add_compute(plan)
 
     for name, help_text in (
         ("predict-oof", "predict a fold model on its own validation fold"),

@@ -123,6 +123,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "preprocess": ("segflow.preprocess",),
     "folds": ("segflow.folds",),
     "train": ("segflow.train", "segflow.experiment", "segflow.devices"),
+    # The plan's arithmetic only, not segflow.budget_measure: re-timing would change the plan
+    # and so retrain everything. `segflow train --plan` reads the plan through segflow.budget,
+    # which is not in "train": an edit there re-plans (here), which retrains where budgeted.
+    "plan-budget": ("segflow.budget",),
     "predict-oof": ("segflow.predict", "segflow.devices"),
     "predict-test": ("segflow.predict", "segflow.devices"),
     "evaluate-oof": ("segflow.evaluate",),

@@ -158,9 +158,36 @@ def result(*parts):
     return str(Path(RESULTS, *parts))
 
 
+BUDGET = config["budget"]
+BUDGET_PLAN = result("budget", "plan.json") if BUDGET["minutes"] is not None else None
+
+
+def budget_inputs(wildcards):
+    """The time budget's plan for a run experiment's training; nothing when budget.minutes is
+    null (the DAG is then the one without a budget) or for an experiment outside the run.
+    """
+    if BUDGET_PLAN is None or wildcards.experiment not in RUN_EXPERIMENTS:
+        return {}
+    return {"plan": BUDGET_PLAN}
+
+
+def budget_flags(wildcards):
+    """`--plan plan.json --round r` when the training follows the budget's plan, else nothing."""
+    if not budget_inputs(wildcards):
+        return ""
+    return f"--plan {shlex.quote(BUDGET_PLAN)} --round {int(wildcards.round)}"
+
+
+def budget_experiments():
+    """The run experiments as JSON: a params value, so editing one re-plans the budget."""
+    return json.dumps(
+        {name: EXPERIMENTS[name] for name in RUN_EXPERIMENTS}, sort_keys=True
+    )
+
+
 CLUSTER = config["cluster"]
 # Rules that may run on a GPU; every other one is CPU-only and never asks for one.
-GPU_RULES = ("train_fold", "predict_oof", "predict_test")
+GPU_RULES = ("train_fold", "predict_oof", "predict_test", "plan_budget")
 GPU_KEYS = ("gpu", "gpu_model", "gres")
 # Rules that called job_resources(): check_cluster_rules() matches cluster.rules against them.
 RESOURCE_RULES = set()

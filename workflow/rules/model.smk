@@ -7,6 +7,7 @@ wildcard_constraints:
 rule train_fold:
     input:
         unpack(pseudo_inputs),
+        unpack(budget_inputs),
         stats=rules.preprocess_images.output.stats,
         train_images=rules.preprocess_images.output.train_images,
         train_masks=rules.preprocess_images.output.train_masks,
@@ -44,11 +45,12 @@ rule train_fold:
             f"fold{wildcards.fold}",
         ),
         pseudo=pseudo_flags,
+        budget=budget_flags,
     shell:
         "segflow train --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
         " --fold {wildcards.fold:q} --name {wildcards.experiment:q}"
         " --experiment {params.experiment:q} --out-dir {params.out_dir:q}"
-        " --resume-dir {params.resume_dir:q} {params.pseudo} --threads {threads}"
+        " --resume-dir {params.resume_dir:q} {params.pseudo} {params.budget} --threads {threads}"
         " --gpus {resources.gpu_slots} 2> {log:q}"
 
 

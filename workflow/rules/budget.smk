@@ -1,0 +1,46 @@
+# The time budget (config `budget`): only trainings of a run with budget.minutes set depend on
+# this rule (common.smk budget_inputs); without a budget it is never part of the DAG.
+
+
+rule plan_budget:
+    input:
+        stats=rules.preprocess_images.output.stats,
+        train_images=rules.preprocess_images.output.train_images,
+        train_masks=rules.preprocess_images.output.train_masks,
+        test_images=rules.preprocess_images.output.test_images,
+        folds=rules.make_folds.output.folds,
+    output:
+        plan=result("budget", "plan.json"),
+    log:
+        result("logs", "plan_budget.log"),
+    benchmark:
+        result("benchmarks", "plan_budget.tsv")
+    conda:
+        CONDA_ENV
+    # It times training as train_fold runs: with its threads (and a GPU when it has one).
+    threads: rule_threads("plan_budget", rule_threads("train_fold", MAX_THREADS))
+    resources:
+        **job_resources("plan_budget", mem_mb=8000, runtime=30),
+        gpu_slots=GPUS,
+    params:
+        code=stage_fingerprint("plan-budget"),
+        flags=section_flags("budget"),
+        # The plan is cached: it is made again when these or the data change, never because
+        # a timing would come out differently (force it with `snakemake -R plan_budget`).
+        experiments=budget_experiments(),
+        predict=json.dumps(
+            {k: v for k, v in config["predict"].items() if k != "fold_merge"},
+            sort_keys=True,
+        ),
+        pseudo_rounds=PSEUDO["rounds"],
+        max_pseudo_share=PSEUDO["max_pseudo_share"],
+        predict_threads=rule_threads("predict_oof", min(2, MAX_THREADS)),
+        gpus=GPUS,  # budget.parallel_jobs null follows it
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+    shell:
+        "segflow plan-budget --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
+        " --experiments {params.experiments:q} --predict {params.predict:q}"
+        " --pseudo-rounds {params.pseudo_rounds:q}"
+        " --max-pseudo-share {params.max_pseudo_share:q}"
+        " --predict-threads {params.predict_threads:q} {params.flags} --out {output.plan:q}"
+        " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"
