@@ -1074,7 +1074,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 reference.wall_s,
                 score(reference.heldout, truth),
                 reference.val_score,
-                f"{reference.epochs} epochs ({reference.steps} steps); best epoch "
+                f"{reference.epochs} epoch(s), {reference.steps} steps"
+                f"{' (--tiny: 1 epoch at most)' if args.tiny else ''}; best epoch "
                 f"{reference.best_epoch}, threshold {reference.threshold:.2f}",
                 reference_info,
             )
