@@ -28,7 +28,8 @@ What it does, in order:
    (first experiment of ``run_experiments``; built after ``seed_all(train.seed)`` as the
    trainer does, so the same initial weights), BCE + Dice, Adam at the experiment's ``lr`` and
    ``batch_size``, random horizontal flips, images resized to the preprocess size and
-   normalised by its training images' mean/std (segflow has no other input normalisation), no
+   normalised as the pipeline's trainer does (:func:`segflow.pretrained.input_normalisation`:
+   pretrained weights get their own normalisation, random ones the training images' mean/std), no
    folds. A 10 % validation split of the pipeline part (by group) picks the best epoch and the
    threshold (0.30..0.70), and is its OOF column. hflip TTA; held-out predictions resized back
    to the original size. It trains until the pipeline's wall clock (or
@@ -738,6 +739,7 @@ def train_reference(
     from segflow.devices import resolve_device
     from segflow.fold_data import seed_all
     from segflow.losses import build_loss
+    from segflow.pretrained import input_normalisation
 
     started = clock()
     device = resolve_device(spec.device)
@@ -753,8 +755,12 @@ def train_reference(
     _, val_pixels, val_masks = prepared(val)
     resized = [resize_image(p, *size) for p in train_pixels]
     scaled = np.stack(resized).astype(np.float64) / 255.0
-    mean = scaled.mean(axis=(0, 1, 2)).astype(np.float32)
-    std = safe_std(scaled.std(axis=(0, 1, 2)))
+    # The trainer's choice: pretrained weights get their own normalisation, others the data's.
+    data_mean, data_std = input_normalisation(
+        spec.model, scaled.mean(axis=(0, 1, 2)), safe_std(scaled.std(axis=(0, 1, 2)))
+    )
+    mean = np.asarray(data_mean, dtype=np.float32)
+    std = np.asarray(data_std, dtype=np.float32)
     x_train = _to_tensor(resized, mean, std)
     y_train = torch.from_numpy(np.stack([resize_mask(m, *size) for m in train_masks])[:, None])
     y_train = y_train.float()
