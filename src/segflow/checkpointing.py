@@ -5,7 +5,8 @@ by :func:`save_resume`); the top-k epochs' evaluated weights sit next to it as
 ``snapshot_eNNNN.pt`` (:class:`Snapshot`). Both are plain ``torch.save`` files of tensors and
 builtin types, read back with ``weights_only=True``. A resume file is used only when its
 :func:`config_hash` matches: every option except :data:`RESUME_EXEMPT`, the model, loss,
-augmentation and the data (:func:`data_fingerprint`).
+augmentation, the data (:func:`data_fingerprint`) and the checkpoint training started from
+(``train.init_from``).
 """
 
 from __future__ import annotations
@@ -159,22 +160,25 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def config_hash(
     options: TrainOptions,
     model_spec: ModelSpec,
-    fold: int,
+    fold: int | str,
     loss_weights: Mapping[str, float],
     ohem_fraction: float | None,
     augment: Any,
     data: Mapping[str, Any],
+    init_checkpoint: str | None = None,
 ) -> str:
     """The identity of a training configuration, guarding resume (options but RESUME_EXEMPT).
 
     Args:
         options: training options; those in :data:`RESUME_EXEMPT` are left out.
         model_spec: the model.
-        fold: the validation fold.
+        fold: the validation fold, or ``"full"`` for a full-data refit.
         loss_weights: loss term -> weight.
         ohem_fraction: online hard example mining fraction.
         augment: augmentation spec.
         data: the data's identity (:func:`data_fingerprint`).
+        init_checkpoint: SHA-256 of the checkpoint the weights start from (``train.init_from``),
+            or None (left out of the payload: hashes of runs from scratch stay as they were).
 
     Returns:
         A SHA-256 hex digest.
@@ -188,6 +192,8 @@ def config_hash(
         "augment": augment,
         "data": data,
     }
+    if init_checkpoint is not None:
+        payload["init_checkpoint"] = init_checkpoint
     return options_hash(payload)
 
 
