@@ -30,6 +30,8 @@ rule all:
         rules.make_folds.output,
         rules.choose_submission.output,
         rules.write_report.output,
+        # experiments.<name>.refit: the full models, also when the test set uses the folds.
+        refit_models(),
 
 
 check_cluster_rules()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -464,8 +465,29 @@ def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(
         ({"dedup": {"conflict_policy": "vote"}}, "conflict_policy"),
         ({"resluts_dir": "x"}, "resluts_dir"),
         ({"submit_experiment": "fpn_r18:7"}, "submit_experiment 'fpn_r18:7' is not a candidate"),
+        (
+            {"experiments": {"fpn_r18": {"train": {"init_from": "fpn_r34"}}}},
+            "experiments.fpn_r18.train.init_from: unknown experiment 'fpn_r34'",
+        ),
+        (
+            {
+                "experiments": {
+                    "a": {"train": {"init_from": "b"}},
+                    "b": {"train": {"init_from": "a"}},
+                }
+            },
+            "experiments.b.train.init_from: cycle a -> b -> a",
+        ),
     ],
-    ids=["typo", "wrong-type", "bad-choice", "top-level-typo", "unknown-submit-candidate"],
+    ids=[
+        "typo",
+        "wrong-type",
+        "bad-choice",
+        "top-level-typo",
+        "unknown-submit-candidate",
+        "init-from-unknown",
+        "init-from-cycle",
+    ],
 )
 def test_invalid_config_stops_before_any_job_naming_the_key(
     tmp_path: Path, override: dict, named: str
@@ -476,6 +498,129 @@ def test_invalid_config_stops_before_any_job_naming_the_key(
     assert result.returncode != 0
     assert named in result.stdout + result.stderr
     assert not (workdir / "results").exists()
+
+
+def _dry_run(workdir: Path, overrides: dict) -> list[dict]:
+    """The jobs of a dry run of SMALL_DEMO with ``overrides``: rule, wildcards, inputs, shell."""
+    import re
+
+    base = write_config(workdir, "small.yaml", SMALL_DEMO)
+    changed = write_config(workdir, "changed.yaml", overrides)
+    output = run_snakemake(
+        workdir, "--dry-run", "--printshellcmds", "--configfile", base, changed
+    ).stdout
+    jobs = []
+    for block in re.split(r"^\[[^\]\n]*\]$", output, flags=re.M)[1:]:
+        rule = re.match(r"\s*(?:local)?rule (\w+):", block)
+        if rule is None:
+            continue
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block, flags=re.M))
+        wildcards = dict(
+            pair.split("=", 1) for pair in fields.get("wildcards", "").split(", ") if pair
+        )
+        shell = re.search(r"^Shell command: (.*)$", block, flags=re.M)
+        jobs.append(
+            {
+                "rule": rule.group(1),
+                "wildcards": wildcards,
+                "input": fields.get("input", "").split(", "),
+                "shell": shell.group(1) if shell else "",
+            }
+        )
+    return jobs
+
+
+def _job(jobs: list[dict], rule: str, **wildcards: str) -> dict:
+    found = [j for j in jobs if j["rule"] == rule and wildcards.items() <= j["wildcards"].items()]
+    assert len(found) == 1, (rule, wildcards, [j["wildcards"] for j in jobs if j["rule"] == rule])
+    return found[0]
+
+
+TWO_STAGE = {
+    "run_experiments": ["lovasz"],
+    "experiments": {
+        "lovasz": {
+            "model": {"arch": "FPN", "encoder": "resnet18", "aux_head": True},
+            "loss": {"lovasz": 1.0},
+            "train": {"epochs": 1, "init_from": "fpn_r18", "freeze_encoder_epochs": 1},
+        }
+    },
+}
+
+
+def test_a_second_stage_fold_trains_after_the_same_fold_of_the_first(tmp_path: Path) -> None:
+    jobs = _dry_run(copy_workflow(tmp_path), TWO_STAGE)
+    for fold in ("0", "1"):
+        first = "results/models/fpn_r18/round0/fold{}/model.pt"
+        second = _job(jobs, "train_fold", experiment="lovasz", fold=fold)
+        assert first.format(fold) in second["input"]
+        assert first.format(1 - int(fold)) not in second["input"]
+        assert f"--init-checkpoint {first.format(fold)}" in second["shell"]
+        # The first stage is trained (it is not in run_experiments) but nothing else of it.
+        assert (
+            "--init-checkpoint"
+            not in _job(jobs, "train_fold", experiment="fpn_r18", fold=fold)["shell"]
+        )
+    assert not [j for j in jobs if j["rule"] == "predict_oof" and "fpn_r18" in str(j)]
+    assert not [j for j in jobs if j["rule"] == "train_full"]
+
+
+@pytest.mark.parametrize(
+    ("test_models", "members"),
+    [("full", ["full"]), ("both", ["fold0", "fold1", "full"]), ("folds", ["fold0", "fold1"])],
+)
+def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
+    tmp_path: Path, test_models: str, members: list[str]
+) -> None:
+    workdir = copy_workflow(tmp_path)
+    refit = {"experiments": {"fpn_r18": {"refit": {"enabled": True, "test_models": test_models}}}}
+    jobs = _dry_run(workdir, refit)
+    full = _job(jobs, "train_full", experiment="fpn_r18", round="0")
+    assert {f"results/models/fpn_r18/round0/fold{k}/metrics.json" for k in (0, 1)} <= set(
+        full["input"]
+    )
+    submission = _job(jobs, "make_submission", experiment="fpn_r18")
+    test_inputs = [p for p in submission["input"] if p.startswith("results/test/")]
+    assert test_inputs == [f"results/test/fpn_r18/round0/{m}/probs.npy" for m in members]
+    blend = _job(jobs, "blend_experiments")
+    assert [p for p in blend["input"] if p.startswith("results/test/")] == test_inputs
+    if test_models != "folds":
+        predict = _job(jobs, "predict_test_full", experiment="fpn_r18")
+        assert predict["input"][0] == "results/models/fpn_r18/round0/full/model.pt"
+    # The folds train, predict OOF and are scored as without the refit.
+    plain = _dry_run(workdir, {})
+    for rule in ("train_fold", "predict_oof"):
+        assert sorted(j["shell"] for j in jobs if j["rule"] == rule) == sorted(
+            j["shell"] for j in plain if j["rule"] == rule
+        )
+    assert not [j for j in plain if j["rule"] in ("train_full", "predict_test_full")]
+
+
+def test_a_budget_plans_the_run_folds_but_not_a_first_stage_outside_the_run_or_a_refit(
+    tmp_path: Path,
+) -> None:
+    lovasz = {**TWO_STAGE["experiments"]["lovasz"], "refit": {"enabled": True}}
+    config = {**TWO_STAGE, "experiments": {"lovasz": lovasz}, "budget": {"minutes": 20}}
+    jobs = _dry_run(copy_workflow(tmp_path), config)
+    planned = json.loads(_flag(_job(jobs, "plan_budget")["shell"], "--experiments"))
+    for fold in ("0", "1"):
+        second = _job(jobs, "train_fold", experiment="lovasz", fold=fold)["shell"]
+        assert "--plan results/budget/plan.json" in second and "--init-checkpoint" in second
+        # The plan was made for exactly what the fold trains (train --plan compares hashes).
+        assert planned["lovasz"] == json.loads(_flag(second, "--experiment"))
+        first = _job(jobs, "train_fold", experiment="fpn_r18", fold=fold)["shell"]
+        assert "--plan" not in first
+    assert "refit" not in planned["lovasz"] and set(planned) == {"lovasz"}
+    full = _job(jobs, "train_full", experiment="lovasz")["shell"]
+    assert "--plan" not in full
+    assert "--init-checkpoint results/models/fpn_r18/round0/full/model.pt" in full
+    assert shlex.split(full)  # well quoted
+
+
+def _flag(shell: str, flag: str) -> str:
+    """The value of ``flag`` in a job's shell command."""
+    words = shlex.split(shell)
+    return words[words.index(flag) + 1]
 
 
 def test_bad_input_fails_the_stage_with_a_one_line_error(tmp_path: Path) -> None:

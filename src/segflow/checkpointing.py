@@ -7,7 +7,8 @@ epochs' evaluated weights sit next to it as ``snapshot_eNNNN.pt`` and a snapshot
 cycle ends as ``cycle_eNNNN.pt`` (:class:`Snapshot`). All are plain ``torch.save`` files of
 tensors and builtin types, read back with ``weights_only=True``. A resume file is used only when
 its :func:`config_hash` matches: every option except :data:`RESUME_EXEMPT`, the model, loss,
-augmentation and the data (:func:`data_fingerprint`).
+augmentation, the data (:func:`data_fingerprint`) and the checkpoint training started from
+(``train.init_from``).
 
 An average of weights has the average of the snapshots' BatchNorm statistics, which are not the
 statistics of the averaged network's own activations; :func:`recalibrate_batchnorm` recomputes
@@ -289,22 +290,25 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def config_hash(
     options: TrainOptions,
     model_spec: ModelSpec,
-    fold: int,
+    fold: int | str,
     loss_weights: Mapping[str, Any],
     ohem_fraction: float | None,
     augment: Any,
     data: Mapping[str, Any],
+    init_checkpoint: str | None = None,
 ) -> str:
     """The identity of a training configuration, guarding resume (options but RESUME_EXEMPT).
 
     Args:
         options: training options; those in :data:`RESUME_EXEMPT` are left out.
         model_spec: the model.
-        fold: the validation fold.
+        fold: the validation fold, or ``"full"`` for a full-data refit.
         loss_weights: loss term -> weight, or -> ``{weight, <option>: value}``.
         ohem_fraction: online hard example mining fraction.
         augment: augmentation spec.
         data: the data's identity (:func:`data_fingerprint`).
+        init_checkpoint: SHA-256 of the checkpoint the weights start from (``train.init_from``),
+            or None (left out of the payload: hashes of runs from scratch stay as they were).
 
     Returns:
         A SHA-256 hex digest.
@@ -318,6 +322,8 @@ def config_hash(
         "augment": augment,
         "data": data,
     }
+    if init_checkpoint is not None:
+        payload["init_checkpoint"] = init_checkpoint
     return options_hash(payload)
 
 

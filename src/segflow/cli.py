@@ -217,7 +217,7 @@ def _train(args: argparse.Namespace) -> None:
     import json
 
     from segflow.experiment import load_experiment_values, parse_experiment
-    from segflow.train import train_fold
+    from segflow.train import train_fold, train_full
 
     stats = json.loads((Path(args.arrays_dir) / "stats.json").read_text())
     values = load_experiment_values(args.experiment)
@@ -227,22 +227,43 @@ def _train(args: argparse.Namespace) -> None:
         in_channels=int(stats["channels"]),
         classes=len(stats.get("classes", ["mask"])),
     )
+    if (args.fold is None) == (args.refit_from is None):
+        raise SegflowError("give either --fold (cross-validation) or --refit-from (full refit)")
     if args.plan is not None:
+        if args.refit_from is not None:
+            # A refit trains the median of its folds' best epochs, which a plan already bounds.
+            raise SegflowError(
+                "--plan applies to --fold trainings only (a refit's epochs come from its folds)"
+            )
         experiment = _planned(experiment, values, args)
+    common = {
+        "ohem_fraction": experiment.ohem_fraction,
+        "pseudo_dir": args.pseudo_dir,
+        "max_pseudo_share": args.max_pseudo_share,
+        "pseudo_weight": args.pseudo_weight,
+        "init_checkpoint": args.init_checkpoint,
+    }
+    model_args = (experiment.model, experiment.loss, experiment.augment, experiment.train)
+    if args.refit_from is not None:
+        result = train_full(
+            args.arrays_dir,
+            args.folds,
+            args.refit_from,
+            *model_args,
+            args.out_dir,
+            args.resume_dir,
+            **common,
+        )
+        log.info("full refit trained: %s", result)
+        return
     result = train_fold(
         args.arrays_dir,
         args.folds,
         args.fold,
-        experiment.model,
-        experiment.loss,
-        experiment.augment,
-        experiment.train,
+        *model_args,
         args.out_dir,
         args.resume_dir,
-        ohem_fraction=experiment.ohem_fraction,
-        pseudo_dir=args.pseudo_dir,
-        max_pseudo_share=args.max_pseudo_share,
-        pseudo_weight=args.pseudo_weight,
+        **common,
     )
     log.info("fold %d trained: %s", args.fold, result)
 
@@ -513,7 +534,21 @@ def _run_submit(args: argparse.Namespace) -> None:
 
 
 def _grouped(dirs: Sequence[str], groups: int, what: str) -> list[list[str]]:
-    """Split experiment-major folder lists (``--test-dirs``) into one list per experiment."""
+    """Split experiment-major folder lists (``--test-dirs``) into one list per experiment.
+
+    In the results layout (``test/<name>/round<r>/fold<k>`` and ``.../full``) consecutive
+    folders with the same parent are one experiment's, so experiments may bring different
+    counts (a full refit's one folder, or the folds' and the refit's); folders outside that
+    layout are split evenly.
+    """
+    runs: list[list[str]] = []
+    for directory in dirs:
+        if runs and Path(runs[-1][-1]).parent == Path(directory).parent:
+            runs[-1].append(directory)
+        else:
+            runs.append([directory])
+    if len(runs) == groups:
+        return runs
     if len(dirs) % groups:
         raise SegflowError(f"{len(dirs)} {what} do not split into {groups} experiments")
     size = len(dirs) // groups
@@ -763,7 +798,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", _run_train, "train one fold of one experiment (resumable)")
     train.add_argument("--arrays-dir", required=True, help="preprocess output folder")
     train.add_argument("--folds", required=True, help="folds.csv")
-    train.add_argument("--fold", required=True, type=int, help="the validation fold")
+    train.add_argument("--fold", type=int, default=None, help="the validation fold")
+    train.add_argument(
+        "--refit-from",
+        nargs="+",
+        default=None,
+        metavar="METRICS_JSON",
+        help="instead of --fold: refit on every item of --folds for the median best epoch of "
+        "these folds' metrics.json (no validation)",
+    )
     train.add_argument("--name", default="experiment", help="experiment name (for messages)")
     train.add_argument(
         "--experiment", required=True, help="experiment as inline JSON or a JSON/YAML file"
@@ -786,6 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--round", type=int, default=0, help="the pseudo-labelling round (looked up in --plan)"
+    )
+    train.add_argument(
+        "--init-checkpoint",
+        default=None,
+        help="model.pt to start from (the stage named by the experiment's train.init_from)",
     )
     _add_compute(train)
 

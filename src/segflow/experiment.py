@@ -16,7 +16,7 @@ import yaml
 
 from segflow.errors import SegflowError
 
-EXPERIMENT_KEYS = ("model", "loss", "ohem_fraction", "augment", "train")
+EXPERIMENT_KEYS = ("model", "loss", "ohem_fraction", "augment", "train", "refit")
 DEFAULT_LOSS = {"bce": 1.0, "dice": 1.0}
 
 
@@ -30,6 +30,7 @@ class Experiment:
     ohem_fraction: float | None
     augment: Any
     train: Any  # segflow.train_options.TrainOptions
+    refit: Any = None  # segflow.refit.RefitOptions
 
 
 def _dataclass_from(cls: type, values: dict[str, Any], key: str) -> Any:
@@ -58,6 +59,7 @@ def parse_experiment(
     """
     from segflow.losses import parse_loss
     from segflow.models import ModelSpec
+    from segflow.refit import RefitOptions
     from segflow.train_options import TrainOptions
 
     key = f"experiments.{name}"
@@ -78,7 +80,64 @@ def parse_experiment(
         ohem_fraction=values.get("ohem_fraction"),
         augment=values.get("augment", "d4"),
         train=_dataclass_from(TrainOptions, values.get("train", {}), f"{key}.train"),
+        refit=_dataclass_from(RefitOptions, values.get("refit", {}), f"{key}.refit"),
     )
+
+
+def check_init_from(experiments: dict[str, Any]) -> None:
+    """Check every ``train.init_from`` of the config's experiments (config time, before any job).
+
+    It must name another configured experiment, the links may not form a cycle, the source may
+    not save a snapshot ensemble, and both experiments' ``model`` sections must build the same
+    network (``encoder_weights`` aside: the loaded weights replace it). Call after the schema
+    filled in the model defaults.
+
+    Args:
+        experiments: the config's ``experiments`` mapping.
+
+    Raises:
+        SegflowError: one line naming the offending ``experiments.<name>.train.init_from``.
+    """
+    links = {}
+    for name, values in experiments.items():
+        source = ((values or {}).get("train") or {}).get("init_from")
+        if source is None:
+            continue
+        key = f"experiments.{name}.train.init_from"
+        if source == name:
+            raise SegflowError(f"{key}: an experiment cannot start from itself")
+        if source not in experiments:
+            raise SegflowError(
+                f"{key}: unknown experiment {source!r}; configured: {', '.join(experiments)}"
+            )
+        links[name] = source
+    for start in links:
+        path = [start]
+        while path[-1] in links:
+            nxt = links[path[-1]]
+            if nxt in path:
+                cycle = " -> ".join([*path[path.index(nxt) :], nxt])
+                raise SegflowError(
+                    f"experiments.{path[-1]}.train.init_from: cycle {cycle} (every chain of "
+                    "init_from must end at an experiment trained from scratch)"
+                )
+            path.append(nxt)
+    for name, source in links.items():
+        members = ((experiments[source] or {}).get("train") or {}).get("snapshot_ensemble") or 0
+        if isinstance(members, int) and members >= 2:
+            raise SegflowError(
+                f"experiments.{name}.train.init_from: {source!r} saves a snapshot ensemble (its "
+                f"train.snapshot_ensemble is {members}), not one network to start from"
+            )
+        ours = experiments[name].get("model") or {}
+        theirs = experiments[source].get("model") or {}
+        for model_key in sorted((set(ours) | set(theirs)) - {"encoder_weights"}):
+            if ours.get(model_key) != theirs.get(model_key):
+                raise SegflowError(
+                    f"experiments.{name}.train.init_from: {source!r} builds another network "
+                    f"(its model.{model_key} is {theirs.get(model_key)!r}, this experiment's "
+                    f"{ours.get(model_key)!r}); both stages need the same model"
+                )
 
 
 def load_experiment_values(text_or_path: str) -> dict[str, Any]:

@@ -45,6 +45,29 @@ from segflow.train_options import TrainOptions
 Normalisation = tuple[list[float], list[float]]
 
 
+def read_folds(folds_csv: str | os.PathLike[str]) -> pd.DataFrame:
+    """The folds stage's ``folds.csv`` (columns id, fold, ...), checked.
+
+    Raises:
+        SegflowError: unreadable file, missing columns or an id listed twice.
+    """
+    folds_csv = Path(folds_csv)
+    if not folds_csv.is_file():
+        raise SegflowError(f"{folds_csv} does not exist (run the folds stage first)")
+    try:
+        folds = pd.read_csv(folds_csv, dtype={"id": str})  # ids like "0042" stay strings
+    except Exception as error:
+        raise SegflowError(f"{folds_csv} is not a readable CSV ({error})") from None
+    for column in ("id", "fold"):
+        if column not in folds.columns:
+            raise SegflowError(f"{folds_csv}: missing column {column!r}")
+    if folds["id"].duplicated().any():
+        raise SegflowError(
+            f"{folds_csv}: id {folds['id'][folds['id'].duplicated()].iloc[0]!r} twice"
+        )
+    return folds
+
+
 def split_rows(
     arrays: SegmentationArrays, folds_csv: str | os.PathLike[str], fold: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -62,23 +85,10 @@ def split_rows(
         SegflowError: unreadable folds.csv, missing columns, unknown fold, or ids that are not
             in the preprocessed arrays.
     """
-    folds_csv = Path(folds_csv)
-    if not folds_csv.is_file():
-        raise SegflowError(f"{folds_csv} does not exist (run the folds stage first)")
-    try:
-        folds = pd.read_csv(folds_csv, dtype={"id": str})  # ids like "0042" stay strings
-    except Exception as error:
-        raise SegflowError(f"{folds_csv} is not a readable CSV ({error})") from None
-    for column in ("id", "fold"):
-        if column not in folds.columns:
-            raise SegflowError(f"{folds_csv}: missing column {column!r}")
+    folds = read_folds(folds_csv)
     available = sorted(int(v) for v in folds["fold"].unique())
     if fold not in available:
         raise SegflowError(f"{folds_csv}: no fold {fold} (folds: {available})")
-    if folds["id"].duplicated().any():
-        raise SegflowError(
-            f"{folds_csv}: id {folds['id'][folds['id'].duplicated()].iloc[0]!r} twice"
-        )
     is_val = (folds["fold"] == fold).to_numpy()
     train_rows = arrays.rows_for(folds.loc[~is_val, "id"], where=str(folds_csv))
     val_rows = arrays.rows_for(folds.loc[is_val, "id"], where=str(folds_csv))
@@ -87,6 +97,27 @@ def split_rows(
             f"{folds_csv}: only {len(train_rows)} training item(s) outside fold {fold}"
         )
     return train_rows, val_rows
+
+
+def full_rows(arrays: SegmentationArrays, folds_csv: str | os.PathLike[str]) -> np.ndarray:
+    """Array rows of every item of folds.csv: what a full-data refit trains on.
+
+    Args:
+        arrays: the preprocess outputs.
+        folds_csv: the folds stage's ``folds.csv`` (items it left out, such as dropped
+            conflicting duplicates, stay out).
+
+    Returns:
+        The rows in folds.csv order.
+
+    Raises:
+        SegflowError: as :func:`split_rows`, or fewer than 2 items.
+    """
+    folds = read_folds(folds_csv)
+    rows = arrays.rows_for(folds["id"], where=str(folds_csv))
+    if len(rows) < 2:
+        raise SegflowError(f"{folds_csv}: only {len(rows)} training item(s)")
+    return rows
 
 
 @dataclass(frozen=True)
@@ -213,7 +244,7 @@ class FoldData:
     sampler: Sampler[int]
     generator: torch.Generator
     train_loader: DataLoader
-    val_loader: DataLoader
+    val_loader: DataLoader | None  # None for a full-data refit (no validation rows)
     augment: AugmentSchedule | None = None
 
     @classmethod
@@ -234,7 +265,7 @@ class FoldData:
         Args:
             arrays: the preprocess outputs.
             train_rows: array rows to train on.
-            val_rows: array rows to validate on.
+            val_rows: array rows to validate on (none for a full-data refit: no loader).
             augment: augmentation spec or list of phases
                 (:func:`segflow.augment.build_augmentation_schedule`).
             options: training options (crop, empty_ratio, steps_per_epoch, batch_size,
@@ -294,15 +325,17 @@ class FoldData:
             drop_last=len(train_set) > options.batch_size,
             **loader_args,
         )
-        val_set = MemmapDataset(
-            arrays.train_images_path,
-            val_rows,
-            arrays.train_masks_path,
-            mean=mean,
-            std=std,
-            n_classes=len(arrays.classes),
-        )
-        val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+        val_loader = None
+        if len(val_rows):
+            val_set = MemmapDataset(
+                arrays.train_images_path,
+                val_rows,
+                arrays.train_masks_path,
+                mean=mean,
+                std=std,
+                n_classes=len(arrays.classes),
+            )
+            val_loader = DataLoader(val_set, shuffle=False, **loader_args)
         return cls(train_set, sampler, generator, train_loader, val_loader, schedule)
 
     def seed_epoch(self, base_seed: int, epoch: int) -> None:

@@ -51,6 +51,13 @@ but retrained.) Every epoch reseeds all generators from (seed, epoch), so an int
 gives bitwise the weights of an uninterrupted one on CPU (with the same ``num_workers``; on CUDA
 up to non-deterministic kernels).
 
+Two stages and refits: ``train.init_from`` starts the weights from an earlier experiment's
+checkpoint (``init_checkpoint``, :mod:`segflow.transfer`; its SHA-256 joins the configuration
+hash), ``train.freeze_encoder_epochs`` keeps the encoder fixed for the first epochs (decided per
+epoch, so resuming across the boundary changes nothing), and :func:`train_full` refits on every
+item of folds.csv for the median of the folds' best epochs (:mod:`segflow.refit`), saving the
+last epoch's weights: no validation, no monitor, no top-k.
+
 Non-finite values: a batch whose loss is NaN/inf stops the fold with a :class:`SegflowError`
 naming fold, epoch and batch before its optimizer step (``nonfinite_loss: error``), or is
 skipped (``skip_batch``) until more than ``max_skipped_fraction`` of an epoch's batches are.
@@ -110,7 +117,14 @@ from segflow.checkpointing import remove_resume_state as _remove_resume_state
 from segflow.datasets import SegmentationArrays, crop_to, pad_to_size
 from segflow.devices import resolve_device
 from segflow.errors import SegflowError
-from segflow.fold_data import FoldData, PseudoLabels, build_train_set, seed_all, split_rows
+from segflow.fold_data import (
+    FoldData,
+    PseudoLabels,
+    build_train_set,
+    full_rows,
+    seed_all,
+    split_rows,
+)
 from segflow.losses import build_loss, parse_loss
 from segflow.metrics import per_image_scores
 from segflow.mixing import check_mixing_loss, mix_batch, mixing_enabled
@@ -124,6 +138,7 @@ from segflow.models import (
 from segflow.options import options_to_dict
 from segflow.pretrained import input_normalisation
 from segflow.provenance import provenance
+from segflow.refit import refit_epoch_key, refit_epochs
 from segflow.schedules import (
     in_swa_phase,
     lr_factor,
@@ -140,6 +155,13 @@ from segflow.train_options import (
     SCHEDULERS,
     TrainOptions,
     is_cycle_end,
+)
+from segflow.transfer import (
+    checkpoint_normalisation,
+    encoder_of,
+    file_sha256,
+    load_init_checkpoint,
+    set_encoder_frozen,
 )
 
 __all__ = [
@@ -159,6 +181,7 @@ __all__ = [
     "lr_factor",
     "split_rows",
     "train_fold",
+    "train_full",
 ]
 
 log = logging.getLogger(__name__)
@@ -237,7 +260,7 @@ class _FoldTrainer:
         arrays: SegmentationArrays,
         train_rows: np.ndarray,
         val_rows: np.ndarray,
-        fold: int,
+        fold: int | None,
         model_spec: ModelSpec,
         loss_weights: Mapping[str, Any],
         augment: Any,
@@ -245,22 +268,40 @@ class _FoldTrainer:
         ohem_fraction: float | None,
         resume_dir: Path,
         pseudo: PseudoLabels | None = None,
+        init_checkpoint: Path | None = None,
     ) -> None:
-        """Build model, loss, data, optimizer and schedules (the arguments as in train_fold)."""
+        """Build model, loss, data, optimizer and schedules (the arguments as in train_fold;
+        ``fold`` None and no ``val_rows``: a full-data refit, which never validates)."""
         self.fold, self.options, self.resume_dir = fold, options, resume_dir
+        self.label = "full refit" if fold is None else f"fold {fold}"
+        self.validating = len(val_rows) > 0
         self.device = resolve_device(options.device)
         self.amp_dtype = amp_dtype(options.amp, self.device)
         self.channels_last = options.channels_last and self.device.type == "cuda"
         self.maximise = options.monitor != "val_loss"
 
         seed_all(options.seed)  # the initial weights
-        self.model = build_model(model_spec).to(self.device)
-        # What the model is fed, here and (through model.pt) in prediction: the data's own
-        # statistics, or the normalisation that pretrained encoder weights were trained with.
-        self.normalisation = input_normalisation(model_spec, arrays.mean, arrays.std)
+        if init_checkpoint is None:
+            self.model = build_model(model_spec)
+            # What the model is fed, here and (through model.pt) in prediction: the data's own
+            # statistics, or the normalisation that pretrained encoder weights were trained with.
+            self.normalisation = input_normalisation(model_spec, arrays.mean, arrays.std)
+        else:
+            # Every weight is replaced: no pretrained encoder weights to download or read.
+            self.model = build_model(dataclasses.replace(model_spec, encoder_weights=None))
+            # Weights only: the optimizer, schedule and EMA below start fresh from them.
+            loaded = load_init_checkpoint(self.model, model_spec, init_checkpoint)
+            # The loaded weights were trained on inputs normalised as their checkpoint says
+            # (a first stage with pretrained weights: those weights' normalisation).
+            self.normalisation = checkpoint_normalisation(
+                loaded, model_spec.in_channels, init_checkpoint
+            )
+        if options.freeze_encoder_epochs:
+            encoder_of(self.model)  # a model without an encoder fails here, not at epoch 1
+        self.model = self.model.to(self.device)
         log.info(
-            "fold %d: input normalisation mean %s std %s",
-            fold,
+            "%s: input normalisation mean %s std %s",
+            self.label,
             [round(v, 4) for v in self.normalisation[0]],
             [round(v, 4) for v in self.normalisation[1]],
         )
@@ -392,11 +433,15 @@ class _FoldTrainer:
         swa_lr = swa_learning_rate(self.options, epoch)
         if swa_lr is not None:
             self._set_lr(swa_lr)
+        if self.options.freeze_encoder_epochs:
+            # Decided by the epoch alone, so a run resumed at either side of the boundary
+            # trains what an uninterrupted one does.
+            set_encoder_frozen(self.model, epoch <= self.options.freeze_encoder_epochs)
         # Summed on the device: a float() per batch would wait for the GPU every step.
         total, count, lr = torch.zeros((), device=self.device), 0, self._current_lr()
         bar = tqdm(
             self.data.train_loader,
-            desc=f"fold {self.fold} epoch {epoch}/{self.options.epochs}",
+            desc=f"{self.label} epoch {epoch}/{self.options.epochs}",
             unit="batch",
             leave=False,
             disable=None,
@@ -445,7 +490,7 @@ class _FoldTrainer:
         mean = float(total) / max(count, 1)
         if not math.isfinite(mean):  # finite batch losses whose sum overflowed
             raise SegflowError(
-                f"fold {self.fold} epoch {epoch}: training loss is {mean} (diverged); lower "
+                f"{self.label} epoch {epoch}: training loss is {mean} (diverged); lower "
                 "train.lr or set train.grad_clip"
             )
         return mean, lr
@@ -460,7 +505,7 @@ class _FoldTrainer:
             SegflowError: ``nonfinite_loss`` is ``error``, or more than ``max_skipped_fraction``
                 of the epoch's batches (or all of them) were skipped.
         """
-        where = f"fold {self.fold} epoch {epoch} batch {batch}/{self.steps_per_epoch}"
+        where = f"{self.label} epoch {epoch} batch {batch}/{self.steps_per_epoch}"
         hint = "lower train.lr, set train.grad_clip or check the input data"
         if self.options.nonfinite_loss == "error":
             raise SegflowError(
@@ -484,7 +529,7 @@ class _FoldTrainer:
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
 
-    def _check_finite(self, epoch: int, val_loss: float) -> None:
+    def _check_finite(self, epoch: int, val_loss: float | None) -> None:
         """Stop before an epoch with NaN/inf weights or validation loss is snapshot or saved.
 
         A step can overflow the weights although every loss was finite (the next batch's loss
@@ -500,19 +545,21 @@ class _FoldTrainer:
             name = first_nonfinite(model.state_dict())
             if name is not None:
                 raise SegflowError(
-                    f"fold {self.fold} epoch {epoch}: the {label} weights hold NaN/inf ({name}); "
+                    f"{self.label} epoch {epoch}: the {label} weights hold NaN/inf ({name}); "
                     "stopped, nothing of this epoch is saved (lower train.lr or set "
                     "train.grad_clip)"
                 )
-        if not math.isfinite(val_loss):
+        if val_loss is not None and not math.isfinite(val_loss):
             raise SegflowError(
-                f"fold {self.fold} epoch {epoch}: validation loss is {val_loss}; stopped, "
+                f"{self.label} epoch {epoch}: validation loss is {val_loss}; stopped, "
                 "nothing of this epoch is saved (check the validation images)"
             )
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Validation loss and mean per-image dice/iou/kaggle at threshold 0.5."""
+        if self.data.val_loader is None:
+            raise SegflowError(f"{self.label}: there is no validation fold to validate on")
         model.eval()
         total, count = 0.0, 0
         scores: dict[str, list[np.ndarray]] = {name: [] for name in SCORE_NAMES}
@@ -544,8 +591,11 @@ class _FoldTrainer:
         started = time.monotonic()
         self.seed_epoch(epoch)
         train_loss, lr = self.train_epoch(epoch)
-        scores = self.validate(self.evaluated_model)
-        self._check_finite(epoch, scores["val_loss"])
+        if self.validating:
+            scores = self.validate(self.evaluated_model)
+        else:  # a full-data refit: nothing held out (NaN in history.csv's validation columns)
+            scores = {"val_loss": math.nan, **dict.fromkeys(SCORE_NAMES, math.nan)}
+        self._check_finite(epoch, scores["val_loss"] if self.validating else None)
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -556,9 +606,8 @@ class _FoldTrainer:
             "skipped_batches": self.epoch_skipped,
         }
         self.history.append(row)
-        value = self.monitor_value(row)
-        if self.plateau is not None and epoch > self.options.warmup_epochs:
-            self.plateau.step(value)
+        if self.plateau is not None and self.validating and epoch > self.options.warmup_epochs:
+            self.plateau.step(self.monitor_value(row))
         return row
 
     def monitor_value(self, row: Mapping[str, float]) -> float:
@@ -658,8 +707,8 @@ class _FoldTrainer:
             if self.swa.epochs and self.swa.epochs[0] < first:
                 # train.epochs was raised: the collected epochs are no longer the last ones.
                 log.warning(
-                    "fold %d: SWA average of epochs %s dropped; SWA now starts at epoch %d",
-                    self.fold,
+                    "%s: SWA average of epochs %s dropped; SWA now starts at epoch %d",
+                    self.label,
                     self.swa.epochs,
                     first,
                 )
@@ -671,8 +720,11 @@ class _FoldTrainer:
 
     def final_model(self) -> tuple[nn.Module, list[int]]:
         """The weights to save without SWA: the best snapshot, or the average of the top k
-        (its BatchNorm statistics recalibrated with ``recalibrate_bn``)."""
+        (its BatchNorm statistics recalibrated with ``recalibrate_bn``); a full-data refit's last
+        epoch (there is no best without validation)."""
         model = copy.deepcopy(self.evaluated_model)
+        if not self.validating:
+            return model, [int(self.history[-1]["epoch"])]
         model.load_state_dict(average_snapshots(self.resume_dir, self.top_k))
         if self.options.recalibrate_bn and len(self.top_k) > 1:
             self.recalibrate_batchnorm(model)
@@ -696,12 +748,12 @@ class _FoldTrainer:
         """
         if not self.cycle_snapshots:
             raise SegflowError(
-                f"fold {self.fold}: train.snapshot_ensemble is set but no restart cycle ended"
+                f"{self.label}: train.snapshot_ensemble is set but no restart cycle ended"
             )
         if len(self.cycle_snapshots) < self.options.snapshot_ensemble:
             log.warning(
-                "fold %d: only %d of train.snapshot_ensemble = %d cycle ends were trained",
-                self.fold,
+                "%s: only %d of train.snapshot_ensemble = %d cycle ends were trained",
+                self.label,
                 len(self.cycle_snapshots),
                 self.options.snapshot_ensemble,
             )
@@ -719,7 +771,7 @@ class _FoldTrainer:
         batches = recalibrate_batchnorm(
             model, self.data.train_loader, self.device, forward=self._forward
         )
-        log.info("fold %d: BatchNorm statistics recalibrated on %d batches", self.fold, batches)
+        log.info("%s: BatchNorm statistics recalibrated on %d batches", self.label, batches)
 
 
 @_interrupt_on_sigterm()
@@ -737,6 +789,7 @@ def train_fold(
     pseudo_dir: str | os.PathLike[str] | None = None,
     max_pseudo_share: float = 0.3,
     pseudo_weight: float = 1.0,
+    init_checkpoint: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train on the folds other than ``fold``, validate on ``fold``; resumable.
 
@@ -760,6 +813,8 @@ def train_fold(
             those test images are trained on too, never validated on.
         max_pseudo_share: at most this share of each epoch's draws are pseudo-labelled.
         pseudo_weight: loss weight of a pseudo-labelled image relative to a real one.
+        init_checkpoint: the ``model.pt`` whose weights training starts from (the same fold of
+            the experiment named by ``options.init_from``); required exactly when that is set.
 
     Returns:
         The metrics written to metrics.json.
@@ -769,7 +824,148 @@ def train_fold(
         TrainingInterrupted: on SIGTERM; rerun to continue after the last finished epoch.
     """
     started = time.monotonic()
-    out_dir, resume_dir = Path(out_dir), Path(resume_dir)
+    arrays = SegmentationArrays.open(arrays_dir)
+    train_rows, val_rows = split_rows(arrays, folds_csv, fold)
+    if len(val_rows) == 0:
+        raise SegflowError(f"{folds_csv}: fold {fold} has no validation items")
+    return _train(
+        _Run(arrays, train_rows, val_rows, fold, started),
+        model_spec,
+        loss_weights,
+        augment,
+        options,
+        Path(out_dir),
+        Path(resume_dir),
+        ohem_fraction,
+        pseudo_dir,
+        max_pseudo_share,
+        pseudo_weight,
+        init_checkpoint,
+    )
+
+
+@_interrupt_on_sigterm()
+def train_full(
+    arrays_dir: str | os.PathLike[str],
+    folds_csv: str | os.PathLike[str],
+    fold_metrics: list[str | os.PathLike[str]],
+    model_spec: ModelSpec,
+    loss_weights: Mapping[str, Any],
+    augment: Any,
+    options: TrainOptions,
+    out_dir: str | os.PathLike[str],
+    resume_dir: str | os.PathLike[str],
+    ohem_fraction: float | None = None,
+    pseudo_dir: str | os.PathLike[str] | None = None,
+    max_pseudo_share: float = 0.3,
+    pseudo_weight: float = 1.0,
+    init_checkpoint: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Refit on every item of folds.csv, for the median of the folds' best epochs; resumable.
+
+    Nothing is held out, so there is no monitor, best epoch, early stopping or top-k average:
+    the last epoch's weights (the EMA's with ``ema_decay``) are saved. ``options.epochs`` and
+    ``early_stopping_patience`` are replaced by :func:`segflow.refit.refit_epochs` and None
+    (both resume-exempt); the learning-rate schedule follows the refit's epochs. With
+    ``swa_epochs`` or ``snapshot_ensemble`` (weights from the end of training) the refit trains
+    the median of the folds' ``epochs_trained`` and saves the SWA average (always: there is no
+    validation for ``swa_select``) or the ensemble of its last cycle ends. A time budget's plan
+    does not apply: the folds' epochs, which it planned, bound the refit's.
+
+    Args:
+        arrays_dir: as :func:`train_fold`.
+        folds_csv: the folds stage's folds.csv: every item listed is trained on.
+        fold_metrics: the cross-validation folds' ``metrics.json`` (their ``best_epoch``, or
+            ``epochs_trained``: :func:`segflow.refit.refit_epoch_key`).
+        model_spec: as :func:`train_fold`.
+        loss_weights: as :func:`train_fold`.
+        augment: as :func:`train_fold`.
+        options: the experiment's training options (the folds' own).
+        out_dir: where model.pt, history.csv (validation columns empty) and metrics.json go.
+        resume_dir: as :func:`train_fold`.
+        ohem_fraction: as :func:`train_fold`.
+        pseudo_dir: as :func:`train_fold`.
+        max_pseudo_share: as :func:`train_fold`.
+        pseudo_weight: as :func:`train_fold`.
+        init_checkpoint: the full refit ``model.pt`` of the experiment named by
+            ``options.init_from``; required exactly when that is set.
+
+    Returns:
+        The metrics written to metrics.json (``refit_best_epochs``: the folds' best epochs, or
+        ``refit_epochs_trained``: their trained epochs).
+
+    Raises:
+        SegflowError: as :func:`train_fold`, a fold metrics.json without a best epoch, or
+            ``scheduler: plateau`` (it steps on the validation monitor).
+    """
+    started = time.monotonic()
+    if options.scheduler == "plateau":
+        raise SegflowError(
+            "train.scheduler: plateau follows the validation monitor, which a full-data refit "
+            "has not; use another scheduler"
+        )
+    key = refit_epoch_key(options.swa_epochs, options.snapshot_ensemble)
+    epochs, fold_epochs = refit_epochs(fold_metrics, key)
+    if options.average_top_k > 1:
+        log.info("full refit: train.average_top_k ignored (no validation to rank epochs by)")
+    if options.swa_epochs > epochs:
+        raise SegflowError(
+            f"train.swa_epochs ({options.swa_epochs}) exceeds the full refit's {epochs} epochs "
+            f"(the median of the folds' epochs_trained {fold_epochs}); lower it or turn the "
+            "refit off"
+        )
+    options = dataclasses.replace(options, epochs=epochs, early_stopping_patience=None)
+    log.info("full refit: %d epochs, the median of the folds' %s %s", epochs, key, fold_epochs)
+    arrays = SegmentationArrays.open(arrays_dir)
+    rows = full_rows(arrays, folds_csv)
+    metrics = _train(
+        _Run(arrays, rows, np.empty(0, dtype=np.int64), None, started),
+        model_spec,
+        loss_weights,
+        augment,
+        options,
+        Path(out_dir),
+        Path(resume_dir),
+        ohem_fraction,
+        pseudo_dir,
+        max_pseudo_share,
+        pseudo_weight,
+        init_checkpoint,
+        # The folds' epochs the refit's count is the median of.
+        extra={"refit_best_epochs" if key == "best_epoch" else "refit_epochs_trained": fold_epochs},
+    )
+    return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What is trained and validated on: a fold (``fold``, its rows) or the full refit."""
+
+    arrays: SegmentationArrays
+    train_rows: np.ndarray
+    val_rows: np.ndarray  # empty for the full refit
+    fold: int | None  # None: the full refit
+    started: float  # time.monotonic() at the call
+
+
+def _train(
+    run: _Run,
+    model_spec: ModelSpec,
+    loss_weights: Mapping[str, Any],
+    augment: Any,
+    options: TrainOptions,
+    out_dir: Path,
+    resume_dir: Path,
+    ohem_fraction: float | None,
+    pseudo_dir: str | os.PathLike[str] | None,
+    max_pseudo_share: float,
+    pseudo_weight: float,
+    init_checkpoint: str | os.PathLike[str] | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The training loop of :func:`train_fold` and :func:`train_full` (arguments as there)."""
+    arrays, fold = run.arrays, run.fold
+    label = "full refit" if fold is None else f"fold {fold}"
     if (
         resume_dir.resolve() == out_dir.resolve()
         or out_dir.resolve() in resume_dir.resolve().parents
@@ -777,10 +973,6 @@ def train_fold(
         log.warning(
             "resume_dir %s lies inside out_dir %s: a failed job loses it", resume_dir, out_dir
         )
-    arrays = SegmentationArrays.open(arrays_dir)
-    train_rows, val_rows = split_rows(arrays, folds_csv, fold)
-    if len(val_rows) == 0:
-        raise SegflowError(f"{folds_csv}: fold {fold} has no validation items")
     if model_spec.classes != len(arrays.classes):
         raise SegflowError(
             f"model.classes is {model_spec.classes} but {arrays.root / 'stats.json'} lists "
@@ -791,21 +983,40 @@ def train_fold(
             f"model.in_channels is {model_spec.in_channels} but {arrays.root / 'stats.json'} "
             f"says the images have {arrays.channels} channel(s)"
         )
+    if (options.init_from is None) != (init_checkpoint is None):
+        raise SegflowError(
+            f"train.init_from is {options.init_from!r} but the initial checkpoint is "
+            f"{None if init_checkpoint is None else str(init_checkpoint)!r}: give both or neither"
+        )
     pseudo = None
     if pseudo_dir is not None:
         pseudo = PseudoLabels.load(pseudo_dir, arrays, max_pseudo_share, pseudo_weight)
-    fingerprint = data_fingerprint(arrays, train_rows, val_rows)
+    fingerprint = data_fingerprint(arrays, run.train_rows, run.val_rows)
     if pseudo is not None:
         fingerprint["pseudo"] = pseudo.fingerprint()
     # Canonical form: equal loss configs (1 vs 1.0, {weight: 1} vs 1) hash alike.
     loss_weights = parse_loss(loss_weights, "loss", model_spec.classes)
+    init_sha = None
+    if init_checkpoint is not None:
+        if not Path(init_checkpoint).is_file():
+            raise SegflowError(
+                f"train.init_from: {init_checkpoint} does not exist (train the first stage first)"
+            )
+        init_sha = file_sha256(init_checkpoint)
     expected_hash = config_hash(
-        options, model_spec, fold, loss_weights, ohem_fraction, augment, fingerprint
+        options,
+        model_spec,
+        "full" if fold is None else fold,
+        loss_weights,
+        ohem_fraction,
+        augment,
+        fingerprint,
+        init_checkpoint=init_sha,
     )
     trainer = _FoldTrainer(
         arrays,
-        train_rows,
-        val_rows,
+        run.train_rows,
+        run.val_rows,
         fold,
         model_spec,
         loss_weights,
@@ -814,15 +1025,17 @@ def train_fold(
         ohem_fraction,
         resume_dir,
         pseudo,
+        None if init_checkpoint is None else Path(init_checkpoint),
     )
     log.info(
-        "fold %d: %d training / %d validation images, %d batches per epoch, device %s, amp %s",
-        fold,
+        "%s: %d training / %d validation images, %d batches per epoch, device %s, amp %s%s",
+        label,
         len(trainer.data.train_set),
-        len(val_rows),
+        len(run.val_rows),
         trainer.steps_per_epoch,
         trainer.device,
         trainer.amp_dtype or "off",
+        f", starting from {init_checkpoint}" if init_checkpoint is not None else "",
     )
     resumed_from = _resume(trainer, resume_dir / RESUME_FILE, expected_hash, out_dir)
 
@@ -834,32 +1047,19 @@ def train_fold(
         row = trainer.run_epoch(epoch)
         resume_dir.mkdir(parents=True, exist_ok=True)
         # Order matters for a kill at any point: new snapshot, then last.pt naming it, then
-        # the snapshots last.pt no longer names.
-        dropped = trainer.update_top_k(epoch, trainer.monitor_value(row))
-        dropped += trainer.update_averages(epoch, trainer.monitor_value(row))
+        # the snapshots last.pt no longer names. A refit keeps no top-k snapshots (no monitor
+        # to rank epochs by); its SWA average and cycle ends are kept like a fold's.
+        value = trainer.monitor_value(row) if trainer.validating else None
+        dropped = trainer.update_top_k(epoch, value) if trainer.validating else []
+        dropped += trainer.update_averages(epoch, value)
         save_resume(resume_dir, trainer.state(expected_hash), dropped)
         write_csv(out_dir / "history.csv", _history_frame(trainer.history))
-        best_epoch, _ = trainer.best_epoch()
-        log.info(
-            "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f dice %.4f iou %.4f "
-            "kaggle %.4f lr %.3g %.1fs%s",
-            fold,
-            epoch,
-            options.epochs,
-            row["train_loss"],
-            row["val_loss"],
-            row["val_dice"],
-            row["val_iou"],
-            row["val_kaggle"],
-            row["lr"],
-            row["seconds"],
-            " (best)" if best_epoch == epoch else "",
-        )
+        _log_epoch(trainer, row)
 
     if not trainer.history:
-        raise SegflowError(f"fold {fold}: no epoch was trained (train.epochs = {options.epochs})")
+        raise SegflowError(f"{label}: no epoch was trained (train.epochs = {options.epochs})")
     if stopped_early:
-        log.info("fold %d: early stop after epoch %d", fold, trainer.history[-1]["epoch"])
+        log.info("%s: early stop after epoch %d", label, trainer.history[-1]["epoch"])
     metrics = _save_model(trainer, arrays, model_spec, out_dir)
     skipped = int(sum(row.get("skipped_batches", 0) for row in trainer.history))
     metrics.update(
@@ -869,24 +1069,62 @@ def train_fold(
         skipped_batches=skipped,
         # global_step counts skipped batches too; they took no step (segflow.diagnostics).
         optimizer_steps=trainer.global_step - skipped,
-        elapsed_seconds=round(time.monotonic() - started, 3),
+        elapsed_seconds=round(time.monotonic() - run.started, 3),
         n_train=len(trainer.data.train_set),
-        n_val=len(val_rows),
+        n_val=len(run.val_rows),
+        **dict(extra or {}),
         options=options_to_dict(options),
-        # config_hash: the same digest that guards the resume file.
-        provenance=provenance(options.seed, expected_hash),
     )
+    if init_sha is not None:  # the initial weights' identity (also part of config_hash)
+        metrics["init_checkpoint_sha256"] = init_sha
+    # config_hash: the same digest that guards the resume file.
+    metrics["provenance"] = provenance(options.seed, expected_hash)
     write_json(out_dir / "metrics.json", metrics)
     _remove_resume_state(resume_dir)
-    log.info(
-        "fold %d: %s = %.4f (%s) -> %s",
-        fold,
-        options.monitor,
-        metrics["score"],
-        metrics["weights"],
-        out_dir / "model.pt",
-    )
+    if trainer.validating:
+        log.info(
+            "%s: %s = %.4f (%s) -> %s",
+            label,
+            options.monitor,
+            metrics["score"],
+            metrics["weights"],
+            out_dir / "model.pt",
+        )
+    else:
+        log.info("%s: %s -> %s", label, metrics["weights"], out_dir / "model.pt")
     return metrics
+
+
+def _log_epoch(trainer: _FoldTrainer, row: Mapping[str, float]) -> None:
+    """One log line per finished epoch (a refit has no validation scores to report)."""
+    epochs = trainer.options.epochs
+    if not trainer.validating:
+        log.info(
+            "%s epoch %d/%d: train_loss %.4f lr %.3g %.1fs",
+            trainer.label,
+            row["epoch"],
+            epochs,
+            row["train_loss"],
+            row["lr"],
+            row["seconds"],
+        )
+        return
+    best_epoch, _ = trainer.best_epoch()
+    log.info(
+        "%s epoch %d/%d: train_loss %.4f val_loss %.4f dice %.4f iou %.4f kaggle %.4f lr %.3g "
+        "%.1fs%s",
+        trainer.label,
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["val_loss"],
+        row["val_dice"],
+        row["val_iou"],
+        row["val_kaggle"],
+        row["lr"],
+        row["seconds"],
+        " (best)" if best_epoch == row["epoch"] else "",
+    )
 
 
 def _resume(trainer: _FoldTrainer, path: Path, expected_hash: str, out_dir: Path) -> int:
@@ -906,11 +1144,11 @@ def _resume(trainer: _FoldTrainer, path: Path, expected_hash: str, out_dir: Path
         return 0
     trainer.load_state(state)
     resumed_from = int(state["epoch"])
-    log.info("fold %d: resuming after epoch %d from %s", trainer.fold, resumed_from, path)
+    log.info("%s: resuming after epoch %d from %s", trainer.label, resumed_from, path)
     if resumed_from >= trainer.options.epochs:
         log.warning(
-            "fold %d: %s already has %d epochs (train.epochs = %d); finishing with those",
-            trainer.fold,
+            "%s: %s already has %d epochs (train.epochs = %d); finishing with those",
+            trainer.label,
             path,
             resumed_from,
             trainer.options.epochs,
@@ -927,6 +1165,9 @@ def _save_model(
     The final weights: the snapshot ensemble if ``snapshot_ensemble``, else the best epoch or
     top-k average, replaced by the SWA average when ``swa_select`` says so.
 
+    A full refit's weights (its last epoch's) are saved without validation: ``score``,
+    ``monitor`` and ``best_epoch`` are null, ``refit`` is true.
+
     Args:
         trainer: the trainer after its last epoch.
         arrays: the preprocess outputs (input size for the checkpoint).
@@ -937,8 +1178,11 @@ def _save_model(
         The model-selection part of metrics.json (fold ... epochs_trained).
     """
     options = trainer.options
-    best_epoch, best_value = trainer.best_epoch()
     source = "ema" if options.ema_decay else "trained"
+    if trainer.validating:
+        best_epoch, best_value = trainer.best_epoch()
+    else:  # a full refit: no best epoch, its last one stands for it
+        best_epoch, best_value = int(trainer.history[-1]["epoch"]), None
     ensemble_epochs: list[int] = []
     if options.snapshot_ensemble >= 2:
         model: nn.Module = trainer.ensemble_model()
@@ -950,24 +1194,31 @@ def _save_model(
     else:
         model, averaged_epochs = trainer.final_model()
         recalibrated = " (BatchNorm recalibrated)" if options.recalibrate_bn else ""
-        weights = (
-            f"{source} weights averaged over epochs {averaged_epochs}{recalibrated}"
-            if len(averaged_epochs) > 1
-            else f"{source} weights of epoch {best_epoch}"
-        )
+        if not trainer.validating:
+            weights = f"{source} weights of epoch {best_epoch} (full refit, last epoch)"
+        elif len(averaged_epochs) > 1:
+            weights = f"{source} weights averaged over epochs {averaged_epochs}{recalibrated}"
+        else:
+            weights = f"{source} weights of epoch {best_epoch}"
     _check_final_weights(trainer, model)
-    final_scores = trainer.validate(model)
-    score = _monitored(options, final_scores)
+    monitor: str | None = options.monitor if trainer.validating else None
+    final_scores = trainer.validate(model) if trainer.validating else None
+    score = _monitored(options, final_scores) if final_scores is not None else None
 
     swa_summary = None
     swa = trainer.swa_model()
     if swa is not None:
         swa_model, swa_epochs = swa
         _check_final_weights(trainer, swa_model)
-        swa_scores = trainer.validate(swa_model)
-        swa_score = _monitored(options, swa_scores)
-        better = swa_score > score if trainer.maximise else swa_score < score
-        selected = options.swa_select == "always" or better
+        if trainer.validating:
+            swa_scores = trainer.validate(swa_model)
+            swa_score = _monitored(options, swa_scores)
+            better = swa_score > score if trainer.maximise else swa_score < score
+            selected = options.swa_select == "always" or better
+        else:
+            # A refit has nothing to validate on, so swa_select cannot compare: train.swa_epochs
+            # asks for SWA, and the refit keeps it.
+            swa_scores, swa_score, selected = None, None, True
         swa_summary = {
             "epochs": swa_epochs,
             "score": swa_score,
@@ -975,15 +1226,22 @@ def _save_model(
             "without_swa_score": score,
             "selected": selected,
         }
-        log.info(
-            "fold %d: SWA over epochs %s: %s %.4f vs %.4f without SWA -> %s",
-            trainer.fold,
-            swa_epochs,
-            options.monitor,
-            swa_score,
-            score,
-            "SWA kept" if selected else "SWA dropped (train.swa_select: best)",
-        )
+        if trainer.validating:
+            log.info(
+                "%s: SWA over epochs %s: %s %.4f vs %.4f without SWA -> %s",
+                trainer.label,
+                swa_epochs,
+                options.monitor,
+                swa_score,
+                score,
+                "SWA kept" if selected else "SWA dropped (train.swa_select: best)",
+            )
+        else:
+            log.info(
+                "%s: SWA over epochs %s kept (no validation: train.swa_select does not apply)",
+                trainer.label,
+                swa_epochs,
+            )
         if selected:
             model, final_scores, score = swa_model, swa_scores, swa_score
             averaged_epochs = swa_epochs
@@ -992,8 +1250,8 @@ def _save_model(
             )
     elif options.swa_epochs:
         log.warning(
-            "fold %d: no SWA epoch was trained (stopped after epoch %d, SWA from epoch %d)",
-            trainer.fold,
+            "%s: no SWA epoch was trained (stopped after epoch %d, SWA from epoch %d)",
+            trainer.label,
             trainer.history[-1]["epoch"],
             options.epochs - options.swa_epochs + 1,
         )
@@ -1004,7 +1262,7 @@ def _save_model(
         {
             "fold": trainer.fold,
             "epoch": best_epoch,
-            "monitor": options.monitor,
+            "monitor": monitor,
             "score": score,
             "mean": trainer.normalisation[0],
             "std": trainer.normalisation[1],
@@ -1014,11 +1272,23 @@ def _save_model(
             "ensemble_epochs": ensemble_epochs,
             "weights": weights,
             "threshold": THRESHOLD,
+            **({} if trainer.validating else {"refit": True}),
         },
     )
+    if not trainer.validating:
+        return {
+            "fold": None,
+            "refit": True,
+            "epochs": best_epoch,
+            "weights": weights,
+            "averaged_epochs": averaged_epochs,
+            "ensemble_epochs": ensemble_epochs,
+            "swa": swa_summary,
+            "epochs_trained": len(trainer.history),
+        }
     return {
         "fold": trainer.fold,
-        "monitor": options.monitor,
+        "monitor": monitor,
         "best_epoch": best_epoch,
         "best_epoch_score": best_value,
         "score": score,
@@ -1042,7 +1312,7 @@ def _check_final_weights(trainer: _FoldTrainer, model: nn.Module) -> None:
     nonfinite = first_nonfinite(model.state_dict())
     if nonfinite is not None:
         raise SegflowError(
-            f"fold {trainer.fold}: the final weights hold NaN/inf ({nonfinite}); model.pt not "
+            f"{trainer.label}: the final weights hold NaN/inf ({nonfinite}); model.pt not "
             f"written (delete {trainer.resume_dir} to train from scratch)"
         )
 

@@ -75,7 +75,8 @@ class TrainOptions:
     swa_select: str = option(
         "best",
         "best = keep the SWA weights only if they validate better than the weights saved "
-        "without SWA (best epoch or top-k average); always = keep them",
+        "without SWA (best epoch or top-k average); always = keep them (a full refit, with "
+        "nothing to validate on, always keeps them)",
         SWA_SELECT,
     )
     snapshot_ensemble: int = option(
@@ -121,6 +122,16 @@ class TrainOptions:
         " threads: threads - 1 on CUDA, 0 on CPU",
     )
     seed: int = option(42, "seed of initialisation, sampling and augmentation")
+    init_from: str | None = option(
+        None,
+        "start fold k from fold k's model.pt of this experiment (same round; weights only, the "
+        "optimizer and schedule start fresh); its model must match; null = from scratch",
+    )
+    freeze_encoder_epochs: int = option(
+        0,
+        "train only the decoder and heads for this many first epochs: the encoder gets no "
+        "gradient and its BatchNorm statistics stay as loaded",
+    )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     aux_weight: float = option(
         0.2, "loss weight of the empty/non-empty head when the model has one (model.aux_head)"
@@ -200,6 +211,12 @@ class TrainOptions:
                 "an integer >= 0 or null",
             ),
             ("seed", _is_int(self.seed, 0), "an integer >= 0"),
+            (
+                "init_from",
+                self.init_from is None or (isinstance(self.init_from, str) and self.init_from),
+                "an experiment name or null",
+            ),
+            ("freeze_encoder_epochs", _is_int(self.freeze_encoder_epochs, 0), "an integer >= 0"),
             ("aux_weight", _is_number(self.aux_weight) and self.aux_weight >= 0, ">= 0"),
             (
                 "max_skipped_fraction",

@@ -7,7 +7,9 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from segflow.config_check import check_config
+from segflow.experiment import check_init_from
 from segflow.fingerprint import folder_stamp, stage_fingerprint
+from segflow.refit import check_refit, refit_enabled
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.
 check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -53,6 +55,12 @@ def dicom_flags():
 
 
 EXPERIMENTS = config["experiments"]
+# One line naming the key: init_from to an unknown experiment, itself or in a cycle, to another
+# network; a refit that needs a validation fold (scheduler plateau).
+check_init_from(EXPERIMENTS)
+check_refit(EXPERIMENTS)
+# The full refit's folder, next to fold0 ... fold<n-1> under models/ and test/.
+FULL = "full"
 
 
 def experiments_to_run():
@@ -137,17 +145,75 @@ def pseudo_flags(wildcards):
 
 
 def test_prediction_dirs(wildcards):
-    """An experiment's per-fold test predictions, or a second-level stage's merged one."""
+    """An experiment's test predictions (per model), or a second-level stage's merged one."""
     if wildcards.experiment in SECOND_LEVEL:
         return [result("test", wildcards.experiment, f"round{wildcards.round}")]
-    return fold_dirs("test", wildcards.experiment, wildcards.round)
+    return test_model_dirs(wildcards.experiment, wildcards.round)
+
+
+def test_model_dirs(experiment, round):
+    """The test predictions merged into an experiment's: its folds', or with refit.enabled
+    those that refit.test_models names (the full refit's, or the folds' and the refit's).
+    """
+    folds = fold_dirs("test", experiment, round)
+    refit = EXPERIMENTS[experiment]["refit"]
+    if not refit["enabled"] or refit["test_models"] == "folds":
+        return folds
+    full = [result("test", experiment, f"round{round}", FULL)]
+    return full if refit["test_models"] == "full" else folds + full
 
 
 def experiment_dirs(kind, round):
-    """oof/ or test/ folders of every run experiment for one round (test: per fold)."""
+    """oof/ or test/ folders of every run experiment for one round (test: per model)."""
     if kind == "oof":
         return [result("oof", name, f"round{round}") for name in RUN_EXPERIMENTS]
-    return [d for name in RUN_EXPERIMENTS for d in fold_dirs("test", name, round)]
+    return [d for name in RUN_EXPERIMENTS for d in test_model_dirs(name, round)]
+
+
+def init_inputs(wildcards):
+    """train_fold / train_full: the model that train.init_from names, of the same round and
+    fold (a refit: that experiment's refit), so it is trained first and a change retrains this.
+    """
+    source = EXPERIMENTS[wildcards.experiment].get("train", {}).get("init_from")
+    if source is None:
+        return {}
+    member = f"fold{wildcards.fold}" if hasattr(wildcards, "fold") else FULL
+    return {
+        "init_checkpoint": result(
+            "models", source, f"round{wildcards.round}", member, "model.pt"
+        )
+    }
+
+
+def init_flags(wildcards, input):
+    """`--init-checkpoint PATH` when the job starts from init_inputs' model, else nothing."""
+    path = getattr(input, "init_checkpoint", None)
+    return "" if path is None else f"--init-checkpoint {shlex.quote(path)}"
+
+
+def refit_fold_metrics(wildcards):
+    """The folds' metrics.json, whose best epochs set a full refit's epoch count."""
+    return [
+        result(
+            "models",
+            wildcards.experiment,
+            f"round{wildcards.round}",
+            f"fold{fold}",
+            "metrics.json",
+        )
+        for fold in range(N_FOLDS)
+    ]
+
+
+def refit_models():
+    """The full refit models of the run experiments with refit.enabled, every round (built
+    even when refit.test_models is folds)."""
+    return [
+        result("models", name, f"round{r}", FULL, "model.pt")
+        for r in ROUNDS
+        for name in RUN_EXPERIMENTS
+        if refit_enabled(EXPERIMENTS[name])
+    ]
 
 
 N_FOLDS = config["folds"]["n_folds"]
@@ -179,15 +245,25 @@ def budget_flags(wildcards):
 
 
 def budget_experiments():
-    """The run experiments as JSON: a params value, so editing one re-plans the budget."""
+    """The run experiments as JSON: a params value, so editing one re-plans the budget.
+    Without `refit`, as experiment_json: the plan's experiment hash must match what a fold
+    gets, and the refit (not planned) never re-plans the folds.
+    """
     return json.dumps(
-        {name: EXPERIMENTS[name] for name in RUN_EXPERIMENTS}, sort_keys=True
+        {name: fold_values(name) for name in RUN_EXPERIMENTS}, sort_keys=True
     )
 
 
 CLUSTER = config["cluster"]
 # Rules that may run on a GPU; every other one is CPU-only and never asks for one.
-GPU_RULES = ("train_fold", "predict_oof", "predict_test", "plan_budget")
+GPU_RULES = (
+    "train_fold",
+    "train_full",
+    "predict_oof",
+    "predict_test",
+    "predict_test_full",
+    "plan_budget",
+)
 GPU_KEYS = ("gpu", "gpu_model", "gres")
 # Rules that called job_resources(): check_cluster_rules() matches cluster.rules against them.
 RESOURCE_RULES = set()
@@ -278,12 +354,20 @@ def data_stamp(wildcards):
 
 
 def experiment_json(wildcards):
-    """The experiment's config as JSON: a params value, so editing it retrains that experiment."""
+    """The experiment's config as JSON: a params value, so editing it retrains that experiment.
+    Without `refit`: which models predict the test set is no part of what a fold trains.
+    """
     if wildcards.experiment not in EXPERIMENTS:
         raise ValueError(
             f"unknown experiment {wildcards.experiment!r}; configured: {', '.join(EXPERIMENTS)}"
         )
-    return json.dumps(EXPERIMENTS[wildcards.experiment], sort_keys=True)
+    return json.dumps(fold_values(wildcards.experiment), sort_keys=True)
+
+
+def fold_values(name):
+    """An experiment's config without `refit`: what its folds train (the refit's own options
+    decide no fold's weights)."""
+    return {k: v for k, v in EXPERIMENTS[name].items() if k != "refit"}
 
 
 def fold_dirs(kind, experiment, round):

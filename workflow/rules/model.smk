@@ -8,6 +8,7 @@ rule train_fold:
     input:
         unpack(pseudo_inputs),
         unpack(budget_inputs),
+        unpack(init_inputs),
         stats=rules.preprocess_images.output.stats,
         train_images=rules.preprocess_images.output.train_images,
         train_masks=rules.preprocess_images.output.train_masks,
@@ -46,11 +47,59 @@ rule train_fold:
         ),
         pseudo=pseudo_flags,
         budget=budget_flags,
+        init=init_flags,
     shell:
         "segflow train --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
         " --fold {wildcards.fold:q} --name {wildcards.experiment:q}"
         " --experiment {params.experiment:q} --out-dir {params.out_dir:q}"
-        " --resume-dir {params.resume_dir:q} {params.pseudo} {params.budget} --threads {threads}"
+        " --resume-dir {params.resume_dir:q} {params.pseudo} {params.init} {params.budget}"
+        " --threads {threads}"
+        " --gpus {resources.gpu_slots} 2> {log:q}"
+
+
+# experiments.<name>.refit: after the folds, one model on every training image for the median
+# of their best epochs (results/models/<name>/round<r>/full/).
+rule train_full:
+    input:
+        unpack(pseudo_inputs),
+        unpack(init_inputs),
+        stats=rules.preprocess_images.output.stats,
+        train_images=rules.preprocess_images.output.train_images,
+        train_masks=rules.preprocess_images.output.train_masks,
+        folds=rules.make_folds.output.folds,
+        fold_metrics=refit_fold_metrics,
+    output:
+        model=result("models", "{experiment}", "round{round}", FULL, "model.pt"),
+        history=result("models", "{experiment}", "round{round}", FULL, "history.csv"),
+        metrics=result("models", "{experiment}", "round{round}", FULL, "metrics.json"),
+    log:
+        result("logs", "train_full", "{experiment}_round{round}.log"),
+    benchmark:
+        result("benchmarks", "train_full", "{experiment}_round{round}.tsv")
+    wildcard_constraints:
+        experiment=EXPERIMENT_PATTERN,
+    conda:
+        CONDA_ENV
+    threads: rule_threads("train_full", MAX_THREADS)
+    resources:
+        **job_resources("train_full", mem_mb=8000, runtime=240),
+        gpu_slots=GPUS,
+    params:
+        code=stage_fingerprint("train"),
+        experiment=experiment_json,
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
+        # Outside the declared outputs: Snakemake deletes a failed job's outputs, not this.
+        resume_dir=lambda wildcards: result(
+            ".resume", wildcards.experiment, f"round{wildcards.round}", FULL
+        ),
+        pseudo=pseudo_flags,
+        init=init_flags,
+    shell:
+        "segflow train --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
+        " --refit-from {input.fold_metrics:q} --name {wildcards.experiment:q}"
+        " --experiment {params.experiment:q} --out-dir {params.out_dir:q}"
+        " --resume-dir {params.resume_dir:q} {params.pseudo} {params.init} --threads {threads}"
         " --gpus {resources.gpu_slots} 2> {log:q}"
 
 
@@ -178,6 +227,37 @@ rule predict_test:
     threads: rule_threads("predict_test", min(2, MAX_THREADS))
     resources:
         **job_resources("predict_test", mem_mb=8000, runtime=60),
+        gpu_slots=GPUS,
+    params:
+        code=stage_fingerprint("predict-test"),
+        flags=section_flags("predict", exclude=("fold_merge",)),
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        out_dir=lambda wildcards, output: os.path.dirname(output.probs),
+    shell:
+        "segflow predict-test --arrays-dir {params.arrays_dir:q} --model {input.model:q}"
+        " {params.flags} --out-dir {params.out_dir:q} --threads {threads}"
+        " --gpus {resources.gpu_slots} 2> {log:q}"
+
+
+rule predict_test_full:
+    input:
+        model=rules.train_full.output.model,
+        stats=rules.preprocess_images.output.stats,
+        test_images=rules.preprocess_images.output.test_images,
+    output:
+        probs=result("test", "{experiment}", "round{round}", FULL, "probs.npy"),
+        ids=result("test", "{experiment}", "round{round}", FULL, "ids.csv"),
+    log:
+        result("logs", "predict_test_full", "{experiment}_round{round}.log"),
+    benchmark:
+        result("benchmarks", "predict_test_full", "{experiment}_round{round}.tsv")
+    wildcard_constraints:
+        experiment=EXPERIMENT_PATTERN,
+    conda:
+        CONDA_ENV
+    threads: rule_threads("predict_test_full", min(2, MAX_THREADS))
+    resources:
+        **job_resources("predict_test_full", mem_mb=8000, runtime=60),
         gpu_slots=GPUS,
     params:
         code=stage_fingerprint("predict-test"),
