@@ -148,9 +148,11 @@ def measure_experiment(
         _sync(trainer.device)
         setup_seconds = time.perf_counter() - started
 
+        # Seeded before the clock wraps the loader: seeding sets the augmentation phase on the
+        # loader's own sampler.
+        trainer.seed_epoch(1)
         clock = _StepClock(trainer.data.train_loader, 2 * measure_steps)
         trainer.data.train_loader = clock  # type: ignore[assignment]
-        trainer.seed_epoch(1)
         trainer.train_epoch(1)  # syncs at its end (the mean loss)
         ended = time.perf_counter()
         step_seconds = (ended - clock.times[measure_steps]) / measure_steps
