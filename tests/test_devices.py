@@ -211,8 +211,8 @@ GPU_SLOT_RUN = {
     "demo": {"n_train": 36, "n_test": 8, "seed": 3},
     "folds": {"n_folds": 3},
     "gpus": 2,  # fake: lock slots only; `device: auto` still trains on the CPU
-    "run_experiments": ["fpn_r18"],
-    "experiments": {"fpn_r18": {"train": {"epochs": 1, "batch_size": 8}}},
+    "run_experiments": ["unet_lite0"],
+    "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
     "pseudo": {"rounds": 0},
     "cluster": {"rules": {"train_fold": {"cpus_per_task": 1}}},
 }
@@ -245,7 +245,7 @@ def test_concurrent_snakemake_jobs_each_lock_their_own_fake_gpu(
     monkeypatch.setenv(GPU_LOCK_DIR_ENV, str(tmp_path / "locks"))
     workdir = copy_workflow(tmp_path / "work")
     (workdir / "slots.yaml").write_text(yaml.safe_dump(GPU_SLOT_RUN))
-    targets = [f"results/models/fpn_r18/round0/fold{k}/model.pt" for k in range(3)]
+    targets = [f"results/models/unet_lite0/round0/fold{k}/model.pt" for k in range(3)]
     run_snakemake(workdir, *targets, "--cores", "3", "--configfile", "slots.yaml")
 
     logs = sorted((workdir / "results/logs/train_fold").glob("*.log"))

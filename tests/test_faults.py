@@ -580,9 +580,9 @@ def test_nonfinite_loss_options_are_validated_by_the_options_and_the_schema() ->
         TrainOptions(max_skipped_fraction=1.5)
     schema = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
     config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
-    config["experiments"]["fpn_r18"]["train"]["nonfinite_loss"] = "skip_batch"
+    config["experiments"]["unet_lite0"]["train"]["nonfinite_loss"] = "skip_batch"
     jsonschema.validate(config, schema)
-    config["experiments"]["fpn_r18"]["train"]["nonfinite_loss"] = "ignore"
+    config["experiments"]["unet_lite0"]["train"]["nonfinite_loss"] = "ignore"
     with pytest.raises(jsonschema.ValidationError, match="ignore"):
         jsonschema.validate(config, schema)
 

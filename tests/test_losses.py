@@ -266,14 +266,16 @@ def test_each_term_option_is_registered_in_the_schema() -> None:
     from segflow.config_check import check_config
 
     config = yaml.safe_load((schema_path.parents[2] / "config" / "config.yaml").read_text())
-    experiment = config["experiments"]["fpn_r18"]
+    experiment = config["experiments"]["unet_lite0"]
     experiment["loss"] = {"bce": {"weight": 1, "pos_weight": [3.0]}, "lovasz": 1}
     check_config(config, schema_path)
     experiment["loss"] = {"focal": {"weight": 1, "gama": 2}}
-    with pytest.raises(SegflowError, match=r"unknown key experiments\.fpn_r18\.loss\.focal\.gama"):
+    with pytest.raises(
+        SegflowError, match=r"unknown key experiments\.unet_lite0\.loss\.focal\.gama"
+    ):
         check_config(config, schema_path)
     experiment["loss"] = {"bce": {"weight": 1, "pos_weight": 0}}
-    with pytest.raises(SegflowError, match=r"experiments\.fpn_r18\.loss\.bce\.pos_weight: 0"):
+    with pytest.raises(SegflowError, match=r"experiments\.unet_lite0\.loss\.bce\.pos_weight: 0"):
         check_config(config, schema_path)
 
 

@@ -79,13 +79,14 @@ def test_folds_keep_the_blank_block_together_and_balance_empties(tgs_run: Path) 
     assert empties.max() - empties.min() <= 70  # the 65-image block must land somewhere
 
 
-def test_preprocess_resizes_to_128_single_channel(tgs_run: Path) -> None:
+def test_preprocess_resizes_to_64_single_channel(tgs_run: Path) -> None:
+    # tgs-salt.yaml (the CPU recipe) resizes 101 -> 64; the GPU recipe uses 128.
     images = np.load(tgs_run / "preprocess" / "train_images.npy", mmap_mode="r")
     masks = np.load(tgs_run / "preprocess" / "train_masks.npy", mmap_mode="r")
-    assert images.shape == (3200, 128, 128, 1) and masks.shape == (3200, 128, 128)
+    assert images.shape == (3200, 64, 64, 1) and masks.shape == (3200, 64, 64)
     assert np.load(tgs_run / "preprocess" / "test_images.npy", mmap_mode="r").shape == (
         3000,
-        128,
-        128,
+        64,
+        64,
         1,
     )

@@ -522,8 +522,8 @@ EVIL_CONFIG = {
     "preprocess": {"height": 32, "width": 32},
     "folds": {"n_folds": 2},
     "pseudo": {"rounds": 1},  # every rule of the DAG, select_pseudo_labels included
-    "experiments": {"fpn_r18": {"train": {"epochs": 1}}},
-    "submit_experiment": "fpn_r18:0",  # choose_submission's --force flag is rendered too
+    "experiments": {"unet_lite0": {"train": {"epochs": 1}}},
+    "submit_experiment": "unet_lite0:0",  # choose_submission's --force flag is rendered too
 }
 
 

@@ -186,7 +186,7 @@ def slurm_cluster():
 TARGETS = (
     "results/preprocess/stats.json",
     "results/folds/folds.csv",
-    "results/models/fpn_r18/round0/fold0/model.pt",
+    "results/models/unet_lite0/round0/fold0/model.pt",
 )
 SUBMITTED_RULES = {
     "ingest_dataset",
@@ -200,8 +200,8 @@ SLURM_RUN = {
     "demo": {"n_train": 40, "n_test": 12, "seed": 5},
     "folds": {"n_folds": 2},
     "max_threads": 1,  # one CPU per job, and the same threads (same floats) in both runs
-    "run_experiments": ["fpn_r18"],
-    "experiments": {"fpn_r18": {"train": {"epochs": 1, "batch_size": 8}}},
+    "run_experiments": ["unet_lite0"],
+    "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
     "pseudo": {"rounds": 0},
     "cluster": {
         "partition": "segflow",  # not the cluster's default: proves the config reaches sbatch
@@ -268,7 +268,7 @@ def test_slurm_profile_runs_jobs_through_sbatch_like_a_local_run(
         ours = (cluster / "results" / relative).read_bytes()
         assert ours == (local / "results" / relative).read_bytes(), relative
 
-    fold = Path("results/models/fpn_r18/round0/fold0")
+    fold = Path("results/models/unet_lite0/round0/fold0")
     model_local, _ = load_checkpoint(local / fold / "model.pt")
     model_cluster, _ = load_checkpoint(cluster / fold / "model.pt")
     local_state, cluster_state = model_local.state_dict(), model_cluster.state_dict()

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.workflow
 SMALL_DEMO = {
     "demo": {"n_train": 60, "n_test": 20, "seed": 5},
     "folds": {"n_folds": 2},
-    "run_experiments": ["fpn_r18"],
-    "experiments": {"fpn_r18": {"train": {"epochs": 1, "batch_size": 8}}},
+    "run_experiments": ["unet_lite0"],
+    "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
     "pseudo": {"rounds": 0},
     "predict": {"tta": "hflip"},
     "postprocess": {
@@ -129,11 +129,11 @@ def test_model_stages_produce_oof_postprocessing_and_submission(demo_run: Path) 
     results = demo_run / "results"
     folds = pd.read_csv(results / "folds" / "folds.csv", dtype={"id": str})
     for fold in (0, 1):
-        model_dir = results / "models" / "fpn_r18" / "round0" / f"fold{fold}"
+        model_dir = results / "models" / "unet_lite0" / "round0" / f"fold{fold}"
         history = pd.read_csv(model_dir / "history.csv")
         assert len(history) == 1 and (model_dir / "model.pt").is_file()
-    assert not (results / ".resume" / "fpn_r18" / "round0" / "fold0" / "last.pt").exists()
-    oof_dir = results / "oof" / "fpn_r18" / "round0"
+    assert not (results / ".resume" / "unet_lite0" / "round0" / "fold0" / "last.pt").exists()
+    oof_dir = results / "oof" / "unet_lite0" / "round0"
     oof_ids = pd.read_csv(oof_dir / "oof_ids.csv", dtype={"id": str})
     assert sorted(oof_ids["id"]) == sorted(folds["id"])  # every used train item exactly once
     oof = np.load(oof_dir / "oof_probs.npy")
@@ -141,15 +141,15 @@ def test_model_stages_produce_oof_postprocessing_and_submission(demo_run: Path) 
     metrics = json.loads((oof_dir / "metrics.json").read_text())
     assert {"dice", "iou", "kaggle", "all_empty_baseline_kaggle"} <= set(metrics)
     params = json.loads(
-        (results / "postprocess" / "fpn_r18" / "round0" / "params.json").read_text()
+        (results / "postprocess" / "unet_lite0" / "round0" / "params.json").read_text()
     )
-    grid = pd.read_csv(results / "postprocess" / "fpn_r18" / "round0" / "grid.csv")
+    grid = pd.read_csv(results / "postprocess" / "unet_lite0" / "round0" / "grid.csv")
     # thresholds x min_areas x (no gate, gate 0.5): the demo model has an aux head
     assert len(grid) == 8 and params["score"] == pytest.approx(grid["score"].max())
     assert [record["class"] for record in params["classes"]] == ["mask"]
     assert oof_ids["nonempty_prob_0"].between(0, 1).all()
     submission = pd.read_csv(
-        results / "submission" / "fpn_r18" / "round0" / "submission.csv",
+        results / "submission" / "unet_lite0" / "round0" / "submission.csv",
         dtype=str,
         keep_default_na=False,
     )
@@ -249,7 +249,7 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
             {"data": {"dicom_window_width": 300.0}},
             {"ingest_dataset", "find_duplicates", "preprocess_images", "make_folds"} | MODEL_STAGES,
         ),
-        ({"experiments": {"fpn_r18": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
+        ({"experiments": {"unet_lite0": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
         (
             {"postprocess": {"min_areas": [0, 5]}},
@@ -259,7 +259,7 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
             {"submission": {"empty_rle": "-1"}},
             {"make_submission", "choose_submission", "write_report", "all"},
         ),
-        ({"submit_experiment": "fpn_r18:0"}, {"choose_submission", "write_report", "all"}),
+        ({"submit_experiment": "unet_lite0:0"}, {"choose_submission", "write_report", "all"}),
         # Training-only pseudo options: no round uses them here, nothing reruns.
         ({"pseudo": {"pseudo_weight": 0.5, "max_pseudo_share": 0.2}}, set()),
         (
@@ -291,7 +291,7 @@ def test_a_config_change_reruns_exactly_the_dependent_stages(
 
 # What one experiment's change reruns with 2 folds: its fold models and predictions, its OOF
 # scoring, the ensemble and stacking on top, and the four candidates' tuning and submissions
-# (fpn_r18, ensemble, stack_gate, stack_pixel).
+# (unet_lite0, ensemble, stack_gate, stack_pixel).
 ONE_EXPERIMENT = {
     "train_fold": 2,
     "predict_oof": 2,
@@ -334,15 +334,15 @@ EXTRA_EXPERIMENT = {
         ),
         (
             {
-                "run_experiments": ["fpn_r18", "unet"],
+                "run_experiments": ["unet_lite0", "unet"],
                 "experiments": {"unet": EXTRA_EXPERIMENT},
             },
-            # Only the new experiment trains; fpn_r18's tuning and submission stay.
+            # Only the new experiment trains; unet_lite0's tuning and submission stay.
             {**ONE_EXPERIMENT, "tune_postprocess": 4, "make_submission": 4},
         ),
-        ({"experiments": {"fpn_r18": {"loss": {"bce": 1.0, "lovasz": 0.5}}}}, ONE_EXPERIMENT),
+        ({"experiments": {"unet_lite0": {"loss": {"bce": 1.0, "lovasz": 0.5}}}}, ONE_EXPERIMENT),
         (
-            {"experiments": {"fpn_r18": {"loss": {"bce": {"weight": 1.0, "pos_weight": 2.0}}}}},
+            {"experiments": {"unet_lite0": {"loss": {"bce": {"weight": 1.0, "pos_weight": 2.0}}}}},
             ONE_EXPERIMENT,
         ),
         (
@@ -464,10 +464,13 @@ def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(
         ({"folds": {"n_folds": "five"}}, "n_folds"),
         ({"dedup": {"conflict_policy": "vote"}}, "conflict_policy"),
         ({"resluts_dir": "x"}, "resluts_dir"),
-        ({"submit_experiment": "fpn_r18:7"}, "submit_experiment 'fpn_r18:7' is not a candidate"),
         (
-            {"experiments": {"fpn_r18": {"train": {"init_from": "fpn_r34"}}}},
-            "experiments.fpn_r18.train.init_from: unknown experiment 'fpn_r34'",
+            {"submit_experiment": "unet_lite0:7"},
+            "submit_experiment 'unet_lite0:7' is not a candidate",
+        ),
+        (
+            {"experiments": {"unet_lite0": {"train": {"init_from": "fpn_r34"}}}},
+            "experiments.unet_lite0.train.init_from: unknown experiment 'fpn_r34'",
         ),
         (
             {
@@ -542,7 +545,7 @@ TWO_STAGE = {
         "lovasz": {
             "model": {"arch": "FPN", "encoder": "resnet18", "aux_head": True},
             "loss": {"lovasz": 1.0},
-            "train": {"epochs": 1, "init_from": "fpn_r18", "freeze_encoder_epochs": 1},
+            "train": {"epochs": 1, "init_from": "unet_lite0", "freeze_encoder_epochs": 1},
         }
     },
 }
@@ -551,7 +554,7 @@ TWO_STAGE = {
 def test_a_second_stage_fold_trains_after_the_same_fold_of_the_first(tmp_path: Path) -> None:
     jobs = _dry_run(copy_workflow(tmp_path), TWO_STAGE)
     for fold in ("0", "1"):
-        first = "results/models/fpn_r18/round0/fold{}/model.pt"
+        first = "results/models/unet_lite0/round0/fold{}/model.pt"
         second = _job(jobs, "train_fold", experiment="lovasz", fold=fold)
         assert first.format(fold) in second["input"]
         assert first.format(1 - int(fold)) not in second["input"]
@@ -559,9 +562,9 @@ def test_a_second_stage_fold_trains_after_the_same_fold_of_the_first(tmp_path: P
         # The first stage is trained (it is not in run_experiments) but nothing else of it.
         assert (
             "--init-checkpoint"
-            not in _job(jobs, "train_fold", experiment="fpn_r18", fold=fold)["shell"]
+            not in _job(jobs, "train_fold", experiment="unet_lite0", fold=fold)["shell"]
         )
-    assert not [j for j in jobs if j["rule"] == "predict_oof" and "fpn_r18" in str(j)]
+    assert not [j for j in jobs if j["rule"] == "predict_oof" and "unet_lite0" in str(j)]
     assert not [j for j in jobs if j["rule"] == "train_full"]
 
 
@@ -573,20 +576,22 @@ def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
     tmp_path: Path, test_models: str, members: list[str]
 ) -> None:
     workdir = copy_workflow(tmp_path)
-    refit = {"experiments": {"fpn_r18": {"refit": {"enabled": True, "test_models": test_models}}}}
+    refit = {
+        "experiments": {"unet_lite0": {"refit": {"enabled": True, "test_models": test_models}}}
+    }
     jobs = _dry_run(workdir, refit)
-    full = _job(jobs, "train_full", experiment="fpn_r18", round="0")
-    assert {f"results/models/fpn_r18/round0/fold{k}/metrics.json" for k in (0, 1)} <= set(
+    full = _job(jobs, "train_full", experiment="unet_lite0", round="0")
+    assert {f"results/models/unet_lite0/round0/fold{k}/metrics.json" for k in (0, 1)} <= set(
         full["input"]
     )
-    submission = _job(jobs, "make_submission", experiment="fpn_r18")
+    submission = _job(jobs, "make_submission", experiment="unet_lite0")
     test_inputs = [p for p in submission["input"] if p.startswith("results/test/")]
-    assert test_inputs == [f"results/test/fpn_r18/round0/{m}/probs.npy" for m in members]
+    assert test_inputs == [f"results/test/unet_lite0/round0/{m}/probs.npy" for m in members]
     blend = _job(jobs, "blend_experiments")
     assert [p for p in blend["input"] if p.startswith("results/test/")] == test_inputs
     if test_models != "folds":
-        predict = _job(jobs, "predict_test_full", experiment="fpn_r18")
-        assert predict["input"][0] == "results/models/fpn_r18/round0/full/model.pt"
+        predict = _job(jobs, "predict_test_full", experiment="unet_lite0")
+        assert predict["input"][0] == "results/models/unet_lite0/round0/full/model.pt"
     # The folds train, predict OOF and are scored as without the refit.
     plain = _dry_run(workdir, {})
     for rule in ("train_fold", "predict_oof"):
@@ -608,12 +613,12 @@ def test_a_budget_plans_the_run_folds_but_not_a_first_stage_outside_the_run_or_a
         assert "--plan results/budget/plan.json" in second and "--init-checkpoint" in second
         # The plan was made for exactly what the fold trains (train --plan compares hashes).
         assert planned["lovasz"] == json.loads(_flag(second, "--experiment"))
-        first = _job(jobs, "train_fold", experiment="fpn_r18", fold=fold)["shell"]
+        first = _job(jobs, "train_fold", experiment="unet_lite0", fold=fold)["shell"]
         assert "--plan" not in first
     assert "refit" not in planned["lovasz"] and set(planned) == {"lovasz"}
     full = _job(jobs, "train_full", experiment="lovasz")["shell"]
     assert "--plan" not in full
-    assert "--init-checkpoint results/models/fpn_r18/round0/full/model.pt" in full
+    assert "--init-checkpoint results/models/unet_lite0/round0/full/model.pt" in full
     assert shlex.split(full)  # well quoted
 
 
@@ -776,10 +781,10 @@ def test_multilabel_competition_runs_end_to_end(tmp_path: Path) -> None:
 
 SECOND_LEVEL_DEMO = {
     **SMALL_DEMO,
-    "run_experiments": ["fpn_r18", "tiny"],
+    "run_experiments": ["unet_lite0", "tiny"],
     "demo": {"n_train": 60, "n_test": 24, "seed": 5},
     "experiments": {
-        "fpn_r18": {"train": {"epochs": 1, "batch_size": 8}},
+        "unet_lite0": {"train": {"epochs": 1, "batch_size": 8}},
         "tiny": {
             "model": {
                 "arch": "Unet",
@@ -815,7 +820,7 @@ def test_pseudo_round_trains_on_selected_test_images_and_scores_on_real_labels(
     targets = np.load(results / "pseudo" / "round1" / "targets.npy")
     assert targets.shape == (selection["selected"].sum(), 64, 64)
     folds = pd.read_csv(results / "folds" / "folds.csv", dtype={"id": str})
-    for name in ("fpn_r18", "tiny"):
+    for name in ("unet_lite0", "tiny"):
         log = (results / "logs" / "train_fold" / f"{name}_round1_fold0.log").read_text()
         n_pseudo = int(selection["selected"].sum())
         assert f"{(folds['fold'] != 0).sum() + n_pseudo} training" in log
@@ -826,7 +831,7 @@ def test_pseudo_round_trains_on_selected_test_images_and_scores_on_real_labels(
 def test_final_choice_and_stage_table(second_level_run: Path) -> None:
     results = second_level_run / "results"
     stages = pd.read_csv(results / "final" / "stages.csv")
-    expected = {(n, r) for r in (0, 1) for n in ("fpn_r18", "tiny", "ensemble")}
+    expected = {(n, r) for r in (0, 1) for n in ("unet_lite0", "tiny", "ensemble")}
     expected |= {("stack_gate", 1), ("stack_pixel", 1)}
     assert set(zip(stages["candidate"], stages["round"], strict=True)) == expected
     choice = json.loads((results / "final" / "choice.json").read_text())
