@@ -211,6 +211,7 @@ def test_report_renders_in_headless_chromium(demo_run: Path, tmp_path: Path, chr
     checked.write_text(text.replace("</body>", IMAGE_CHECK + "</body>"))
     rendered = _rendered(chromium, checked)
     assert rendered["sections"] == [
+        "Diagnostics",
         "Duplicates",
         "Fold balance",
         "Learning curves",
@@ -220,7 +221,7 @@ def test_report_renders_in_headless_chromium(demo_run: Path, tmp_path: Path, chr
         "Gain per stage",
         "Example OOF cases",
     ]
-    # strata, learning curves, OOF bars, 4 grids (fpn, ensemble, 2 stacks), gate + blender,
+    # strata, learning curves, OOF bars, 4 grids (unet, ensemble, 2 stacks), gate + blender,
     # best / median / worst
     assert rendered["images"] == 12
     assert rendered["decoded"] == rendered["images"]
@@ -543,7 +544,8 @@ TWO_STAGE = {
     "run_experiments": ["lovasz"],
     "experiments": {
         "lovasz": {
-            "model": {"arch": "FPN", "encoder": "resnet18", "aux_head": True},
+            # The demo experiment's model (init_from needs the same network).
+            "model": {"arch": "Unet", "encoder": "timm-tf_efficientnet_lite0", "aux_head": True},
             "loss": {"lovasz": 1.0},
             "train": {"epochs": 1, "init_from": "unet_lite0", "freeze_encoder_epochs": 1},
         }
