@@ -994,6 +994,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     variants = [parse_variant(text) for text in args.variant]
     if len({v.name for v in variants}) != len(variants):
         raise BenchError("--variant names must differ")
+    failed: list[str] = []
     planned = [] if args.skip_pipeline else [("pipeline", {})]
     planned += [(f"pipeline: {v.name}", v.overrides) for v in variants]
     if args.skip_pipeline:
@@ -1007,7 +1008,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
             slug = re.sub(r"\W+", "-", name).strip("-")
             results_dir = work / "results" / slug
             config = pipeline_config(recipe, pipeline_data, results_dir, overrides, minutes)
-            runs.append(run_pipeline(name, slug, config, work, args.cores, results_dir))
+            try:
+                runs.append(run_pipeline(name, slug, config, work, args.cores, results_dir))
+            except BenchError as error:
+                if not runs and not args.skip_pipeline:
+                    raise  # the recipe itself failed: nothing to compare against
+                # A variant that fails is a row that says so; the other rows still count.
+                log(f"{error}")
+                failed.append(name)
     predictions: dict[str, dict[str, np.ndarray]] = {}
     for pipeline in runs:
         run_config = deep_merge(effective, pipeline.config) if pipeline.config else effective
@@ -1073,6 +1081,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 },
             )
         )
+    rows += [Row(name, None, None, None, "failed: see its snakemake log") for name in failed]
     if reference is not None:
         rows.append(
             Row(
