@@ -60,24 +60,25 @@ from typing import Any
 import pandas as pd
 import psutil
 
+from segflow.core.errors import SegflowError
+from segflow.core.parallel import available_cores, chunked, parallel_map
+
 # Imported at module level on purpose: every worker of segflow's pool re-runs the main module
 # (this script) as __mp_main__ before its first task, as multiprocessing prepares spawned and
 # fork-server children. In the pipeline that module is the `segflow` console script, which
 # imports segflow.cli and with it pandas, numpy and OpenCV; these imports match it closely, so a
 # worker here starts up about as slowly as one in the pipeline.
-from segflow.dedup import DedupOptions, find_duplicates
-from segflow.errors import SegflowError
-from segflow.imageio import DicomWindow, decode_image, pixel_md5
-from segflow.ingest import IngestOptions, ingest, list_images
-from segflow.parallel import available_cores, chunked, parallel_map
-from segflow.preprocess import PreprocessOptions, preprocess
+from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.ingest import IngestOptions, ingest, list_images
+from segflow.data.preprocess import PreprocessOptions, preprocess
+from segflow.formats.imageio import DicomWindow, decode_image, pixel_md5
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "tgs-salt"
 DEMO_TRAIN, DEMO_TEST = 2000, 1000
 GOAL_RATIO = 1.5
 BUSY_WARNING = 0.10  # warn when other processes used more than this share of the CPU
-SCRATCH_CHUNK = 64  # the same batch size as the ingest scan (segflow.ingest._SCAN_CHUNK)
+SCRATCH_CHUNK = 64  # the same batch size as the ingest scan (segflow.data.ingest._SCAN_CHUNK)
 PREPROCESS_OPTIONS = PreprocessOptions(height=128, width=128, clahe=True)
 RESULT_MARKER = "BENCH-RESULT "
 GNU_TIME = "/usr/bin/time"
@@ -597,7 +598,7 @@ def report_preprocess(measurements: Sequence[Measurement], repeat: int) -> None:
         print(
             f"   workers=1 kept {cores_used:.1f} cores busy: it runs inline, where OpenCV keeps "
             "its own thread pool\n"
-            "   (segflow.parallel limits OpenCV to one thread only in pool workers)."
+            "   (segflow.core.parallel limits OpenCV to one thread only in pool workers)."
         )
 
 
@@ -684,7 +685,7 @@ def _resolve_data(data: Path | None, tmp: str) -> tuple[Path, str]:
         return data, "the default" if data == DEFAULT_DATA.resolve() else "--data"
     if DEFAULT_DATA.is_dir():
         return DEFAULT_DATA.resolve(), "the default"
-    from segflow.demo_data import DemoDataOptions, generate_demo_data
+    from segflow.data.demo_data import DemoDataOptions, generate_demo_data
 
     demo = Path(tmp) / "demo"
     print(f"generating a demo dataset ({DEMO_TRAIN} + {DEMO_TEST})...", file=sys.stderr)

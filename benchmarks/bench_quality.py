@@ -13,7 +13,7 @@ What it does, in order:
    data (``train/images``, ``train/masks``, ``train.csv``, ``depths.csv``) from ``--tgs-dir``.
    Only the labelled training set is used.
 2. **Split.** Every labelled image is hashed (decoded pixels' md5 and 64-bit pHash, as ingest
-   does) and grouped by :func:`segflow.dedup.find_duplicates` with near-duplicates on, so exact
+   does) and grouped by :func:`segflow.data.dedup.find_duplicates` with near-duplicates on, so exact
    copies and near-copies form one group. ``--holdout`` (20 %) of the images, whole groups at a
    time, seeded, become the held-out set. The rest is written as a dataset folder of its own
    (hard links or copies of the files; the masks of those images only) and the held-out images
@@ -24,11 +24,11 @@ What it does, in order:
    decoded (the config's ``submission`` RLE convention) and scored on the held-out masks with
    the Kaggle TGS metric; its tuned OOF score is ``final/choice.json``'s ``tuned_oof_score``.
    Each ``--variant`` runs the pipeline again with config overrides and adds a row.
-4. **Plain reference.** One smp model with the pipeline's :class:`~segflow.models.ModelSpec`
+4. **Plain reference.** One smp model with the pipeline's :class:`~segflow.model.models.ModelSpec`
    (first experiment of ``run_experiments``; built after ``seed_all(train.seed)`` as the
    trainer does, so the same initial weights), BCE + Dice, Adam at the experiment's ``lr`` and
    ``batch_size``, random horizontal flips, images resized to the preprocess size and
-   normalised as the pipeline's trainer does (:func:`segflow.pretrained.input_normalisation`:
+   normalised as the pipeline's trainer does (:func:`segflow.model.pretrained.input_normalisation`:
    pretrained weights get their own normalisation, random ones the training images' mean/std), no
    folds. A 10 % validation split of the pipeline part (by group) picks the best epoch and the
    threshold (0.30..0.70), and is its OOF column. hflip TTA; held-out predictions resized back
@@ -69,15 +69,15 @@ import pandas as pd
 import torch
 import yaml
 
-from segflow.dedup import DedupOptions, find_duplicates, perceptual_hash
-from segflow.errors import SegflowError
-from segflow.experiment import parse_experiment
-from segflow.imageio import decode_image, is_gray, pixel_md5, read_mask
-from segflow.ingest import list_images
-from segflow.metrics import kaggle_scores
-from segflow.models import ModelSpec, build_model, forward_logits, padded_size
-from segflow.preprocess import convert_channels, resize_image, resize_mask, to_uint8
-from segflow.rle import rle_decode
+from segflow.core.errors import SegflowError
+from segflow.data.dedup import DedupOptions, find_duplicates, perceptual_hash
+from segflow.data.ingest import list_images
+from segflow.data.preprocess import convert_channels, resize_image, resize_mask, to_uint8
+from segflow.formats.imageio import decode_image, is_gray, pixel_md5, read_mask
+from segflow.formats.rle import rle_decode
+from segflow.model.experiment import parse_experiment
+from segflow.model.metrics import kaggle_scores
+from segflow.model.models import ModelSpec, build_model, forward_logits, padded_size
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -277,7 +277,7 @@ def image_groups(images: Mapping[str, Path], near_max_distance: int = 4) -> dict
     """id -> duplicate group: exact copies (same decoded pixels, whatever the encoding) and
     near-copies (pHash within ``near_max_distance`` bits, chained) share a group.
 
-    The same hashes ingest records, grouped by :func:`segflow.dedup.find_duplicates`; every
+    The same hashes ingest records, grouped by :func:`segflow.data.dedup.find_duplicates`; every
     image is given to it as unlabelled, so no mask is read.
     """
     rows = []
@@ -688,8 +688,8 @@ def predict_probs(
     Shape:
         images: (N, C, h, w) normalised; output: N maps of sizes[i].
     """
-    from segflow.datasets import crop_to, pad_to_size
-    from segflow.tta import predict_with_tta
+    from segflow.model.datasets import crop_to, pad_to_size
+    from segflow.model.inference.tta import predict_with_tta
 
     model.eval()
     height, width = images.shape[-2:]
@@ -735,11 +735,11 @@ def train_reference(
     Returns:
         The result, held-out predictions included.
     """
-    from segflow.datasets import crop_to, pad_to_size, safe_std
-    from segflow.devices import resolve_device
-    from segflow.fold_data import seed_all
-    from segflow.losses import build_loss
-    from segflow.pretrained import input_normalisation
+    from segflow.core.devices import resolve_device
+    from segflow.model.datasets import crop_to, pad_to_size, safe_std
+    from segflow.model.pretrained import input_normalisation
+    from segflow.model.training.fold_data import seed_all
+    from segflow.model.training.losses import build_loss
 
     started = clock()
     device = resolve_device(spec.device)

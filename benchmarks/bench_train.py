@@ -8,14 +8,14 @@ Run from the repository root::
 
 ``--arrays`` is a preprocess output folder (``train_images.npy``, ``train_masks.npy``,
 ``index.parquet``, ``stats.json``). Without it a demo dataset is generated
-(:func:`segflow.demo_data.generate_demo_data`, ``--demo-images`` train images, 300 by default)
+(:func:`segflow.data.demo_data.generate_demo_data`, ``--demo-images`` train images, 300 by default)
 and run through ingest, dedup and preprocess (resized to ``--size`` x ``--size``) in a
 temporary folder.
 
 It prints, in one run:
 
 1. **Input pipeline**: augmented training batches/s and images/s from the loader the pipeline
-   builds (:meth:`segflow.fold_data.FoldData.build`: ``MemmapDataset`` + ``build_augmentation``
+   builds (:meth:`segflow.model.training.fold_data.FoldData.build`: ``MemmapDataset`` + ``build_augmentation``
    + sampler), with 0 workers and with ``--workers``; nothing consumes the batches.
 2. **Training step**: forward + loss + backward + optimizer step of an smp Unet-resnet18 with
    ``build_loss({'bce': 1, 'dice': 1})`` and the pipeline's optimizer, on one fixed batch that
@@ -23,7 +23,7 @@ It prints, in one run:
 3. **End-to-end**: the same step fed by the loader (host-to-device copy included), images/s,
    and that as a fraction of (2). The project goal on GPU is >= 0.9; on CPU the model dominates
    and the loader workers compete with it for the same cores.
-4. **TTA inference**: images/s of :func:`segflow.tta.predict_with_tta` for modes ``none``,
+4. **TTA inference**: images/s of :func:`segflow.model.inference.tta.predict_with_tta` for modes ``none``,
    ``hflip`` and ``d4`` (``eval()``, ``torch.inference_mode()``), and the d4 / none cost ratio.
 
 How it measures:
@@ -57,18 +57,18 @@ import psutil
 import torch
 from bench_data import print_table  # same folder: the scripts share one table layout
 
-from segflow.dedup import DedupOptions, find_duplicates
-from segflow.errors import SegflowError
-from segflow.fold_data import FoldData
-from segflow.ingest import IngestOptions, ingest
-from segflow.losses import build_loss
-from segflow.models import ModelSpec, build_model, padded_size
-from segflow.parallel import available_cores
-from segflow.preprocess import PreprocessOptions, preprocess
-from segflow.schedules import make_optimizer
-from segflow.train import amp_dtype
-from segflow.train_options import AMP_MODES, TrainOptions
-from segflow.tta import predict_with_tta
+from segflow.core.errors import SegflowError
+from segflow.core.parallel import available_cores
+from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.ingest import IngestOptions, ingest
+from segflow.data.preprocess import PreprocessOptions, preprocess
+from segflow.model.inference.tta import predict_with_tta
+from segflow.model.models import ModelSpec, build_model, padded_size
+from segflow.model.training.fold_data import FoldData
+from segflow.model.training.losses import build_loss
+from segflow.model.training.schedules import make_optimizer
+from segflow.model.training.train import amp_dtype
+from segflow.model.training.train_options import AMP_MODES, TrainOptions
 
 DEMO_TRAIN, DEMO_TEST = 300, 20  # defaults of --demo-images; few test images: unused
 GOAL_FRACTION = 0.9
@@ -88,7 +88,7 @@ class BenchError(Exception):
 
 def make_demo_arrays(tmp: Path, size: int, workers: int, n_train: int = DEMO_TRAIN) -> Path:
     """Demo data -> ingest -> dedup -> preprocess at ``size`` x ``size``; the arrays folder."""
-    from segflow.demo_data import DemoDataOptions, generate_demo_data
+    from segflow.data.demo_data import DemoDataOptions, generate_demo_data
 
     demo = tmp / "demo"
     print(f"generating demo data ({n_train} train) and preprocessing...", file=sys.stderr)
@@ -216,7 +216,7 @@ class Trainer:
     """Model, loss and optimizer as the pipeline builds them, with its default precision.
 
     On CUDA that is ``train.amp: auto`` (bf16 autocast where supported, else fp16 with a
-    gradient scaler) and channels-last memory, as :class:`segflow.train._FoldTrainer` does; on
+    gradient scaler) and channels-last memory, as :class:`segflow.model.training.train._FoldTrainer` does; on
     the CPU full precision. No EMA, no clipping.
     """
 
@@ -243,13 +243,13 @@ class Trainer:
         return cls(model, loss_fn, optimizer, setup.device, size, dtype, scaler)
 
     def pad(self, images: torch.Tensor) -> torch.Tensor:
-        from segflow.datasets import pad_to_size
+        from segflow.model.datasets import pad_to_size
 
         return pad_to_size(images, *self.size)[0]
 
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> int:
         """One training step; returns the batch size."""
-        from segflow.datasets import crop_to
+        from segflow.model.datasets import crop_to
 
         height, width = images.shape[-2:]
         padded = self.pad(images)
@@ -306,7 +306,7 @@ def measure_end_to_end(setup: Setup, trainer: Trainer, workers: int, seconds: fl
 
 def measure_tta(setup: Setup, trainer: Trainer, mode: str, seconds: float) -> Rate:
     """(4) predict_with_tta on one fixed batch on the device, eval mode, inference_mode."""
-    from segflow.datasets import MemmapDataset
+    from segflow.model.datasets import MemmapDataset
 
     arrays = setup.arrays
     dataset = MemmapDataset(
@@ -321,7 +321,7 @@ def measure_tta(setup: Setup, trainer: Trainer, mode: str, seconds: float) -> Ra
     height, width = images.shape[-2:]
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        from segflow.datasets import crop_to
+        from segflow.model.datasets import crop_to
 
         return crop_to(model(trainer.pad(x)), *x.shape[-2:]).sigmoid()
 
@@ -378,13 +378,13 @@ def _own_cpu() -> float:
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
     """Run every measurement and print the report."""
-    from segflow.datasets import SegmentationArrays
-    from segflow.devices import resolve_device
+    from segflow.core.devices import resolve_device
+    from segflow.model.datasets import SegmentationArrays
 
     if args.threads:
         torch.set_num_threads(args.threads)
     # Before any OpenCV call: once OpenCV's thread pool runs in this process, a forked
-    # DataLoader worker deadlocks in segflow.fold_data._worker_init's cv2.setNumThreads(1)
+    # DataLoader worker deadlocks in segflow.model.training.fold_data._worker_init's cv2.setNumThreads(1)
     # (seen here: the workers' loader hung after the 0-worker run). One thread avoids it.
     cv2.setNumThreads(1)
     device = resolve_device(args.device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from segflow.demo_data import DemoDataOptions, generate_demo_data
+from segflow.data.demo_data import DemoDataOptions, generate_demo_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(
@@ -26,7 +26,7 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_manifest(demo_dataset: Path):
     """The ingest manifest of ``demo_dataset`` (mask files as the source)."""
-    from segflow.ingest import IngestOptions, ingest
+    from segflow.data.ingest import IngestOptions, ingest
 
     manifest, _ = ingest(
         IngestOptions(

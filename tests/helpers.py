@@ -11,7 +11,7 @@ import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from segflow.ingest import IngestOptions
+from segflow.data.ingest import IngestOptions
 
 
 def naive_encode(mask: np.ndarray, order: str = "column", start: int = 1) -> str:

@@ -1,4 +1,4 @@
-"""Tests for the training augmentation pipelines (segflow.augment)."""
+"""Tests for the training augmentation pipelines (segflow.model.training.augment)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from segflow import augment
-from segflow.augment import (
+from segflow.core.errors import SegflowError
+from segflow.model.training import augment
+from segflow.model.training.augment import (
     PRESETS,
     AugmentPhase,
     augment_phases,
@@ -18,9 +19,8 @@ from segflow.augment import (
     build_augmentation_schedule,
     is_phase_list,
 )
-from segflow.errors import SegflowError
 
-# albumentations itself is imported through segflow.augment, which first disables its PyPI
+# albumentations itself is imported through segflow.model.training.augment, which first disables its PyPI
 # update check (a module-level ``import albumentations`` here would be sorted before it).
 A = augment.A
 

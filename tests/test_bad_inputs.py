@@ -6,7 +6,7 @@ Every case is one of three outcomes, asserted exactly:
   stderr naming the file, CSV row or key, no traceback, no other error output (OpenCV and
   libpng print their own reports unless kept quiet) and nothing written to the output folder;
 * **converted**: accepted, and the decoded pixels (via the manifest's ``md5_pixels``, the arrays
-  preprocess writes, or :func:`segflow.imageio.decode_image`) are what the file holds;
+  preprocess writes, or :func:`segflow.formats.imageio.decode_image`) are what the file holds;
 * **skipped and counted**: accepted with a logged warning and a count in ``ingest/summary.json``.
 
 The CLI is called in-process (``segflow.cli.main``); ``capfd`` sees what C libraries write to
@@ -33,8 +33,9 @@ from conftest import copy_workflow, run_snakemake
 from helpers import write_ct_dicom
 from PIL import Image
 
-from segflow import cli, parallel
-from segflow.imageio import decode_image, pixel_md5
+from segflow import cli
+from segflow.core import parallel
+from segflow.formats.imageio import decode_image, pixel_md5
 
 H, W = 6, 8  # every small image and mask
 
@@ -527,7 +528,7 @@ def test_duplicate_ids_in_the_rle_csv_are_unioned_and_counted(
     root = _dataset(tmp_path / "data")
     out = tmp_path / "out"
     argv = _rle_argv(root, out, [("a", "1 2"), ("b", ""), ("a", "5 2"), ("a", "1 2"), ("c", "")])
-    with caplog.at_level(logging.INFO, logger="segflow.ingest"):
+    with caplog.at_level(logging.INFO, logger="segflow.data.ingest"):
         manifest, summary = _accepted(capfd, argv, out)
     assert manifest.loc["a", "mask_rle"] == "1 2 5 2"
     assert manifest.loc["a", "mask_coverage"] == pytest.approx(4 / (H * W))
@@ -688,7 +689,7 @@ def test_non_image_files_are_skipped_warned_and_counted(
     (_images(root) / "thumbs").mkdir()
     (_masks(root) / "notes.md").write_text("masks")
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="segflow.ingest"):
+    with caplog.at_level(logging.WARNING, logger="segflow.data.ingest"):
         manifest, summary = _accepted(capfd, _ingest_argv(root, out), out)
     assert sorted(manifest.index) == ["a", "b", "c"]
     assert summary["skipped_files"]["train"]["count"] == 4
@@ -948,7 +949,7 @@ def test_preprocess_refuses_a_manifest_without_recorded_roots(
 
 def _submit_argv(tmp_path: Path, manifest: Path, items: Path, out: Path) -> list[str]:
     """``segflow submit`` of an all-empty prediction for the two test images t and u."""
-    from segflow.postprocess import tune_classes
+    from segflow.model.postprocess import tune_classes
 
     fold = tmp_path / "test_fold"
     fold.mkdir()

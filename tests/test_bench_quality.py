@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from segflow.models import ModelSpec
-from segflow.submission import SubmissionOptions, submission_frame, write_submission
+from segflow.model.models import ModelSpec
+from segflow.model.submit import SubmissionOptions, submission_frame, write_submission
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 bench = importlib.import_module("bench_quality")

@@ -14,8 +14,10 @@ import yaml
 from conftest import copy_workflow, planned_jobs, run_snakemake
 from helpers import write_synthetic_arrays
 
-from segflow import budget_measure
-from segflow.budget import (
+from segflow.cli import main
+from segflow.core.errors import SegflowError
+from segflow.model import budget_measure
+from segflow.model.budget import (
     BudgetOptions,
     Measurement,
     TrainingCost,
@@ -28,10 +30,8 @@ from segflow.budget import (
     steps_per_epoch,
     training_costs,
 )
-from segflow.cli import main
-from segflow.datasets import PseudoMixSampler, SegmentationArrays
-from segflow.errors import SegflowError
-from segflow.experiment import parse_experiment
+from segflow.model.datasets import PseudoMixSampler, SegmentationArrays
+from segflow.model.experiment import parse_experiment
 
 TINY = {
     "model": {
@@ -269,7 +269,7 @@ def test_plan_budget_times_each_experiment_once(tmp_path: Path) -> None:
 
 
 def test_measure_experiment_times_the_real_training_step(tmp_path: Path) -> None:
-    from segflow.predict import PredictOptions
+    from segflow.model.inference.predict import PredictOptions
 
     arrays_dir = write_synthetic_arrays(tmp_path / "a", n=32, n_empty=8)
     arrays = SegmentationArrays.open(arrays_dir)

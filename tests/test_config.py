@@ -9,15 +9,15 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from segflow.budget import BudgetOptions
-from segflow.dedup import DedupOptions
-from segflow.demo_data import DemoDataOptions
-from segflow.folds import FoldOptions
-from segflow.ingest import IngestOptions
-from segflow.predict import PredictOptions
-from segflow.preprocess import PreprocessOptions
-from segflow.submission import SubmissionOptions
-from segflow.train_options import TrainOptions
+from segflow.data.dedup import DedupOptions
+from segflow.data.demo_data import DemoDataOptions
+from segflow.data.folds import FoldOptions
+from segflow.data.ingest import IngestOptions
+from segflow.data.preprocess import PreprocessOptions
+from segflow.model.budget import BudgetOptions
+from segflow.model.inference.predict import PredictOptions
+from segflow.model.submit import SubmissionOptions
+from segflow.model.training.train_options import TrainOptions
 
 SCHEMA = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 

@@ -1,4 +1,4 @@
-"""Tests for the memmap dataset, the balanced sampler and batch padding (segflow.datasets)."""
+"""Tests for the memmap dataset, the balanced sampler and batch padding (segflow.model.datasets)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import torch
 from helpers import BRIGHT, DARK_MAX, write_synthetic_arrays
 from torch.utils.data import DataLoader
 
-from segflow.datasets import (
+from segflow.core.errors import SegflowError
+from segflow.formats.labels import label_dtype
+from segflow.model.datasets import (
     MemmapDataset,
     SegmentationArrays,
     balanced_sampler,
     crop_to,
     pad_to_multiple,
 )
-from segflow.errors import SegflowError
-from segflow.labels import label_dtype
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""Tests for duplicate detection (segflow.dedup).
+"""Tests for duplicate detection (segflow.data.dedup).
 
 Expected values come from hand counts on small hand-built manifests, from files written here with
 cv2, from the demo generator's planted truth, or from hashlib run on the files independently.
@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from helpers import write_label_dataset
 
-from segflow.dedup import (
+from segflow.core.errors import SegflowError
+from segflow.data.dedup import (
     CONFLICT_POLICIES,
     DedupOptions,
     find_duplicates,
@@ -25,10 +26,9 @@ from segflow.dedup import (
     perceptual_hash,
     summary_markdown,
 )
-from segflow.errors import SegflowError
-from segflow.ingest import IngestOptions, ingest
-from segflow.labels import read_label, unpack_labels
-from segflow.preprocess import PreprocessOptions, preprocess
+from segflow.data.ingest import IngestOptions, ingest
+from segflow.data.preprocess import PreprocessOptions, preprocess
+from segflow.formats.labels import read_label, unpack_labels
 
 # --------------------------------------------------------------------------- helpers
 

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo dataset generator (segflow.demo_data)."""
+"""Tests for the synthetic demo dataset generator (segflow.data.demo_data)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow import demo_data
-from segflow.demo_data import DemoDataOptions, generate_demo_data
-from segflow.errors import SegflowError
-from segflow.rle import rle_decode
+from segflow.core.errors import SegflowError
+from segflow.data import demo_data
+from segflow.data.demo_data import DemoDataOptions, generate_demo_data
+from segflow.formats.rle import rle_decode
 
 SMALL = DemoDataOptions(n_train=60, n_test=20, height=48, width=48, seed=3)
 

@@ -25,18 +25,18 @@ import yaml
 from conftest import REPO_ROOT, copy_workflow, run_snakemake
 
 from segflow import __version__
-from segflow.checkpointing import config_hash
-from segflow.demo_data import DemoDataOptions, generate_demo_data
-from segflow.folds import FoldOptions
-from segflow.models import ModelSpec
-from segflow.provenance import (
+from segflow.core.provenance import (
     PROVENANCE_KEY,
     options_hash,
     provenance,
     stage_provenance,
     with_provenance,
 )
-from segflow.train_options import TrainOptions
+from segflow.data.demo_data import DemoDataOptions, generate_demo_data
+from segflow.data.folds import FoldOptions
+from segflow.model.models import ModelSpec
+from segflow.model.training.checkpointing import config_hash
+from segflow.model.training.train_options import TrainOptions
 
 TINY_EXPERIMENT = {
     "model": {
@@ -338,7 +338,7 @@ def test_training_config_hash_keeps_its_digest() -> None:
 
 
 def _resume_exempt() -> tuple[str, ...]:
-    from segflow.checkpointing import RESUME_EXEMPT
+    from segflow.model.training.checkpointing import RESUME_EXEMPT
 
     return RESUME_EXEMPT
 

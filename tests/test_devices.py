@@ -1,7 +1,7 @@
-"""Tests for device names and per-job GPU slot assignment with flock (segflow.devices).
+"""Tests for device names and per-job GPU slot assignment with flock (segflow.core.devices).
 
 Slot assignment is plain file locking, so it is tested on CPU with several real processes
-("spawn": fresh interpreters, as Snakemake jobs are; segflow.devices does not import torch).
+("spawn": fresh interpreters, as Snakemake jobs are; segflow.core.devices does not import torch).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import yaml
 from conftest import copy_workflow, run_snakemake
 
-from segflow.devices import GPU_LOCK_DIR_ENV, acquire_gpu, default_gpu_lock_dir, resolve_device
-from segflow.errors import SegflowError
+from segflow.core.devices import GPU_LOCK_DIR_ENV, acquire_gpu, default_gpu_lock_dir, resolve_device
+from segflow.core.errors import SegflowError
 
 CONTEXT = multiprocessing.get_context("spawn")
 # Generous: spawned interpreters start slowly on a busy 2-core machine.

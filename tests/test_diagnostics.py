@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.diagnostics import (
+from segflow.core.errors import SegflowError
+from segflow.model.diagnostics import (
     MIN_OPTIMIZER_STEPS,
     all_flags,
     constant_check,
@@ -22,8 +23,7 @@ from segflow.diagnostics import (
     optimizer_steps,
     slope,
 )
-from segflow.errors import SegflowError
-from segflow.metrics import METRIC_NAMES, per_image_scores
+from segflow.model.metrics import METRIC_NAMES, per_image_scores
 
 HEALTHY = [0.2, 0.4, 0.55, 0.6, 0.62, 0.63, 0.63, 0.629, 0.63, 0.628]  # levels off at epoch 6
 STEPS = {"optimizer_steps": 1000}

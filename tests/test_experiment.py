@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from segflow.errors import SegflowError
-from segflow.experiment import load_experiment_values, parse_experiment
+from segflow.core.errors import SegflowError
+from segflow.model.experiment import load_experiment_values, parse_experiment
 
 
 def test_experiment_parsing_names_bad_keys(tmp_path: Path) -> None:
@@ -65,9 +65,9 @@ def test_loss_terms_with_options_are_parsed_and_checked_against_the_classes() ->
 def test_loss_options_reach_segflow_train_json_and_the_resume_hash() -> None:
     """The workflow passes the experiment as JSON (common.smk experiment_json): options survive
     it, and they change the resume hash while the short form keeps its old hash."""
-    from segflow.checkpointing import config_hash
-    from segflow.models import ModelSpec
-    from segflow.train_options import TrainOptions
+    from segflow.model.models import ModelSpec
+    from segflow.model.training.checkpointing import config_hash
+    from segflow.model.training.train_options import TrainOptions
 
     def loss_hash(loss: dict) -> str:
         text = json.dumps({"loss": loss}, sort_keys=True)
@@ -90,7 +90,7 @@ def test_a_fold_trains_with_term_options_and_ohem(tmp_path: Path) -> None:
 
     from helpers import write_synthetic_arrays
 
-    from segflow.train import train_fold
+    from segflow.model.training.train import train_fold
 
     arrays_dir = write_synthetic_arrays(tmp_path / "arrays", n=12, size=32)
     values = {

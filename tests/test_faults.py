@@ -28,12 +28,13 @@ import yaml
 from conftest import DATA_ARTIFACTS, REPO_ROOT, copy_workflow
 from helpers import write_synthetic_arrays
 
-from segflow import atomic, cli
-from segflow import train as train_module
-from segflow.checkpointing import remove_resume_state
-from segflow.errors import SegflowError
-from segflow.models import ModelSpec, build_model, save_checkpoint
-from segflow.train import TrainOptions, train_fold
+from segflow import cli
+from segflow.core import atomic
+from segflow.core.errors import SegflowError
+from segflow.model.models import ModelSpec, build_model, save_checkpoint
+from segflow.model.training import train as train_module
+from segflow.model.training.checkpointing import remove_resume_state
+from segflow.model.training.train import TrainOptions, train_fold
 
 SPEC = ModelSpec(encoder="mobilenet_v2", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
 TINY_MODEL = {"arch": "Unet", "encoder": "mobilenet_v2", "extra": SPEC.extra}
@@ -237,7 +238,7 @@ def pause(where):
 COMMAND, _, MARKERS = os.environ.get("SEGFLOW_TEST_PAUSE", "").partition("=")
 if COMMAND and sys.argv[1:2] == [COMMAND]:
     if COMMAND == "preprocess":
-        import segflow.preprocess as stage
+        import segflow.data.preprocess as stage
 
         def parallel_map(func, tasks, *args, **kwargs):
             # The first chunk's rows written into the temporary .npy files, nothing renamed.
@@ -246,7 +247,7 @@ if COMMAND and sys.argv[1:2] == [COMMAND]:
 
         stage.parallel_map = parallel_map
     else:
-        import segflow.atomic as atomic
+        import segflow.core.atomic as atomic
 
         write_csv = atomic.write_csv
 
@@ -700,7 +701,7 @@ def test_a_write_failing_on_a_full_disk_leaves_no_partial_file(
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory: pytest.TempPathFactory, demo_manifest: pd.DataFrame) -> Path:
     """Inputs of every stage under test: manifest and dedup tables, arrays, folds, a model."""
-    from segflow.dedup import DedupOptions, find_duplicates
+    from segflow.data.dedup import DedupOptions, find_duplicates
 
     root = tmp_path_factory.mktemp("stage_inputs")
     demo_manifest.to_parquet(root / "manifest.parquet", index=False)
@@ -802,7 +803,7 @@ def test_a_full_disk_while_saving_model_pt_keeps_the_resume_state(
 
 WRITER = """
 import sys, time
-from segflow.atomic import atomic_path
+from segflow.core.atomic import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half of an arr")
     print("writing", flush=True)

@@ -1,4 +1,4 @@
-"""Code fingerprints of stages (segflow.fingerprint): what goes in, what changes them."""
+"""Code fingerprints of stages (segflow.core.fingerprint): what goes in, what changes them."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from segflow.errors import SegflowError
-from segflow.fingerprint import (
+from segflow.core.errors import SegflowError
+from segflow.core.fingerprint import (
     STAGE_MODULES,
     code_fingerprint,
     folder_stamp,
@@ -27,7 +27,7 @@ def _package(root: Path) -> Path:
     (package / "__init__.py").write_text("")
     (package / "a.py").write_text("def run():\n    from segflow.b import helper\n    helper()\n")
     (package / "b.py").write_text("import numpy\nfrom segflow import c\n\ndef helper(): pass\n")
-    (package / "c.py").write_text("from segflow.errors import SegflowError\n")
+    (package / "c.py").write_text("from segflow.core.errors import SegflowError\n")
     (package / "d.py").write_text("import segflow.a\n")
     (package / "cli.py").write_text("from segflow import a\n")
     (package / "errors.py").write_text("class SegflowError(Exception): pass\n")
@@ -40,7 +40,7 @@ def test_closure_follows_imports_anywhere_and_only_segflow(tmp_path: Path) -> No
         "segflow.a",
         "segflow.b",
         "segflow.c",
-        "segflow.errors",
+        "segflow.core.errors",
     ]
     assert module_closure("segflow.d", root=package)[:2] == ["segflow.a", "segflow.b"]
     with pytest.raises(SegflowError, match=r"segflow\.nope"):
@@ -56,13 +56,13 @@ def test_fingerprint_changes_exactly_with_the_modules_used(tmp_path: Path) -> No
     (package / "d.py").write_text("import segflow.a\n# unrelated edit\n")
     (package / "cli.py").write_text("# the wiring is not part of any fingerprint\n")
     assert _fresh(package, "segflow.a") == before
-    (package / "c.py").write_text("from segflow.errors import SegflowError\nX = 1\n")
+    (package / "c.py").write_text("from segflow.core.errors import SegflowError\nX = 1\n")
     assert _fresh(package, "segflow.a") != before
 
 
 def _fresh(package: Path, entry: str) -> str:
     """The fingerprint computed anew (the cache is per process: a run plans once)."""
-    from segflow import fingerprint
+    from segflow.core import fingerprint
 
     fingerprint._cached_fingerprint.cache_clear()
     return code_fingerprint(entry, root=package)
@@ -70,10 +70,17 @@ def _fresh(package: Path, entry: str) -> str:
 
 def test_stacking_code_is_in_the_stack_stage_only() -> None:
     closures = {name: module_closure(*modules) for name, modules in STAGE_MODULES.items()}
-    users = {name for name, modules in closures.items() if "segflow.stacking" in modules}
+    users = {
+        name
+        for name, modules in closures.items()
+        if "segflow.ensemble.stacking.learners" in modules
+    }
     assert users == {"stack"}
-    assert "segflow.train" in closures["train"] and "segflow.train" not in closures["predict-oof"]
-    assert all("segflow.errors" in modules for modules in closures.values())
+    assert (
+        "segflow.model.training.train" in closures["train"]
+        and "segflow.model.training.train" not in closures["predict-oof"]
+    )
+    assert all("segflow.core.errors" in modules for modules in closures.values())
     assert package_root() == Path(__import__("segflow").__file__).resolve().parent
 
 

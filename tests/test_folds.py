@@ -1,4 +1,4 @@
-"""Tests for the grouped, coverage-stratified K-fold split (segflow.folds)."""
+"""Tests for the grouped, coverage-stratified K-fold split (segflow.data.folds)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.dedup import DedupOptions, find_duplicates
-from segflow.errors import SegflowError
-from segflow.folds import FoldOptions, coverage_strata, make_folds
+from segflow.core.errors import SegflowError
+from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.folds import FoldOptions, coverage_strata, make_folds
 
 # sklearn warns whenever a stratum has fewer members than K; the small-table tests want that.
 SMALL_STRATA = pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")

@@ -21,9 +21,9 @@ import pytest
 import torch
 from helpers import write_synthetic_arrays
 
-from segflow.models import ModelSpec, load_checkpoint
-from segflow.predict import PredictOptions, predict_split
-from segflow.train import TrainOptions, train_fold
+from segflow.model.inference.predict import PredictOptions, predict_split
+from segflow.model.models import ModelSpec, load_checkpoint
+from segflow.model.training.train import TrainOptions, train_fold
 
 pytestmark = [
     pytest.mark.gpu,
@@ -97,7 +97,7 @@ _HOLDER = textwrap.dedent(
     """
     import json, sys, time
     sys.path.insert(0, sys.argv[1])
-    from segflow.devices import acquire_gpu
+    from segflow.core.devices import acquire_gpu
     with acquire_gpu(sys.argv[2], int(sys.argv[3]), timeout_s=60, poll_s=0.05) as lease:
         import os, torch  # CUDA initialised only after the lease, as the CLI does
         x = torch.ones(1024, 1024, device=lease.device)

@@ -1,4 +1,4 @@
-"""Tests for reading images, masks and DICOM files (segflow.imageio)."""
+"""Tests for reading images, masks and DICOM files (segflow.formats.imageio)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from helpers import write_ct_dicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from segflow.errors import SegflowError
-from segflow.imageio import (
+from segflow.core.errors import SegflowError
+from segflow.formats.imageio import (
     DicomWindow,
     canonical_pixels,
     decode_image,

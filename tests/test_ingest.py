@@ -1,4 +1,4 @@
-"""Tests for ingest: listing, decoding and validating a dataset into a manifest (segflow.ingest)."""
+"""Tests for ingest: listing, decoding and validating a dataset into a manifest (segflow.data.ingest)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import pytest
 from helpers import naive_encode, write_ct_dicom, write_label_dataset
 
 from segflow import cli
-from segflow.errors import SegflowError
-from segflow.imageio import mask_md5
-from segflow.ingest import IngestOptions, ingest
-from segflow.labels import label_md5, pack_labels, read_label, unpack_labels
-from segflow.manifest import csv_id_style, data_roots
-from segflow.rle import rle_decode
+from segflow.core.errors import SegflowError
+from segflow.data.ingest import IngestOptions, ingest
+from segflow.formats.imageio import mask_md5
+from segflow.formats.labels import label_md5, pack_labels, read_label, unpack_labels
+from segflow.formats.manifest import csv_id_style, data_roots
+from segflow.formats.rle import rle_decode
 
 MANIFEST_COLUMNS = [
     "id",
@@ -697,7 +697,7 @@ def test_non_image_files_are_skipped_counted_and_logged(
     (images / ".DS_Store").write_bytes(b"\0\1")
     (images / ".hidden.png").write_bytes(b"")  # hidden files are skipped even with image names
     (images / "subfolder").mkdir()
-    with caplog.at_level(logging.WARNING, logger="segflow.ingest"):
+    with caplog.at_level(logging.WARNING, logger="segflow.data.ingest"):
         manifest, summary = ingest(data["options"])
     assert "README" not in manifest["id"].tolist()
     assert summary["n_train"] == 4

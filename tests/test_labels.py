@@ -1,4 +1,4 @@
-"""Tests for packed multi-label masks (segflow.labels) and their one decoder of manifest columns.
+"""Tests for packed multi-label masks (segflow.formats.labels) and their one decoder of manifest columns.
 
 Expected values are built bit by bit here with plain Python/numpy, never with the packing code.
 """
@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from helpers import naive_encode
 
-from segflow.errors import SegflowError
-from segflow.imageio import mask_md5
-from segflow.labels import (
+from segflow.core.errors import SegflowError
+from segflow.formats.imageio import mask_md5
+from segflow.formats.labels import (
     CLASS_SEPARATOR,
     label_dtype,
     label_md5,
@@ -24,7 +24,7 @@ from segflow.labels import (
     read_label,
     unpack_labels,
 )
-from segflow.submission import train_label
+from segflow.model.submit import train_label
 
 
 def _planes(n_classes: int, shape: tuple[int, int] = (5, 7), seed: int = 0) -> np.ndarray:

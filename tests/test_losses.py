@@ -1,4 +1,4 @@
-"""Tests for the weighted loss terms and OHEM (segflow.losses)."""
+"""Tests for the weighted loss terms and OHEM (segflow.model.training.losses)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from segflow.errors import SegflowError
-from segflow.losses import LOSSES, PIXELWISE, TERM_OPTIONS, build_loss, ohem_count, parse_loss
+from segflow.core.errors import SegflowError
+from segflow.model.training.losses import (
+    LOSSES,
+    PIXELWISE,
+    TERM_OPTIONS,
+    build_loss,
+    ohem_count,
+    parse_loss,
+)
 
 CONFIDENT = 20.0  # logit magnitude that is "certain" for every term (lovasz needs > 1)
 
@@ -263,7 +270,7 @@ def test_each_term_option_is_registered_in_the_schema() -> None:
     for name, options in TERM_OPTIONS.items():
         assert list(loss["properties"][name]["properties"]) == ["weight", *options], name
     # The workflow's config check accepts both forms and names a misspelt option in one line.
-    from segflow.config_check import check_config
+    from segflow.core.config_check import check_config
 
     config = yaml.safe_load((schema_path.parents[2] / "config" / "config.yaml").read_text())
     experiment = config["experiments"]["unet_lite0"]

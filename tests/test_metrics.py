@@ -1,4 +1,4 @@
-"""Tests for the segmentation metrics (segflow.metrics); expected values are worked by hand or
+"""Tests for the segmentation metrics (segflow.model.metrics); expected values are worked by hand or
 by plain-Python reference implementations, never by the code under test."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.metrics import (
+from segflow.model.metrics import (
     IOU_THRESHOLDS,
     METRICS,
     get_metric,

@@ -1,4 +1,4 @@
-"""Mixup and CutMix of training batches (segflow.mixing): image and mask stay aligned.
+"""Mixup and CutMix of training batches (segflow.model.training.mixing): image and mask stay aligned.
 
 The planted batch encodes each image's source in both tensors: image i is the constant i + 1 on
 its one channel, mask i is one-hot on plane i (K = N planes). Whatever is mixed, decoding the mask
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from segflow.errors import SegflowError
-from segflow.mixing import check_mixing_loss, draw_mix, mix_batch
-from segflow.train_options import TrainOptions
+from segflow.core.errors import SegflowError
+from segflow.model.training.mixing import check_mixing_loss, draw_mix, mix_batch
+from segflow.model.training.train_options import TrainOptions
 
 N, SIZE = 6, 16
 _MIX = {"mixup_prob": 0.5, "cutmix_prob": 0.5}

@@ -1,4 +1,4 @@
-"""Tests for model building, input-size rules, encoder weight files and checkpoints (segflow.models).
+"""Tests for model building, input-size rules, encoder weight files and checkpoints (segflow.model.models).
 
 Everything is built with ``encoder_weights=None`` (or a local file) on tiny inputs; nothing may
 touch the network, so smp's downloader is replaced by a failing stub for the whole module.
@@ -16,8 +16,8 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from segflow.errors import SegflowError
-from segflow.models import (
+from segflow.core.errors import SegflowError
+from segflow.model.models import (
     ARCHITECTURES,
     CHECKPOINT_FORMAT,
     ModelSpec,
@@ -476,7 +476,7 @@ def test_failed_save_leaves_no_temp_file_and_keeps_the_old_checkpoint(
     before = path.read_bytes()
 
     def failing_save(obj: Any, target: Any) -> None:
-        target.write(b"half")  # segflow.atomic.write_torch saves into an open file
+        target.write(b"half")  # segflow.core.atomic.write_torch saves into an open file
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)

@@ -1,4 +1,4 @@
-"""Options dataclasses as CLI flags (segflow.options), list-typed options included, and the
+"""Options dataclasses as CLI flags (segflow.core.options), list-typed options included, and the
 workflow's rendering of config values as those flags (cli_flags in workflow/rules/common.smk)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT
 
-from segflow.ingest import IngestOptions
-from segflow.options import (
+from segflow.core.options import (
     add_dataclass_arguments,
     dataclass_from_namespace,
     lists_to_tuples,
     option,
 )
+from segflow.data.ingest import IngestOptions
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tests for post-processing (segflow.postprocess): thresholding, small-object removal, hole
+"""Tests for post-processing (segflow.model.postprocess): thresholding, small-object removal, hole
 filling, the grid search and instance labelling. References are hand-made masks or scipy's own
 labelling and hole filling, independent of the OpenCV code paths under test."""
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import segflow.postprocess as postprocess
-from segflow.errors import SegflowError
-from segflow.metrics import instance_precision_iou, per_image_scores
-from segflow.postprocess import (
+import segflow.model.postprocess as postprocess
+from segflow.core.errors import SegflowError
+from segflow.model.metrics import instance_precision_iou, per_image_scores
+from segflow.model.postprocess import (
     PostprocessParams,
     apply_classes,
     apply_postprocess,

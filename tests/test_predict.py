@@ -9,19 +9,19 @@ import pandas as pd
 import pytest
 import torch
 
-from segflow.dedup import DedupOptions, find_duplicates
-from segflow.errors import SegflowError
-from segflow.evaluate import assemble_oof, original_truths, score_oof
-from segflow.folds import FoldOptions, make_folds
-from segflow.models import ModelSpec, build_model, save_checkpoint
-from segflow.predict import (
+from segflow.core.errors import SegflowError
+from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.folds import FoldOptions, make_folds
+from segflow.data.preprocess import PreprocessOptions, preprocess
+from segflow.model.evaluate import assemble_oof, original_truths, score_oof
+from segflow.model.inference.predict import (
     PredictOptions,
     merge_folds,
     nonempty_probs,
     predict_split,
     write_prediction,
 )
-from segflow.preprocess import PreprocessOptions, preprocess
+from segflow.model.models import ModelSpec, build_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")

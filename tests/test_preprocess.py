@@ -1,4 +1,4 @@
-"""Tests for image preparation (segflow.preprocess).
+"""Tests for image preparation (segflow.data.preprocess).
 
 Expected arrays are recomputed here independently, with cv2/numpy on the files written by the
 tests, never read back from the code under test.
@@ -16,11 +16,10 @@ import pandas as pd
 import pytest
 from helpers import write_label_dataset
 
-from segflow.dedup import DedupOptions, find_duplicates
-from segflow.errors import SegflowError
-from segflow.ingest import IngestOptions, ingest
-from segflow.labels import label_dtype, unpack_labels
-from segflow.preprocess import (
+from segflow.core.errors import SegflowError
+from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.ingest import IngestOptions, ingest
+from segflow.data.preprocess import (
     PreprocessOptions,
     apply_clahe,
     convert_channels,
@@ -31,6 +30,7 @@ from segflow.preprocess import (
     resize_mask,
     to_uint8,
 )
+from segflow.formats.labels import label_dtype, unpack_labels
 
 OUTPUTS = ("index.parquet", "stats.json", "test_images.npy", "train_images.npy", "train_masks.npy")
 

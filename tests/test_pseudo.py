@@ -1,4 +1,4 @@
-"""Tests for the pseudo-labelling policy (segflow.pseudo): per-image confidence, the selection
+"""Tests for the pseudo-labelling policy (segflow.ensemble.pseudo): per-image confidence, the selection
 rule, targets and options. Probability maps are hand-made from float16-exact values (0, 1/8,
 1/4, 1/2, 3/4, 7/8, 1), so every share and confidence below is computed by hand."""
 
@@ -10,10 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.errors import SegflowError
-from segflow.labels import pack_labels
-from segflow.options import add_dataclass_arguments, dataclass_from_namespace
-from segflow.pseudo import (
+from segflow.core.errors import SegflowError
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
+from segflow.ensemble.pseudo import (
     PseudoOptions,
     excluded_test_ids,
     image_confidence,
@@ -21,6 +20,7 @@ from segflow.pseudo import (
     select_pseudo,
     train_duplicates,
 )
+from segflow.formats.labels import pack_labels
 
 PIXELS = 20  # 4 x 5 images, one class
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import write_synthetic_arrays
 
-from segflow.datasets import PseudoMixSampler, SegmentationArrays
-from segflow.errors import SegflowError
-from segflow.fold_data import FoldData, PseudoLabels, SeededItems, split_rows
-from segflow.train import train_fold
-from segflow.train_options import TrainOptions
+from segflow.core.errors import SegflowError
+from segflow.model.datasets import PseudoMixSampler, SegmentationArrays
+from segflow.model.training.fold_data import FoldData, PseudoLabels, SeededItems, split_rows
+from segflow.model.training.train import train_fold
+from segflow.model.training.train_options import TrainOptions
 
 SPEC_KW = {"encoder": "mobilenet_v2", "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}
 
@@ -81,7 +81,7 @@ def test_pseudo_items_are_trained_on_but_never_validated(arrays_dir: Path, soft:
 def test_pseudo_round_trains_and_a_changed_selection_changes_the_fingerprint(
     arrays_dir: Path, tmp_path: Path
 ) -> None:
-    from segflow.models import ModelSpec
+    from segflow.model.models import ModelSpec
 
     pseudo_dir = _pseudo_dir(arrays_dir)
     common = {
@@ -111,8 +111,8 @@ def test_pseudo_round_trains_and_a_changed_selection_changes_the_fingerprint(
 
 
 def test_pseudo_weight_scales_only_the_pseudo_part(arrays_dir: Path, tmp_path: Path) -> None:
-    from segflow.models import ModelSpec
-    from segflow.train import _FoldTrainer
+    from segflow.model.models import ModelSpec
+    from segflow.model.training.train import _FoldTrainer
 
     arrays = SegmentationArrays.open(arrays_dir)
     pseudo = PseudoLabels.load(_pseudo_dir(arrays_dir), arrays, max_share=0.5, weight=0.0)

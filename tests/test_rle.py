@@ -1,4 +1,4 @@
-"""Tests for Kaggle run-length encoding (segflow.rle)."""
+"""Tests for Kaggle run-length encoding (segflow.formats.rle)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from segflow.errors import SegflowError
-from segflow.rle import RLE_ORDERS, is_empty_rle, rle_decode, rle_encode
+from segflow.core.errors import SegflowError
+from segflow.formats.rle import RLE_ORDERS, is_empty_rle, rle_decode, rle_encode
 
 # 3x3 mask whose Kaggle RLE is written out by hand below.
 #   column-major, 1-based pixel numbers:   row-major, 1-based pixel numbers:

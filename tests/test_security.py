@@ -35,11 +35,11 @@ import torch
 import yaml
 from conftest import REPO_ROOT, copy_workflow, run_snakemake
 
-from segflow.checkpointing import load_resume
-from segflow.errors import SegflowError
-from segflow.models import CHECKPOINT_FORMAT, ModelSpec, build_model, load_checkpoint
-from segflow.second_level import load_oof
-from segflow.stacking import load_classifier, make_classifier
+from segflow.core.errors import SegflowError
+from segflow.ensemble.choose import load_oof
+from segflow.ensemble.stacking.learners import load_classifier, make_classifier
+from segflow.model.models import CHECKPOINT_FORMAT, ModelSpec, build_model, load_checkpoint
+from segflow.model.training.checkpointing import load_resume
 
 PACKAGE = REPO_ROOT / "src" / "segflow"
 WORKFLOW_FILES = [
@@ -333,7 +333,7 @@ def test_a_resume_file_holding_a_pickled_object_is_ignored_with_a_warning(
     torch.save(
         {"format": "segflow-resume-1", "config_hash": "h", "evil": ArmedPayload(marker)}, path
     )
-    with caplog.at_level(logging.WARNING, logger="segflow.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="segflow.model.training.checkpointing"):
         assert load_resume(path, "h") is None
     assert "unreadable resume file ignored" in caplog.text and str(path) in caplog.text
     assert not marker.exists()

@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import DATA_ARTIFACTS, REPO_ROOT, copy_workflow, run_snakemake
 
-from segflow.models import load_checkpoint
+from segflow.model.models import load_checkpoint
 
 SLURM_SCRIPT = REPO_ROOT / "tests" / "cluster" / "slurm.sh"
 SLURM_PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client")

@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.errors import SegflowError
-from segflow.metrics import per_image_scores
-from segflow.stack_features import image_features
-from segflow.stack_threshold import (
+from segflow.core.errors import SegflowError
+from segflow.ensemble.stacking.features import image_features
+from segflow.ensemble.stacking.threshold import (
     THRESHOLD_GRID,
     best_thresholds,
     fit_threshold,
@@ -20,6 +19,7 @@ from segflow.stack_threshold import (
     recalibrate,
     write_threshold_artifacts,
 )
+from segflow.model.metrics import per_image_scores
 
 BACKENDS = ["lightgbm", "catboost"]
 QUICK = {

@@ -1,4 +1,4 @@
-"""Tests for tiled inference (segflow.tiling): tile grid, blending weights, blended prediction."""
+"""Tests for tiled inference (segflow.model.inference.tiling): tile grid, blending weights, blended prediction."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from segflow.errors import SegflowError
-from segflow.tiling import TILE_WEIGHTS, predict_tiled, tile_positions, tile_weights
-from segflow.tta import predict_with_tta
+from segflow.core.errors import SegflowError
+from segflow.model.inference.tiling import TILE_WEIGHTS, predict_tiled, tile_positions, tile_weights
+from segflow.model.inference.tta import predict_with_tta
 
 torch.set_num_threads(1)
 

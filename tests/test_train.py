@@ -23,13 +23,13 @@ import pytest
 import torch
 from helpers import write_synthetic_arrays
 
-from segflow import train as train_module
-from segflow.datasets import MemmapDataset, SegmentationArrays
-from segflow.diagnostics import optimizer_steps
-from segflow.errors import SegflowError
-from segflow.fold_data import FoldData, loader_workers, split_rows
-from segflow.models import ModelSpec, build_model, forward_logits, load_checkpoint
-from segflow.train import (
+from segflow.core.errors import SegflowError
+from segflow.model.datasets import MemmapDataset, SegmentationArrays
+from segflow.model.diagnostics import optimizer_steps
+from segflow.model.models import ModelSpec, build_model, forward_logits, load_checkpoint
+from segflow.model.training import train as train_module
+from segflow.model.training.fold_data import FoldData, loader_workers, split_rows
+from segflow.model.training.train import (
     HISTORY_COLUMNS,
     TrainingInterrupted,
     TrainOptions,
@@ -223,7 +223,7 @@ def test_more_epochs_continue_a_run_and_other_changes_restart_it(
     assert trained == [3, 4]
     # Any other change (here the learning rate) makes the resume file stale.
     trained = _count_epochs(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="segflow.train"):
+    with caplog.at_level(logging.WARNING, logger="segflow.model.training.train"):
         metrics = _train(arrays_dir, run, epochs=2, scheduler="none", lr=5e-3)
     assert "different configuration" in caplog.text
     assert trained == [1, 2] and metrics["resumed_from_epoch"] == 0

@@ -1,4 +1,4 @@
-"""Tests for test-time augmentation (segflow.tta): the D4 group and the merged prediction."""
+"""Tests for test-time augmentation (segflow.model.inference.tta): the D4 group and the merged prediction."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from segflow.errors import SegflowError
-from segflow.tta import (
+from segflow.core.errors import SegflowError
+from segflow.model.inference.tta import (
     D4,
     GMEAN_EPS,
     MERGES,

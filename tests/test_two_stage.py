@@ -20,22 +20,22 @@ import yaml
 from conftest import REPO_ROOT
 from helpers import write_synthetic_arrays
 
-from segflow import train as train_module
-from segflow.checkpointing import cpu_state
 from segflow.cli import _grouped
 from segflow.cli import main as cli_main
-from segflow.errors import SegflowError
-from segflow.experiment import check_init_from, parse_experiment
-from segflow.models import (
+from segflow.core.errors import SegflowError
+from segflow.model.experiment import check_init_from, parse_experiment
+from segflow.model.models import (
     ModelSpec,
     SnapshotEnsemble,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
-from segflow.refit import RefitOptions, check_refit, refit_epochs
-from segflow.train import TrainOptions, train_fold, train_full
-from segflow.transfer import file_sha256, load_init_checkpoint, set_encoder_frozen
+from segflow.model.training import train as train_module
+from segflow.model.training.checkpointing import cpu_state
+from segflow.model.training.refit import RefitOptions, check_refit, refit_epochs
+from segflow.model.training.train import TrainOptions, train_fold, train_full
+from segflow.model.training.transfer import file_sha256, load_init_checkpoint, set_encoder_frozen
 
 SPEC = ModelSpec(encoder="mobilenet_v2", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
 LOSS = {"bce": 1.0, "dice": 1.0}
@@ -161,7 +161,7 @@ def test_a_changed_first_stage_invalidates_the_second_stages_resume_state(
     assert (run / "resume" / "last.pt").is_file()
     _plant(init, seed=2)  # the first stage was retrained
     states = _record_epochs(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="segflow.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="segflow.model.training.checkpointing"):
         metrics = _train(arrays_dir, run, init=init, init_from="stage1")
     assert "different configuration" in caplog.text
     assert metrics["resumed_from_epoch"] == 0

@@ -19,16 +19,9 @@ import torch
 from helpers import write_synthetic_arrays
 from torch import nn
 
-from segflow import train as train_module
-from segflow.checkpointing import (
-    RESUME_EXEMPT,
-    config_hash,
-    cpu_state,
-    recalibrate_batchnorm,
-    remove_resume_state,
-)
-from segflow.errors import SegflowError
-from segflow.models import (
+from segflow.core.errors import SegflowError
+from segflow.model.inference.predict import PredictOptions, predict_rows
+from segflow.model.models import (
     ModelSpec,
     SnapshotEnsemble,
     build_model,
@@ -37,8 +30,15 @@ from segflow.models import (
     required_divisor,
     save_checkpoint,
 )
-from segflow.predict import PredictOptions, predict_rows
-from segflow.train import TrainOptions, train_fold
+from segflow.model.training import train as train_module
+from segflow.model.training.checkpointing import (
+    RESUME_EXEMPT,
+    config_hash,
+    cpu_state,
+    recalibrate_batchnorm,
+    remove_resume_state,
+)
+from segflow.model.training.train import TrainOptions, train_fold
 
 SPEC = ModelSpec(encoder="mobilenet_v2", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
 LOSS = {"bce": 1.0, "dice": 1.0}

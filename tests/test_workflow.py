@@ -17,8 +17,8 @@ import yaml
 from conftest import DATA_ARTIFACTS, REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
 from helpers import write_label_dataset
 
-from segflow.demo_data import DemoDataOptions, generate_demo_data
-from segflow.rle import rle_decode
+from segflow.data.demo_data import DemoDataOptions, generate_demo_data
+from segflow.formats.rle import rle_decode
 
 pytestmark = pytest.mark.workflow
 
@@ -391,10 +391,10 @@ def test_editing_stacking_code_reruns_stacking_but_not_training(
     """snakemake#1694: package code the rule calls, not only the rule's own code, must count."""
     src = tmp_path / "src"
     shutil.copytree(REPO_ROOT / "src" / "segflow", src / "segflow")
-    with (src / "segflow" / "stack_features.py").open("a") as module:
+    with (src / "segflow" / "ensemble" / "stacking" / "features.py").open("a") as module:
         module.write("\n# an edit of a module only the stacking stage uses\n")
     assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src) == STACK_ONLY
-    with (src / "segflow" / "errors.py").open("a") as module:
+    with (src / "segflow" / "core" / "errors.py").open("a") as module:
         module.write("\n# every stage raises SegflowError\n")
     edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
     assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack_models"} <= set(

@@ -4,7 +4,7 @@ The package holds all logic; the Snakemake workflow only wires its CLI stages to
 It never imports snakemake.
 """
 
-from segflow.errors import SegflowError
+from segflow.core.errors import SegflowError
 
 __all__ = ["SegflowError", "__version__"]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ The Snakemake rules call exactly these commands, so every stage can also be run 
     segflow demo-data resources/demo
     segflow ingest --train-images ... --out-manifest results/ingest/manifest.parquet ...
 
-A :class:`~segflow.errors.SegflowError` is printed as one ``segflow <stage>: error: ...`` line
+A :class:`~segflow.core.errors.SegflowError` is printed as one ``segflow <stage>: error: ...`` line
 with exit status 2; nothing is left half-written because every artifact is written atomically.
 An ``OSError`` (disk full, permission denied) is printed the same way with exit status 1
 (``--verbose`` adds its traceback).
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from segflow import __version__
-from segflow.atomic import (
+from segflow.core.atomic import (
     is_disk_full,
     write_csv,
     write_json,
@@ -31,10 +31,10 @@ from segflow.atomic import (
     write_parquet,
     write_text,
 )
-from segflow.errors import SegflowError
-from segflow.imageio import DicomWindow
-from segflow.options import add_dataclass_arguments, dataclass_from_namespace
-from segflow.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
+from segflow.core.errors import SegflowError
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
+from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
+from segflow.formats.imageio import DicomWindow
 
 log = logging.getLogger("segflow")
 
@@ -81,7 +81,7 @@ def _dicom_window(args: argparse.Namespace) -> DicomWindow:
 
 
 def _run_demo_data(args: argparse.Namespace) -> None:
-    from segflow.demo_data import DemoDataOptions, generate_demo_data
+    from segflow.data.demo_data import DemoDataOptions, generate_demo_data
 
     truth = generate_demo_data(args.out_dir, dataclass_from_namespace(DemoDataOptions, args))
     log.info(
@@ -93,7 +93,7 @@ def _run_demo_data(args: argparse.Namespace) -> None:
 
 
 def _run_ingest(args: argparse.Namespace) -> None:
-    from segflow.ingest import IngestOptions, ingest
+    from segflow.data.ingest import IngestOptions, ingest
 
     options = dataclass_from_namespace(IngestOptions, args)
     manifest, summary = ingest(options, workers=args.workers)
@@ -108,7 +108,7 @@ def _run_ingest(args: argparse.Namespace) -> None:
 
 
 def _run_dedup(args: argparse.Namespace) -> None:
-    from segflow.dedup import DedupOptions, find_duplicates, summary_markdown
+    from segflow.data.dedup import DedupOptions, find_duplicates, summary_markdown
 
     manifest = read_table(args.manifest, "manifest")
     options = dataclass_from_namespace(DedupOptions, args)
@@ -125,7 +125,7 @@ def _run_dedup(args: argparse.Namespace) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> None:
-    from segflow.preprocess import PreprocessOptions, preprocess
+    from segflow.data.preprocess import PreprocessOptions, preprocess
 
     stats = preprocess(
         read_table(args.manifest, "manifest"),
@@ -148,7 +148,7 @@ def _run_preprocess(args: argparse.Namespace) -> None:
 
 
 def _run_folds(args: argparse.Namespace) -> None:
-    from segflow.folds import FoldOptions, make_folds
+    from segflow.data.folds import FoldOptions, make_folds
 
     options = dataclass_from_namespace(FoldOptions, args)
     folds, summary = make_folds(
@@ -180,7 +180,7 @@ def _compute(args: argparse.Namespace) -> Iterator[None]:
     if not args.gpus:
         yield
         return
-    from segflow.devices import acquire_gpu, default_gpu_lock_dir
+    from segflow.core.devices import acquire_gpu, default_gpu_lock_dir
 
     lock_dir = args.gpu_lock_dir or default_gpu_lock_dir()
     with acquire_gpu(lock_dir, args.gpus, timeout_s=args.gpu_timeout) as lease:
@@ -216,8 +216,8 @@ def _run_train(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import json
 
-    from segflow.experiment import load_experiment_values, parse_experiment
-    from segflow.train import train_fold, train_full
+    from segflow.model.experiment import load_experiment_values, parse_experiment
+    from segflow.model.training.train import train_fold, train_full
 
     stats = json.loads((Path(args.arrays_dir) / "stats.json").read_text())
     values = load_experiment_values(args.experiment)
@@ -272,7 +272,7 @@ def _planned(experiment, values: dict, args: argparse.Namespace):
     """The experiment with ``train.epochs`` replaced by the budget plan's for this training."""
     import dataclasses
 
-    from segflow.budget import planned_epochs, read_plan
+    from segflow.model.budget import planned_epochs, read_plan
 
     epochs = planned_epochs(
         read_plan(args.plan), args.name, args.round, args.fold, values, where=args.plan
@@ -318,16 +318,16 @@ def _run_plan_budget(args: argparse.Namespace) -> None:
 def _plan_budget(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from segflow.budget import BudgetOptions, plan_budget
-    from segflow.budget_measure import (
+    from segflow.core.devices import resolve_device
+    from segflow.model.budget import BudgetOptions, plan_budget
+    from segflow.model.budget_measure import (
         device_startup_seconds,
         machine_description,
         measure_experiment,
         process_startup_seconds,
     )
-    from segflow.datasets import SegmentationArrays
-    from segflow.devices import resolve_device
-    from segflow.predict import PredictOptions
+    from segflow.model.datasets import SegmentationArrays
+    from segflow.model.inference.predict import PredictOptions
 
     options = dataclass_from_namespace(BudgetOptions, args)
     if options.minutes is None:
@@ -391,13 +391,13 @@ def _plan_budget(args: argparse.Namespace) -> None:
 
 
 def _predict_options(args: argparse.Namespace):
-    from segflow.predict import PredictOptions
+    from segflow.model.inference.predict import PredictOptions
 
     return dataclass_from_namespace(PredictOptions, args)
 
 
 def _run_predict(args: argparse.Namespace) -> None:
-    from segflow.predict import predict_split, write_prediction
+    from segflow.model.inference.predict import predict_split, write_prediction
 
     split = "train" if args.command == "predict-oof" else "test"
     with _compute(args):
@@ -422,7 +422,7 @@ def _classes(stats_path: str) -> tuple[list[str], bool]:
 def _run_evaluate_oof(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from segflow.evaluate import assemble_oof, original_truths, score_oof
+    from segflow.model.evaluate import assemble_oof, original_truths, score_oof
 
     classes, _ = _classes(args.stats)
     ids, probs = assemble_oof(args.fold_dirs)
@@ -451,9 +451,9 @@ def _run_evaluate_oof(args: argparse.Namespace) -> None:
 def _run_tune_postprocess(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from segflow.evaluate import original_truths
-    from segflow.postprocess import tune_classes
-    from segflow.predict import nonempty_probs
+    from segflow.model.evaluate import original_truths
+    from segflow.model.inference.predict import nonempty_probs
+    from segflow.model.postprocess import tune_classes
 
     classes, _ = _classes(args.stats)
     oof_dir = Path(args.oof_dir)
@@ -497,9 +497,9 @@ def _run_submit(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from segflow.postprocess import apply_classes, params_from_summary
-    from segflow.predict import merge_folds, nonempty_probs
-    from segflow.submission import (
+    from segflow.model.inference.predict import merge_folds, nonempty_probs
+    from segflow.model.postprocess import apply_classes, params_from_summary
+    from segflow.model.submit import (
         SubmissionOptions,
         known_test_labels,
         submission_frame,
@@ -557,7 +557,7 @@ def _grouped(dirs: Sequence[str], groups: int, what: str) -> list[list[str]]:
 
 def _run_blend(args: argparse.Namespace) -> None:
 
-    from segflow.second_level import (
+    from segflow.ensemble.choose import (
         load_oof,
         load_test,
         oof_truths,
@@ -610,8 +610,8 @@ def _run_blend(args: argparse.Namespace) -> None:
 def _run_select_pseudo(args: argparse.Namespace) -> None:
     import json
 
-    from segflow.pseudo import PseudoOptions
-    from segflow.second_level import load_test, select_pseudo_stage
+    from segflow.ensemble.choose import load_test, select_pseudo_stage
+    from segflow.ensemble.pseudo import PseudoOptions
 
     options = dataclass_from_namespace(PseudoOptions, args)
     stats_path = Path(args.arrays_dir) / "stats.json"
@@ -636,8 +636,8 @@ def _run_select_pseudo(args: argparse.Namespace) -> None:
 
 
 def _run_stack(args: argparse.Namespace) -> None:
-    from segflow.second_level import load_oof, load_test, oof_truths
-    from segflow.stack_stage import StackOptions, load_stack_inputs, run_stack
+    from segflow.ensemble.choose import load_oof, load_test, oof_truths
+    from segflow.ensemble.stacking.stack import StackOptions, load_stack_inputs, run_stack
 
     options = dataclass_from_namespace(StackOptions, args)
     classes, _ = _classes(str(Path(args.arrays_dir) / "stats.json"))
@@ -675,8 +675,8 @@ def _run_stack(args: argparse.Namespace) -> None:
 def _run_choose(args: argparse.Namespace) -> None:
     import shutil
 
-    from segflow.atomic import atomic_path
-    from segflow.second_level import (
+    from segflow.core.atomic import atomic_path
+    from segflow.ensemble.choose import (
         choose_candidate,
         constant_baselines,
         markdown_table,
@@ -721,13 +721,13 @@ def _run_choose(args: argparse.Namespace) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> None:
-    from segflow.report import results_summary
+    from segflow.report.summary import results_summary
 
     print(results_summary(args.results_dir))
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    from segflow.html_report import write_report
+    from segflow.report.report import write_report
 
     write_report(args.results_dir, args.out, _dicom_window(args), args.title)
     log.info("report %s", args.out)
@@ -735,16 +735,16 @@ def _run_report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per stage."""
-    from segflow.budget import BudgetOptions
-    from segflow.dedup import DedupOptions
-    from segflow.demo_data import DemoDataOptions
-    from segflow.folds import FoldOptions
-    from segflow.ingest import IngestOptions
-    from segflow.predict import PredictOptions
-    from segflow.preprocess import PreprocessOptions
-    from segflow.pseudo import PseudoOptions
-    from segflow.stack_stage import StackOptions
-    from segflow.submission import SubmissionOptions
+    from segflow.data.dedup import DedupOptions
+    from segflow.data.demo_data import DemoDataOptions
+    from segflow.data.folds import FoldOptions
+    from segflow.data.ingest import IngestOptions
+    from segflow.data.preprocess import PreprocessOptions
+    from segflow.ensemble.pseudo import PseudoOptions
+    from segflow.ensemble.stacking.stack import StackOptions
+    from segflow.model.budget import BudgetOptions
+    from segflow.model.inference.predict import PredictOptions
+    from segflow.model.submit import SubmissionOptions
 
     parser = argparse.ArgumentParser(prog="segflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"segflow {__version__}")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from segflow.config_check import check_config
-from segflow.experiment import check_init_from
-from segflow.fingerprint import folder_stamp, stage_fingerprint
-from segflow.refit import check_refit, refit_enabled
+from segflow.core.config_check import check_config
+from segflow.model.experiment import check_init_from
+from segflow.core.fingerprint import folder_stamp, stage_fingerprint
+from segflow.model.training.refit import check_refit, refit_enabled
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.
 check_config(config, workflow.source_path("../schemas/config.schema.yaml"))

@@ -163,7 +163,7 @@ rule choose_submission:
             result("submission", name, f"round{r}", "submission.csv")
             for name, r in candidates()
         ],
-        # The tuned OOF predictions against constant ones (segflow.diagnostics).
+        # The tuned OOF predictions against constant ones (segflow.model.diagnostics).
         oof=[
             result("oof", name, f"round{r}", filename)
             for name, r in candidates()

@@ -1,0 +1,442 @@
+"""Preprocess: channel handling, 16->8-bit, CLAHE and resize into memory-mappable arrays.
+
+Outputs (in one folder) ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) of
+packed label masks (bit k = class k, :func:`segflow.formats.labels.label_dtype`; binary data: uint8
+{0, 1}), ``test_images.npy`` (M, H, W, C), ``index.parquet`` (id, split, row, original size)
+and ``stats.json`` (per-channel mean/std of the train images, for normalisation; the class
+names). Training then slices the arrays with ``np.load(..., mmap_mode="r")`` and never decodes
+a PNG.
+
+The classes come from the manifest itself (its ``mask_classes`` column, written by ingest when
+``data.classes`` is set), so the arrays always match the masks they were decoded from.
+
+Workers write disjoint row ranges straight into the ``.npy`` memmaps, so memory stays at one
+chunk of decoded images per worker however large the dataset is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from segflow.core.atomic import atomic_path, write_json, write_parquet
+from segflow.core.errors import SegflowError
+from segflow.core.options import option, options_to_dict
+from segflow.core.parallel import chunked, parallel_map
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.formats.imageio import DicomWindow, decode_image
+from segflow.formats.labels import class_names, label_dtype, manifest_classes, read_label
+from segflow.formats.manifest import data_roots, resolve_manifest_path
+
+log = logging.getLogger(__name__)
+
+CHANNEL_MODES = ("auto", "1", "3")
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Image preparation (config section ``preprocess``)."""
+
+    height: int | None = option(None, "output height; null keeps the (common) original size")
+    width: int | None = option(None, "output width; null keeps the (common) original size")
+    channels: str = option(
+        "auto", "output channels; auto = 1 if every image is gray", CHANNEL_MODES
+    )
+    to_uint8: bool = option(True, "convert 16-bit images to 8-bit (full-range scaling)")
+    clahe: bool = option(False, "apply CLAHE (on luminance for colour images)")
+    clahe_clip_limit: float = option(2.0, "CLAHE contrast clip limit")
+    clahe_tile_grid: int = option(8, "CLAHE tiles per side")
+    interpolation: str = option(
+        "auto",
+        "image resize interpolation; auto = area when shrinking, linear when enlarging",
+        ("auto", *INTERPOLATIONS),
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    height: int
+    width: int
+    channels: int
+    dtype: str
+
+
+class MaskSource(NamedTuple):
+    """One manifest item's mask columns (see :func:`segflow.formats.labels.read_label`)."""
+
+    mask_path: str | None
+    mask_rle: str | None
+    where: str = "manifest item"  # names the item in error messages (its image path)
+
+
+@dataclass(frozen=True)
+class _Item:
+    image_path: str
+    masks: tuple[MaskSource, ...]  # unioned: one item's own, or a 'union' group's
+
+
+@dataclass(frozen=True)
+class _ChunkTask:
+    images_path: str
+    masks_path: str | None
+    first_row: int
+    items: tuple[_Item, ...]
+    geometry: _Geometry
+    options: PreprocessOptions
+    dicom_window: DicomWindow
+    n_classes: int
+
+
+def convert_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Return ``(H, W, channels)``: drop alpha, gray->RGB by replication, RGB->gray by luma.
+
+    Shape:
+        pixels: (H, W) or (H, W, C); output: (H, W, channels).
+    """
+    if pixels.ndim == 3 and pixels.shape[2] == 1:  # (H, W, 1) is gray too
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 3 and pixels.shape[2] == 4:
+        pixels = pixels[:, :, :3]
+    if channels == 1:
+        if pixels.ndim == 3:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+        return pixels[:, :, None]
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    return pixels
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map 16-bit to 8-bit over the full range (65535 -> 255); 8-bit passes through."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    return ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def apply_clahe(pixels: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation, on luminance for colour images.
+
+    Shape:
+        pixels: (H, W, 1) or (H, W, 3), uint8 or uint16; output: same.
+    """
+    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
+    if pixels.shape[2] == 1:
+        return clahe.apply(np.ascontiguousarray(pixels[:, :, 0]))[:, :, None]
+    # Equalising R, G, B separately shifts hues; equalise luma only.
+    ycrcb = cv2.cvtColor(pixels, cv2.COLOR_RGB2YCrCb)
+    ycrcb[:, :, 0] = clahe.apply(np.ascontiguousarray(ycrcb[:, :, 0]))
+    return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+
+
+def resize_image(
+    pixels: np.ndarray, height: int, width: int, interpolation: str = "auto"
+) -> np.ndarray:
+    """Resize an (H, W, C) image; ``auto`` uses area when shrinking, linear when enlarging."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    if interpolation == "auto":
+        shrinking = height <= pixels.shape[0] and width <= pixels.shape[1]
+        interpolation = "area" if shrinking else "linear"
+    resized = cv2.resize(pixels, (width, height), interpolation=INTERPOLATIONS[interpolation])
+    return resized if resized.ndim == 3 else resized[:, :, None]  # cv2 drops a single channel
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize, so a mask stays binary and a packed label keeps its values.
+
+    Shape:
+        mask: (H, W) uint8, uint16 or uint32; output: (height, width), same dtype.
+    """
+    if mask.shape == (height, width):
+        return mask
+    if mask.dtype == np.uint32:  # OpenCV 4 has no unsigned 32-bit type; nearest only copies bits
+        return resize_mask(mask.view(np.int32), height, width).view(np.uint32)
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def prepare_image(
+    pixels: np.ndarray, geometry: _Geometry, options: PreprocessOptions
+) -> np.ndarray:
+    """Channels -> bit depth -> CLAHE -> resize, in that order (CLAHE at native resolution)."""
+    pixels = convert_channels(pixels, geometry.channels)
+    if geometry.dtype == "uint8":
+        pixels = to_uint8(pixels)
+    elif pixels.dtype == np.uint8:  # mixed depths kept at 16 bits: promote 8-bit images
+        pixels = pixels.astype(np.uint16) * 257
+    if options.clahe:
+        pixels = apply_clahe(pixels, options.clahe_clip_limit, options.clahe_tile_grid)
+    return resize_image(pixels, geometry.height, geometry.width, options.interpolation)
+
+
+def load_mask(
+    sources: tuple[MaskSource, ...], shape: tuple[int, int], n_classes: int = 1
+) -> np.ndarray:
+    """The union (per class: bitwise OR) of manifest masks at the original resolution.
+
+    Args:
+        sources: the manifest mask columns to union (see :func:`mask_sources`).
+        shape: (height, width) of the image.
+        n_classes: classes of the manifest (1 for binary masks).
+
+    Returns:
+        The packed label mask (bit k = class k); binary: uint8 {0, 1}.
+
+    Shape:
+        output: (H, W).
+    """
+    label = np.zeros(shape, dtype=label_dtype(n_classes))
+    for source in sources:
+        label |= read_label(source.mask_path, source.mask_rle, shape, n_classes, source.where)
+    return label
+
+
+def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
+    """Write one chunk's rows; return per-channel [sum, sum of squares] of the scaled pixels
+    and the number of foreground mask pixels (pixels of any class)."""
+    images = np.load(task.images_path, mmap_mode="r+")
+    masks = np.load(task.masks_path, mmap_mode="r+") if task.masks_path else None
+    geometry = task.geometry
+    scale = 255.0 if geometry.dtype == "uint8" else 65535.0
+    moments = np.zeros((2, geometry.channels), dtype=np.float64)
+    foreground = 0
+    for offset, item in enumerate(task.items):
+        row = task.first_row + offset
+        pixels = decode_image(item.image_path, task.dicom_window).pixels
+        prepared = prepare_image(pixels, geometry, task.options)
+        images[row] = prepared
+        scaled = prepared.reshape(-1, geometry.channels).astype(np.float64) / scale
+        moments[0] += scaled.sum(axis=0)
+        moments[1] += np.square(scaled).sum(axis=0)
+        if masks is not None:
+            label = load_mask(item.masks, pixels.shape[:2], task.n_classes)
+            masks[row] = resize_mask(label, geometry.height, geometry.width)
+            foreground += int(np.count_nonzero(masks[row]))
+    images.flush()
+    if masks is not None:
+        masks.flush()
+    return moments, foreground
+
+
+def reserve_space(path: str | os.PathLike[str]) -> None:
+    """Allocate the disk blocks of the (sparse) file ``path`` now.
+
+    Workers fill the memmaps through page faults: on a full disk the kernel then kills them
+    with SIGBUS instead of any error being raised. Allocating up front turns that into an
+    ``OSError`` (ENOSPC) here, before any work. A file system without fallocate is left sparse.
+
+    Raises:
+        OSError: no space for the file (ENOSPC, EDQUOT) or another I/O error.
+    """
+    if not hasattr(os, "posix_fallocate"):  # not on macOS: best effort only
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometry:
+    if (options.height is None) != (options.width is None):
+        raise SegflowError("set both preprocess.height and preprocess.width, or neither")
+    if options.height is None:
+        sizes = used.groupby(["height", "width"])["id"].first()
+        if len(sizes) > 1:
+            examples = ", ".join(f"{item} is {w}x{h}" for (h, w), item in sizes.head(3).items())
+            raise SegflowError(
+                f"images have {len(sizes)} different sizes ({examples}); set preprocess.height "
+                "and preprocess.width"
+            )
+        height, width = (int(v) for v in sizes.index[0])
+    else:
+        height, width = options.height, options.width
+        if height < 1 or width < 1:
+            raise SegflowError(f"preprocess.height/width must be positive, got {height}x{width}")
+    if options.channels not in CHANNEL_MODES:
+        raise SegflowError(
+            f"unknown preprocess.channels {options.channels!r}; valid: {', '.join(CHANNEL_MODES)}"
+        )
+    channels = (
+        (1 if used["is_gray"].all() else 3) if options.channels == "auto" else int(options.channels)
+    )
+    dtype = "uint8" if options.to_uint8 or (used["bit_depth"] <= 8).all() else "uint16"
+    return _Geometry(height, width, channels, dtype)
+
+
+def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple[MaskSource, ...]]:
+    """id -> masks to union: its own, or every train member's for the 'union' policy (the
+    packed labels are OR-ed, so the union is per class). Mask files are resolved and checked
+    to lie in the manifest's data roots (:func:`segflow.formats.manifest.resolve_manifest_path`).
+
+    Raises:
+        SegflowError: a mask path leads outside the data roots ingest recorded.
+    """
+    by_id = manifest.set_index("id")
+    roots = data_roots(manifest)
+    n_classes = len(class_names(manifest_classes(manifest)))
+    own = {
+        item_id: (
+            MaskSource(
+                resolve_manifest_path(row.mask_path, "mask_path", item_id, roots, n_classes),
+                row.mask_rle,
+                row.image_path,
+            ),
+        )
+        for item_id, row in by_id.loc[items.loc[items["split"] == "train", "id"]].iterrows()
+    }
+    train = items[items["split"] == "train"]
+    group_members = train.groupby("exact_group")["id"].agg(list)
+    sources = {}
+    for row in train[train["use_for_training"]].itertuples():
+        if row.train_action == "union":
+            sources[row.id] = tuple(
+                s for member in group_members[row.exact_group] for s in own[member]
+            )
+        else:
+            sources[row.id] = own[row.id]
+    return sources
+
+
+def preprocess(
+    manifest: pd.DataFrame,
+    dedup_items: pd.DataFrame,
+    options: PreprocessOptions,
+    out_dir: str | Path,
+    workers: int = 1,
+    dicom_window: DicomWindow | None = None,
+) -> dict[str, Any]:
+    """Write the preprocessed arrays, index and stats into ``out_dir`` (atomically per file).
+
+    Args:
+        manifest: the ingest manifest.
+        dedup_items: the dedup stage's items (decides which train items are used, and how).
+        options: preprocessing options.
+        out_dir: output folder.
+        workers: processes.
+        dicom_window: HU window for DICOM sources.
+
+    Returns:
+        The stats written to ``stats.json``: n_train, n_test, height, width, channels, dtype,
+        train_mean, train_std, train_mask_coverage (fraction of pixels of any class), classes
+        (the label bits' names; binary: ``["mask"]``), multilabel (whether ingest had
+        ``data.classes``), options and provenance (:mod:`segflow.core.provenance`).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used_ids = set(dedup_items.loc[dedup_items["use_for_training"], "id"])
+    train = manifest[(manifest["split"] == "train") & manifest["id"].isin(used_ids)].sort_values(
+        "id"
+    )
+    test = manifest[manifest["split"] == "test"].sort_values("id")
+    if train.empty:
+        raise SegflowError("no train items left to preprocess (all dropped by dedup?)")
+    geometry = _decide_geometry(pd.concat([train, test]), options)
+    classes = manifest_classes(manifest)
+    n_classes = len(class_names(classes))
+    sources = mask_sources(manifest, dedup_items)
+    # Checked before any output file exists: a path leading out of the data writes nothing.
+    roots = data_roots(manifest)
+    image_paths = {
+        row.id: str(resolve_manifest_path(row.image_path, "image_path", row.id, roots))
+        for frame in (train, test)
+        for row in frame.itertuples()
+    }
+    window = dicom_window or DicomWindow()
+    shape = (geometry.height, geometry.width)
+
+    with contextlib.ExitStack() as stack:
+        paths = {
+            name: stack.enter_context(atomic_path(out_dir / f"{name}.npy"))
+            for name in ("train_images", "train_masks", "test_images")
+        }
+        tasks: list[_ChunkTask] = []
+        for split, frame, mask_path in (
+            ("train", train, paths["train_masks"]),
+            ("test", test, None),
+        ):
+            # Create each file at full size; workers reopen it in r+ mode and fill their rows.
+            np.lib.format.open_memmap(
+                paths[f"{split}_images"],
+                mode="w+",
+                dtype=geometry.dtype,
+                shape=(len(frame), *shape, geometry.channels),
+            )
+            reserve_space(paths[f"{split}_images"])
+            if mask_path is not None:
+                np.lib.format.open_memmap(
+                    mask_path, mode="w+", dtype=label_dtype(n_classes), shape=(len(frame), *shape)
+                )
+                reserve_space(mask_path)
+            items = [
+                _Item(image_paths[row.id], sources[row.id] if split == "train" else ())
+                for row in frame.itertuples()
+            ]
+            tasks += [
+                _ChunkTask(
+                    str(paths[f"{split}_images"]),
+                    str(mask_path) if mask_path else None,
+                    index * _CHUNK,
+                    tuple(chunk),
+                    geometry,
+                    options,
+                    window,
+                    n_classes,
+                )
+                for index, chunk in enumerate(chunked(items, _CHUNK))
+            ]
+        # One pool for both splits: worker start-up is paid once.
+        results = parallel_map(
+            _process_chunk,
+            tasks,
+            workers,
+            desc="preprocess",
+            unit="img",
+            weights=[len(task.items) for task in tasks],
+        )
+    train_results = [result for task, result in zip(tasks, results, strict=True) if task.masks_path]
+    moments = np.sum([chunk_moments for chunk_moments, _ in train_results], axis=0)
+    foreground = sum(chunk_foreground for _, chunk_foreground in train_results)
+
+    index = pd.concat(
+        [
+            frame.assign(row=np.arange(len(frame)))[["id", "split", "row", "height", "width"]]
+            for frame in (train, test)
+        ]
+    ).rename(columns={"height": "orig_height", "width": "orig_width"})
+    write_parquet(out_dir / "index.parquet", index)
+    n_pixels = len(train) * geometry.height * geometry.width
+    mean = moments[0] / n_pixels
+    std = np.sqrt(np.maximum(moments[1] / n_pixels - mean**2, 0.0))
+    stats = {
+        "n_train": len(train),
+        "n_test": len(test),
+        "height": geometry.height,
+        "width": geometry.width,
+        "channels": geometry.channels,
+        "dtype": geometry.dtype,
+        "train_mean": mean.round(6).tolist(),
+        "train_std": std.round(6).tolist(),
+        "train_mask_coverage": round(foreground / n_pixels, 6),
+        "classes": list(class_names(classes)),
+        "multilabel": classes is not None,
+        "options": options_to_dict(options),
+    }
+    # Deterministic (no seed): the same manifest and options give the same arrays.
+    block = stage_provenance({"options": stats["options"], "dicom_window": asdict(window)})
+    stats = with_provenance(stats, block)
+    write_json(out_dir / "stats.json", stats)
+    return stats

@@ -1,0 +1,401 @@
+"""Reading images and masks from disk into canonical arrays, with errors that name the file.
+
+Canonical image: ``(H, W)`` for grayscale or ``(H, W, C)`` with C in {3, 4} in **RGB(A)** order,
+dtype uint8 or uint16. Canonical mask: ``(H, W)`` uint8 with values {0, 1}.
+DICOM files are converted to 8-bit with a Hounsfield-unit window (see :class:`DicomWindow`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segflow.core.errors import SegflowError
+
+RASTER_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
+_DICOM_MAGIC_OFFSET = 128
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class DicomWindow:
+    """Display window applied to Hounsfield units before conversion to 8-bit.
+
+    Args:
+        center: window centre in HU (e.g. 40 for soft tissue, -600 for lung).
+        width: window width in HU (e.g. 400 soft tissue, 1500 lung).
+    """
+
+    center: float = 40.0
+    width: float = 400.0
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image plus what ingest records about its file."""
+
+    pixels: np.ndarray
+    file_bytes: int
+    md5_bytes: str
+    bit_depth: int
+    stored_channels: int
+    image_format: str
+
+
+def image_kind(path: Path) -> str | None:
+    """Return ``"raster"``, ``"dicom"`` or ``None`` (not an image) for a file path."""
+    suffix = path.suffix.lower()
+    if suffix in RASTER_EXTENSIONS:
+        return "raster"
+    if suffix in DICOM_EXTENSIONS:
+        return "dicom"
+    # No known extension: DICOM files are often named without one, or by their SOP Instance
+    # UID ("1.2.840....123", whose last component looks like a suffix): check the magic bytes.
+    if _has_dicom_magic(path):
+        return "dicom"
+    return None
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(_DICOM_MAGIC_OFFSET)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SegflowError(f"{path}: cannot read file ({error.strerror or error})") from None
+    if not data:
+        raise SegflowError(f"{path}: file is empty (0 bytes)")
+    return data
+
+
+def _check_pixel_limit(path: Path, data: bytes, max_pixels: int | None) -> None:
+    """Refuse oversized images from their header, before a decompression bomb is decoded."""
+    if not max_pixels:
+        return
+    size = _header_size(data)
+    if size is None:
+        return
+    width, height = size
+    if width * height > max_pixels:
+        raise SegflowError(
+            f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{max_pixels} (data.max_pixels)"
+        )
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+_CV_LOG_LOCK = threading.Lock()
+_cv_quiet_depth = 0  # decodes in flight that have OpenCV's own logging switched off
+_cv_log_level = 0  # OpenCV's log level before the first of them
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """Switch OpenCV's logging off while decoding: on a bad file it prints multi-line
+    ``[ERROR] ... imdecode_ ...`` reports to stderr, next to the one-line error raised here."""
+    global _cv_quiet_depth, _cv_log_level
+    logging_ = cv2.utils.logging
+    with _CV_LOG_LOCK:
+        if _cv_quiet_depth == 0:
+            _cv_log_level = logging_.getLogLevel()
+            logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+        _cv_quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _CV_LOG_LOCK:
+            _cv_quiet_depth -= 1
+            if _cv_quiet_depth == 0:
+                logging_.setLogLevel(_cv_log_level)
+
+
+def _check_png_chunks(path: Path, data: bytes, role: str) -> None:
+    """Refuse a truncated or corrupted PNG from its chunk structure, before libpng sees it.
+
+    libpng prints its own ``libpng error: ...`` line to stderr (which cannot be switched off
+    from Python) on exactly these files; walking the chunk headers and checking the CRCs of the
+    critical chunks costs one pass over the bytes and names what is wrong instead.
+
+    Raises:
+        SegflowError: a chunk runs past the end of the file, a critical chunk (IHDR, PLTE,
+            IDAT, IEND) fails its CRC, or the file ends without an IEND chunk.
+    """
+    view = memoryview(data)
+    offset = len(_PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", view[offset : offset + 8])
+        end = offset + 12 + length
+        name = kind.decode("latin-1")
+        if end > len(data):
+            raise SegflowError(
+                f"{path}: not a readable {role} (truncated PNG: chunk {name} at byte {offset} "
+                f"needs {end} bytes, the file has {len(data)})"
+            )
+        # Ancillary chunks (lower-case first letter) with a bad CRC are dropped by libpng with a
+        # warning, not refused, so only the critical ones are checked.
+        if kind[:1].isupper():
+            (crc,) = struct.unpack(">I", view[end - 4 : end])
+            if zlib.crc32(view[offset + 4 : end - 4]) != crc:
+                raise SegflowError(
+                    f"{path}: not a readable {role} (corrupt PNG: CRC mismatch in chunk {name} "
+                    f"at byte {offset})"
+                )
+        if kind == b"IEND":
+            return
+        offset = end
+    raise SegflowError(
+        f"{path}: not a readable {role} (truncated PNG: the file ends before its IEND chunk)"
+    )
+
+
+def _imdecode(path: Path, data: bytes, role: str) -> np.ndarray:
+    """Decode raster bytes as stored (bit depth and channels kept); ``role`` names the kind
+    of file ("image", "mask image") in the error."""
+    if data[:8] == _PNG_SIGNATURE:
+        _check_png_chunks(path, data, role)
+    with _quiet_opencv():
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise SegflowError(f"{path}: not a readable {role} (corrupt, truncated or not an image)")
+    return pixels
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header alone, or None if Pillow cannot parse it."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":  # most files: no Pillow needed
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    from PIL import Image  # header-only read; cv2 has no such API
+
+    # Pillow's own bomb check raises before the size can be read (and warns above ~89 M pixels);
+    # max_pixels is the limit that applies here, so switch Pillow's off while reading the header.
+    with _PIL_LIMIT_LOCK:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                return header.size
+        except Exception:
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def decode_image(
+    path: str | os.PathLike[str],
+    dicom_window: DicomWindow | None = None,
+    max_pixels: int | None = None,
+) -> DecodedImage:
+    """Read and decode one image file.
+
+    Args:
+        path: PNG/JPEG/TIFF/BMP file, or a DICOM file (``.dcm`` or DICM magic bytes).
+        dicom_window: HU window for DICOM; defaults to :class:`DicomWindow()`.
+        max_pixels: refuse images with more pixels than this (None or 0: no limit).
+
+    Returns:
+        The canonical pixels and file facts (size, md5 of the bytes, bit depth, channels).
+
+    Shape:
+        pixels: (H, W) or (H, W, C), C in {3, 4}.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    md5_bytes = hashlib.md5(data).hexdigest()
+    kind = image_kind(path)
+    if kind == "dicom":
+        window = dicom_window or DicomWindow()
+        pixels, bit_depth, stored = _decode_dicom(path, data, window, max_pixels)
+        image_format = "dicom"
+    else:
+        _check_pixel_limit(path, data, max_pixels)
+        pixels = _to_canonical(path, _imdecode(path, data, "image"))
+        bit_depth = 16 if pixels.dtype == np.uint16 else 8
+        stored = 1 if pixels.ndim == 2 else pixels.shape[2]
+        image_format = path.suffix.lower().lstrip(".").replace("jpeg", "jpg").replace("tiff", "tif")
+    if max_pixels and pixels.shape[0] * pixels.shape[1] > max_pixels:
+        raise SegflowError(
+            f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels exceeds the limit of {max_pixels} "
+            "(data.max_pixels)"
+        )
+    return DecodedImage(pixels, len(data), md5_bytes, bit_depth, stored, image_format)
+
+
+def _to_canonical(path: Path, pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype not in (np.uint8, np.uint16):
+        # Float (and 32-bit integer) TIFFs have no agreed value range to map to 8/16 bits
+        # (reflectance 0..1, raw counts, HU, ...): the user must choose the scaling.
+        raise SegflowError(
+            f"{path}: pixel type {pixels.dtype} is not supported (only 8- and 16-bit integer "
+            "images); convert it to 8- or 16-bit with the value range you want"
+        )
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 3:
+        if pixels.shape[2] == 3:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+        elif pixels.shape[2] == 4:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA)
+        else:
+            raise SegflowError(f"{path}: {pixels.shape[2]} channels are not supported (1, 3 or 4)")
+    return pixels
+
+
+def _decode_dicom(
+    path: Path, data: bytes, window: DicomWindow, max_pixels: int | None
+) -> tuple[np.ndarray, int, int]:
+    import pydicom
+
+    # pydicom parses element values lazily and a corrupt file can fail with almost any exception
+    # type (struct.error, BytesLengthException, ValueError, ...), at read time or at first access.
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        has_pixels = "PixelData" in dataset
+    except Exception as error:
+        raise SegflowError(f"{path}: not a readable DICOM file ({error})") from None
+    if not has_pixels:
+        raise SegflowError(f"{path}: DICOM file has no pixel data (PixelData element missing)")
+    _check_dicom_pixel_limit(path, dataset, max_pixels)
+    try:
+        raw = dataset.pixel_array
+        samples = int(_dicom_value(dataset, "SamplesPerPixel", 1))
+        bit_depth = int(_dicom_value(dataset, "BitsStored", raw.dtype.itemsize * 8))
+        slope = float(_dicom_value(dataset, "RescaleSlope", 1.0))
+        intercept = float(_dicom_value(dataset, "RescaleIntercept", 0.0))
+        photometric = str(_dicom_value(dataset, "PhotometricInterpretation", ""))
+    except Exception as error:
+        raise SegflowError(f"{path}: cannot decode DICOM pixel data ({error})") from None
+    if samples == 3 and raw.ndim == 3:  # colour DICOM (e.g. dermoscopy): no HU to window
+        return raw.astype(np.uint8), bit_depth, 3
+    if raw.ndim != 2:
+        raise SegflowError(f"{path}: multi-frame DICOM (shape {raw.shape}) is not supported")
+    hounsfield = raw.astype(np.float32) * slope + intercept
+    low = window.center - window.width / 2.0
+    scaled = (hounsfield - low) / max(window.width, 1e-6)
+    pixels = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    if photometric.strip() == "MONOCHROME1":
+        pixels = 255 - pixels  # MONOCHROME1 stores inverted grey levels
+    return pixels, bit_depth, 1
+
+
+def _check_dicom_pixel_limit(path: Path, dataset: object, max_pixels: int | None) -> None:
+    """Refuse a DICOM whose Rows x Columns (x frames) exceed the limit before its pixel data
+    is decompressed (JPEG 2000 or RLE pixel data can expand far beyond the file size)."""
+    if not max_pixels:
+        return
+    try:
+        rows = int(_dicom_value(dataset, "Rows", 0))
+        columns = int(_dicom_value(dataset, "Columns", 0))
+        frames = int(_dicom_value(dataset, "NumberOfFrames", 1))
+    except Exception:  # malformed values: left to the decoder, which reports them
+        return
+    if rows * columns * max(frames, 1) > max_pixels:
+        size = f"{columns}x{rows}" + (f"x{frames} frames" if frames > 1 else "")
+        raise SegflowError(
+            f"{path}: {size} = {rows * columns * max(frames, 1)} pixels exceeds the limit of "
+            f"{max_pixels} (data.max_pixels)"
+        )
+
+
+def _dicom_value(dataset: object, keyword: str, default: object) -> object:
+    """An element's value, or ``default`` when the element is absent or empty."""
+    value = getattr(dataset, keyword, None)
+    return default if value is None or value == "" else value
+
+
+def canonical_pixels(pixels: np.ndarray, gray: bool | None = None) -> np.ndarray:
+    """Drop redundancy that does not change the picture: an opaque alpha, identical RGB channels.
+
+    Two files showing the same picture (gray PNG vs RGB PNG with equal channels) then hash equal.
+    ``gray`` is :func:`is_gray` of ``pixels`` when the caller already knows it.
+    """
+    if pixels.ndim == 3 and pixels.shape[2] == 4 and (pixels[:, :, 3] == _max_value(pixels)).all():
+        pixels = pixels[:, :, :3]
+    if gray is None:
+        gray = is_gray(pixels)
+    if pixels.ndim == 3 and pixels.shape[2] == 3 and gray:
+        pixels = pixels[:, :, 0]
+    return pixels
+
+
+def is_gray(pixels: np.ndarray) -> bool:
+    """True when the image carries no colour: one channel, or R == G == B everywhere."""
+    if pixels.ndim == 2:
+        return True
+    channels = pixels[:, :, :3]
+    return bool(
+        (channels[:, :, 0] == channels[:, :, 1]).all()
+        and (channels[:, :, 1] == channels[:, :, 2]).all()
+    )
+
+
+def pixel_md5(pixels: np.ndarray, gray: bool | None = None) -> str:
+    """md5 of the canonical pixels, their shape and dtype (equal only for the same picture)."""
+    canonical = np.ascontiguousarray(canonical_pixels(pixels, gray))
+    digest = hashlib.md5(f"{canonical.shape}|{canonical.dtype}|".encode())
+    digest.update(canonical.data)
+    return digest.hexdigest()
+
+
+def mask_md5(mask: np.ndarray) -> str:
+    """md5 of a binary mask (bit-packed, with its shape)."""
+    digest = hashlib.md5(f"{mask.shape}|".encode())
+    digest.update(np.packbits(mask != 0).data)
+    return digest.hexdigest()
+
+
+def _max_value(pixels: np.ndarray) -> int:
+    return 65535 if pixels.dtype == np.uint16 else 255
+
+
+def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+    """Read a binary mask file: background 0 and one foreground value (1, 255, 65535, ...).
+
+    Returns:
+        uint8 mask with values {0, 1}.
+
+    Shape:
+        (H, W).
+
+    Raises:
+        SegflowError: unreadable file, colour mask with differing channels, or more than two values.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    _check_pixel_limit(path, data, max_pixels)
+    mask = _imdecode(path, data, "mask image")
+    if mask.ndim == 3:
+        colour = mask[:, :, :3] if mask.shape[2] >= 3 else mask
+        if not (colour == colour[:, :, :1]).all():
+            raise SegflowError(
+                f"{path}: mask has differing colour channels; expected a binary mask"
+            )
+        mask = colour[:, :, 0]
+    foreground = mask.max()
+    if foreground and not ((mask == 0) | (mask == foreground)).all():
+        values = np.unique(mask)
+        shown = ", ".join(map(str, values[:6].tolist())) + (", ..." if values.size > 6 else "")
+        raise SegflowError(
+            f"{path}: mask has {values.size} distinct values ({shown}); expected 0 and one "
+            "foreground value"
+        )
+    return (mask != 0).astype(np.uint8)

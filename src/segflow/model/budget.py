@@ -1,0 +1,656 @@
+"""Time budget: how many epochs each experiment trains so that the whole run fits a deadline.
+
+``budget.minutes`` is the wall-clock time of the run from the ``plan_budget`` job on: every
+training job (all experiments, folds and pseudo-labelling rounds), its OOF and test predictions
+(with TTA), and the second level. :mod:`segflow.model.budget_measure` times each experiment on the
+machine and device that train it; this module turns those timings into epochs
+(:func:`plan_epochs`, pure arithmetic) and writes ``plan.json``, which ``segflow train --plan``
+reads. The plan is the only thing that varies with the machine: training is deterministic given
+its plan.
+
+The cost model, per experiment ``e`` and each of its trainings ``t`` (one fold of one round)::
+
+    epoch_t = steps_t * step_seconds + n_val_t * val_seconds_per_image + checkpoint_seconds
+    fixed_t = 3 * startup_seconds + setup_seconds + n_val_t * val_seconds_per_image
+              + (n_val_t + n_test) * predict_seconds_per_image
+    wall    = overhead + sum_e sum_t (fixed_t + epochs_e * epoch_t) / parallel_jobs
+
+``steps_t`` is what the loader yields per epoch (a pseudo-labelling round counts every test
+image as selected, the most it can draw); ``fixed_t`` covers the three processes (train,
+predict-oof, predict-test), the trainer's set-up, the final validation and both predictions.
+``overhead`` is ``reserve_share * budget`` (evaluation, post-processing grid, blend, stacking,
+pseudo selection, report: what is not measured) plus the planning job's own time.
+
+Epochs follow one common scale ``s``: ``epochs_e ~ s * train.epochs_e``, so the experiments keep
+the ratios of their configured epochs, each clamped to ``[min_epochs, cap]`` (cap: the
+configured epochs when ``cap_at_config_epochs``, and ``max_epochs``). ``s`` is the largest scale
+whose estimate fits the budget; epochs are rounded down, then the experiments with the largest
+remainders get one epoch more while that still fits. A budget too small even for ``min_epochs``
+everywhere gives ``min_epochs`` with ``feasible: false`` and a warning in the plan, not an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from segflow.core.errors import SegflowError
+from segflow.core.options import option
+
+if TYPE_CHECKING:
+    from segflow.model.experiment import Experiment
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = 1
+# Processes per training of an experiment: segflow train, predict-oof and predict-test.
+JOBS_PER_TRAINING = 3
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """The time budget (config section ``budget``)."""
+
+    minutes: float | None = option(
+        None,
+        "wall-clock minutes for the run from plan_budget on (training, prediction, second "
+        "level); null = off: every experiment trains its train.epochs",
+    )
+    reserve_share: float = option(
+        0.1,
+        "share of the budget kept for what is not measured: OOF evaluation, post-processing "
+        "grid, blending, stacking, pseudo selection, report",
+    )
+    min_epochs: int = option(
+        1, "fewest epochs planned for an experiment (a budget too small for them is flagged)"
+    )
+    max_epochs: int | None = option(None, "most epochs planned for an experiment; null = no bound")
+    cap_at_config_epochs: bool = option(
+        True,
+        "never plan more than an experiment's train.epochs (false: a large budget trains longer)",
+    )
+    parallel_jobs: int | None = option(
+        None, "training and prediction jobs running at once; null = gpus (at least 1)"
+    )
+    measure_steps: int = option(
+        10, "optimizer steps timed per experiment, after as many untimed warm-up steps"
+    )
+
+    def __post_init__(self) -> None:
+        """Raises: SegflowError naming the first invalid option as ``budget.<name>``."""
+        checks = [
+            ("minutes", self.minutes is None or _positive(self.minutes), "a number > 0 or null"),
+            (
+                "reserve_share",
+                _number(self.reserve_share) and 0 <= self.reserve_share < 1,
+                "in [0, 1)",
+            ),
+            ("min_epochs", _int(self.min_epochs), "an integer >= 1"),
+            ("max_epochs", self.max_epochs is None or _int(self.max_epochs), "an integer >= 1"),
+            ("cap_at_config_epochs", isinstance(self.cap_at_config_epochs, bool), "true/false"),
+            (
+                "parallel_jobs",
+                self.parallel_jobs is None or _int(self.parallel_jobs),
+                "an integer >= 1 or null",
+            ),
+            ("measure_steps", _int(self.measure_steps), "an integer >= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise SegflowError(f"budget.{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.max_epochs is not None and self.max_epochs < self.min_epochs:
+            raise SegflowError(
+                f"budget.max_epochs ({self.max_epochs}) is below budget.min_epochs "
+                f"({self.min_epochs})"
+            )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# --------------------------------------------------------------------------- the arithmetic
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    """Estimated seconds of one training (one experiment, fold and round) with its predictions.
+
+    Attributes:
+        steps_per_epoch: optimizer steps of one epoch.
+        step_seconds: one optimizer step (loading, forward, backward, update).
+        epoch_extra_seconds: per epoch besides the steps: validating the fold, saving the resume
+            state.
+        fixed_seconds: once per training, whatever the epochs: process start-ups, set-up, the
+            final validation, the OOF and test predictions.
+    """
+
+    steps_per_epoch: int
+    step_seconds: float
+    epoch_extra_seconds: float
+    fixed_seconds: float
+
+    @property
+    def epoch_seconds(self) -> float:
+        """One epoch: its steps plus the per-epoch extras."""
+        return self.steps_per_epoch * self.step_seconds + self.epoch_extra_seconds
+
+    def seconds(self, epochs: int) -> float:
+        """The whole training of ``epochs`` epochs, predictions included."""
+        return self.fixed_seconds + epochs * self.epoch_seconds
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What :func:`plan_epochs` decided.
+
+    Attributes:
+        epochs: experiment -> epochs of each of its trainings.
+        estimated_seconds: the run's estimated wall clock with these epochs (overhead included).
+        budget_seconds: the budget.
+        feasible: whether the estimate fits the budget (false: even the fewest epochs do not).
+        scale: the common factor ``s`` (epochs ~ s x configured epochs before bounds and
+            rounding); 0 when infeasible.
+    """
+
+    epochs: dict[str, int]
+    estimated_seconds: float
+    budget_seconds: float
+    feasible: bool
+    scale: float
+
+
+def plan_epochs(
+    trainings: Mapping[str, Sequence[TrainingCost]],
+    weights: Mapping[str, int],
+    budget_seconds: float,
+    overhead_seconds: float = 0.0,
+    min_epochs: int = 1,
+    max_epochs: Mapping[str, int | None] | None = None,
+    parallel_jobs: int = 1,
+) -> EpochPlan:
+    """Epochs per experiment so that every training fits ``budget_seconds`` (see the module doc).
+
+    Args:
+        trainings: experiment -> the costs of its trainings (folds x rounds); more trainings
+            (folds, rounds) leave fewer epochs for each.
+        weights: experiment -> its configured ``train.epochs``; planned epochs keep these ratios.
+        budget_seconds: the wall-clock budget.
+        overhead_seconds: wall-clock time outside the trainings (reserve, planning).
+        min_epochs: fewest epochs of any experiment (capped by its ``max_epochs``).
+        max_epochs: experiment -> most epochs (None: unbounded).
+        parallel_jobs: jobs running at once; the trainings' time is divided by it.
+
+    Returns:
+        The plan; ``feasible`` is False (with ``min_epochs`` everywhere) when even those do not
+        fit.
+
+    Raises:
+        SegflowError: inconsistent arguments (experiments without weights, an epoch that costs
+            nothing and has no upper bound, ...).
+    """
+    names = sorted(trainings)
+    if not names:
+        raise SegflowError("budget: no experiment to plan")
+    if set(weights) != set(names):
+        raise SegflowError(f"budget: weights for {sorted(weights)} but trainings of {names}")
+    if not _positive(budget_seconds) or not _number(overhead_seconds) or overhead_seconds < 0:
+        raise SegflowError(
+            f"budget: need budget_seconds > 0 and overhead_seconds >= 0, got {budget_seconds} "
+            f"and {overhead_seconds}"
+        )
+    if not _int(parallel_jobs) or not _int(min_epochs):
+        raise SegflowError(
+            f"budget: parallel_jobs and min_epochs must be integers >= 1, got {parallel_jobs} "
+            f"and {min_epochs}"
+        )
+    max_epochs = dict(max_epochs or {})
+    fixed = sum(t.fixed_seconds for name in names for t in trainings[name]) / parallel_jobs
+    unit = {name: sum(t.epoch_seconds for t in trainings[name]) / parallel_jobs for name in names}
+    high = {name: max_epochs.get(name) for name in names}
+    low = {
+        name: min_epochs if high[name] is None else min(min_epochs, high[name]) for name in names
+    }
+    for name in names:
+        if not _int(weights[name]):
+            raise SegflowError(f"budget: {name}: weight (train.epochs) must be >= 1")
+        if unit[name] <= 0 and high[name] is None:
+            raise SegflowError(f"budget: {name}: an epoch costs nothing and has no upper bound")
+
+    def wall(epochs: Mapping[str, float]) -> float:
+        return overhead_seconds + fixed + sum(unit[name] * epochs[name] for name in names)
+
+    def clamped(scale: float) -> dict[str, float]:
+        values = {}
+        for name in names:
+            value = max(float(low[name]), scale * weights[name])
+            values[name] = value if high[name] is None else min(value, float(high[name]))
+        return values
+
+    if wall(low) > budget_seconds:
+        return EpochPlan(dict(low), wall(low), budget_seconds, False, 0.0)
+
+    # The largest common scale that fits: wall(clamped(s)) grows with s (piecewise linear).
+    capped_scale = max(
+        (high[name] / weights[name] for name in names if high[name] is not None), default=None
+    )
+    if (
+        capped_scale is not None
+        and all(high[name] is not None for name in names)
+        and wall(clamped(capped_scale)) <= budget_seconds
+    ):
+        scale = capped_scale  # every experiment reaches its cap
+    else:
+        lower, upper = 0.0, 1.0
+        while wall(clamped(upper)) <= budget_seconds:
+            lower, upper = upper, upper * 2
+        for _ in range(100):  # fixed iterations: the same inputs give the same plan
+            middle = (lower + upper) / 2
+            lower, upper = (
+                (middle, upper) if wall(clamped(middle)) <= budget_seconds else (lower, middle)
+            )
+        scale = lower
+
+    ideal = clamped(scale)
+    # The epsilon keeps 2.9999999 (float error of an exact fit) from rounding down to 2.
+    epochs = {name: max(low[name], math.floor(ideal[name] + 1e-9)) for name in names}
+    by_remainder = sorted(names, key=lambda name: (-(ideal[name] - epochs[name]), name))
+    for name in by_remainder:
+        bound = high[name]
+        if ideal[name] - epochs[name] <= 1e-9 or (bound is not None and epochs[name] >= bound):
+            continue
+        if wall({**epochs, name: epochs[name] + 1}) <= budget_seconds:
+            epochs[name] += 1
+    return EpochPlan(epochs, wall(epochs), budget_seconds, True, scale)
+
+
+# --------------------------------------------------------------------------- the cost model
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What :mod:`segflow.model.budget_measure` timed for one experiment, in seconds.
+
+    Attributes:
+        step_seconds: one optimizer step at the experiment's batch size and input size.
+        val_seconds_per_image: validation (forward, loss, scores) per image.
+        predict_seconds_per_image: prediction with the ``predict`` options (TTA, tiling) and
+            the original size restored, per image.
+        setup_seconds: building model, loss, data loaders and optimizer.
+        checkpoint_seconds: saving the resume state and a snapshot once (done every epoch).
+        startup_seconds: a segflow process starting (interpreter, imports, device).
+    """
+
+    step_seconds: float
+    val_seconds_per_image: float
+    predict_seconds_per_image: float
+    setup_seconds: float
+    checkpoint_seconds: float
+    startup_seconds: float
+
+
+def steps_per_epoch(
+    n_train: int, batch_size: int, n_pseudo: int = 0, max_pseudo_share: float = 0.0
+) -> int:
+    """Optimizer steps of one epoch, as the training loader yields them.
+
+    Mirrors :meth:`segflow.model.training.fold_data.FoldData.build`: one draw per real item (also with
+    ``empty_ratio``), pseudo-labelled draws capped at ``max_pseudo_share`` of the epoch, the
+    last partial batch dropped when the training set is larger than a batch.
+
+    Args:
+        n_train: real training items of the fold.
+        batch_size: ``train.batch_size``.
+        n_pseudo: pseudo-labelled test images (a round > 0; at most every test image).
+        max_pseudo_share: ``pseudo.max_pseudo_share``.
+    """
+    pseudo_draws = 0
+    if n_pseudo:
+        pseudo_draws = min(n_pseudo, int(max_pseudo_share / (1.0 - max_pseudo_share) * n_train))
+    draws = n_train + pseudo_draws
+    if n_train + n_pseudo > batch_size:
+        return draws // batch_size
+    return math.ceil(draws / batch_size)
+
+
+def fold_sizes(folds_csv: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """(training items, validation items) of each fold of ``folds.csv``, in fold order."""
+    path = Path(folds_csv)
+    if not path.is_file():
+        raise SegflowError(f"{path} does not exist (run the folds stage first)")
+    folds = pd.read_csv(path, dtype={"id": str})
+    if "fold" not in folds.columns:
+        raise SegflowError(f"{path}: missing column 'fold'")
+    counts = folds["fold"].value_counts().sort_index()
+    return [(len(folds) - int(count), int(count)) for count in counts]
+
+
+def training_costs(
+    measurement: Measurement,
+    sizes: Sequence[tuple[int, int]],
+    n_test: int,
+    pseudo_rounds: int,
+    batch_size: int,
+    max_pseudo_share: float,
+) -> dict[tuple[int, int], TrainingCost]:
+    """The cost of each (round, fold) training of one experiment (the module's cost model).
+
+    Args:
+        measurement: the experiment's timings.
+        sizes: (training items, validation items) per fold (:func:`fold_sizes`).
+        n_test: test images (predicted by every fold; pseudo-labelling candidates).
+        pseudo_rounds: rounds after round 0.
+        batch_size: the experiment's ``train.batch_size``.
+        max_pseudo_share: ``pseudo.max_pseudo_share``.
+
+    Returns:
+        (round, fold) -> cost, rounds then folds in order.
+    """
+    m = measurement
+    costs = {}
+    for round_ in range(pseudo_rounds + 1):
+        for fold, (n_train, n_val) in enumerate(sizes):
+            steps = steps_per_epoch(n_train, batch_size, n_test if round_ else 0, max_pseudo_share)
+            validation = n_val * m.val_seconds_per_image
+            costs[(round_, fold)] = TrainingCost(
+                steps_per_epoch=steps,
+                step_seconds=m.step_seconds,
+                epoch_extra_seconds=validation + m.checkpoint_seconds,
+                fixed_seconds=JOBS_PER_TRAINING * m.startup_seconds
+                + m.setup_seconds
+                + validation
+                + (n_val + n_test) * m.predict_seconds_per_image,
+            )
+    return costs
+
+
+# --------------------------------------------------------------------------- the plan file
+
+
+def experiment_hash(values: Mapping[str, Any]) -> str:
+    """A short digest of an experiment's config mapping (canonical JSON): ``segflow train
+    --plan`` refuses a plan made for another configuration of the experiment."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_plan(
+    options: BudgetOptions,
+    experiments: Mapping[str, Mapping[str, Any]],
+    configured_epochs: Mapping[str, int],
+    batch_sizes: Mapping[str, int],
+    measurements: Mapping[str, Measurement],
+    sizes: Sequence[tuple[int, int]],
+    n_test: int,
+    pseudo_rounds: int,
+    max_pseudo_share: float,
+    parallel_jobs: int,
+    planning_seconds: float = 0.0,
+    machine: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The contents of ``plan.json`` (without its provenance block).
+
+    Args:
+        options: the budget (``minutes`` set).
+        experiments: name -> the experiment's config mapping (as the workflow passes it).
+        configured_epochs: name -> its ``train.epochs`` (the weights, and the cap).
+        batch_sizes: name -> its ``train.batch_size``.
+        measurements: name -> its timings on this machine.
+        sizes: (training items, validation items) per fold.
+        n_test: test images.
+        pseudo_rounds: ``pseudo.rounds``.
+        max_pseudo_share: ``pseudo.max_pseudo_share``.
+        parallel_jobs: jobs running at once.
+        planning_seconds: the planning job's own time so far (counted against the budget).
+        machine: where it was measured (device, threads), recorded as is.
+
+    Returns:
+        The plan: the budget, ``feasible``/``warning``, per experiment its timings, epochs and
+        estimate, and one ``trainings`` record per (experiment, round, fold).
+    """
+    if options.minutes is None:
+        raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
+    budget_seconds = 60.0 * options.minutes
+    overhead = options.reserve_share * budget_seconds + planning_seconds
+    names = sorted(experiments)
+    costs = {
+        name: training_costs(
+            measurements[name], sizes, n_test, pseudo_rounds, batch_sizes[name], max_pseudo_share
+        )
+        for name in names
+    }
+    caps = {}
+    for name in names:
+        bounds = [options.max_epochs] + (
+            [configured_epochs[name]] if options.cap_at_config_epochs else []
+        )
+        caps[name] = min((b for b in bounds if b is not None), default=None)
+    plan = plan_epochs(
+        {name: list(costs[name].values()) for name in names},
+        {name: configured_epochs[name] for name in names},
+        budget_seconds,
+        overhead,
+        options.min_epochs,
+        caps,
+        parallel_jobs,
+    )
+    warning = None
+    if not plan.feasible:
+        warning = (
+            f"budget.minutes = {options.minutes} cannot fit even {options.min_epochs} epoch(s) "
+            f"per experiment: estimated {plan.estimated_seconds / 60:.1f} min; planned the "
+            "minimum anyway (raise the budget, or run fewer experiments, folds or rounds)"
+        )
+        log.warning(warning)
+    records = [
+        {
+            "experiment": name,
+            "round": round_,
+            "fold": fold,
+            "epochs": plan.epochs[name],
+            "steps_per_epoch": cost.steps_per_epoch,
+            "estimated_seconds": round(cost.seconds(plan.epochs[name]), 3),
+        }
+        for name in names
+        for (round_, fold), cost in costs[name].items()
+    ]
+    return {
+        "format": PLAN_FORMAT,
+        "budget": {
+            **asdict(options),
+            "seconds": budget_seconds,
+            "overhead_seconds": round(overhead, 3),
+            "parallel_jobs": parallel_jobs,
+        },
+        "feasible": plan.feasible,
+        "warning": warning,
+        "estimated_seconds": round(plan.estimated_seconds, 3),
+        "scale": round(plan.scale, 6),
+        "data": {"folds": len(sizes), "fold_sizes": [list(s) for s in sizes], "n_test": n_test},
+        "pseudo_rounds": pseudo_rounds,
+        "machine": dict(machine or {}),
+        "experiments": {
+            name: {
+                "configured_epochs": configured_epochs[name],
+                "epochs": plan.epochs[name],
+                "experiment_hash": experiment_hash(experiments[name]),
+                "measured": {k: round(v, 6) for k, v in asdict(measurements[name]).items()},
+                "estimated_seconds": round(
+                    sum(c.seconds(plan.epochs[name]) for c in costs[name].values()) / parallel_jobs,
+                    3,
+                ),
+            }
+            for name in names
+        },
+        "trainings": records,
+    }
+
+
+def read_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``plan.json`` (``segflow plan-budget``).
+
+    Raises:
+        SegflowError: a missing, unreadable or other-format file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegflowError(f"{path} does not exist (run segflow plan-budget)")
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SegflowError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise SegflowError(
+            f"{path}: not a plan of format {PLAN_FORMAT}; re-plan (snakemake -R plan_budget)"
+        )
+    return plan
+
+
+def planned_epochs(
+    plan: Mapping[str, Any],
+    experiment: str,
+    round_: int,
+    fold: int,
+    values: Mapping[str, Any],
+    where: str = "plan.json",
+) -> int:
+    """The epochs ``plan`` gives one training.
+
+    Args:
+        plan: :func:`read_plan`'s result.
+        experiment: the experiment's name.
+        round_: the pseudo-labelling round.
+        fold: the validation fold.
+        values: the experiment's config mapping; must be the one the plan was made for.
+        where: the plan's path, for messages.
+
+    Raises:
+        SegflowError: no entry for that training, or a plan made for another configuration.
+    """
+    info = plan.get("experiments", {}).get(experiment)
+    if info is None:
+        raise SegflowError(
+            f"{where}: no experiment {experiment!r} (planned: "
+            f"{', '.join(sorted(plan.get('experiments', {})))}); re-plan (snakemake -R plan_budget)"
+        )
+    if info.get("experiment_hash") != experiment_hash(values):
+        raise SegflowError(
+            f"{where}: planned for another configuration of experiment {experiment!r}; "
+            "re-plan (snakemake -R plan_budget)"
+        )
+    for record in plan.get("trainings", []):
+        if (record["experiment"], record["round"], record["fold"]) == (experiment, round_, fold):
+            return int(record["epochs"])
+    raise SegflowError(
+        f"{where}: no training of {experiment!r} round {round_} fold {fold}; re-plan "
+        "(snakemake -R plan_budget)"
+    )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def plan_budget(
+    arrays_dir: str | os.PathLike[str],
+    folds_csv: str | os.PathLike[str],
+    experiments: Mapping[str, Mapping[str, Any]],
+    options: BudgetOptions,
+    measure: Callable[[str, Experiment], Measurement],
+    pseudo_rounds: int = 0,
+    max_pseudo_share: float = 0.3,
+    parallel_jobs: int = 1,
+    machine: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``segflow plan-budget`` stage: time every experiment, plan its epochs.
+
+    Args:
+        arrays_dir: the preprocess output folder (its stats.json: channels, classes, test
+            images).
+        folds_csv: the folds stage's folds.csv.
+        experiments: name -> the experiment's config mapping (the run experiments).
+        options: the budget (``minutes`` set).
+        measure: times one parsed experiment on this machine
+            (:func:`segflow.model.budget_measure.measure_experiment` with the job's settings).
+        pseudo_rounds: ``pseudo.rounds``.
+        max_pseudo_share: ``pseudo.max_pseudo_share``.
+        parallel_jobs: training and prediction jobs running at once.
+        machine: where it is measured, recorded in the plan.
+
+    Returns:
+        The plan (:func:`make_plan`); the time spent here counts against the budget.
+
+    Raises:
+        SegflowError: the budget is off, or bad inputs (naming the file or key).
+    """
+    from segflow.model.experiment import parse_experiment
+
+    started = time.monotonic()
+    if options.minutes is None:
+        raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
+    if not experiments:
+        raise SegflowError("budget: no experiment to plan")
+    stats_path = Path(arrays_dir) / "stats.json"
+    if not stats_path.is_file():
+        raise SegflowError(f"{stats_path} does not exist (run preprocess first)")
+    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    parsed = {
+        name: parse_experiment(
+            name,
+            dict(values),
+            in_channels=int(stats["channels"]),
+            classes=len(stats.get("classes", ["mask"])),
+        )
+        for name, values in sorted(experiments.items())
+    }
+    sizes = fold_sizes(folds_csv)
+    measurements = {}
+    for name, experiment in parsed.items():
+        measurements[name] = measure(name, experiment)
+        log.info("budget: %s measured: %s", name, measurements[name])
+    plan = make_plan(
+        options,
+        experiments,
+        {name: e.train.epochs for name, e in parsed.items()},
+        {name: e.train.batch_size for name, e in parsed.items()},
+        measurements,
+        sizes,
+        int(stats.get("n_test", 0)),
+        pseudo_rounds,
+        max_pseudo_share,
+        parallel_jobs,
+        planning_seconds=time.monotonic() - started,
+        machine=machine,
+    )
+    for name, info in plan["experiments"].items():
+        log.info(
+            "budget: %s: %d epoch(s) per training (configured %d), about %.1f min",
+            name,
+            info["epochs"],
+            info["configured_epochs"],
+            info["estimated_seconds"] / 60,
+        )
+    log.info(
+        "budget: estimated %.1f of %.1f min%s",
+        plan["estimated_seconds"] / 60,
+        plan["budget"]["seconds"] / 60,
+        "" if plan["feasible"] else " (INFEASIBLE: see the warning in the plan)",
+    )
+    return plan

@@ -1,0 +1,220 @@
+"""Submission: Kaggle CSV of RLE masks, with labels of test images that duplicate train images.
+
+The RLE uses the same convention as the competition's input (column-major, 1-indexed by
+default), and every written string is decoded back and compared with its mask before the
+file is written, so a submission can never silently disagree with the predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segflow.core.atomic import write_csv
+from segflow.core.errors import SegflowError
+from segflow.core.options import option
+from segflow.formats.labels import label_dtype, read_label, unpack_labels
+from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
+from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
+
+ID_STYLES = ("auto", "stem", "filename")
+
+
+@dataclass(frozen=True)
+class SubmissionOptions:
+    """Format of the submission file (config section ``submission``)."""
+
+    id_column: str = option("id", "id column name in the submission CSV")
+    rle_column: str = option("rle_mask", "RLE column name in the submission CSV")
+    rle_order: str = option("column", "pixel numbering of the RLE", RLE_ORDERS)
+    rle_start: int = option(1, "index of the first pixel (Kaggle: 1)")
+    copy_train_labels: bool = option(
+        True, "give test images that dedup found identical to a train image that train label"
+    )
+    empty_rle: str = option("", "what an empty mask is written as ('' for TGS, '-1' for SIIM)")
+    instances: bool = option(
+        False, "one RLE row per object (connected component), as DSB-style competitions score"
+    )
+    split_touching: bool = option(
+        False, "with instances: split touching objects by a watershed on the distance transform"
+    )
+    class_column: str = option(
+        "class", "class column name in the submission CSV (multi-label data: one row per class)"
+    )
+    id_style: str = option(
+        "auto",
+        "how ids are written: stem (file name without extension), filename (with it, as "
+        "Severstal and Airbus), auto: as the train RLE CSV wrote them (else stem)",
+        ID_STYLES,
+    )
+
+
+def instance_masks(mask: np.ndarray, split_touching: bool = False) -> list[np.ndarray]:
+    """Split a binary mask into one uint8 mask per object (8-connected, optionally watershed).
+
+    Shape:
+        mask: (H, W); output: K masks of (H, W).
+    """
+    from segflow.model.postprocess import label_instances
+
+    labels = label_instances(mask, split_touching=split_touching)
+    return [(labels == label).astype(np.uint8) for label in range(1, int(labels.max()) + 1)]
+
+
+def train_label(manifest: pd.DataFrame, train_ids: Iterable[str], n_classes: int = 1) -> np.ndarray:
+    """The union (per class) of the original-resolution labels of ``train_ids`` (one id: its
+    own label).
+
+    Args:
+        manifest: the ingest manifest.
+        train_ids: train items whose labels are unioned.
+        n_classes: classes of the manifest (1 for binary masks).
+
+    Returns:
+        The packed label mask (bit k = class k, see :mod:`segflow.formats.labels`); binary: {0, 1}.
+
+    Shape:
+        output: (H, W), dtype :func:`segflow.formats.labels.label_dtype` (binary: uint8).
+
+    Raises:
+        SegflowError: a mask path leads outside the data roots ingest recorded
+            (:func:`segflow.formats.manifest.resolve_manifest_path`), or an unreadable mask.
+    """
+    rows = manifest.set_index("id").loc[list(train_ids)]
+    shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
+    roots = data_roots(manifest)
+    label = np.zeros(shape, dtype=label_dtype(n_classes))
+    for row in rows.itertuples():
+        mask_path = resolve_manifest_path(row.mask_path, "mask_path", row.Index, roots, n_classes)
+        label |= read_label(mask_path, row.mask_rle, shape, n_classes, row.image_path)
+    return label
+
+
+def known_test_labels(
+    manifest: pd.DataFrame, dedup_items: pd.DataFrame, n_classes: int = 1
+) -> dict[str, np.ndarray]:
+    """Test id -> train label for test images identical to usable train images (dedup's leaks).
+
+    Members of a duplicate group whose masks agree share one mask; a group resolved by the
+    ``union`` policy gives the union, matching what the model was trained on.
+
+    Returns:
+        Packed label masks (bit k = class k; binary: {0, 1}), see :mod:`segflow.formats.labels`.
+    """
+    leaks = dedup_items[dedup_items["split"].eq("test") & dedup_items["leak_train_ids"].notna()]
+    return {
+        row.id: train_label(manifest, str(row.leak_train_ids).split(";"), n_classes)
+        for row in leaks.itertuples()
+    }
+
+
+def written_ids(
+    manifest: pd.DataFrame, ids: Iterable[str], id_style: str = "auto"
+) -> dict[str, str]:
+    """Each id as the submission writes it: the id (file stem), or its image's file name.
+
+    Args:
+        manifest: the ingest manifest (its image paths give the file names, its attributes
+            the train RLE CSV's id style, :func:`segflow.formats.manifest.csv_id_style`).
+        ids: the ids to write.
+        id_style: ``stem``, ``filename``, or ``auto``: as the train RLE CSV wrote its ids.
+
+    Returns:
+        id -> the id to write.
+
+    Raises:
+        SegflowError: an unknown style, or an id the manifest does not have.
+    """
+    if id_style not in ID_STYLES:
+        raise SegflowError(
+            f"unknown submission.id_style {id_style!r}; valid: {', '.join(ID_STYLES)}"
+        )
+    ids = list(ids)
+    style = csv_id_style(manifest) if id_style == "auto" else id_style
+    if style == "stem":
+        return {item_id: item_id for item_id in ids}
+    paths = manifest.set_index("id")["image_path"]
+    missing = [item_id for item_id in ids if item_id not in paths.index]
+    if missing:
+        raise SegflowError(f"id {missing[0]!r} is not in the manifest; rerun the workflow")
+    # Only the name is used: no file is opened, so the path needs no check here.
+    return {item_id: Path(str(paths[item_id])).name for item_id in ids}
+
+
+def submission_frame(
+    masks: Mapping[str, np.ndarray | list[np.ndarray]],
+    options: SubmissionOptions,
+    known_labels: Mapping[str, np.ndarray] | None = None,
+    classes: Sequence[str] | None = None,
+    id_names: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Build the submission table: one row per id, or per (id, class) with classes, or per
+    object with ``options.instances``.
+
+    Args:
+        masks: test id -> prediction at the original resolution: a binary (H, W) mask, a list
+            of instance masks (binary data, already split; an empty list gives one empty row),
+            or with ``classes`` one (K, H, W) stack of class masks.
+        options: column names, RLE convention, instance mode.
+        known_labels: test id -> packed train label that replaces the prediction
+            (``copy_train_labels``); bit k is class k.
+        classes: class names for multi-label data (adds ``options.class_column``); None for
+            binary data.
+        id_names: id -> the id written in the file (:func:`written_ids`); None writes the ids.
+
+    Returns:
+        DataFrame with the configured columns, sorted by id, then class (instance rows in
+        label order).
+
+    Raises:
+        SegflowError: an RLE string that does not decode back to its mask (a bug, not bad input).
+    """
+    if options.rle_order not in RLE_ORDERS:
+        raise SegflowError(f"unknown submission.rle_order {options.rle_order!r}")
+    names = list(classes) if classes is not None else [None]
+    rows: list[tuple[str, ...]] = []
+    for item_id in sorted(masks):
+        prediction = masks[item_id]
+        if options.copy_train_labels and known_labels and item_id in known_labels:
+            prediction = unpack_labels(known_labels[item_id], len(names))
+            if classes is None:
+                prediction = prediction[0]
+        per_class = prediction if classes is not None else [prediction]
+        written = id_names[item_id] if id_names is not None else item_id
+        if len(per_class) != len(names):
+            raise SegflowError(
+                f"prediction of {item_id} has {len(per_class)} classes, not {len(names)}"
+            )
+        for name, class_prediction in zip(names, per_class, strict=True):
+            key = (written,) if name is None else (written, name)
+            if isinstance(class_prediction, list):
+                instances = class_prediction
+            elif options.instances:
+                instances = instance_masks(class_prediction, options.split_touching)
+            else:
+                instances = [class_prediction]
+            if not instances:
+                rows.append((*key, options.empty_rle))
+            for mask in instances:
+                rows.append((*key, _checked_rle(item_id, mask, options)))
+    columns = [options.id_column, options.rle_column]
+    if classes is not None:
+        columns.insert(1, options.class_column)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _checked_rle(item_id: str, mask: np.ndarray, options: SubmissionOptions) -> str:
+    rle = rle_encode(mask, order=options.rle_order, start=options.rle_start)  # type: ignore[arg-type]
+    decoded = rle_decode(rle, mask.shape, order=options.rle_order, start=options.rle_start)  # type: ignore[arg-type]
+    if not np.array_equal(decoded, mask != 0):
+        raise SegflowError(f"submission RLE of {item_id} does not decode back to its mask")
+    return rle if rle else options.empty_rle
+
+
+def write_submission(path: str | Path, frame: pd.DataFrame) -> None:
+    """Write the submission CSV atomically."""
+    write_csv(path, frame)
