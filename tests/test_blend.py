@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import segflow.ensemble.weights as ensemble
+from segflow.artifacts.truths import class_truths
 from segflow.core.errors import SegflowError
 from segflow.ensemble.weights import blend, blend_nonempty, tune_weights
-from segflow.model.evaluate import class_truths
 from segflow.model.metrics import per_image_scores
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)

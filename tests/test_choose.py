@@ -9,20 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from segflow.artifacts.predictions import Prediction, read_fold_predictions, read_oof
 from segflow.core.errors import SegflowError
-from segflow.ensemble.choose import (
-    Prediction,
-    choose_candidate,
-    load_oof,
-    load_test,
-    markdown_table,
-    run_blend,
-    select_pseudo_stage,
-    stage_table,
-    tuned_scores,
-    write_candidate,
-)
+from segflow.ensemble.blend import run_blend
+from segflow.ensemble.candidates import write_candidate
+from segflow.ensemble.choose import choose_candidate, markdown_table, stage_table, tuned_scores
 from segflow.ensemble.pseudo import PseudoOptions
+from segflow.ensemble.select_pseudo import select_pseudo_stage
 
 
 def _write_scores(root: Path, name: str, round_: int, raw: float, tuned: float) -> None:
@@ -129,9 +122,9 @@ def test_candidate_files_round_trip(tmp_path: Path) -> None:
         ["mask"],
     )
     assert summary["kaggle"] == 1.0
-    oof = load_oof(tmp_path / "oof")
+    oof = read_oof(tmp_path / "oof")
     assert oof.ids["fold"].tolist() == [0, 1] and oof.ids["nonempty_prob_0"].tolist() == [0.9, 0.1]
-    test = load_test([tmp_path / "test", tmp_path / "test"], "mean")
+    test = read_fold_predictions([tmp_path / "test", tmp_path / "test"], "mean")
     np.testing.assert_array_equal(test.probs, probs)
     assert test.ids["nonempty_prob_0"].tolist() == pytest.approx([0.9, 0.1])
 

@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 
 from segflow.core.errors import SegflowError
-from segflow.core.fingerprint import (
-    STAGE_MODULES,
-    code_fingerprint,
-    folder_stamp,
-    module_closure,
-    package_root,
-    stage_fingerprint,
-)
+from segflow.core.fingerprint import code_fingerprint, folder_stamp, module_closure, package_root
+from segflow.stages import stage_fingerprint, stage_modules
+
+STAGE_MODULES = stage_modules()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +26,9 @@ def _package(root: Path) -> Path:
     (package / "c.py").write_text("from segflow.core.errors import SegflowError\n")
     (package / "d.py").write_text("import segflow.a\n")
     (package / "cli.py").write_text("from segflow import a\n")
-    (package / "errors.py").write_text("class SegflowError(Exception): pass\n")
+    (package / "core").mkdir()
+    (package / "core" / "__init__.py").write_text('"""notes only"""\n')
+    (package / "core" / "errors.py").write_text("class SegflowError(Exception): pass\n")
     return package
 
 
@@ -43,6 +41,9 @@ def test_closure_follows_imports_anywhere_and_only_segflow(tmp_path: Path) -> No
         "segflow.core.errors",
     ]
     assert module_closure("segflow.d", root=package)[:2] == ["segflow.a", "segflow.b"]
+    # An excluded module is left out with what only it imports; an entry never is.
+    assert module_closure("segflow.a", root=package, exclude=("segflow.b",)) == ["segflow.a"]
+    assert module_closure("segflow.b", root=package, exclude=("segflow.b",))[0] == "segflow.b"
     with pytest.raises(SegflowError, match=r"segflow\.nope"):
         module_closure("segflow.nope", root=package)
     with pytest.raises(SegflowError, match=r"segflow\.cli"):
@@ -88,7 +89,8 @@ def test_every_rule_command_has_a_fingerprint() -> None:
     rules = "\n".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
     commands = set(re.findall(r'"segflow ([a-z-]+)', rules))
     fingerprinted = set(re.findall(r'stage_fingerprint\("([a-z-]+)"\)', rules))
-    assert commands == fingerprinted == set(STAGE_MODULES)
+    # `segflow summary` prints a results folder for a person; no rule runs it.
+    assert commands == fingerprinted == set(STAGE_MODULES) - {"summary"}
     with pytest.raises(KeyError, match="valid: demo-data"):
         stage_fingerprint("bogus")
 
@@ -105,3 +107,17 @@ def test_folder_stamp_sees_files_overwritten_in_place(tmp_path: Path) -> None:
     assert folder.stat().st_mtime_ns == folder_mtime
     assert folder_stamp(folder, tmp_path / "absent") != before
     assert folder_stamp(tmp_path / "absent") != folder_stamp(tmp_path / "other-absent")
+
+
+def test_budget_code_reaches_training_only_through_the_plan() -> None:
+    """train reads the plan file (plan-budget's fingerprint covers budget), and plan-budget
+    leaves the timing code out: re-timing must not re-plan and so retrain everything."""
+    from segflow.stages import BY_COMMAND
+
+    train, plan = BY_COMMAND["train"], BY_COMMAND["plan-budget"]
+    train_closure = module_closure(*train.entries, exclude=train.not_fingerprinted)
+    assert "segflow.model.budget" not in train_closure
+    assert "segflow.model.training.train" in train_closure
+    plan_closure = module_closure(*plan.entries, exclude=plan.not_fingerprinted)
+    assert "segflow.model.budget" in plan_closure
+    assert "segflow.model.budget_measure" not in plan_closure

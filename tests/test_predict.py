@@ -9,18 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
+from segflow.artifacts.predictions import merge_folds, nonempty_probs, write_prediction
+from segflow.artifacts.truths import original_truths
 from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, find_duplicates
 from segflow.data.folds import FoldOptions, make_folds
 from segflow.data.preprocess import PreprocessOptions, preprocess
-from segflow.model.evaluate import assemble_oof, original_truths, score_oof
-from segflow.model.inference.predict import (
-    PredictOptions,
-    merge_folds,
-    nonempty_probs,
-    predict_split,
-    write_prediction,
-)
+from segflow.model.evaluate import assemble_oof, score_oof
+from segflow.model.inference.predict import PredictOptions, predict_split
 from segflow.model.models import ModelSpec, build_model, save_checkpoint
 
 

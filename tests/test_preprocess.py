@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from helpers import write_label_dataset
 
+from segflow.artifacts.truths import load_mask, mask_sources
 from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, find_duplicates
 from segflow.data.ingest import IngestOptions, ingest
@@ -23,8 +24,6 @@ from segflow.data.preprocess import (
     PreprocessOptions,
     apply_clahe,
     convert_channels,
-    load_mask,
-    mask_sources,
     preprocess,
     resize_image,
     resize_mask,

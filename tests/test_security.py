@@ -35,8 +35,8 @@ import torch
 import yaml
 from conftest import REPO_ROOT, copy_workflow, run_snakemake
 
+from segflow.artifacts.predictions import read_oof
 from segflow.core.errors import SegflowError
-from segflow.ensemble.choose import load_oof
 from segflow.ensemble.stacking.learners import load_classifier, make_classifier
 from segflow.model.models import CHECKPOINT_FORMAT, ModelSpec, build_model, load_checkpoint
 from segflow.model.training.checkpointing import load_resume
@@ -357,7 +357,7 @@ def test_an_object_array_of_predictions_is_refused(tmp_path: Path) -> None:
     np.save(tmp_path / "oof_probs.npy", armed, allow_pickle=True)
     pd.DataFrame({"id": ["a", "b"]}).to_csv(tmp_path / "oof_ids.csv", index=False)
     with pytest.raises(ValueError, match=r"Python objects|allow_pickle"):
-        load_oof(tmp_path)
+        read_oof(tmp_path)
     assert not marker.exists()
     np.load(tmp_path / "oof_probs.npy", allow_pickle=True)  # control: the file is armed
     assert marker.exists()

@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO_ROOT
 from helpers import write_synthetic_arrays
 
-from segflow.cli import _grouped
+from segflow.artifacts.layout import group_by_experiment
 from segflow.cli import main as cli_main
 from segflow.core.errors import SegflowError
 from segflow.model.experiment import check_init_from, parse_experiment
@@ -486,6 +486,6 @@ def test_refit_options_parse_and_match_the_schema() -> None:
 
 def test_test_folders_group_by_experiment_with_different_counts() -> None:
     dirs = ["t/a/round0/fold0", "t/a/round0/fold1", "t/a/round0/full", "t/b/round0/full"]
-    assert _grouped(dirs, 2, "test folders") == [dirs[:3], dirs[3:]]
+    assert group_by_experiment(dirs, 2, "test folders") == [dirs[:3], dirs[3:]]
     flat = ["x/a0", "x/a1", "x/b0", "x/b1"]  # not in the results layout: split evenly
-    assert _grouped(flat, 2, "test folders") == [flat[:2], flat[2:]]
+    assert group_by_experiment(flat, 2, "test folders") == [flat[:2], flat[2:]]

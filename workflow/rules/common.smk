@@ -8,7 +8,8 @@ from snakemake.utils import validate
 
 from segflow.core.config_check import check_config
 from segflow.model.experiment import check_init_from
-from segflow.core.fingerprint import folder_stamp, stage_fingerprint
+from segflow.core.fingerprint import folder_stamp
+from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.

@@ -18,6 +18,7 @@ first CUDA call, including ``torch.cuda.device_count()`` when NVML is unavailabl
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -27,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -239,3 +241,39 @@ def acquire_gpu(
             waiting = True
             log.info("all %d GPU slot(s) held (%s); waiting", n_gpus, _holders(lock_dir, n_gpus))
         time.sleep(poll_s)
+
+
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--gpus``, ``--gpu-lock-dir``, ``--gpu-timeout`` (see :func:`compute`)."""
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs on this machine (0: none)")
+    parser.add_argument(
+        "--gpu-lock-dir",
+        default=None,
+        help="folder of this machine's GPU slot locks, on local disk "
+        "(default: $SEGFLOW_GPU_LOCK_DIR, else <tmp>/segflow-gpu-locks-<uid>)",
+    )
+    parser.add_argument(
+        "--gpu-timeout", type=float, default=24 * 3600.0, help="seconds to wait for a free GPU"
+    )
+
+
+@contextlib.contextmanager
+def compute(args: argparse.Namespace) -> Iterator[None]:
+    """Pin torch to the job's threads and, on a multi-GPU machine, to a GPU of its own.
+
+    The GPU slot must be taken before anything initialises CUDA in this process.
+
+    Args:
+        args: parsed :func:`add_compute_arguments` flags.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    if not args.gpus:
+        yield
+        return
+    lock_dir = args.gpu_lock_dir or default_gpu_lock_dir()
+    with acquire_gpu(lock_dir, args.gpus, timeout_s=args.gpu_timeout) as lease:
+        logging.getLogger("segflow").info("using GPU slot %s (%s)", lease.index, lease.device)
+        yield

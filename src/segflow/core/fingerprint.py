@@ -7,9 +7,10 @@ segflow module it imports, directly or through others, including imports inside 
 edit to the stacking code reruns stacking and what depends on it; training, upstream of it, keeps
 its models.
 
-``segflow/cli.py`` (argument wiring shared by every stage) and the package ``__init__`` are not
-part of any fingerprint, so editing the command-line layer reruns nothing: rerun the affected
-rules with ``-R`` after such an edit.
+``segflow/cli.py`` and ``segflow/stages.py`` (the table of sub-commands) and the packages'
+``__init__`` files (notes only) are not part of any fingerprint, so editing them reruns nothing.
+A stage's own ``add_arguments``/``run`` sit in its module and are part of its fingerprint.
+:func:`segflow.stages.stage_fingerprint` gives a sub-command's fingerprint.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from segflow.core.errors import SegflowError
 
 PACKAGE = "segflow"
 # Shared wiring: see the module docstring.
-EXCLUDED = frozenset({"segflow", "segflow.cli", "segflow.__main__"})
+EXCLUDED = frozenset({"segflow", "segflow.cli", "segflow.__main__", "segflow.stages"})
 DIGEST_CHARS = 16
 
 
@@ -61,12 +62,21 @@ def _imported_modules(path: Path, root: Path) -> set[str]:
     return {name for name in found if _module_file(name, root) is not None}
 
 
-def module_closure(*entries: str, root: Path | None = None) -> list[str]:
+def _is_package_notes(name: str, root: Path) -> bool:
+    """A subpackage's ``__init__`` (its developer notes; no code)."""
+    path = _module_file(name, root)
+    return path is not None and path.name == "__init__.py"
+
+
+def module_closure(
+    *entries: str, root: Path | None = None, exclude: tuple[str, ...] = ()
+) -> list[str]:
     """The segflow modules that ``entries`` need, themselves included, sorted.
 
     Args:
         entries: dotted module names, e.g. ``segflow.ensemble.stacking.stack``.
         root: the package folder (default: the imported one).
+        exclude: modules not followed (nor included) unless they are entries.
 
     Returns:
         Sorted dotted names, without :data:`EXCLUDED`.
@@ -82,7 +92,9 @@ def module_closure(*entries: str, root: Path | None = None) -> list[str]:
     seen: set[str] = set()
     while pending:
         name = pending.pop()
-        if name in seen or name in EXCLUDED:
+        if name in seen or name in EXCLUDED or (name in exclude and name not in entries):
+            continue
+        if name not in entries and _is_package_notes(name, root):
             continue
         seen.add(name)
         path = _module_file(name, root)
@@ -92,9 +104,9 @@ def module_closure(*entries: str, root: Path | None = None) -> list[str]:
 
 
 @cache
-def _cached_fingerprint(entries: tuple[str, ...], root: str) -> str:
+def _cached_fingerprint(entries: tuple[str, ...], root: str, exclude: tuple[str, ...] = ()) -> str:
     digest = hashlib.sha256()
-    for name in module_closure(*entries, root=Path(root)):
+    for name in module_closure(*entries, root=Path(root), exclude=exclude):
         path = _module_file(name, Path(root))
         digest.update(name.encode() + b"\0")
         digest.update(path.read_bytes() if path is not None else b"")
@@ -102,64 +114,19 @@ def _cached_fingerprint(entries: tuple[str, ...], root: str) -> str:
     return digest.hexdigest()[:DIGEST_CHARS]
 
 
-def code_fingerprint(*entries: str, root: Path | None = None) -> str:
+def code_fingerprint(*entries: str, root: Path | None = None, exclude: tuple[str, ...] = ()) -> str:
     """A short hash of the source of ``entries`` and every segflow module they import.
 
     Args:
         entries: the stage's module(s), e.g. ``segflow.model.training.train``.
         root: the package folder (default: the imported one).
+        exclude: modules left out, with what only they import (see :func:`module_closure`).
 
     Returns:
         16 hex characters; any edit of one of those files changes it.
     """
     root = package_root() if root is None else Path(root)
-    return _cached_fingerprint(tuple(sorted(entries)), str(root.resolve()))
-
-
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "demo-data": ("segflow.data.demo_data",),
-    "ingest": ("segflow.data.ingest", "segflow.formats.imageio"),
-    "dedup": ("segflow.data.dedup",),
-    "preprocess": ("segflow.data.preprocess",),
-    "folds": ("segflow.data.folds",),
-    "train": ("segflow.model.training.train", "segflow.model.experiment", "segflow.core.devices"),
-    # The plan's arithmetic only, not segflow.model.budget_measure: re-timing would change the plan
-    # and so retrain everything. `segflow train --plan` reads the plan through segflow.model.budget,
-    # which is not in "train": an edit there re-plans (here), which retrains where budgeted.
-    "plan-budget": ("segflow.model.budget",),
-    "predict-oof": ("segflow.model.inference.predict", "segflow.core.devices"),
-    "predict-test": ("segflow.model.inference.predict", "segflow.core.devices"),
-    "evaluate-oof": ("segflow.model.evaluate",),
-    "tune-postprocess": (
-        "segflow.model.evaluate",
-        "segflow.model.postprocess",
-        "segflow.model.inference.predict",
-    ),
-    "submit": (
-        "segflow.model.submit",
-        "segflow.model.postprocess",
-        "segflow.model.inference.predict",
-    ),
-    "blend": ("segflow.ensemble.choose",),
-    "select-pseudo": ("segflow.ensemble.pseudo", "segflow.ensemble.choose"),
-    "stack": ("segflow.ensemble.stacking.stack", "segflow.ensemble.choose"),
-    "choose": ("segflow.ensemble.choose",),
-    "report": ("segflow.report.report",),
-}
-"""``segflow`` sub-command -> the modules its ``cli._run_*`` function imports."""
-
-
-def stage_fingerprint(command: str, root: Path | None = None) -> str:
-    """:func:`code_fingerprint` of a ``segflow`` sub-command's modules (:data:`STAGE_MODULES`).
-
-    Raises:
-        KeyError: an unknown command (the message lists the valid ones).
-    """
-    if command not in STAGE_MODULES:
-        raise KeyError(
-            f"code fingerprint: unknown stage {command!r}; valid: {', '.join(STAGE_MODULES)}"
-        )
-    return code_fingerprint(*STAGE_MODULES[command], root=root)
+    return _cached_fingerprint(tuple(sorted(entries)), str(root.resolve()), tuple(sorted(exclude)))
 
 
 def folder_stamp(*paths: str | os.PathLike[str]) -> str:

@@ -10,6 +10,7 @@ so near-copies cannot straddle a train/validation split; they never merge labels
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 from collections import Counter
@@ -20,8 +21,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.tables import read_table
+from segflow.core.atomic import write_json, write_parquet, write_text
 from segflow.core.errors import SegflowError
-from segflow.core.options import option
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.core.stage_args import stage_log
 
 log = logging.getLogger(__name__)
 
@@ -328,3 +333,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             for g in summary["largest_groups"]
         ]
     return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow dedup``'s flags."""
+    add_dataclass_arguments(parser, DedupOptions)
+    parser.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
+    parser.add_argument("--out-items", required=True, help="per-item dedup Parquet to write")
+    parser.add_argument("--out-summary", required=True, help="summary JSON to write")
+    parser.add_argument("--out-report", required=True, help="summary Markdown to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow dedup``: write the items table, its summary and report."""
+    manifest = read_table(args.manifest, "manifest")
+    options = dataclass_from_namespace(DedupOptions, args)
+    items, summary = find_duplicates(manifest, options)
+    write_parquet(args.out_items, items)
+    write_json(args.out_summary, with_provenance(summary, stage_provenance(options)))
+    write_text(args.out_report, summary_markdown(summary))
+    stage_log.info(
+        "%d duplicate groups with %d members; %d conflicting",
+        summary["n_groups"],
+        summary["n_members"],
+        summary["conflicting_groups"],
+    )

@@ -26,6 +26,7 @@ Layout written under ``out_dir``::
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -40,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
-from segflow.core.options import option
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
+from segflow.core.stage_args import stage_log
 from segflow.formats.rle import rle_encode
 
 COLORS: tuple[str, ...] = ("gray", "rgb")
@@ -579,3 +581,20 @@ def _colorize(rng: np.random.Generator, gray: np.ndarray, alpha: np.ndarray) -> 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow demo-data``'s flags: the options and the output folder."""
+    add_dataclass_arguments(parser, DemoDataOptions)
+    parser.add_argument("out_dir", help="output folder (Kaggle layout)")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow demo-data``: write the dataset."""
+    truth = generate_demo_data(args.out_dir, dataclass_from_namespace(DemoDataOptions, args))
+    stage_log.info(
+        "demo dataset written to %s (%d train, %d test images)",
+        args.out_dir,
+        truth["n_train"],
+        truth["n_test"],
+    )

@@ -7,6 +7,7 @@ ever trained on. The assignment is a persisted artifact, identical on rerun for 
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from segflow.artifacts.tables import read_table
+from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
-from segflow.core.options import option
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.core.stage_args import add_stage_tables, stage_log
 
 
 @dataclass(frozen=True)
@@ -136,3 +141,31 @@ def _summarise(folds: pd.DataFrame, options: FoldOptions) -> dict[str, Any]:
         .tolist(),
         "strata_per_fold": {str(s): table[s].astype(int).tolist() for s in table.columns},
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow folds``' flags."""
+    add_dataclass_arguments(parser, FoldOptions)
+    add_stage_tables(parser)
+    parser.add_argument("--out-folds", required=True, help="folds CSV to write")
+    parser.add_argument("--out-summary", required=True, help="summary JSON to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow folds``: write folds.csv and its summary."""
+    options = dataclass_from_namespace(FoldOptions, args)
+    folds, summary = make_folds(
+        read_table(args.manifest, "manifest"),
+        read_table(args.dedup_items, "dedup items"),
+        options,
+    )
+    write_csv(args.out_folds, folds)
+    write_json(
+        args.out_summary, with_provenance(summary, stage_provenance(options, seed=options.seed))
+    )
+    stage_log.info(
+        "%d items in %d folds: %s per fold",
+        summary["n_items"],
+        summary["n_folds"],
+        summary["items_per_fold"],
+    )

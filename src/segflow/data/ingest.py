@@ -12,6 +12,7 @@ hold one ``|``-separated part per class and the ``mask_classes`` column names th
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.core.atomic import write_json, write_parquet
 from segflow.core.errors import SegflowError
-from segflow.core.options import lists_to_tuples, option
+from segflow.core.options import (
+    add_dataclass_arguments,
+    dataclass_from_namespace,
+    lists_to_tuples,
+    option,
+)
 from segflow.core.parallel import chunked, parallel_map
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.core.stage_args import add_workers, stage_log
 from segflow.data.dedup import perceptual_hash
 from segflow.formats.imageio import (
     DICOM_EXTENSIONS,
@@ -741,3 +750,25 @@ def _summarise(
         "items_without_metadata": missing_metadata,
     }
     return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow ingest``'s flags."""
+    add_dataclass_arguments(parser, IngestOptions)
+    parser.add_argument("--out-manifest", required=True, help="manifest Parquet to write")
+    parser.add_argument("--out-summary", required=True, help="summary JSON to write")
+    add_workers(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow ingest``: write the manifest and its summary."""
+    options = dataclass_from_namespace(IngestOptions, args)
+    manifest, summary = ingest(options, workers=args.workers)
+    write_parquet(args.out_manifest, manifest, keep_attrs=True)  # its data roots
+    write_json(args.out_summary, with_provenance(summary, stage_provenance(options)))
+    stage_log.info(
+        "manifest: %d train + %d test items -> %s",
+        summary["n_train"],
+        summary["n_test"],
+        args.out_manifest,
+    )

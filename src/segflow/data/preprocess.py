@@ -16,25 +16,40 @@ chunk of decoded images per worker however large the dataset is.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from segflow.core.atomic import atomic_path, write_json, write_parquet
+from segflow.artifacts.arrays import write_index, write_stats
+from segflow.artifacts.tables import read_table
+from segflow.artifacts.truths import MaskSource, load_mask, mask_sources
+from segflow.core.atomic import atomic_path
 from segflow.core.errors import SegflowError
-from segflow.core.options import option, options_to_dict
+from segflow.core.options import (
+    add_dataclass_arguments,
+    dataclass_from_namespace,
+    option,
+    options_to_dict,
+)
 from segflow.core.parallel import chunked, parallel_map
 from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.formats.imageio import DicomWindow, decode_image
-from segflow.formats.labels import class_names, label_dtype, manifest_classes, read_label
+from segflow.core.stage_args import add_stage_tables, add_workers, stage_log
+from segflow.formats.imageio import (
+    DicomWindow,
+    add_dicom_window_arguments,
+    decode_image,
+    dicom_window_from_args,
+)
+from segflow.formats.labels import class_names, label_dtype, manifest_classes
 from segflow.formats.manifest import data_roots, resolve_manifest_path
 
 log = logging.getLogger(__name__)
@@ -70,14 +85,6 @@ class _Geometry:
     width: int
     channels: int
     dtype: str
-
-
-class MaskSource(NamedTuple):
-    """One manifest item's mask columns (see :func:`segflow.formats.labels.read_label`)."""
-
-    mask_path: str | None
-    mask_rle: str | None
-    where: str = "manifest item"  # names the item in error messages (its image path)
 
 
 @dataclass(frozen=True)
@@ -179,28 +186,6 @@ def prepare_image(
     return resize_image(pixels, geometry.height, geometry.width, options.interpolation)
 
 
-def load_mask(
-    sources: tuple[MaskSource, ...], shape: tuple[int, int], n_classes: int = 1
-) -> np.ndarray:
-    """The union (per class: bitwise OR) of manifest masks at the original resolution.
-
-    Args:
-        sources: the manifest mask columns to union (see :func:`mask_sources`).
-        shape: (height, width) of the image.
-        n_classes: classes of the manifest (1 for binary masks).
-
-    Returns:
-        The packed label mask (bit k = class k); binary: uint8 {0, 1}.
-
-    Shape:
-        output: (H, W).
-    """
-    label = np.zeros(shape, dtype=label_dtype(n_classes))
-    for source in sources:
-        label |= read_label(source.mask_path, source.mask_rle, shape, n_classes, source.where)
-    return label
-
-
 def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
     """Write one chunk's rows; return per-channel [sum, sum of squares] of the scaled pixels
     and the number of foreground mask pixels (pixels of any class)."""
@@ -275,40 +260,6 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometr
     )
     dtype = "uint8" if options.to_uint8 or (used["bit_depth"] <= 8).all() else "uint16"
     return _Geometry(height, width, channels, dtype)
-
-
-def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple[MaskSource, ...]]:
-    """id -> masks to union: its own, or every train member's for the 'union' policy (the
-    packed labels are OR-ed, so the union is per class). Mask files are resolved and checked
-    to lie in the manifest's data roots (:func:`segflow.formats.manifest.resolve_manifest_path`).
-
-    Raises:
-        SegflowError: a mask path leads outside the data roots ingest recorded.
-    """
-    by_id = manifest.set_index("id")
-    roots = data_roots(manifest)
-    n_classes = len(class_names(manifest_classes(manifest)))
-    own = {
-        item_id: (
-            MaskSource(
-                resolve_manifest_path(row.mask_path, "mask_path", item_id, roots, n_classes),
-                row.mask_rle,
-                row.image_path,
-            ),
-        )
-        for item_id, row in by_id.loc[items.loc[items["split"] == "train", "id"]].iterrows()
-    }
-    train = items[items["split"] == "train"]
-    group_members = train.groupby("exact_group")["id"].agg(list)
-    sources = {}
-    for row in train[train["use_for_training"]].itertuples():
-        if row.train_action == "union":
-            sources[row.id] = tuple(
-                s for member in group_members[row.exact_group] for s in own[member]
-            )
-        else:
-            sources[row.id] = own[row.id]
-    return sources
 
 
 def preprocess(
@@ -417,7 +368,7 @@ def preprocess(
             for frame in (train, test)
         ]
     ).rename(columns={"height": "orig_height", "width": "orig_width"})
-    write_parquet(out_dir / "index.parquet", index)
+    write_index(out_dir, index)
     n_pixels = len(train) * geometry.height * geometry.width
     mean = moments[0] / n_pixels
     std = np.sqrt(np.maximum(moments[1] / n_pixels - mean**2, 0.0))
@@ -438,5 +389,38 @@ def preprocess(
     # Deterministic (no seed): the same manifest and options give the same arrays.
     block = stage_provenance({"options": stats["options"], "dicom_window": asdict(window)})
     stats = with_provenance(stats, block)
-    write_json(out_dir / "stats.json", stats)
+    write_stats(out_dir, stats)
     return stats
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow preprocess``'s flags."""
+    add_dataclass_arguments(parser, PreprocessOptions)
+    add_stage_tables(parser)
+    parser.add_argument(
+        "--out-dir", required=True, help="folder for the .npy arrays, index and stats"
+    )
+    add_workers(parser)
+    add_dicom_window_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow preprocess``: write the arrays, index and stats."""
+    stats = preprocess(
+        read_table(args.manifest, "manifest"),
+        read_table(args.dedup_items, "dedup items"),
+        dataclass_from_namespace(PreprocessOptions, args),
+        args.out_dir,
+        workers=args.workers,
+        dicom_window=dicom_window_from_args(args),
+    )
+    stage_log.info(
+        "preprocessed %d train + %d test images to %dx%dx%d %s in %s",
+        stats["n_train"],
+        stats["n_test"],
+        stats["height"],
+        stats["width"],
+        stats["channels"],
+        stats["dtype"],
+        args.out_dir,
+    )

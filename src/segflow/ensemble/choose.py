@@ -1,248 +1,36 @@
-"""Second-level stages on files: the experiments' OOF/test predictions in, candidates out.
+"""The choose stage: every candidate's OOF scores in one table, the final submission picked.
 
-Each candidate (the ensemble, the stacked gate, the pixel blender) is written in the same layout
-as an experiment's evaluate-oof output (``oof_probs.npy`` float16 (N, K, H, W), ``oof_ids.csv``,
-``metrics.json``) plus a fold-merged test prediction (``probs.npy``, ``ids.csv``), so the
-post-processing tuner, the submission writer and the final choice treat every candidate alike.
-An image-level gate travels as the ``nonempty_prob_<k>`` columns of the ids tables, the same
-columns an aux head writes.
+Candidates (experiments, ``ensemble``, ``stack_gate``, ``stack_pixel``, per round) all live in
+an experiment's layout (:mod:`segflow.artifacts.layout`); the table compares their raw and
+tuned OOF scores with the best single experiment of round 0 and with constant predictions
+(:mod:`segflow.model.diagnostics`). Writes ``final/submission.csv`` (a copy of the chosen
+candidate's), ``choice.json``, ``stages.csv`` and ``stages.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
 import os
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from segflow.core.atomic import write_csv, write_json, write_npy
+from segflow.artifacts import layout
+from segflow.artifacts.layout import candidate_dir
+from segflow.artifacts.predictions import Prediction, nonempty_probs, read_oof
+from segflow.artifacts.truths import class_truths, mask_sources, original_truths
+from segflow.core.atomic import atomic_path, write_csv, write_json, write_text
 from segflow.core.errors import SegflowError
-from segflow.model.evaluate import class_truths, original_truths, score_oof
-from segflow.model.inference.predict import merge_folds, nonempty_column
-
-log = logging.getLogger(__name__)
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.core.stage_args import stage_log
 
 # Images whose masks are read and scored at once: bounds memory on large OOF sets.
 CHUNK = 256
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One candidate's probabilities with their ids table (row-aligned)."""
-
-    ids: pd.DataFrame
-    probs: np.ndarray  # (N, K, H, W)
-
-
-def load_oof(oof_dir: str | os.PathLike[str]) -> Prediction:
-    """An evaluate-oof style folder: ``oof_ids.csv`` + ``oof_probs.npy`` (memory-mapped)."""
-    oof_dir = Path(oof_dir)
-    for name in ("oof_ids.csv", "oof_probs.npy"):
-        if not (oof_dir / name).is_file():
-            raise SegflowError(f"{oof_dir / name} does not exist (run evaluate-oof first)")
-    ids = pd.read_csv(oof_dir / "oof_ids.csv", dtype={"id": str})
-    probs = np.load(oof_dir / "oof_probs.npy", mmap_mode="r")
-    if len(ids) != len(probs):
-        raise SegflowError(f"{oof_dir}: {len(ids)} ids but {len(probs)} OOF predictions")
-    return Prediction(ids, probs)
-
-
-def load_test(dirs: Sequence[str | os.PathLike[str]], fold_merge: str) -> Prediction:
-    """Test predictions of several folds (``ids.csv`` + ``probs.npy`` each), merged.
-
-    Aux-head ``nonempty_prob_<k>`` columns are averaged over the folds that have them all.
-    """
-    frames = [pd.read_csv(Path(d) / "ids.csv", dtype={"id": str}) for d in dirs]
-    if any(not frame["id"].equals(frames[0]["id"]) for frame in frames):
-        raise SegflowError(f"test predictions in {', '.join(map(str, dirs))} differ in id order")
-    probs = merge_folds([np.load(Path(d) / "probs.npy", mmap_mode="r") for d in dirs], fold_merge)
-    ids = frames[0][["id", "orig_height", "orig_width"]].copy()
-    gate_columns = [c for c in frames[0].columns if c.startswith("nonempty_prob_")]
-    if gate_columns and all(set(gate_columns) <= set(frame.columns) for frame in frames):
-        for column in gate_columns:
-            ids[column] = np.mean([frame[column].to_numpy() for frame in frames], axis=0)
-    return Prediction(ids, probs.astype(np.float16))
-
-
-def write_candidate(
-    oof_dir: str | os.PathLike[str],
-    test_dir: str | os.PathLike[str],
-    oof: Prediction,
-    test: Prediction,
-    folds: pd.DataFrame,
-    truths: np.ndarray,
-    classes: Sequence[str],
-    extra_metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write a candidate's OOF (with metrics, as evaluate-oof does) and its test prediction.
-
-    Returns:
-        The OOF summary written to ``metrics.json``.
-    """
-    oof_dir, test_dir = Path(oof_dir), Path(test_dir)
-    fold_of = folds.set_index("id").loc[oof.ids["id"], "fold"].to_numpy()
-    table, summary = score_oof(np.asarray(oof.probs), truths, fold_of, classes)
-    summary.update(extra_metrics or {})
-    write_npy(oof_dir / "oof_probs.npy", np.asarray(oof.probs, dtype=np.float16))
-    write_csv(oof_dir / "oof_ids.csv", oof.ids.assign(fold=fold_of))
-    write_csv(oof_dir / "metrics.csv", table)
-    write_json(oof_dir / "metrics.json", summary)
-    write_npy(test_dir / "probs.npy", np.asarray(test.probs, dtype=np.float16))
-    write_csv(test_dir / "ids.csv", test.ids)
-    return summary
-
-
-def check_aligned(predictions: Sequence[Prediction], names: Sequence[str], what: str) -> None:
-    """Every experiment must predict the same ids in the same order and shape."""
-    first = predictions[0]
-    for name, prediction in zip(names, predictions, strict=True):
-        if not prediction.ids["id"].equals(first.ids["id"]):
-            raise SegflowError(f"{what} of {name} and {names[0]} cover different ids")
-        if prediction.probs.shape != first.probs.shape:
-            raise SegflowError(
-                f"{what} of {name} have shape {prediction.probs.shape}, "
-                f"{names[0]} {first.probs.shape}"
-            )
-
-
-def oof_truths(
-    manifest: pd.DataFrame, dedup_items: pd.DataFrame, ids: pd.Series, n_classes: int
-) -> np.ndarray:
-    """Packed true label masks of the OOF ids at the original resolution."""
-    return original_truths(manifest, dedup_items, ids, n_classes)
-
-
-def gate_columns(ids: pd.DataFrame, nonempty: np.ndarray) -> pd.DataFrame:
-    """``ids`` with its ``nonempty_prob_<k>`` columns replaced by ``nonempty`` (N, K)."""
-    out = ids.drop(columns=[c for c in ids.columns if c.startswith("nonempty_prob_")])
-    for k in range(nonempty.shape[1]):
-        out[nonempty_column(k)] = nonempty[:, k]
-    return out
-
-
-def json_ready(values: dict[str, Any]) -> dict[str, Any]:
-    """A dict through json (NaN -> None), for summaries built from numpy values."""
-    return json.loads(json.dumps(values, default=float).replace("NaN", "null"))
-
-
-def run_blend(
-    names: Sequence[str],
-    oof: Sequence[Prediction],
-    test: Sequence[Prediction],
-    truths: np.ndarray,
-    folds: pd.DataFrame,
-    classes: Sequence[str],
-    metric: str,
-    step: float,
-) -> tuple[Prediction, Prediction, dict[str, Any], pd.DataFrame]:
-    """Tune the experiments' blend weights on OOF and apply them to OOF and test.
-
-    Returns:
-        (blended OOF, blended test, weights summary, the table of single / mean / tuned).
-    """
-    from segflow.ensemble.weights import blend, blend_nonempty, tune_weights
-    from segflow.model.inference.predict import nonempty_probs
-
-    check_aligned(oof, names, "OOF predictions")
-    check_aligned(test, names, "test predictions")
-    weights, table = tune_weights(
-        [p.probs for p in oof], truths, classes, metric=metric, step=step, names=names
-    )
-
-    def blended(predictions: Sequence[Prediction]) -> Prediction:
-        ids = predictions[0].ids.drop(
-            columns=[c for c in predictions[0].ids.columns if c.startswith("nonempty_prob_")]
-        )
-        heads = [nonempty_probs(p.ids, len(classes)) for p in predictions]
-        gate = blend_nonempty(heads, weights)
-        if gate is not None:
-            ids = gate_columns(ids, gate)
-        return Prediction(ids, blend([p.probs for p in predictions], weights))
-
-    summary = {
-        "metric": metric,
-        "step": step,
-        "weights": {name: float(w) for name, w in zip(names, weights, strict=True)},
-        "table": table.to_dict("records"),
-    }
-    return blended(oof), blended(test), json_ready(summary), table
-
-
-def select_pseudo_stage(
-    test: Prediction,
-    tuned: dict[str, Any],
-    classes: Sequence[str],
-    dedup_items: pd.DataFrame,
-    options: Any,
-    size: tuple[int, int],
-) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
-    """Select pseudo-labels from a round's final test prediction and build their targets.
-
-    Args:
-        test: the fold-merged (ensemble) test prediction at the original resolution.
-        tuned: its tuned post-processing (``params.json``), applied to make hard labels.
-        classes: class names in bit order.
-        dedup_items: dedup's items table (test duplicates of train images are excluded).
-        options: :class:`segflow.ensemble.pseudo.PseudoOptions`.
-        size: the preprocessed (height, width) the targets are stored at.
-
-    Returns:
-        (selection table, targets at the preprocessed size, summary). Targets are packed
-        labels (S, h, w) for hard labels, float16 (S, K, h, w) for soft ones.
-    """
-    import cv2
-
-    from segflow.data.preprocess import resize_mask
-    from segflow.ensemble.pseudo import pseudo_targets, select_pseudo, train_duplicates
-    from segflow.model.inference.predict import nonempty_probs
-    from segflow.model.postprocess import apply_classes, params_from_summary
-
-    selection = select_pseudo(test.ids, test.probs, options, train_duplicates(dedup_items))
-    # select_pseudo sorts by id; keep the targets in that order.
-    position = pd.Series(np.arange(len(test.ids)), index=test.ids["id"])
-    rows = position.loc[selection.loc[selection["selected"], "id"]].to_numpy()
-    probs = np.asarray(test.probs[rows], dtype=np.float32)
-    nonempty = nonempty_probs(test.ids, len(classes))
-    masks = apply_classes(
-        probs, params_from_summary(tuned, classes), None if nonempty is None else nonempty[rows]
-    )
-    targets = pseudo_targets(probs, masks, options)
-    height, width = size
-    if options.labels == "hard":
-        resized = (
-            np.stack([resize_mask(t, height, width) for t in targets])
-            if len(targets)
-            else (np.zeros((0, height, width), targets.dtype))
-        )
-    else:
-        resized = np.zeros((len(targets), len(classes), height, width), np.float16)
-        for i, target in enumerate(targets):
-            planes = cv2.resize(
-                np.ascontiguousarray(target.astype(np.float32).transpose(1, 2, 0)),
-                (width, height),
-                interpolation=cv2.INTER_LINEAR,
-            )
-            resized[i] = planes.reshape(height, width, -1).transpose(2, 0, 1)
-    summary = {
-        "n_test": len(selection),
-        "n_selected": int(selection["selected"].sum()),
-        # "duplicate of train <ids>" counts as one reason, whatever the ids.
-        "reasons": selection["reason"]
-        .str.replace(r"^duplicate of train.*", "duplicate of train", regex=True)
-        .value_counts()
-        .to_dict(),
-        "labels": options.labels,
-        "mean_confidence_selected": float(selection.loc[selection["selected"], "confidence"].mean())
-        if selection["selected"].any()
-        else None,
-    }
-    return selection, resized, json_ready(summary)
 
 
 def stage_table(
@@ -308,7 +96,6 @@ def tuned_scores(
     Shape:
         oof.probs: (N, K, H, W); truths: (N, H, W); output: (N,).
     """
-    from segflow.model.inference.predict import nonempty_probs
     from segflow.model.metrics import get_metric
     from segflow.model.postprocess import apply_classes, params_from_summary
 
@@ -339,18 +126,17 @@ def constant_baselines(table: pd.DataFrame, results_dir: str | os.PathLike[str])
     Returns:
         A copy of ``table`` with the extra columns.
     """
-    from segflow.data.preprocess import mask_sources
     from segflow.model.diagnostics import constant_check, constant_columns, constant_scores
 
     root = Path(results_dir)
-    manifest = _read_parquet(root / "ingest" / "manifest.parquet")
-    dedup_items = _read_parquet(root / "dedup" / "items.parquet")
+    manifest = _read_parquet(layout.manifest(root))
+    dedup_items = _read_parquet(layout.dedup_items(root))
     sources = mask_sources(manifest, dedup_items)
     groups: dict[tuple[str, ...], list[int]] = {}
     loaded = []
     for row in table.itertuples():
         folder = f"round{row.round}"
-        oof = load_oof(root / "oof" / row.candidate / folder)
+        oof = read_oof(candidate_dir(root, "oof", row.candidate, row.round))
         metrics = json.loads((root / "oof" / row.candidate / folder / "metrics.json").read_text())
         tuned = json.loads(
             (root / "postprocess" / row.candidate / folder / "params.json").read_text()
@@ -432,21 +218,46 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = [
-    "Prediction",
-    "check_aligned",
-    "choose_candidate",
-    "class_truths",
-    "constant_baselines",
-    "gate_columns",
-    "json_ready",
-    "load_oof",
-    "load_test",
-    "markdown_table",
-    "oof_truths",
-    "run_blend",
-    "select_pseudo_stage",
-    "stage_table",
-    "tuned_scores",
-    "write_candidate",
-]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow choose``'s flags."""
+    parser.add_argument("--candidates", nargs="+", required=True, help="name:round pairs")
+    parser.add_argument("--results-dir", required=True)
+    parser.add_argument("--force", default=None, help="name:round to submit regardless")
+    parser.add_argument("--out-dir", required=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow choose``: copy the chosen submission; write the stage table and choice."""
+    pairs = []
+    for text in args.candidates:
+        name, _, round_ = text.partition(":")
+        pairs.append((name, int(round_ or 0)))
+    results = Path(args.results_dir)
+    table = constant_baselines(stage_table(pairs, results), results)
+    chosen = choose_candidate(table, args.force)
+    source = layout.submission_csv(results, chosen["candidate"], chosen["round"])
+    out = Path(args.out_dir)
+    with atomic_path(out / "submission.csv") as tmp:
+        shutil.copyfile(source, tmp)
+    table["chosen"] = (table["candidate"] == chosen["candidate"]) & (
+        table["round"] == chosen["round"]
+    )
+    write_csv(out / "stages.csv", table)
+    write_text(out / "stages.md", markdown_table(table))
+    choice = {
+        "candidate": chosen["candidate"],
+        "round": int(chosen["round"]),
+        "stage": chosen["stage"],
+        "metric": chosen["tuned_metric"],
+        "tuned_oof_score": float(chosen["tuned"]),
+        "delta_vs_best_single": float(chosen["delta_tuned"]),
+        "reason": f"forced by submit_experiment {args.force}"
+        if args.force
+        else "best tuned OOF score",
+        "submission": str(source),
+    }
+    block = stage_provenance({"candidates": args.candidates, "force": args.force})
+    write_json(out / "choice.json", with_provenance(choice, block))
+    stage_log.info(
+        "final submission: %s round %d (%s)", choice["candidate"], choice["round"], choice["reason"]
+    )

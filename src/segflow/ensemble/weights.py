@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.truths import class_truths
 from segflow.core.errors import SegflowError
-from segflow.model.evaluate import class_truths
 from segflow.model.metrics import METRIC_NAMES, scores_from_counts
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def blend_nonempty(
 
     Args:
         nonempty: per experiment, its (N, K) non-empty probabilities
-            (:func:`segflow.model.inference.predict.nonempty_probs`), or None without an aux head.
+            (:func:`segflow.artifacts.predictions.nonempty_probs`), or None without an aux head.
         weights: the blend's weights, one per experiment (as given to :func:`blend`).
 
     Returns:

@@ -7,6 +7,7 @@ DICOM files are converted to 8-bit with a Hounsfield-unit window (see :class:`Di
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -40,6 +41,28 @@ class DicomWindow:
 
     center: float = 40.0
     width: float = 400.0
+
+
+def add_dicom_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dicom-window-center`` and ``--dicom-window-width`` (see :class:`DicomWindow`)."""
+    default = DicomWindow()
+    parser.add_argument(
+        "--dicom-window-center",
+        type=float,
+        default=default.center,
+        help=f"DICOM window centre in HU (default: {default.center})",
+    )
+    parser.add_argument(
+        "--dicom-window-width",
+        type=float,
+        default=default.width,
+        help=f"DICOM window width in HU (default: {default.width})",
+    )
+
+
+def dicom_window_from_args(args: argparse.Namespace) -> DicomWindow:
+    """The :class:`DicomWindow` of :func:`add_dicom_window_arguments`' flags."""
+    return DicomWindow(args.dicom_window_center, args.dicom_window_width)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,14 @@ checkpoint, and :func:`segflow.model.inference.predict.predict_rows` with the ``
 on the prediction device and threads. The weights are untrained: timing does not depend on them.
 
 Timings vary from run to run; that is why the plan is a cached artifact. This module is left out
-of the ``plan-budget`` code fingerprint (:data:`segflow.core.fingerprint.STAGE_MODULES`): editing
+of the ``plan-budget`` code fingerprint (:data:`segflow.stages.STAGES`): editing
 how time is measured does not re-plan, and so does not retrain; ``snakemake -R plan_budget``
 does.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import logging
@@ -28,8 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from segflow.core.devices import resolve_device
-from segflow.model.budget import Measurement
+from segflow.core.atomic import write_json
+from segflow.core.devices import add_compute_arguments, compute, resolve_device
+from segflow.core.errors import SegflowError
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.core.stage_args import json_mapping, stage_log
+from segflow.model.budget import BudgetOptions, Measurement, plan_budget
 from segflow.model.datasets import SegmentationArrays
 from segflow.model.experiment import Experiment
 from segflow.model.inference.predict import (
@@ -233,3 +239,93 @@ def machine_description(device: torch.device, threads: int, predict_threads: int
         "predict_threads": predict_threads,
         "torch": torch.__version__,
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow plan-budget``'s flags."""
+    add_dataclass_arguments(parser, BudgetOptions)
+    parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    parser.add_argument("--folds", required=True, help="folds.csv")
+    parser.add_argument(
+        "--experiments", required=True, help="JSON mapping of experiment name -> experiment"
+    )
+    parser.add_argument("--predict", default="{}", help="the predict section as JSON (TTA, ...)")
+    parser.add_argument("--pseudo-rounds", type=int, default=0, help="pseudo-labelling rounds")
+    parser.add_argument(
+        "--max-pseudo-share", type=float, default=0.3, help="cap on pseudo-labelled draws"
+    )
+    parser.add_argument(
+        "--predict-threads", type=int, default=2, help="CPU threads of the prediction jobs"
+    )
+    parser.add_argument("--out", required=True, help="plan.json to write")
+    add_compute_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow plan-budget``: time each experiment here, write the plan."""
+    with compute(args):
+        _plan_budget_command(args)
+
+
+def _plan_budget_command(args: argparse.Namespace) -> None:
+    from segflow.model.inference.predict import PredictOptions
+
+    options = dataclass_from_namespace(BudgetOptions, args)
+    if options.minutes is None:
+        raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
+    experiments = json_mapping(args.experiments, "--experiments")
+    if not all(isinstance(values, dict) for values in experiments.values()):
+        raise SegflowError("--experiments must map each experiment name to its mapping")
+    predict_values = json_mapping(args.predict, "--predict")
+    known = {field.name for field in dataclasses.fields(PredictOptions)}
+    unknown = sorted(set(predict_values) - known)
+    if unknown:
+        raise SegflowError(f"unknown key predict.{unknown[0]}; valid: {', '.join(sorted(known))}")
+    predict = PredictOptions(**predict_values)
+    arrays = SegmentationArrays.open(args.arrays_dir)
+    threads = max(1, args.threads)
+    predict_threads = max(1, min(args.predict_threads, threads))
+    # What every job pays before it works: the interpreter, imports and the device (timed
+    # within plan_budget, whose time counts against the budget).
+    startups: dict[str, float] = {}
+
+    def measure(name: str, experiment: Experiment) -> Any:
+        device = resolve_device(experiment.train.device)
+        if "process" not in startups:
+            startups["process"] = process_startup_seconds()
+        if str(device) not in startups:  # measurable once per process and device
+            startups[str(device)] = device_startup_seconds(device)
+        stage_log.info("budget: timing %s on %s", name, device)
+        return measure_experiment(
+            arrays,
+            args.folds,
+            experiment,
+            predict,
+            options.measure_steps,
+            predict_threads,
+            startups["process"] + startups[str(device)],
+        )
+
+    plan = plan_budget(
+        args.arrays_dir,
+        args.folds,
+        experiments,
+        options,
+        measure,
+        pseudo_rounds=args.pseudo_rounds,
+        max_pseudo_share=args.max_pseudo_share,
+        parallel_jobs=options.parallel_jobs or max(1, args.gpus),
+        machine=machine_description(resolve_device("auto"), threads, predict_threads),
+    )
+    # The config values the plan follows from (no paths); the timings are not seeded.
+    block = stage_provenance(
+        {
+            "budget": dataclasses.asdict(options),
+            "experiments": experiments,
+            "predict": dataclasses.asdict(predict),
+            "pseudo_rounds": args.pseudo_rounds,
+            "max_pseudo_share": args.max_pseudo_share,
+        }
+    )
+    write_json(args.out, with_provenance(plan, block))
+    stage_log.info("budget plan -> %s", args.out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,41 +11,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.arrays import read_classes
+from segflow.artifacts.predictions import read_prediction, write_oof
+from segflow.artifacts.tables import read_folds, read_table
+from segflow.artifacts.truths import class_truths, original_truths
+from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
-from segflow.data.preprocess import MaskSource, load_mask, mask_sources
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.core.stage_args import add_stage_tables, add_stats, stage_log
 from segflow.model.metrics import METRIC_NAMES, summarise_scores
 
 
-def original_truths(
-    manifest: pd.DataFrame,
-    dedup_items: pd.DataFrame,
-    ids: Sequence[str],
-    n_classes: int = 1,
-    sources: dict[str, tuple[MaskSource, ...]] | None = None,
-) -> np.ndarray:
-    """Training labels of ``ids`` at the original resolution, as the model was trained on them
-    (the union mask for members of a group resolved by the ``union`` policy).
-
-    Args:
-        sources: :func:`segflow.data.preprocess.mask_sources` of the manifest, when the caller reads
-            labels in chunks (it resolves and checks every mask path, so build it once).
-
-    Returns:
-        Packed label masks: bit k is class k (binary: {0, 1}); see :mod:`segflow.formats.labels`.
-
-    Shape:
-        output: (len(ids), H, W); all images must share one size.
-    """
-    if sources is None:
-        sources = mask_sources(manifest, dedup_items)
-    sizes = manifest.set_index("id").loc[list(ids), ["height", "width"]]
-    if len(sizes.drop_duplicates()) > 1:
-        raise SegflowError("OOF scoring needs one original image size; these images differ")
-    shape = (int(sizes["height"].iloc[0]), int(sizes["width"].iloc[0]))
-    return np.stack([load_mask(sources[item_id], shape, n_classes) for item_id in ids])
-
-
-def assemble_oof(fold_dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, np.ndarray]:
+def assemble_oof(fold_dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFrame, np.ndarray]:
     """Concatenate per-fold OOF outputs (``ids.csv`` + ``probs.npy``), sorted by id.
 
     Raises:
@@ -52,8 +31,8 @@ def assemble_oof(fold_dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, np.ndar
     frames, arrays = [], []
     for fold_dir in fold_dirs:
         fold_dir = Path(fold_dir)
-        ids = pd.read_csv(fold_dir / "ids.csv", dtype={"id": str})
-        probs = np.load(fold_dir / "probs.npy", mmap_mode="r")
+        prediction = read_prediction(fold_dir)
+        ids, probs = prediction.ids, prediction.probs
         if len(ids) != len(probs):
             raise SegflowError(f"{fold_dir}: {len(ids)} ids but {len(probs)} predictions")
         frames.append(ids)
@@ -65,15 +44,6 @@ def assemble_oof(fold_dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, np.ndar
     order = np.argsort(ids["id"].to_numpy(), kind="stable")
     probs = np.concatenate([np.asarray(array) for array in arrays])[order]
     return ids.iloc[order].reset_index(drop=True), probs
-
-
-def class_truths(packed: np.ndarray, k: int) -> np.ndarray:
-    """Class ``k``'s plane of packed label masks (bit k), as bool.
-
-    Shape:
-        packed: (N, H, W); output: (N, H, W).
-    """
-    return (np.asarray(packed) >> k) & 1 != 0
 
 
 def score_oof(
@@ -132,3 +102,37 @@ def score_oof(
     if len(classes) > 1:
         summary["per_class"] = overall.drop(columns="group").to_dict("records")
     return table, summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow evaluate-oof``'s flags."""
+    parser.add_argument("--fold-dirs", nargs="+", required=True, help="predict-oof outputs")
+    parser.add_argument("--folds", required=True, help="folds.csv")
+    add_stats(parser)
+    add_stage_tables(parser)
+    parser.add_argument("--out-dir", required=True, help="folder for OOF arrays and metrics")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow evaluate-oof``: the OOF folder (arrays, ids, metrics)."""
+    classes, _ = read_classes(args.stats)
+    ids, probs = assemble_oof(args.fold_dirs)
+    folds = read_folds(args.folds).set_index("id")
+    manifest = read_table(args.manifest, "manifest")
+    truths = original_truths(
+        manifest, read_table(args.dedup_items, "dedup items"), ids["id"], len(classes)
+    )
+    table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes)
+    out = Path(args.out_dir)
+    write_oof(out, ids.assign(fold=folds.loc[ids["id"], "fold"].to_numpy()), probs)
+    write_csv(out / "metrics.csv", table)
+    # No options and no randomness: the metrics follow from the fold predictions alone.
+    write_json(out / "metrics.json", with_provenance(summary, stage_provenance({})))
+    stage_log.info(
+        "OOF %s: kaggle %.4f, dice %.4f, iou %.4f (all-empty baseline kaggle %.4f)",
+        args.out_dir,
+        summary["kaggle"],
+        summary["dice"],
+        summary["iou"],
+        summary["all_empty_baseline_kaggle"],
+    )

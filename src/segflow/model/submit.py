@@ -7,6 +7,8 @@ file is written, so a submission can never silently disagree with the prediction
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.arrays import read_classes
+from segflow.artifacts.predictions import merge_folds, nonempty_probs, read_prediction
+from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_csv
 from segflow.core.errors import SegflowError
-from segflow.core.options import option
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
+from segflow.core.stage_args import add_fold_merge, add_stage_tables, add_stats, stage_log
 from segflow.formats.labels import label_dtype, read_label, unpack_labels
 from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
@@ -218,3 +224,45 @@ def _checked_rle(item_id: str, mask: np.ndarray, options: SubmissionOptions) -> 
 def write_submission(path: str | Path, frame: pd.DataFrame) -> None:
     """Write the submission CSV atomically."""
     write_csv(path, frame)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow submit``'s flags."""
+    add_dataclass_arguments(parser, SubmissionOptions)
+    parser.add_argument("--fold-dirs", nargs="+", required=True, help="predict-test outputs")
+    add_fold_merge(parser)
+    parser.add_argument("--postprocess", required=True, help="params.json from tune-postprocess")
+    add_stats(parser)
+    add_stage_tables(parser)
+    parser.add_argument("--out", required=True, help="submission CSV to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow submit``: merge the folds' test predictions, post-process, write the CSV."""
+    from segflow.model.postprocess import apply_classes, params_from_summary
+
+    classes, multilabel = read_classes(args.stats)
+    options = dataclass_from_namespace(SubmissionOptions, args)
+    folds = [read_prediction(d, mmap=False) for d in args.fold_dirs]
+    fold_ids = [fold.ids for fold in folds]
+    if any(not ids["id"].equals(fold_ids[0]["id"]) for ids in fold_ids):
+        raise SegflowError("test predictions of the folds are not in the same id order")
+    probs = merge_folds([fold.probs for fold in folds], args.fold_merge)
+    gates = [nonempty_probs(ids, len(classes)) for ids in fold_ids]
+    nonempty = None if any(g is None for g in gates) else np.mean(gates, axis=0)
+    params = params_from_summary(json.loads(Path(args.postprocess).read_text()), classes)
+    masks = apply_classes(probs, params, nonempty)
+    manifest = read_table(args.manifest, "manifest")
+    known = known_test_labels(manifest, read_table(args.dedup_items, "dedup items"), len(classes))
+    # Binary data keeps the two-column format: one (H, W) mask per id, no class column.
+    predictions = dict(zip(fold_ids[0]["id"], masks if multilabel else masks[:, 0], strict=True))
+    id_names = written_ids(manifest, predictions, options.id_style)  # stems or file names
+    frame = submission_frame(predictions, options, known, classes if multilabel else None, id_names)
+    write_submission(args.out, frame)
+    copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0
+    stage_log.info(
+        "submission %s: %d rows, %d labels copied from train duplicates",
+        args.out,
+        len(frame),
+        copied,
+    )

@@ -9,6 +9,7 @@ from an artifact or the config is HTML-escaped.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
@@ -21,15 +22,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts import arrays, layout
+from segflow.artifacts.arrays import classes_of
+from segflow.artifacts.predictions import OOF_IDS, OOF_PROBS, nonempty_probs
+from segflow.artifacts.truths import class_truths, mask_sources, original_truths
 from segflow.core.atomic import write_text
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import PROVENANCE_KEY
-from segflow.data.preprocess import mask_sources
-from segflow.formats.imageio import DicomWindow, decode_image
+from segflow.core.stage_args import stage_log
+from segflow.formats.imageio import (
+    DicomWindow,
+    add_dicom_window_arguments,
+    decode_image,
+    dicom_window_from_args,
+)
 from segflow.formats.manifest import data_roots, resolve_manifest_path
 from segflow.model import diagnostics
-from segflow.model.evaluate import class_truths, original_truths
-from segflow.model.inference.predict import nonempty_probs
 from segflow.model.metrics import per_image_scores
 from segflow.model.postprocess import apply_classes, params_from_summary
 from segflow.report import figures as report_figures
@@ -341,7 +349,7 @@ def _oof_section(root: Path, candidates: Sequence[Candidate]) -> str:
     rows, bars = [], []
     for candidate in candidates:
         metrics = _read_json(
-            root / "oof" / candidate.name / f"round{candidate.round}" / "metrics.json"
+            layout.candidate_dir(root, "oof", candidate.name, candidate.round) / "metrics.json"
         )
         row: dict[str, Any] = {"candidate": candidate.name, "round": candidate.round}
         for record in metrics.get("per_fold", []):
@@ -375,7 +383,7 @@ def _postprocess_section(root: Path, candidates: Sequence[Candidate]) -> str:
         )
     ]
     for candidate in candidates:
-        folder = root / "postprocess" / candidate.name / f"round{candidate.round}"
+        folder = layout.candidate_dir(root, "postprocess", candidate.name, candidate.round)
         grid = _read_csv(folder / "grid.csv")
         params = _read_json(folder / "params.json")
         chosen = {
@@ -430,21 +438,19 @@ def _cases_section(
     root: Path, choice: dict[str, Any], classes: Sequence[str], dicom_window: DicomWindow | None
 ) -> str:
     candidate = Candidate(str(choice["candidate"]), int(choice["round"]))
-    oof_dir = root / "oof" / candidate.name / f"round{candidate.round}"
-    ids = _read_csv(oof_dir / "oof_ids.csv", dtype={"id": str})
-    probs = np.load(_require(oof_dir / "oof_probs.npy"), mmap_mode="r")
+    oof_dir = layout.candidate_dir(root, "oof", candidate.name, candidate.round)
+    ids = _read_csv(oof_dir / OOF_IDS, dtype={"id": str})
+    probs = np.load(_require(oof_dir / OOF_PROBS), mmap_mode="r")
     if len(ids) != len(probs) or probs.ndim != 4 or probs.shape[1] != len(classes):
         raise SegflowError(
             f"{oof_dir}: {len(ids)} ids, probabilities of shape {probs.shape}, "
             f"{len(classes)} classes"
         )
-    summary = _read_json(
-        root / "postprocess" / candidate.name / f"round{candidate.round}" / "params.json"
-    )
+    summary = _read_json(layout.postprocess_params(root, candidate.name, candidate.round))
     params = params_from_summary(summary, classes)
     gates = nonempty_probs(ids, len(classes))
-    manifest = _read_parquet(root / "ingest" / "manifest.parquet")
-    dedup_items = _read_parquet(root / "dedup" / "items.parquet")
+    manifest = _read_parquet(layout.manifest(root))
+    dedup_items = _read_parquet(layout.dedup_items(root))
     sources = mask_sources(manifest, dedup_items)
     scores, areas = np.zeros(len(ids)), np.zeros(len(ids))
     for start in range(0, len(ids), CHUNK):
@@ -508,11 +514,10 @@ def build_report(
         SegflowError: an artifact the report needs is missing (named in the message).
     """
     root = Path(results_dir)
-    stages = _read_csv(root / "final" / "stages.csv")
-    choice = _read_json(root / "final" / "choice.json")
+    stages = _read_csv(layout.final_dir(root) / "stages.csv")
+    choice = _read_json(layout.final_dir(root) / "choice.json")
     candidates = candidates_from_stages(stages)
-    stats = _read_json(root / "preprocess" / "stats.json")
-    classes = [str(name) for name in stats.get("classes", ["mask"])]
+    classes = classes_of(_read_json(arrays.stats_path(layout.arrays_dir(root))))
     n_folds = int(_read_json(root / "folds" / "summary.json")["n_folds"])
     sections = [
         _diagnostics_section(root, candidates, n_folds, stages),
@@ -555,3 +560,17 @@ def write_report(
 ) -> None:
     """Build the report (:func:`build_report`) and write it atomically to ``out``."""
     write_text(out, build_report(results_dir, dicom_window, title))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow report``'s flags."""
+    parser.add_argument("--results-dir", required=True, help="the workflow's results folder")
+    parser.add_argument("--title", default="segflow report", help="page title")
+    add_dicom_window_arguments(parser)
+    parser.add_argument("--out", required=True, help="report.html to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow report``: write the HTML report."""
+    write_report(args.results_dir, args.out, dicom_window_from_args(args), args.title)
+    stage_log.info("report %s", args.out)

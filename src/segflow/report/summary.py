@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -120,3 +121,13 @@ def results_summary(results_dir: str | Path) -> str:
         lines.append("  nothing yet: run `snakemake` (or `make demo`) first")
     lines += diagnostics_lines(root)
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow summary``'s one argument."""
+    parser.add_argument("results_dir", help="the workflow's results folder")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow summary``: print the run's summary."""
+    print(results_summary(args.results_dir))

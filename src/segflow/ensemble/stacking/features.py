@@ -336,7 +336,7 @@ def sample_pixels(
 
     Args:
         truth_plane: one class's true masks, bool or 0/1 (e.g.
-            ``evaluate.class_truths(packed, k)``).
+            ``truths.class_truths(packed, k)``).
         pixels_per_image: at most this many pixels per image (all pixels if fewer).
         seed: the sample's seed.
 
@@ -412,7 +412,7 @@ def check_truth_plane(truth_plane: object) -> np.ndarray:
     if truth_plane.dtype != bool and np.asarray(truth_plane).max(initial=0) > 1:
         raise SegflowError(
             "truth_plane must be one class's masks (bool or 0/1); split packed labels with "
-            "segflow.model.evaluate.class_truths(packed, k)"
+            "segflow.artifacts.truths.class_truths(packed, k)"
         )
     return truth_plane
 

@@ -570,7 +570,7 @@ def nonempty_images(truth_plane: np.ndarray) -> np.ndarray:
     """Whether each image of one class's true masks has a foreground pixel; bool (N,).
 
     Shape:
-        truth_plane: (N, H, W) bool or 0/1 (``evaluate.class_truths(packed, k)``).
+        truth_plane: (N, H, W) bool or 0/1 (``truths.class_truths(packed, k)``).
     """
     truth_plane = check_truth_plane(truth_plane)
     return np.array([np.asarray(plane).any() for plane in truth_plane], dtype=bool)

@@ -13,6 +13,7 @@ final models, fitted on all OOF, are applied to the test features. Two candidate
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -24,18 +25,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts import layout
+from segflow.artifacts.arrays import images_file, read_classes, read_index, split_rows
+from segflow.artifacts.layout import group_by_experiment
+from segflow.artifacts.predictions import (
+    Prediction,
+    read_fold_predictions,
+    read_oof,
+    with_gates,
+    without_gates,
+)
+from segflow.artifacts.tables import read_folds, read_table
+from segflow.artifacts.truths import class_truths, original_truths
 from segflow.core.atomic import write_json
 from segflow.core.errors import SegflowError
-from segflow.core.options import option
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
 from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
-from segflow.ensemble.choose import (
-    Prediction,
-    check_aligned,
-    class_truths,
-    gate_columns,
-    json_ready,
-    write_candidate,
-)
+from segflow.core.stage_args import add_experiment_dirs, add_stage_tables, check_names, stage_log
+from segflow.ensemble.candidates import check_aligned, json_ready, write_candidate
 from segflow.ensemble.stacking.learners import BACKENDS
 from segflow.ensemble.stacking.threshold import (
     ThresholdResult,
@@ -97,9 +104,8 @@ class StackInputs:
 
 
 def _images_for(arrays_dir: Path, split: str, ids: pd.Series) -> np.ndarray:
-    index = pd.read_parquet(arrays_dir / "index.parquet")
-    rows = index[index["split"] == split].set_index("id").loc[ids, "row"].to_numpy()
-    return np.asarray(np.load(arrays_dir / f"{split}_images.npy", mmap_mode="r")[rows])
+    rows = split_rows(read_index(arrays_dir), split, ids)
+    return np.asarray(np.load(arrays_dir / images_file(split), mmap_mode="r")[rows])
 
 
 def _metadata_for(manifest: pd.DataFrame, ids: pd.Series) -> pd.DataFrame:
@@ -249,8 +255,8 @@ def run_stack(
     summaries = {
         "stack_gate": write_candidate(
             *gate_dirs,
-            Prediction(gate_columns(inputs.base_oof.ids, gate_oof), gate_maps_oof),
-            Prediction(gate_columns(inputs.base_test.ids, gate_test), gate_maps_test),
+            Prediction(with_gates(inputs.base_oof.ids, gate_oof), gate_maps_oof),
+            Prediction(with_gates(inputs.base_test.ids, gate_test), gate_maps_test),
             inputs.folds,
             inputs.truths,
             inputs.classes,
@@ -258,8 +264,8 @@ def run_stack(
         ),
         "stack_pixel": write_candidate(
             *pixel_dirs,
-            Prediction(_without_gate(inputs.base_oof.ids), blend_oof),
-            Prediction(_without_gate(inputs.base_test.ids), blend_test),
+            Prediction(without_gates(inputs.base_oof.ids), blend_oof),
+            Prediction(without_gates(inputs.base_test.ids), blend_test),
             inputs.folds,
             inputs.truths,
             inputs.classes,
@@ -299,13 +305,62 @@ def _fit_thresholds(
     return result
 
 
-def _without_gate(ids: pd.DataFrame) -> pd.DataFrame:
-    return ids.drop(columns=[c for c in ids.columns if c.startswith("nonempty_prob_")])
-
-
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     from segflow.core.atomic import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow stack``'s flags."""
+    add_dataclass_arguments(parser, StackOptions)
+    add_experiment_dirs(parser)
+    parser.add_argument("--base-oof-dir", required=True, help="the ensemble's OOF folder")
+    parser.add_argument("--base-test-dir", required=True, help="the ensemble's test folder")
+    parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    parser.add_argument("--folds", required=True, help="folds.csv")
+    add_stage_tables(parser)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out-dir", required=True, help="artifacts folder")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow stack``: fit the stacked models, write the stack_gate and stack_pixel
+    candidates next to the ensemble's (same results folder and round)."""
+    options = dataclass_from_namespace(StackOptions, args)
+    classes, _ = read_classes(args.arrays_dir)
+    check_names(args)
+    manifest = read_table(args.manifest, "manifest")
+    base_oof = read_oof(args.base_oof_dir)
+    inputs = load_stack_inputs(
+        args.names,
+        [read_oof(d) for d in args.oof_dirs],
+        [
+            read_fold_predictions(dirs, args.fold_merge)
+            for dirs in group_by_experiment(args.test_dirs, len(args.names), "test folders")
+        ],
+        base_oof,
+        read_fold_predictions([args.base_test_dir], "mean"),
+        original_truths(
+            manifest, read_table(args.dedup_items, "dedup items"), base_oof.ids["id"], len(classes)
+        ),
+        read_folds(args.folds),
+        classes,
+        args.arrays_dir,
+        manifest,
+    )
+    try:
+        results, _, round_ = layout.candidate_of(args.base_oof_dir)
+    except ValueError as error:
+        raise SegflowError(f"--base-oof-dir: {error}") from None
+    candidate_dirs = {
+        name: (
+            layout.candidate_dir(results, "oof", name, round_),
+            layout.candidate_dir(results, "test", name, round_),
+        )
+        for name in ("stack_gate", "stack_pixel")
+    }
+    summary = run_stack(inputs, options, args.out_dir, candidate_dirs)
+    stage_log.info("stacking: %s", summary["candidates"])

@@ -9,6 +9,7 @@ and stacking work in the competition's own pixel grid.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,15 +20,17 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.arrays import images_file, read_index, read_stats
+from segflow.artifacts.predictions import FOLD_MERGES, nonempty_column, write_prediction
+from segflow.core.devices import add_compute_arguments, compute
 from segflow.core.errors import SegflowError
-from segflow.core.options import option
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
+from segflow.core.stage_args import stage_log
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-FOLD_MERGES = ("mean", "gmean")
 
 
 @dataclass(frozen=True)
@@ -171,16 +174,6 @@ def stack_original(probs: list[np.ndarray], where: str) -> np.ndarray:
     return np.stack(probs).astype(np.float16)
 
 
-def merge_folds(fold_probs: Sequence[np.ndarray], how: str = "mean") -> np.ndarray:
-    """Merge the test predictions of several fold models (arithmetic or geometric mean)."""
-    if how not in FOLD_MERGES:
-        raise KeyError(f"unknown fold merge {how!r}; valid: {', '.join(FOLD_MERGES)}")
-    stacked = np.stack([np.asarray(p, dtype=np.float32) for p in fold_probs])
-    if how == "mean":
-        return stacked.mean(axis=0)
-    return np.exp(np.log(np.clip(stacked, 1e-6, 1.0)).mean(axis=0))
-
-
 def validation_rows(index: pd.DataFrame, folds: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The preprocessed train rows of ``fold``'s validation items, with their original sizes."""
     train = index[index["split"] == "train"].set_index("id")
@@ -191,19 +184,6 @@ def validation_rows(index: pd.DataFrame, folds: pd.DataFrame, fold: int) -> pd.D
     if missing:
         raise SegflowError(f"folds.csv ids missing from the preprocessed arrays: {missing[:3]}")
     return train.loc[ids].reset_index()
-
-
-def load_arrays_meta(arrays_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """index.parquet and stats.json of a preprocess output folder."""
-    import json
-
-    arrays_dir = Path(arrays_dir)
-    for name in ("index.parquet", "stats.json"):
-        if not (arrays_dir / name).is_file():
-            raise SegflowError(f"{arrays_dir / name} does not exist (run preprocess first)")
-    return pd.read_parquet(arrays_dir / "index.parquet"), json.loads(
-        (arrays_dir / "stats.json").read_text()
-    )
 
 
 def predict_split(
@@ -227,7 +207,7 @@ def predict_split(
     from segflow.model.models import load_checkpoint, required_divisor
 
     arrays_dir = Path(arrays_dir)
-    index, stats = load_arrays_meta(arrays_dir)
+    index, stats = read_index(arrays_dir), read_stats(arrays_dir)
     device = resolve_device(options.device)
     model, meta = load_checkpoint(model_path, device=str(device))
     if split == "train":
@@ -237,7 +217,7 @@ def predict_split(
         rows = validation_rows(index, folds, fold)
     else:
         rows = index[index["split"] == "test"].reset_index(drop=True)
-    images = np.load(arrays_dir / f"{split}_images.npy", mmap_mode="r")
+    images = np.load(arrays_dir / images_file(split), mmap_mode="r")
     mean, std = meta.get("mean", stats["train_mean"]), meta.get("std", stats["train_std"])
     probs, nonempty = predict_rows(
         model, images, rows["row"].to_numpy(), mean, std, options, device, required_divisor(model)
@@ -251,27 +231,28 @@ def predict_split(
     return ids, restored
 
 
-def nonempty_column(k: int) -> str:
-    """The ids.csv column holding class ``k``'s aux-head probability that the mask is non-empty."""
-    return f"nonempty_prob_{k}"
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow predict-oof`` and ``segflow predict-test``'s flags."""
+    add_dataclass_arguments(parser, PredictOptions)
+    parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    parser.add_argument("--model", required=True, help="model.pt of the fold")
+    parser.add_argument("--fold", type=int, default=None, help="the fold (predict-oof)")
+    parser.add_argument("--folds", default=None, help="folds.csv (predict-oof)")
+    parser.add_argument("--out-dir", required=True, help="folder for ids.csv and probs.npy")
+    add_compute_arguments(parser)
 
 
-def nonempty_probs(ids: pd.DataFrame, n_classes: int) -> np.ndarray | None:
-    """The aux-head non-empty probabilities stored in an ids table, or None if it has none.
-
-    Shape:
-        output: (len(ids), n_classes) float32.
-    """
-    columns = [nonempty_column(k) for k in range(n_classes)]
-    if not all(column in ids.columns for column in columns):
-        return None
-    return ids[columns].to_numpy(dtype=np.float32)
-
-
-def write_prediction(out_dir: str | Path, ids: pd.DataFrame, probs: np.ndarray) -> None:
-    """Write ``ids.csv`` and ``probs.npy`` (float16) atomically into ``out_dir``."""
-    from segflow.core.atomic import write_csv, write_npy
-
-    out_dir = Path(out_dir)
-    write_npy(out_dir / "probs.npy", probs.astype(np.float16))
-    write_csv(out_dir / "ids.csv", ids)
+def run(args: argparse.Namespace) -> None:
+    """``segflow predict-oof`` / ``predict-test``: write ids.csv and probs.npy."""
+    split = "train" if args.command == "predict-oof" else "test"
+    with compute(args):
+        ids, probs = predict_split(
+            args.arrays_dir,
+            args.model,
+            split,
+            dataclass_from_namespace(PredictOptions, args),
+            args.fold,
+            args.folds,
+        )
+    write_prediction(args.out_dir, ids, probs)
+    stage_log.info("%s: %d predictions at %s", args.command, len(ids), probs.shape[1:])

@@ -72,6 +72,7 @@ datasets, loaders, seeding), :mod:`segflow.model.training.schedules` (optimizer,
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -91,11 +92,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from segflow.artifacts.arrays import classes_of, read_stats
 from segflow.core.atomic import write_csv, write_json, write_torch
-from segflow.core.devices import resolve_device
+from segflow.core.devices import add_compute_arguments, compute, resolve_device
 from segflow.core.errors import SegflowError
 from segflow.core.options import options_to_dict
 from segflow.core.provenance import provenance
+from segflow.core.stage_args import stage_log
 from segflow.model.datasets import SegmentationArrays, crop_to, pad_to_size
 from segflow.model.metrics import per_image_scores
 from segflow.model.models import (
@@ -1320,3 +1323,133 @@ def _check_final_weights(trainer: _FoldTrainer, model: nn.Module) -> None:
 def _history_frame(history: list[dict[str, float]]) -> pd.DataFrame:
     """history.csv's table: one row per epoch, :data:`HISTORY_COLUMNS`."""
     return pd.DataFrame(history, columns=list(HISTORY_COLUMNS))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow train``'s flags."""
+    parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    parser.add_argument("--folds", required=True, help="folds.csv")
+    parser.add_argument("--fold", type=int, default=None, help="the validation fold")
+    parser.add_argument(
+        "--refit-from",
+        nargs="+",
+        default=None,
+        metavar="METRICS_JSON",
+        help="instead of --fold: refit on every item of --folds for the median best epoch of "
+        "these folds' metrics.json (no validation)",
+    )
+    parser.add_argument("--name", default="experiment", help="experiment name (for messages)")
+    parser.add_argument(
+        "--experiment", required=True, help="experiment as inline JSON or a JSON/YAML file"
+    )
+    parser.add_argument("--out-dir", required=True, help="folder for model.pt, history, metrics")
+    parser.add_argument("--resume-dir", required=True, help="resume checkpoint folder")
+    parser.add_argument(
+        "--pseudo-dir", default=None, help="a pseudo-labelling round's select-pseudo output"
+    )
+    parser.add_argument(
+        "--max-pseudo-share", type=float, default=0.3, help="cap on pseudo-labelled draws"
+    )
+    parser.add_argument(
+        "--pseudo-weight", type=float, default=1.0, help="loss weight of pseudo-labelled images"
+    )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        help="a time budget's plan.json (segflow plan-budget): its epochs replace train.epochs",
+    )
+    parser.add_argument(
+        "--round", type=int, default=0, help="the pseudo-labelling round (looked up in --plan)"
+    )
+    parser.add_argument(
+        "--init-checkpoint",
+        default=None,
+        help="model.pt to start from (the stage named by the experiment's train.init_from)",
+    )
+    add_compute_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow train``: one fold (``--fold``) or the full refit (``--refit-from``)."""
+    with compute(args):
+        _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> None:
+    from segflow.model.experiment import load_experiment_values, parse_experiment
+
+    stats = read_stats(args.arrays_dir)
+    values = load_experiment_values(args.experiment)
+    experiment = parse_experiment(
+        args.name,
+        values,
+        in_channels=int(stats["channels"]),
+        classes=len(classes_of(stats)),
+    )
+    if (args.fold is None) == (args.refit_from is None):
+        raise SegflowError("give either --fold (cross-validation) or --refit-from (full refit)")
+    if args.plan is not None:
+        if args.refit_from is not None:
+            # A refit trains the median of its folds' best epochs, which a plan already bounds.
+            raise SegflowError(
+                "--plan applies to --fold trainings only (a refit's epochs come from its folds)"
+            )
+        experiment = _planned(experiment, values, args)
+    common = {
+        "ohem_fraction": experiment.ohem_fraction,
+        "pseudo_dir": args.pseudo_dir,
+        "max_pseudo_share": args.max_pseudo_share,
+        "pseudo_weight": args.pseudo_weight,
+        "init_checkpoint": args.init_checkpoint,
+    }
+    model_args = (experiment.model, experiment.loss, experiment.augment, experiment.train)
+    if args.refit_from is not None:
+        result = train_full(
+            args.arrays_dir,
+            args.folds,
+            args.refit_from,
+            *model_args,
+            args.out_dir,
+            args.resume_dir,
+            **common,
+        )
+        stage_log.info("full refit trained: %s", result)
+        return
+    result = train_fold(
+        args.arrays_dir,
+        args.folds,
+        args.fold,
+        *model_args,
+        args.out_dir,
+        args.resume_dir,
+        **common,
+    )
+    stage_log.info("fold %d trained: %s", args.fold, result)
+
+
+def _planned(experiment: Any, values: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The experiment with ``train.epochs`` replaced by the budget plan's for this training."""
+    # Not in train's code fingerprint (segflow.stages): the plan file carries its effect.
+    from segflow.model.budget import planned_epochs, read_plan
+
+    epochs = planned_epochs(
+        read_plan(args.plan), args.name, args.round, args.fold, values, where=args.plan
+    )
+    train = experiment.train
+    stage_log.info(
+        "budget plan %s: %d epoch(s) for %s round %d fold %d (train.epochs: %d)",
+        args.plan,
+        epochs,
+        args.name,
+        args.round,
+        args.fold,
+        train.epochs,
+    )
+    if epochs <= train.warmup_epochs:
+        stage_log.warning(
+            "the plan's %d epoch(s) do not outlast train.warmup_epochs = %d: the learning rate "
+            "never decays",
+            epochs,
+            train.warmup_epochs,
+        )
+    return dataclasses.replace(experiment, train=dataclasses.replace(train, epochs=epochs))

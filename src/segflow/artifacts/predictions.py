@@ -1,0 +1,152 @@
+"""Prediction folders (predict-oof/-test, evaluate-oof, blend, stack -> the stages after them).
+
+Two shapes, each the only reader and writer of its files:
+
+- a model's prediction (predict-oof, predict-test; a candidate's merged test prediction):
+  ``ids.csv`` (id, orig_height, orig_width[, nonempty_prob_<k>...]) + ``probs.npy`` float16
+  (N, K, H, W) at the original resolution;
+- an OOF folder (evaluate-oof, and every second-level candidate): ``oof_ids.csv`` (plus a
+  ``fold`` column) + ``oof_probs.npy`` float16 (N, K, H, W).
+
+An image-level gate (an aux head's, or the stacked gate's) travels as the
+``nonempty_prob_<k>`` columns of the ids tables: :func:`nonempty_column` names them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segflow.core.atomic import write_csv, write_npy
+from segflow.core.errors import SegflowError
+
+IDS, PROBS = "ids.csv", "probs.npy"
+OOF_IDS, OOF_PROBS = "oof_ids.csv", "oof_probs.npy"
+NONEMPTY_PREFIX = "nonempty_prob_"
+FOLD_MERGES = ("mean", "gmean")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One candidate's probabilities with their ids table (row-aligned)."""
+
+    ids: pd.DataFrame
+    probs: np.ndarray  # (N, K, H, W)
+
+
+def nonempty_column(k: int) -> str:
+    """The ids.csv column holding class ``k``'s aux-head probability that the mask is non-empty."""
+    return f"{NONEMPTY_PREFIX}{k}"
+
+
+def gate_column_names(ids: pd.DataFrame) -> list[str]:
+    """The ``nonempty_prob_<k>`` columns an ids table has."""
+    return [c for c in ids.columns if c.startswith(NONEMPTY_PREFIX)]
+
+
+def without_gates(ids: pd.DataFrame) -> pd.DataFrame:
+    """``ids`` without its ``nonempty_prob_<k>`` columns."""
+    return ids.drop(columns=gate_column_names(ids))
+
+
+def with_gates(ids: pd.DataFrame, nonempty: np.ndarray) -> pd.DataFrame:
+    """``ids`` with its ``nonempty_prob_<k>`` columns replaced by ``nonempty``.
+
+    Shape:
+        nonempty: (len(ids), K).
+    """
+    out = without_gates(ids)
+    for k in range(nonempty.shape[1]):
+        out[nonempty_column(k)] = nonempty[:, k]
+    return out
+
+
+def nonempty_probs(ids: pd.DataFrame, n_classes: int) -> np.ndarray | None:
+    """The aux-head non-empty probabilities stored in an ids table, or None if it has none.
+
+    Shape:
+        output: (len(ids), n_classes) float32.
+    """
+    columns = [nonempty_column(k) for k in range(n_classes)]
+    if not all(column in ids.columns for column in columns):
+        return None
+    return ids[columns].to_numpy(dtype=np.float32)
+
+
+def merge_folds(fold_probs: Sequence[np.ndarray], how: str = "mean") -> np.ndarray:
+    """Merge the test predictions of several fold models (arithmetic or geometric mean)."""
+    if how not in FOLD_MERGES:
+        raise KeyError(f"unknown fold merge {how!r}; valid: {', '.join(FOLD_MERGES)}")
+    stacked = np.stack([np.asarray(p, dtype=np.float32) for p in fold_probs])
+    if how == "mean":
+        return stacked.mean(axis=0)
+    return np.exp(np.log(np.clip(stacked, 1e-6, 1.0)).mean(axis=0))
+
+
+def write_prediction(out_dir: str | os.PathLike[str], ids: pd.DataFrame, probs: np.ndarray) -> None:
+    """Write ``ids.csv`` and ``probs.npy`` (float16) atomically into ``out_dir``."""
+    out_dir = Path(out_dir)
+    write_npy(out_dir / PROBS, np.asarray(probs).astype(np.float16))
+    write_csv(out_dir / IDS, ids)
+
+
+def read_prediction_ids(pred_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """A prediction folder's ``ids.csv``."""
+    return pd.read_csv(Path(pred_dir) / IDS, dtype={"id": str})
+
+
+def read_prediction(pred_dir: str | os.PathLike[str], mmap: bool = True) -> Prediction:
+    """A prediction folder's ids and probabilities (memory-mapped unless ``mmap`` is False)."""
+    pred_dir = Path(pred_dir)
+    ids = read_prediction_ids(pred_dir)
+    probs = np.load(pred_dir / PROBS, mmap_mode="r" if mmap else None)
+    return Prediction(ids, probs)
+
+
+def read_fold_predictions(dirs: Sequence[str | os.PathLike[str]], fold_merge: str) -> Prediction:
+    """Test predictions of several folds (``ids.csv`` + ``probs.npy`` each), merged.
+
+    Aux-head ``nonempty_prob_<k>`` columns are averaged over the folds that have them all.
+
+    Raises:
+        SegflowError: the folds' ids are not in the same order.
+    """
+    frames = [read_prediction_ids(d) for d in dirs]
+    if any(not frame["id"].equals(frames[0]["id"]) for frame in frames):
+        raise SegflowError(f"test predictions in {', '.join(map(str, dirs))} differ in id order")
+    probs = merge_folds([np.load(Path(d) / PROBS, mmap_mode="r") for d in dirs], fold_merge)
+    ids = frames[0][["id", "orig_height", "orig_width"]].copy()
+    gates = gate_column_names(frames[0])
+    if gates and all(set(gates) <= set(frame.columns) for frame in frames):
+        for column in gates:
+            ids[column] = np.mean([frame[column].to_numpy() for frame in frames], axis=0)
+    return Prediction(ids, probs.astype(np.float16))
+
+
+def read_oof(oof_dir: str | os.PathLike[str]) -> Prediction:
+    """An evaluate-oof style folder: ``oof_ids.csv`` + ``oof_probs.npy`` (memory-mapped).
+
+    Raises:
+        SegflowError: a file missing, or ids and probabilities of different lengths.
+    """
+    oof_dir = Path(oof_dir)
+    for name in (OOF_IDS, OOF_PROBS):
+        if not (oof_dir / name).is_file():
+            raise SegflowError(f"{oof_dir / name} does not exist (run evaluate-oof first)")
+    ids = pd.read_csv(oof_dir / OOF_IDS, dtype={"id": str})
+    probs = np.load(oof_dir / OOF_PROBS, mmap_mode="r")
+    if len(ids) != len(probs):
+        raise SegflowError(f"{oof_dir}: {len(ids)} ids but {len(probs)} OOF predictions")
+    return Prediction(ids, probs)
+
+
+def write_oof(oof_dir: str | os.PathLike[str], ids: pd.DataFrame, probs: np.ndarray) -> None:
+    """Write ``oof_probs.npy`` (float16) and ``oof_ids.csv`` (with its fold column)."""
+    oof_dir = Path(oof_dir)
+    write_npy(oof_dir / OOF_PROBS, np.asarray(probs, dtype=np.float16))
+    write_csv(oof_dir / OOF_IDS, ids)

@@ -1,0 +1,134 @@
+"""The blend stage: tune the experiments' blend weights on OOF, apply them to OOF and test.
+
+The weights' search is :func:`segflow.ensemble.weights.tune_weights` (pure, on arrays); this
+module reads the experiments' OOF and test folders and writes the ``ensemble`` candidate
+(:mod:`segflow.ensemble.candidates`) with ``weights.json`` and ``table.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from segflow.artifacts.arrays import read_classes
+from segflow.artifacts.layout import group_by_experiment
+from segflow.artifacts.predictions import (
+    Prediction,
+    nonempty_probs,
+    read_fold_predictions,
+    read_oof,
+    with_gates,
+    without_gates,
+)
+from segflow.artifacts.tables import read_folds, read_table
+from segflow.artifacts.truths import original_truths
+from segflow.core.atomic import write_csv, write_json
+from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
+from segflow.core.stage_args import (
+    add_experiment_dirs,
+    add_stage_tables,
+    add_stats,
+    check_names,
+    stage_log,
+)
+from segflow.ensemble.candidates import check_aligned, json_ready, write_candidate
+from segflow.ensemble.weights import blend, blend_nonempty, tune_weights
+
+
+def run_blend(
+    names: Sequence[str],
+    oof: Sequence[Prediction],
+    test: Sequence[Prediction],
+    truths: np.ndarray,
+    folds: pd.DataFrame,
+    classes: Sequence[str],
+    metric: str,
+    step: float,
+) -> tuple[Prediction, Prediction, dict[str, Any], pd.DataFrame]:
+    """Tune the experiments' blend weights on OOF and apply them to OOF and test.
+
+    Returns:
+        (blended OOF, blended test, weights summary, the table of single / mean / tuned).
+    """
+    check_aligned(oof, names, "OOF predictions")
+    check_aligned(test, names, "test predictions")
+    weights, table = tune_weights(
+        [p.probs for p in oof], truths, classes, metric=metric, step=step, names=names
+    )
+
+    def blended(predictions: Sequence[Prediction]) -> Prediction:
+        ids = without_gates(predictions[0].ids)
+        heads = [nonempty_probs(p.ids, len(classes)) for p in predictions]
+        gate = blend_nonempty(heads, weights)
+        if gate is not None:
+            ids = with_gates(ids, gate)
+        return Prediction(ids, blend([p.probs for p in predictions], weights))
+
+    summary = {
+        "metric": metric,
+        "step": step,
+        "weights": {name: float(w) for name, w in zip(names, weights, strict=True)},
+        "table": table.to_dict("records"),
+    }
+    return blended(oof), blended(test), json_ready(summary), table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow blend``'s flags."""
+    add_experiment_dirs(parser)
+    parser.add_argument("--metric", default="kaggle")
+    parser.add_argument("--step", type=float, default=0.1, help="weight grid step")
+    parser.add_argument("--folds", required=True, help="folds.csv")
+    add_stats(parser)
+    add_stage_tables(parser)
+    parser.add_argument("--out-oof", required=True, help="blended oof_probs.npy to write")
+    parser.add_argument("--out-test", required=True, help="blended test probs.npy to write")
+    parser.add_argument("--out-weights", required=True, help="weights.json to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow blend``: write the ensemble candidate, weights.json and table.csv."""
+    classes, _ = read_classes(args.stats)
+    check_names(args)
+    oof = [read_oof(d) for d in args.oof_dirs]
+    test = [
+        read_fold_predictions(dirs, args.fold_merge)
+        for dirs in group_by_experiment(args.test_dirs, len(args.names), "test folders")
+    ]
+    folds = read_folds(args.folds)
+    truths = original_truths(
+        read_table(args.manifest, "manifest"),
+        read_table(args.dedup_items, "dedup items"),
+        oof[0].ids["id"],
+        len(classes),
+    )
+    blended_oof, blended_test, summary, table = run_blend(
+        args.names, oof, test, truths, folds, classes, args.metric, args.step
+    )
+    block = stage_provenance(
+        {
+            "names": args.names,
+            "n_folds": args.n_folds,
+            "fold_merge": args.fold_merge,
+            "metric": args.metric,
+            "step": args.step,
+        }
+    )
+    metrics = write_candidate(
+        Path(args.out_oof).parent,
+        Path(args.out_test).parent,
+        blended_oof,
+        blended_test,
+        folds,
+        truths,
+        classes,
+        {"weights": summary["weights"], PROVENANCE_KEY: block},
+    )
+    write_json(args.out_weights, with_provenance(summary, block))
+    write_csv(Path(args.out_weights).with_name("table.csv"), table)
+    stage_log.info("ensemble weights %s: OOF kaggle %.4f", summary["weights"], metrics["kaggle"])

@@ -1,0 +1,131 @@
+"""The select-pseudo stage: pseudo-labels for the next round from a round's test prediction.
+
+The selection policy is :mod:`segflow.ensemble.pseudo` (pure, on arrays); this module applies
+the round's tuned post-processing to its final test prediction, builds the targets at the
+preprocessed size and writes ``selection.csv``, ``targets.npy`` and ``summary.json``, which
+``segflow train --pseudo-dir`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from segflow.artifacts.arrays import classes_of, image_size, read_stats
+from segflow.artifacts.predictions import Prediction, nonempty_probs, read_fold_predictions
+from segflow.artifacts.tables import read_table
+from segflow.core.atomic import write_csv, write_json, write_npy
+from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
+from segflow.core.provenance import stage_provenance, with_provenance
+from segflow.core.stage_args import stage_log
+from segflow.data.preprocess import resize_mask
+from segflow.ensemble.candidates import json_ready
+from segflow.ensemble.pseudo import PseudoOptions, pseudo_targets, select_pseudo, train_duplicates
+from segflow.model.postprocess import apply_classes, params_from_summary
+
+
+def select_pseudo_stage(
+    test: Prediction,
+    tuned: dict[str, Any],
+    classes: Sequence[str],
+    dedup_items: pd.DataFrame,
+    options: Any,
+    size: tuple[int, int],
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+    """Select pseudo-labels from a round's final test prediction and build their targets.
+
+    Args:
+        test: the fold-merged (ensemble) test prediction at the original resolution.
+        tuned: its tuned post-processing (``params.json``), applied to make hard labels.
+        classes: class names in bit order.
+        dedup_items: dedup's items table (test duplicates of train images are excluded).
+        options: :class:`segflow.ensemble.pseudo.PseudoOptions`.
+        size: the preprocessed (height, width) the targets are stored at.
+
+    Returns:
+        (selection table, targets at the preprocessed size, summary). Targets are packed
+        labels (S, h, w) for hard labels, float16 (S, K, h, w) for soft ones.
+    """
+    import cv2
+
+    selection = select_pseudo(test.ids, test.probs, options, train_duplicates(dedup_items))
+    # select_pseudo sorts by id; keep the targets in that order.
+    position = pd.Series(np.arange(len(test.ids)), index=test.ids["id"])
+    rows = position.loc[selection.loc[selection["selected"], "id"]].to_numpy()
+    probs = np.asarray(test.probs[rows], dtype=np.float32)
+    nonempty = nonempty_probs(test.ids, len(classes))
+    masks = apply_classes(
+        probs, params_from_summary(tuned, classes), None if nonempty is None else nonempty[rows]
+    )
+    targets = pseudo_targets(probs, masks, options)
+    height, width = size
+    if options.labels == "hard":
+        resized = (
+            np.stack([resize_mask(t, height, width) for t in targets])
+            if len(targets)
+            else (np.zeros((0, height, width), targets.dtype))
+        )
+    else:
+        resized = np.zeros((len(targets), len(classes), height, width), np.float16)
+        for i, target in enumerate(targets):
+            planes = cv2.resize(
+                np.ascontiguousarray(target.astype(np.float32).transpose(1, 2, 0)),
+                (width, height),
+                interpolation=cv2.INTER_LINEAR,
+            )
+            resized[i] = planes.reshape(height, width, -1).transpose(2, 0, 1)
+    summary = {
+        "n_test": len(selection),
+        "n_selected": int(selection["selected"].sum()),
+        # "duplicate of train <ids>" counts as one reason, whatever the ids.
+        "reasons": selection["reason"]
+        .str.replace(r"^duplicate of train.*", "duplicate of train", regex=True)
+        .value_counts()
+        .to_dict(),
+        "labels": options.labels,
+        "mean_confidence_selected": float(selection.loc[selection["selected"], "confidence"].mean())
+        if selection["selected"].any()
+        else None,
+    }
+    return selection, resized, json_ready(summary)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow select-pseudo``'s flags."""
+    add_dataclass_arguments(parser, PseudoOptions)
+    parser.add_argument("--test-dir", required=True, help="the round's final test prediction")
+    parser.add_argument("--postprocess", required=True, help="its tuned params.json")
+    parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
+    parser.add_argument("--dedup-items", required=True, help="dedup items Parquet")
+    parser.add_argument("--out-dir", required=True, help="selection.csv, targets.npy, summary")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow select-pseudo``: write selection.csv, targets.npy and summary.json."""
+    options = dataclass_from_namespace(PseudoOptions, args)
+    stats = read_stats(args.arrays_dir)
+    classes = classes_of(stats)
+    selection, targets, summary = select_pseudo_stage(
+        read_fold_predictions([args.test_dir], "mean"),
+        json.loads(Path(args.postprocess).read_text()),
+        classes,
+        read_table(args.dedup_items, "dedup items"),
+        options,
+        image_size(stats),
+    )
+    out = Path(args.out_dir)
+    write_npy(out / "targets.npy", targets)
+    write_csv(out / "selection.csv", selection)
+    write_json(
+        out / "summary.json",
+        with_provenance({**summary, "source": args.test_dir}, stage_provenance(options)),
+    )
+    stage_log.info(
+        "pseudo-labels: %d of %d test images selected", summary["n_selected"], len(selection)
+    )
