@@ -19,8 +19,8 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     generate_demo_data,
-    select_pseudo_labels,
-    choose_submission,
+    select_pseudo,
+    choose,
 
 
 rule all:
@@ -28,8 +28,8 @@ rule all:
     input:
         rules.preprocess_images.output,
         rules.make_folds.output,
-        rules.choose_submission.output,
-        rules.write_report.output,
+        rules.choose.output,
+        rules.report.output,
         # experiments.<name>.refit: the full models, also when the test set uses the folds.
         refit_models(),
 

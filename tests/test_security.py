@@ -434,7 +434,7 @@ def test_every_interpolated_value_in_a_shell_command_is_quoted() -> None:
     rules = {}
     for path in WORKFLOW_FILES:
         rules.update(_rules(compiled_workflow(path)))
-    assert len(rules) >= 15 and "train_fold" in rules and "make_submission" in rules
+    assert len(rules) >= 15 and "train_fold" in rules and "submit" in rules
     problems = []
     for name, info in rules.items():
         for _, field, spec, _ in string.Formatter().parse(info["shell"]):
@@ -521,9 +521,9 @@ EVIL_CONFIG = {
     },
     "preprocess": {"height": 32, "width": 32},
     "folds": {"n_folds": 2},
-    "pseudo": {"rounds": 1},  # every rule of the DAG, select_pseudo_labels included
+    "pseudo": {"rounds": 1},  # every rule of the DAG, select_pseudo included
     "experiments": {"unet_lite0": {"train": {"epochs": 1}}},
-    "submit_experiment": "unet_lite0:0",  # choose_submission's --force flag is rendered too
+    "submit_experiment": "unet_lite0:0",  # choose's --force flag is rendered too
 }
 
 

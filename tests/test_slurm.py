@@ -26,10 +26,10 @@ SLURM_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 GPU_RULES = {"train_fold", "predict_oof", "predict_test"}
 CPU_RULES = {
     "ingest_dataset",
-    "find_duplicates",
+    "dedup",
     "preprocess_images",
     "make_folds",
-    "stack_models",
+    "stack",
 }
 
 
@@ -111,7 +111,7 @@ def test_without_a_cluster_section_no_job_asks_for_a_gpu_or_partition(dry_workdi
     ("rules", "message"),
     [
         ({"ingest_dataset": {"gpu": 1}}, "ingest_dataset runs on the CPU only"),
-        ({"stack_models": {"gres": "gpu:1"}}, "stack_models runs on the CPU only"),
+        ({"stack": {"gres": "gpu:1"}}, "stack runs on the CPU only"),
         ({"train_folds": {"mem_mb": 10}}, "unknown rule 'train_folds'"),
     ],
 )
@@ -190,7 +190,7 @@ TARGETS = (
 )
 SUBMITTED_RULES = {
     "ingest_dataset",
-    "find_duplicates",
+    "dedup",
     "preprocess_images",
     "make_folds",
     "train_fold",
@@ -311,7 +311,7 @@ def test_job_killed_for_memory_is_retried_with_more(slurm_cluster: Path, tmp_pat
         "cluster": {
             "rules": {
                 "ingest_dataset": {"mem_mb": JOB_MEM_MB},
-                "find_duplicates": {"mem_mb": JOB_MEM_MB},
+                "dedup": {"mem_mb": JOB_MEM_MB},
                 "make_folds": {"mem_mb": STARVED_MEM_MB},
             }
         },

@@ -42,19 +42,19 @@ MODEL_STAGES = {
     "predict_test",
     "evaluate_oof",
     "tune_postprocess",
-    "make_submission",
-    "blend_experiments",
-    "stack_models",
-    "choose_submission",
-    "write_report",
+    "submit",
+    "blend",
+    "stack",
+    "choose",
+    "report",
     "all",
 }
 # What a change of a second-level stage's output reruns after it.
 SECOND_LEVEL_TAIL = {
     "tune_postprocess",
-    "make_submission",
-    "choose_submission",
-    "write_report",
+    "submit",
+    "choose",
+    "report",
     "all",
 }
 
@@ -85,7 +85,7 @@ def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
     for rule in (
         "generate_demo_data",
         "ingest_dataset",
-        "find_duplicates",
+        "dedup",
         "preprocess_images",
         "make_folds",
     ):
@@ -203,8 +203,8 @@ def _rendered(chromium: str, page: Path) -> dict:
 
 def test_report_renders_in_headless_chromium(demo_run: Path, tmp_path: Path, chromium: str) -> None:
     report = demo_run / "results" / "report" / "report.html"
-    assert (demo_run / "results" / "logs" / "write_report.log").is_file()
-    assert (demo_run / "results" / "benchmarks" / "write_report.tsv").is_file()
+    assert (demo_run / "results" / "logs" / "report.log").is_file()
+    assert (demo_run / "results" / "benchmarks" / "report.tsv").is_file()
     text = report.read_text()
     assert "<script" not in text and "://" not in text  # self-contained (":" is not base64)
     checked = tmp_path / "checked.html"
@@ -244,28 +244,28 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ({"folds": {"seed": 7}}, {"make_folds"} | MODEL_STAGES),
         (
             {"dedup": {"conflict_policy": "union"}},
-            {"find_duplicates", "preprocess_images", "make_folds"} | MODEL_STAGES,
+            {"dedup", "preprocess_images", "make_folds"} | MODEL_STAGES,
         ),
         (
             {"data": {"dicom_window_width": 300.0}},
-            {"ingest_dataset", "find_duplicates", "preprocess_images", "make_folds"} | MODEL_STAGES,
+            {"ingest_dataset", "dedup", "preprocess_images", "make_folds"} | MODEL_STAGES,
         ),
         ({"experiments": {"unet_lite0": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
         (
             {"postprocess": {"min_areas": [0, 5]}},
-            {"tune_postprocess", "make_submission", "choose_submission", "write_report", "all"},
+            {"tune_postprocess", "submit", "choose", "report", "all"},
         ),
         (
             {"submission": {"empty_rle": "-1"}},
-            {"make_submission", "choose_submission", "write_report", "all"},
+            {"submit", "choose", "report", "all"},
         ),
-        ({"submit_experiment": "unet_lite0:0"}, {"choose_submission", "write_report", "all"}),
+        ({"submit_experiment": "unet_lite0:0"}, {"choose", "report", "all"}),
         # Training-only pseudo options: no round uses them here, nothing reruns.
         ({"pseudo": {"pseudo_weight": 0.5, "max_pseudo_share": 0.2}}, set()),
         (
             {"ensemble": {"weight_step": 0.25}},
-            {"blend_experiments", "stack_models"} | SECOND_LEVEL_TAIL,
+            {"blend", "stack"} | SECOND_LEVEL_TAIL,
         ),
     ],
     ids=[
@@ -298,20 +298,20 @@ ONE_EXPERIMENT = {
     "predict_oof": 2,
     "predict_test": 2,
     "evaluate_oof": 1,
-    "blend_experiments": 1,
-    "stack_models": 1,
+    "blend": 1,
+    "stack": 1,
     "tune_postprocess": 4,
-    "make_submission": 4,
-    "choose_submission": 1,
-    "write_report": 1,
+    "submit": 4,
+    "choose": 1,
+    "report": 1,
     "all": 1,
 }
 STACK_ONLY = {
-    "stack_models": 1,
+    "stack": 1,
     "tune_postprocess": 2,
-    "make_submission": 2,
-    "choose_submission": 1,
-    "write_report": 1,
+    "submit": 2,
+    "choose": 1,
+    "report": 1,
     "all": 1,
 }
 EXTRA_EXPERIMENT = {
@@ -339,7 +339,7 @@ EXTRA_EXPERIMENT = {
                 "experiments": {"unet": EXTRA_EXPERIMENT},
             },
             # Only the new experiment trains; unet_lite0's tuning and submission stay.
-            {**ONE_EXPERIMENT, "tune_postprocess": 4, "make_submission": 4},
+            {**ONE_EXPERIMENT, "tune_postprocess": 4, "submit": 4},
         ),
         ({"experiments": {"unet_lite0": {"loss": {"bce": 1.0, "lovasz": 0.5}}}}, ONE_EXPERIMENT),
         (
@@ -349,22 +349,22 @@ EXTRA_EXPERIMENT = {
         (
             {"pseudo": {"rounds": 1, "max_uncertain_share": 1.0}},
             # Round 1 only: selection, its folds, and the second level moved to round 1.
-            {**ONE_EXPERIMENT, "select_pseudo_labels": 1},
+            {**ONE_EXPERIMENT, "select_pseudo": 1},
         ),
         ({"stack": {"backend": "catboost"}}, STACK_ONLY),
         (
             {"postprocess": {"thresholds": [0.3, 0.5]}},
             {
                 "tune_postprocess": 4,
-                "make_submission": 4,
-                "choose_submission": 1,
-                "write_report": 1,
+                "submit": 4,
+                "choose": 1,
+                "report": 1,
                 "all": 1,
             },
         ),
         (
             {"submission": {"id_column": "img", "rle_column": "EncodedPixels"}},
-            {"make_submission": 4, "choose_submission": 1, "write_report": 1, "all": 1},
+            {"submit": 4, "choose": 1, "report": 1, "all": 1},
         ),
     ],
     ids=[
@@ -397,7 +397,7 @@ def test_editing_stacking_code_reruns_stacking_but_not_training(
     with (src / "segflow" / "core" / "errors.py").open("a") as module:
         module.write("\n# every stage raises SegflowError\n")
     edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
-    assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack_models"} <= set(
+    assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack"} <= set(
         edited_everywhere
     )
 
@@ -427,7 +427,7 @@ def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_pat
     cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
     assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
         "ingest_dataset": 1,
-        "find_duplicates": 1,
+        "dedup": 1,
         "make_folds": 1,
     }
 
@@ -586,10 +586,10 @@ def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
     assert {f"results/models/unet_lite0/round0/fold{k}/metrics.json" for k in (0, 1)} <= set(
         full["input"]
     )
-    submission = _job(jobs, "make_submission", experiment="unet_lite0")
+    submission = _job(jobs, "submit", experiment="unet_lite0")
     test_inputs = [p for p in submission["input"] if p.startswith("results/test/")]
     assert test_inputs == [f"results/test/unet_lite0/round0/{m}/probs.npy" for m in members]
-    blend = _job(jobs, "blend_experiments")
+    blend = _job(jobs, "blend")
     assert [p for p in blend["input"] if p.startswith("results/test/")] == test_inputs
     if test_models != "folds":
         predict = _job(jobs, "predict_test_full", experiment="unet_lite0")
@@ -855,6 +855,6 @@ def test_final_choice_and_stage_table(second_level_run: Path) -> None:
 
 
 def test_rerunning_a_pseudo_round_never_retrains_round_0(second_level_run: Path) -> None:
-    jobs = planned_jobs(second_level_run, "--configfile", "two.yaml", "-R", "select_pseudo_labels")
+    jobs = planned_jobs(second_level_run, "--configfile", "two.yaml", "-R", "select_pseudo")
     assert jobs.get("train_fold") == 4  # 2 experiments x 2 folds of round 1 only
-    assert "blend_experiments" in jobs and "evaluate_oof" in jobs
+    assert "blend" in jobs and "evaluate_oof" in jobs

@@ -41,7 +41,7 @@ rule ingest_dataset:
         " --out-manifest {output.manifest:q} --out-summary {output.summary:q} 2> {log:q}"
 
 
-rule find_duplicates:
+rule dedup:
     input:
         manifest=rules.ingest_dataset.output.manifest,
     output:
@@ -49,14 +49,14 @@ rule find_duplicates:
         summary=result("dedup", "summary.json"),
         report=result("dedup", "report.md"),
     log:
-        result("logs", "find_duplicates.log"),
+        result("logs", "dedup.log"),
     benchmark:
-        result("benchmarks", "find_duplicates.tsv")
+        result("benchmarks", "dedup.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("find_duplicates", 1)
+    threads: rule_threads("dedup", 1)
     resources:
-        **job_resources("find_duplicates", mem_mb=4000, runtime=60),
+        **job_resources("dedup", mem_mb=4000, runtime=60),
     params:
         code=stage_fingerprint("dedup"),
         flags=section_flags("dedup"),
@@ -69,7 +69,7 @@ rule find_duplicates:
 rule preprocess_images:
     input:
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         train_images=result("preprocess", "train_images.npy"),
         train_masks=result("preprocess", "train_masks.npy"),
@@ -98,7 +98,7 @@ rule preprocess_images:
 rule make_folds:
     input:
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         folds=result("folds", "folds.csv"),
         summary=result("folds", "summary.json"),

@@ -1,4 +1,4 @@
-rule blend_experiments:
+rule blend:
     input:
         oof_probs=lambda wildcards: expand(
             "{dir}/oof_probs.npy", dir=experiment_dirs("oof", wildcards.round)
@@ -9,7 +9,7 @@ rule blend_experiments:
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         oof_probs=result("oof", "ensemble", "round{round}", "oof_probs.npy"),
         oof_ids=result("oof", "ensemble", "round{round}", "oof_ids.csv"),
@@ -20,14 +20,14 @@ rule blend_experiments:
         weights=result("ensemble", "round{round}", "weights.json"),
         table=result("ensemble", "round{round}", "table.csv"),
     log:
-        result("logs", "blend_experiments", "round{round}.log"),
+        result("logs", "blend", "round{round}.log"),
     benchmark:
-        result("benchmarks", "blend_experiments", "round{round}.tsv")
+        result("benchmarks", "blend", "round{round}.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("blend_experiments", 1)
+    threads: rule_threads("blend", 1)
     resources:
-        **job_resources("blend_experiments", mem_mb=8000, runtime=30),
+        **job_resources("blend", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("blend"),
         names=RUN_EXPERIMENTS,
@@ -48,7 +48,7 @@ rule blend_experiments:
         " --out-test {output.test_probs:q} --out-weights {output.weights:q} 2> {log:q}"
 
 
-rule select_pseudo_labels:
+rule select_pseudo:
     input:
         # Round r trains on round r-1's final test prediction: the ensemble, post-processed.
         test_probs=lambda wildcards: result(
@@ -61,22 +61,22 @@ rule select_pseudo_labels:
             "params.json",
         ),
         stats=rules.preprocess_images.output.stats,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         selection=result("pseudo", "round{round}", "selection.csv"),
         targets=result("pseudo", "round{round}", "targets.npy"),
         summary=result("pseudo", "round{round}", "summary.json"),
     log:
-        result("logs", "select_pseudo_labels", "round{round}.log"),
+        result("logs", "select_pseudo", "round{round}.log"),
     benchmark:
-        result("benchmarks", "select_pseudo_labels", "round{round}.tsv")
+        result("benchmarks", "select_pseudo", "round{round}.tsv")
     wildcard_constraints:
         round=r"[1-9]\d*",
     conda:
         CONDA_ENV
-    threads: rule_threads("select_pseudo_labels", 1)
+    threads: rule_threads("select_pseudo", 1)
     resources:
-        **job_resources("select_pseudo_labels", mem_mb=8000, runtime=30),
+        **job_resources("select_pseudo", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("select-pseudo"),
         flags=section_flags(
@@ -91,7 +91,7 @@ rule select_pseudo_labels:
         " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
-rule stack_models:
+rule stack:
     input:
         oof_probs=expand("{dir}/oof_probs.npy", dir=experiment_dirs("oof", FINAL_ROUND)),
         oof_ids=expand("{dir}/oof_ids.csv", dir=experiment_dirs("oof", FINAL_ROUND)),
@@ -101,7 +101,7 @@ rule stack_models:
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         gate_oof=result("oof", "stack_gate", f"round{FINAL_ROUND}", "oof_probs.npy"),
         gate_oof_ids=result("oof", "stack_gate", f"round{FINAL_ROUND}", "oof_ids.csv"),
@@ -117,14 +117,14 @@ rule stack_models:
         pixel_test_ids=result("test", "stack_pixel", f"round{FINAL_ROUND}", "ids.csv"),
         summary=result("stack", f"round{FINAL_ROUND}", "summary.json"),
     log:
-        result("logs", "stack_models.log"),
+        result("logs", "stack.log"),
     benchmark:
-        result("benchmarks", "stack_models.tsv")
+        result("benchmarks", "stack.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("stack_models", MAX_THREADS)
+    threads: rule_threads("stack", MAX_THREADS)
     resources:
-        **job_resources("stack_models", mem_mb=16000, runtime=120),
+        **job_resources("stack", mem_mb=16000, runtime=120),
     params:
         code=stage_fingerprint("stack"),
         names=RUN_EXPERIMENTS,
@@ -149,7 +149,7 @@ rule stack_models:
         " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
-rule choose_submission:
+rule choose:
     input:
         params=[
             result("postprocess", name, f"round{r}", "params.json")
@@ -170,21 +170,21 @@ rule choose_submission:
             for filename in ("oof_probs.npy", "oof_ids.csv")
         ],
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         submission=result("final", "submission.csv"),
         choice=result("final", "choice.json"),
         stages_csv=result("final", "stages.csv"),
         stages_md=result("final", "stages.md"),
     log:
-        result("logs", "choose_submission.log"),
+        result("logs", "choose.log"),
     benchmark:
-        result("benchmarks", "choose_submission.tsv")
+        result("benchmarks", "choose.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("choose_submission", 1)
+    threads: rule_threads("choose", 1)
     resources:
-        **job_resources("choose_submission", mem_mb=4000, runtime=15),
+        **job_resources("choose", mem_mb=4000, runtime=15),
     params:
         code=stage_fingerprint("choose"),
         candidates=[f"{name}:{r}" for name, r in candidates()],

@@ -144,7 +144,7 @@ rule evaluate_oof:
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
         oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
@@ -178,7 +178,7 @@ rule tune_postprocess:
         oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
         stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         params=result("postprocess", "{experiment}", "round{round}", "params.json"),
         grid=result("postprocess", "{experiment}", "round{round}", "grid.csv"),
@@ -270,7 +270,7 @@ rule predict_test_full:
         " --gpus {resources.gpu_slots} 2> {log:q}"
 
 
-rule make_submission:
+rule submit:
     input:
         probs=lambda wildcards: expand(
             "{dir}/probs.npy", dir=test_prediction_dirs(wildcards)
@@ -278,20 +278,20 @@ rule make_submission:
         postprocess=rules.tune_postprocess.output.params,
         stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        dedup_items=rules.dedup.output.dedup_items,
     output:
         submission=result(
             "submission", "{experiment}", "round{round}", "submission.csv"
         ),
     log:
-        result("logs", "make_submission", "{experiment}_round{round}.log"),
+        result("logs", "submit", "{experiment}_round{round}.log"),
     benchmark:
-        result("benchmarks", "make_submission", "{experiment}_round{round}.tsv")
+        result("benchmarks", "submit", "{experiment}_round{round}.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("make_submission", 1)
+    threads: rule_threads("submit", 1)
     resources:
-        **job_resources("make_submission", mem_mb=8000, runtime=30),
+        **job_resources("submit", mem_mb=8000, runtime=30),
     params:
         code=stage_fingerprint("submit"),
         flags=section_flags("submission"),

@@ -1,10 +1,10 @@
-rule write_report:
+rule report:
     input:
         # Everything the report reads, so it is rebuilt whenever any of it changes.
-        stages=rules.choose_submission.output.stages_csv,
-        choice=rules.choose_submission.output.choice,
-        dedup_summary=rules.find_duplicates.output.summary,
-        dedup_items=rules.find_duplicates.output.dedup_items,
+        stages=rules.choose.output.stages_csv,
+        choice=rules.choose.output.choice,
+        dedup_summary=rules.dedup.output.summary,
+        dedup_items=rules.dedup.output.dedup_items,
         manifest=rules.ingest_dataset.output.manifest,
         stats=rules.preprocess_images.output.stats,
         folds=rules.make_folds.output.folds,
@@ -38,14 +38,14 @@ rule write_report:
     output:
         report=result("report", "report.html"),
     log:
-        result("logs", "write_report.log"),
+        result("logs", "report.log"),
     benchmark:
-        result("benchmarks", "write_report.tsv")
+        result("benchmarks", "report.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("write_report", 1)
+    threads: rule_threads("report", 1)
     resources:
-        **job_resources("write_report", mem_mb=4000, runtime=15),
+        **job_resources("report", mem_mb=4000, runtime=15),
     params:
         code=stage_fingerprint("report"),
         # results/final/stages.csv -> results

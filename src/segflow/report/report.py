@@ -129,7 +129,7 @@ def _note(text: str) -> str:
 def _require(path: Path) -> Path:
     if not path.is_file():
         raise SegflowError(
-            f"{path} does not exist (run the workflow up to choose_submission first)"
+            f"{path} does not exist (run the workflow up to choose first)"
         )
     return path
 
@@ -340,7 +340,7 @@ def _diagnostics_section(
         body += ["<h3>Candidates against constant predictions</h3>", html_table(constants)]
     else:
         body.append(
-            _note("final/stages.csv has no constant-prediction columns: rerun choose_submission")
+            _note("final/stages.csv has no constant-prediction columns: rerun choose")
         )
     return _section("diagnostics", "Diagnostics", body)
 
@@ -503,7 +503,7 @@ def build_report(
     """The report of the run in ``results_dir`` as one HTML document.
 
     Args:
-        results_dir: the workflow's results folder (after ``choose_submission``).
+        results_dir: the workflow's results folder (after ``choose``).
         dicom_window: HU window to display DICOM images with (the config's).
         title: the page title.
 
