@@ -397,9 +397,7 @@ def test_editing_stacking_code_reruns_stacking_but_not_training(
     with (src / "segflow" / "core" / "errors.py").open("a") as module:
         module.write("\n# every stage raises SegflowError\n")
     edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
-    assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack"} <= set(
-        edited_everywhere
-    )
+    assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack"} <= set(edited_everywhere)
 
 
 def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_path: Path) -> None:

@@ -128,9 +128,7 @@ def _note(text: str) -> str:
 
 def _require(path: Path) -> Path:
     if not path.is_file():
-        raise SegflowError(
-            f"{path} does not exist (run the workflow up to choose first)"
-        )
+        raise SegflowError(f"{path} does not exist (run the workflow up to choose first)")
     return path
 
 
@@ -339,9 +337,7 @@ def _diagnostics_section(
         constants["near_constant"] = constants["near_constant"].astype(str)
         body += ["<h3>Candidates against constant predictions</h3>", html_table(constants)]
     else:
-        body.append(
-            _note("final/stages.csv has no constant-prediction columns: rerun choose")
-        )
+        body.append(_note("final/stages.csv has no constant-prediction columns: rerun choose"))
     return _section("diagnostics", "Diagnostics", body)
 
 

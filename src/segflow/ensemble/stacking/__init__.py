@@ -1,1 +1,2 @@
-"""segflow.ensemble.stacking."""
+"""Stacking (``segflow stack``): an image-level gate and a pixel blender on the experiments'
+OOF, cross-fitted on the folds; see :mod:`segflow.ensemble`."""
