@@ -519,27 +519,8 @@ def tune_weights(
         SegflowError: inconsistent shapes, names or classes, unknown metric, bad step or
             thresholds.
     """
-    n_images, n_classes, height, width = _check_probs(probs)
+    names = _check_tuning_inputs(probs, truths_packed, classes, metric, names)
     n_experiments = len(probs)
-    names = [f"exp{e}" for e in range(n_experiments)] if names is None else list(names)
-    if len(names) != n_experiments or len(set(names)) != n_experiments:
-        raise SegflowError(f"ensemble: need {n_experiments} distinct experiment names, got {names}")
-    if len(classes) != n_classes:
-        raise SegflowError(
-            f"ensemble: probabilities hold {n_classes} classes but {len(classes)} class names "
-            f"were given ({', '.join(classes)})"
-        )
-    if np.shape(truths_packed) != (n_images, height, width):
-        raise SegflowError(
-            f"ensemble: true masks of shape {np.shape(truths_packed)} do not match the "
-            f"probabilities' images {(n_images, height, width)}"
-        )
-    if n_images == 0:
-        raise SegflowError("ensemble: cannot tune weights on zero images")
-    if metric not in METRIC_NAMES:
-        raise SegflowError(
-            f"ensemble.metric: unknown metric {metric!r}; valid: {', '.join(METRIC_NAMES)}"
-        )
     n_steps = _n_steps(step)
     grid_thresholds = _thresholds(thresholds)
 
@@ -563,10 +544,65 @@ def tune_weights(
         search.total(tuned),
         search.total(mean),
     )
-
-    rows = []
     kinds = [*(f"single:{name}" for name in names), "mean", "tuned"]
-    for kind, index in zip(kinds, [*singles, mean, tuned], strict=True):
+    table = _weights_table(
+        search,
+        dict(zip(kinds, [*singles, mean, tuned], strict=True)),
+        names,
+        classes,
+        grid_thresholds,
+    )
+    return search.weights[tuned].copy(), table
+
+
+def _check_tuning_inputs(
+    probs: Sequence[np.ndarray],
+    truths_packed: np.ndarray,
+    classes: Sequence[str],
+    metric: str,
+    names: Sequence[str] | None,
+) -> list[str]:
+    """:func:`tune_weights`' input checks; returns the experiment names (default exp0, ...).
+
+    Raises:
+        SegflowError: naming the inconsistent input.
+    """
+    n_images, n_classes, height, width = _check_probs(probs)
+    n_experiments = len(probs)
+    names = [f"exp{e}" for e in range(n_experiments)] if names is None else list(names)
+    if len(names) != n_experiments or len(set(names)) != n_experiments:
+        raise SegflowError(f"ensemble: need {n_experiments} distinct experiment names, got {names}")
+    if len(classes) != n_classes:
+        raise SegflowError(
+            f"ensemble: probabilities hold {n_classes} classes but {len(classes)} class names "
+            f"were given ({', '.join(classes)})"
+        )
+    if np.shape(truths_packed) != (n_images, height, width):
+        raise SegflowError(
+            f"ensemble: true masks of shape {np.shape(truths_packed)} do not match the "
+            f"probabilities' images {(n_images, height, width)}"
+        )
+    if n_images == 0:
+        raise SegflowError("ensemble: cannot tune weights on zero images")
+    if metric not in METRIC_NAMES:
+        raise SegflowError(
+            f"ensemble.metric: unknown metric {metric!r}; valid: {', '.join(METRIC_NAMES)}"
+        )
+    return names
+
+
+def _weights_table(
+    search: _Search,
+    rows_of: dict[str, int],
+    names: Sequence[str],
+    classes: Sequence[str],
+    grid_thresholds: np.ndarray,
+) -> pd.DataFrame:
+    """:func:`tune_weights`' table: one row per candidate kind (``rows_of``: kind -> index of
+    its weights in ``search``), its weights, score and best threshold(s)."""
+    n_classes = len(classes)
+    rows = []
+    for kind, index in rows_of.items():
         per_threshold = np.round(search.per_threshold[index], _TIE_DECIMALS)
         best = grid_thresholds[per_threshold.argmax(axis=1)]  # ties: the lower threshold
         threshold: float | str = (
@@ -585,4 +621,4 @@ def tune_weights(
                 "threshold": threshold,
             }
         )
-    return search.weights[tuned].copy(), pd.DataFrame(rows)
+    return pd.DataFrame(rows)

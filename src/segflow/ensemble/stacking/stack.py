@@ -147,6 +147,34 @@ def load_stack_inputs(
     )
 
 
+@dataclass
+class _StackOutputs:
+    """What the per-class fits fill in, class ``k`` in column ``k``."""
+
+    gate_oof: np.ndarray  # (N, K) gate probabilities
+    gate_test: np.ndarray  # (M, K)
+    blend_oof: np.ndarray  # (N, K, H, W) pixel blender
+    blend_test: np.ndarray
+    gate_maps_oof: np.ndarray  # the gate candidate's maps: the ensemble's, or recalibrated
+    gate_maps_test: np.ndarray
+
+    @classmethod
+    def empty(cls, inputs: StackInputs, recalibrated: bool) -> _StackOutputs:
+        n_classes = len(inputs.classes)
+        maps_oof = np.asarray(inputs.base_oof.probs)
+        maps_test = np.asarray(inputs.base_test.probs)
+        if recalibrated:  # per-image thresholds rewrite them class by class
+            maps_oof, maps_test = maps_oof.copy(), maps_test.copy()
+        return cls(
+            gate_oof=np.zeros((len(inputs.base_oof.ids), n_classes), np.float32),
+            gate_test=np.zeros((len(inputs.base_test.ids), n_classes), np.float32),
+            blend_oof=np.zeros(inputs.base_oof.probs.shape, np.float16),
+            blend_test=np.zeros(inputs.base_test.probs.shape, np.float16),
+            gate_maps_oof=maps_oof,
+            gate_maps_test=maps_test,
+        )
+
+
 def run_stack(
     inputs: StackInputs,
     options: StackOptions,
@@ -166,112 +194,18 @@ def run_stack(
     Returns:
         The summary written to ``summary.json``.
     """
-    from segflow.ensemble.stacking.features import image_features
-    from segflow.ensemble.stacking.learners import (
-        apply_pixel_blender,
-        fit_gate,
-        fit_pixel_blender,
-        nonempty_images,
-        write_blender_artifacts,
-        write_gate_artifacts,
-    )
-
     out_dir = Path(out_dir)
     # One block for every JSON of the stage: its options, the experiments it stacks, its seed.
     block = stage_provenance(
         {"options": dataclasses.asdict(options), "names": list(inputs.names)}, seed=options.seed
     )
     fold_of = inputs.folds.set_index("id").loc[inputs.base_oof.ids["id"], "fold"].to_numpy()
-    n_classes = len(inputs.classes)
-    gate_oof = np.zeros((len(fold_of), n_classes), np.float32)
-    gate_test = np.zeros((len(inputs.base_test.ids), n_classes), np.float32)
-    blend_oof = np.zeros(inputs.base_oof.probs.shape, np.float16)
-    blend_test = np.zeros(inputs.base_test.probs.shape, np.float16)
-    # The gate candidate's maps: the ensemble's, or recalibrated to per-image thresholds.
-    gate_maps_oof = np.asarray(inputs.base_oof.probs)
-    gate_maps_test = np.asarray(inputs.base_test.probs)
-    if options.threshold_target:
-        gate_maps_oof, gate_maps_test = gate_maps_oof.copy(), gate_maps_test.copy()
-    per_class: dict[str, Any] = {}
-    for k, name in enumerate(inputs.classes):
-        class_dir = out_dir / f"class_{k}"
-        truth = class_truths(inputs.truths, k)
-        oof_maps = {
-            n: np.asarray(p.probs[:, k], np.float32)
-            for n, p in zip(inputs.names, inputs.oof, strict=True)
-        }
-        test_maps = {
-            n: np.asarray(p.probs[:, k], np.float32)
-            for n, p in zip(inputs.names, inputs.test, strict=True)
-        }
-
-        train_features = image_features(oof_maps, inputs.train_images, inputs.train_metadata)
-        test_features = image_features(test_maps, inputs.test_images, inputs.test_metadata)
-        _write_parquet(
-            class_dir / "features_oof.parquet",
-            train_features.assign(id=inputs.base_oof.ids["id"].to_numpy(), fold=fold_of),
-        )
-        _write_parquet(
-            class_dir / "features_test.parquet",
-            test_features.assign(id=inputs.base_test.ids["id"].to_numpy()),
-        )
-        gate = fit_gate(
-            train_features, nonempty_images(truth), fold_of, options.backend, seed=options.seed
-        )
-        write_gate_artifacts(gate, class_dir, inputs.base_oof.ids["id"].tolist(), block)
-        gate_oof[:, k] = gate.nonempty_prob
-        gate_test[:, k] = gate.final_model.predict_proba(test_features)
-
-        blender = fit_pixel_blender(
-            oof_maps,
-            truth,
-            fold_of,
-            inputs.train_images,
-            options.backend,
-            seed=options.seed,
-            pixels_per_image=options.pixels_per_image,
-        )
-        write_blender_artifacts(blender, class_dir, block)
-        blend_oof[:, k] = blender.oof_probs
-        blend_test[:, k] = apply_pixel_blender(blender.final_model, test_maps, inputs.test_images)
-        per_class[name] = {"gate": gate.metrics(), "blender": blender.metrics()}
-        if options.threshold_target:
-            threshold = _fit_thresholds(
-                inputs, k, truth, train_features, fold_of, options, class_dir, block
-            )
-            gate_maps_oof[:, k] = recalibrate(gate_maps_oof[:, k], threshold.predicted)
-            gate_maps_test[:, k] = recalibrate(
-                gate_maps_test[:, k], threshold.final_model.predict_proba(test_features)
-            )
-            per_class[name]["threshold"] = threshold.metrics()
-        log.info(
-            "class %s: gate OOF AUC %.4f; blender scores %s",
-            name,
-            gate.auc,
-            blender.scores.to_dict(),
-        )
-
-    gate_dirs, pixel_dirs = candidate_dirs["stack_gate"], candidate_dirs["stack_pixel"]
-    summaries = {
-        "stack_gate": write_candidate(
-            *gate_dirs,
-            Prediction(with_gates(inputs.base_oof.ids, gate_oof), gate_maps_oof),
-            Prediction(with_gates(inputs.base_test.ids, gate_test), gate_maps_test),
-            inputs.folds,
-            inputs.truths,
-            inputs.classes,
-            {PROVENANCE_KEY: block},
-        ),
-        "stack_pixel": write_candidate(
-            *pixel_dirs,
-            Prediction(without_gates(inputs.base_oof.ids), blend_oof),
-            Prediction(without_gates(inputs.base_test.ids), blend_test),
-            inputs.folds,
-            inputs.truths,
-            inputs.classes,
-            {PROVENANCE_KEY: block},
-        ),
+    outputs = _StackOutputs.empty(inputs, options.threshold_target)
+    per_class = {
+        name: _stack_class(inputs, k, options, fold_of, out_dir / f"class_{k}", block, outputs)
+        for k, name in enumerate(inputs.classes)
     }
+    summaries = _write_stack_candidates(inputs, outputs, candidate_dirs, block)
     summary = json_ready(
         {
             "backend": options.backend,
@@ -285,6 +219,127 @@ def run_stack(
     summary = with_provenance(summary, block)
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _stack_class(
+    inputs: StackInputs,
+    k: int,
+    options: StackOptions,
+    fold_of: np.ndarray,
+    class_dir: Path,
+    block: dict[str, Any],
+    outputs: _StackOutputs,
+) -> dict[str, Any]:
+    """Class ``k``: feature tables, the gate, the pixel blender (and per-image thresholds),
+    their artifacts in ``class_dir``; fills column ``k`` of ``outputs``.
+
+    Returns:
+        The class's metrics for ``summary.json``.
+    """
+    from segflow.ensemble.stacking.features import image_features
+    from segflow.ensemble.stacking.learners import (
+        apply_pixel_blender,
+        fit_gate,
+        fit_pixel_blender,
+        nonempty_images,
+        write_blender_artifacts,
+        write_gate_artifacts,
+    )
+
+    truth = class_truths(inputs.truths, k)
+    oof_maps = {
+        n: np.asarray(p.probs[:, k], np.float32)
+        for n, p in zip(inputs.names, inputs.oof, strict=True)
+    }
+    test_maps = {
+        n: np.asarray(p.probs[:, k], np.float32)
+        for n, p in zip(inputs.names, inputs.test, strict=True)
+    }
+
+    train_features = image_features(oof_maps, inputs.train_images, inputs.train_metadata)
+    test_features = image_features(test_maps, inputs.test_images, inputs.test_metadata)
+    _write_parquet(
+        class_dir / "features_oof.parquet",
+        train_features.assign(id=inputs.base_oof.ids["id"].to_numpy(), fold=fold_of),
+    )
+    _write_parquet(
+        class_dir / "features_test.parquet",
+        test_features.assign(id=inputs.base_test.ids["id"].to_numpy()),
+    )
+    gate = fit_gate(
+        train_features, nonempty_images(truth), fold_of, options.backend, seed=options.seed
+    )
+    write_gate_artifacts(gate, class_dir, inputs.base_oof.ids["id"].tolist(), block)
+    outputs.gate_oof[:, k] = gate.nonempty_prob
+    outputs.gate_test[:, k] = gate.final_model.predict_proba(test_features)
+
+    blender = fit_pixel_blender(
+        oof_maps,
+        truth,
+        fold_of,
+        inputs.train_images,
+        options.backend,
+        seed=options.seed,
+        pixels_per_image=options.pixels_per_image,
+    )
+    write_blender_artifacts(blender, class_dir, block)
+    outputs.blend_oof[:, k] = blender.oof_probs
+    outputs.blend_test[:, k] = apply_pixel_blender(
+        blender.final_model, test_maps, inputs.test_images
+    )
+    record: dict[str, Any] = {"gate": gate.metrics(), "blender": blender.metrics()}
+    if options.threshold_target:
+        threshold = _fit_thresholds(
+            inputs, k, truth, train_features, fold_of, options, class_dir, block
+        )
+        outputs.gate_maps_oof[:, k] = recalibrate(outputs.gate_maps_oof[:, k], threshold.predicted)
+        outputs.gate_maps_test[:, k] = recalibrate(
+            outputs.gate_maps_test[:, k], threshold.final_model.predict_proba(test_features)
+        )
+        record["threshold"] = threshold.metrics()
+    log.info(
+        "class %s: gate OOF AUC %.4f; blender scores %s",
+        inputs.classes[k],
+        gate.auc,
+        blender.scores.to_dict(),
+    )
+    return record
+
+
+def _write_stack_candidates(
+    inputs: StackInputs,
+    outputs: _StackOutputs,
+    candidate_dirs: dict[str, tuple[Path, Path]],
+    block: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """The ``stack_gate`` and ``stack_pixel`` candidates, in an experiment's layout.
+
+    Returns:
+        Each candidate's OOF summary (its ``metrics.json``).
+    """
+    base_oof, base_test = inputs.base_oof, inputs.base_test
+    candidates = {
+        "stack_gate": (
+            Prediction(with_gates(base_oof.ids, outputs.gate_oof), outputs.gate_maps_oof),
+            Prediction(with_gates(base_test.ids, outputs.gate_test), outputs.gate_maps_test),
+        ),
+        "stack_pixel": (
+            Prediction(without_gates(base_oof.ids), outputs.blend_oof),
+            Prediction(without_gates(base_test.ids), outputs.blend_test),
+        ),
+    }
+    return {
+        name: write_candidate(
+            *candidate_dirs[name],
+            oof,
+            test,
+            inputs.folds,
+            inputs.truths,
+            inputs.classes,
+            {PROVENANCE_KEY: block},
+        )
+        for name, (oof, test) in candidates.items()
+    }
 
 
 def _fit_thresholds(
