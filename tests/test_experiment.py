@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -106,18 +107,22 @@ def test_a_fold_trains_with_term_options_and_ohem(tmp_path: Path) -> None:
         "train": {"epochs": 1, "batch_size": 4},
     }
     experiment = parse_experiment("opts", values, in_channels=1)
-    common = {
-        "augment": "none",
-        "options": experiment.train,
-        "ohem_fraction": experiment.ohem_fraction,
-        "out_dir": tmp_path / "out",
-        "resume_dir": tmp_path / "resume",
-    }
+    common = {"out_dir": tmp_path / "out", "resume_dir": tmp_path / "resume"}
     metrics = train_fold(
-        arrays_dir, arrays_dir / "folds.csv", 0, experiment.model, experiment.loss, **common
+        arrays_dir,
+        arrays_dir / "folds.csv",
+        0,
+        dataclasses.replace(experiment, augment="none"),
+        **common,
     )
     assert math.isfinite(metrics["score"]) and (tmp_path / "out" / "model.pt").is_file()
     plain = parse_experiment("plain", {**values, "loss": {"bce": 1, "lovasz": 0.5}}, 1)
     common["out_dir"] = tmp_path / "plain"
-    other = train_fold(arrays_dir, arrays_dir / "folds.csv", 0, plain.model, plain.loss, **common)
+    other = train_fold(
+        arrays_dir,
+        arrays_dir / "folds.csv",
+        0,
+        dataclasses.replace(plain, augment="none"),
+        **common,
+    )
     assert other["provenance"]["config_hash"] != metrics["provenance"]["config_hash"]

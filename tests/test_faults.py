@@ -31,6 +31,7 @@ from helpers import write_synthetic_arrays
 from segflow import cli
 from segflow.core import atomic
 from segflow.core.errors import SegflowError
+from segflow.model.experiment import Experiment
 from segflow.model.models import ModelSpec, build_model, save_checkpoint
 from segflow.model.training import train as train_module
 from segflow.model.training.checkpointing import remove_resume_state
@@ -541,7 +542,12 @@ def test_skip_batch_still_stops_a_fold_with_too_many_nonfinite_batches(
     run = tmp_path / "run"
     with pytest.raises(SegflowError, match=f"^fold 0 epoch 1 {message}") as raised:
         train_fold(
-            arrays, arrays / "folds.csv", 0, SPEC, LOSS, "d4", options, run / "out", run / "resume"
+            arrays,
+            arrays / "folds.csv",
+            0,
+            Experiment("experiment", SPEC, LOSS, None, "d4", options),
+            run / "out",
+            run / "resume",
         )
     assert f"train.max_skipped_fraction = {fraction}" in str(raised.value)
     assert "\n" not in str(raised.value)
@@ -564,7 +570,12 @@ def test_weights_that_overflow_with_a_finite_loss_are_never_saved(
     run = tmp_path / "run"
     with pytest.raises(SegflowError, match=r"^fold 0 epoch 2: the trained weights hold NaN/inf \("):
         train_fold(
-            arrays, arrays / "folds.csv", 0, SPEC, LOSS, "d4", options, run / "out", run / "resume"
+            arrays,
+            arrays / "folds.csv",
+            0,
+            Experiment("experiment", SPEC, LOSS, None, "d4", options),
+            run / "out",
+            run / "resume",
         )
     _assert_resume_state_finite(run / "resume", epoch=1)
     assert not (run / "out" / "model.pt").exists()

@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers import write_synthetic_arrays
 
+from segflow.model.experiment import Experiment
 from segflow.model.inference.predict import PredictOptions, predict_split
 from segflow.model.models import ModelSpec, load_checkpoint
 from segflow.model.training.train import TrainOptions, train_fold
@@ -47,10 +48,7 @@ def _train(arrays_dir: Path, run: Path, **overrides: object) -> dict:
         arrays_dir,
         arrays_dir / "folds.csv",
         0,
-        SPEC,
-        {"bce": 1.0, "dice": 1.0},
-        "d4",
-        options,
+        Experiment("experiment", SPEC, {"bce": 1.0, "dice": 1.0}, None, "d4", options),
         run / "out",
         run / "resume",
     )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from helpers import write_synthetic_arrays
 
 from segflow.core.errors import SegflowError
+from segflow.model.experiment import Experiment
 from segflow.model.models import ModelSpec, build_model, forward_logits, load_checkpoint
 from segflow.model.pretrained import (
     WEIGHT_PACKAGES,
@@ -399,10 +400,14 @@ def test_train_fold_feeds_and_stores_the_pretrained_normalisation(
         arrays_dir,
         arrays_dir / "folds.csv",
         0,
-        spec,
-        {"bce": 1.0},
-        None,
-        TrainOptions(epochs=1, batch_size=3, lr=1e-3),
+        Experiment(
+            "experiment",
+            spec,
+            {"bce": 1.0},
+            None,
+            None,
+            TrainOptions(epochs=1, batch_size=3, lr=1e-3),
+        ),
         tmp_path / "out",
         tmp_path / "resume",
     )

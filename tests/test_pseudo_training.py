@@ -12,7 +12,14 @@ from helpers import write_synthetic_arrays
 
 from segflow.core.errors import SegflowError
 from segflow.model.datasets import PseudoMixSampler, SegmentationArrays
-from segflow.model.training.fold_data import FoldData, PseudoLabels, SeededItems, split_rows
+from segflow.model.experiment import Experiment
+from segflow.model.training.fold_data import (
+    FoldData,
+    PseudoLabels,
+    PseudoSpec,
+    SeededItems,
+    split_rows,
+)
 from segflow.model.training.train import train_fold
 from segflow.model.training.train_options import TrainOptions
 
@@ -84,22 +91,22 @@ def test_pseudo_round_trains_and_a_changed_selection_changes_the_fingerprint(
     from segflow.model.models import ModelSpec
 
     pseudo_dir = _pseudo_dir(arrays_dir)
-    common = {
-        "model_spec": ModelSpec(**SPEC_KW),
-        "loss_weights": {"bce": 1.0},
-        "augment": "none",
-        "options": TrainOptions(epochs=1, batch_size=8, lr=1e-2),
-        "out_dir": tmp_path / "out",
-        "resume_dir": tmp_path / "resume",
-    }
+    experiment = Experiment(
+        "experiment",
+        ModelSpec(**SPEC_KW),
+        {"bce": 1.0},
+        None,
+        "none",
+        TrainOptions(epochs=1, batch_size=8, lr=1e-2),
+    )
     metrics = train_fold(
         arrays_dir,
         arrays_dir / "folds.csv",
         0,
-        pseudo_dir=pseudo_dir,
-        max_pseudo_share=0.5,
-        pseudo_weight=0.5,
-        **common,
+        experiment,
+        tmp_path / "out",
+        tmp_path / "resume",
+        pseudo=PseudoSpec(pseudo_dir, max_share=0.5, weight=0.5),
     )
     assert metrics["n_train"] == 16 + 2 and metrics["n_val"] == 8
     # The resume state is keyed by this digest: other targets never continue old weights.

@@ -26,6 +26,7 @@ from helpers import write_synthetic_arrays
 from segflow.core.errors import SegflowError
 from segflow.model.datasets import MemmapDataset, SegmentationArrays
 from segflow.model.diagnostics import optimizer_steps
+from segflow.model.experiment import Experiment
 from segflow.model.models import ModelSpec, build_model, forward_logits, load_checkpoint
 from segflow.model.training import train as train_module
 from segflow.model.training.fold_data import FoldData, loader_workers, split_rows
@@ -70,10 +71,7 @@ def _train(
         arrays_dir,
         arrays_dir / "folds.csv",
         fold,
-        spec,
-        LOSS,
-        augment,
-        options,
+        Experiment("experiment", spec, LOSS, None, augment, options),
         run / "out",
         run / "resume",
     )
@@ -493,10 +491,7 @@ def test_mixup_with_lovasz_stops_before_training(arrays_dir: Path, tmp_path: Pat
             arrays_dir,
             arrays_dir / "folds.csv",
             0,
-            SPEC,
-            {"bce": 1.0, "lovasz": 1.0},
-            "d4",
-            options,
+            Experiment("experiment", SPEC, {"bce": 1.0, "lovasz": 1.0}, None, "d4", options),
             tmp_path / "out",
             tmp_path / "resume",
         )

@@ -23,7 +23,7 @@ from helpers import write_synthetic_arrays
 from segflow.artifacts.layout import group_by_experiment
 from segflow.cli import main as cli_main
 from segflow.core.errors import SegflowError
-from segflow.model.experiment import check_init_from, parse_experiment
+from segflow.model.experiment import Experiment, check_init_from, parse_experiment
 from segflow.model.models import (
     ModelSpec,
     SnapshotEnsemble,
@@ -93,10 +93,7 @@ def _train(arrays_dir: Path, run: Path, fold: int = 0, init: Path | None = None,
         arrays_dir,
         arrays_dir / "folds.csv",
         fold,
-        SPEC,
-        LOSS,
-        "d4",
-        _options(**overrides),
+        Experiment("experiment", SPEC, LOSS, None, "d4", _options(**overrides)),
         run / "out",
         run / "resume",
         init_checkpoint=init,
@@ -191,11 +188,15 @@ def test_a_second_stage_does_not_read_pretrained_encoder_weights(
     _plant(tmp_path / "stage1.pt", seed=1)
     options = _options(epochs=1, init_from="stage1")
     run = tmp_path / "run"
-    args = (arrays_dir, arrays_dir / "folds.csv", 0, spec, LOSS, "d4", options, run / "out")
-    train_fold(*args, run / "resume", init_checkpoint=tmp_path / "stage1.pt")
+    data = (arrays_dir, arrays_dir / "folds.csv", 0)
+    experiment = Experiment("experiment", spec, LOSS, None, "d4", options)
+    train_fold(
+        *data, experiment, run / "out", run / "resume", init_checkpoint=tmp_path / "stage1.pt"
+    )
     assert (run / "out" / "model.pt").is_file()
+    scratch = dataclasses.replace(experiment, train=_options(epochs=1))
     with pytest.raises(SegflowError, match=r"gone\.pt: file not found"):
-        train_fold(*args[:6], _options(epochs=1), run / "scratch", run / "resume2")
+        train_fold(*data, scratch, run / "scratch", run / "resume2")
 
 
 def test_init_from_and_the_checkpoint_come_together(arrays_dir: Path, tmp_path: Path) -> None:
@@ -335,10 +336,7 @@ def _train_full(arrays_dir: Path, run: Path, metrics: list[Path], **overrides: A
         arrays_dir,
         arrays_dir / "folds.csv",
         metrics,
-        SPEC,
-        LOSS,
-        "d4",
-        _options(**overrides),
+        Experiment("experiment", SPEC, LOSS, None, "d4", _options(**overrides)),
         run / "out",
         run / "resume",
     )
@@ -423,10 +421,7 @@ def test_a_refit_stores_the_folds_input_normalisation(arrays_dir: Path, tmp_path
         arrays_dir,
         arrays_dir / "folds.csv",
         _fold_metrics(tmp_path, [1]),
-        SPEC,
-        LOSS,
-        "d4",
-        _options(epochs=1, init_from="stage1"),
+        Experiment("experiment", SPEC, LOSS, None, "d4", _options(epochs=1, init_from="stage1")),
         tmp_path / "stage2" / "out",
         tmp_path / "stage2" / "resume",
         init_checkpoint=init,

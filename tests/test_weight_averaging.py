@@ -20,6 +20,7 @@ from helpers import write_synthetic_arrays
 from torch import nn
 
 from segflow.core.errors import SegflowError
+from segflow.model.experiment import Experiment
 from segflow.model.inference.predict import PredictOptions, predict_rows
 from segflow.model.models import (
     ModelSpec,
@@ -65,10 +66,7 @@ def _train(arrays_dir: Path, run: Path, **overrides: Any) -> dict[str, Any]:
         arrays_dir,
         arrays_dir / "folds.csv",
         0,
-        SPEC,
-        LOSS,
-        "d4",
-        TrainOptions(**{**FAST, **overrides}),
+        Experiment("experiment", SPEC, LOSS, None, "d4", TrainOptions(**{**FAST, **overrides})),
         run / "out",
         run / "resume",
     )

@@ -121,6 +121,23 @@ def full_rows(arrays: SegmentationArrays, folds_csv: str | os.PathLike[str]) -> 
 
 
 @dataclass(frozen=True)
+class PseudoSpec:
+    """Which pseudo-labels a training adds, before they are read (``segflow train
+    --pseudo-dir``; :meth:`PseudoLabels.load` reads them).
+
+    Attributes:
+        directory: a pseudo-labelling round's selection (``selection.csv``, ``targets.npy``):
+            those test images are trained on too, never validated on.
+        max_share: at most this share of each epoch's draws are pseudo-labelled.
+        weight: loss weight of a pseudo-labelled image relative to a real one.
+    """
+
+    directory: str | os.PathLike[str]
+    max_share: float = 0.3
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class PseudoLabels:
     """Pseudo-labelled test images that a round > 0 trains on (``segflow select-pseudo``).
 

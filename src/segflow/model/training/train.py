@@ -100,6 +100,7 @@ from segflow.core.options import options_to_dict
 from segflow.core.provenance import provenance
 from segflow.core.stage_args import stage_log
 from segflow.model.datasets import SegmentationArrays, crop_to, pad_to_size
+from segflow.model.experiment import Experiment
 from segflow.model.metrics import per_image_scores
 from segflow.model.models import (
     ModelSpec,
@@ -134,6 +135,7 @@ from segflow.model.training.checkpointing import remove_resume_state as _remove_
 from segflow.model.training.fold_data import (
     FoldData,
     PseudoLabels,
+    PseudoSpec,
     build_train_set,
     full_rows,
     seed_all,
@@ -782,16 +784,10 @@ def train_fold(
     arrays_dir: str | os.PathLike[str],
     folds_csv: str | os.PathLike[str],
     fold: int,
-    model_spec: ModelSpec,
-    loss_weights: Mapping[str, Any],
-    augment: Any,
-    options: TrainOptions,
+    experiment: Experiment,
     out_dir: str | os.PathLike[str],
     resume_dir: str | os.PathLike[str],
-    ohem_fraction: float | None = None,
-    pseudo_dir: str | os.PathLike[str] | None = None,
-    max_pseudo_share: float = 0.3,
-    pseudo_weight: float = 1.0,
+    pseudo: PseudoSpec | None = None,
     init_checkpoint: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train on the folds other than ``fold``, validate on ``fold``; resumable.
@@ -801,21 +797,17 @@ def train_fold(
             index.parquet, stats.json).
         folds_csv: the folds stage's folds.csv.
         fold: the validation fold.
-        model_spec: a :class:`segflow.model.models.ModelSpec` (``classes`` and ``in_channels`` those
-            of the arrays' stats.json).
-        loss_weights: loss term -> weight, or -> ``{"weight": w, <option>: value}``
-            (:func:`segflow.model.training.losses.build_loss`).
-        augment: augmentation spec or list of phases
-            (:func:`segflow.model.training.augment.build_augmentation_schedule`).
-        options: training options.
+        experiment: the parsed experiment (:func:`segflow.model.experiment.parse_experiment`):
+            its ``model`` (``classes`` and ``in_channels`` those of the arrays' stats.json),
+            ``loss`` (term -> weight, or -> ``{"weight": w, <option>: value}``:
+            :func:`segflow.model.training.losses.build_loss`), ``ohem_fraction`` (online hard
+            example mining for the pixel-wise loss terms), ``augment`` (a spec or list of
+            phases: :func:`segflow.model.training.augment.build_augmentation_schedule`) and
+            ``train`` options.
         out_dir: where model.pt, history.csv and metrics.json go.
         resume_dir: where the resume state lives while training (outside ``out_dir``); deleted
             after model.pt is written.
-        ohem_fraction: online hard example mining fraction for the pixel-wise loss terms.
-        pseudo_dir: a pseudo-labelling round's selection (``selection.csv``, ``targets.npy``):
-            those test images are trained on too, never validated on.
-        max_pseudo_share: at most this share of each epoch's draws are pseudo-labelled.
-        pseudo_weight: loss weight of a pseudo-labelled image relative to a real one.
+        pseudo: a pseudo-labelling round's selection to train on too (None: real labels only).
         init_checkpoint: the ``model.pt`` whose weights training starts from (the same fold of
             the experiment named by ``options.init_from``); required exactly when that is set.
 
@@ -833,16 +825,10 @@ def train_fold(
         raise SegflowError(f"{folds_csv}: fold {fold} has no validation items")
     return _train(
         _Run(arrays, train_rows, val_rows, fold, started),
-        model_spec,
-        loss_weights,
-        augment,
-        options,
+        experiment,
         Path(out_dir),
         Path(resume_dir),
-        ohem_fraction,
-        pseudo_dir,
-        max_pseudo_share,
-        pseudo_weight,
+        pseudo,
         init_checkpoint,
     )
 
@@ -852,16 +838,10 @@ def train_full(
     arrays_dir: str | os.PathLike[str],
     folds_csv: str | os.PathLike[str],
     fold_metrics: list[str | os.PathLike[str]],
-    model_spec: ModelSpec,
-    loss_weights: Mapping[str, Any],
-    augment: Any,
-    options: TrainOptions,
+    experiment: Experiment,
     out_dir: str | os.PathLike[str],
     resume_dir: str | os.PathLike[str],
-    ohem_fraction: float | None = None,
-    pseudo_dir: str | os.PathLike[str] | None = None,
-    max_pseudo_share: float = 0.3,
-    pseudo_weight: float = 1.0,
+    pseudo: PseudoSpec | None = None,
     init_checkpoint: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Refit on every item of folds.csv, for the median of the folds' best epochs; resumable.
@@ -880,16 +860,10 @@ def train_full(
         folds_csv: the folds stage's folds.csv: every item listed is trained on.
         fold_metrics: the cross-validation folds' ``metrics.json`` (their ``best_epoch``, or
             ``epochs_trained``: :func:`segflow.model.training.refit.refit_epoch_key`).
-        model_spec: as :func:`train_fold`.
-        loss_weights: as :func:`train_fold`.
-        augment: as :func:`train_fold`.
-        options: the experiment's training options (the folds' own).
+        experiment: as :func:`train_fold` (its ``train`` options the folds' own).
         out_dir: where model.pt, history.csv (validation columns empty) and metrics.json go.
         resume_dir: as :func:`train_fold`.
-        ohem_fraction: as :func:`train_fold`.
-        pseudo_dir: as :func:`train_fold`.
-        max_pseudo_share: as :func:`train_fold`.
-        pseudo_weight: as :func:`train_fold`.
+        pseudo: as :func:`train_fold`.
         init_checkpoint: the full refit ``model.pt`` of the experiment named by
             ``options.init_from``; required exactly when that is set.
 
@@ -902,6 +876,7 @@ def train_full(
             ``scheduler: plateau`` (it steps on the validation monitor).
     """
     started = time.monotonic()
+    options = experiment.train
     if options.scheduler == "plateau":
         raise SegflowError(
             "train.scheduler: plateau follows the validation monitor, which a full-data refit "
@@ -923,16 +898,10 @@ def train_full(
     rows = full_rows(arrays, folds_csv)
     metrics = _train(
         _Run(arrays, rows, np.empty(0, dtype=np.int64), None, started),
-        model_spec,
-        loss_weights,
-        augment,
-        options,
+        dataclasses.replace(experiment, train=options),
         Path(out_dir),
         Path(resume_dir),
-        ohem_fraction,
-        pseudo_dir,
-        max_pseudo_share,
-        pseudo_weight,
+        pseudo,
         init_checkpoint,
         # The folds' epochs the refit's count is the median of.
         extra={"refit_best_epochs" if key == "best_epoch" else "refit_epochs_trained": fold_epochs},
@@ -953,21 +922,17 @@ class _Run:
 
 def _train(
     run: _Run,
-    model_spec: ModelSpec,
-    loss_weights: Mapping[str, Any],
-    augment: Any,
-    options: TrainOptions,
+    experiment: Experiment,
     out_dir: Path,
     resume_dir: Path,
-    ohem_fraction: float | None,
-    pseudo_dir: str | os.PathLike[str] | None,
-    max_pseudo_share: float,
-    pseudo_weight: float,
+    pseudo_spec: PseudoSpec | None,
     init_checkpoint: str | os.PathLike[str] | None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The training loop of :func:`train_fold` and :func:`train_full` (arguments as there)."""
     arrays, fold = run.arrays, run.fold
+    model_spec, options, augment = experiment.model, experiment.train, experiment.augment
+    ohem_fraction = experiment.ohem_fraction
     label = "full refit" if fold is None else f"fold {fold}"
     if (
         resume_dir.resolve() == out_dir.resolve()
@@ -992,13 +957,15 @@ def _train(
             f"{None if init_checkpoint is None else str(init_checkpoint)!r}: give both or neither"
         )
     pseudo = None
-    if pseudo_dir is not None:
-        pseudo = PseudoLabels.load(pseudo_dir, arrays, max_pseudo_share, pseudo_weight)
+    if pseudo_spec is not None:
+        pseudo = PseudoLabels.load(
+            pseudo_spec.directory, arrays, pseudo_spec.max_share, pseudo_spec.weight
+        )
     fingerprint = data_fingerprint(arrays, run.train_rows, run.val_rows)
     if pseudo is not None:
         fingerprint["pseudo"] = pseudo.fingerprint()
     # Canonical form: equal loss configs (1 vs 1.0, {weight: 1} vs 1) hash alike.
-    loss_weights = parse_loss(loss_weights, "loss", model_spec.classes)
+    loss_weights = parse_loss(experiment.loss, "loss", model_spec.classes)
     init_sha = None
     if init_checkpoint is not None:
         if not Path(init_checkpoint).is_file():
@@ -1395,23 +1362,21 @@ def _train_command(args: argparse.Namespace) -> None:
                 "--plan applies to --fold trainings only (a refit's epochs come from its folds)"
             )
         experiment = _planned(experiment, values, args)
-    common = {
-        "ohem_fraction": experiment.ohem_fraction,
-        "pseudo_dir": args.pseudo_dir,
-        "max_pseudo_share": args.max_pseudo_share,
-        "pseudo_weight": args.pseudo_weight,
-        "init_checkpoint": args.init_checkpoint,
-    }
-    model_args = (experiment.model, experiment.loss, experiment.augment, experiment.train)
+    pseudo = (
+        None
+        if args.pseudo_dir is None
+        else PseudoSpec(args.pseudo_dir, args.max_pseudo_share, args.pseudo_weight)
+    )
     if args.refit_from is not None:
         result = train_full(
             args.arrays_dir,
             args.folds,
             args.refit_from,
-            *model_args,
+            experiment,
             args.out_dir,
             args.resume_dir,
-            **common,
+            pseudo,
+            args.init_checkpoint,
         )
         stage_log.info("full refit trained: %s", result)
         return
@@ -1419,10 +1384,11 @@ def _train_command(args: argparse.Namespace) -> None:
         args.arrays_dir,
         args.folds,
         args.fold,
-        *model_args,
+        experiment,
         args.out_dir,
         args.resume_dir,
-        **common,
+        pseudo,
+        args.init_checkpoint,
     )
     stage_log.info("fold %d trained: %s", args.fold, result)
 
