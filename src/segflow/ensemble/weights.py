@@ -528,13 +528,7 @@ def tune_weights(
     search = _Search(scorer, n_experiments)
     singles = search.score(np.eye(n_experiments))
     (mean,) = search.score(search.mean[None])
-    n_grid = math.comb(n_steps + n_experiments - 1, n_experiments - 1)
-    if n_grid <= MAX_GRID_POINTS:
-        search.score(_simplex_grid(n_experiments, n_steps))
-        method = f"grid of {n_grid} points"
-    else:
-        _coordinate_ascent(search, 1.0 / n_steps, mean)
-        method = f"coordinate ascent ({n_grid} grid points is too many)"
+    method = _search_blends(search, n_experiments, n_steps, mean)
     tuned = search.best(range(len(search.weights)))
     log.info(
         "ensemble weights: %s, %d blends scored; tuned %s = %.6f (mean %.6f)",
@@ -553,6 +547,17 @@ def tune_weights(
         grid_thresholds,
     )
     return search.weights[tuned].copy(), table
+
+
+def _search_blends(search: _Search, n_experiments: int, n_steps: int, mean: int) -> str:
+    """Score the simplex grid, or climb from the plain mean (index ``mean`` in ``search``)
+    when the grid has more than :data:`MAX_GRID_POINTS` points; returns the method's name."""
+    n_grid = math.comb(n_steps + n_experiments - 1, n_experiments - 1)
+    if n_grid <= MAX_GRID_POINTS:
+        search.score(_simplex_grid(n_experiments, n_steps))
+        return f"grid of {n_grid} points"
+    _coordinate_ascent(search, 1.0 / n_steps, mean)
+    return f"coordinate ascent ({n_grid} grid points is too many)"
 
 
 def _check_tuning_inputs(

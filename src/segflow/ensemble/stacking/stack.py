@@ -43,7 +43,16 @@ from segflow.core.options import add_dataclass_arguments, dataclass_from_namespa
 from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.core.stage_args import add_experiment_dirs, add_stage_tables, check_names, stage_log
 from segflow.ensemble.candidates import check_aligned, json_ready, write_candidate
-from segflow.ensemble.stacking.learners import BACKENDS
+from segflow.ensemble.stacking.features import image_features
+from segflow.ensemble.stacking.learners import (
+    BACKENDS,
+    apply_pixel_blender,
+    fit_gate,
+    fit_pixel_blender,
+    nonempty_images,
+    write_blender_artifacts,
+    write_gate_artifacts,
+)
 from segflow.ensemble.stacking.threshold import (
     ThresholdResult,
     best_thresholds,
@@ -236,16 +245,6 @@ def _stack_class(
     Returns:
         The class's metrics for ``summary.json``.
     """
-    from segflow.ensemble.stacking.features import image_features
-    from segflow.ensemble.stacking.learners import (
-        apply_pixel_blender,
-        fit_gate,
-        fit_pixel_blender,
-        nonempty_images,
-        write_blender_artifacts,
-        write_gate_artifacts,
-    )
-
     truth = class_truths(inputs.truths, k)
     oof_maps = {
         n: np.asarray(p.probs[:, k], np.float32)
