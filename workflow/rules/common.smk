@@ -6,6 +6,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from segflow.artifacts.layout import candidate_dir
 from segflow.core.config_check import check_config
 from segflow.model.experiment import check_init_from
 from segflow.core.fingerprint import folder_stamp
@@ -148,7 +149,7 @@ def pseudo_flags(wildcards):
 def test_prediction_dirs(wildcards):
     """An experiment's test predictions (per model), or a second-level stage's merged one."""
     if wildcards.experiment in SECOND_LEVEL:
-        return [result("test", wildcards.experiment, f"round{wildcards.round}")]
+        return [str(candidate_dir(RESULTS, "test", wildcards.experiment, wildcards.round))]
     return test_model_dirs(wildcards.experiment, wildcards.round)
 
 
@@ -167,7 +168,7 @@ def test_model_dirs(experiment, round):
 def experiment_dirs(kind, round):
     """oof/ or test/ folders of every run experiment for one round (test: per model)."""
     if kind == "oof":
-        return [result("oof", name, f"round{round}") for name in RUN_EXPERIMENTS]
+        return [str(candidate_dir(RESULTS, "oof", name, round)) for name in RUN_EXPERIMENTS]
     return [d for name in RUN_EXPERIMENTS for d in test_model_dirs(name, round)]
 
 
@@ -374,7 +375,7 @@ def fold_values(name):
 def fold_dirs(kind, experiment, round):
     """The per-fold output folders of predict_oof / predict_test for one experiment and round."""
     return [
-        result(kind, experiment, f"round{round}", f"fold{fold}")
+        str(candidate_dir(RESULTS, kind, experiment, round) / f"fold{fold}")
         for fold in range(N_FOLDS)
     ]
 
