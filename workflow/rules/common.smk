@@ -149,7 +149,9 @@ def pseudo_flags(wildcards):
 def test_prediction_dirs(wildcards):
     """An experiment's test predictions (per model), or a second-level stage's merged one."""
     if wildcards.experiment in SECOND_LEVEL:
-        return [str(candidate_dir(RESULTS, "test", wildcards.experiment, wildcards.round))]
+        return [
+            str(candidate_dir(RESULTS, "test", wildcards.experiment, wildcards.round))
+        ]
     return test_model_dirs(wildcards.experiment, wildcards.round)
 
 
@@ -168,7 +170,9 @@ def test_model_dirs(experiment, round):
 def experiment_dirs(kind, round):
     """oof/ or test/ folders of every run experiment for one round (test: per model)."""
     if kind == "oof":
-        return [str(candidate_dir(RESULTS, "oof", name, round)) for name in RUN_EXPERIMENTS]
+        return [
+            str(candidate_dir(RESULTS, "oof", name, round)) for name in RUN_EXPERIMENTS
+        ]
     return [d for name in RUN_EXPERIMENTS for d in test_model_dirs(name, round)]
 
 
