@@ -80,7 +80,7 @@ def test_imports_flow_one_way() -> None:
         ("segflow.core.atomic", "from segflow.model.metrics import dice\n", "core imports model"),
         ("segflow.data.folds", "def f():\n    import segflow.ensemble.blend\n", "data imports"),
         ("segflow.artifacts.layout", "from segflow import report\n", "artifacts imports report"),
-        ("segflow.model.evaluate", "from segflow.cli import main\n", "the command line"),
+        ("segflow.model.evaluate_oof", "from segflow.cli import main\n", "the command line"),
         ("segflow.formats.rle", "from . import labels\n", "relative import"),
     ],
 )

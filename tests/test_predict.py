@@ -15,7 +15,7 @@ from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, find_duplicates
 from segflow.data.folds import FoldOptions, make_folds
 from segflow.data.preprocess import PreprocessOptions, preprocess
-from segflow.model.evaluate import assemble_oof, score_oof
+from segflow.model.evaluate_oof import assemble_oof, score_oof
 from segflow.model.inference.predict import PredictOptions, predict_split
 from segflow.model.models import ModelSpec, build_model, save_checkpoint
 

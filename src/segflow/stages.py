@@ -73,7 +73,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "predict-test", "segflow.model.inference.predict", "predict a fold model on the test set"
     ),
-    Stage("evaluate-oof", "segflow.model.evaluate", "assemble and score the OOF predictions"),
+    Stage("evaluate-oof", "segflow.model.evaluate_oof", "assemble and score the OOF predictions"),
     Stage(
         "tune-postprocess",
         "segflow.model.tune_postprocess",

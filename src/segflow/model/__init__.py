@@ -5,7 +5,7 @@
   ``mixing``, ``checkpointing`` (resume state, EMA, snapshot averaging), ``transfer``
   (``init_from``, freezing), ``refit`` (options, epoch count; no torch), ``losses``, ``augment``.
 - ``inference/``: ``predict`` (``segflow predict-oof``/``predict-test``), ``tta``, ``tiling``.
-- ``evaluate`` (``segflow evaluate-oof``), ``tune_postprocess`` (``segflow tune-postprocess``;
+- ``evaluate_oof`` (``segflow evaluate-oof``), ``tune_postprocess`` (``segflow tune-postprocess``;
   the grid itself is ``postprocess``), ``submit`` (``segflow submit``).
 - ``budget`` (options, the plan arithmetic, the plan file) and ``budget_measure`` (timing;
   ``segflow plan-budget``). plan-budget's code fingerprint covers ``budget`` only, and train's
