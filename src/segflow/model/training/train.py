@@ -920,20 +920,21 @@ class _Run:
     started: float  # time.monotonic() at the call
 
 
-def _train(
-    run: _Run,
+def _check_training(
+    arrays: SegmentationArrays,
     experiment: Experiment,
     out_dir: Path,
     resume_dir: Path,
-    pseudo_spec: PseudoSpec | None,
     init_checkpoint: str | os.PathLike[str] | None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The training loop of :func:`train_fold` and :func:`train_full` (arguments as there)."""
-    arrays, fold = run.arrays, run.fold
-    model_spec, options, augment = experiment.model, experiment.train, experiment.augment
-    ohem_fraction = experiment.ohem_fraction
-    label = "full refit" if fold is None else f"fold {fold}"
+) -> None:
+    """What :func:`_train` refuses before any work: a model that does not fit the arrays, or
+    ``train.init_from`` without its checkpoint (or the reverse); warns of a resume folder
+    inside the output folder.
+
+    Raises:
+        SegflowError: naming the mismatch.
+    """
+    model_spec, options = experiment.model, experiment.train
     if (
         resume_dir.resolve() == out_dir.resolve()
         or out_dir.resolve() in resume_dir.resolve().parents
@@ -956,6 +957,23 @@ def _train(
             f"train.init_from is {options.init_from!r} but the initial checkpoint is "
             f"{None if init_checkpoint is None else str(init_checkpoint)!r}: give both or neither"
         )
+
+
+def _train(
+    run: _Run,
+    experiment: Experiment,
+    out_dir: Path,
+    resume_dir: Path,
+    pseudo_spec: PseudoSpec | None,
+    init_checkpoint: str | os.PathLike[str] | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The training loop of :func:`train_fold` and :func:`train_full` (arguments as there)."""
+    arrays, fold = run.arrays, run.fold
+    model_spec, options, augment = experiment.model, experiment.train, experiment.augment
+    ohem_fraction = experiment.ohem_fraction
+    label = "full refit" if fold is None else f"fold {fold}"
+    _check_training(arrays, experiment, out_dir, resume_dir, init_checkpoint)
     pseudo = None
     if pseudo_spec is not None:
         pseudo = PseudoLabels.load(
