@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from segflow.artifacts.arrays import classes_of, read_stats
 from segflow.core.errors import SegflowError
 from segflow.core.options import option
 
@@ -607,16 +608,13 @@ def plan_budget(
         raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
     if not experiments:
         raise SegflowError("budget: no experiment to plan")
-    stats_path = Path(arrays_dir) / "stats.json"
-    if not stats_path.is_file():
-        raise SegflowError(f"{stats_path} does not exist (run preprocess first)")
-    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    stats = read_stats(arrays_dir)
     parsed = {
         name: parse_experiment(
             name,
             dict(values),
             in_channels=int(stats["channels"]),
-            classes=len(stats.get("classes", ["mask"])),
+            classes=len(classes_of(stats)),
         )
         for name, values in sorted(experiments.items())
     }

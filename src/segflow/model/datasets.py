@@ -8,7 +8,6 @@ own), so the dataset pickles as a few paths and an index array however large the
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,13 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
+from segflow.artifacts.arrays import (
+    INDEX,
+    STATS,
+    STATS_KEYS,
+    classes_of,
+    images_file,
+    masks_file,
+    read_index,
+    read_stats,
+)
 from segflow.core.errors import SegflowError
 from segflow.formats.labels import unpack_labels
 
 # Full-scale value of each stored pixel type: pixels are scaled to [0, 1] before normalising,
 # the same scale in which preprocess computed train_mean / train_std.
 PIXEL_SCALE = {"uint8": 255.0, "uint16": 65535.0}
-_STATS_KEYS = ("height", "width", "channels", "dtype", "train_mean", "train_std")
 
 
 def pixel_scale(dtype: np.dtype | str, where: str) -> float:
@@ -69,23 +77,11 @@ class SegmentationArrays:
             SegflowError: naming the missing or inconsistent file.
         """
         root = Path(root)
-        for name in ("train_images.npy", "train_masks.npy", "index.parquet", "stats.json"):
+        for name in (images_file("train"), masks_file(), INDEX, STATS):
             if not (root / name).is_file():
                 raise SegflowError(f"{root / name} does not exist (run preprocess first)")
-        try:
-            stats = json.loads((root / "stats.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise SegflowError(f"{root / 'stats.json'} is not valid JSON ({error})") from None
-        missing = [key for key in _STATS_KEYS if key not in stats]
-        if missing:
-            raise SegflowError(f"{root / 'stats.json'}: missing key(s) {', '.join(missing)}")
-        try:
-            index = pd.read_parquet(root / "index.parquet")
-        except Exception as error:
-            raise SegflowError(f"{root / 'index.parquet'} is not readable ({error})") from None
-        for column in ("id", "split", "row"):
-            if column not in index.columns:
-                raise SegflowError(f"{root / 'index.parquet'}: missing column {column!r}")
+        stats = read_stats(root, required=STATS_KEYS)
+        index = read_index(root, check=True)
         arrays = cls(root, index, stats)
         arrays._check_shapes()
         return arrays
@@ -119,15 +115,15 @@ class SegmentationArrays:
 
     @property
     def train_images_path(self) -> Path:
-        return self.root / "train_images.npy"
+        return self.root / images_file("train")
 
     @property
     def train_masks_path(self) -> Path:
-        return self.root / "train_masks.npy"
+        return self.root / masks_file()
 
     @property
     def test_images_path(self) -> Path:
-        path = self.root / "test_images.npy"
+        path = self.root / images_file("test")
         if not path.is_file():
             raise SegflowError(f"{path} does not exist (run preprocess first)")
         return path
@@ -151,7 +147,7 @@ class SegmentationArrays:
     @property
     def classes(self) -> list[str]:
         """Class names in bit order of the packed masks (binary data: one class)."""
-        return [str(name) for name in self.stats.get("classes", ["mask"])]
+        return classes_of(self.stats)
 
     @property
     def mean(self) -> list[float]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from segflow.artifacts import arrays, layout
 from segflow.model.diagnostics import FoldCurve, all_flags, fold_curve
 
 _FOLD_DIR = re.compile(r"round(\d+)/fold(\d+)$")
@@ -69,7 +70,7 @@ def results_summary(results_dir: str | Path) -> str:
             f"{dedup['n_members']} members, {dedup['conflicting_groups']} conflicting, "
             f"{dedup['test_items_with_train_label']} test items with a known train label"
         )
-    stats = _load(root / "preprocess" / "stats.json")
+    stats = _load(arrays.stats_path(layout.arrays_dir(root)))
     if stats:
         lines.append(
             f"  preprocess  {root / 'preprocess'}: {stats['n_train']} train + {stats['n_test']} test "
