@@ -299,7 +299,7 @@ def train_duplicates(dedup_items: pd.DataFrame) -> dict[str, str]:
     if missing:
         raise SegflowError(
             f"pseudo: the dedup items table lacks column(s) {', '.join(sorted(missing))}; "
-            "rerun find_duplicates"
+            "rerun dedup"
         )
     leaks = dedup_items[(dedup_items["split"] == "test") & dedup_items["leak_train_ids"].notna()]
     return dict(zip(leaks["id"].astype(str), leaks["leak_train_ids"].astype(str), strict=True))
