@@ -58,7 +58,7 @@ def read_stats(
         SegflowError: missing, not JSON, or a required key missing.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":  # a (perhaps missing) folder
         path = path / STATS
     if not path.is_file():
         raise SegflowError(f"{path} does not exist (run {hint} first)")
