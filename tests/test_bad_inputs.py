@@ -984,8 +984,8 @@ def test_submit_refuses_a_copied_label_path_leading_out_of_the_data(
     _refused(capfd, argv, out, f"manifest row 'a': mask_path {bad!r}", "outside the data roots")
 
 
-# The report needs a whole results folder: test_html_report builds one as a fixture.
-from test_html_report import WORST_ID, results  # noqa: E402, F401
+# The report needs a whole results folder: test_report builds one as a fixture.
+from test_report import WORST_ID, results  # noqa: E402, F401
 
 
 @pytest.mark.filterwarnings("ignore:The least populated class")  # the fixture's 10 images
