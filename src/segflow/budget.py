@@ -61,9 +61,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from segflow.diagnostics import MIN_OPTIMIZER_STEPS
 from segflow.errors import SegflowError
 from segflow.options import option
+from segflow.train_options import MIN_OPTIMIZER_STEPS
 
 if TYPE_CHECKING:
     from segflow.experiment import Experiment
