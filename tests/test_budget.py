@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import copy_workflow, planned_jobs, run_snakemake
+from conftest import REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
 from helpers import write_synthetic_arrays
 
 from segflow import budget_measure
@@ -656,6 +656,20 @@ def _dag_edges(workdir: Path, config: str) -> tuple[dict[str, str], set[tuple[st
     nodes = {m[1]: m[2] for m in re.finditer(r'^\s*(\d+)\[label = "(\w+)', result.stdout, re.M)}
     edges = set(re.findall(r"^\s*(\d+) -> (\d+)", result.stdout, re.M))
     return nodes, edges
+
+
+def test_plan_budget_is_declared_twice_identical_but_for_being_a_checkpoint() -> None:
+    """budget.smk declares the rule as a checkpoint (refit.test_models auto) or a plain rule;
+    the two declarations must not drift apart."""
+    text = (REPO_ROOT / "workflow" / "rules" / "budget.smk").read_text()
+    checkpoint, rule = text.split("\nelse:\n")
+    checkpoint = checkpoint[checkpoint.index("    checkpoint plan_budget:") :]
+    rule = rule[rule.index("    rule plan_budget:") :]
+    assert checkpoint.count("plan_budget:") == rule.count("plan_budget:") == 1
+    assert (
+        checkpoint.replace("checkpoint plan_budget:", "rule plan_budget:").strip() == rule.strip()
+    )
+    assert "shell:" in rule and "params:" in rule
 
 
 @pytest.mark.workflow
