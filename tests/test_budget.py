@@ -316,8 +316,11 @@ def test_a_refit_is_one_more_training_on_every_item_without_validation() -> None
 STEPS_ONLY = Measurement(1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+LONG = {**TINY, "train": {**TINY["train"], "epochs": 100, "batch_size": 10}}
+
+
 def _refit_plan(refit: str | None, measured: Measurement = STEPS_ONLY, **budget: Any) -> dict:
-    experiment = {**TINY, "train": {**TINY["train"], "epochs": 100, "batch_size": 10}}
+    experiment = dict(LONG)
     if refit is not None:
         experiment["refit"] = {"enabled": True, "test_models": refit}
     return make_plan(
@@ -363,7 +366,7 @@ def test_the_plan_counts_the_refit_and_its_epochs_shrink_to_fit() -> None:
         }
     ]
     assert sum(r["estimated_seconds"] for r in plan["trainings"]) == pytest.approx(54.0)
-    assert planned_epochs(plan, "tiny", 0, REFIT, TINY) == 6  # the refit section is no config
+    assert planned_epochs(plan, "tiny", 0, REFIT, LONG) == 6  # the refit section is no config
     assert refit_test_models(plan, "tiny") == "full"
 
 
@@ -418,7 +421,7 @@ def test_auto_takes_the_refit_only_when_every_fold_keeps_min_fold_steps(
         assert full == [] and refit_test_models(plan, "tiny") is None
         assert "only 8 optimizer steps < budget.min_fold_steps = 12" in chosen["reason"]
         with pytest.raises(SegflowError, match="no full refit of 'tiny' round 0 planned"):
-            planned_epochs(plan, "tiny", 0, REFIT, TINY)
+            planned_epochs(plan, "tiny", 0, REFIT, LONG)
 
 
 def test_auto_keeps_the_folds_when_the_refit_does_not_fit() -> None:
