@@ -283,7 +283,9 @@ def budget_experiments():
     return json.dumps(
         {
             name: (
-                EXPERIMENTS[name] if refit_enabled(EXPERIMENTS[name]) else fold_values(name)
+                EXPERIMENTS[name]
+                if refit_enabled(EXPERIMENTS[name])
+                else fold_values(name)
             )
             for name in RUN_EXPERIMENTS
         },
