@@ -214,6 +214,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    import dataclasses
     import json
 
     from segflow.experiment import load_experiment_values, parse_experiment
@@ -229,13 +230,15 @@ def _train(args: argparse.Namespace) -> None:
     )
     if (args.fold is None) == (args.refit_from is None):
         raise SegflowError("give either --fold (cross-validation) or --refit-from (full refit)")
+    refit_epochs = None
     if args.plan is not None:
+        epochs = _planned_epochs(experiment, values, args)
         if args.refit_from is not None:
-            # A refit trains the median of its folds' best epochs, which a plan already bounds.
-            raise SegflowError(
-                "--plan applies to --fold trainings only (a refit's epochs come from its folds)"
-            )
-        experiment = _planned(experiment, values, args)
+            # Planned with its folds: the median of their best epochs is not known in advance.
+            refit_epochs = epochs
+        else:
+            train = dataclasses.replace(experiment.train, epochs=epochs)
+            experiment = dataclasses.replace(experiment, train=train)
     common = {
         "ohem_fraction": experiment.ohem_fraction,
         "pseudo_dir": args.pseudo_dir,
@@ -252,6 +255,7 @@ def _train(args: argparse.Namespace) -> None:
             *model_args,
             args.out_dir,
             args.resume_dir,
+            epochs=refit_epochs,
             **common,
         )
         log.info("full refit trained: %s", result)
@@ -268,23 +272,23 @@ def _train(args: argparse.Namespace) -> None:
     log.info("fold %d trained: %s", args.fold, result)
 
 
-def _planned(experiment, values: dict, args: argparse.Namespace):
-    """The experiment with ``train.epochs`` replaced by the budget plan's for this training."""
-    import dataclasses
+def _planned_epochs(experiment, values: dict, args: argparse.Namespace) -> int:
+    """The budget plan's epochs for this training (a fold, or with --refit-from the full
+    refit), replacing train.epochs (a refit: the median of its folds' best epochs)."""
+    from segflow.budget import REFIT, planned_epochs, read_plan
 
-    from segflow.budget import planned_epochs, read_plan
-
+    member = REFIT if args.refit_from is not None else args.fold
     epochs = planned_epochs(
-        read_plan(args.plan), args.name, args.round, args.fold, values, where=args.plan
+        read_plan(args.plan), args.name, args.round, member, values, where=args.plan
     )
     train = experiment.train
     log.info(
-        "budget plan %s: %d epoch(s) for %s round %d fold %d (train.epochs: %d)",
+        "budget plan %s: %d epoch(s) for %s round %d %s (train.epochs: %d)",
         args.plan,
         epochs,
         args.name,
         args.round,
-        args.fold,
+        "full refit" if member == REFIT else f"fold {member}",
         train.epochs,
     )
     if epochs <= train.warmup_epochs:
@@ -294,7 +298,7 @@ def _planned(experiment, values: dict, args: argparse.Namespace):
             epochs,
             train.warmup_epochs,
         )
-    return dataclasses.replace(experiment, train=dataclasses.replace(train, epochs=epochs))
+    return epochs
 
 
 def _json_mapping(text: str, flag: str) -> dict:
@@ -805,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="METRICS_JSON",
         help="instead of --fold: refit on every item of --folds for the median best epoch of "
-        "these folds' metrics.json (no validation)",
+        "these folds' metrics.json, or with --plan the plan's epochs (no validation)",
     )
     train.add_argument("--name", default="experiment", help="experiment name (for messages)")
     train.add_argument(
@@ -825,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--plan",
         default=None,
-        help="a time budget's plan.json (segflow plan-budget): its epochs replace train.epochs",
+        help="a time budget's plan.json (segflow plan-budget): its epochs replace train.epochs "
+        "(with --refit-from: the folds' median best epoch)",
     )
     train.add_argument(
         "--round", type=int, default=0, help="the pseudo-labelling round (looked up in --plan)"

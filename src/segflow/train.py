@@ -860,6 +860,7 @@ def train_full(
     max_pseudo_share: float = 0.3,
     pseudo_weight: float = 1.0,
     init_checkpoint: str | os.PathLike[str] | None = None,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
     """Refit on every item of folds.csv, for the median of the folds' best epochs; resumable.
 
@@ -869,8 +870,9 @@ def train_full(
     (both resume-exempt); the learning-rate schedule follows the refit's epochs. With
     ``swa_epochs`` or ``snapshot_ensemble`` (weights from the end of training) the refit trains
     the median of the folds' ``epochs_trained`` and saves the SWA average (always: there is no
-    validation for ``swa_select``) or the ensemble of its last cycle ends. A time budget's plan
-    does not apply: the folds' epochs, which it planned, bound the refit's.
+    validation for ``swa_select``) or the ensemble of its last cycle ends. Under a time budget
+    ``epochs`` (the plan's, :mod:`segflow.budget`) replaces that median: the plan is made before
+    any fold has trained, and the refit's time must fit it.
 
     Args:
         arrays_dir: as :func:`train_fold`.
@@ -889,10 +891,12 @@ def train_full(
         pseudo_weight: as :func:`train_fold`.
         init_checkpoint: the full refit ``model.pt`` of the experiment named by
             ``options.init_from``; required exactly when that is set.
+        epochs: the epochs to train (a time budget's plan); None: the median of the folds'.
 
     Returns:
         The metrics written to metrics.json (``refit_best_epochs``: the folds' best epochs, or
-        ``refit_epochs_trained``: their trained epochs).
+        ``refit_epochs_trained``: their trained epochs; ``refit_epochs_from``: ``folds`` or
+        ``plan``).
 
     Raises:
         SegflowError: as :func:`train_fold`, a fold metrics.json without a best epoch, or
@@ -904,18 +908,36 @@ def train_full(
             "train.scheduler: plateau follows the validation monitor, which a full-data refit "
             "has not; use another scheduler"
         )
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+    ):
+        raise SegflowError(f"full refit: planned epochs must be an integer >= 1, got {epochs!r}")
     key = refit_epoch_key(options.swa_epochs, options.snapshot_ensemble)
-    epochs, fold_epochs = refit_epochs(fold_metrics, key)
+    median, fold_epochs = refit_epochs(fold_metrics, key)
+    source = "folds" if epochs is None else "plan"
+    epochs = median if epochs is None else epochs
     if options.average_top_k > 1:
         log.info("full refit: train.average_top_k ignored (no validation to rank epochs by)")
     if options.swa_epochs > epochs:
+        where = (
+            f"the median of the folds' {key} {fold_epochs}"
+            if source == "folds"
+            else "the time budget's plan"
+        )
         raise SegflowError(
             f"train.swa_epochs ({options.swa_epochs}) exceeds the full refit's {epochs} epochs "
-            f"(the median of the folds' epochs_trained {fold_epochs}); lower it or turn the "
-            "refit off"
+            f"({where}); lower it or turn the refit off"
         )
     options = dataclasses.replace(options, epochs=epochs, early_stopping_patience=None)
-    log.info("full refit: %d epochs, the median of the folds' %s %s", epochs, key, fold_epochs)
+    if source == "folds":
+        log.info("full refit: %d epochs, the median of the folds' %s %s", epochs, key, fold_epochs)
+    else:
+        log.info(
+            "full refit: %d epochs from the time budget's plan (the folds' %s: %s)",
+            epochs,
+            key,
+            fold_epochs,
+        )
     arrays = SegmentationArrays.open(arrays_dir)
     rows = full_rows(arrays, folds_csv)
     metrics = _train(
@@ -932,7 +954,10 @@ def train_full(
         pseudo_weight,
         init_checkpoint,
         # The folds' epochs the refit's count is the median of.
-        extra={"refit_best_epochs" if key == "best_epoch" else "refit_epochs_trained": fold_epochs},
+        extra={
+            "refit_best_epochs" if key == "best_epoch" else "refit_epochs_trained": fold_epochs,
+            "refit_epochs_from": source,
+        },
     )
     return metrics
 
