@@ -611,12 +611,21 @@ def _run_select_pseudo(args: argparse.Namespace) -> None:
     import json
 
     from segflow.pseudo import PseudoOptions
+    from segflow.resolution import PAD_COLUMNS, index_offsets
     from segflow.second_level import load_test, select_pseudo_stage
 
     options = dataclass_from_namespace(PseudoOptions, args)
     stats_path = Path(args.arrays_dir) / "stats.json"
     classes, _ = _classes(str(stats_path))
     stats = json.loads(stats_path.read_text())
+    index = read_table(str(Path(args.arrays_dir) / "index.parquet"), "preprocessed index")
+    test_rows = index[index["split"] == "test"]
+    # Pad mode: the targets are reflect-padded as the test images were.
+    offsets = (
+        dict(zip(test_rows["id"], index_offsets(test_rows), strict=True))
+        if set(PAD_COLUMNS) <= set(index.columns)
+        else None
+    )
     selection, targets, summary = select_pseudo_stage(
         load_test([args.test_dir], "mean"),
         json.loads(Path(args.postprocess).read_text()),
@@ -624,6 +633,7 @@ def _run_select_pseudo(args: argparse.Namespace) -> None:
         read_table(args.dedup_items, "dedup items"),
         options,
         (int(stats["height"]), int(stats["width"])),
+        offsets,
     )
     out = Path(args.out_dir)
     write_npy(out / "targets.npy", targets)
