@@ -280,6 +280,12 @@ def reserve_space(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def output_channels(items: pd.DataFrame, channels: str) -> int:
+    """The arrays' channels: ``preprocess.channels``, or with ``auto`` 1 when every image of
+    ``items`` (manifest rows, ``is_gray``) is gray, else 3."""
+    return (1 if items["is_gray"].all() else 3) if channels == "auto" else int(channels)
+
+
 def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometry:
     if (options.height is None) != (options.width is None):
         raise SegflowError("set both preprocess.height and preprocess.width, or neither")
@@ -300,9 +306,7 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometr
         raise SegflowError(
             f"unknown preprocess.channels {options.channels!r}; valid: {', '.join(CHANNEL_MODES)}"
         )
-    channels = (
-        (1 if used["is_gray"].all() else 3) if options.channels == "auto" else int(options.channels)
-    )
+    channels = output_channels(used, options.channels)
     dtype = "uint8" if options.to_uint8 or (used["bit_depth"] <= 8).all() else "uint16"
     if options.resize_mode not in RESIZE_MODES:
         raise SegflowError(

@@ -70,6 +70,8 @@ rule preprocess_images:
     input:
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.find_duplicates.output.dedup_items,
+        # budget.sizes: the chosen size (plan_resolution); nothing otherwise.
+        unpack(resolution_inputs),
     output:
         train_images=result("preprocess", "train_images.npy"),
         train_masks=result("preprocess", "train_masks.npy"),
@@ -87,7 +89,7 @@ rule preprocess_images:
         **job_resources("preprocess_images", mem_mb=8000, runtime=120),
     params:
         code=stage_fingerprint("preprocess"),
-        flags=section_flags("preprocess"),
+        flags=preprocess_flags(),
         dicom=dicom_flags(),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
     shell:
