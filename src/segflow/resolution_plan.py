@@ -506,9 +506,7 @@ def check_resolution_config(budget: Mapping[str, Any], preprocess: Mapping[str, 
             candidate, or a ``min_fold_steps`` below 1.
     """
     sizes = budget.get("sizes")
-    ResolutionOptions(
-        sizes=sizes, min_fold_steps=budget.get("min_fold_steps", MIN_OPTIMIZER_STEPS)
-    )
+    ResolutionOptions(sizes=sizes, min_fold_steps=budget.get("min_fold_steps", MIN_OPTIMIZER_STEPS))
     if sizes is None:
         return
     if budget.get("minutes") is None:
