@@ -282,7 +282,8 @@ def test_the_largest_size_whose_folds_keep_enough_steps_is_chosen() -> None:
 
 
 def test_no_size_qualifies_gives_the_smallest_with_a_warning() -> None:
-    budget = BudgetOptions(minutes=0.5, reserve_share=0.0, cap_at_config_epochs=False)
+    # 15 s: 150, 75 and (infeasible) 10 steps.
+    budget = BudgetOptions(minutes=0.25, reserve_share=0.0, cap_at_config_epochs=False)
     record = resolution_record(_estimates(budget), min_fold_steps=300)
     assert record["chosen"] == [64, 64]
     assert "no candidate size gives every fold 300" in record["warning"]
@@ -406,7 +407,10 @@ def test_a_pad_candidate_smaller_than_an_original_is_refused() -> None:
     ):
         check_pad_candidates(candidates, manifest)
     # Resize candidates may be smaller; pad ones that hold every image pass.
-    check_pad_candidates(parse_candidates([[96, 96], [128, 128]], "pad"), manifest)
+    fits = [[96, 96], {"height": 128, "width": 128, "mode": "pad"}]
+    check_pad_candidates(parse_candidates(fits, "resize"), manifest)
+    with pytest.raises(SegflowError, match=r"sizes\[0\]: pad 96x96"):  # the default mode
+        check_pad_candidates(parse_candidates(fits, "pad"), manifest)
 
 
 def test_resolution_options_defaults_match_the_schema() -> None:
