@@ -31,6 +31,7 @@ from segflow.resolution import (
     index_offsets,
     pad_offsets,
     reflect_pad,
+    score_window,
     to_original,
 )
 from segflow.resolution_plan import (
@@ -109,6 +110,23 @@ def test_crop_of_padded_predictions_is_exactly_the_original_region() -> None:
     resized = restore_resolution(padded[None], [(101, 101)])[0]
     expected = cv2.resize(padded.transpose(1, 2, 0), (101, 101), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_array_equal(resized, expected.transpose(2, 0, 1))
+
+
+def test_validation_scores_the_original_window_shared_by_the_fold() -> None:
+    index = pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "t"],
+            "split": ["train", "train", "train", "test"],
+            "row": [0, 1, 2, 0],
+            "orig_height": [101, 101, 90, 101],
+            "orig_width": [101, 101, 101, 101],
+            "pad_top": [13, 13, 19, 13],
+            "pad_left": [13, 13, 13, 13],
+        }
+    )
+    assert score_window(index, [1, 0]) == (13, 13, 101, 101)
+    assert score_window(index, [0, 2]) is None  # mixed sizes: the whole canvas
+    assert score_window(index.drop(columns=["pad_top", "pad_left"]), [0, 1]) is None
 
 
 # --------------------------------------------------------------------------- preprocess

@@ -195,3 +195,23 @@ def pad_columns(
     """
     offsets = [pad_offsets(size, target, name) for size, name in zip(sizes, where, strict=True)]
     return {"pad_top": [o[0] for o in offsets], "pad_left": [o[1] for o in offsets]}
+
+
+def score_window(index: pd.DataFrame, rows: Sequence[int]) -> tuple[int, int, int, int] | None:
+    """The original pixels' window (top, left, height, width) shared by the train ``rows``
+    of a pad-mode index, where validation scores; None in resize mode, or when the rows differ
+    in size or offsets (the whole canvas is scored then).
+
+    Args:
+        index: the preprocessed ``index.parquet``.
+        rows: rows of ``train_images.npy`` (a fold's validation items).
+    """
+    if not set(PAD_COLUMNS) <= set(index.columns) or len(rows) == 0:
+        return None
+    train = index[index["split"] == "train"].set_index("row")
+    selected = train.loc[list(rows), ["pad_top", "pad_left", "orig_height", "orig_width"]]
+    windows = selected.drop_duplicates()
+    if len(windows) != 1:
+        return None
+    top, left, height, width = (int(v) for v in windows.iloc[0])
+    return top, left, height, width
