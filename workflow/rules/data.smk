@@ -68,10 +68,10 @@ rule find_duplicates:
 
 rule preprocess_images:
     input:
-        manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.find_duplicates.output.dedup_items,
         # budget.sizes: the chosen size (plan_resolution); nothing otherwise.
         unpack(resolution_inputs),
+        manifest=rules.ingest_dataset.output.manifest,
+        dedup_items=rules.find_duplicates.output.dedup_items,
     output:
         train_images=result("preprocess", "train_images.npy"),
         train_masks=result("preprocess", "train_masks.npy"),
