@@ -391,6 +391,65 @@ def test_a_candidate_size_is_timed_on_random_arrays_of_that_size(tmp_path: Path)
     assert measured.startup_seconds == 0.5
 
 
+def test_plan_resolution_command_chooses_and_preprocess_follows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI wiring end to end on a tiny dataset: plan-resolution, then preprocess."""
+    from segflow import budget_measure
+    from segflow.cli import main
+
+    monkeypatch.setattr(budget_measure, "process_startup_seconds", lambda: 0.0)
+    manifest, _ = ingest(_dataset(tmp_path / "data", (11, 9), n_train=6))
+    items, _ = find_duplicates(manifest, DedupOptions())
+    manifest.to_parquet(tmp_path / "manifest.parquet")
+    items.to_parquet(tmp_path / "items.parquet")
+    train_ids = sorted(manifest.loc[manifest["split"] == "train", "id"])
+    folds = pd.DataFrame({"id": train_ids, "fold": [0, 1] * 3})
+    folds.to_csv(tmp_path / "folds.csv", index=False)
+    tiny = {
+        "model": {
+            "encoder": "mobilenet_v2",
+            "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        },
+        "train": {"epochs": 2, "batch_size": 2},
+    }
+    out = tmp_path / "resolution.json"
+    sizes = [[16, 16], {"height": 24, "width": 24, "mode": "pad"}]
+    main(
+        [
+            "plan-resolution",
+            "--manifest", str(tmp_path / "manifest.parquet"),
+            "--folds", str(tmp_path / "folds.csv"),
+            "--sizes", json.dumps(sizes),
+            "--min-fold-steps", "1",
+            "--experiments", json.dumps({"tiny": tiny}),
+            "--predict", json.dumps({"batch_size": 2}),
+            "--minutes", "30",
+            "--measure-steps", "1",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert (record["chosen"], record["mode"]) == ([24, 24], "pad")  # both qualify: the larger
+    assert [(s["height"], s["mode"]) for s in record["sizes"]] == [(16, "resize"), (24, "pad")]
+    assert all(s["measured"]["tiny"]["step_seconds"] > 0 for s in record["sizes"])
+    main(
+        [
+            "preprocess",
+            "--manifest", str(tmp_path / "manifest.parquet"),
+            "--dedup-items", str(tmp_path / "items.parquet"),
+            "--height", "16",
+            "--width", "16",
+            "--resolution", str(out),
+            "--out-dir", str(tmp_path / "arrays"),
+        ]
+    )  # fmt: skip
+    stats = json.loads((tmp_path / "arrays" / "stats.json").read_text())
+    assert (stats["height"], stats["width"], stats["options"]["resize_mode"]) == (24, 24, "pad")
+    index = pd.read_parquet(tmp_path / "arrays" / "index.parquet")
+    assert (index["pad_top"] == 6).all() and (index["pad_left"] == 7).all()  # 11x9 in 24x24
+
+
 # --------------------------------------------------------------------------- config checks
 
 
