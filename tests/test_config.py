@@ -16,6 +16,7 @@ from segflow.folds import FoldOptions
 from segflow.ingest import IngestOptions
 from segflow.predict import PredictOptions
 from segflow.preprocess import PreprocessOptions
+from segflow.resolution_plan import RESOLUTION_KEYS
 from segflow.submission import SubmissionOptions
 from segflow.train_options import TrainOptions
 
@@ -30,7 +31,7 @@ SECTIONS = {
     "demo": (DemoDataOptions, {"enabled", "out_dir"}),
     "predict": (PredictOptions, set()),
     "submission": (SubmissionOptions, set()),
-    "budget": (BudgetOptions, set()),
+    "budget": (BudgetOptions, set(RESOLUTION_KEYS)),  # the rest: ResolutionOptions
 }
 
 

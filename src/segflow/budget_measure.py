@@ -36,6 +36,7 @@ from segflow.experiment import Experiment
 from segflow.fold_data import split_rows
 from segflow.models import required_divisor
 from segflow.predict import PredictOptions, predict_rows, restore_resolution, stack_original
+from segflow.resolution import index_offsets
 from segflow.train import _FoldTrainer
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,8 @@ def _time_prediction(
         probs, _ = predict_rows(
             model, images, rows[:timed], arrays.mean, arrays.std, predict, device, divisor
         )
-        stack_original(restore_resolution(probs, sizes[:timed]), "budget timing")
+        offsets = index_offsets(items)[:timed]  # pad mode crops; resize mode resizes
+        stack_original(restore_resolution(probs, sizes[:timed], offsets), "budget timing")
         return (time.perf_counter() - started) / max(timed, 1)
     finally:
         torch.set_num_threads(previous)

@@ -125,12 +125,21 @@ def _run_dedup(args: argparse.Namespace) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from segflow.preprocess import PreprocessOptions, preprocess
 
+    options = dataclass_from_namespace(PreprocessOptions, args)
+    if args.resolution:
+        from segflow.resolution_plan import read_resolution
+
+        height, width, mode = read_resolution(args.resolution)
+        log.info("resolution %s: %dx%d (%s)", args.resolution, height, width, mode)
+        options = dataclasses.replace(options, height=height, width=width, resize_mode=mode)
     stats = preprocess(
         read_table(args.manifest, "manifest"),
         read_table(args.dedup_items, "dedup items"),
-        dataclass_from_namespace(PreprocessOptions, args),
+        options,
         args.out_dir,
         workers=args.workers,
         dicom_window=_dicom_window(args),
@@ -394,6 +403,94 @@ def _plan_budget(args: argparse.Namespace) -> None:
     log.info("budget plan -> %s", args.out)
 
 
+def _run_plan_resolution(args: argparse.Namespace) -> None:
+    with _compute(args):
+        _plan_resolution(args)
+
+
+def _plan_resolution(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from segflow.budget import BudgetOptions
+    from segflow.budget_measure import (
+        device_startup_seconds,
+        machine_description,
+        process_startup_seconds,
+    )
+    from segflow.devices import resolve_device
+    from segflow.predict import PredictOptions
+    from segflow.resolution_measure import measure_at_size
+    from segflow.resolution_plan import ResolutionOptions, plan_resolution
+
+    budget = dataclass_from_namespace(BudgetOptions, args)
+    try:
+        sizes = json.loads(args.sizes)
+    except json.JSONDecodeError as error:
+        raise SegflowError(f"--sizes is not valid JSON ({error})") from None
+    options = ResolutionOptions(sizes=sizes, min_fold_steps=args.min_fold_steps)
+    experiments = _json_mapping(args.experiments, "--experiments")
+    if not all(isinstance(values, dict) for values in experiments.values()):
+        raise SegflowError("--experiments must map each experiment name to its mapping")
+    predict_values = _json_mapping(args.predict, "--predict")
+    known = {field.name for field in dataclasses.fields(PredictOptions)}
+    unknown = sorted(set(predict_values) - known)
+    if unknown:
+        raise SegflowError(f"unknown key predict.{unknown[0]}; valid: {', '.join(sorted(known))}")
+    predict = PredictOptions(**predict_values)
+    threads = max(1, args.threads)
+    predict_threads = max(1, min(args.predict_threads, threads))
+    startups: dict[str, float] = {}
+
+    def measure(name, experiment, candidate, channels, n_classes, original):
+        device = resolve_device(experiment.train.device)
+        if "process" not in startups:
+            startups["process"] = process_startup_seconds()
+        if str(device) not in startups:
+            startups[str(device)] = device_startup_seconds(device)
+        log.info("resolution: timing %s at %s on %s", name, candidate.label, device)
+        return measure_at_size(
+            experiment,
+            candidate,
+            channels,
+            n_classes,
+            original,
+            predict,
+            budget.measure_steps,
+            predict_threads,
+            startups["process"] + startups[str(device)],
+        )
+
+    record = plan_resolution(
+        read_table(args.manifest, "manifest"),
+        args.folds,
+        experiments,
+        budget,
+        options,
+        args.resize_mode,
+        args.channels,
+        measure,
+        pseudo_rounds=args.pseudo_rounds,
+        max_pseudo_share=args.max_pseudo_share,
+        parallel_jobs=budget.parallel_jobs or max(1, args.gpus),
+        machine=machine_description(resolve_device("auto"), threads, predict_threads),
+    )
+    block = stage_provenance(
+        {
+            "budget": dataclasses.asdict(budget),
+            "resolution": {"sizes": sizes, "min_fold_steps": options.min_fold_steps},
+            "experiments": experiments,
+            "predict": dataclasses.asdict(predict),
+            "resize_mode": args.resize_mode,
+            "channels": args.channels,
+            "pseudo_rounds": args.pseudo_rounds,
+            "max_pseudo_share": args.max_pseudo_share,
+        }
+    )
+    write_json(args.out, with_provenance(record, block))
+    log.info("resolution choice -> %s", args.out)
+
+
 def _predict_options(args: argparse.Namespace):
     from segflow.predict import PredictOptions
 
@@ -615,12 +712,21 @@ def _run_select_pseudo(args: argparse.Namespace) -> None:
     import json
 
     from segflow.pseudo import PseudoOptions
+    from segflow.resolution import PAD_COLUMNS, index_offsets
     from segflow.second_level import load_test, select_pseudo_stage
 
     options = dataclass_from_namespace(PseudoOptions, args)
     stats_path = Path(args.arrays_dir) / "stats.json"
     classes, _ = _classes(str(stats_path))
     stats = json.loads(stats_path.read_text())
+    index = read_table(str(Path(args.arrays_dir) / "index.parquet"), "preprocessed index")
+    test_rows = index[index["split"] == "test"]
+    # Pad mode: the targets are reflect-padded as the test images were.
+    offsets = (
+        dict(zip(test_rows["id"], index_offsets(test_rows), strict=True))
+        if set(PAD_COLUMNS) <= set(index.columns)
+        else None
+    )
     selection, targets, summary = select_pseudo_stage(
         load_test([args.test_dir], "mean"),
         json.loads(Path(args.postprocess).read_text()),
@@ -628,6 +734,7 @@ def _run_select_pseudo(args: argparse.Namespace) -> None:
         read_table(args.dedup_items, "dedup items"),
         options,
         (int(stats["height"]), int(stats["width"])),
+        offsets,
     )
     out = Path(args.out_dir)
     write_npy(out / "targets.npy", targets)
@@ -747,6 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     from segflow.predict import PredictOptions
     from segflow.preprocess import PreprocessOptions
     from segflow.pseudo import PseudoOptions
+    from segflow.resolution_plan import ResolutionOptions
     from segflow.stack_stage import StackOptions
     from segflow.submission import SubmissionOptions
 
@@ -790,6 +898,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_tables(prep)
     prep.add_argument(
         "--out-dir", required=True, help="folder for the .npy arrays, index and stats"
+    )
+    prep.add_argument(
+        "--resolution",
+        default=None,
+        help="resolution.json (segflow plan-resolution): its chosen size and mode replace "
+        "--height, --width and --resize-mode",
     )
     _add_workers(prep)
     _add_dicom_window(prep)
@@ -863,6 +977,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--out", required=True, help="plan.json to write")
     _add_compute(plan)
+
+    resolution = command(
+        "plan-resolution",
+        _run_plan_resolution,
+        "time each experiment at each budget.sizes candidate; choose the input size",
+        BudgetOptions,
+    )
+    resolution.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
+    resolution.add_argument("--folds", required=True, help="folds.csv")
+    resolution.add_argument(
+        "--sizes",
+        required=True,
+        help='budget.sizes as JSON: [[h, w], {"height": h, "width": w, "mode": "pad"}]',
+    )
+    resolution.add_argument(
+        "--resize-mode", default="resize", help="preprocess.resize_mode (candidates without mode)"
+    )
+    resolution.add_argument("--channels", default="auto", help="preprocess.channels")
+    resolution.add_argument(
+        "--experiments", required=True, help="JSON mapping of experiment name -> experiment"
+    )
+    resolution.add_argument("--predict", default="{}", help="the predict section as JSON")
+    resolution.add_argument("--pseudo-rounds", type=int, default=0, help="pseudo-labelling rounds")
+    resolution.add_argument(
+        "--max-pseudo-share", type=float, default=0.3, help="cap on pseudo-labelled draws"
+    )
+    resolution.add_argument(
+        "--predict-threads", type=int, default=2, help="CPU threads of the prediction jobs"
+    )
+    resolution.add_argument("--out", required=True, help="resolution.json to write")
+    _add_compute(resolution)
 
     for name, help_text in (
         ("predict-oof", "predict a fold model on its own validation fold"),

@@ -127,6 +127,8 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     # and so retrain everything. `segflow train --plan` reads the plan through segflow.budget,
     # which is not in "train": an edit there re-plans (here), which retrains where budgeted.
     "plan-budget": ("segflow.budget",),
+    # As plan-budget: the choice's arithmetic, not segflow.resolution_measure (the timing).
+    "plan-resolution": ("segflow.resolution_plan",),
     "predict-oof": ("segflow.predict", "segflow.devices"),
     "predict-test": ("segflow.predict", "segflow.devices"),
     "evaluate-oof": ("segflow.evaluate",),

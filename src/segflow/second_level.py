@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,7 @@ def select_pseudo_stage(
     dedup_items: pd.DataFrame,
     options: Any,
     size: tuple[int, int],
+    offsets: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """Select pseudo-labels from a round's final test prediction and build their targets.
 
@@ -191,17 +192,18 @@ def select_pseudo_stage(
         dedup_items: dedup's items table (test duplicates of train images are excluded).
         options: :class:`segflow.pseudo.PseudoOptions`.
         size: the preprocessed (height, width) the targets are stored at.
+        offsets: test id -> (top, left) padding when preprocess reflect-padded the images
+            (``resize_mode: pad``, the index's ``pad_top``/``pad_left``): the targets are
+            padded the same way; None: they are resized, as the images were.
 
     Returns:
         (selection table, targets at the preprocessed size, summary). Targets are packed
         labels (S, h, w) for hard labels, float16 (S, K, h, w) for soft ones.
     """
-    import cv2
-
     from segflow.postprocess import apply_classes, params_from_summary
     from segflow.predict import nonempty_probs
-    from segflow.preprocess import resize_mask
     from segflow.pseudo import pseudo_targets, select_pseudo, train_duplicates
+    from segflow.resolution import from_original
 
     selection = select_pseudo(test.ids, test.probs, options, train_duplicates(dedup_items))
     # select_pseudo sorts by id; keep the targets in that order.
@@ -214,21 +216,15 @@ def select_pseudo_stage(
     )
     targets = pseudo_targets(probs, masks, options)
     height, width = size
-    if options.labels == "hard":
-        resized = (
-            np.stack([resize_mask(t, height, width) for t in targets])
-            if len(targets)
-            else (np.zeros((0, height, width), targets.dtype))
-        )
+    selected_ids = selection.loc[selection["selected"], "id"].tolist()
+    placed = [None if offsets is None else tuple(offsets[i]) for i in selected_ids]
+    hard = options.labels == "hard"
+    if hard:
+        resized = np.zeros((len(targets), height, width), targets.dtype)
     else:
         resized = np.zeros((len(targets), len(classes), height, width), np.float16)
-        for i, target in enumerate(targets):
-            planes = cv2.resize(
-                np.ascontiguousarray(target.astype(np.float32).transpose(1, 2, 0)),
-                (width, height),
-                interpolation=cv2.INTER_LINEAR,
-            )
-            resized[i] = planes.reshape(height, width, -1).transpose(2, 0, 1)
+    for i, (target, offset) in enumerate(zip(targets, placed, strict=True)):
+        resized[i] = from_original(target, size, offset, labels=hard)
     summary = {
         "n_test": len(selection),
         "n_selected": int(selection["selected"].sum()),

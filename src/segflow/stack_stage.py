@@ -28,6 +28,7 @@ from segflow.atomic import write_json
 from segflow.errors import SegflowError
 from segflow.options import option
 from segflow.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
+from segflow.resolution import image_to_original, index_offsets
 from segflow.second_level import (
     Prediction,
     check_aligned,
@@ -97,9 +98,23 @@ class StackInputs:
 
 
 def _images_for(arrays_dir: Path, split: str, ids: pd.Series) -> np.ndarray:
+    """The preprocessed images of ``ids``; reflect-padded ones (``resize_mode: pad``) cropped
+    back to their original pixels, which is where the probability maps are."""
     index = pd.read_parquet(arrays_dir / "index.parquet")
-    rows = index[index["split"] == split].set_index("id").loc[ids, "row"].to_numpy()
-    return np.asarray(np.load(arrays_dir / f"{split}_images.npy", mmap_mode="r")[rows])
+    selected = index[index["split"] == split].set_index("id").loc[ids].reset_index()
+    images = np.asarray(
+        np.load(arrays_dir / f"{split}_images.npy", mmap_mode="r")[selected["row"].to_numpy()]
+    )
+    offsets = index_offsets(selected)
+    if all(offset is None for offset in offsets):
+        return images
+    sizes = zip(selected["orig_height"], selected["orig_width"], strict=True)
+    return np.stack(
+        [
+            image_to_original(image, size, offset)
+            for image, size, offset in zip(images, sizes, offsets, strict=True)
+        ]
+    )
 
 
 def _metadata_for(manifest: pd.DataFrame, ids: pd.Series) -> pd.DataFrame:

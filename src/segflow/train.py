@@ -139,6 +139,7 @@ from segflow.options import options_to_dict
 from segflow.pretrained import input_normalisation
 from segflow.provenance import provenance
 from segflow.refit import refit_epoch_key, refit_epochs
+from segflow.resolution import score_window
 from segflow.schedules import (
     in_swa_phase,
     lr_factor,
@@ -327,6 +328,8 @@ class _FoldTrainer:
             normalisation=self.normalisation,
         )
 
+        # preprocess.resize_mode pad: scores count the original pixels, not the reflection.
+        self.score_window = score_window(arrays.index, val_rows)
         self.optimizer = make_optimizer(self.model, options)
         # train.steps_per_epoch when set, else one pass: the lr schedule is derived from it.
         self.steps_per_epoch = len(self.data.train_loader)
@@ -557,7 +560,8 @@ class _FoldTrainer:
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
-        """Validation loss and mean per-image dice/iou/kaggle at threshold 0.5."""
+        """Validation loss and mean per-image dice/iou/kaggle at threshold 0.5 (pad mode: the
+        scores on the original pixels, :func:`segflow.resolution.score_window`)."""
         if self.data.val_loader is None:
             raise SegflowError(f"{self.label}: there is no validation fold to validate on")
         model.eval()
@@ -572,6 +576,10 @@ class _FoldTrainer:
             # Every (image, class) pair is scored: the mean is the mean over classes.
             pred = (mask_logits > 0).flatten(0, 1).cpu().numpy()  # sigmoid > 0.5
             truth = masks.flatten(0, 1).cpu().numpy().astype(bool)
+            if self.score_window is not None:
+                top, left, height, width = self.score_window
+                pred = pred[:, top : top + height, left : left + width]
+                truth = truth[:, top : top + height, left : left + width]
             for name, values in per_image_scores(pred, truth).items():
                 if name in scores:
                     scores[name].append(values)

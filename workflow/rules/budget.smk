@@ -34,7 +34,7 @@ if REFIT_AUTO:
             gpu_slots=GPUS,
         params:
             code=stage_fingerprint("plan-budget"),
-            flags=section_flags("budget"),
+            flags=section_flags("budget", exclude=RESOLUTION_KEYS),
             # The plan is cached: it is made again when these or the data change, never because
             # a timing would come out differently (force it with `snakemake -R plan_budget`).
             experiments=budget_experiments(),
@@ -79,7 +79,7 @@ else:
             gpu_slots=GPUS,
         params:
             code=stage_fingerprint("plan-budget"),
-            flags=section_flags("budget"),
+            flags=section_flags("budget", exclude=RESOLUTION_KEYS),
             # The plan is cached: it is made again when these or the data change, never because
             # a timing would come out differently (force it with `snakemake -R plan_budget`).
             experiments=budget_experiments(),
@@ -99,3 +99,53 @@ else:
             " --max-pseudo-share {params.max_pseudo_share:q}"
             " --predict-threads {params.predict_threads:q} {params.flags} --out {output.plan:q}"
             " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"
+
+
+# budget.sizes: only preprocess_images of a run with budget.sizes set depends on
+# plan_resolution (common.smk resolution_inputs); otherwise it is not in the DAG.
+
+
+rule plan_resolution:
+    input:
+        manifest=rules.ingest_dataset.output.manifest,
+        # Folds come from the dedup output, not from preprocess: the choice runs before it.
+        folds=rules.make_folds.output.folds,
+    output:
+        resolution=result("budget", "resolution.json"),
+    log:
+        result("logs", "plan_resolution.log"),
+    benchmark:
+        result("benchmarks", "plan_resolution.tsv")
+    conda:
+        CONDA_ENV
+    # It times training as train_fold runs: with its threads (and a GPU when it has one).
+    threads: rule_threads("plan_resolution", rule_threads("train_fold", MAX_THREADS))
+    resources:
+        **job_resources("plan_resolution", mem_mb=8000, runtime=30),
+        gpu_slots=GPUS,
+    params:
+        code=stage_fingerprint("plan-resolution"),
+        # Cached like the plan: made again when these or the data change, not because a
+        # timing would differ (force it with `snakemake -R plan_resolution`).
+        flags=section_flags("budget", exclude=RESOLUTION_KEYS),
+        sizes=json.dumps(BUDGET["sizes"]),
+        resize_mode=config["preprocess"]["resize_mode"],
+        channels=config["preprocess"]["channels"],
+        experiments=budget_experiments(),
+        predict=json.dumps(
+            {k: v for k, v in config["predict"].items() if k != "fold_merge"},
+            sort_keys=True,
+        ),
+        pseudo_rounds=PSEUDO["rounds"],
+        max_pseudo_share=PSEUDO["max_pseudo_share"],
+        predict_threads=rule_threads("predict_oof", min(2, MAX_THREADS)),
+        gpus=GPUS,
+    shell:
+        "segflow plan-resolution --manifest {input.manifest:q} --folds {input.folds:q}"
+        " --sizes {params.sizes:q}"
+        " --resize-mode {params.resize_mode:q} --channels {params.channels:q}"
+        " --experiments {params.experiments:q} --predict {params.predict:q}"
+        " --pseudo-rounds {params.pseudo_rounds:q}"
+        " --max-pseudo-share {params.max_pseudo_share:q}"
+        " --predict-threads {params.predict_threads:q} {params.flags} --out {output.resolution:q}"
+        " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"

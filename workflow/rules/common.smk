@@ -10,6 +10,7 @@ from segflow.config_check import check_config
 from segflow.experiment import check_init_from
 from segflow.fingerprint import folder_stamp, stage_fingerprint
 from segflow.refit import check_refit, refit_enabled
+from segflow.resolution_plan import RESOLUTION_KEYS, check_resolution_config
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.
 check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -293,6 +294,26 @@ def budget_experiments():
     )
 
 
+# budget.sizes: the plan_resolution job chooses preprocess's size (one line naming a bad key).
+check_resolution_config(BUDGET, config["preprocess"])
+RESOLUTION = (
+    result("budget", "resolution.json") if BUDGET["sizes"] is not None else None
+)
+
+
+def resolution_inputs(wildcards):
+    """preprocess_images' size choice: nothing without budget.sizes (today's DAG)."""
+    return {} if RESOLUTION is None else {"resolution": RESOLUTION}
+
+
+def preprocess_flags():
+    """The preprocess section's flags, with `--resolution` when the budget chooses the size."""
+    flags = section_flags("preprocess")
+    if RESOLUTION is not None:
+        flags += f" --resolution {shlex.quote(RESOLUTION)}"
+    return flags
+
+
 CLUSTER = config["cluster"]
 # Rules that may run on a GPU; every other one is CPU-only and never asks for one.
 GPU_RULES = (
@@ -302,6 +323,7 @@ GPU_RULES = (
     "predict_test",
     "predict_test_full",
     "plan_budget",
+    "plan_resolution",
 )
 GPU_KEYS = ("gpu", "gpu_model", "gres")
 # Rules that called job_resources(): check_cluster_rules() matches cluster.rules against them.

@@ -68,6 +68,8 @@ rule find_duplicates:
 
 rule preprocess_images:
     input:
+        # budget.sizes: the chosen size (plan_resolution); nothing otherwise.
+        unpack(resolution_inputs),
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.find_duplicates.output.dedup_items,
     output:
@@ -87,7 +89,7 @@ rule preprocess_images:
         **job_resources("preprocess_images", mem_mb=8000, runtime=120),
     params:
         code=stage_fingerprint("preprocess"),
-        flags=section_flags("preprocess"),
+        flags=preprocess_flags(),
         dicom=dicom_flags(),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
     shell:

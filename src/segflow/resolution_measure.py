@@ -1,0 +1,153 @@
+"""Timing an experiment at a candidate input size, before preprocess (``budget.sizes``).
+
+:mod:`segflow.resolution_plan` needs each experiment's timings at sizes that no preprocess run
+has produced yet. Step time does not depend on pixel content, so this module writes random
+arrays of the candidate size (a temporary preprocess folder: images, masks, index and stats,
+and a two-fold ``folds.csv``) and times them with
+:func:`segflow.budget_measure.measure_experiment`, the code the budget plan uses: the same
+trainer, loaders, validation, checkpoint and prediction (whose way back to the original size
+is a crop in pad mode, a resize otherwise).
+
+Like :mod:`segflow.budget_measure` it is left out of the ``plan-resolution`` code fingerprint
+(only ``segflow.cli`` imports it): editing how time is measured does not choose again.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segflow.budget import Measurement
+from segflow.budget_measure import TIMED_BATCHES, measure_experiment
+from segflow.datasets import SegmentationArrays
+from segflow.experiment import Experiment
+from segflow.labels import label_dtype
+from segflow.predict import PredictOptions
+from segflow.resolution import pad_columns
+from segflow.resolution_plan import Candidate
+
+
+def write_random_arrays(
+    out_dir: Path,
+    candidate: Candidate,
+    original: tuple[int, int],
+    channels: int,
+    n_classes: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int = 0,
+) -> Path:
+    """A preprocess folder of random uint8 images and masks at the candidate size, and a
+    ``folds.csv`` whose fold 0 holds the ``n_val`` validation items.
+
+    Args:
+        out_dir: the folder to write.
+        candidate: the size (and mode: pad rows get their offsets in the index).
+        original: the originals' (height, width), recorded as ``orig_height``/``orig_width``.
+        channels: image channels.
+        n_classes: label classes (the mask dtype).
+        n_train, n_val, n_test: items of each kind.
+        seed: the random generator's seed.
+
+    Returns:
+        The path of ``folds.csv``.
+    """
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_labelled = n_train + n_val
+    shape = (candidate.height, candidate.width)
+    np.save(
+        out_dir / "train_images.npy",
+        rng.integers(0, 256, (n_labelled, *shape, channels), dtype=np.uint8),
+    )
+    masks = rng.integers(0, 2**n_classes, (n_labelled, *shape), dtype=np.int64)
+    np.save(out_dir / "train_masks.npy", masks.astype(label_dtype(n_classes)))
+    np.save(
+        out_dir / "test_images.npy",
+        rng.integers(0, 256, (n_test, *shape, channels), dtype=np.uint8),
+    )
+    ids = [f"t{i:05d}" for i in range(n_labelled)] + [f"x{i:05d}" for i in range(n_test)]
+    index = pd.DataFrame(
+        {
+            "id": ids,
+            "split": ["train"] * n_labelled + ["test"] * n_test,
+            "row": list(range(n_labelled)) + list(range(n_test)),
+            "orig_height": original[0],
+            "orig_width": original[1],
+        }
+    )
+    if candidate.mode == "pad":
+        index = index.assign(**pad_columns([original] * len(index), shape, ids))
+    index.to_parquet(out_dir / "index.parquet", index=False)
+    stats = {
+        "n_train": n_labelled,
+        "n_test": n_test,
+        "height": candidate.height,
+        "width": candidate.width,
+        "channels": channels,
+        "dtype": "uint8",
+        "train_mean": [0.5] * channels,
+        "train_std": [0.29] * channels,
+        "classes": ["mask"] if n_classes == 1 else [f"class{k}" for k in range(n_classes)],
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats))
+    folds = out_dir / "folds.csv"
+    pd.DataFrame(
+        {"id": ids[:n_labelled], "fold": [1] * n_train + [0] * n_val},
+    ).to_csv(folds, index=False)
+    return folds
+
+
+def measure_at_size(
+    experiment: Experiment,
+    candidate: Candidate,
+    channels: int,
+    n_classes: int,
+    original: tuple[int, int],
+    predict: PredictOptions,
+    measure_steps: int,
+    predict_threads: int,
+    startup_seconds: float,
+) -> Measurement:
+    """Time one experiment at the candidate size on random arrays.
+
+    Args:
+        experiment: the parsed experiment.
+        candidate: the size and mode.
+        channels: image channels (as preprocess will write them).
+        n_classes: label classes.
+        original: the originals' (height, width) (the prediction's way back).
+        predict: the ``predict`` options.
+        measure_steps: optimizer steps timed, after as many untimed ones.
+        predict_threads: torch threads of the prediction jobs.
+        startup_seconds: a job's start-up.
+
+    Returns:
+        The experiment's :class:`~segflow.budget.Measurement` at that size.
+    """
+    batch = experiment.train.batch_size
+    with tempfile.TemporaryDirectory(prefix="segflow-resolution-") as tmp:
+        folds = write_random_arrays(
+            Path(tmp),
+            candidate,
+            original,
+            channels,
+            n_classes,
+            n_train=2 * batch + 1,  # more than a batch: the loader drops the last partial one
+            n_val=batch * (TIMED_BATCHES + 1),
+            n_test=predict.batch_size * (TIMED_BATCHES + 1),
+        )
+        return measure_experiment(
+            SegmentationArrays.open(tmp),
+            folds,
+            experiment,
+            predict,
+            measure_steps,
+            predict_threads,
+            startup_seconds,
+        )
