@@ -668,6 +668,7 @@ def test_plan_budget_is_declared_twice_identical_but_for_being_a_checkpoint() ->
     checkpoint, rule = text.split("\nelse:\n")
     checkpoint = checkpoint[checkpoint.index("    checkpoint plan_budget:") :]
     rule = rule[rule.index("    rule plan_budget:") :]
+    rule = rule[: m.start()] if (m := re.search(r"^\S", rule, re.M)) else rule  # the else block
     assert checkpoint.count("plan_budget:") == rule.count("plan_budget:") == 1
     assert (
         checkpoint.replace("checkpoint plan_budget:", "rule plan_budget:").strip() == rule.strip()

@@ -854,7 +854,6 @@ def build_parser() -> argparse.ArgumentParser:
     from segflow.predict import PredictOptions
     from segflow.preprocess import PreprocessOptions
     from segflow.pseudo import PseudoOptions
-    from segflow.resolution_plan import ResolutionOptions
     from segflow.stack_stage import StackOptions
     from segflow.submission import SubmissionOptions
 

@@ -306,12 +306,9 @@ def resolution_inputs(wildcards):
     return {} if RESOLUTION is None else {"resolution": RESOLUTION}
 
 
-def preprocess_flags():
-    """The preprocess section's flags, with `--resolution` when the budget chooses the size."""
-    flags = section_flags("preprocess")
-    if RESOLUTION is not None:
-        flags += f" --resolution {shlex.quote(RESOLUTION)}"
-    return flags
+def resolution_flags():
+    """`--resolution resolution.json` when the budget chooses the size, else nothing."""
+    return "" if RESOLUTION is None else f"--resolution {shlex.quote(RESOLUTION)}"
 
 
 CLUSTER = config["cluster"]

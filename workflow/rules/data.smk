@@ -89,12 +89,13 @@ rule preprocess_images:
         **job_resources("preprocess_images", mem_mb=8000, runtime=120),
     params:
         code=stage_fingerprint("preprocess"),
-        flags=preprocess_flags(),
+        flags=section_flags("preprocess"),
+        resolution=resolution_flags(),
         dicom=dicom_flags(),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
     shell:
         "segflow preprocess --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
-        " {params.flags} {params.dicom} --workers {threads} --out-dir {params.out_dir:q} 2> {log:q}"
+        " {params.flags} {params.resolution} {params.dicom} --workers {threads} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule make_folds:
