@@ -54,7 +54,7 @@ demo-full: env
 	@echo "HTML report: results/demo-full/report/report.html"
 
 test: env
-	python -m pytest
+	python -m pytest --durations=25
 
 lint: env
 	ruff check src tests benchmarks

@@ -30,8 +30,9 @@ rule all:
         rules.make_folds.output,
         rules.choose.output,
         rules.report.output,
-        # experiments.<name>.refit: the full models, also when the test set uses the folds.
-        refit_models(),
+        # experiments.<name>.refit: the full models, also when the test set uses the folds
+        # (not when test_models auto chose the folds: then none is trained).
+        refit_models,
 
 
 check_cluster_rules()

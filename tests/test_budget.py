@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
-from conftest import copy_workflow, planned_jobs, run_snakemake
+from conftest import REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
 from helpers import write_synthetic_arrays
 
 from segflow.cli import main
 from segflow.core.errors import SegflowError
 from segflow.model import budget_measure
 from segflow.model.budget import (
+    REFIT,
     BudgetOptions,
     Measurement,
     TrainingCost,
@@ -27,11 +29,14 @@ from segflow.model.budget import (
     plan_epochs,
     planned_epochs,
     read_plan,
+    refit_test_models,
     steps_per_epoch,
     training_costs,
 )
 from segflow.model.datasets import PseudoMixSampler, SegmentationArrays
 from segflow.model.experiment import parse_experiment
+from segflow.model.training.refit import RefitOptions, check_refit
+from segflow.model.training.train_options import MIN_OPTIMIZER_STEPS
 
 TINY = {
     "model": {
@@ -197,7 +202,12 @@ def test_fold_sizes_read_folds_csv(tmp_path: Path) -> None:
     assert fold_sizes(arrays / "folds.csv") == [(20, 10)] * 3
 
 
-def _plan(tmp_path: Path, minutes: float = 10.0, **measured: float) -> dict:
+def _plan(
+    tmp_path: Path,
+    minutes: float = 10.0,
+    refits: dict[str, str] | None = None,
+    **measured: float,
+) -> dict:
     m = Measurement(0.1, 0.01, 0.01, 1.0, 0.1, 1.0)
     m = Measurement(**{**m.__dict__, **measured})
     return make_plan(
@@ -211,6 +221,7 @@ def _plan(tmp_path: Path, minutes: float = 10.0, **measured: float) -> dict:
         pseudo_rounds=1,
         max_pseudo_share=0.3,
         parallel_jobs=1,
+        refits=refits,
     )
 
 
@@ -263,6 +274,233 @@ def test_plan_budget_times_each_experiment_once(tmp_path: Path) -> None:
     assert plan["estimated_seconds"] <= 60.0 and plan["feasible"]
     with pytest.raises(SegflowError, match="budget is off"):
         plan_budget(arrays, arrays / "folds.csv", {"tiny": TINY}, BudgetOptions(), measure)
+
+
+# --------------------------------------------------------------------------- full refits
+
+
+def test_a_refit_is_one_more_training_on_every_item_without_validation() -> None:
+    m = Measurement(
+        step_seconds=0.5,
+        val_seconds_per_image=0.01,
+        predict_seconds_per_image=0.02,
+        setup_seconds=3.0,
+        checkpoint_seconds=0.2,
+        startup_seconds=4.0,
+    )
+    args = (m, [(80, 20), (90, 10)], 50, 1, 10, 0.3)
+    plain = training_costs(*args)
+    full = training_costs(*args, refit="full")
+    assert list(full) == [(0, 0), (0, 1), (0, REFIT), (1, 0), (1, 1), (1, REFIT)]
+    refit = full[(0, REFIT)]
+    # 100 items of folds.csv, batch 10; round 1 adds min(50, int(0.3 / 0.7 * 100) = 42) draws.
+    assert refit.steps_per_epoch == 10 and full[(1, REFIT)].steps_per_epoch == 14
+    assert refit.epoch_seconds == pytest.approx(10 * 0.5 + 0.2)  # no validation
+    # train + predict-test start-ups, set-up, the test prediction; no OOF, no final validation
+    assert refit.fixed_seconds == pytest.approx(8 + 3 + 50 * 0.02)
+    # The folds no longer predict the test set: one job and 50 images less each.
+    assert full[(0, 0)].fixed_seconds == pytest.approx(plain[(0, 0)].fixed_seconds - 4 - 1.0)
+    assert full[(0, 0)].epoch_seconds == plain[(0, 0)].epoch_seconds
+
+    folds = training_costs(*args, refit="folds")  # the refit is only trained
+    assert folds[(0, REFIT)].fixed_seconds == pytest.approx(4 + 3)
+    assert folds[(0, 0)] == plain[(0, 0)]
+    both = training_costs(*args, refit="both")
+    assert both[(0, REFIT)] == refit and both[(0, 0)] == plain[(0, 0)]
+    with pytest.raises(SegflowError, match="refit must be"):
+        training_costs(*args, refit="auto")
+
+
+# One second per step and nothing else: 3 folds of 20 training images (2 steps of 10), a refit
+# on all 30 (3 steps); a one-minute budget without reserve.
+STEPS_ONLY = Measurement(1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+LONG = {**TINY, "train": {**TINY["train"], "epochs": 100, "batch_size": 10}}
+
+
+def _refit_plan(refit: str | None, measured: Measurement = STEPS_ONLY, **budget: Any) -> dict:
+    experiment = dict(LONG)
+    if refit is not None:
+        experiment["refit"] = {"enabled": True, "test_models": refit}
+    return make_plan(
+        BudgetOptions(**{"minutes": 1.0, "reserve_share": 0.0, **budget}),
+        {"tiny": experiment},
+        {"tiny": 100},
+        {"tiny": 10},
+        {"tiny": measured},
+        [(20, 10)] * 3,
+        n_test=10,
+        pseudo_rounds=0,
+        max_pseudo_share=0.3,
+        parallel_jobs=1,
+        refits={} if refit is None else {"tiny": refit},
+    )
+
+
+def test_the_plan_counts_the_refit_and_its_epochs_shrink_to_fit() -> None:
+    without = _refit_plan(None)
+    # 3 folds x 2 steps = 6 s per epoch: 10 epochs fill the 60 s.
+    assert without["experiments"]["tiny"]["epochs"] == 10
+    assert without["experiments"]["tiny"]["refit"] is None and without["refit_choice"] is None
+    plan = _refit_plan("full")
+    # + the refit's 3 steps: 9 s per epoch, 6 epochs (54 s; a 7th would be 63 s).
+    info = plan["experiments"]["tiny"]
+    assert info["epochs"] == 6 and plan["estimated_seconds"] == pytest.approx(54.0)
+    assert plan["feasible"] and plan["estimated_seconds"] <= plan["budget"]["seconds"]
+    assert info["refit"] == {
+        "configured": "full",
+        "test_models": "full",
+        "trained": True,
+        "epochs": 6,
+    }
+    full = [r for r in plan["trainings"] if r["fold"] == REFIT]
+    assert full == [
+        {
+            "experiment": "tiny",
+            "round": 0,
+            "fold": REFIT,
+            "epochs": 6,
+            "steps_per_epoch": 3,
+            "estimated_seconds": 18.0,
+        }
+    ]
+    assert sum(r["estimated_seconds"] for r in plan["trainings"]) == pytest.approx(54.0)
+    assert planned_epochs(plan, "tiny", 0, REFIT, LONG) == 6  # the refit section is no config
+    assert refit_test_models(plan, "tiny") == "full"
+
+
+def test_the_refit_predicting_the_test_set_spares_the_folds_test_prediction() -> None:
+    # 0.5 s per predicted image, 10 test images: the folds predict 10 OOF images each, and the
+    # test set each (30 s of test prediction) or the refit alone does (5 s).
+    measured = Measurement(1.0, 0.0, 0.5, 0.0, 0.0, 0.0)
+    full = _refit_plan("full", measured, minutes=2.0)
+    folds = _refit_plan("folds", measured, minutes=2.0)
+    # fixed: full = 15 (OOF) + 5 (refit's test) = 20 s -> (120 - 20) / 9 = 11 epochs;
+    # folds = 15 + 15 (the folds' test) = 30 s -> (120 - 30) / 9 = 10 epochs.
+    assert full["experiments"]["tiny"]["epochs"] == 11
+    assert folds["experiments"]["tiny"]["epochs"] == 10
+    assert full["estimated_seconds"] == pytest.approx(20 + 11 * 9)
+
+
+@pytest.mark.parametrize(
+    ("step_seconds", "choice", "epochs", "fewest"),
+    # 1 s: with the refit 6 epochs x 2 steps = 12 >= 12 -> the refit predicts the test set.
+    # 1.5 s: with the refit 4 epochs (54 s) x 2 = 8 < 12 -> the folds, 6 epochs, no refit.
+    [(1.0, "full", 6, 12), (1.5, "folds", 6, 8)],
+)
+def test_auto_takes_the_refit_only_when_every_fold_keeps_min_fold_steps(
+    step_seconds: float, choice: str, epochs: int, fewest: int
+) -> None:
+    measured = Measurement(step_seconds, 0.0, 0.0, 0.0, 0.0, 0.0)
+    plan = _refit_plan("auto", measured, min_fold_steps=12)
+    chosen = plan["refit_choice"]
+    assert chosen["choice"] == choice and chosen["experiments"] == ["tiny"]
+    assert chosen["min_fold_steps"] == 12
+    options = chosen["options"]
+    assert options["full"]["fewest_fold_steps"] == fewest
+    assert options["folds"]["epochs"] == {"tiny": int(60 // (6 * step_seconds))}
+    for option in options.values():  # both estimates fit
+        assert option["feasible"] and option["estimated_seconds"] <= 60.0
+    info = plan["experiments"]["tiny"]
+    assert info["epochs"] == epochs
+    assert plan["estimated_seconds"] == options[choice]["estimated_seconds"]
+    full = [r for r in plan["trainings"] if r["fold"] == REFIT]
+    if choice == "full":
+        assert info["refit"] == {
+            "configured": "auto",
+            "test_models": "full",
+            "trained": True,
+            "epochs": 6,
+        }
+        assert [r["epochs"] for r in full] == [6]
+        assert refit_test_models(plan, "tiny") == "full"
+        assert ">= budget.min_fold_steps = 12" in chosen["reason"]
+    else:
+        assert info["refit"]["trained"] is False and info["refit"]["epochs"] is None
+        assert full == [] and refit_test_models(plan, "tiny") is None
+        assert "only 8 optimizer steps < budget.min_fold_steps = 12" in chosen["reason"]
+        with pytest.raises(SegflowError, match="no full refit of 'tiny' round 0 planned"):
+            planned_epochs(plan, "tiny", 0, REFIT, LONG)
+
+
+def test_auto_keeps_the_folds_when_the_refit_does_not_fit() -> None:
+    # 10 s per step: even one epoch with the refit (90 s) overruns the minute; without it, 60 s.
+    plan = _refit_plan("auto", Measurement(10.0, 0.0, 0.0, 0.0, 0.0, 0.0), min_fold_steps=0)
+    assert plan["refit_choice"]["choice"] == "folds" and plan["feasible"]
+    assert "does not fit" in plan["refit_choice"]["reason"]
+    assert not plan["refit_choice"]["options"]["full"]["feasible"]
+    # The default threshold is the diagnostics' "few steps" one.
+    assert BudgetOptions().min_fold_steps == MIN_OPTIMIZER_STEPS == 300
+
+
+def test_refit_options_and_auto_without_a_budget_are_refused_in_one_line() -> None:
+    experiments = {"a": {"refit": {"enabled": True, "test_models": "auto"}}}
+    with pytest.raises(SegflowError) as error:
+        check_refit(experiments, budget_minutes=None)
+    message = str(error.value)
+    assert "\n" not in message
+    assert (
+        message.startswith("experiments.a.refit.test_models: auto") and "budget.minutes" in message
+    )
+    check_refit(experiments, budget_minutes=10)
+    # A disabled refit's options are ignored, as everywhere.
+    check_refit({"a": {"refit": {"enabled": False, "test_models": "auto"}}}, None)
+    assert RefitOptions(enabled=True, test_models="auto").test_models == "auto"
+    with pytest.raises(SegflowError, match=r"budget\.min_fold_steps must be an integer >= 0"):
+        BudgetOptions(minutes=5, min_fold_steps=-1)
+    with pytest.raises(SegflowError, match="test_models must be full, folds, both or auto"):
+        _refit_plan("best")
+
+
+def _refit_args(arrays_dir: Path, out: Path, plan: Path, metrics: list[Path]) -> list[str]:
+    args = _train_args(arrays_dir, out, plan)
+    fold = args.index("--fold")
+    return [*args[:fold], "--refit-from", *map(str, metrics), *args[fold + 2 :]]
+
+
+def test_a_refit_trains_the_plans_epochs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arrays_dir = write_synthetic_arrays(tmp_path / "a", n=32, n_empty=8)
+    metrics = tmp_path / "fold0" / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_text(json.dumps({"best_epoch": 1, "epochs_trained": 1}))
+    plan = _plan(tmp_path, refits={"tiny": "full"})
+    assert [r["epochs"] for r in plan["trainings"] if r["fold"] == REFIT] == [5, 5]
+    plan["trainings"] = [{**r, "epochs": 2 if r["fold"] == REFIT else 3} for r in plan["trainings"]]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+
+    args = _refit_args(arrays_dir, tmp_path / "run", tmp_path / "plan.json", [metrics])
+    assert main(args) == 0
+    written = json.loads((tmp_path / "run" / "out" / "metrics.json").read_text())
+    # The plan's 2 epochs, not the folds' median best epoch (1), nor a fold's planned 3.
+    assert written["epochs_trained"] == 2 and written["refit_epochs_from"] == "plan"
+    assert written["refit"] and written["refit_best_epochs"] == [1]
+
+    # A plan whose auto choice kept the folds has no refit to train.
+    plan["trainings"] = [r for r in plan["trainings"] if r["fold"] != REFIT]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    args = _refit_args(arrays_dir, tmp_path / "none", tmp_path / "plan.json", [metrics])
+    assert main(args) == 2
+    assert "no full refit of 'tiny' round 0 planned" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "out").exists()
+
+
+def test_plan_budget_plans_the_refits_its_experiments_ask_for(tmp_path: Path) -> None:
+    arrays = write_synthetic_arrays(tmp_path / "a", n=30, n_folds=3)
+    refit = {"enabled": True, "test_models": "auto"}
+    plan = plan_budget(
+        arrays,
+        arrays / "folds.csv",
+        {"tiny": {**TINY, "refit": refit}, "other": {**TINY, "refit": {"enabled": False}}},
+        BudgetOptions(minutes=10.0, min_fold_steps=1),
+        lambda name, experiment: Measurement(0.05, 0.01, 0.01, 0.5, 0.05, 0.5),
+    )
+    assert plan["refit_choice"]["experiments"] == ["tiny"]
+    assert plan["refit_choice"]["choice"] == "full"  # ten minutes are plenty
+    assert plan["experiments"]["other"]["refit"] is None
+    assert planned_epochs(plan, "tiny", 0, REFIT, TINY) == 5  # the refit's own section aside
 
 
 # --------------------------------------------------------------------------- timing here
@@ -421,6 +659,21 @@ def _dag_edges(workdir: Path, config: str) -> tuple[dict[str, str], set[tuple[st
     nodes = {m[1]: m[2] for m in re.finditer(r'^\s*(\d+)\[label = "(\w+)', result.stdout, re.M)}
     edges = set(re.findall(r"^\s*(\d+) -> (\d+)", result.stdout, re.M))
     return nodes, edges
+
+
+def test_plan_budget_is_declared_twice_identical_but_for_being_a_checkpoint() -> None:
+    """budget.smk declares the rule as a checkpoint (refit.test_models auto) or a plain rule;
+    the two declarations must not drift apart."""
+    text = (REPO_ROOT / "workflow" / "rules" / "budget.smk").read_text()
+    checkpoint, rule = text.split("\nelse:\n")
+    checkpoint = checkpoint[checkpoint.index("    checkpoint plan_budget:") :]
+    rule = rule[rule.index("    rule plan_budget:") :]
+    rule = rule[: m.start()] if (m := re.search(r"^\S", rule, re.M)) else rule  # the else block
+    assert checkpoint.count("plan_budget:") == rule.count("plan_budget:") == 1
+    assert (
+        checkpoint.replace("checkpoint plan_budget:", "rule plan_budget:").strip() == rule.strip()
+    )
+    assert "shell:" in rule and "params:" in rule
 
 
 @pytest.mark.workflow

@@ -16,6 +16,7 @@ from segflow.data.ingest import IngestOptions
 from segflow.data.preprocess import PreprocessOptions
 from segflow.model.budget import BudgetOptions
 from segflow.model.inference.predict import PredictOptions
+from segflow.model.resolution_plan import RESOLUTION_KEYS
 from segflow.model.submit import SubmissionOptions
 from segflow.model.training.train_options import TrainOptions
 
@@ -30,7 +31,7 @@ SECTIONS = {
     "demo": (DemoDataOptions, {"enabled", "out_dir"}),
     "predict": (PredictOptions, set()),
     "submission": (SubmissionOptions, set()),
-    "budget": (BudgetOptions, set()),
+    "budget": (BudgetOptions, set(RESOLUTION_KEYS)),  # the rest: ResolutionOptions
 }
 
 

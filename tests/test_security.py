@@ -396,7 +396,7 @@ def test_stacking_models_are_native_files_and_a_pickle_is_not_loaded(
 
 # Interpolations that need no quoting: Snakemake integers, and flags that common.smk renders
 # with every value already shlex-quoted (cli_flags, via section_flags / dicom_flags;
-# pseudo_flags; init_flags; submit_flag; budget_flags).
+# pseudo_flags; init_flags; submit_flag; budget_flags; resolution_flags).
 SAFE_UNQUOTED = {"threads", "resources.gpu_slots"}
 PRE_QUOTED = {
     "params.flags": "section_flags",
@@ -405,6 +405,7 @@ PRE_QUOTED = {
     "params.init": "init_flags",
     "params.force": "submit_flag",
     "params.budget": "budget_flags",
+    "params.resolution": "resolution_flags",
 }
 
 

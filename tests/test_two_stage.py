@@ -21,7 +21,6 @@ from conftest import REPO_ROOT
 from helpers import write_synthetic_arrays
 
 from segflow.artifacts.layout import group_by_experiment
-from segflow.cli import main as cli_main
 from segflow.core.errors import SegflowError
 from segflow.model.experiment import Experiment, check_init_from, parse_experiment
 from segflow.model.models import (
@@ -437,22 +436,6 @@ def test_a_snapshot_ensemble_is_no_init_checkpoint(tmp_path: Path) -> None:
     save_checkpoint(path, SnapshotEnsemble(members), SPEC, {"mean": [0.3], "std": [0.2]})
     with pytest.raises(SegflowError, match="is a snapshot ensemble of 2 networks"):
         load_init_checkpoint(build_model(SPEC), SPEC, path)
-
-
-def test_a_refit_takes_no_budget_plan(
-    arrays_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    experiment = tmp_path / "experiment.json"
-    experiment.write_text(json.dumps({"model": {"encoder": "mobilenet_v2"}}))
-    args = [
-        "train", "--arrays-dir", str(arrays_dir), "--folds", str(arrays_dir / "folds.csv"),
-        "--refit-from", *map(str, _fold_metrics(tmp_path, [1])), "--name", "a",
-        "--experiment", str(experiment), "--out-dir", str(tmp_path / "out"),
-        "--resume-dir", str(tmp_path / "resume"), "--plan", str(tmp_path / "plan.json"),
-    ]  # fmt: skip
-    assert cli_main(args) == 2
-    assert "--plan applies to --fold trainings only" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_refit_that_needs_plateau_is_refused_at_config_time() -> None:

@@ -480,6 +480,10 @@ def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(
             },
             "experiments.b.train.init_from: cycle a -> b -> a",
         ),
+        (
+            {"experiments": {"unet_lite0": {"refit": {"enabled": True, "test_models": "auto"}}}},
+            "experiments.unet_lite0.refit.test_models: auto is chosen by the time budget",
+        ),
     ],
     ids=[
         "typo",
@@ -489,6 +493,7 @@ def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(
         "unknown-submit-candidate",
         "init-from-unknown",
         "init-from-cycle",
+        "refit-auto-without-budget",
     ],
 )
 def test_invalid_config_stops_before_any_job_naming_the_key(
@@ -503,7 +508,8 @@ def test_invalid_config_stops_before_any_job_naming_the_key(
 
 
 def _dry_run(workdir: Path, overrides: dict) -> list[dict]:
-    """The jobs of a dry run of SMALL_DEMO with ``overrides``: rule, wildcards, inputs, shell."""
+    """The jobs of a dry run of SMALL_DEMO with ``overrides``: rule, whether a checkpoint,
+    wildcards, inputs, shell."""
     import re
 
     base = write_config(workdir, "small.yaml", SMALL_DEMO)
@@ -513,7 +519,7 @@ def _dry_run(workdir: Path, overrides: dict) -> list[dict]:
     ).stdout
     jobs = []
     for block in re.split(r"^\[[^\]\n]*\]$", output, flags=re.M)[1:]:
-        rule = re.match(r"\s*(?:local)?rule (\w+):", block)
+        rule = re.match(r"\s*(?:local)?(rule|checkpoint) (\w+):", block)
         if rule is None:
             continue
         fields = dict(re.findall(r"^    (\w+): (.*)$", block, flags=re.M))
@@ -523,7 +529,8 @@ def _dry_run(workdir: Path, overrides: dict) -> list[dict]:
         shell = re.search(r"^Shell command: (.*)$", block, flags=re.M)
         jobs.append(
             {
-                "rule": rule.group(1),
+                "rule": rule.group(2),
+                "checkpoint": rule.group(1) == "checkpoint",
                 "wildcards": wildcards,
                 "input": fields.get("input", "").split(", "),
                 "shell": shell.group(1) if shell else "",
@@ -601,25 +608,121 @@ def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
     assert not [j for j in plain if j["rule"] in ("train_full", "predict_test_full")]
 
 
-def test_a_budget_plans_the_run_folds_but_not_a_first_stage_outside_the_run_or_a_refit(
+def test_a_budget_plans_the_run_folds_and_refit_but_not_a_first_stage_outside_the_run(
     tmp_path: Path,
 ) -> None:
     lovasz = {**TWO_STAGE["experiments"]["lovasz"], "refit": {"enabled": True}}
     config = {**TWO_STAGE, "experiments": {"lovasz": lovasz}, "budget": {"minutes": 20}}
     jobs = _dry_run(copy_workflow(tmp_path), config)
-    planned = json.loads(_flag(_job(jobs, "plan_budget")["shell"], "--experiments"))
+    plan = _job(jobs, "plan_budget")
+    assert not plan["checkpoint"]  # no refit.test_models auto: a plain rule
+    planned = json.loads(_flag(plan["shell"], "--experiments"))
     for fold in ("0", "1"):
         second = _job(jobs, "train_fold", experiment="lovasz", fold=fold)["shell"]
         assert "--plan results/budget/plan.json" in second and "--init-checkpoint" in second
-        # The plan was made for exactly what the fold trains (train --plan compares hashes).
-        assert planned["lovasz"] == json.loads(_flag(second, "--experiment"))
+        # The plan was made for exactly what the fold trains (train --plan compares hashes,
+        # leaving the refit section out), and for the refit it asks for.
+        fold_values = json.loads(_flag(second, "--experiment"))
+        assert {k: v for k, v in planned["lovasz"].items() if k != "refit"} == fold_values
         first = _job(jobs, "train_fold", experiment="unet_lite0", fold=fold)["shell"]
         assert "--plan" not in first
-    assert "refit" not in planned["lovasz"] and set(planned) == {"lovasz"}
-    full = _job(jobs, "train_full", experiment="lovasz")["shell"]
-    assert "--plan" not in full
-    assert "--init-checkpoint results/models/unet_lite0/round0/full/model.pt" in full
-    assert shlex.split(full)  # well quoted
+    assert planned["lovasz"]["refit"]["enabled"] and set(planned) == {"lovasz"}
+    full = _job(jobs, "train_full", experiment="lovasz")
+    assert "results/budget/plan.json" in full["input"]
+    assert "--plan results/budget/plan.json --round 0" in full["shell"]
+    assert "--init-checkpoint results/models/unet_lite0/round0/full/model.pt" in full["shell"]
+    assert shlex.split(full["shell"])  # well quoted
+    # The first stage's refit, outside the run, is not planned: its folds' median epoch.
+    first_full = _job(jobs, "train_full", experiment="unet_lite0")
+    assert "--plan" not in first_full["shell"]
+
+
+def _rules(jobs: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job["rule"]] = counts.get(job["rule"], 0) + 1
+    return counts
+
+
+def test_a_budgeted_refit_without_auto_plans_the_same_jobs_plus_plan_budget(
+    tmp_path: Path,
+) -> None:
+    workdir = copy_workflow(tmp_path)
+    refit = {"experiments": {"unet_lite0": {"refit": {"enabled": True, "test_models": "both"}}}}
+    plain = _dry_run(workdir, refit)
+    budgeted = _dry_run(workdir, {**refit, "budget": {"minutes": 20}})
+    assert _rules(budgeted) == {**_rules(plain), "plan_budget": 1}
+    assert not [job for job in budgeted if job["checkpoint"]]
+    planned = [*plain, _job(budgeted, "plan_budget")]
+    assert sorted(map(_job_key, budgeted)) == sorted(map(_job_key, planned))
+
+
+def _job_key(job: dict) -> tuple[str, list[tuple[str, str]]]:
+    return job["rule"], sorted(job["wildcards"].items())
+
+
+def test_refit_auto_makes_plan_budget_a_checkpoint_the_test_set_waits_for(
+    tmp_path: Path,
+) -> None:
+    auto = {"refit": {"enabled": True, "test_models": "auto"}}
+    config = {"experiments": {"unet_lite0": auto}, "budget": {"minutes": 20}}
+    jobs = _dry_run(copy_workflow(tmp_path), config)
+    assert _job(jobs, "plan_budget")["checkpoint"]
+    # Which models predict the test set is the plan's choice: nothing of it before the plan.
+    for rule in ("train_full", "predict_test_full", "predict_test"):
+        assert not [job for job in jobs if job["rule"] == rule], rule
+    assert _rules(jobs)["train_fold"] == 2 and _rules(jobs)["predict_oof"] == 2
+    # They wait for the plan (Snakemake shortens the input lists it prints).
+    for rule in ("submit", "blend", "stack"):
+        waiting = [job for job in jobs if job["rule"] == rule]
+        assert waiting, rule
+        assert not [p for j in waiting for p in j["input"] if "results/test/unet_lite0" in p]
+
+
+def _plant_data_and_plan(workdir: Path, plan: dict) -> None:
+    """Every data-stage output, then ``plan`` as results/budget/plan.json, oldest first: the
+    dry run takes them as made (no job upstream of the plan reruns) and reads the plan."""
+    import os
+    import time
+
+    paths = [workdir / "resources" / "demo", workdir / "results" / "ingest" / "manifest.parquet"]
+    paths += [workdir / "results" / name for name in DATA_ARTIFACTS]
+    paths.append(workdir / "results" / "budget" / "plan.json")
+    start = time.time() - 1000
+    for index, path in enumerate(paths):
+        if path.name == "demo":
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(plan) if path.name == "plan.json" else "")
+        os.utime(path, (start + index, start + index))
+
+
+@pytest.mark.parametrize(("chosen", "members"), [("full", ["full"]), ("folds", ["fold0", "fold1"])])
+def test_the_test_set_and_the_refit_follow_the_plans_auto_choice(
+    tmp_path: Path, chosen: str, members: list[str]
+) -> None:
+    workdir = copy_workflow(tmp_path)
+    trained = chosen == "full"
+    refit = {"configured": "auto", "test_models": chosen, "trained": trained, "epochs": 1}
+    _plant_data_and_plan(workdir, {"format": 1, "experiments": {"unet_lite0": {"refit": refit}}})
+    auto = {"refit": {"enabled": True, "test_models": "auto"}}
+    jobs = _dry_run(workdir, {"experiments": {"unet_lite0": auto}, "budget": {"minutes": 20}})
+    assert "plan_budget" not in _rules(jobs)  # made: the DAG past it follows it
+    submission = _job(jobs, "submit", experiment="unet_lite0")
+    test_inputs = [p for p in submission["input"] if p.startswith("results/test/")]
+    assert test_inputs == [f"results/test/unet_lite0/round0/{m}/probs.npy" for m in members]
+    blend = _job(jobs, "blend")
+    assert [p for p in blend["input"] if p.startswith("results/test/")] == test_inputs
+    rules = _rules(jobs)
+    if trained:
+        assert rules["train_full"] == 1 and rules["predict_test_full"] == 1
+        assert "predict_test" not in rules
+        full = _job(jobs, "train_full", experiment="unet_lite0")["shell"]
+        assert "--plan results/budget/plan.json --round 0" in full
+    else:  # no refit at all: the folds predict the test set
+        assert "train_full" not in rules and "predict_test_full" not in rules
+        assert rules["predict_test"] == 2
 
 
 def _flag(shell: str, flag: str) -> str:

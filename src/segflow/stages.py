@@ -65,6 +65,14 @@ STAGES: tuple[Stage, ...] = (
         "time each experiment here; plan epochs that fit the time budget",
         fingerprint=("segflow.model.budget",),
     ),
+    # As plan-budget: the choice's arithmetic, not the timing (resolution_measure, which
+    # holds the command).
+    Stage(
+        "plan-resolution",
+        "segflow.model.resolution_measure",
+        "time each experiment at each budget.sizes candidate; choose the input size",
+        fingerprint=("segflow.model.resolution_plan",),
+    ),
     Stage(
         "predict-oof",
         "segflow.model.inference.predict",

@@ -12,6 +12,7 @@ from segflow.model.experiment import check_init_from
 from segflow.core.fingerprint import folder_stamp
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
+from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.
 check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -58,9 +59,10 @@ def dicom_flags():
 
 EXPERIMENTS = config["experiments"]
 # One line naming the key: init_from to an unknown experiment, itself or in a cycle, to another
-# network; a refit that needs a validation fold (scheduler plateau).
+# network; a refit that needs a validation fold (scheduler plateau); refit.test_models auto
+# without budget.minutes.
 check_init_from(EXPERIMENTS)
-check_refit(EXPERIMENTS)
+check_refit(EXPERIMENTS, config["budget"]["minutes"])
 # The full refit's folder, next to fold0 ... fold<n-1> under models/ and test/.
 FULL = "full"
 
@@ -157,14 +159,35 @@ def test_prediction_dirs(wildcards):
 
 def test_model_dirs(experiment, round):
     """The test predictions merged into an experiment's: its folds', or with refit.enabled
-    those that refit.test_models names (the full refit's, or the folds' and the refit's).
+    those that refit.test_models names (the full refit's, or the folds' and the refit's; auto:
+    as the budget's plan chose).
     """
     folds = fold_dirs("test", experiment, round)
-    refit = EXPERIMENTS[experiment]["refit"]
-    if not refit["enabled"] or refit["test_models"] == "folds":
+    test_models = refit_choice(experiment)
+    if test_models in (None, "folds"):
         return folds
     full = [result("test", experiment, f"round{round}", FULL)]
-    return full if refit["test_models"] == "full" else folds + full
+    return full if test_models == "full" else folds + full
+
+
+def refit_choice(experiment):
+    """An experiment's refit.test_models (full, folds or both), None without a refit. auto is
+    read from the budget's plan: plan_budget is then a checkpoint, and the jobs asking wait for
+    it (None: the plan chose the folds and trains no refit)."""
+    refit = EXPERIMENTS[experiment]["refit"]
+    if not refit["enabled"]:
+        return None
+    if refit["test_models"] != "auto":
+        return refit["test_models"]
+    if experiment not in REFIT_AUTO:
+        raise ValueError(
+            f"experiments.{experiment}.refit.test_models: auto is chosen by the budget's plan, "
+            "which plans the run experiments only; add it to run_experiments"
+        )
+    from segflow.model.budget import read_plan, refit_test_models
+
+    plan = checkpoints.plan_budget.get().output.plan
+    return refit_test_models(read_plan(plan), experiment, where=plan)
 
 
 def experiment_dirs(kind, round):
@@ -211,14 +234,14 @@ def refit_fold_metrics(wildcards):
     ]
 
 
-def refit_models():
+def refit_models(wildcards):
     """The full refit models of the run experiments with refit.enabled, every round (built
-    even when refit.test_models is folds)."""
+    even when refit.test_models is folds; not when auto chose the folds)."""
     return [
         result("models", name, f"round{r}", FULL, "model.pt")
         for r in ROUNDS
         for name in RUN_EXPERIMENTS
-        if refit_enabled(EXPERIMENTS[name])
+        if refit_choice(name) is not None
     ]
 
 
@@ -232,11 +255,20 @@ def result(*parts):
 
 BUDGET = config["budget"]
 BUDGET_PLAN = result("budget", "plan.json") if BUDGET["minutes"] is not None else None
+# Run experiments whose refit.test_models is auto (needs the budget: check_refit). Only with
+# one is plan_budget a checkpoint (budget.smk): the DAG past it follows the plan's choice.
+REFIT_AUTO = [
+    name
+    for name in RUN_EXPERIMENTS
+    if refit_enabled(EXPERIMENTS[name])
+    and EXPERIMENTS[name]["refit"]["test_models"] == "auto"
+]
 
 
 def budget_inputs(wildcards):
-    """The time budget's plan for a run experiment's training; nothing when budget.minutes is
-    null (the DAG is then the one without a budget) or for an experiment outside the run.
+    """The time budget's plan for a run experiment's training (a fold or its full refit);
+    nothing when budget.minutes is null (the DAG is then the one without a budget) or for an
+    experiment outside the run (a refit then trains its folds' median best epoch).
     """
     if BUDGET_PLAN is None or wildcards.experiment not in RUN_EXPERIMENTS:
         return {}
@@ -252,12 +284,37 @@ def budget_flags(wildcards):
 
 def budget_experiments():
     """The run experiments as JSON: a params value, so editing one re-plans the budget.
-    Without `refit`, as experiment_json: the plan's experiment hash must match what a fold
-    gets, and the refit (not planned) never re-plans the folds.
+    As experiment_json (the plan's experiment hash leaves `refit` out), with `refit` only when
+    enabled: the refit is planned with its folds, and a disabled one changes no plan.
     """
     return json.dumps(
-        {name: fold_values(name) for name in RUN_EXPERIMENTS}, sort_keys=True
+        {
+            name: (
+                EXPERIMENTS[name]
+                if refit_enabled(EXPERIMENTS[name])
+                else fold_values(name)
+            )
+            for name in RUN_EXPERIMENTS
+        },
+        sort_keys=True,
     )
+
+
+# budget.sizes: the plan_resolution job chooses preprocess's size (one line naming a bad key).
+check_resolution_config(BUDGET, config["preprocess"])
+RESOLUTION = (
+    result("budget", "resolution.json") if BUDGET["sizes"] is not None else None
+)
+
+
+def resolution_inputs(wildcards):
+    """preprocess_images' size choice: nothing without budget.sizes (today's DAG)."""
+    return {} if RESOLUTION is None else {"resolution": RESOLUTION}
+
+
+def resolution_flags():
+    """`--resolution resolution.json` when the budget chooses the size, else nothing."""
+    return "" if RESOLUTION is None else f"--resolution {shlex.quote(RESOLUTION)}"
 
 
 CLUSTER = config["cluster"]
@@ -269,6 +326,7 @@ GPU_RULES = (
     "predict_test",
     "predict_test_full",
     "plan_budget",
+    "plan_resolution",
 )
 GPU_KEYS = ("gpu", "gpu_model", "gres")
 # Rules that called job_resources(): check_cluster_rules() matches cluster.rules against them.

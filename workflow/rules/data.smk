@@ -68,6 +68,8 @@ rule dedup:
 
 rule preprocess_images:
     input:
+        # budget.sizes: the chosen size (plan_resolution); nothing otherwise.
+        unpack(resolution_inputs),
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
@@ -88,11 +90,12 @@ rule preprocess_images:
     params:
         code=stage_fingerprint("preprocess"),
         flags=section_flags("preprocess"),
+        resolution=resolution_flags(),
         dicom=dicom_flags(),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
     shell:
         "segflow preprocess --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
-        " {params.flags} {params.dicom} --workers {threads} --out-dir {params.out_dir:q} 2> {log:q}"
+        " {params.flags} {params.resolution} {params.dicom} --workers {threads} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule make_folds:

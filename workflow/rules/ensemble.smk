@@ -95,7 +95,10 @@ rule stack:
     input:
         oof_probs=expand("{dir}/oof_probs.npy", dir=experiment_dirs("oof", FINAL_ROUND)),
         oof_ids=expand("{dir}/oof_ids.csv", dir=experiment_dirs("oof", FINAL_ROUND)),
-        test_probs=expand("{dir}/probs.npy", dir=experiment_dirs("test", FINAL_ROUND)),
+        # A function: with refit.test_models auto the test models follow the budget's plan.
+        test_probs=lambda wildcards: expand(
+            "{dir}/probs.npy", dir=experiment_dirs("test", FINAL_ROUND)
+        ),
         base_oof=result("oof", "ensemble", f"round{FINAL_ROUND}", "oof_probs.npy"),
         base_test=result("test", "ensemble", f"round{FINAL_ROUND}", "probs.npy"),
         folds=rules.make_folds.output.folds,

@@ -58,10 +58,12 @@ rule train_fold:
 
 
 # experiments.<name>.refit: after the folds, one model on every training image for the median
-# of their best epochs (results/models/<name>/round<r>/full/).
+# of their best epochs, or under a time budget the plan's epochs (results/models/<name>/
+# round<r>/full/).
 rule train_full:
     input:
         unpack(pseudo_inputs),
+        unpack(budget_inputs),
         unpack(init_inputs),
         stats=rules.preprocess_images.output.stats,
         train_images=rules.preprocess_images.output.train_images,
@@ -94,13 +96,14 @@ rule train_full:
             ".resume", wildcards.experiment, f"round{wildcards.round}", FULL
         ),
         pseudo=pseudo_flags,
+        budget=budget_flags,
         init=init_flags,
     shell:
         "segflow train --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
         " --refit-from {input.fold_metrics:q} --name {wildcards.experiment:q}"
         " --experiment {params.experiment:q} --out-dir {params.out_dir:q}"
-        " --resume-dir {params.resume_dir:q} {params.pseudo} {params.init} --threads {threads}"
-        " --gpus {resources.gpu_slots} 2> {log:q}"
+        " --resume-dir {params.resume_dir:q} {params.pseudo} {params.init} {params.budget}"
+        " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"
 
 
 rule predict_oof:

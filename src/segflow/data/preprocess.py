@@ -1,4 +1,5 @@
-"""Preprocess: channel handling, 16->8-bit, CLAHE and resize into memory-mappable arrays.
+"""Preprocess: channel handling, 16->8-bit, CLAHE and resize (or reflect-pad) into
+memory-mappable arrays.
 
 Outputs (in one folder) ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) of
 packed label masks (bit k = class k, :func:`segflow.formats.labels.label_dtype`; binary data: uint8
@@ -6,6 +7,10 @@ packed label masks (bit k = class k, :func:`segflow.formats.labels.label_dtype`;
 and ``stats.json`` (per-channel mean/std of the train images, for normalisation; the class
 names). Training then slices the arrays with ``np.load(..., mmap_mode="r")`` and never decodes
 a PNG.
+
+``resize_mode: pad`` keeps the native pixels: images (and their masks, the same way) are
+reflect-padded to ``height`` x ``width`` (:mod:`segflow.artifacts.resolution`), and ``index.parquet``
+gains the ``pad_top``/``pad_left`` offsets that prediction crops back with.
 
 The classes come from the manifest itself (its ``mask_classes`` column, written by ingest when
 ``data.classes`` is set), so the arrays always match the masks they were decoded from.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -30,6 +36,14 @@ import numpy as np
 import pandas as pd
 
 from segflow.artifacts.arrays import write_index, write_stats
+from segflow.artifacts.resolution import (
+    RESIZE_MODES,
+    pad_columns,
+    pad_offsets,
+    read_resolution,
+    reflect_pad,
+    resize_labels,
+)
 from segflow.artifacts.tables import read_table
 from segflow.artifacts.truths import MaskSource, load_mask, mask_sources
 from segflow.core.atomic import atomic_path
@@ -76,6 +90,12 @@ class PreprocessOptions:
         "auto",
         "image resize interpolation; auto = area when shrinking, linear when enlarging",
         ("auto", *INTERPOLATIONS),
+    )
+    resize_mode: str = option(
+        "resize",
+        "resize = scale every image to height x width; pad = keep the native pixels and "
+        "reflect-pad images and masks symmetrically to height x width (every image must fit)",
+        RESIZE_MODES,
     )
 
 
@@ -165,17 +185,14 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     Shape:
         mask: (H, W) uint8, uint16 or uint32; output: (height, width), same dtype.
     """
-    if mask.shape == (height, width):
-        return mask
-    if mask.dtype == np.uint32:  # OpenCV 4 has no unsigned 32-bit type; nearest only copies bits
-        return resize_mask(mask.view(np.int32), height, width).view(np.uint32)
-    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+    return resize_labels(mask, height, width)
 
 
 def prepare_image(
-    pixels: np.ndarray, geometry: _Geometry, options: PreprocessOptions
+    pixels: np.ndarray, geometry: _Geometry, options: PreprocessOptions, where: str = "image"
 ) -> np.ndarray:
-    """Channels -> bit depth -> CLAHE -> resize, in that order (CLAHE at native resolution)."""
+    """Channels -> bit depth -> CLAHE -> resize or reflect-pad (``options.resize_mode``), in
+    that order (CLAHE at native resolution). ``where`` names the image in errors."""
     pixels = convert_channels(pixels, geometry.channels)
     if geometry.dtype == "uint8":
         pixels = to_uint8(pixels)
@@ -183,7 +200,22 @@ def prepare_image(
         pixels = pixels.astype(np.uint16) * 257
     if options.clahe:
         pixels = apply_clahe(pixels, options.clahe_clip_limit, options.clahe_tile_grid)
+    target = (geometry.height, geometry.width)
+    if options.resize_mode == "pad":
+        return reflect_pad(pixels, target, pad_offsets(pixels.shape[:2], target, where))
     return resize_image(pixels, geometry.height, geometry.width, options.interpolation)
+
+
+def prepare_mask(
+    label: np.ndarray, geometry: _Geometry, options: PreprocessOptions, where: str = "mask"
+) -> np.ndarray:
+    """A packed label mask into the arrays' grid, as :func:`prepare_image` places its image:
+    nearest-neighbour resize, or the same reflect padding (the mirrored truth of the mirrored
+    image content)."""
+    target = (geometry.height, geometry.width)
+    if options.resize_mode == "pad":
+        return reflect_pad(label, target, pad_offsets(label.shape, target, where))
+    return resize_mask(label, geometry.height, geometry.width)
 
 
 def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
@@ -198,14 +230,14 @@ def _process_chunk(task: _ChunkTask) -> tuple[np.ndarray, int]:
     for offset, item in enumerate(task.items):
         row = task.first_row + offset
         pixels = decode_image(item.image_path, task.dicom_window).pixels
-        prepared = prepare_image(pixels, geometry, task.options)
+        prepared = prepare_image(pixels, geometry, task.options, item.image_path)
         images[row] = prepared
         scaled = prepared.reshape(-1, geometry.channels).astype(np.float64) / scale
         moments[0] += scaled.sum(axis=0)
         moments[1] += np.square(scaled).sum(axis=0)
         if masks is not None:
             label = load_mask(item.masks, pixels.shape[:2], task.n_classes)
-            masks[row] = resize_mask(label, geometry.height, geometry.width)
+            masks[row] = prepare_mask(label, geometry, task.options, item.image_path)
             foreground += int(np.count_nonzero(masks[row]))
     images.flush()
     if masks is not None:
@@ -235,6 +267,12 @@ def reserve_space(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def output_channels(items: pd.DataFrame, channels: str) -> int:
+    """The arrays' channels: ``preprocess.channels``, or with ``auto`` 1 when every image of
+    ``items`` (manifest rows, ``is_gray``) is gray, else 3."""
+    return (1 if items["is_gray"].all() else 3) if channels == "auto" else int(channels)
+
+
 def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometry:
     if (options.height is None) != (options.width is None):
         raise SegflowError("set both preprocess.height and preprocess.width, or neither")
@@ -255,10 +293,18 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometr
         raise SegflowError(
             f"unknown preprocess.channels {options.channels!r}; valid: {', '.join(CHANNEL_MODES)}"
         )
-    channels = (
-        (1 if used["is_gray"].all() else 3) if options.channels == "auto" else int(options.channels)
-    )
+    channels = output_channels(used, options.channels)
     dtype = "uint8" if options.to_uint8 or (used["bit_depth"] <= 8).all() else "uint16"
+    if options.resize_mode not in RESIZE_MODES:
+        raise SegflowError(
+            f"unknown preprocess.resize_mode {options.resize_mode!r}; valid: "
+            f"{', '.join(RESIZE_MODES)}"
+        )
+    if options.resize_mode == "pad":  # every image must fit: checked before any work
+        too_large = used[(used["height"] > height) | (used["width"] > width)]
+        if not too_large.empty:
+            row = too_large.iloc[0]
+            pad_offsets((int(row["height"]), int(row["width"])), (height, width), row["image_path"])
     return _Geometry(height, width, channels, dtype)
 
 
@@ -368,6 +414,9 @@ def preprocess(
             for frame in (train, test)
         ]
     ).rename(columns={"height": "orig_height", "width": "orig_width"})
+    if options.resize_mode == "pad":
+        sizes = list(zip(index["orig_height"], index["orig_width"], strict=True))
+        index = index.assign(**pad_columns(sizes, shape, list(index["id"])))
     write_index(out_dir, index)
     n_pixels = len(train) * geometry.height * geometry.width
     mean = moments[0] / n_pixels
@@ -400,16 +449,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out-dir", required=True, help="folder for the .npy arrays, index and stats"
     )
+    parser.add_argument(
+        "--resolution",
+        default=None,
+        help="resolution.json (segflow plan-resolution): its chosen size and mode replace "
+        "--height, --width and --resize-mode",
+    )
     add_workers(parser)
     add_dicom_window_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     """``segflow preprocess``: write the arrays, index and stats."""
+    options = dataclass_from_namespace(PreprocessOptions, args)
+    if args.resolution:
+        height, width, mode = read_resolution(args.resolution)
+        stage_log.info("resolution %s: %dx%d (%s)", args.resolution, height, width, mode)
+        options = dataclasses.replace(options, height=height, width=width, resize_mode=mode)
     stats = preprocess(
         read_table(args.manifest, "manifest"),
         read_table(args.dedup_items, "dedup items"),
-        dataclass_from_namespace(PreprocessOptions, args),
+        options,
         args.out_dir,
         workers=args.workers,
         dicom_window=dicom_window_from_args(args),

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from segflow.artifacts.arrays import classes_of, image_size, read_stats
+from segflow.artifacts.arrays import classes_of, image_size, read_index, read_stats
 from segflow.artifacts.predictions import Prediction, nonempty_probs, read_fold_predictions
+from segflow.artifacts.resolution import PAD_COLUMNS, from_original, index_offsets
 from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_csv, write_json, write_npy
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import stage_log
-from segflow.data.preprocess import resize_mask
 from segflow.ensemble.candidates import json_ready
 from segflow.ensemble.pseudo import PseudoOptions, pseudo_targets, select_pseudo, train_duplicates
 from segflow.model.postprocess import apply_classes, params_from_summary
@@ -37,6 +37,7 @@ def select_pseudo_stage(
     dedup_items: pd.DataFrame,
     options: Any,
     size: tuple[int, int],
+    offsets: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """Select pseudo-labels from a round's final test prediction and build their targets.
 
@@ -47,13 +48,14 @@ def select_pseudo_stage(
         dedup_items: dedup's items table (test duplicates of train images are excluded).
         options: :class:`segflow.ensemble.pseudo.PseudoOptions`.
         size: the preprocessed (height, width) the targets are stored at.
+        offsets: test id -> (top, left) padding when preprocess reflect-padded the images
+            (``resize_mode: pad``, the index's ``pad_top``/``pad_left``): the targets are
+            padded the same way; None: they are resized, as the images were.
 
     Returns:
         (selection table, targets at the preprocessed size, summary). Targets are packed
         labels (S, h, w) for hard labels, float16 (S, K, h, w) for soft ones.
     """
-    import cv2
-
     selection = select_pseudo(test.ids, test.probs, options, train_duplicates(dedup_items))
     # select_pseudo sorts by id; keep the targets in that order.
     position = pd.Series(np.arange(len(test.ids)), index=test.ids["id"])
@@ -65,21 +67,15 @@ def select_pseudo_stage(
     )
     targets = pseudo_targets(probs, masks, options)
     height, width = size
-    if options.labels == "hard":
-        resized = (
-            np.stack([resize_mask(t, height, width) for t in targets])
-            if len(targets)
-            else (np.zeros((0, height, width), targets.dtype))
-        )
+    selected_ids = selection.loc[selection["selected"], "id"].tolist()
+    placed = [None if offsets is None else tuple(offsets[i]) for i in selected_ids]
+    hard = options.labels == "hard"
+    if hard:
+        resized = np.zeros((len(targets), height, width), targets.dtype)
     else:
         resized = np.zeros((len(targets), len(classes), height, width), np.float16)
-        for i, target in enumerate(targets):
-            planes = cv2.resize(
-                np.ascontiguousarray(target.astype(np.float32).transpose(1, 2, 0)),
-                (width, height),
-                interpolation=cv2.INTER_LINEAR,
-            )
-            resized[i] = planes.reshape(height, width, -1).transpose(2, 0, 1)
+    for i, (target, offset) in enumerate(zip(targets, placed, strict=True)):
+        resized[i] = from_original(target, size, offset, labels=hard)
     summary = {
         "n_test": len(selection),
         "n_selected": int(selection["selected"].sum()),
@@ -111,6 +107,14 @@ def run(args: argparse.Namespace) -> None:
     options = dataclass_from_namespace(PseudoOptions, args)
     stats = read_stats(args.arrays_dir)
     classes = classes_of(stats)
+    index = read_index(args.arrays_dir)
+    test_rows = index[index["split"] == "test"]
+    # Pad mode: the targets are reflect-padded as the test images were.
+    offsets = (
+        dict(zip(test_rows["id"], index_offsets(test_rows), strict=True))
+        if set(PAD_COLUMNS) <= set(index.columns)
+        else None
+    )
     selection, targets, summary = select_pseudo_stage(
         read_fold_predictions([args.test_dir], "mean"),
         json.loads(Path(args.postprocess).read_text()),
@@ -118,6 +122,7 @@ def run(args: argparse.Namespace) -> None:
         read_table(args.dedup_items, "dedup items"),
         options,
         image_size(stats),
+        offsets,
     )
     out = Path(args.out_dir)
     write_npy(out / "targets.npy", targets)

@@ -21,6 +21,23 @@ predict-oof, predict-test), the trainer's set-up, the final validation and both 
 ``overhead`` is ``reserve_share * budget`` (evaluation, post-processing grid, blend, stacking,
 pseudo selection, report: what is not measured) plus the planning job's own time.
 
+A full-data refit (``experiments.<name>.refit.enabled``, :mod:`segflow.model.training.refit`) is one more
+training of its experiment per round, on every training image, with no validation: its epoch is
+``steps * step_seconds + checkpoint_seconds`` (steps from all of folds.csv's items), its fixed
+cost the start-ups of its jobs (train, and predict-test when it predicts the test set), set-up and
+its test prediction; no OOF prediction. With ``refit.test_models: full`` the folds predict no test
+set: their predict-test job and its images leave their fixed cost. The refit trains as many epochs
+as its experiment's folds (the plan's ``fold: "full"`` training, read by ``segflow train --plan``),
+not the median of the folds' best epochs as without a budget: those are known only after the folds
+have trained, and the plan must fit before anything trains.
+
+``refit.test_models: auto`` lets the plan choose. It plans (a) the fold models predict the test
+set and no refit is trained, and (b) the folds plus the refit, which predicts the test set, and
+takes (b) when that plan fits and every fold training of every experiment still gets at least
+``budget.min_fold_steps`` optimizer steps (planned epochs x steps per epoch), else (a); one choice
+for all the experiments with ``auto``. ``plan.json``'s ``refit_choice`` records it with both
+estimates, and the workflow follows it (plan_budget is then a Snakemake checkpoint).
+
 Epochs follow one common scale ``s``: ``epochs_e ~ s * train.epochs_e``, so the experiments keep
 the ratios of their configured epochs, each clamped to ``[min_epochs, cap]`` (cap: the
 configured epochs when ``cap_at_config_epochs``, and ``max_epochs``). ``s`` is the largest scale
@@ -47,6 +64,7 @@ import pandas as pd
 from segflow.artifacts.arrays import classes_of, read_stats
 from segflow.core.errors import SegflowError
 from segflow.core.options import option
+from segflow.model.training.train_options import MIN_OPTIMIZER_STEPS
 
 if TYPE_CHECKING:
     from segflow.model.experiment import Experiment
@@ -56,6 +74,9 @@ log = logging.getLogger(__name__)
 PLAN_FORMAT = 1
 # Processes per training of an experiment: segflow train, predict-oof and predict-test.
 JOBS_PER_TRAINING = 3
+# The full refit's member name: its trainings' ``fold`` in plan.json (results/models/<name>/
+# round<r>/full/ in the workflow).
+REFIT = "full"
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,11 @@ class BudgetOptions:
     measure_steps: int = option(
         10, "optimizer steps timed per experiment, after as many untimed warm-up steps"
     )
+    min_fold_steps: int = option(
+        MIN_OPTIMIZER_STEPS,
+        "refit.test_models auto: the full refit replaces the folds' test prediction only when "
+        "every fold still gets at least this many optimizer steps with the refit in the plan",
+    )
 
     def __post_init__(self) -> None:
         """Raises: SegflowError naming the first invalid option as ``budget.<name>``."""
@@ -105,6 +131,13 @@ class BudgetOptions:
                 "an integer >= 1 or null",
             ),
             ("measure_steps", _int(self.measure_steps), "an integer >= 1"),
+            (
+                "min_fold_steps",
+                isinstance(self.min_fold_steps, int)
+                and not isinstance(self.min_fold_steps, bool)
+                and self.min_fold_steps >= 0,
+                "an integer >= 0",
+            ),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -351,7 +384,8 @@ def training_costs(
     pseudo_rounds: int,
     batch_size: int,
     max_pseudo_share: float,
-) -> dict[tuple[int, int], TrainingCost]:
+    refit: str | None = None,
+) -> dict[tuple[int, int | str], TrainingCost]:
     """The cost of each (round, fold) training of one experiment (the module's cost model).
 
     Args:
@@ -361,24 +395,50 @@ def training_costs(
         pseudo_rounds: rounds after round 0.
         batch_size: the experiment's ``train.batch_size``.
         max_pseudo_share: ``pseudo.max_pseudo_share``.
+        refit: None (no full refit), or the ``refit.test_models`` it follows: ``full`` (the
+            refit alone predicts the test set, the folds do not), ``folds`` (the refit only
+            trains) or ``both``.
 
     Returns:
-        (round, fold) -> cost, rounds then folds in order.
+        (round, fold) -> cost, rounds then folds in order; with ``refit`` each round's
+        (round, :data:`REFIT`) after its folds.
+
+    Raises:
+        SegflowError: an unknown ``refit``.
     """
+    if refit not in (None, "full", "folds", "both"):
+        raise SegflowError(f"budget: refit must be full, folds, both or None, got {refit!r}")
     m = measurement
-    costs = {}
+    folds_predict_test = refit != "full"
+    refit_predicts_test = refit in ("full", "both")
+    n_items = sum(sizes[0]) if sizes else 0  # every item of folds.csv
+    costs: dict[tuple[int, int | str], TrainingCost] = {}
     for round_ in range(pseudo_rounds + 1):
+        n_pseudo = n_test if round_ else 0
         for fold, (n_train, n_val) in enumerate(sizes):
-            steps = steps_per_epoch(n_train, batch_size, n_test if round_ else 0, max_pseudo_share)
+            steps = steps_per_epoch(n_train, batch_size, n_pseudo, max_pseudo_share)
             validation = n_val * m.val_seconds_per_image
+            predicted = n_val + (n_test if folds_predict_test else 0)
             costs[(round_, fold)] = TrainingCost(
                 steps_per_epoch=steps,
                 step_seconds=m.step_seconds,
                 epoch_extra_seconds=validation + m.checkpoint_seconds,
-                fixed_seconds=JOBS_PER_TRAINING * m.startup_seconds
+                fixed_seconds=(JOBS_PER_TRAINING - (0 if folds_predict_test else 1))
+                * m.startup_seconds
                 + m.setup_seconds
                 + validation
-                + (n_val + n_test) * m.predict_seconds_per_image,
+                + predicted * m.predict_seconds_per_image,
+            )
+        if refit is not None:
+            # Every item, nothing validated: per epoch the steps and the resume checkpoint; once
+            # the train job (and predict-test's when it predicts the test set), no OOF.
+            costs[(round_, REFIT)] = TrainingCost(
+                steps_per_epoch=steps_per_epoch(n_items, batch_size, n_pseudo, max_pseudo_share),
+                step_seconds=m.step_seconds,
+                epoch_extra_seconds=m.checkpoint_seconds,
+                fixed_seconds=(2 if refit_predicts_test else 1) * m.startup_seconds
+                + m.setup_seconds
+                + (n_test * m.predict_seconds_per_image if refit_predicts_test else 0.0),
             )
     return costs
 
@@ -387,10 +447,42 @@ def training_costs(
 
 
 def experiment_hash(values: Mapping[str, Any]) -> str:
-    """A short digest of an experiment's config mapping (canonical JSON): ``segflow train
-    --plan`` refuses a plan made for another configuration of the experiment."""
-    text = json.dumps(values, sort_keys=True, default=str)
+    """A short digest of an experiment's config mapping (canonical JSON) without its ``refit``
+    section (which trains no fold): ``segflow train --plan`` refuses a plan made for another
+    configuration of the experiment."""
+    trained = {key: value for key, value in values.items() if key != "refit"}
+    text = json.dumps(trained, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One way to run the experiments that :func:`make_plan` weighs: which refits train and
+    whom they predict for (name -> resolved ``refit.test_models``), their costs and the plan."""
+
+    refits: dict[str, str]
+    costs: dict[str, dict[tuple[int, int | str], TrainingCost]]
+    plan: EpochPlan
+
+    def fewest_fold_steps(self) -> int:
+        """The fewest optimizer steps of any fold training (planned epochs x steps per epoch;
+        early stopping may take fewer)."""
+        return min(
+            self.plan.epochs[name] * cost.steps_per_epoch
+            for name, costs in self.costs.items()
+            for (_, fold), cost in costs.items()
+            if fold != REFIT
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What plan.json records of an option."""
+        return {
+            "estimated_seconds": round(self.plan.estimated_seconds, 3),
+            "feasible": self.plan.feasible,
+            "epochs": dict(self.plan.epochs),
+            "refits": dict(self.refits),
+            "fewest_fold_steps": self.fewest_fold_steps(),
+        }
 
 
 def make_plan(
@@ -406,6 +498,7 @@ def make_plan(
     parallel_jobs: int,
     planning_seconds: float = 0.0,
     machine: Mapping[str, Any] | None = None,
+    refits: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The contents of ``plan.json`` (without its provenance block).
 
@@ -422,37 +515,96 @@ def make_plan(
         parallel_jobs: jobs running at once.
         planning_seconds: the planning job's own time so far (counted against the budget).
         machine: where it was measured (device, threads), recorded as is.
+        refits: name -> ``refit.test_models`` (full, folds, both or auto) of each experiment
+            with ``refit.enabled``; auto is chosen here (see the module doc).
 
     Returns:
-        The plan: the budget, ``feasible``/``warning``, per experiment its timings, epochs and
-        estimate, and one ``trainings`` record per (experiment, round, fold).
+        The plan: the budget, ``feasible``/``warning``, per experiment its timings, epochs,
+        estimate and refit (``None`` without one; else ``test_models`` as resolved, whether it
+        ``trained`` and its ``epochs``), one ``trainings`` record per (experiment, round, fold)
+        (``fold`` :data:`REFIT` for a refit), and ``refit_choice`` (None without auto).
+
+    Raises:
+        SegflowError: a refit of an unknown experiment or with an unknown ``test_models``.
     """
     if options.minutes is None:
         raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
     budget_seconds = 60.0 * options.minutes
     overhead = options.reserve_share * budget_seconds + planning_seconds
     names = sorted(experiments)
-    costs = {
-        name: training_costs(
-            measurements[name], sizes, n_test, pseudo_rounds, batch_sizes[name], max_pseudo_share
-        )
-        for name in names
-    }
+    refits = dict(refits or {})
+    for name, test_models in sorted(refits.items()):
+        if name not in experiments:
+            raise SegflowError(f"budget: a refit of {name!r}, which is not planned")
+        if test_models not in ("full", "folds", "both", "auto"):
+            raise SegflowError(
+                f"budget: experiments.{name}.refit.test_models must be full, folds, both or "
+                f"auto, got {test_models!r}"
+            )
     caps = {}
     for name in names:
         bounds = [options.max_epochs] + (
             [configured_epochs[name]] if options.cap_at_config_epochs else []
         )
         caps[name] = min((b for b in bounds if b is not None), default=None)
-    plan = plan_epochs(
-        {name: list(costs[name].values()) for name in names},
-        {name: configured_epochs[name] for name in names},
-        budget_seconds,
-        overhead,
-        options.min_epochs,
-        caps,
-        parallel_jobs,
-    )
+
+    def planned(resolved: dict[str, str]) -> _Option:
+        costs = {
+            name: training_costs(
+                measurements[name],
+                sizes,
+                n_test,
+                pseudo_rounds,
+                batch_sizes[name],
+                max_pseudo_share,
+                refit=resolved.get(name),
+            )
+            for name in names
+        }
+        plan = plan_epochs(
+            {name: list(costs[name].values()) for name in names},
+            {name: configured_epochs[name] for name in names},
+            budget_seconds,
+            overhead,
+            options.min_epochs,
+            caps,
+            parallel_jobs,
+        )
+        return _Option(resolved, costs, plan)
+
+    fixed = {name: test_models for name, test_models in refits.items() if test_models != "auto"}
+    auto = sorted(name for name, test_models in refits.items() if test_models == "auto")
+    choice = None
+    if auto:
+        # (a) the folds predict the test set, no refit; (b) the refit does, the folds train.
+        folds_option = planned(fixed)
+        full_option = planned({**fixed, **dict.fromkeys(auto, "full")})
+        fewest = full_option.fewest_fold_steps()
+        take_full = full_option.plan.feasible and fewest >= options.min_fold_steps
+        chosen = full_option if take_full else folds_option
+        if take_full:
+            reason = (
+                f"with the refit every fold gets at least {fewest} optimizer steps "
+                f">= budget.min_fold_steps = {options.min_fold_steps}"
+            )
+        elif not full_option.plan.feasible:
+            reason = "the plan with the refit does not fit the budget"
+        else:
+            reason = (
+                f"with the refit a fold would get only {fewest} optimizer steps "
+                f"< budget.min_fold_steps = {options.min_fold_steps}"
+            )
+        choice = {
+            "experiments": auto,
+            "choice": "full" if take_full else "folds",
+            "reason": reason,
+            "min_fold_steps": options.min_fold_steps,
+            "options": {"folds": folds_option.summary(), "full": full_option.summary()},
+        }
+        log.info("budget: refit.test_models auto -> %s (%s)", choice["choice"], reason)
+    else:
+        chosen = planned(fixed)
+    plan, costs = chosen.plan, chosen.costs
     warning = None
     if not plan.feasible:
         warning = (
@@ -473,6 +625,19 @@ def make_plan(
         for name in names
         for (round_, fold), cost in costs[name].items()
     ]
+
+    def refit_record(name: str) -> dict[str, Any] | None:
+        if name not in refits:
+            return None
+        trained = name in chosen.refits
+        return {
+            "configured": refits[name],
+            # auto choosing the folds trains no refit: the folds predict the test set.
+            "test_models": chosen.refits[name] if trained else "folds",
+            "trained": trained,
+            "epochs": plan.epochs[name] if trained else None,
+        }
+
     return {
         "format": PLAN_FORMAT,
         "budget": {
@@ -488,6 +653,7 @@ def make_plan(
         "data": {"folds": len(sizes), "fold_sizes": [list(s) for s in sizes], "n_test": n_test},
         "pseudo_rounds": pseudo_rounds,
         "machine": dict(machine or {}),
+        "refit_choice": choice,
         "experiments": {
             name: {
                 "configured_epochs": configured_epochs[name],
@@ -498,11 +664,38 @@ def make_plan(
                     sum(c.seconds(plan.epochs[name]) for c in costs[name].values()) / parallel_jobs,
                     3,
                 ),
+                "refit": refit_record(name),
             }
             for name in names
         },
         "trainings": records,
     }
+
+
+def refit_test_models(
+    plan: Mapping[str, Any], experiment: str, where: str = "plan.json"
+) -> str | None:
+    """Which models predict an experiment's test set under ``plan``, for the workflow.
+
+    Args:
+        plan: :func:`read_plan`'s result.
+        experiment: a planned experiment with ``refit.enabled``.
+        where: the plan's path, for messages.
+
+    Returns:
+        ``refit.test_models`` as the plan resolved it (``full``, ``folds`` or ``both``; auto
+        chosen), or None when no refit is trained (auto chose the folds).
+
+    Raises:
+        SegflowError: the plan has no refit of that experiment.
+    """
+    info = (plan.get("experiments", {}).get(experiment) or {}).get("refit")
+    if info is None:
+        raise SegflowError(
+            f"{where}: no full refit of experiment {experiment!r} planned; re-plan "
+            "(snakemake -R plan_budget)"
+        )
+    return info["test_models"] if info["trained"] else None
 
 
 def read_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -529,7 +722,7 @@ def planned_epochs(
     plan: Mapping[str, Any],
     experiment: str,
     round_: int,
-    fold: int,
+    fold: int | str,
     values: Mapping[str, Any],
     where: str = "plan.json",
 ) -> int:
@@ -539,8 +732,9 @@ def planned_epochs(
         plan: :func:`read_plan`'s result.
         experiment: the experiment's name.
         round_: the pseudo-labelling round.
-        fold: the validation fold.
-        values: the experiment's config mapping; must be the one the plan was made for.
+        fold: the validation fold, or :data:`REFIT` for the experiment's full refit.
+        values: the experiment's config mapping (its ``refit`` section is not compared); must
+            be the one the plan was made for.
         where: the plan's path, for messages.
 
     Raises:
@@ -560,6 +754,12 @@ def planned_epochs(
     for record in plan.get("trainings", []):
         if (record["experiment"], record["round"], record["fold"]) == (experiment, round_, fold):
             return int(record["epochs"])
+    if fold == REFIT:
+        raise SegflowError(
+            f"{where}: no full refit of {experiment!r} round {round_} planned (refit.test_models "
+            "auto chose the folds, or the plan was made without the refit); re-plan "
+            "(snakemake -R plan_budget)"
+        )
     raise SegflowError(
         f"{where}: no training of {experiment!r} round {round_} fold {fold}; re-plan "
         "(snakemake -R plan_budget)"
@@ -586,7 +786,8 @@ def plan_budget(
         arrays_dir: the preprocess output folder (its stats.json: channels, classes, test
             images).
         folds_csv: the folds stage's folds.csv.
-        experiments: name -> the experiment's config mapping (the run experiments).
+        experiments: name -> the experiment's config mapping (the run experiments; with
+            ``refit`` for those refit on all data: the refit is planned with them).
         options: the budget (``minutes`` set).
         measure: times one parsed experiment on this machine
             (:func:`segflow.model.budget_measure.measure_experiment` with the job's settings).
@@ -636,13 +837,16 @@ def plan_budget(
         parallel_jobs,
         planning_seconds=time.monotonic() - started,
         machine=machine,
+        refits={name: e.refit.test_models for name, e in parsed.items() if e.refit.enabled},
     )
     for name, info in plan["experiments"].items():
+        refit = info["refit"]
         log.info(
-            "budget: %s: %d epoch(s) per training (configured %d), about %.1f min",
+            "budget: %s: %d epoch(s) per training (configured %d)%s, about %.1f min",
             name,
             info["epochs"],
             info["configured_epochs"],
+            "" if refit is None or not refit["trained"] else " and as many for its full refit",
             info["estimated_seconds"] / 60,
         )
     log.info(

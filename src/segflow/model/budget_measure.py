@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segflow.artifacts.resolution import index_offsets
 from segflow.core.atomic import write_json
 from segflow.core.devices import add_compute_arguments, compute, resolve_device
 from segflow.core.errors import SegflowError
@@ -221,7 +222,8 @@ def _time_prediction(
         probs, _ = predict_rows(
             model, images, rows[:timed], arrays.mean, arrays.std, predict, device, divisor
         )
-        stack_original(restore_resolution(probs, sizes[:timed]), "budget timing")
+        offsets = index_offsets(items)[:timed]  # pad mode crops; resize mode resizes
+        stack_original(restore_resolution(probs, sizes[:timed], offsets), "budget timing")
         return (time.perf_counter() - started) / max(timed, 1)
     finally:
         torch.set_num_threads(previous)

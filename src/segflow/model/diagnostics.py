@@ -38,6 +38,7 @@ import pandas as pd
 
 from segflow.core.errors import SegflowError
 from segflow.model.metrics import scores_from_counts
+from segflow.model.training.train_options import MIN_OPTIMIZER_STEPS
 
 TREND_EPOCHS = 3
 """Epochs the trend (least-squares slope) is fitted on."""
@@ -50,8 +51,8 @@ MIN_OVERFIT_EPOCHS = 4
 OVERFIT_ABS = 0.01
 OVERFIT_REL = 0.05
 """The final epochs are clearly below the best by more than max(OVERFIT_ABS, OVERFIT_REL*|best|)."""
-MIN_OPTIMIZER_STEPS = 300
-"""Fewer optimizer steps than this are too few to train a segmentation network."""
+# Fewer optimizer steps than MIN_OPTIMIZER_STEPS are too few to train a segmentation network
+# (defined with the training options: the time budget's min_fold_steps default too).
 Z_95 = 1.96
 """Normal quantile of a two-sided 95% interval."""
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from segflow.artifacts import layout
-from segflow.artifacts.arrays import images_file, read_classes, read_index, split_rows
+from segflow.artifacts.arrays import images_file, read_classes, read_index
 from segflow.artifacts.layout import group_by_experiment
 from segflow.artifacts.predictions import (
     Prediction,
@@ -35,6 +35,7 @@ from segflow.artifacts.predictions import (
     with_gates,
     without_gates,
 )
+from segflow.artifacts.resolution import image_to_original, index_offsets
 from segflow.artifacts.tables import read_folds, read_table
 from segflow.artifacts.truths import class_truths, original_truths
 from segflow.core.atomic import write_json
@@ -113,8 +114,22 @@ class StackInputs:
 
 
 def _images_for(arrays_dir: Path, split: str, ids: pd.Series) -> np.ndarray:
-    rows = split_rows(read_index(arrays_dir), split, ids)
-    return np.asarray(np.load(arrays_dir / images_file(split), mmap_mode="r")[rows])
+    """The preprocessed images of ``ids``; reflect-padded ones (``resize_mode: pad``) cropped
+    back to their original pixels, which is where the probability maps are."""
+    index = read_index(arrays_dir)
+    selected = index[index["split"] == split].set_index("id").loc[ids].reset_index()
+    rows = selected["row"].to_numpy()
+    images = np.asarray(np.load(arrays_dir / images_file(split), mmap_mode="r")[rows])
+    offsets = index_offsets(selected)
+    if all(offset is None for offset in offsets):
+        return images
+    sizes = zip(selected["orig_height"], selected["orig_width"], strict=True)
+    return np.stack(
+        [
+            image_to_original(image, size, offset)
+            for image, size, offset in zip(images, sizes, offsets, strict=True)
+        ]
+    )
 
 
 def _metadata_for(manifest: pd.DataFrame, ids: pd.Series) -> pd.DataFrame:

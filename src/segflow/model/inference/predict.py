@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from segflow.artifacts.arrays import images_file, read_index, read_stats
 from segflow.artifacts.predictions import FOLD_MERGES, nonempty_column, write_prediction
+from segflow.artifacts.resolution import Offsets, index_offsets, to_original
 from segflow.core.devices import add_compute_arguments, compute
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
@@ -140,25 +140,29 @@ def predict_rows(
     return masks, nonempty
 
 
-def restore_resolution(probs: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Resize each image's probability maps back to its original (height, width), bilinearly.
+def restore_resolution(
+    probs: np.ndarray,
+    sizes: Sequence[tuple[int, int]],
+    offsets: Sequence[Offsets | None] | None = None,
+) -> list[np.ndarray]:
+    """Each image's probability maps back on its original (height, width) grid
+    (:func:`segflow.artifacts.resolution.to_original`): cropped where it was reflect-padded, else
+    resized bilinearly.
+
+    Args:
+        probs: the maps at the preprocessed size.
+        sizes: each image's original (height, width).
+        offsets: each image's (top, left) padding (:func:`segflow.artifacts.resolution.index_offsets`);
+            None: every image was resized.
 
     Shape:
         probs: (N, K, h, w); output: N arrays of (K, H_i, W_i), float32.
     """
-    restored = []
-    for prob, size in zip(probs, sizes, strict=True):
-        if prob.shape[1:] == tuple(size):
-            restored.append(prob)
-            continue
-        # cv2 resizes (h, w, K) channel-wise in one call (up to 512 channels).
-        resized = cv2.resize(
-            np.ascontiguousarray(prob.transpose(1, 2, 0)),
-            (int(size[1]), int(size[0])),
-            interpolation=cv2.INTER_LINEAR,
-        )
-        restored.append(resized.reshape(size[0], size[1], -1).transpose(2, 0, 1))
-    return restored
+    offsets = [None] * len(sizes) if offsets is None else offsets
+    return [
+        to_original(prob, size, offset)
+        for prob, size, offset in zip(probs, sizes, offsets, strict=True)
+    ]
 
 
 def stack_original(probs: list[np.ndarray], where: str) -> np.ndarray:
@@ -223,7 +227,9 @@ def predict_split(
         model, images, rows["row"].to_numpy(), mean, std, options, device, required_divisor(model)
     )
     sizes = list(zip(rows["orig_height"], rows["orig_width"], strict=True))
-    restored = stack_original(restore_resolution(probs, sizes), f"{split} predictions")
+    restored = stack_original(
+        restore_resolution(probs, sizes, index_offsets(rows)), f"{split} predictions"
+    )
     ids = rows[["id", "orig_height", "orig_width"]].reset_index(drop=True)
     if nonempty is not None:
         for k in range(nonempty.shape[1]):

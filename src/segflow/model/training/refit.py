@@ -8,8 +8,12 @@ weights come from the end of training, it trains the median of the folds' traine
 keeps the SWA average (``swa_select`` cannot compare without validation) or the ensemble of its
 last cycle ends (:func:`refit_epoch_key`). ``refit.test_models`` says which models
 predict the test set: the full model alone, the fold models (the refit is then only an
-artifact), or both merged like folds. OOF predictions, post-processing, blending and stacking
-always use the folds.
+artifact), or both merged like folds; ``auto`` lets the time budget choose between the full
+model and the folds (:mod:`segflow.model.budget`). OOF predictions, post-processing, blending and
+stacking always use the folds.
+
+Under a time budget (``budget.minutes``) the refit is planned with its folds and trains the
+plan's epochs (as many as its folds) instead of the median best epoch: see :mod:`segflow.model.budget`.
 
 This module needs neither torch nor the data: the workflow calls :func:`check_refit` at config
 time.
@@ -28,7 +32,7 @@ from typing import Any
 from segflow.core.errors import SegflowError
 from segflow.core.options import option
 
-TEST_MODELS = ("full", "folds", "both")
+TEST_MODELS = ("full", "folds", "both", "auto")
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,15 @@ class RefitOptions:
     enabled: bool = option(
         False,
         "after cross-validation train one more model on every training image, for the median "
-        "of the folds' best epochs (models/<name>/round<r>/full/model.pt)",
+        "of the folds' best epochs, or under budget.minutes the plan's epochs "
+        "(models/<name>/round<r>/full/model.pt)",
     )
     test_models: str = option(
         "full",
         "which models predict the test set: full (the refit alone), folds (the fold models; the "
-        "refit is only an artifact) or both (the refit joins the folds' merge as one more model)",
+        "refit is only an artifact), both (the refit joins the folds' merge as one more model) "
+        "or auto (needs budget.minutes: the budget's plan chooses full when the refit still "
+        "leaves every fold budget.min_fold_steps optimizer steps, else folds without a refit)",
         TEST_MODELS,
     )
 
@@ -135,14 +142,19 @@ def refit_enabled(values: Mapping[str, Any]) -> bool:
     return bool((values.get("refit") or {}).get("enabled", False))
 
 
-def check_refit(experiments: Mapping[str, Mapping[str, Any]]) -> None:
-    """Refuse refits that cannot be trained without a validation fold.
+def check_refit(
+    experiments: Mapping[str, Mapping[str, Any]], budget_minutes: float | None = None
+) -> None:
+    """Refuse refits that cannot be trained without a validation fold, or chosen without a
+    budget.
 
     A refit of B that starts from A (``train.init_from``) starts from A's refit, so A is refit
     too. ``train.scheduler: plateau`` steps on the validation monitor, which a refit lacks.
+    ``refit.test_models: auto`` is the time budget's choice, so it needs ``budget.minutes``.
 
     Args:
         experiments: the config's ``experiments``, init_from already checked.
+        budget_minutes: ``budget.minutes`` (None: no time budget).
 
     Raises:
         SegflowError: one line naming the key.
@@ -150,6 +162,11 @@ def check_refit(experiments: Mapping[str, Mapping[str, Any]]) -> None:
     for name, values in experiments.items():
         if not refit_enabled(values):
             continue
+        if (values.get("refit") or {}).get("test_models") == "auto" and budget_minutes is None:
+            raise SegflowError(
+                f"experiments.{name}.refit.test_models: auto is chosen by the time budget, but "
+                "budget.minutes is null; set budget.minutes or choose full, folds or both"
+            )
         for member in init_chain(experiments, name):
             if (experiments[member].get("train") or {}).get("scheduler") == "plateau":
                 why = (

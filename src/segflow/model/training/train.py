@@ -93,6 +93,7 @@ from torch import nn
 from tqdm import tqdm
 
 from segflow.artifacts.arrays import classes_of, read_stats
+from segflow.artifacts.resolution import score_window
 from segflow.core.atomic import write_csv, write_json, write_torch
 from segflow.core.devices import add_compute_arguments, compute, resolve_device
 from segflow.core.errors import SegflowError
@@ -332,6 +333,8 @@ class _FoldTrainer:
             normalisation=self.normalisation,
         )
 
+        # preprocess.resize_mode pad: scores count the original pixels, not the reflection.
+        self.score_window = score_window(arrays.index, val_rows)
         self.optimizer = make_optimizer(self.model, options)
         # train.steps_per_epoch when set, else one pass: the lr schedule is derived from it.
         self.steps_per_epoch = len(self.data.train_loader)
@@ -562,7 +565,8 @@ class _FoldTrainer:
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
-        """Validation loss and mean per-image dice/iou/kaggle at threshold 0.5."""
+        """Validation loss and mean per-image dice/iou/kaggle at threshold 0.5 (pad mode: the
+        scores on the original pixels, :func:`segflow.artifacts.resolution.score_window`)."""
         if self.data.val_loader is None:
             raise SegflowError(f"{self.label}: there is no validation fold to validate on")
         model.eval()
@@ -577,6 +581,10 @@ class _FoldTrainer:
             # Every (image, class) pair is scored: the mean is the mean over classes.
             pred = (mask_logits > 0).flatten(0, 1).cpu().numpy()  # sigmoid > 0.5
             truth = masks.flatten(0, 1).cpu().numpy().astype(bool)
+            if self.score_window is not None:
+                top, left, height, width = self.score_window
+                pred = pred[:, top : top + height, left : left + width]
+                truth = truth[:, top : top + height, left : left + width]
             for name, values in per_image_scores(pred, truth).items():
                 if name in scores:
                     scores[name].append(values)
@@ -843,6 +851,7 @@ def train_full(
     resume_dir: str | os.PathLike[str],
     pseudo: PseudoSpec | None = None,
     init_checkpoint: str | os.PathLike[str] | None = None,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
     """Refit on every item of folds.csv, for the median of the folds' best epochs; resumable.
 
@@ -852,8 +861,9 @@ def train_full(
     (both resume-exempt); the learning-rate schedule follows the refit's epochs. With
     ``swa_epochs`` or ``snapshot_ensemble`` (weights from the end of training) the refit trains
     the median of the folds' ``epochs_trained`` and saves the SWA average (always: there is no
-    validation for ``swa_select``) or the ensemble of its last cycle ends. A time budget's plan
-    does not apply: the folds' epochs, which it planned, bound the refit's.
+    validation for ``swa_select``) or the ensemble of its last cycle ends. Under a time budget
+    ``epochs`` (the plan's, :mod:`segflow.model.budget`) replaces that median: the plan is made before
+    any fold has trained, and the refit's time must fit it.
 
     Args:
         arrays_dir: as :func:`train_fold`.
@@ -866,10 +876,12 @@ def train_full(
         pseudo: as :func:`train_fold`.
         init_checkpoint: the full refit ``model.pt`` of the experiment named by
             ``options.init_from``; required exactly when that is set.
+        epochs: the epochs to train (a time budget's plan); None: the median of the folds'.
 
     Returns:
         The metrics written to metrics.json (``refit_best_epochs``: the folds' best epochs, or
-        ``refit_epochs_trained``: their trained epochs).
+        ``refit_epochs_trained``: their trained epochs; ``refit_epochs_from``: ``folds`` or
+        ``plan``).
 
     Raises:
         SegflowError: as :func:`train_fold`, a fold metrics.json without a best epoch, or
@@ -882,18 +894,36 @@ def train_full(
             "train.scheduler: plateau follows the validation monitor, which a full-data refit "
             "has not; use another scheduler"
         )
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+    ):
+        raise SegflowError(f"full refit: planned epochs must be an integer >= 1, got {epochs!r}")
     key = refit_epoch_key(options.swa_epochs, options.snapshot_ensemble)
-    epochs, fold_epochs = refit_epochs(fold_metrics, key)
+    median, fold_epochs = refit_epochs(fold_metrics, key)
+    source = "folds" if epochs is None else "plan"
+    epochs = median if epochs is None else epochs
     if options.average_top_k > 1:
         log.info("full refit: train.average_top_k ignored (no validation to rank epochs by)")
     if options.swa_epochs > epochs:
+        where = (
+            f"the median of the folds' {key} {fold_epochs}"
+            if source == "folds"
+            else "the time budget's plan"
+        )
         raise SegflowError(
             f"train.swa_epochs ({options.swa_epochs}) exceeds the full refit's {epochs} epochs "
-            f"(the median of the folds' epochs_trained {fold_epochs}); lower it or turn the "
-            "refit off"
+            f"({where}); lower it or turn the refit off"
         )
     options = dataclasses.replace(options, epochs=epochs, early_stopping_patience=None)
-    log.info("full refit: %d epochs, the median of the folds' %s %s", epochs, key, fold_epochs)
+    if source == "folds":
+        log.info("full refit: %d epochs, the median of the folds' %s %s", epochs, key, fold_epochs)
+    else:
+        log.info(
+            "full refit: %d epochs from the time budget's plan (the folds' %s: %s)",
+            epochs,
+            key,
+            fold_epochs,
+        )
     arrays = SegmentationArrays.open(arrays_dir)
     rows = full_rows(arrays, folds_csv)
     metrics = _train(
@@ -904,7 +934,10 @@ def train_full(
         pseudo,
         init_checkpoint,
         # The folds' epochs the refit's count is the median of.
-        extra={"refit_best_epochs" if key == "best_epoch" else "refit_epochs_trained": fold_epochs},
+        extra={
+            "refit_best_epochs" if key == "best_epoch" else "refit_epochs_trained": fold_epochs,
+            "refit_epochs_from": source,
+        },
     )
     return metrics
 
@@ -1321,7 +1354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="METRICS_JSON",
         help="instead of --fold: refit on every item of --folds for the median best epoch of "
-        "these folds' metrics.json (no validation)",
+        "these folds' metrics.json, or with --plan the plan's epochs (no validation)",
     )
     parser.add_argument("--name", default="experiment", help="experiment name (for messages)")
     parser.add_argument(
@@ -1341,7 +1374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plan",
         default=None,
-        help="a time budget's plan.json (segflow plan-budget): its epochs replace train.epochs",
+        help="a time budget's plan.json (segflow plan-budget): its epochs replace train.epochs "
+        "(with --refit-from: the folds' median best epoch)",
     )
     parser.add_argument(
         "--round", type=int, default=0, help="the pseudo-labelling round (looked up in --plan)"
@@ -1373,13 +1407,15 @@ def _train_command(args: argparse.Namespace) -> None:
     )
     if (args.fold is None) == (args.refit_from is None):
         raise SegflowError("give either --fold (cross-validation) or --refit-from (full refit)")
+    refit_epochs = None
     if args.plan is not None:
+        epochs = _planned_epochs(experiment, values, args)
         if args.refit_from is not None:
-            # A refit trains the median of its folds' best epochs, which a plan already bounds.
-            raise SegflowError(
-                "--plan applies to --fold trainings only (a refit's epochs come from its folds)"
-            )
-        experiment = _planned(experiment, values, args)
+            # Planned with its folds: the median of their best epochs is not known in advance.
+            refit_epochs = epochs
+        else:
+            train = dataclasses.replace(experiment.train, epochs=epochs)
+            experiment = dataclasses.replace(experiment, train=train)
     pseudo = (
         None
         if args.pseudo_dir is None
@@ -1395,6 +1431,7 @@ def _train_command(args: argparse.Namespace) -> None:
             args.resume_dir,
             pseudo,
             args.init_checkpoint,
+            epochs=refit_epochs,
         )
         stage_log.info("full refit trained: %s", result)
         return
@@ -1411,22 +1448,24 @@ def _train_command(args: argparse.Namespace) -> None:
     stage_log.info("fold %d trained: %s", args.fold, result)
 
 
-def _planned(experiment: Any, values: dict[str, Any], args: argparse.Namespace) -> Any:
-    """The experiment with ``train.epochs`` replaced by the budget plan's for this training."""
+def _planned_epochs(experiment: Any, values: dict[str, Any], args: argparse.Namespace) -> int:
+    """The budget plan's epochs for this training (a fold, or with --refit-from the full
+    refit), replacing train.epochs (a refit: the median of its folds' best epochs)."""
     # Not in train's code fingerprint (segflow.stages): the plan file carries its effect.
-    from segflow.model.budget import planned_epochs, read_plan
+    from segflow.model.budget import REFIT, planned_epochs, read_plan
 
+    member = REFIT if args.refit_from is not None else args.fold
     epochs = planned_epochs(
-        read_plan(args.plan), args.name, args.round, args.fold, values, where=args.plan
+        read_plan(args.plan), args.name, args.round, member, values, where=args.plan
     )
     train = experiment.train
     stage_log.info(
-        "budget plan %s: %d epoch(s) for %s round %d fold %d (train.epochs: %d)",
+        "budget plan %s: %d epoch(s) for %s round %d %s (train.epochs: %d)",
         args.plan,
         epochs,
         args.name,
         args.round,
-        args.fold,
+        "full refit" if member == REFIT else f"fold {member}",
         train.epochs,
     )
     if epochs <= train.warmup_epochs:
@@ -1436,4 +1475,4 @@ def _planned(experiment: Any, values: dict[str, Any], args: argparse.Namespace) 
             epochs,
             train.warmup_epochs,
         )
-    return dataclasses.replace(experiment, train=dataclasses.replace(train, epochs=epochs))
+    return epochs

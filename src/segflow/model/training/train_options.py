@@ -20,6 +20,10 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 MONITORS = ("kaggle", "dice", "iou", "val_loss")
 NONFINITE_LOSS = ("error", "skip_batch")
 SWA_SELECT = ("best", "always")
+MIN_OPTIMIZER_STEPS = 300
+"""Fewer optimizer steps than this are too few to train a segmentation network (the
+diagnostics' ``few_steps`` flag; the time budget's ``min_fold_steps`` default). Here, not in
+:mod:`segflow.model.diagnostics`, so that the budget's plan does not depend on the diagnostics' code."""
 
 
 @dataclass(frozen=True)
