@@ -248,6 +248,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, BudgetOptions)
     parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
     parser.add_argument("--folds", required=True, help="folds.csv")
+    add_planning_arguments(parser, "plan.json to write")
+
+
+def add_planning_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The flags every planning command shares (plan-budget, plan-resolution): what is trained
+    and predicted, the output file, the compute options."""
     parser.add_argument(
         "--experiments", required=True, help="JSON mapping of experiment name -> experiment"
     )
@@ -259,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--predict-threads", type=int, default=2, help="CPU threads of the prediction jobs"
     )
-    parser.add_argument("--out", required=True, help="plan.json to write")
+    parser.add_argument("--out", required=True, help=out_help)
     add_compute_arguments(parser)
 
 

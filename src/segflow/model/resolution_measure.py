@@ -28,7 +28,7 @@ import pandas as pd
 from segflow.artifacts.resolution import pad_columns
 from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_json
-from segflow.core.devices import add_compute_arguments, compute, resolve_device
+from segflow.core.devices import compute, resolve_device
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
 from segflow.core.provenance import stage_provenance, with_provenance
@@ -36,7 +36,7 @@ from segflow.core.stage_args import json_mapping, stage_log
 from segflow.formats.labels import label_dtype
 from segflow.model import budget_measure
 from segflow.model.budget import BudgetOptions, Measurement
-from segflow.model.budget_measure import TIMED_BATCHES, measure_experiment
+from segflow.model.budget_measure import TIMED_BATCHES, add_planning_arguments, measure_experiment
 from segflow.model.datasets import SegmentationArrays
 from segflow.model.experiment import Experiment
 from segflow.model.inference.predict import PredictOptions
@@ -179,19 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resize-mode", default="resize", help="preprocess.resize_mode (candidates without mode)"
     )
     parser.add_argument("--channels", default="auto", help="preprocess.channels")
-    parser.add_argument(
-        "--experiments", required=True, help="JSON mapping of experiment name -> experiment"
-    )
-    parser.add_argument("--predict", default="{}", help="the predict section as JSON")
-    parser.add_argument("--pseudo-rounds", type=int, default=0, help="pseudo-labelling rounds")
-    parser.add_argument(
-        "--max-pseudo-share", type=float, default=0.3, help="cap on pseudo-labelled draws"
-    )
-    parser.add_argument(
-        "--predict-threads", type=int, default=2, help="CPU threads of the prediction jobs"
-    )
-    parser.add_argument("--out", required=True, help="resolution.json to write")
-    add_compute_arguments(parser)
+    add_planning_arguments(parser, "resolution.json to write")
 
 
 def run(args: argparse.Namespace) -> None:
