@@ -85,3 +85,22 @@ def test_summary_ends_with_the_final_choice_and_the_stage_table(
         "final" in out and "ensemble round 1 (best tuned OOF score, tuned OOF kaggle 0.6100)" in out
     )
     assert out.rstrip().endswith("| ensemble | ensemble |")
+
+
+def test_a_light_stage_imports_only_its_own_module() -> None:
+    """`segflow folds` must not import every stage (torch, LightGBM): that is start-up time and
+    memory a SLURM job of a light stage pays for nothing."""
+    code = (
+        "import sys\n"
+        "from segflow.cli import main\n"
+        "try:\n"
+        "    main(['folds', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'lightgbm', 'segmentation_models_pytorch') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]

@@ -30,24 +30,39 @@ from segflow.stages import STAGES
 log = logging.getLogger("segflow")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one sub-command per row of :data:`segflow.stages.STAGES`."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per row of :data:`segflow.stages.STAGES`.
+
+    Args:
+        command: build only this sub-command's arguments (the others keep their name and help):
+            a stage then imports its own module only, not every stage's (torch, LightGBM...),
+            which keeps the light stages' start-up time and memory small. None: all of them.
+    """
     parser = argparse.ArgumentParser(prog="segflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"segflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
-        module = importlib.import_module(stage.module)
         sub = commands.add_parser(stage.command, help=stage.help, description=stage.help)
-        sub.set_defaults(handler=module.run)
-        module.add_arguments(sub)
+        if command is None or stage.command == command:
+            module = importlib.import_module(stage.module)
+            sub.set_defaults(handler=module.run)
+            module.add_arguments(sub)
     return parser
+
+
+def _requested_command(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is not a global option)."""
+    known = {stage.command for stage in STAGES}
+    word = next((word for word in argv if not word.startswith("-")), None)
+    return word if word in known else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segflow`` command; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_requested_command(words))
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
