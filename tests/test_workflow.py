@@ -911,6 +911,9 @@ def second_level_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir
 
 
+# The second-level run (two experiments, a pseudo round, stacking) is the suite's longest
+# set-up: ~10 minutes alone on 2 cores, so it gets more than the default 900 s per test.
+@pytest.mark.timeout(1800)
 def test_pseudo_round_trains_on_selected_test_images_and_scores_on_real_labels(
     second_level_run: Path,
 ) -> None:
@@ -931,6 +934,7 @@ def test_pseudo_round_trains_on_selected_test_images_and_scores_on_real_labels(
         assert sorted(oof_ids["id"]) == sorted(folds["id"])  # real labels only, every item once
 
 
+@pytest.mark.timeout(1800)
 def test_final_choice_and_stage_table(second_level_run: Path) -> None:
     results = second_level_run / "results"
     stages = pd.read_csv(results / "final" / "stages.csv")
@@ -955,6 +959,7 @@ def test_final_choice_and_stage_table(second_level_run: Path) -> None:
     assert sum(weights["weights"].values()) == pytest.approx(1.0)
 
 
+@pytest.mark.timeout(1800)
 def test_rerunning_a_pseudo_round_never_retrains_round_0(second_level_run: Path) -> None:
     jobs = planned_jobs(second_level_run, "--configfile", "two.yaml", "-R", "select_pseudo")
     assert jobs.get("train_fold") == 4  # 2 experiments x 2 folds of round 1 only
