@@ -275,12 +275,15 @@ def run(args: argparse.Namespace) -> None:
         _plan_budget_command(args)
 
 
-def _plan_budget_command(args: argparse.Namespace) -> None:
+def planning_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """The run experiments (name -> mapping) and the predict options of a planning command's
+    ``--experiments`` and ``--predict`` flags (:func:`add_planning_arguments`).
+
+    Raises:
+        SegflowError: one line naming the flag or the unknown ``predict`` key.
+    """
     from segflow.model.inference.predict import PredictOptions
 
-    options = dataclass_from_namespace(BudgetOptions, args)
-    if options.minutes is None:
-        raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
     experiments = json_mapping(args.experiments, "--experiments")
     if not all(isinstance(values, dict) for values in experiments.values()):
         raise SegflowError("--experiments must map each experiment name to its mapping")
@@ -290,6 +293,15 @@ def _plan_budget_command(args: argparse.Namespace) -> None:
     if unknown:
         raise SegflowError(f"unknown key predict.{unknown[0]}; valid: {', '.join(sorted(known))}")
     predict = PredictOptions(**predict_values)
+    return experiments, predict
+
+
+def _plan_budget_command(args: argparse.Namespace) -> None:
+
+    options = dataclass_from_namespace(BudgetOptions, args)
+    if options.minutes is None:
+        raise SegflowError("budget.minutes is null: the budget is off, there is nothing to plan")
+    experiments, predict = planning_inputs(args)
     arrays = SegmentationArrays.open(args.arrays_dir)
     threads = max(1, args.threads)
     predict_threads = max(1, min(args.predict_threads, threads))

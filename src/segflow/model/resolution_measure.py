@@ -32,11 +32,16 @@ from segflow.core.devices import compute, resolve_device
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
 from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import json_mapping, stage_log
+from segflow.core.stage_args import stage_log
 from segflow.formats.labels import label_dtype
 from segflow.model import budget_measure
 from segflow.model.budget import BudgetOptions, Measurement
-from segflow.model.budget_measure import TIMED_BATCHES, add_planning_arguments, measure_experiment
+from segflow.model.budget_measure import (
+    TIMED_BATCHES,
+    add_planning_arguments,
+    measure_experiment,
+    planning_inputs,
+)
 from segflow.model.datasets import SegmentationArrays
 from segflow.model.experiment import Experiment
 from segflow.model.inference.predict import PredictOptions
@@ -196,15 +201,7 @@ def _plan_resolution_command(args: argparse.Namespace) -> None:
     except json.JSONDecodeError as error:
         raise SegflowError(f"--sizes is not valid JSON ({error})") from None
     options = ResolutionOptions(sizes=sizes, min_fold_steps=args.min_fold_steps)
-    experiments = json_mapping(args.experiments, "--experiments")
-    if not all(isinstance(values, dict) for values in experiments.values()):
-        raise SegflowError("--experiments must map each experiment name to its mapping")
-    predict_values = json_mapping(args.predict, "--predict")
-    known = {field.name for field in dataclasses.fields(PredictOptions)}
-    unknown = sorted(set(predict_values) - known)
-    if unknown:
-        raise SegflowError(f"unknown key predict.{unknown[0]}; valid: {', '.join(sorted(known))}")
-    predict = PredictOptions(**predict_values)
+    experiments, predict = planning_inputs(args)
     threads = max(1, args.threads)
     predict_threads = max(1, min(args.predict_threads, threads))
     # What every job pays before it works, timed once per process and device (through the
