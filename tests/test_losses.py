@@ -13,6 +13,7 @@ from segflow.core.errors import SegflowError
 from segflow.model.training.losses import (
     LOSSES,
     PIXELWISE,
+    TERM_DEFAULTS,
     TERM_OPTIONS,
     build_loss,
     ohem_count,
@@ -204,11 +205,54 @@ def test_tversky_alpha_beta_gamma_follow_the_tp_fp_fn_formula() -> None:
         options = {"weight": 1, "alpha": alpha, "beta": beta, "gamma": gamma}
         value = build_loss({"tversky": options})(logits, target)
         assert value.item() == pytest.approx(direct.item(), rel=1e-4), (alpha, beta, gamma)
-    # alpha = beta = 0.5 is Dice; 0.3/0.7 is not.
+    # alpha = beta = 0.5 is Dice; the default, 0.3/0.7, is not.
     dice = build_loss({"dice": 1})(logits, target).item()
-    assert build_loss({"tversky": 1})(logits, target).item() == pytest.approx(dice, rel=1e-5)
+    halves = build_loss({"tversky": {"weight": 1, "alpha": 0.5, "beta": 0.5}})(logits, target)
+    assert halves.item() == pytest.approx(dice, rel=1e-5)
+    default = build_loss({"tversky": 1})(logits, target)
     skewed = build_loss({"tversky": {"weight": 1, "alpha": 0.3, "beta": 0.7}})(logits, target)
-    assert abs(skewed.item() - dice) > 1e-3
+    assert default.item() == pytest.approx(skewed.item(), rel=1e-6)
+    assert abs(default.item() - dice) > 1e-3
+
+
+def test_tversky_alpha_weighs_false_positives_and_beta_false_negatives() -> None:
+    """On one mask, a prediction with extra pixels (FP) and one missing as many (FN): a larger
+    alpha penalises the FP-heavy one more, a larger beta the FN-heavy one."""
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :3, :] = 1  # 12 mask pixels
+    over, under = target.clone(), target.clone()
+    over[..., 3, :] = 1  # the mask + 4 false positives (TP 12)
+    under[..., 2, :] = 0  # the mask - 4 false negatives (TP 8)
+    logits = {"fp": (2 * over - 1) * CONFIDENT, "fn": (2 * under - 1) * CONFIDENT}
+
+    def loss(alpha: float, beta: float, kind: str) -> float:
+        term = {"tversky": {"weight": 1, "alpha": alpha, "beta": beta}}
+        return build_loss(term)(logits[kind], target).item()
+
+    # Exact at these logits: 1 - 12 / (12 + 4 alpha) and 1 - 8 / (8 + 4 beta).
+    assert loss(0.7, 0.3, "fp") == pytest.approx(1 - 12 / (12 + 4 * 0.7), rel=1e-5)
+    assert loss(0.7, 0.3, "fn") == pytest.approx(1 - 8 / (8 + 4 * 0.3), rel=1e-5)
+    assert loss(0.7, 0.3, "fp") > loss(0.3, 0.7, "fp")
+    assert loss(0.3, 0.7, "fn") > loss(0.7, 0.3, "fn")
+    # The default (alpha 0.3, beta 0.7) penalises missing pixels more than extra ones.
+    default = {kind: build_loss({"tversky": 1})(logits[kind], target).item() for kind in logits}
+    assert default["fn"] > default["fp"]
+    assert default["fn"] == pytest.approx(loss(0.3, 0.7, "fn"), rel=1e-6)
+
+
+def test_tversky_defaults_enter_the_canonical_form() -> None:
+    """segflow's defaults differ from smp's, so they are written out: the resume hash and
+    metrics.json say what the model trained with, and both spellings hash alike."""
+    assert TERM_DEFAULTS == {"tversky": {"alpha": 0.3, "beta": 0.7}}
+    for name, defaults in TERM_DEFAULTS.items():
+        assert set(defaults) <= set(TERM_OPTIONS[name]), name
+        assert all(TERM_OPTIONS[name][k].check(v) for k, v in defaults.items()), name
+    explicit = {"tversky": {"weight": 2.0, "alpha": 0.3, "beta": 0.7}}
+    assert parse_loss({"tversky": 2}) == parse_loss({"tversky": {"weight": 2}}) == explicit
+    assert parse_loss({"tversky": {"weight": 1, "beta": 0.9, "gamma": 0.75}}) == {
+        "tversky": {"weight": 1.0, "alpha": 0.3, "beta": 0.9, "gamma": 0.75}
+    }
+    assert parse_loss(parse_loss({"tversky": 1})) == parse_loss({"tversky": 1})
 
 
 @pytest.mark.parametrize("name", ["dice", "jaccard"])
@@ -398,7 +442,9 @@ def test_unknown_option_names_the_key_and_lists_the_terms_options() -> None:
         ({"dice": {"weight": 1, "log_loss": 1}}, r"loss\.dice\.log_loss: must be true or false"),
         ({"jaccard": {"weight": 1, "smooth": -1}}, r"loss\.jaccard\.smooth: must be a number"),
         ({"tversky": {"weight": 1, "gamma": 0}}, r"loss\.tversky\.gamma: must be a number > 0"),
-        ({"tversky": {"weight": 1, "alpha": 0, "beta": 0}}, r"loss\.tversky: alpha and beta"),
+        ({"tversky": {"weight": 1, "alpha": 0, "beta": 0}}, r"loss\.tversky\.beta: alpha \+ beta"),
+        ({"tversky": {"weight": 1, "alpha": -0.1}}, r"loss\.tversky\.alpha: must be a number >= 0"),
+        ({"tversky": {"weight": 1, "beta": -1}}, r"loss\.tversky\.beta: must be a number >= 0"),
         ({"tversky": {"weight": 1, "beta": float("inf")}}, r"loss\.tversky\.beta: must be"),
     ],
 )

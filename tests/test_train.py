@@ -30,6 +30,7 @@ from segflow.model.experiment import Experiment
 from segflow.model.models import ModelSpec, build_model, forward_logits, load_checkpoint
 from segflow.model.training import train as train_module
 from segflow.model.training.fold_data import FoldData, loader_workers, split_rows
+from segflow.model.training.schedules import make_schedulers
 from segflow.model.training.train import (
     HISTORY_COLUMNS,
     TrainingInterrupted,
@@ -506,6 +507,8 @@ def test_mixup_with_lovasz_stops_before_training(arrays_dir: Path, tmp_path: Pat
         {"cutmix_prob": 0.5},
         {"cutmix_alpha": 0.5},
         {"augment": PHASES},
+        {"plateau_patience": 5},
+        {"plateau_factor": 0.1},
     ],
 )
 def test_new_options_enter_the_resume_config_hash(change: dict[str, Any]) -> None:
@@ -532,6 +535,42 @@ def test_lr_schedules() -> None:
     assert {lr_factor(kind, 50, total, 0, 1) for kind in ("none", "plateau")} == {1.0}
 
 
+@pytest.mark.parametrize(("patience", "factor"), [(3, 0.5), (1, 0.5), (2, 0.1)])
+@pytest.mark.parametrize("maximise", [True, False])
+def test_plateau_reduces_at_the_end_of_the_patience_th_epoch_without_improvement(
+    patience: int, factor: float, maximise: bool
+) -> None:
+    """train.plateau_patience counts epochs without improvement as early stopping does: the
+    first epoch sets the best, so a flat monitor is first reduced after epoch patience + 1."""
+    options = TrainOptions(scheduler="plateau", plateau_patience=patience, plateau_factor=factor)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    _, plateau = make_schedulers(optimizer, options, lambda step: 1.0, maximise)
+    assert plateau is not None
+    lrs = []
+    for _ in range(3 * patience + 3):
+        plateau.step(0.7)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # Reductions at the ends of epochs patience + 1, 2 patience + 1, 3 patience + 1 (1-based).
+    expected = [factor ** (epoch // patience) for epoch in range(len(lrs))]
+    assert lrs == pytest.approx(expected)
+    assert lrs[patience - 1] == 1.0 and lrs[patience] == pytest.approx(factor)
+    # An improvement restarts the count: the next reduction comes patience bad epochs later.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    _, plateau = make_schedulers(optimizer, options, lambda step: 1.0, maximise)
+    better = 1.0 if maximise else 0.5
+    monitor = [0.7] * patience + [better] + [better] * patience
+    lrs = []
+    for value in monitor:
+        plateau.step(value)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:-1] == [1.0] * (len(monitor) - 1) and lrs[-1] == pytest.approx(factor)
+
+
+def test_other_schedulers_have_no_plateau() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert make_schedulers(optimizer, TrainOptions(), lambda step: 1.0, True)[1] is None
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -548,6 +587,10 @@ def test_lr_schedules() -> None:
         ({"average_top_k": 0}, "train.average_top_k"),
         ({"empty_ratio": 1.5}, "train.empty_ratio"),
         ({"epochs": True}, "train.epochs"),
+        ({"plateau_patience": 0}, "train.plateau_patience"),
+        ({"plateau_patience": 1.5}, "train.plateau_patience"),
+        ({"plateau_factor": 1.0}, "train.plateau_factor"),
+        ({"plateau_factor": 0}, "train.plateau_factor"),
     ],
 )
 def test_invalid_options_name_the_key(overrides: dict[str, Any], key: str) -> None:

@@ -14,6 +14,11 @@ bce's ``pos_weight``) are averaged over the top ``ohem_count(n, fraction)`` valu
 ``n``. Region terms (dice, jaccard, lovasz, tversky) are a single ratio or ranking over the whole
 mask, so they have no per-pixel value to select from and always see every pixel.
 
+Tversky's score is ``TP / (TP + alpha FP + beta FN)``: ``alpha`` weighs false positives,
+``beta`` false negatives. At alpha = beta = 0.5 it is Dice, so segflow's default is
+alpha = 0.3, beta = 0.7 (Salehi et al. 2017, common Kaggle practice: missed mask pixels cost
+more than extra ones), not smp's 0.5/0.5 (:data:`TERM_DEFAULTS`).
+
 Note (smp): dice, jaccard and tversky score a channel 0 when its target is empty in the whole
 batch (the overlap ratio is undefined there), so pair them with a pixel-wise term.
 """
@@ -86,6 +91,10 @@ TERM_OPTIONS: dict[str, dict[str, TermOption]] = {
         "smooth": _NON_NEGATIVE,
     },
 }
+
+# Where segflow's default of an option differs from the library's. parse_loss writes these into
+# the canonical form, so the resume hash and metrics.json hold the values a model trained with.
+TERM_DEFAULTS: dict[str, dict[str, Any]] = {"tversky": {"alpha": 0.3, "beta": 0.7}}
 
 
 class WeightedLoss(nn.Module):
@@ -175,8 +184,10 @@ def parse_loss(
 
     Returns:
         Term name -> weight as a float when the term has no options, else
-        ``{"weight": float, <option>: value}`` (numbers as floats): equal configs give equal
-        mappings, so ``{bce: 1}`` and ``{bce: {weight: 1.0}}`` hash alike.
+        ``{"weight": float, <option>: value}`` (numbers as floats) with the options of
+        :data:`TERM_DEFAULTS` filled in: equal configs give equal mappings, so ``{bce: 1}`` and
+        ``{bce: {weight: 1.0}}`` hash alike, and so do ``{tversky: 1}`` and ``{tversky:
+        {weight: 1, alpha: 0.3, beta: 0.7}}``.
 
     Raises:
         SegflowError: one line naming the offending key (``<key>.<term>.<option>``), for an
@@ -196,7 +207,8 @@ def parse_loss(
 
 def _parse_term(name: str, value: Any, key: str, classes: int | None) -> float | dict[str, Any]:
     if not isinstance(value, Mapping):
-        return _check_weight(value, key)
+        weight = _check_weight(value, key)
+        return {"weight": weight, **TERM_DEFAULTS[name]} if name in TERM_DEFAULTS else weight
     valid = ("weight", *TERM_OPTIONS[name])
     for option in value:
         if option not in valid:
@@ -206,6 +218,7 @@ def _parse_term(name: str, value: Any, key: str, classes: int | None) -> float |
     if "weight" not in value:
         raise SegflowError(f"{key}.weight: missing; a term given as a mapping needs its weight")
     parsed: dict[str, Any] = {"weight": _check_weight(value["weight"], key)}
+    parsed.update(TERM_DEFAULTS.get(name, {}))
     for option, spec in TERM_OPTIONS[name].items():
         if option not in value:
             continue
@@ -219,8 +232,11 @@ def _parse_term(name: str, value: Any, key: str, classes: int | None) -> float |
             f"{key}.pos_weight: {len(pos_weight)} values for {classes} mask class(es); "
             "give one number, or one per class"
         )
-    if name == "tversky" and parsed.get("alpha", 0.5) + parsed.get("beta", 0.5) == 0:
-        raise SegflowError(f"{key}: alpha and beta are both 0 (the loss would be constant)")
+    if name == "tversky" and parsed["alpha"] + parsed["beta"] == 0:
+        raise SegflowError(
+            f"{key}.beta: alpha + beta must be > 0, got alpha 0 and beta 0 (the loss would be "
+            "constant)"
+        )
     return parsed if len(parsed) > 1 else parsed["weight"]
 
 

@@ -3,7 +3,8 @@
 The schedule is per batch: :func:`lr_factor` gives the learning rate of a step as a fraction of
 the peak ``lr`` (linear warmup, then constant, cosine, cosine with restarts or one-cycle).
 ``plateau`` uses that per-batch schedule only for its warmup; afterwards a
-``ReduceLROnPlateau`` halves the learning rate per epoch (:func:`make_schedulers`). The
+``ReduceLROnPlateau`` multiplies the learning rate by ``plateau_factor`` at the end of the
+``plateau_patience``-th consecutive epoch without improvement (:func:`make_schedulers`). The
 schedule is a pure function of the step and the options, so a resumed run whose ``epochs``
 changed re-derives it from the new total.
 """
@@ -133,19 +134,27 @@ def make_schedulers(
 
     Args:
         optimizer: the optimizer whose learning rate is scheduled.
-        options: training options (scheduler).
+        options: training options (scheduler, plateau_patience, plateau_factor).
         factor: step -> learning-rate factor. Pass a bound method or a function, not a callable
             object with attributes: ``LambdaLR`` would save those in its state and a resumed
             run would keep the old schedule.
         maximise: whether the monitored quantity is maximised (plateau mode max, else min).
 
     Returns:
-        (LambdaLR, ReduceLROnPlateau halving after 2 epochs without improvement, or None).
+        (LambdaLR, ReduceLROnPlateau or None). Stepped once per epoch with the monitor, the
+        ReduceLROnPlateau multiplies the learning rate by ``plateau_factor`` at the end of the
+        ``plateau_patience``-th consecutive step that does not improve on the best value so far
+        by more than a relative 1e-4 (torch's default threshold); the count restarts after each
+        reduction. torch reduces once its count of such steps *exceeds* its ``patience``, so it
+        is given ``plateau_patience - 1``.
     """
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     plateau = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max" if maximise else "min", factor=0.5, patience=2
+            optimizer,
+            mode="max" if maximise else "min",
+            factor=options.plateau_factor,
+            patience=options.plateau_patience - 1,
         )
         if options.scheduler == "plateau"
         else None

@@ -38,8 +38,19 @@ class TrainOptions:
     scheduler: str = option(
         "cosine",
         "learning-rate schedule per batch: none, cosine (to 0), cosine_restarts (SGDR), plateau "
-        "(x0.5 after 2 epochs without improvement of the monitor), onecycle",
+        "(after warmup, x plateau_factor at the end of the plateau_patience-th consecutive "
+        "epoch without improvement of the monitor), onecycle",
         SCHEDULERS,
+    )
+    plateau_patience: int = option(
+        3,
+        "scheduler plateau: the learning rate is multiplied by plateau_factor at the end of the "
+        "plateau_patience-th consecutive epoch after warmup whose monitor does not improve on "
+        "the best since warmup (by more than a relative 1e-4); the count restarts after each "
+        "reduction",
+    )
+    plateau_factor: float = option(
+        0.5, "scheduler plateau: the factor (in (0, 1)) applied to the learning rate"
     )
     restart_epochs: int | None = option(
         None, "cycle length of cosine_restarts in epochs; null = a third of the epochs"
@@ -165,6 +176,12 @@ class TrainOptions:
             ("weight_decay", _is_number(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
             ("warmup_epochs", _is_int(self.warmup_epochs, 0), "an integer >= 0"),
             ("restart_epochs", _is_int(self.restart_epochs, 1, True), "an integer >= 1 or null"),
+            ("plateau_patience", _is_int(self.plateau_patience, 1), "an integer >= 1"),
+            (
+                "plateau_factor",
+                _is_number(self.plateau_factor) and 0 < self.plateau_factor < 1,
+                "a number in (0, 1)",
+            ),
             (
                 "grad_clip",
                 self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
