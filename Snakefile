@@ -21,6 +21,7 @@ localrules:
     generate_demo_data,
     select_pseudo,
     choose,
+    final_submission,
 
 
 rule all:
@@ -29,6 +30,7 @@ rule all:
         rules.preprocess_images.output,
         rules.make_folds.output,
         rules.choose.output,
+        rules.final_submission.output,
         rules.report.output,
         # experiments.<name>.refit: the full models, also when the test set uses the folds
         # (not when test_models auto chose the folds: then none is trained).

@@ -68,7 +68,7 @@ from segflow.core.parallel import available_cores, chunked, parallel_map
 # fork-server children. In the pipeline that module is the `segflow` console script, which
 # imports segflow.cli and with it pandas, numpy and OpenCV; these imports match it closely, so a
 # worker here starts up about as slowly as one in the pipeline.
-from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.dedup import DedupOptions, NearDuplicateOptions, find_duplicates, near_fold_groups
 from segflow.data.ingest import IngestOptions, ingest, list_images
 from segflow.data.preprocess import PreprocessOptions, preprocess
 from segflow.formats.imageio import DicomWindow, decode_image, pixel_md5
@@ -345,11 +345,14 @@ def _step_find_duplicates(spec: StepSpec) -> StepRun:
 def _step_find_duplicates_near(spec: StepSpec) -> StepRun:
     """Grouping with near-duplicates on (as the example configs set it): pHash decodes again."""
     manifest = _read_manifest(spec.tmp)
-    options = DedupOptions(near_duplicates=True)
+    near = NearDuplicateOptions(near_duplicates=True)
     watch = Stopwatch()
-    items, _ = find_duplicates(manifest, options)
+    items, _ = find_duplicates(manifest, DedupOptions())
+    groups, _ = near_fold_groups(manifest, items, near)
     run = watch.stop()
-    run.output_bytes = int(items.memory_usage(deep=True).sum())
+    run.output_bytes = int(
+        items.memory_usage(deep=True).sum() + groups.memory_usage(deep=True).sum()
+    )
     return run
 
 

@@ -70,7 +70,13 @@ import torch
 import yaml
 
 from segflow.core.errors import SegflowError
-from segflow.data.dedup import DedupOptions, find_duplicates, perceptual_hash
+from segflow.data.dedup import (
+    DedupOptions,
+    NearDuplicateOptions,
+    find_duplicates,
+    near_fold_groups,
+    perceptual_hash,
+)
 from segflow.data.ingest import list_images
 from segflow.data.preprocess import convert_channels, resize_image, resize_mask, to_uint8
 from segflow.formats.imageio import decode_image, is_gray, pixel_md5, read_mask
@@ -293,9 +299,11 @@ def image_groups(images: Mapping[str, Path], near_max_distance: int = 4) -> dict
                 "phash": f"{perceptual_hash(image.pixels):016x}",
             }
         )
-    options = DedupOptions(near_duplicates=True, near_max_distance=near_max_distance)
-    items, _ = find_duplicates(pd.DataFrame(rows), options)
-    return dict(zip(items["id"], items["fold_group"], strict=True))
+    manifest = pd.DataFrame(rows)
+    items, _ = find_duplicates(manifest, DedupOptions())
+    near = NearDuplicateOptions(near_duplicates=True, near_max_distance=near_max_distance)
+    groups, _ = near_fold_groups(manifest, items, near)
+    return dict(zip(groups["id"], groups["fold_group"], strict=True))
 
 
 def split_by_group(

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from segflow.data.dedup import DedupOptions
+from segflow.data.dedup import DedupOptions, NearDuplicateOptions
 from segflow.data.demo_data import DemoDataOptions
 from segflow.data.folds import FoldOptions
 from segflow.data.ingest import IngestOptions
@@ -22,10 +22,11 @@ from segflow.model.training.train_options import TrainOptions
 
 SCHEMA = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
-# Config section -> options dataclass, and the section keys that are workflow-only.
+# Config section -> options dataclass(es), and the section keys that are workflow-only.
 SECTIONS = {
     "data": (IngestOptions, set()),
-    "dedup": (DedupOptions, set()),
+    # dedup reads the first, make_folds the near-duplicate options.
+    "dedup": ((DedupOptions, NearDuplicateOptions), set()),
     "preprocess": (PreprocessOptions, set()),
     "folds": (FoldOptions, set()),
     "demo": (DemoDataOptions, {"enabled", "out_dir"}),
@@ -37,9 +38,13 @@ SECTIONS = {
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_schema_keys_and_defaults_match_the_options_dataclass(section: str) -> None:
-    options_cls, workflow_only = SECTIONS[section]
+    classes, workflow_only = SECTIONS[section]
     properties = SCHEMA["properties"][section]["properties"]
-    fields = {field.name: field for field in dataclasses.fields(options_cls)}
+    fields = {
+        field.name: field
+        for options_cls in (classes if isinstance(classes, tuple) else (classes,))
+        for field in dataclasses.fields(options_cls)
+    }
     assert set(properties) - workflow_only == set(fields)
     for name, field in fields.items():
         schema_default = properties[name].get("default", None)

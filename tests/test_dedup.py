@@ -21,8 +21,10 @@ from segflow.core.errors import SegflowError
 from segflow.data.dedup import (
     CONFLICT_POLICIES,
     DedupOptions,
+    NearDuplicateOptions,
     find_duplicates,
     near_duplicate_pairs,
+    near_fold_groups,
     perceptual_hash,
     summary_markdown,
 )
@@ -440,11 +442,7 @@ def test_summary_counts_by_hand() -> None:
     assert summary["train_actions"] == {"keep": 5, "drop-conflict": 2}
     assert summary["n_train_used"] == 5
     assert summary["test_items_with_train_label"] == 2  # s3, s4
-    assert summary["near_duplicates"] == {
-        "enabled": False,
-        "max_distance": 4,
-        "fold_groups_merged": 0,
-    }
+    assert "near_duplicates" not in summary  # the folds stage's (near_fold_groups)
     largest = [
         (g["representative"], g["size"], g["n_train"], g["n_test"], g["match"])
         for g in summary["largest_groups"]
@@ -588,8 +586,11 @@ def test_near_max_distance_out_of_range_in_find_duplicates(tmp_path: Path) -> No
         tmp_path, {"a": (_png(_texture(rng)), mask), "b": (_png(_texture(rng)), mask)}
     )
     manifest, _ = ingest(options)
+    items, _ = find_duplicates(manifest, DedupOptions())
     with pytest.raises(SegflowError, match="near_max_distance"):
-        find_duplicates(manifest, DedupOptions(near_duplicates=True, near_max_distance=64))
+        near_fold_groups(
+            manifest, items, NearDuplicateOptions(near_duplicates=True, near_max_distance=64)
+        )
 
 
 def test_near_duplicates_widen_fold_groups_only(tmp_path: Path) -> None:
@@ -613,41 +614,40 @@ def test_near_duplicates_widen_fold_groups_only(tmp_path: Path) -> None:
     )
     manifest, _ = ingest(options)
 
-    plain, plain_summary = find_duplicates(manifest, DedupOptions())
+    items, summary = find_duplicates(manifest, DedupOptions())
+    assert "fold_group" not in items.columns and "phash" not in items.columns
+    plain, plain_near = near_fold_groups(manifest, items, NearDuplicateOptions())
     assert (plain["fold_group"] == plain["exact_group"]).all()
     assert "phash" not in plain.columns
+    assert plain_near == {"enabled": False, "max_distance": 4, "fold_groups_merged": 0}
 
-    items, summary = find_duplicates(manifest, DedupOptions(near_duplicates=True))
+    groups, near = near_fold_groups(manifest, items, NearDuplicateOptions(near_duplicates=True))
+    assert groups["id"].tolist() == items["id"].tolist()
     by_id = _by_id(items)
+    group_of = _by_id(groups)
     near_family = ["a", "a_copy", "b_near", "t_near"]
     assert by_id.loc["a", "exact_group"] == by_id.loc["a_copy", "exact_group"]
     assert by_id.loc["b_near", "exact_group"] != by_id.loc["a", "exact_group"]
     assert by_id.loc["t_near", "exact_group"] != by_id.loc["a", "exact_group"]
-    assert by_id.loc[near_family, "fold_group"].nunique() == 1
+    assert group_of.loc[near_family, "fold_group"].nunique() == 1
     # The fold group is named after an exact group of its members.
-    assert by_id.loc["a", "fold_group"] in set(by_id.loc[near_family, "exact_group"])
-    assert by_id.loc["c", "fold_group"] == by_id.loc["c", "exact_group"]
-    assert by_id.loc["c", "fold_group"] != by_id.loc["d", "fold_group"]
-    assert by_id.loc["c", "fold_group"] != by_id.loc["a", "fold_group"]
+    assert group_of.loc["a", "fold_group"] in set(by_id.loc[near_family, "exact_group"])
+    assert group_of.loc["c", "fold_group"] == by_id.loc["c", "exact_group"]
+    assert group_of.loc["c", "fold_group"] != group_of.loc["d", "fold_group"]
+    assert group_of.loc["c", "fold_group"] != group_of.loc["a", "fold_group"]
     # Near copies never merge labels or change exact-duplicate decisions.
-    assert (
-        items["exact_group"] == plain.set_index("id").loc[items["id"], "exact_group"].to_numpy()
-    ).all()
     assert by_id.loc["b_near", "train_action"] == "keep"
     assert pd.isna(by_id.loc["t_near", "leak_train_ids"])
     # phash column: 16 hex digits, equal to perceptual_hash of the decoded file.
-    assert by_id.loc["b_near", "phash"] == f"{perceptual_hash(noisy):016x}"
+    assert group_of.loc["b_near", "phash"] == f"{perceptual_hash(noisy):016x}"
     # Two independent merges (b_near and t_near into a's group).
-    assert summary["near_duplicates"] == {
-        "enabled": True,
-        "max_distance": 4,
-        "fold_groups_merged": 2,
-    }
-    assert "2 fold-group merges" in summary_markdown(summary)
-    assert plain_summary["n_groups"] == summary["n_groups"] == 1
+    assert near == {"enabled": True, "max_distance": 4, "fold_groups_merged": 2}
+    assert summary["n_groups"] == 1
 
     # Distance 0: only identical hashes link, and the near copies are not identical.
-    strict, _ = find_duplicates(manifest, DedupOptions(near_duplicates=True, near_max_distance=0))
+    strict, _ = near_fold_groups(
+        manifest, items, NearDuplicateOptions(near_duplicates=True, near_max_distance=0)
+    )
     strict_by_id = _by_id(strict)
     hashes = {item_id: int(strict_by_id.loc[item_id, "phash"], 16) for item_id in near_family}
     linked = {i for i in ("b_near", "t_near") if hashes[i] == hashes["a"]}
@@ -702,13 +702,11 @@ def test_demo_planted_duplicates_found_exactly(
 
 
 def test_demo_near_duplicates_keep_planted_groups(demo_manifest: pd.DataFrame) -> None:
-    items, _ = find_duplicates(demo_manifest, DedupOptions(near_duplicates=True))
-    # Exact groups are identical with near-duplicates on; every exact group is inside one
-    # fold group.
-    exact, _ = find_duplicates(demo_manifest, DedupOptions())
-    assert _groups(items) == _groups(exact)
-    assert (items.groupby("exact_group")["fold_group"].nunique() == 1).all()
-    assert items["phash"].str.fullmatch(r"[0-9a-f]{16}").all()
+    items, _ = find_duplicates(demo_manifest, DedupOptions())
+    groups, _ = near_fold_groups(demo_manifest, items, NearDuplicateOptions(near_duplicates=True))
+    # Every exact group is inside one fold group.
+    assert (groups.groupby("exact_group")["fold_group"].nunique() == 1).all()
+    assert groups["phash"].str.fullmatch(r"[0-9a-f]{16}").all()
 
 
 # --------------------------------------------------------------------------- real data

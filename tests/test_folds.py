@@ -10,8 +10,11 @@ import pandas as pd
 import pytest
 
 from segflow.core.errors import SegflowError
-from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.dedup import DedupOptions, NearDuplicateOptions, find_duplicates
 from segflow.data.folds import FoldOptions, coverage_strata, make_folds
+
+# _table's near copies share a perceptual hash: distance 0 links exactly them.
+NEAR = NearDuplicateOptions(near_duplicates=True, near_max_distance=0)
 
 # sklearn warns whenever a stratum has fewer members than K; the small-table tests want that.
 SMALL_STRATA = pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
@@ -69,7 +72,8 @@ def test_coverage_strata_rejects_no_bins(bins: int) -> None:
 def _table(
     seed: int, n_groups: int = 150, n_dropped: int = 0, near_merges: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(manifest, dedup items): groups of 1-5 copies, ~35% empty masks, shuffled rows."""
+    """(manifest, dedup items): groups of 1-5 copies, ~35% empty masks, shuffled rows; the
+    items' fold_group is the expected one (near copies share the manifest's phash)."""
     rng = np.random.default_rng(seed)
     rows = []
     ids = rng.choice(10**9, size=n_groups * 5 + n_dropped, replace=False)
@@ -92,15 +96,22 @@ def _table(
         source = items.loc[items["exact_group"] == second, "fold_group"].iloc[0]
         items.loc[items["fold_group"] == source, "fold_group"] = target
     items = items.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    manifest = items[["id", "coverage"]].rename(columns={"coverage": "mask_coverage"})
+    hashes = dict(zip(groups, rng.choice(2**62, size=len(groups), replace=False), strict=True))
+    items["phash"] = [f"{hashes[group]:016x}" for group in items["fold_group"]]
+    manifest = items[["id", "coverage", "phash"]].rename(columns={"coverage": "mask_coverage"})
     manifest = manifest.sample(frac=1.0, random_state=seed + 1).reset_index(drop=True)
-    return manifest, items.drop(columns=["coverage"])
+    return manifest, items.drop(columns=["coverage", "phash"])
+
+
+def _partition(ids: pd.Series, groups: pd.Series) -> set[frozenset[str]]:
+    """The groups as sets of ids (group names aside)."""
+    return {frozenset(members) for _, members in ids.groupby(groups.to_numpy())}
 
 
 @pytest.mark.parametrize(("seed", "n_folds"), [(0, 5), (1, 3), (2, 4), (3, 10)])
 def test_make_folds_invariants(seed: int, n_folds: int) -> None:
     manifest, items = _table(seed, n_dropped=12, near_merges=10)
-    folds, summary = make_folds(manifest, items, FoldOptions(n_folds=n_folds, seed=seed))
+    folds, summary = make_folds(manifest, items, FoldOptions(n_folds=n_folds, seed=seed), NEAR)
     used = items[items["use_for_training"]]
 
     # Every used item exactly once, no dropped item, sorted by id.
@@ -112,8 +123,7 @@ def test_make_folds_invariants(seed: int, n_folds: int) -> None:
 
     # Groups (near-duplicate fold groups included) never straddle folds.
     assert (folds.groupby("group")["fold"].nunique() == 1).all()
-    fold_groups = used.set_index("id")["fold_group"]
-    assert (folds["group"].to_numpy() == fold_groups.loc[folds["id"]].to_numpy()).all()
+    assert _partition(folds["id"], folds["group"]) == _partition(used["id"], used["fold_group"])
     exact = used.set_index("id")["exact_group"].loc[folds["id"]].to_numpy()
     assert (folds.assign(exact=exact).groupby("exact")["fold"].nunique() == 1).all()
 
@@ -142,7 +152,8 @@ def test_make_folds_invariants(seed: int, n_folds: int) -> None:
 def test_near_duplicate_fold_groups_are_respected() -> None:
     manifest, items = _table(7, n_groups=60, near_merges=25)
     assert (items["fold_group"] != items["exact_group"]).any()
-    folds, _ = make_folds(manifest, items, FoldOptions(n_folds=5, seed=1))
+    folds, summary = make_folds(manifest, items, FoldOptions(n_folds=5, seed=1), NEAR)
+    assert summary["near_duplicates"]["fold_groups_merged"] > 0
     fold_of = folds.set_index("id")["fold"]
     for _, members in items.groupby("fold_group"):
         assert fold_of.loc[members["id"]].nunique() == 1
@@ -201,7 +212,7 @@ def test_more_folds_than_groups_is_an_error() -> None:
     manifest, items = _table(20, n_groups=4, near_merges=1)  # 3 independent groups
     assert items["fold_group"].nunique() == 3
     with pytest.raises(SegflowError, match=r"folds\.n_folds") as error:
-        make_folds(manifest, items, FoldOptions(n_folds=4))
+        make_folds(manifest, items, FoldOptions(n_folds=4), NEAR)
     assert "3" in str(error.value)
     folds, _ = make_folds(manifest, items, FoldOptions(n_folds=3))
     assert folds["fold"].nunique() == 3

@@ -46,6 +46,7 @@ MODEL_STAGES = {
     "blend",
     "stack",
     "choose",
+    "final_submission",
     "report",
     "all",
 }
@@ -54,6 +55,7 @@ SECOND_LEVEL_TAIL = {
     "tune_postprocess",
     "submit",
     "choose",
+    "final_submission",
     "report",
     "all",
 }
@@ -254,13 +256,18 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
         (
             {"postprocess": {"min_areas": [0, 5]}},
-            {"tune_postprocess", "submit", "choose", "report", "all"},
+            {"tune_postprocess", "submit", "choose", "final_submission", "report", "all"},
         ),
+        # The submissions' format: choose and the report read no submission.
         (
             {"submission": {"empty_rle": "-1"}},
-            {"submit", "choose", "report", "all"},
+            {"submit", "final_submission", "all"},
         ),
-        ({"submit_experiment": "unet_lite0:0"}, {"choose", "report", "all"}),
+        ({"submit_experiment": "unet_lite0:0"}, {"choose", "final_submission", "report", "all"}),
+        # Near-duplicate grouping is make_folds' (dedup and preprocess stay). A dry run cannot
+        # know folds.csv will come out the same, so it plans what reads it: see
+        # test_an_unchanged_folds_csv_reruns_nothing_after_it for what a real run does.
+        ({"dedup": {"near_max_distance": 8}}, {"make_folds"} | MODEL_STAGES),
         # Training-only pseudo options: no round uses them here, nothing reruns.
         ({"pseudo": {"pseudo_weight": 0.5, "max_pseudo_share": 0.2}}, set()),
         (
@@ -278,6 +285,7 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         "postprocess-grid",
         "submission-format",
         "submit-choice",
+        "near-distance",
         "pseudo-share-round0",
         "ensemble-step",
     ],
@@ -303,6 +311,7 @@ ONE_EXPERIMENT = {
     "tune_postprocess": 4,
     "submit": 4,
     "choose": 1,
+    "final_submission": 1,
     "report": 1,
     "all": 1,
 }
@@ -311,6 +320,7 @@ STACK_ONLY = {
     "tune_postprocess": 2,
     "submit": 2,
     "choose": 1,
+    "final_submission": 1,
     "report": 1,
     "all": 1,
 }
@@ -358,13 +368,14 @@ EXTRA_EXPERIMENT = {
                 "tune_postprocess": 4,
                 "submit": 4,
                 "choose": 1,
+                "final_submission": 1,
                 "report": 1,
                 "all": 1,
             },
         ),
         (
             {"submission": {"id_column": "img", "rle_column": "EncodedPixels"}},
-            {"submit": 4, "choose": 1, "report": 1, "all": 1},
+            {"submit": 4, "final_submission": 1, "all": 1},
         ),
     ],
     ids=[
@@ -383,6 +394,28 @@ def test_each_edit_plans_exactly_the_jobs_it_affects(
 ) -> None:
     config = write_config(demo_run, "changed.yaml", change)
     assert planned_jobs(demo_run, "--configfile", "small.yaml", config, *TRIGGERS) == expected
+
+
+def test_an_unchanged_folds_csv_reruns_nothing_after_it(demo_run: Path) -> None:
+    """Snakemake touches every output of a job and reruns what reads one in the same
+    invocation, but a later one compares an input newer than its reader's outputs by checksum
+    (files up to --max-checksum-file-size, 1 MB): a near-duplicate edit that leaves folds.csv
+    byte-identical retrains nothing. Only the report reads folds/summary.json, which records
+    the new distance. The edit is undone at the end: the fixture is shared."""
+    folds = demo_run / "results" / "folds" / "folds.csv"
+    target = str(folds.relative_to(demo_run))
+    before = folds.read_bytes()
+    config = write_config(demo_run, "near.yaml", {"dedup": {"near_max_distance": 8}})
+    run_snakemake(demo_run, target, "--configfile", "small.yaml", config, *TRIGGERS)
+    try:
+        assert folds.read_bytes() == before
+        assert planned_jobs(demo_run, "--configfile", "small.yaml", config, *TRIGGERS) == {
+            "report": 1,
+            "all": 1,
+        }
+    finally:
+        run_snakemake(demo_run, target, "--configfile", "small.yaml", *TRIGGERS)
+    assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS) == {}
 
 
 def test_editing_stacking_code_reruns_stacking_but_not_training(

@@ -96,6 +96,11 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("stack", "segflow.ensemble.stacking.stack", "fit the stacked gate and pixel blender"),
     Stage("choose", "segflow.ensemble.choose", "pick the final submission on OOF; stage table"),
+    Stage(
+        "final-submission",
+        "segflow.ensemble.final_submission",
+        "copy the chosen candidate's submission to final/",
+    ),
     Stage("summary", "segflow.report.summary", "print what a workflow run produced"),
     Stage("report", "segflow.report.report", "write the run's self-contained HTML report"),
 )

@@ -48,6 +48,15 @@ def section_flags(section, exclude=()):
     return cli_flags({k: v for k, v in config[section].items() if k not in exclude})
 
 
+# The dedup section's near-duplicate options group fold members only: make_folds reads them,
+# not dedup, so an edit reruns the folds alone (segflow.data.dedup.near_fold_groups).
+NEAR_DUPLICATE_KEYS = ("near_duplicates", "near_max_distance")
+
+
+def near_duplicate_flags():
+    return cli_flags({k: config["dedup"][k] for k in NEAR_DUPLICATE_KEYS})
+
+
 def dicom_flags():
     return cli_flags(
         {

@@ -59,7 +59,7 @@ rule dedup:
         **job_resources("dedup", mem_mb=4000, runtime=60),
     params:
         code=stage_fingerprint("dedup"),
-        flags=section_flags("dedup"),
+        flags=section_flags("dedup", exclude=NEAR_DUPLICATE_KEYS),
     shell:
         "segflow dedup --manifest {input.manifest:q} {params.flags}"
         " --out-items {output.dedup_items:q} --out-summary {output.summary:q}"
@@ -117,6 +117,7 @@ rule make_folds:
     params:
         code=stage_fingerprint("folds"),
         flags=section_flags("folds"),
+        near=near_duplicate_flags(),
     shell:
         "segflow folds --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
-        " {params.flags} --out-folds {output.folds:q} --out-summary {output.summary:q} 2> {log:q}"
+        " {params.flags} {params.near} --out-folds {output.folds:q} --out-summary {output.summary:q} 2> {log:q}"

@@ -162,10 +162,6 @@ rule choose:
             result("oof", name, f"round{r}", "metrics.json")
             for name, r in candidates()
         ],
-        submissions=[
-            result("submission", name, f"round{r}", "submission.csv")
-            for name, r in candidates()
-        ],
         # The tuned OOF predictions against constant ones (segflow.model.diagnostics).
         oof=[
             result("oof", name, f"round{r}", filename)
@@ -175,7 +171,6 @@ rule choose:
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
-        submission=result("final", "submission.csv"),
         choice=result("final", "choice.json"),
         stages_csv=result("final", "stages.csv"),
         stages_md=result("final", "stages.md"),
@@ -200,3 +195,33 @@ rule choose:
     shell:
         "segflow choose --candidates {params.candidates:q} --results-dir {params.results_dir:q}"
         " {params.force} --out-dir {params.out_dir:q} 2> {log:q}"
+
+
+# Apart from choose: a submission-format option reruns this copy, not the choice or the report.
+rule final_submission:
+    input:
+        choice=rules.choose.output.choice,
+        submissions=[
+            result("submission", name, f"round{r}", "submission.csv")
+            for name, r in candidates()
+        ],
+    output:
+        submission=result("final", "submission.csv"),
+    log:
+        result("logs", "final_submission.log"),
+    benchmark:
+        result("benchmarks", "final_submission.tsv")
+    conda:
+        CONDA_ENV
+    threads: rule_threads("final_submission", 1)
+    resources:
+        **job_resources("final_submission", mem_mb=1000, runtime=5),
+    params:
+        code=stage_fingerprint("final-submission"),
+        # results/final/choice.json -> results
+        results_dir=lambda wildcards, input: os.path.dirname(
+            os.path.dirname(input.choice)
+        ),
+    shell:
+        "segflow final-submission --choice {input.choice:q} --results-dir {params.results_dir:q}"
+        " --out {output.submission:q} 2> {log:q}"

@@ -5,7 +5,10 @@ Exact groups are keyed by the md5 of the decoded pixels that ingest recorded, an
 by the perceptual hash it recorded, so byte-identical files and re-encodings of one picture
 (other PNG compression, gray vs RGB-with-equal-channels) land together without decoding
 anything again: dedup is pure table work. Near-duplicates only widen the *fold* groups,
-so near-copies cannot straddle a train/validation split; they never merge labels.
+so near-copies cannot straddle a train/validation split; they never merge labels. That grouping
+(:func:`near_fold_groups`, options :class:`NearDuplicateOptions`) is the folds stage's: the
+items table dedup writes holds only what its readers use (which train items are kept and how),
+so a near-duplicate option reruns make_folds alone, never preprocess or what reads the items.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ class DedupOptions:
         "train on every member of a duplicate group or on its representative only",
         TRAIN_MEMBER_POLICIES,
     )
+
+
+@dataclass(frozen=True)
+class NearDuplicateOptions:
+    """Near-copies in one fold group (config section ``dedup``; read by the folds stage)."""
+
     near_duplicates: bool = option(False, "also group near-copies (perceptual hash) for the folds")
     near_max_distance: int = option(
         4, "largest Hamming distance between 64-bit pHashes of near-copies"
@@ -156,8 +165,7 @@ def find_duplicates(
         group_size, group_n_train, group_n_test, match ('unique'|'bytes'|'pixels'),
         is_representative, masks_agree, train_action ('keep'|'union'|'drop-conflict'|
         'drop-tie'|'drop-minority'|'drop-duplicate'; None for test), use_for_training,
-        leak_train_ids (test items: ';'-joined train ids whose label applies), fold_group,
-        and phash when near-duplicates are on.
+        leak_train_ids (test items: ';'-joined train ids whose label applies).
     """
     for key, valid in (
         ("conflict_policy", CONFLICT_POLICIES),
@@ -209,19 +217,40 @@ def find_duplicates(
         items["exact_group"].map(label_sources).where(items["split"] == "test")
     )
 
-    items["fold_group"] = items["exact_group"]
+    items = items.drop(columns=["_split_order", "md5_bytes", "md5_pixels", "mask_md5"])
+    return items, _summarise(items, options)
+
+
+def near_fold_groups(
+    manifest: pd.DataFrame, items: pd.DataFrame, options: NearDuplicateOptions
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The fold group of every item: its exact group, widened to near-copies when enabled.
+
+    Args:
+        manifest: the ingest manifest (``phash`` column, needed with near-duplicates on).
+        items: dedup's items table (:func:`find_duplicates`).
+        options: whether and how far near-copies are linked.
+
+    Returns:
+        (groups, summary): groups has one row per row of ``items`` (same order): id,
+        exact_group, fold_group (named after an exact group of its members), and phash (16 hex
+        digits) when near-duplicates are on; summary: enabled, max_distance and
+        fold_groups_merged.
+    """
+    groups = items[["id", "exact_group"]].reset_index(drop=True)
+    groups["fold_group"] = groups["exact_group"]
     n_near_links = 0
     if options.near_duplicates:
         if "phash" not in manifest.columns:
             raise SegflowError("the manifest has no phash column; rerun ingest with this version")
         hashes = np.array(
-            [int(h, 16) for h in manifest.set_index("id").loc[items["id"], "phash"]],
+            [int(h, 16) for h in manifest.set_index("id").loc[groups["id"], "phash"]],
             dtype=np.uint64,
         )
-        items["phash"] = [f"{h:016x}" for h in hashes.tolist()]
-        union_find = _UnionFind(len(items))
+        groups["phash"] = [f"{h:016x}" for h in hashes.tolist()]
+        union_find = _UnionFind(len(groups))
         first_of_group: dict[int, int] = {}
-        for index, code in enumerate(pd.factorize(items["exact_group"])[0].tolist()):
+        for index, code in enumerate(pd.factorize(groups["exact_group"])[0].tolist()):
             union_find.union(first_of_group.setdefault(code, index), index)
         # Equal hashes are linked directly; the pair search then runs over distinct hash values
         # only, so a block of identical (e.g. blank) images costs nothing there.
@@ -237,13 +266,17 @@ def find_duplicates(
             if union_find.find(item_a) != union_find.find(item_b):
                 n_near_links += 1
                 union_find.union(item_a, item_b)
-        roots = [union_find.find(index) for index in range(len(items))]
-        items["fold_group"] = items["exact_group"].to_numpy()[roots]
-    items = items.drop(columns=["_split_order", "md5_bytes", "md5_pixels", "mask_md5"])
-    return items, _summarise(items, options, n_near_links)
+        roots = [union_find.find(index) for index in range(len(groups))]
+        groups["fold_group"] = groups["exact_group"].to_numpy()[roots]
+    summary = {
+        "enabled": options.near_duplicates,
+        "max_distance": options.near_max_distance,
+        "fold_groups_merged": n_near_links,
+    }
+    return groups, summary
 
 
-def _summarise(items: pd.DataFrame, options: DedupOptions, n_near_links: int) -> dict[str, Any]:
+def _summarise(items: pd.DataFrame, options: DedupOptions) -> dict[str, Any]:
     duplicated = items[items["group_size"] > 1]
     groups = (
         # A boolean column, not a lambda over "split": with no duplicate group at all, a lambda
@@ -283,11 +316,6 @@ def _summarise(items: pd.DataFrame, options: DedupOptions, n_near_links: int) ->
         "train_actions": {str(k): int(v) for k, v in actions.items()},
         "n_train_used": int(items["use_for_training"].sum()),
         "test_items_with_train_label": int(items["leak_train_ids"].notna().sum()),
-        "near_duplicates": {
-            "enabled": options.near_duplicates,
-            "max_distance": options.near_max_distance,
-            "fold_groups_merged": n_near_links,
-        },
         "largest_groups": [
             {
                 "representative": row.representative,
@@ -320,12 +348,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- train items used: {summary['n_train_used']} "
         f"({', '.join(f'{k}: {v}' for k, v in summary['train_actions'].items())})",
     ]
-    near = summary["near_duplicates"]
-    if near["enabled"]:
-        lines.append(
-            f"- near-duplicates (pHash distance <= {near['max_distance']}): "
-            f"{near['fold_groups_merged']} fold-group merges"
-        )
     if summary["largest_groups"]:
         lines += ["", "| representative | size | train | test | match |", "|---|---|---|---|---|"]
         lines += [

@@ -3,6 +3,8 @@
 Empty masks are their own stratum, non-empty masks are binned by coverage quantiles, and every
 member of a (near-)duplicate group lands in the same fold, so no copy of a validation image is
 ever trained on. The assignment is a persisted artifact, identical on rerun for the same seed.
+The near-duplicate grouping (config ``dedup.near_*``) is done here, on dedup's exact groups and
+ingest's perceptual hashes (:func:`segflow.data.dedup.near_fold_groups`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_stage_tables, stage_log
+from segflow.data.dedup import NearDuplicateOptions, near_fold_groups
 
 
 @dataclass(frozen=True)
@@ -75,23 +78,28 @@ def _fill_empty_folds(fold: np.ndarray, groups: np.ndarray, n_folds: int) -> Non
 
 
 def make_folds(
-    manifest: pd.DataFrame, dedup_items: pd.DataFrame, options: FoldOptions
+    manifest: pd.DataFrame,
+    dedup_items: pd.DataFrame,
+    options: FoldOptions,
+    near: NearDuplicateOptions | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Assign every train item used for training to one of K folds.
 
     Args:
-        manifest: the ingest manifest (mask coverage).
-        dedup_items: the dedup items (use_for_training, fold_group, exact_group, train_action).
+        manifest: the ingest manifest (mask coverage; perceptual hashes with near-duplicates).
+        dedup_items: the dedup items (use_for_training, exact_group, train_action).
         options: K, seed and coverage bins.
+        near: near-copies in one fold group (default: exact duplicate groups only).
 
     Returns:
-        (folds, summary): folds has columns id, fold, group, stratum, coverage (sorted by id).
+        (folds, summary): folds has columns id, fold, group, stratum, coverage (sorted by id);
+        the summary's ``near_duplicates`` says how many fold groups near-copies merged.
     """
     if options.n_folds < 2:
         raise SegflowError(f"folds.n_folds must be >= 2, got {options.n_folds}")
-    used = dedup_items[dedup_items["use_for_training"]][
-        ["id", "fold_group", "exact_group", "train_action"]
-    ]
+    groups, near_summary = near_fold_groups(manifest, dedup_items, near or NearDuplicateOptions())
+    items = dedup_items.reset_index(drop=True).assign(fold_group=groups["fold_group"])
+    used = items[items["use_for_training"]][["id", "fold_group", "exact_group", "train_action"]]
     coverage = manifest.set_index("id")["mask_coverage"]
     used = used.assign(coverage=coverage.loc[used["id"]].to_numpy())
     # Union-labelled members carry the group's union mask: approximate its coverage by the max.
@@ -123,7 +131,7 @@ def make_folds(
             "coverage": used["coverage"].round(6),
         }
     )
-    return folds, _summarise(folds, options)
+    return folds, {**_summarise(folds, options), "near_duplicates": near_summary}
 
 
 def _summarise(folds: pd.DataFrame, options: FoldOptions) -> dict[str, Any]:
@@ -146,6 +154,7 @@ def _summarise(folds: pd.DataFrame, options: FoldOptions) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow folds``' flags."""
     add_dataclass_arguments(parser, FoldOptions)
+    add_dataclass_arguments(parser, NearDuplicateOptions)
     add_stage_tables(parser)
     parser.add_argument("--out-folds", required=True, help="folds CSV to write")
     parser.add_argument("--out-summary", required=True, help="summary JSON to write")
@@ -154,15 +163,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """``segflow folds``: write folds.csv and its summary."""
     options = dataclass_from_namespace(FoldOptions, args)
+    near = dataclass_from_namespace(NearDuplicateOptions, args)
     folds, summary = make_folds(
         read_table(args.manifest, "manifest"),
         read_table(args.dedup_items, "dedup items"),
         options,
+        near,
     )
     write_csv(args.out_folds, folds)
-    write_json(
-        args.out_summary, with_provenance(summary, stage_provenance(options, seed=options.seed))
-    )
+    block = stage_provenance(options, seed=options.seed)
+    write_json(args.out_summary, with_provenance(summary, block))
     stage_log.info(
         "%d items in %d folds: %s per fold",
         summary["n_items"],

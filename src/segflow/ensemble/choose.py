@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from segflow.artifacts import layout
 from segflow.artifacts.layout import candidate_dir
 from segflow.artifacts.predictions import Prediction, nonempty_probs, read_oof
 from segflow.artifacts.truths import class_truths, mask_sources, original_truths
-from segflow.core.atomic import atomic_path, write_csv, write_json, write_text
+from segflow.core.atomic import write_csv, write_json, write_text
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import stage_log
@@ -227,7 +226,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """``segflow choose``: copy the chosen submission; write the stage table and choice."""
+    """``segflow choose``: write the stage table and the choice (final-submission copies the
+    chosen submission)."""
     pairs = []
     for text in args.candidates:
         name, _, round_ = text.partition(":")
@@ -237,8 +237,6 @@ def run(args: argparse.Namespace) -> None:
     chosen = choose_candidate(table, args.force)
     source = layout.submission_csv(results, chosen["candidate"], chosen["round"])
     out = Path(args.out_dir)
-    with atomic_path(out / "submission.csv") as tmp:
-        shutil.copyfile(source, tmp)
     table["chosen"] = (table["candidate"] == chosen["candidate"]) & (
         table["round"] == chosen["round"]
     )
