@@ -53,7 +53,7 @@ def test_touch_keeps_the_stamp_and_new_bytes_change_it(tmp_path: Path, cached: b
     folder = make_folder(tmp_path)
     table = tmp_path / "train.csv"
     table.write_text("id,rle_mask\n")
-    cache = tmp_path / "results" / ".cache" / "data_stamp.json" if cached else None
+    cache = tmp_path / ".snakemake" / "segflow" / "data_stamp.json" if cached else None
     before = data_stamp(folder, table, tmp_path / "absent", cache=cache)
     shift_times(folder / "a.png")
     shift_times(table)
@@ -106,7 +106,7 @@ def test_a_rewrite_that_puts_the_old_time_back_still_changes_the_stamp(
 
 def test_the_cache_spares_reading_unchanged_files(tmp_path: Path, count_reads: list[Path]) -> None:
     folder = make_folder(tmp_path)
-    cache = tmp_path / "results" / ".cache" / "data_stamp.json"
+    cache = tmp_path / ".snakemake" / "segflow" / "data_stamp.json"
     first = data_stamp(folder, cache=cache)
     assert sorted(count_reads) == sorted([folder / "a.png", folder / "sub" / "b.png"])
     entries = json.loads(cache.read_text())["files"]

@@ -414,9 +414,11 @@ def ingest_inputs(wildcards):
 
 def data_stamp(wildcards):
     """A hash of the data files' contents (files overwritten in place included; times left
-    out), with the per-file hashes cached under the results folder. The demo folder gives
-    "demo" while it holds what generate_demo_data wrote (segflow.core.data_stamp)."""
-    cache = os.path.join(RESULTS, ".cache", CACHE_NAME)
+    out). The per-file hashes are cached next to Snakemake's own record of this param, in the
+    working directory's .snakemake/ (results/ holds artifacts only, and results folders are
+    compared and shared). The demo folder gives "demo" while it holds what generate_demo_data
+    wrote (segflow.core.data_stamp)."""
+    cache = os.path.join(".snakemake", "segflow", CACHE_NAME)
     if DEMO["enabled"]:
         options = {k: v for k, v in DEMO.items() if k not in ("enabled", "out_dir")}
         return demo_stamp(DEMO["out_dir"], options, cache=cache)

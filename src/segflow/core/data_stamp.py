@@ -5,10 +5,12 @@ is added, removed or renamed but not when one is overwritten in place, and a fil
 own modification time, which ``touch`` or a copy moves without changing a byte. The ingest rule
 therefore carries :func:`data_stamp`: a sha256 over every data file's relative path and the
 sha256 of its bytes. Different bytes under the same name rerun ingest; the same bytes with a new
-time (``touch``, ``cp``, a restore from backup) rerun nothing.
+time (``touch``, ``cp``, a restore from backup) rerun nothing (the workflow marks the user's data
+inputs ``ancient``, so Snakemake does not compare their times either).
 
 Reading every image at every ``snakemake`` call would be slow on a large dataset, so each file's
-content hash is cached in a JSON file (:data:`CACHE_NAME`, under the results folder), keyed by the
+content hash is cached in a JSON file (:data:`CACHE_NAME`; the workflow keeps it in the working
+directory's ``.snakemake/segflow/``, beside Snakemake's record of the stamp), keyed by the
 file's absolute path, size, modification time, status-change time (ctime) and inode: an unchanged
 folder costs one ``stat`` per file. ctime cannot be set by a program, so a rewrite that puts the
 old modification time back (``cp -p``, ``rsync -t``, ``touch -d``) still misses the cache and is
