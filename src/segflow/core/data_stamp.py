@@ -20,7 +20,7 @@ never a wrong stamp.
 Hidden entries (names starting with ``.``, e.g. Snakemake's ``.snakemake_timestamp``, macOS
 ``._*`` files) are left out, as ingest skips them. A dangling symlink, a file that cannot be
 read and anything that is not a regular file (a FIFO) count by name with a marker instead of a
-content hash: the stamp never fails or blocks; ingest reports the entry.
+content hash: the stamp never fails or blocks (ingest skips such an entry with a warning).
 
 The demo folder is written by the workflow itself (rule generate_demo_data), which also writes
 :data:`CONTENT_LIST` there: each generated file's content hash (:func:`write_content_list`).
