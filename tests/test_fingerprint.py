@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segflow.core.errors import SegflowError
-from segflow.core.fingerprint import code_fingerprint, folder_stamp, module_closure, package_root
+from segflow.core.fingerprint import code_fingerprint, module_closure, package_root
 from segflow.stages import stage_fingerprint, stage_modules
 
 STAGE_MODULES = stage_modules()
@@ -93,20 +93,6 @@ def test_every_rule_command_has_a_fingerprint() -> None:
     assert commands == fingerprinted == set(STAGE_MODULES) - {"summary"}
     with pytest.raises(KeyError, match="valid: demo-data"):
         stage_fingerprint("bogus")
-
-
-def test_folder_stamp_sees_files_overwritten_in_place(tmp_path: Path) -> None:
-    folder = tmp_path / "images"
-    (folder / "sub").mkdir(parents=True)
-    (folder / "a.png").write_bytes(b"one")
-    (folder / "sub" / "b.png").write_bytes(b"two")
-    before = folder_stamp(folder, tmp_path / "absent")
-    assert before == folder_stamp(folder, tmp_path / "absent")
-    folder_mtime = folder.stat().st_mtime_ns
-    (folder / "a.png").write_bytes(b"ONE!")  # the folder's own mtime does not move
-    assert folder.stat().st_mtime_ns == folder_mtime
-    assert folder_stamp(folder, tmp_path / "absent") != before
-    assert folder_stamp(tmp_path / "absent") != folder_stamp(tmp_path / "other-absent")
 
 
 def test_budget_code_reaches_training_only_through_the_plan() -> None:

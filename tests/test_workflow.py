@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -433,9 +434,10 @@ def test_editing_stacking_code_reruns_stacking_but_not_training(
     assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack"} <= set(edited_everywhere)
 
 
-def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_path: Path) -> None:
+def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None:
     """A user's dataset (not the generated demo): a file overwritten in place leaves its
-    folder's modification time alone, so only the data stamp param can notice it."""
+    folder's modification time alone, so only the data stamp param can notice it; a file
+    touched (same bytes, new time) reruns nothing."""
     workdir = copy_workflow(tmp_path / "user")
     generate_demo_data(workdir / "mydata", DemoDataOptions(n_train=60, n_test=20, seed=5))
     user_data = {
@@ -452,8 +454,12 @@ def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_pat
     config = write_config(workdir, "user.yaml", user_data)
     target = "results/folds/folds.csv"
     run_snakemake(workdir, target, "--configfile", config)
-    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
+    assert (workdir / ".snakemake" / "segflow" / "data_stamp.json").is_file()  # the hash cache
     image_path = sorted((workdir / "mydata" / "train" / "images").glob("*.png"))[0]
+    for touched in (image_path, workdir / "mydata" / "train.csv"):
+        later = touched.stat().st_mtime + 100
+        os.utime(touched, (later, later))  # `touch`: same bytes, new time
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
     image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
     cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
     assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
@@ -461,6 +467,29 @@ def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_pat
         "dedup": 1,
         "make_folds": 1,
     }
+
+
+def test_editing_a_demo_image_in_place_reruns_from_ingest(tmp_path: Path) -> None:
+    """The demo folder is the workflow's own output: its content list (contents.json) keeps the
+    stamp "demo" after a generation; a user's edit in place (same name, other pixels) reruns
+    ingest once, a touch reruns nothing."""
+    workdir = copy_workflow(tmp_path / "demo-edit")
+    config = write_config(workdir, "small.yaml", SMALL_DEMO)
+    target = "results/folds/folds.csv"
+    run_snakemake(workdir, target, "--configfile", config)
+    image_path = sorted((workdir / "resources" / "demo" / "train" / "images").glob("*.png"))[0]
+    later = image_path.stat().st_mtime + 100
+    os.utime(image_path, (later, later))
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
+    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(image_path), 255 - image)
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
+        "ingest_dataset": 1,
+        "dedup": 1,
+        "make_folds": 1,
+    }
+    run_snakemake(workdir, target, "--configfile", config)
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}  # stable
 
 
 def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(

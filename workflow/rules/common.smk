@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from segflow.artifacts.layout import candidate_dir
 from segflow.core.config_check import check_config
 from segflow.model.experiment import check_init_from
-from segflow.core.fingerprint import folder_stamp
+from segflow.core.data_stamp import CACHE_NAME, data_stamp as content_stamp, demo_stamp
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
 from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
@@ -409,21 +409,29 @@ def check_cluster_rules():
         )
 
 
+DATA_KEYS = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
+
+
 def ingest_inputs(wildcards):
-    """The dataset itself: the demo folder (built by generate_demo_data) or the user's paths."""
+    """The dataset itself: the demo folder (built by generate_demo_data) or the user's paths.
+    The user's paths are `ancient`: their modification times rerun nothing (a `touch`, a copy),
+    their contents do, through `data_stamp`."""
     if DEMO["enabled"]:
         return {"dataset": DEMO["out_dir"]}
-    keys = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
-    return {key: DATA[key] for key in keys if DATA.get(key)}
+    return {key: ancient(DATA[key]) for key in DATA_KEYS if DATA.get(key)}
 
 
 def data_stamp(wildcards):
-    """A stamp of the user's data folders (files overwritten in place included); none for the
-    demo, whose folder is this workflow's own output and tracked as such."""
+    """A hash of the data files' contents (files overwritten in place included; times left
+    out). The per-file hashes are cached next to Snakemake's own record of this param, in the
+    working directory's .snakemake/ (results/ holds artifacts only, and results folders are
+    compared and shared). The demo folder gives "demo" while it holds what generate_demo_data
+    wrote (segflow.core.data_stamp)."""
+    cache = os.path.join(".snakemake", "segflow", CACHE_NAME)
     if DEMO["enabled"]:
-        return "demo"
-    keys = ("train_images", "test_images", "train_masks")
-    return folder_stamp(*(DATA[key] for key in keys if DATA.get(key)))
+        options = {k: v for k, v in DEMO.items() if k not in ("enabled", "out_dir")}
+        return demo_stamp(DEMO["out_dir"], options, cache=cache)
+    return content_stamp(*(DATA[key] for key in DATA_KEYS if DATA.get(key)), cache=cache)
 
 
 def experiment_json(wildcards):
@@ -456,13 +464,7 @@ def check_demo_paths():
     if not DEMO["enabled"]:
         return
     root = Path(DEMO["out_dir"]).resolve()
-    for key in (
-        "train_images",
-        "test_images",
-        "train_masks",
-        "rle_csv",
-        "metadata_csv",
-    ):
+    for key in DATA_KEYS:
         value = DATA.get(key)
         if value and root not in Path(value).resolve().parents:
             raise ValueError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import os
 from functools import cache
 from pathlib import Path
 
@@ -127,36 +126,3 @@ def code_fingerprint(*entries: str, root: Path | None = None, exclude: tuple[str
     """
     root = package_root() if root is None else Path(root)
     return _cached_fingerprint(tuple(sorted(entries)), str(root.resolve()), tuple(sorted(exclude)))
-
-
-def folder_stamp(*paths: str | os.PathLike[str]) -> str:
-    """A short hash of what is in the given folders (and files): every file's relative path,
-    size and modification time.
-
-    Snakemake compares a folder input by the folder's own modification time, which changes when
-    a file is added, removed or renamed, but not when one is overwritten in place. Carried as a
-    rule param, this stamp catches that too (a user copying a corrected image over the old one).
-    Sizes and times, not contents, as Snakemake does for files: no image is read.
-
-    Args:
-        paths: folders or files; a missing one counts as missing.
-
-    Returns:
-        16 hex characters.
-    """
-    digest = hashlib.sha256()
-    for raw in paths:
-        path = Path(raw)
-        digest.update(str(raw).encode() + b"\0")
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-        else:
-            digest.update(b"missing\0")
-            continue
-        for file in files:
-            stat = file.stat()
-            relative = file.relative_to(path) if file != path else Path(file.name)
-            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    return digest.hexdigest()[:DIGEST_CHARS]
