@@ -243,7 +243,13 @@ class _Collector(ast.NodeVisitor):
             self._bind(alias.asname or alias.name, target)
 
     def visit_Name(self, node: ast.Name) -> None:
-        self.unit.references.add((node.id, ()))
+        if not isinstance(node.ctx, ast.Store):  # a name bound here is no use of a definition
+            self.unit.references.add((node.id, ()))
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        if isinstance(node.target, ast.Name):  # `x += 1` reads x
+            self.unit.references.add((node.target.id, ()))
+        self.generic_visit(node)
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         attributes: list[str] = []
@@ -572,7 +578,7 @@ class _Reach:
                 parsed = self._load(name)
                 if parsed is not None:
                     stack.extend(parsed.top.imported)
-                    if parsed.side_effects:
+                    if parsed.side_effects or parsed.registering:
                         self._touch(name)
             if not self.pending:
                 return
