@@ -18,9 +18,13 @@ segflow definition it means, and that definition is hashed and followed in turn:
   re-exports (``y`` imported into the module that is imported from);
 * the module-level statements of every module one of whose definitions is hashed (constants,
   registries such as ``LOSSES = {...}``, ``if`` and ``try`` blocks, the imports themselves) are
-  always hashed and followed, and so are those of a module the stage imports, even without using
-  any of its definitions, whose module level has side effects (a bare call such as
-  ``os.environ.setdefault(...)``, or an assignment to an attribute or an item);
+  always hashed and followed;
+* importing a module runs its module level: a module that hashed code imports (directly, or
+  through the module-level imports of what it imports) counts even when none of its definitions
+  is used if its module level has side effects (a bare call such as
+  ``os.environ.setdefault(...)``, an assignment to an attribute or an item, a loop) or decorates
+  a definition with segflow code (which may register it somewhere); such decorated definitions
+  are hashed whenever their module is;
 * where a use cannot be resolved to one definition, the whole module counts (all its
   definitions, followed): a module object used other than as ``module.name`` (``getattr(module,
   name)``, passed as a value), a name the module does not define at top level, ``from segflow.x
@@ -40,7 +44,8 @@ annotations`` (they are strings there, never evaluated); class-body annotations,
 Not promised: a behaviour change that reaches a stage only through a dynamic lookup that this
 analysis does not see (a name built at run time and looked up in another module's globals by a
 module that is not counted whole), nor a side effect hidden in a module-level assignment's value
-of a module whose definitions the stage never uses. A new Python version may change
+of a module whose definitions the stage never uses, nor a docstring read at run time through
+``__doc__``. A new Python version may change
 ``ast.dump`` and so every fingerprint (everything reruns once).
 
 ``segflow/cli.py``, ``segflow/__main__.py`` and ``segflow/stages.py`` (the table of
