@@ -419,19 +419,61 @@ def test_an_unchanged_folds_csv_reruns_nothing_after_it(demo_run: Path) -> None:
     assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS) == {}
 
 
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as module:
+        module.write(text)
+
+
 def test_editing_stacking_code_reruns_stacking_but_not_training(
     demo_run: Path, tmp_path: Path
 ) -> None:
     """snakemake#1694: package code the rule calls, not only the rule's own code, must count."""
     src = tmp_path / "src"
     shutil.copytree(REPO_ROOT / "src" / "segflow", src / "segflow")
-    with (src / "segflow" / "ensemble" / "stacking" / "features.py").open("a") as module:
-        module.write("\n# an edit of a module only the stacking stage uses\n")
+    features = src / "segflow" / "ensemble" / "stacking" / "features.py"
+    _append(features, "\n# a comment changes nothing the code does\n")
+    assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src) == {}
+    # A real edit of a module only the stacking stage uses.
+    _append(features, "\nEDITED = True\n")
     assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src) == STACK_ONLY
-    with (src / "segflow" / "core" / "errors.py").open("a") as module:
-        module.write("\n# every stage raises SegflowError\n")
+    _append(src / "segflow" / "core" / "errors.py", "\nEDITED = True  # every stage\n")
     edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
     assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack"} <= set(edited_everywhere)
+
+
+def test_code_edits_rerun_the_stages_that_run_that_code_only(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    """Comments, docstrings and formatting rerun nothing; a real edit reruns the stages whose
+    code reaches it (segflow.core.fingerprint), not every stage that imports its module."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO_ROOT / "src" / "segflow", src / "segflow")
+    tta = src / "segflow" / "model" / "inference" / "tta.py"
+    original = tta.read_text()
+
+    def plan() -> dict[str, int]:
+        return planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
+
+    tta.write_text(original.replace("\ndef ", "\n# a comment\n\n\ndef ") + "\n# the end\n")
+    assert plan() == {}
+    docstring = original.replace('"""', '"""Reworded: ', 1)
+    tta.write_text(docstring.replace('    """', '    """Reworded. ', 1))
+    assert docstring != original and plan() == {}
+    tta.write_text(original + "\nEDITED = True\n")
+    jobs = plan()
+    assert {"predict_oof", "predict_test", "evaluate_oof", "blend", "stack", "choose"} <= set(jobs)
+    assert not {"train_fold", "make_folds", "ingest_dataset"} & set(jobs)
+    tta.write_text(original)
+    assert plan() == {}
+    # Provenance blocks are written by the stages' own code: a change of them reruns the data
+    # stages (their summaries carry one).
+    provenance = src / "segflow" / "core" / "provenance.py"
+    provenance.write_text(
+        provenance.read_text().replace(
+            '"config_hash": config_hash}', '"config_hash": str(config_hash)}'
+        )
+    )
+    assert {"ingest_dataset", "dedup", "make_folds"} <= set(plan())
 
 
 def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None:

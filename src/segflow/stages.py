@@ -2,8 +2,8 @@
 
 Each stage module exposes ``add_arguments(parser)`` and ``run(args)`` next to its logic;
 :mod:`segflow.cli` builds one sub-command per row, and the code fingerprint of a stage
-(:func:`stage_fingerprint`, the ``params.code`` of its Snakemake rules) hashes that module and
-every segflow module it imports. One name per stage: the sub-command, its rule (``-`` -> ``_``),
+(:func:`stage_fingerprint`, the ``params.code`` of its Snakemake rules) hashes the segflow code
+that its ``run`` and ``add_arguments`` reach (:mod:`segflow.core.fingerprint`). One name per stage: the sub-command, its rule (``-`` -> ``_``),
 its module and its test file (``tests/test_<module>.py``).
 
 This table (no imports but the fingerprint's) is not part of any fingerprint, like the
@@ -27,7 +27,7 @@ class Stage:
         module: the module with its ``add_arguments`` and ``run``.
         help: one line for ``segflow --help``.
         fingerprint: the modules its code fingerprint starts from (default: ``module``).
-        not_fingerprinted: modules left out of the fingerprint with what only they import:
+        not_fingerprinted: modules left out of the fingerprint with what only they reach:
             code whose effect reaches the stage through a file that another stage writes.
     """
 
