@@ -406,6 +406,7 @@ PRE_QUOTED = {
     "params.force": "submit_flag",
     "params.budget": "budget_flags",
     "params.resolution": "resolution_flags",
+    "params.near": "near_duplicate_flags",
 }
 
 
