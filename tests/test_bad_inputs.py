@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -723,6 +724,60 @@ def test_test_folder_without_images_is_refused(
     )
     _, summary = _accepted(capfd, _ingest_argv(root, out), out)
     assert (summary["n_train"], summary["n_test"]) == (3, 0)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("link", ["dangling", "loop", "dangling-outside-root"])
+def test_broken_or_looping_symlink_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], split: str, link: str
+) -> None:
+    # An un-fetched git-annex file is a dangling link: skipped, its id would silently be
+    # missing from the test set (and the submission) or the training data.
+    root = _dataset(tmp_path / "data")
+    test = root / "test"
+    _write(test / "t.png", _gray(7))
+    folder = _images(root) if split == "train" else test
+    bad = folder / "d.png"
+    if link == "dangling":
+        target = Path(".git/annex/objects/Xk/d.png")
+    elif link == "loop":  # d.png -> e.png -> d.png
+        target = Path("e.png")
+        (folder / "e.png").symlink_to("d.png")
+    else:  # must not get past the outside-root check by being skipped
+        target = tmp_path / "elsewhere" / "d.png"
+    bad.symlink_to(target)
+    out = tmp_path / "out"
+    kind = "symlink loop" if link == "loop" else "broken symlink"
+    argv = _ingest_argv(root, out, "--test-images", str(test))
+    _refused(capfd, argv, out, f"{folder.resolve() / 'd.png'}: {split} image is a {kind}")
+    # A broken link among the masks is refused the same way.
+    bad.unlink()
+    (folder / "e.png").unlink(missing_ok=True)
+    (_masks(root) / "c.png").unlink()
+    (_masks(root) / "c.png").symlink_to(target)
+    _refused(capfd, argv, out, f"{_masks(root).resolve() / 'c.png'}: train mask is a")
+
+
+def test_fifo_and_socket_are_skipped_and_named_as_what_they_are(
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = _dataset(tmp_path / "data")
+    os.mkfifo(_images(root) / "pipe.png")  # never opened: reading it would block ingest
+    monkeypatch.chdir(_images(root))  # a socket path may have at most ~100 characters
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("sock.png")
+        out = tmp_path / "out"
+        with caplog.at_level(logging.WARNING, logger="segflow.data.ingest"):
+            manifest, summary = _accepted(capfd, _ingest_argv(root, out), out)
+    assert sorted(manifest.index) == ["a", "b", "c"]
+    assert summary["skipped_files"]["train"] == {"count": 2, "examples": ["pipe.png", "sock.png"]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{_images(root)}: skipped 2 entries (e.g. pipe.png (a FIFO), sock.png (a socket))"
+    ]
 
 
 def test_dicom_without_pixel_data_is_refused(

@@ -13,7 +13,10 @@ hold one ``|``-separated part per class and the ``mask_classes`` column names th
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,12 +192,14 @@ def list_images(
             None: the folder itself.
 
     Returns:
-        (id -> path, names of the skipped entries): hidden files, folders and files that are
-        not images by extension or DICOM magic.
+        (id -> path, names of the skipped entries): hidden entries, folders, FIFOs, sockets,
+        devices and files that are not images by extension or DICOM magic; the warning says
+        which each is.
 
     Raises:
         SegflowError: missing folder, no images (unless allowed), two files sharing a stem, a
-            file name that is not UTF-8, or a folder or symlink resolving outside ``root``.
+            file name that is not UTF-8, a folder or symlink resolving outside ``root``, or a
+            broken (dangling) or looping symlink.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -208,15 +213,22 @@ def list_images(
             f"{role} folder {folder} resolves to {resolved}, outside data.data_root {root}"
         )
     found: dict[str, Path] = {}
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []  # (name, what it is)
     for path in sorted(resolved.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            skipped.append(_printable(path.name))
+        if path.name.startswith("."):
+            skipped.append((_printable(path.name), "hidden"))
+            continue
+        # A broken or looping link is checked before anything else: is_file() is False for
+        # it, so it would be skipped as "not an image" and its item silently left out (an
+        # un-fetched git-annex file is such a link).
+        mode = _entry_mode(path, role)
+        if not stat.S_ISREG(mode):  # a folder, FIFO, socket or device: never opened
+            skipped.append((_printable(path.name), _kind_of_entry(mode)))
             continue
         if path.is_symlink():  # checked before image_kind, which may open the file
             _check_inside(path, root, role)
         if image_kind(path) is None:
-            skipped.append(_printable(path.name))
+            skipped.append((_printable(path.name), _NOT_AN_IMAGE))
             continue
         try:
             path.name.encode("utf-8")
@@ -235,10 +247,10 @@ def list_images(
         found[item_id] = path
     if skipped:
         log.warning(
-            "%s: skipped %d entries that are not image files (e.g. %s)",
+            "%s: skipped %d entries (e.g. %s)",
             folder,
             len(skipped),
-            ", ".join(skipped[:5]),
+            ", ".join(f"{name} ({kind})" for name, kind in skipped[:5]),
         )
     if not found and not allow_empty:
         hint = (
@@ -247,7 +259,48 @@ def list_images(
             else ""
         )
         raise SegflowError(f"{role} folder {folder} contains no images{hint}")
-    return found, skipped
+    return found, [name for name, _ in skipped]
+
+
+_NOT_AN_IMAGE = "not an image file"
+# What list_images skips besides files without an image extension, by file type.
+_ENTRY_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _entry_mode(path: Path, role: str) -> int:
+    """The file type bits of a folder entry, following symlinks.
+
+    Raises:
+        SegflowError: a symlink whose target is missing (a dangling link, e.g. git-annex
+            content not fetched) or a symlink loop, naming the link.
+    """
+    try:
+        return path.stat().st_mode
+    except OSError as error:
+        name = _printable(str(path))
+        if error.errno == errno.ELOOP:
+            raise SegflowError(
+                f"{name}: {role} is a symlink loop (it links to {_printable(os.readlink(path))}, "
+                "which leads back to it); fix or remove the link"
+            ) from None
+        if path.is_symlink() and error.errno == errno.ENOENT:
+            raise SegflowError(
+                f"{name}: {role} is a broken symlink (its target "
+                f"{_printable(os.readlink(path))} does not exist; with git-annex: git annex "
+                "get); fix or remove the link"
+            ) from None
+        raise SegflowError(f"{name}: cannot read {role} ({error.strerror or error})") from None
+
+
+def _kind_of_entry(mode: int) -> str:
+    """What a folder entry that is not a regular file is, for the skip warning."""
+    return next((kind for test, kind in _ENTRY_KINDS if test(mode)), "not a regular file")
 
 
 def _check_id_is_a_name(item_id: str, where: str) -> None:
