@@ -872,8 +872,20 @@ def test_negative_max_pixels_is_refused(tmp_path: Path, capfd: pytest.CaptureFix
             {"folds": {"n_folds": 2.5}},
             "invalid config: folds.n_folds: 2.5 is not of type 'integer'",
         ),
+        (  # no rule's {experiment} wildcard matches it: was a MissingInputException
+            {"experiments": {"my exp": {"model": {"arch": "FPN"}}}, "run_experiments": ["my exp"]},
+            "experiments.my exp: the experiment name 'my exp' may contain only letters, digits, "
+            "'_', '.' and '-' and may not be '.' or '..' (it names result folders and rule "
+            "wildcards); rename it here and in run_experiments",
+        ),
+        (
+            {"experiments": {"a/b": {"model": {"arch": "FPN"}}}},
+            "experiments.a/b: the experiment name 'a/b' may contain only letters, digits, '_', "
+            "'.' and '-' and may not be '.' or '..' (it names result folders and rule "
+            "wildcards); rename it here",
+        ),
     ],
-    ids=["typo", "wrong-type", "float-for-int"],
+    ids=["typo", "wrong-type", "float-for-int", "experiment-name-space", "experiment-name-path"],
 )
 def test_config_typo_and_wrong_type_stop_the_dry_run_naming_the_key(
     tmp_path: Path, override: dict, message: str
