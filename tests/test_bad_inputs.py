@@ -884,8 +884,20 @@ def test_negative_max_pixels_is_refused(tmp_path: Path, capfd: pytest.CaptureFix
             "'.' and '-' and may not be '.' or '..' (it names result folders and rule "
             "wildcards); rename it here",
         ),
+        (  # an option the term does not have: the valid ones are listed
+            {"experiments": {"unet_lite0": {"loss": {"dice": {"weight": 1, "per_image": True}}}}},
+            "invalid config: unknown key experiments.unet_lite0.loss.dice.per_image (valid: "
+            "weight, log_loss, smooth)",
+        ),
     ],
-    ids=["typo", "wrong-type", "float-for-int", "experiment-name-space", "experiment-name-path"],
+    ids=[
+        "typo",
+        "wrong-type",
+        "float-for-int",
+        "experiment-name-space",
+        "experiment-name-path",
+        "loss-option",
+    ],
 )
 def test_config_typo_and_wrong_type_stop_the_dry_run_naming_the_key(
     tmp_path: Path, override: dict, message: str
@@ -898,6 +910,43 @@ def test_config_typo_and_wrong_type_stop_the_dry_run_naming_the_key(
     assert message in output.splitlines(), output[-3000:]
     assert "Failed validating" not in output  # not snakemake's hundred-line schema dump
     assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (
+            {"lovasz": {"per_image": True}},
+            "experiments.x.loss.lovasz.weight: missing; a term given as a mapping needs its weight",
+        ),
+        (
+            {"dice": {"weight": 1, "per_image": True}},
+            "experiments.x.loss.dice.per_image: unknown option; valid for dice: weight, "
+            "log_loss, smooth",
+        ),
+        (
+            {"lovasz": {"weight": 1, "per_image": "yes"}},
+            "experiments.x.loss.lovasz.per_image: must be true or false, got 'yes'",
+        ),
+        (
+            {"bce": {"weight": 1, "pos_weight": {"salt": 2}}},
+            "experiments.x.loss.bce.pos_weight: must be a number > 0, or a list of them",
+        ),
+    ],
+    ids=["no-weight", "unsupported-option", "wrong-type", "dict-value"],
+)
+def test_loss_term_with_bad_options_stops_segflow_train_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], loss: dict, message: str
+) -> None:
+    # Refused while the experiment is parsed, before any data is read or model built.
+    arrays = tmp_path / "arrays"
+    arrays.mkdir()
+    (arrays / "stats.json").write_text(json.dumps({"channels": 1}))
+    out = tmp_path / "out"
+    argv = ["train", "--arrays-dir", str(arrays), "--folds", str(tmp_path / "folds.csv")]
+    argv += ["--experiment", json.dumps({"loss": loss}), "--name", "x", "--fold", "0"]
+    argv += ["--out-dir", str(out), "--resume-dir", str(tmp_path / "resume")]
+    _refused(capfd, argv, out, message)
 
 
 # --------------------------------------------------------------------------- manifest paths
