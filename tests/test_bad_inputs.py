@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import struct
 import zlib
@@ -36,7 +37,7 @@ from PIL import Image
 
 from segflow import cli
 from segflow.core import parallel
-from segflow.formats.imageio import decode_image, pixel_md5
+from segflow.formats.imageio import decode_image, mask_md5, pixel_md5
 
 H, W = 6, 8  # every small image and mask
 
@@ -482,6 +483,68 @@ def test_mask_with_one_foreground_value_of_any_level_is_binary(
     assert manifest.loc["a", "mask_coverage"] == pytest.approx(_mask(0).mean())
 
 
+@pytest.mark.parametrize(
+    "palette", [[0, 0, 0, 255, 0, 0], [255, 255, 255, 0, 0, 0]], ids=["red", "inverted"]
+)
+def test_palette_mask_is_read_as_its_indices(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], palette: list[int]
+) -> None:
+    # Index 1 drawn red was refused for "differing colour channels"; an inverted palette
+    # (index 0 white) silently swapped foreground and background.
+    root = _dataset(tmp_path / "data")
+    image = Image.fromarray(_mask(0), "P")
+    image.putpalette(palette)
+    image.save(_masks(root) / "a.png")
+    out = tmp_path / "out"
+    manifest, _ = _accepted(capfd, _ingest_argv(root, out), out)
+    assert manifest.loc["a", "mask_md5"] == mask_md5(_mask(0))
+    # More than two indices is refused, naming them as indices.
+    indices = _mask(0)
+    indices[1, 1] = 2
+    image = Image.fromarray(indices, "P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    image.save(_masks(root) / "a.png")
+    shutil.rmtree(out)
+    _refused(
+        capfd,
+        _ingest_argv(root, out),
+        out,
+        f"{_masks(root).resolve() / 'a.png'}: mask has 3 distinct palette indices (0, 1, 2)",
+    )
+
+
+def _jpeg_with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of ``pixels`` (as stored) with an EXIF Orientation tag in an APP1 segment."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()
+    stored = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    return stored[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + stored[2:]
+
+
+def test_jpeg_exif_orientation_is_applied_to_image_and_counted(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A phone photo stored landscape with orientation 6 (shown turned 90 degrees clockwise) and
+    # its mask drawn on the picture as shown: read unrotated, the two did not even match in size.
+    root = _dataset(tmp_path / "data", ids=("a", "b"))
+    stored = _gray(5)
+    path = _images(root) / "c.jpg"
+    path.write_bytes(_jpeg_with_orientation(stored, 6))
+    raw = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+    shown_mask = np.rot90(_mask(5), -1)  # W x H
+    _write(_masks(root) / "c.png", shown_mask * 255)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="segflow.data.ingest"):
+        manifest, summary = _accepted(capfd, _ingest_argv(root, out), out)
+    assert manifest.loc["c", ["height", "width"]].tolist() == [W, H]
+    assert manifest.loc["c", "md5_pixels"] == pixel_md5(np.rot90(raw, -1))
+    assert manifest.loc["c", "mask_md5"] == mask_md5(shown_mask)
+    assert summary["images_with_exif_orientation"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("1 images (e.g. ") and "EXIF orientation" in w for w in warnings)
+
+
 def test_image_without_mask_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     root = _dataset(tmp_path / "data")
     (_masks(root) / "b.png").unlink()
@@ -521,6 +584,23 @@ def test_malformed_rle_is_refused_naming_the_row(
     _refused(capfd, argv, out, f"{root / 'train.csv'} row 3 (id 'b')", fragment)
 
 
+@pytest.mark.parametrize("bad_id", ["b ", " b", "b\t", "b.png "])
+def test_csv_id_with_surrounding_spaces_is_refused_naming_the_row(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], bad_id: str
+) -> None:
+    # Was "train image .../b.png has no row", which names neither the row nor the stray space.
+    root = _dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = _rle_argv(root, out, [("a", "1 1"), (bad_id, "1 1"), ("c", "")])
+    _refused(
+        capfd,
+        argv,
+        out,
+        f"{root / 'train.csv'} row 3 (id {bad_id!r}): the id has surrounding whitespace, so it "
+        "matches no image (without it, it is b.png)",
+    )
+
+
 def test_duplicate_ids_in_the_rle_csv_are_unioned_and_counted(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -534,7 +614,9 @@ def test_duplicate_ids_in_the_rle_csv_are_unioned_and_counted(
     assert manifest.loc["a", "mask_rle"] == "1 2 5 2"
     assert manifest.loc["a", "mask_coverage"] == pytest.approx(4 / (H * W))
     assert summary["rle_ids_with_several_rows"] == 1
-    assert any("1 train ids have several rows" in r.getMessage() for r in caplog.records)
+    # A warning: in a one-row-per-image CSV (TGS) repeats mean a broken file.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 train ids have several rows" in w for w in warnings), warnings
 
 
 def test_duplicate_ids_in_an_image_folder_are_refused(

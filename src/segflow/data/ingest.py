@@ -67,6 +67,9 @@ _RESERVED_CLASS_NAMES = ("none", "null")
 # In an id or class name these would make a path of it (class names become folder names).
 _PATH_CHARACTERS = ("/", "\\", "\0")
 
+# Per scanned item, the EXIF orientation its image was turned by (1: none).
+_ORIENTATION_KEY = "_exif_orientation"
+
 RleRow = tuple[str, str]  # (RLE string, where it came from: 'file row N (id ...)')
 
 
@@ -414,6 +417,7 @@ def _scan_item(task: _ScanTask) -> dict[str, Any]:
         "mask_rle": None,
         "mask_md5": None,
         "mask_coverage": float("nan"),
+        _ORIENTATION_KEY: image.orientation,  # counted for the summary, not a manifest column
     }
     if task.classes:  # multi-label manifests only: binary ones keep their columns
         row[CLASSES_COLUMN] = CLASS_SEPARATOR.join(task.classes)
@@ -615,6 +619,25 @@ def _match_csv_ids(
     return matched, next(iter(first_of_style), "stem")
 
 
+def _check_ids_without_spaces(rles: dict[str, list[list[RleRow]]], train: dict[str, Path]) -> None:
+    """Refuse a CSV id that matches no image only because of surrounding whitespace
+    (``"abc ,1 1"``): its image would be reported as having no row, the row not named.
+
+    Raises:
+        SegflowError: naming the CSV row, the id's repr and the image it would match.
+    """
+    names = {path.name: path for path in train.values()}
+    for csv_id, rows in rles.items():
+        if csv_id in train or csv_id == csv_id.strip():
+            continue
+        image = train.get(csv_id.strip()) or names.get(csv_id.strip())
+        if image is not None:
+            raise SegflowError(
+                f"{_first_row(rows)}: the id has surrounding whitespace, so it matches no image "
+                f"(without it, it is {image.name}); remove the spaces from the CSV"
+            )
+
+
 def _train_rle_rows(
     options: IngestOptions, train: dict[str, Path]
 ) -> tuple[dict[str, tuple[tuple[RleRow, ...], ...]], str]:
@@ -622,6 +645,7 @@ def _train_rle_rows(
     ``rle_missing_is_empty``, else it is an error. Also returns the CSV's id style
     (:func:`_match_csv_ids`)."""
     rles, id_style = _match_csv_ids(_read_rle_csv(options), train)
+    _check_ids_without_spaces(rles, train)
     if id_style == "filename":
         log.info("%s: ids are image file names (with extension)", options.rle_csv)
     missing = [item_id for item_id in train if item_id not in rles]
@@ -746,7 +770,7 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
     # since in a one-row-per-image CSV (TGS) they mean a broken file.
     several_rows = sum(any(len(rows) > 1 for rows in task.rles) for task in tasks)
     if several_rows:
-        log.info(
+        log.warning(
             "%d train ids have several rows for one class in %s: their runs are unioned",
             several_rows,
             options.rle_csv,
@@ -760,6 +784,14 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
         for row in chunk_rows
     ]
     manifest = pd.DataFrame(rows)
+    oriented = manifest.pop(_ORIENTATION_KEY) != 1
+    if oriented.any():
+        log.warning(
+            "%d images (e.g. %s) have an EXIF orientation and are read turned as a viewer "
+            "shows them (their masks are read the same way)",
+            int(oriented.sum()),
+            manifest.loc[oriented, "image_path"].iloc[0],
+        )
     missing_metadata = 0
     if options.metadata_csv:
         metadata = _read_metadata(options)
@@ -773,6 +805,7 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
     record_attributes(manifest, roots, id_style)
     summary = _summarise(manifest, skipped, missing_metadata, options.classes)
     summary["rle_ids_with_several_rows"] = several_rows
+    summary["images_with_exif_orientation"] = int(oriented.sum())
     return manifest, summary
 
 
