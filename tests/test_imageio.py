@@ -372,6 +372,20 @@ def test_read_mask_reads_a_palette_mask_as_its_indices(
     np.testing.assert_array_equal(read_mask(tmp_path / f"palette{suffix}"), expected)
 
 
+def test_palette_mask_whose_indices_are_not_binary_is_read_by_its_colours(tmp_path: Path) -> None:
+    # An adaptive palette may put black at index 3 and white at 7: the indices are not 0 and
+    # one other, the colours are black and white.
+    from PIL import Image
+
+    expected = _binary()
+    palette = [0] * 768
+    palette[9:12], palette[21:24] = [0, 0, 0], [255, 255, 255]
+    image = Image.fromarray(np.where(expected == 1, 7, 3).astype(np.uint8), "P")
+    image.putpalette(palette)
+    image.save(tmp_path / "adaptive.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "adaptive.png"), expected)
+
+
 def test_read_mask_with_three_palette_indices_is_an_error(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -480,7 +480,9 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np
     """Read a binary mask file: background 0 and one foreground value (1, 255, 65535, ...).
 
     A palette (P-mode) mask is read as its palette indices (index 0 is background), whatever
-    colours its palette gives them; an EXIF orientation is applied as to images.
+    colours its palette gives them; only when its indices are not 0 and one other (e.g. an
+    adaptive palette that put black elsewhere) are its colours read instead, as for any image.
+    An EXIF orientation is applied as to images.
 
     Returns:
         uint8 mask with values {0, 1}.
@@ -495,11 +497,26 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np
     data = _read_bytes(path)
     _check_pixel_limit(path, data, max_pixels)
     mask, orientation = _imdecode(path, data, "mask image")
-    what = "values"
     # OpenCV maps a palette to its colours (or grays); the indices are the labels.
     indices = _palette_indices(data)
-    if indices is not None:
-        mask, what = apply_orientation(indices, orientation), "palette indices"
+    if indices is None:
+        return _binary_mask(path, mask, "values")
+    indices = apply_orientation(indices, orientation)
+    try:
+        return _binary_mask(path, indices, "palette indices")
+    except SegflowError as index_error:
+        try:
+            return _binary_mask(path, mask, "colours")
+        except SegflowError:
+            raise index_error from None
+
+
+def _binary_mask(path: Path, mask: np.ndarray, what: str) -> np.ndarray:
+    """{0, 1} of a decoded mask: 0 and one foreground value (equal channels if several).
+
+    Raises:
+        SegflowError: differing colour channels, or more than two ``what`` (values, indices).
+    """
     if mask.ndim == 3:
         colour = mask[:, :, :3] if mask.shape[2] >= 3 else mask
         if not (colour == colour[:, :, :1]).all():
