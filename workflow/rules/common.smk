@@ -8,7 +8,11 @@ from snakemake.utils import validate
 
 from segflow.artifacts.layout import candidate_dir
 from segflow.core.config_check import check_config
-from segflow.model.experiment import check_init_from
+from segflow.model.experiment import (
+    EXPERIMENT_NAME_PATTERN,
+    check_experiment_names,
+    check_init_from,
+)
 from segflow.core.data_stamp import CACHE_NAME, data_stamp as content_stamp, demo_stamp
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
@@ -67,6 +71,8 @@ def dicom_flags():
 
 
 EXPERIMENTS = config["experiments"]
+# One line naming experiments.<name> for a name that no rule's {experiment} wildcard matches.
+check_experiment_names(EXPERIMENTS, config["run_experiments"])
 # One line naming the key: init_from to an unknown experiment, itself or in a cycle, to another
 # network; a refit that needs a validation fold (scheduler plateau); refit.test_models auto
 # without budget.minutes.

@@ -1,5 +1,5 @@
 wildcard_constraints:
-    experiment="[A-Za-z0-9_.-]+",
+    experiment=EXPERIMENT_NAME_PATTERN,
     round=r"\d+",
     fold=r"\d+",
 
