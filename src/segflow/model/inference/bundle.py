@@ -128,10 +128,13 @@ def write_bundle(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    contents = {MANIFEST: json.dumps(manifest, indent=1, sort_keys=True).encode(), **members}
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        for name, data in sorted(members.items()):
-            archive.writestr(name, data)
+        for name in [MANIFEST, *sorted(members)]:
+            # A fixed timestamp: the same models and settings give the same bytes.
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, contents[name])
     return path.stat().st_size
 
 

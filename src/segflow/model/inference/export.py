@@ -291,7 +291,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="test prediction folders the pipeline merged (default: those under results/test)",
     )
     parser.add_argument(
-        "--fp16", action="store_true", help="store weights as float16 (half the size)"
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="store weights as float16 (half the size)",
     )
 
 

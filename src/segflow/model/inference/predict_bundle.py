@@ -237,21 +237,28 @@ class BundlePredictor:
 
 @contextmanager
 def _progress(total: int) -> Iterator[Any]:
-    """A progress callback ``update(n)``: tqdm's bar, or a counter on stderr without tqdm."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        done = 0
+    """A progress callback ``update(n)``: tqdm's bar on a terminal, else (no tqdm, or a log
+    file / notebook cell) a ``done/total`` line on stderr about every tenth of the images."""
+    tqdm = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+    if tqdm is not None:
+        with tqdm(total=total, desc="predict-bundle", unit="img", mininterval=1.0) as bar:
+            yield bar.update
+        return
+    done, every, shown = 0, max(1, total // 10), 0
 
-        def update(n: int) -> None:
-            nonlocal done
-            done += n
+    def update(n: int) -> None:
+        nonlocal done, shown
+        done += n
+        if done - shown >= every or done == total:
+            shown = done
             print(f"predict-bundle: {done}/{total} images", file=sys.stderr, flush=True)
 
-        yield update
-        return
-    with tqdm(total=total, desc="predict-bundle", unit="img", mininterval=1.0) as bar:
-        yield bar.update
+    yield update
 
 
 def predict_bundle(
