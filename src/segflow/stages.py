@@ -95,6 +95,16 @@ STAGES: tuple[Stage, ...] = (
         "select-pseudo", "segflow.ensemble.select_pseudo", "select pseudo-labels for the next round"
     ),
     Stage("stack", "segflow.ensemble.stacking.stack", "fit the stacked gate and pixel blender"),
+    Stage(
+        "export",
+        "segflow.model.inference.export",
+        "write the final choice as a self-contained zip for predict-bundle",
+    ),
+    Stage(
+        "predict-bundle",
+        "segflow.model.inference.predict_bundle",
+        "run an export bundle on a folder of images: the submission CSV, offline",
+    ),
     Stage("choose", "segflow.ensemble.choose", "pick the final submission on OOF; stage table"),
     Stage(
         "final-submission",

@@ -480,3 +480,19 @@ def check_demo_paths():
 
 
 check_demo_paths()
+
+
+def bundle_test_dirs(wildcards):
+    """The test prediction folders of every experiment and round (the chosen candidate's
+    models among them): segflow export bundles the models behind the chosen one's."""
+    return [d for r in ROUNDS for d in experiment_dirs("test", r)]
+
+
+def bundle_models(wildcards):
+    """The model.pt behind each of bundle_test_dirs (test/<name>/round<r>/<member> ->
+    models/<name>/round<r>/<member>/model.pt)."""
+    models = []
+    for directory in bundle_test_dirs(wildcards):
+        member, round_dir, name = Path(directory).parts[-1:-4:-1]
+        models.append(result("models", name, round_dir, member, "model.pt"))
+    return models
