@@ -22,9 +22,7 @@ import yaml
 from conftest import copy_workflow, run_snakemake
 
 from segflow import __version__, cli
-from segflow.core.errors import SegflowError
-from segflow.formats.rle import rle_encode
-from segflow.model.inference.bundle import (
+from segflow.bundle.archive import (
     BUNDLE_VERSION,
     MANIFEST,
     Bundle,
@@ -32,9 +30,11 @@ from segflow.model.inference.bundle import (
     split_states,
     version_tuple,
 )
-from segflow.model.inference.export import export
+from segflow.bundle.export import export
+from segflow.bundle.predict_bundle import predict_bundle
+from segflow.core.errors import SegflowError
+from segflow.formats.rle import rle_encode
 from segflow.model.inference.predict import PredictOptions
-from segflow.model.inference.predict_bundle import predict_bundle
 from segflow.model.submit import SubmissionOptions, train_label
 
 TINY = {
@@ -57,10 +57,18 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The workflow run once on a tiny demo, up to its export bundle."""
+    """The workflow run once on a tiny demo, up to its export bundle and the submissions the
+    bundle must reproduce."""
     workdir = copy_workflow(tmp_path_factory.mktemp("export"))
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    run_snakemake(workdir, "results/export/bundle.zip", "--configfile", "tiny.yaml")
+    run_snakemake(
+        workdir,
+        "results/export/bundle.zip",
+        "results/final/submission.csv",
+        "results/submission/ensemble/round0/submission.csv",
+        "--configfile",
+        "tiny.yaml",
+    )
     return workdir
 
 

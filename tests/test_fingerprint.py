@@ -503,9 +503,11 @@ def test_the_package_s_own_edits_rerun_exactly_their_stages(tmp_path: Path) -> N
         path.write_text(text + "\n# the end\n")
     assert _stage_fingerprints(package) == before
     tta, provenance = "model/inference/tta.py", "core/provenance.py"
+    # predict-bundle replays prediction with the same TTA code (it has no rule of its own).
     assert _changed_stages(package, tta, "\ndef get_tta(", "\nX = 1\n\n\ndef get_tta(") == {
         "predict-oof",
         "predict-test",
+        "predict-bundle",
     }
     # Provenance JSON is written by the stages' own run, inside their fingerprints.
     changed = _changed_stages(package, provenance, '"seed": seed,', '"seed": seed, "x": 1,')

@@ -15,7 +15,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "src" / "segflow"
-LAYERS = ("core", "formats", "artifacts", "data", "model", "ensemble", "report")
+LAYERS = ("core", "formats", "artifacts", "data", "model", "ensemble", "report", "bundle")
 TOP = ("cli", "stages", "__main__", "__init__")
 
 

@@ -407,6 +407,9 @@ PRE_QUOTED = {
     "params.budget": "budget_flags",
     "params.resolution": "resolution_flags",
     "params.near": "near_duplicate_flags",
+    "params.predict_options": "section_flags",
+    "params.submission_options": "section_flags",
+    "params.export_options": "section_flags",
 }
 
 

@@ -97,12 +97,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("stack", "segflow.ensemble.stacking.stack", "fit the stacked gate and pixel blender"),
     Stage(
         "export",
-        "segflow.model.inference.export",
+        "segflow.bundle.export",
         "write the final choice as a self-contained zip for predict-bundle",
     ),
     Stage(
         "predict-bundle",
-        "segflow.model.inference.predict_bundle",
+        "segflow.bundle.predict_bundle",
         "run an export bundle on a folder of images: the submission CSV, offline",
     ),
     Stage("choose", "segflow.ensemble.choose", "pick the final submission on OOF; stage table"),

@@ -256,9 +256,9 @@ rule export_bundle:
         **job_resources("export_bundle", mem_mb=4000, runtime=15),
     params:
         code=stage_fingerprint("export"),
-        predict=section_flags("predict", exclude=("device",)),
-        submission=section_flags("submission"),
-        export=section_flags("export"),
+        predict_options=section_flags("predict", exclude=("device",)),
+        submission_options=section_flags("submission"),
+        export_options=section_flags("export"),
         dicom=dicom_flags(),
         test_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.test_ids],
         # results/final/choice.json -> results
@@ -266,6 +266,6 @@ rule export_bundle:
             os.path.dirname(input.choice)
         ),
     shell:
-        "segflow export {params.results_dir:q} {output.bundle:q} {params.predict}"
-        " {params.submission} {params.export} {params.dicom}"
+        "segflow export {params.results_dir:q} {output.bundle:q} {params.predict_options}"
+        " {params.submission_options} {params.export_options} {params.dicom}"
         " --test-dirs {params.test_dirs:q} 2> {log:q}"

@@ -8,7 +8,7 @@ Members:
   ``torch``), ``fp16`` and ``members``: the sha256 of every other member. A reader refuses a
   member whose checksum differs, a member missing or not listed, and a bundle of a newer
   bundle format or segflow version than its own.
-- ``bundle.json``: what to run (:func:`segflow.model.inference.export.bundle_config`): the
+- ``bundle.json``: what to run (:func:`segflow.bundle.export.bundle_config`): the
   candidate, preprocessing, TTA and fold merge, the experiments (model specs, normalisation,
   blend weights), the tuned post-processing, classes and submission format.
 - ``models/<experiment>/<member>.safetensors`` (or ``.pt``): one model's weights, a flat

@@ -1,4 +1,4 @@
-"""``segflow predict-bundle``: run an export bundle (:mod:`segflow.model.inference.export`) on a
+"""``segflow predict-bundle``: run an export bundle (:mod:`segflow.bundle.export`) on a
 folder of images and write the submission CSV, with no results folder, no Snakemake and no
 network.
 
@@ -40,13 +40,13 @@ from segflow.artifacts.predictions import (
     nonempty_column,
 )
 from segflow.artifacts.resolution import pad_offsets
+from segflow.bundle.archive import LEAKS, Bundle, split_states
 from segflow.core.atomic import atomic_path
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import stage_log
 from segflow.formats.imageio import DicomWindow, decode_image, is_gray, pixel_md5
 from segflow.formats.labels import label_dtype
 from segflow.formats.rle import rle_decode
-from segflow.model.inference.bundle import LEAKS, Bundle, split_states
 from segflow.model.inference.predict import PredictOptions
 
 
@@ -282,7 +282,7 @@ def predict_bundle(
         The number of images predicted.
 
     Raises:
-        SegflowError: a bad bundle (:class:`segflow.model.inference.bundle.Bundle`), no images, or
+        SegflowError: a bad bundle (:class:`segflow.bundle.archive.Bundle`), no images, or
             an image the models cannot take.
     """
     from segflow.data.ingest import list_images

@@ -1,5 +1,5 @@
 """``segflow export``: the final choice of a results folder as one self-contained zip
-(:mod:`segflow.model.inference.bundle`) that ``segflow predict-bundle`` runs on a folder of images,
+(:mod:`segflow.bundle.archive`) that ``segflow predict-bundle`` runs on a folder of images,
 e.g. in an offline Kaggle code-competition notebook.
 
 The bundle holds the chosen candidate (``results/final/choice.json``, or ``--candidate``): an
@@ -25,6 +25,15 @@ import pandas as pd
 from segflow.artifacts import layout
 from segflow.artifacts.arrays import classes_of, read_stats
 from segflow.artifacts.tables import read_table
+from segflow.bundle.archive import (
+    CONFIG,
+    LEAKS,
+    WEIGHT_SUFFIXES,
+    encode_weights,
+    flat_states,
+    weights_format,
+    write_bundle,
+)
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
 from segflow.core.stage_args import stage_log
@@ -35,15 +44,6 @@ from segflow.formats.imageio import (
 )
 from segflow.formats.manifest import csv_id_style
 from segflow.formats.rle import rle_encode
-from segflow.model.inference.bundle import (
-    CONFIG,
-    LEAKS,
-    WEIGHT_SUFFIXES,
-    encode_weights,
-    flat_states,
-    weights_format,
-    write_bundle,
-)
 from segflow.model.inference.predict import PredictOptions
 from segflow.model.submit import SubmissionOptions, train_label
 
