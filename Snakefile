@@ -9,6 +9,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/budget.smk"
+include: "workflow/rules/search.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/report.smk"
@@ -21,6 +22,7 @@ localrules:
     generate_demo_data,
     select_pseudo,
     choose,
+    search_summary,
 
 
 rule all:

@@ -30,8 +30,8 @@ from optuna.trial import TrialState
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import stage_log
-from segflow.search.space import apply_params, direction
 from segflow.search.search_worker import load_study
+from segflow.search.space import apply_params, direction
 from segflow.search.study import counts, finished
 
 PARAM_PREFIX = "params."
@@ -161,7 +161,10 @@ def summarize(
     write_csv(out / "importance.csv", importance_table(study))
     write_json(out / "best.json", best)
     stage_log.info(
-        "search %s: best %.4f (trial %d) %s", search["name"], best["value"], best["trial"],
+        "search %s: best %.4f (trial %d) %s",
+        search["name"],
+        best["value"],
+        best["trial"],
         best["params"],
     )
     return best

@@ -44,7 +44,6 @@ from segflow.search.study import (
     Heartbeat,
     counts,
     fail_stale,
-    finished,
     make_pruner,
     make_sampler,
     open_storage,
@@ -228,7 +227,9 @@ def score_trial(
     scores = []
     for position, fold in enumerate(search["folds"]):
 
-        def report(epoch: int, value: float, offset: int = position * epochs) -> None:
+        def report(
+            epoch: int, value: float, offset: int = position * epochs, fold: int = fold
+        ) -> None:
             trial.report(value, offset + epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"fold {fold} epoch {epoch}: {value:.4f}")

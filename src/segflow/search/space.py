@@ -48,9 +48,7 @@ FORBIDDEN = ("refit", "train.init_from", "train.monitor", "train.epochs")
 EXPERIMENT_SECTIONS = ("model", "loss", "ohem_fraction", "augment", "train")
 
 
-def check_search(
-    search: Mapping[str, Any], experiments: Mapping[str, Any], n_folds: int
-) -> None:
+def check_search(search: Mapping[str, Any], experiments: Mapping[str, Any], n_folds: int) -> None:
     """Check every study of the ``search`` config section (config time, before any job).
 
     Args:
@@ -132,7 +130,9 @@ def _check_path(path: str, where: str, has_init: bool) -> None:
         raise SegflowError(f"{where}: name a field of {section} (e.g. {section}.<field>)")
     fields: tuple[str, ...]
     if section == "model":
-        fields = tuple(f.name for f in _fields(ModelSpec) if f.name not in ("in_channels", "classes"))
+        fields = tuple(
+            f.name for f in _fields(ModelSpec) if f.name not in ("in_channels", "classes")
+        )
         if has_init:
             raise SegflowError(
                 f"{where}: the base experiment starts from another (train.init_from), which "
@@ -175,9 +175,11 @@ def _check_distribution(spec: Any, where: str) -> list[Any]:
     """
     if not isinstance(spec, Mapping) or len(spec) != 1:
         raise SegflowError(f"{where}: give exactly one of {', '.join(DISTRIBUTIONS)}")
-    (kind, values), = spec.items()
+    ((kind, values),) = spec.items()
     if kind not in DISTRIBUTIONS:
-        raise SegflowError(f"{where}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        raise SegflowError(
+            f"{where}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}"
+        )
     if kind == "choice":
         if not isinstance(values, list) or not values:
             raise SegflowError(f"{where}: choice needs a non-empty list of values")
@@ -188,8 +190,7 @@ def _check_distribution(spec: Any, where: str) -> list[Any]:
         raise SegflowError(f"{where}: {kind} needs [low, high]")
     low, high = values
     numeric = all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        for v in values
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
     )
     if not numeric:
         raise SegflowError(f"{where}: {kind} bounds must be finite numbers, got {values!r}")
@@ -222,7 +223,9 @@ def _check_value(study: str, base: Mapping[str, Any], path: str, value: Any, whe
         try:
             _check_encoder(str(experiment.model.encoder))
         except SegflowError as exc:
-            raise SegflowError(f"{where}: {value!r} is not valid there ({_one_line(exc)})") from None
+            raise SegflowError(
+                f"{where}: {value!r} is not valid there ({_one_line(exc)})"
+            ) from None
 
 
 def _one_line(exc: BaseException) -> str:

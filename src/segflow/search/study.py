@@ -33,7 +33,9 @@ STALE_HEARTBEATS = 4  # heartbeat intervals without a beat before another host's
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def open_storage(storage: str | None, journal: str | os.PathLike[str]) -> optuna.storages.BaseStorage:
+def open_storage(
+    storage: str | None, journal: str | os.PathLike[str]
+) -> optuna.storages.BaseStorage:
     """The study's storage: an Optuna storage URL, or the journal file.
 
     Args:
@@ -180,7 +182,7 @@ def fail_stale(study: optuna.Study, heartbeat_seconds: float) -> list[int]:
         The numbers of the trials marked.
     """
     now = time.time()
-    storage = study._storage  # noqa: SLF001 - Optuna has no public handle; the API is public
+    storage = study._storage  # Optuna has no public handle to it; its methods are public
     marked = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(trial, heartbeat_seconds, now):
