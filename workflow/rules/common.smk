@@ -510,6 +510,13 @@ def search_json(study):
     )
 
 
+def search_worker_threads(wildcards):
+    """A worker's threads: cluster.rules.search_worker.cpus_per_task, else its share of
+    max_threads (so the study's workers run at once on a CPU-only machine too)."""
+    share = max(1, MAX_THREADS // SEARCH[wildcards.study]["workers"])
+    return rule_threads("search_worker", share)
+
+
 def search_inputs(wildcards):
     """train_fold / train_full of a study's best experiment wait for its search_summary
     checkpoint; once it is done, nothing: training is keyed by best.json's content (the

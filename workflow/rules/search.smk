@@ -21,7 +21,8 @@ rule search_worker:
         worker=r"\d+",
     conda:
         CONDA_ENV
-    threads: rule_threads("search_worker", MAX_THREADS)
+    # The workers share max_threads, so on a CPU-only machine they run at once too.
+    threads: search_worker_threads
     resources:
         **job_resources("search_worker", mem_mb=8000, runtime=480),
         gpu_slots=GPUS,

@@ -80,9 +80,24 @@ def make_sampler(name: str, seed: int, space: dict[str, Any]) -> optuna.samplers
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     if name == "grid":
-        grid = {path: list(spec["choice"]) for path, spec in space.items()}
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        grid = {path: _categorical(list(spec["choice"])) for path, spec in space.items()}
+        return _WorkerGridSampler(grid, seed=seed)
     raise SegflowError(f"search sampler: unknown {name!r}")
+
+
+class _WorkerGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` once the grid is covered (which only
+    works inside ``study.optimize``): the workers stop at ``n_trials``; past the grid's size a
+    trial repeats a grid point."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: TrialState,
+        values: Any,
+    ) -> None:
+        """Nothing: :func:`segflow.search.search_worker.run_worker` decides when to stop."""
 
 
 def make_pruner(name: str, startup_trials: int, max_steps: int) -> optuna.pruners.BasePruner:
