@@ -81,6 +81,16 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "predict-test", "segflow.model.inference.predict", "predict a fold model on the test set"
     ),
+    Stage(
+        "search-worker",
+        "segflow.search.search_worker",
+        "run hyperparameter-search trials until the study has n_trials",
+    ),
+    Stage(
+        "search-summary",
+        "segflow.search.search_summary",
+        "a finished search's trials.csv, best.json and importance.csv",
+    ),
     Stage("evaluate-oof", "segflow.model.evaluate_oof", "assemble and score the OOF predictions"),
     Stage(
         "tune-postprocess",

@@ -17,6 +17,7 @@ from segflow.core.data_stamp import CACHE_NAME, data_stamp as content_stamp, dem
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
 from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
+from segflow.search.space import check_search, study_id
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.
 check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -70,7 +71,15 @@ def dicom_flags():
     )
 
 
-EXPERIMENTS = config["experiments"]
+# search.<study>: a hyperparameter search whose best trial trains as experiment <study>
+# (workflow/rules/search.smk). Its jobs' shape (refit, init_from) is the base experiment's: a
+# study cannot search those fields; what it trains is read from best.json (experiment_json).
+SEARCH = config["search"]
+check_search(SEARCH, config["experiments"], config["folds"]["n_folds"])
+EXPERIMENTS = {
+    **config["experiments"],
+    **{name: config["experiments"][study["base"]] for name, study in SEARCH.items()},
+}
 # One line naming experiments.<name> for a name that no rule's {experiment} wildcard matches.
 check_experiment_names(EXPERIMENTS, config["run_experiments"])
 # One line naming the key: init_from to an unknown experiment, itself or in a cycle, to another
@@ -342,6 +351,7 @@ GPU_RULES = (
     "predict_test_full",
     "plan_budget",
     "plan_resolution",
+    "search_worker",
 )
 GPU_KEYS = ("gpu", "gpu_model", "gres")
 # Rules that called job_resources(): check_cluster_rules() matches cluster.rules against them.
@@ -448,6 +458,8 @@ def experiment_json(wildcards):
         raise ValueError(
             f"unknown experiment {wildcards.experiment!r}; configured: {', '.join(EXPERIMENTS)}"
         )
+    if wildcards.experiment in SEARCH:
+        return search_best_json(wildcards.experiment)
     return json.dumps(fold_values(wildcards.experiment), sort_keys=True)
 
 
@@ -496,3 +508,83 @@ def bundle_models(wildcards):
         member, round_dir, name = Path(directory).parts[-1:-4:-1]
         models.append(result("models", name, round_dir, member, "model.pt"))
     return models
+
+
+def search_json(study):
+    """A study's settings as `segflow search-worker` / `search-summary` take them: a params
+    value, so editing the space, the base experiment or n_trials reruns the workers (a new
+    study id, or the same study continued); `workers` is left out (one more worker finds the
+    study done)."""
+    settings = SEARCH[study]
+    base = config["experiments"][settings["base"]]
+    ident = study_id(study, settings, base)
+    keys = (
+        "space",
+        "sampler",
+        "pruner",
+        "pruner_startup_trials",
+        "n_trials",
+        "folds",
+        "trial_epochs",
+        "seed",
+        "storage",
+        "heartbeat_seconds",
+    )
+    return json.dumps(
+        {
+            **{key: settings[key] for key in keys},
+            "name": study,
+            "study_id": ident,
+            "experiment": {k: v for k, v in base.items() if k != "refit"},
+            # Outside the declared outputs: a failed worker's study must survive it.
+            "journal": result("search", study, f"{ident}.journal"),
+        },
+        sort_keys=True,
+    )
+
+
+def search_worker_threads(wildcards):
+    """A worker's threads: cluster.rules.search_worker.cpus_per_task, else its share of
+    max_threads (so the study's workers run at once on a CPU-only machine too)."""
+    share = max(1, MAX_THREADS // SEARCH[wildcards.study]["workers"])
+    return rule_threads("search_worker", share)
+
+
+def search_inputs(wildcards):
+    """train_fold / train_full of a study's best experiment wait for its search_summary
+    checkpoint; once it is done, nothing: training is keyed by best.json's content (the
+    experiment params), not by the file's time, so a rerun search with the same best retrains
+    nothing."""
+    if wildcards.experiment in SEARCH:
+        checkpoints.search_summary.get(study=wildcards.experiment)
+    return {}
+
+
+def search_best_json(study):
+    """The best experiment of a study (best.json's `experiment`) as experiment_json gives it."""
+    best = checkpoints.search_summary.get(study=study).output.best
+    values = json.loads(Path(best).read_text())["experiment"]
+    return json.dumps({k: v for k, v in values.items() if k != "refit"}, sort_keys=True)
+
+
+def search_files(*names):
+    """search/<study>/<name> of the run experiments that are studies (choose, report)."""
+    return [
+        result("search", study, name)
+        for study in SEARCH
+        if study in RUN_EXPERIMENTS
+        for name in names
+    ]
+
+
+def check_search_budget():
+    """A time budget plans from the experiments' config; a study's is known after its search."""
+    studies = [study for study in SEARCH if study in RUN_EXPERIMENTS]
+    if studies and BUDGET_PLAN is not None:
+        raise ValueError(
+            f"config search.{studies[0]}: budget.minutes cannot plan a search study's training "
+            "yet; set budget.minutes: null or leave the study out of run_experiments"
+        )
+
+
+check_search_budget()

@@ -170,6 +170,8 @@ rule choose:
         ],
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
+        # The searches' best values, next to their experiments' OOF (stages.csv search_best).
+        search=search_files("best.json"),
     output:
         choice=result("final", "choice.json"),
         stages_csv=result("final", "stages.csv"),
