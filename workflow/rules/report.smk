@@ -30,11 +30,10 @@ rule report:
             result("postprocess", name, f"round{r}", "grid.csv")
             for name, r in candidates()
         ],
-        stack=(
-            [result("stack", f"round{FINAL_ROUND}", "summary.json")]
-            if STACK["enabled"]
-            else []
-        ),
+        stack=[
+            result("stack", f"round{FINAL_ROUND}", f"summary_{stacker}.json")
+            for stacker in STACKERS
+        ],
     output:
         report=result("report", "report.html"),
     log:
