@@ -1065,7 +1065,7 @@ def test_final_choice_and_stage_table(second_level_run: Path) -> None:
     assert (class_dir / "threshold_model.cbm").is_file()
     thresholds = pd.read_csv(class_dir / "threshold_oof.csv")
     assert thresholds["predicted"].between(0.05, 0.95).all()
-    summary = json.loads((results / "stack" / "round1" / "summary.json").read_text())
+    summary = json.loads((results / "stack" / "round1" / "summary_gate.json").read_text())
     assert "mae" in next(iter(summary["classes"].values()))["threshold"]
     weights = json.loads((results / "ensemble" / "round0" / "weights.json").read_text())
     assert sum(weights["weights"].values()) == pytest.approx(1.0)
