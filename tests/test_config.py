@@ -14,6 +14,7 @@ from segflow.data.demo_data import DemoDataOptions
 from segflow.data.folds import FoldOptions
 from segflow.data.ingest import IngestOptions
 from segflow.data.preprocess import PreprocessOptions
+from segflow.ensemble.stacking.stack import StackOptions
 from segflow.model.budget import BudgetOptions
 from segflow.model.inference.predict import PredictOptions
 from segflow.model.resolution_plan import RESOLUTION_KEYS
@@ -33,6 +34,8 @@ SECTIONS = {
     "predict": (PredictOptions, set()),
     "submission": (SubmissionOptions, set()),
     "budget": (BudgetOptions, set(RESOLUTION_KEYS)),  # the rest: ResolutionOptions
+    # Which stack jobs run (stack.pixel_blender: false drops stack_pixel) is the workflow's.
+    "stack": (StackOptions, {"enabled", "pixel_blender"}),
 }
 
 

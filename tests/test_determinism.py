@@ -271,7 +271,8 @@ def test_every_metrics_json_records_version_seed_and_config_hash(
         "postprocess/tiny/round0/params.json",
         "ensemble/round0/weights.json",
         "oof/ensemble/round0/metrics.json",
-        "stack/round0/summary.json",
+        "stack/round0/summary_gate.json",
+        "stack/round0/summary_pixel.json",
         "stack/round0/class_0/gate_metrics.json",
         "stack/round0/class_0/blender_metrics.json",
         "stack/round0/class_0/threshold_metrics.json",
@@ -290,9 +291,18 @@ def test_every_metrics_json_records_version_seed_and_config_hash(
         blocks[f"models/tiny/round0/fold{k}/metrics.json"]["config_hash"] for k in (0, 1)
     }
     assert len(fold_hashes) == 2
-    # One stage, one block: all of stacking's JSONs agree.
-    stack = {v["config_hash"] for k, v in blocks.items() if k.startswith("stack/")}
-    assert len(stack) == 1
+
+    # One job, one block: the gate job's JSONs agree, and the pixel job's; the two differ (each
+    # hashes only the options it reads).
+    def hashes(*names: str) -> set[str]:
+        return {blocks[f"stack/round0/{name}"]["config_hash"] for name in names}
+
+    gate = hashes(
+        "summary_gate.json", "class_0/gate_metrics.json", "class_0/threshold_metrics.json"
+    )
+    pixel = hashes("summary_pixel.json", "class_0/blender_metrics.json")
+    assert len(gate) == len(pixel) == 1 and gate != pixel
+    assert {v["config_hash"] for k, v in blocks.items() if k.startswith("stack/")} == gate | pixel
 
     # select-pseudo (a pseudo-labelling round; not run above): its summary too.
     _segflow(

@@ -141,6 +141,8 @@ def results(tmp_path: Path) -> Path:
     class_dir.mkdir(parents=True)
     importances = pd.DataFrame({"feature": ["f_a", "f_b"], "importance": [0.75, 0.25]})
     importances.to_csv(class_dir / "gate_importances.csv", index=False)
+    # Left by an earlier run with the pixel blender: stack_pixel is no candidate here
+    # (stack.pixel_blender: false), so the report must not show it.
     importances.to_csv(class_dir / "blender_importances.csv", index=False)
 
     table = constant_baselines(stage_table([(NASTY, 0), ("stack_gate", 0)], root), root)
@@ -163,8 +165,8 @@ def test_report_has_every_section_and_only_embedded_pngs(results: Path) -> None:
     page = build_report(results)
     parsed = _parse(page)
     assert set(SECTIONS) <= set(parsed.ids)
-    # strata, learning curves, OOF bars, 2 grids, gate + blender importances, 3 cases
-    assert len(parsed.sources) == 10
+    # strata, learning curves, OOF bars, 2 grids, the gate's importances, 3 cases
+    assert len(parsed.sources) == 9
     for source in parsed.sources:
         assert source.startswith("data:image/png;base64,")
         png = base64.b64decode(source.split(",", 1)[1], validate=True)
@@ -197,6 +199,39 @@ def test_stacking_section_says_when_stacking_did_not_run(results: Path) -> None:
     page = build_report(results)
     assert "stacking did not run" in page
     assert len(_parse(page).sources) == 7  # no grid and no importances of the stack
+
+
+def _add_stack_pixel(results: Path) -> None:
+    """A stack_pixel candidate (predicting nothing, as the gate) in the stage table."""
+    ids = pd.read_csv(results / "oof" / "stack_gate" / "round0" / "oof_ids.csv", dtype={"id": str})
+    probs = np.load(results / "oof" / "stack_gate" / "round0" / "oof_probs.npy")
+    manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
+    items = pd.read_parquet(results / "dedup" / "items.parquet")
+    truths = original_truths(manifest, items, ids["id"])
+    _write_candidate(results, "stack_pixel", ids, probs.astype(np.float32), truths)
+    chosen = pd.read_csv(results / "final" / "stages.csv").set_index("candidate")["chosen"]
+    pairs = [(NASTY, 0), ("stack_gate", 0), ("stack_pixel", 0)]
+    table = constant_baselines(stage_table(pairs, results), results)
+    table["chosen"] = table["candidate"].map(chosen).fillna(False).astype(bool)
+    table.to_csv(results / "final" / "stages.csv", index=False)
+
+
+def test_stacking_section_shows_the_blender_when_stack_pixel_is_a_candidate(
+    results: Path,
+) -> None:
+    without = build_report(results)
+    assert "image-level gate, class mask" in without
+    assert "pixel-level blender" not in without
+    _add_stack_pixel(results)
+    page = build_report(results)
+    section = page.split('<section id="stacking">', 1)[1].split("</section>", 1)[0]
+    assert "image-level gate, class mask, round 0" in section
+    assert "pixel-level blender, class mask, round 0" in section
+    # ... and its grid: 9 images of the gate-only page, + 1 grid + 1 importance chart.
+    assert len(_parse(page).sources) == 11
+    (results / "stack" / "round0" / "class_0" / "blender_importances.csv").unlink()
+    with pytest.raises(SegflowError, match=r"blender_importances\.csv does not exist"):
+        build_report(results)
 
 
 @pytest.mark.parametrize(

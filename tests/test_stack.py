@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -10,6 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from segflow.artifacts.predictions import Prediction
 from segflow.core.errors import SegflowError
 from segflow.ensemble.stacking import learners as stacking
 from segflow.ensemble.stacking.features import (
@@ -30,6 +33,13 @@ from segflow.ensemble.stacking.learners import (
     nonempty_images,
     write_blender_artifacts,
     write_gate_artifacts,
+)
+from segflow.ensemble.stacking.stack import (
+    StackInputs,
+    StackOptions,
+    _base_predictions,
+    load_stack_inputs,
+    run_stack,
 )
 from segflow.model.metrics import dice_scores
 from segflow.model.postprocess import apply_postprocess, tune_postprocess
@@ -452,3 +462,144 @@ def test_sample_weights_give_back_each_images_class_balance() -> None:
     assert per_pixel[(rows == 0) & ~label].sum() == pytest.approx(80)
     assert per_pixel[rows == 1].sum() == pytest.approx(100)
     assert weights.mean() == pytest.approx(1.0)
+
+
+# --- the stage: one job per stacked candidate -------------------------------------------------
+
+
+def _stack_inputs(with_base: bool, n: int = 24) -> StackInputs:
+    """Two experiments' OOF and test maps of ``n`` 12x12 images (one class, 3 folds), the
+    ensemble's mean (with an aux gate column) when ``with_base``, images and metadata."""
+    rng = np.random.default_rng(7)
+    truths = np.zeros((n, 12, 12), np.uint8)
+    for i in range(n):
+        if i % 3:
+            truths[i, 2 : 5 + i % 7, 3:9] = 1
+
+    def maps(noise: float, rows: int) -> np.ndarray:
+        base = truths[:rows] if rows == n else truths[rows - 1 :: -1][:rows]
+        return np.clip(base * 0.6 + rng.random((rows, 12, 12)) * noise, 0, 1)[:, None]
+
+    def ids(prefix: str, rows: int, folds: bool) -> pd.DataFrame:
+        frame = pd.DataFrame(
+            {"id": [f"{prefix}{i:02d}" for i in range(rows)], "orig_height": 12, "orig_width": 12}
+        )
+        if folds:
+            frame["fold"] = np.arange(rows) % 3
+        frame["nonempty_prob_0"] = rng.random(rows)
+        return frame
+
+    oof_ids, test_ids = ids("img", n, True), ids("t", 10, False)
+    oof = [Prediction(oof_ids, maps(0.5, n).astype(np.float16)) for _ in range(2)]
+    test = [Prediction(test_ids, maps(0.5, 10).astype(np.float16)) for _ in range(2)]
+
+    def mean(predictions: list[Prediction]) -> Prediction:
+        probs = np.mean([p.probs.astype(np.float32) for p in predictions], axis=0)
+        return Prediction(predictions[0].ids, probs.astype(np.float16))
+
+    return StackInputs(
+        names=["a", "b"],
+        oof=oof,
+        test=test,
+        base_oof=mean(oof) if with_base else None,
+        base_test=mean(test) if with_base else None,
+        truths=truths,
+        folds=oof_ids[["id", "fold"]],
+        classes=["mask"],
+        train_images=rng.integers(0, 255, (n, 12, 12, 1), dtype=np.uint8),
+        test_images=rng.integers(0, 255, (10, 12, 12, 1), dtype=np.uint8),
+        train_metadata=pd.DataFrame({"meta_depth": rng.random(n)}),
+        test_metadata=pd.DataFrame({"meta_depth": rng.random(10)}),
+    )
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _run(stacker: str, out: Path, with_base: bool, **options: Any) -> dict[str, Any]:
+    candidate = out / "candidate"
+    return run_stack(
+        _stack_inputs(with_base),
+        StackOptions(**options),
+        stacker,
+        out / "stack",
+        (candidate / "oof", candidate / "test"),
+    )
+
+
+def test_gate_and_pixel_jobs_share_the_class_folders_without_sharing_a_file(tmp_path) -> None:
+    gate = _run("gate", tmp_path / "gate", True, threshold_target=True)
+    pixel = _run("pixel", tmp_path / "pixel", False, pixels_per_image=16)
+    gate_files = _files(tmp_path / "gate" / "stack")
+    pixel_files = _files(tmp_path / "pixel" / "stack")
+    assert not set(gate_files) & set(pixel_files)
+    assert {"class_0/features_oof.parquet", "class_0/gate_model.txt", "summary_gate.json"} <= set(
+        gate_files
+    )
+    assert "class_0/threshold_model.txt" in gate_files
+    assert "summary_pixel.json" in pixel_files
+    assert all(
+        name.startswith("class_0/blender_") for name in set(pixel_files) - {"summary_pixel.json"}
+    )
+    # Each summary records the options its candidate reads, and only those.
+    assert gate["options"] == {"backend": "lightgbm", "seed": 0, "threshold_target": True}
+    assert pixel["options"] == {"backend": "lightgbm", "seed": 0, "pixels_per_image": 16}
+    assert set(gate["candidates"]) == {"stack_gate"} and set(pixel["candidates"]) == {"stack_pixel"}
+    assert set(gate["classes"]["mask"]) == {"gate", "threshold"}
+    assert set(pixel["classes"]["mask"]) == {"blender"}
+    # The gate's candidate carries its gate; the blender's carries none (as the ensemble's ids).
+    gate_ids = pd.read_csv(tmp_path / "gate" / "candidate" / "oof" / "oof_ids.csv")
+    pixel_ids = pd.read_csv(tmp_path / "pixel" / "candidate" / "oof" / "oof_ids.csv")
+    assert "nonempty_prob_0" in gate_ids and "nonempty_prob_0" not in pixel_ids
+    assert list(pixel_ids.columns) == ["id", "orig_height", "orig_width", "fold"]
+    assert np.load(tmp_path / "pixel" / "candidate" / "oof" / "oof_probs.npy").shape == (
+        24,
+        1,
+        12,
+        12,
+    )
+
+
+@pytest.mark.parametrize(
+    ("stacker", "with_base", "other"),
+    [("gate", True, {"pixels_per_image": 8}), ("pixel", False, {"threshold_target": True})],
+)
+def test_a_stacker_ignores_the_other_candidates_options(
+    stacker: str, with_base: bool, other: dict[str, Any], tmp_path
+) -> None:
+    _run(stacker, tmp_path / "default", with_base)
+    _run(stacker, tmp_path / "other", with_base, **other)
+    assert _files(tmp_path / "other") == _files(tmp_path / "default")
+    # ... but not its own: the seed changes what it samples and fits.
+    _run(stacker, tmp_path / "seed", with_base, seed=3)
+    assert _files(tmp_path / "seed") != _files(tmp_path / "default")
+
+
+def test_stacker_choice_and_base_predictions_are_checked(tmp_path) -> None:
+    with pytest.raises(SegflowError, match="gates the ensemble"):
+        _run("gate", tmp_path, False)
+    with pytest.raises(KeyError, match="valid: gate, pixel"):
+        _run("blend", tmp_path, True)
+    with pytest.raises(KeyError, match="valid: gate, pixel"):
+        StackOptions().of("both")
+    inputs = _stack_inputs(True)
+    with pytest.raises(SegflowError, match="or neither"):
+        load_stack_inputs(
+            inputs.names,
+            inputs.oof,
+            inputs.test,
+            inputs.base_oof,
+            None,
+            inputs.truths,
+            inputs.folds,
+            inputs.classes,
+            tmp_path,
+            pd.DataFrame(),
+        )
+    for candidate, dirs, message in (
+        ("pixel", {"base_oof_dir": "x", "base_test_dir": None}, "drop --base-oof-dir"),
+        ("gate", {"base_oof_dir": "x", "base_test_dir": None}, "needs --base-oof-dir and"),
+    ):
+        with pytest.raises(SegflowError, match=message):
+            _base_predictions(argparse.Namespace(candidate=candidate, **dirs))

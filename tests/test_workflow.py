@@ -227,6 +227,7 @@ def test_report_renders_in_headless_chromium(demo_run: Path, tmp_path: Path, chr
     # strata, learning curves, OOF bars, 4 grids (unet, ensemble, 2 stacks), gate + blender,
     # best / median / worst
     assert rendered["images"] == 12
+    assert "image-level gate, class mask" in text and "pixel-level blender, class mask" in text
     assert rendered["decoded"] == rendered["images"]
     # The check itself sees a broken image.
     broken = tmp_path / "broken.html"
@@ -234,6 +235,31 @@ def test_report_renders_in_headless_chromium(demo_run: Path, tmp_path: Path, chr
         checked.read_text().replace("</body>", '<img src="data:image/png;base64,AAAA"></body>')
     )
     assert _rendered(chromium, broken)["decoded"] == 12
+
+
+def test_report_without_the_pixel_blender_renders_in_headless_chromium(
+    demo_run: Path, tmp_path: Path, chromium: str
+) -> None:
+    """stack.pixel_blender: false on the finished run: the report, rebuilt without stack_pixel,
+    still renders every section. Undone at the end: the fixture is shared."""
+    config = write_config(demo_run, "no-pixel.yaml", {"stack": {"pixel_blender": False}})
+    results = demo_run / "results"
+    try:
+        run_snakemake(demo_run, "--configfile", "small.yaml", config, *TRIGGERS)
+        stages = pd.read_csv(results / "final" / "stages.csv")
+        assert set(stages["candidate"]) == {"unet_lite0", "ensemble", "stack_gate"}
+        text = (results / "report" / "report.html").read_text()
+        assert "image-level gate, class mask" in text and "pixel-level blender" not in text
+        checked = tmp_path / "checked.html"
+        checked.write_text(text.replace("</body>", IMAGE_CHECK + "</body>"))
+        rendered = _rendered(chromium, checked)
+        assert "Stacking feature importance" in rendered["sections"]
+        # 12 of the full report less stack_pixel's grid and the blender's importances.
+        assert rendered["images"] == rendered["decoded"] == 10
+    finally:
+        run_snakemake(demo_run, "--configfile", "small.yaml", *TRIGGERS)
+    assert "pixel-level blender" in (results / "report" / "report.html").read_text()
+    assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS) == {}
 
 
 def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
@@ -300,15 +326,15 @@ def test_a_config_change_reruns_exactly_the_dependent_stages(
 
 
 # What one experiment's change reruns with 2 folds: its fold models and predictions, its OOF
-# scoring, the ensemble and stacking on top, and the four candidates' tuning and submissions
-# (unet_lite0, ensemble, stack_gate, stack_pixel).
+# scoring, the ensemble and both stack jobs (gate, pixel) on top, and the four candidates'
+# tuning and submissions (unet_lite0, ensemble, stack_gate, stack_pixel).
 ONE_EXPERIMENT = {
     "train_fold": 2,
     "predict_oof": 2,
     "predict_test": 2,
     "evaluate_oof": 1,
     "blend": 1,
-    "stack": 1,
+    "stack": 2,
     "tune_postprocess": 4,
     "submit": 4,
     "choose": 1,
@@ -316,10 +342,21 @@ ONE_EXPERIMENT = {
     "report": 1,
     "all": 1,
 }
+# An option (stack.backend, stack.seed) or code both stack jobs read.
 STACK_ONLY = {
-    "stack": 1,
+    "stack": 2,
     "tune_postprocess": 2,
     "submit": 2,
+    "choose": 1,
+    "final_submission": 1,
+    "report": 1,
+    "all": 1,
+}
+# An option only one stacked candidate reads: its stack job, tuning and submission.
+ONE_STACKER = {
+    "stack": 1,
+    "tune_postprocess": 1,
+    "submit": 1,
     "choose": 1,
     "final_submission": 1,
     "report": 1,
@@ -476,6 +513,45 @@ def test_code_edits_rerun_the_stages_that_run_that_code_only(
     assert {"ingest_dataset", "dedup", "make_folds"} <= set(plan())
 
 
+@pytest.mark.parametrize(
+    ("change", "stacker"),
+    [
+        ({"stack": {"pixels_per_image": 16}}, "pixel"),
+        ({"stack": {"threshold_target": True}}, "gate"),
+    ],
+    ids=["stack-pixels", "stack-threshold"],
+)
+def test_a_stack_option_refits_only_the_candidate_that_reads_it(
+    demo_run: Path, change: dict, stacker: str
+) -> None:
+    """The stack_gate maps cannot change with the pixel sample, nor the blender's with the
+    gate's thresholds: each option reruns its own stack job, tuning and submission."""
+    jobs = _dry_run(demo_run, change, *TRIGGERS)
+    assert _rules(jobs) == ONE_STACKER
+    assert _job(jobs, "stack", stacker=stacker)
+    for rule in ("tune_postprocess", "submit"):
+        assert _job(jobs, rule, experiment=f"stack_{stacker}", round="0")
+
+
+def test_without_the_pixel_blender_no_stack_pixel_job_or_candidate(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    """stack.pixel_blender: false on the finished run: the choice, its copy and the report
+    are redone without stack_pixel, and nothing is fitted or tuned."""
+    jobs = _dry_run(demo_run, {"stack": {"pixel_blender": False}}, *TRIGGERS)
+    assert _rules(jobs) == {"choose": 1, "final_submission": 1, "report": 1, "all": 1}
+    for job in jobs:
+        assert "stack_pixel" not in job["shell"] and "summary_pixel" not in job["shell"], job
+        assert not [path for path in job["input"] if "stack_pixel" in path], job
+    assert "stack_gate:0" in _job(jobs, "choose")["shell"]
+    # A fresh run plans one stack job, the gate's, and three candidates' tuning.
+    fresh = copy_workflow(tmp_path / "fresh")
+    planned = _dry_run(fresh, {"stack": {"pixel_blender": False}})
+    assert _job(planned, "stack")["wildcards"] == {"stacker": "gate"}
+    tuned = {job["wildcards"]["experiment"] for job in planned if job["rule"] == "tune_postprocess"}
+    assert tuned == {"unet_lite0", "ensemble", "stack_gate"}
+
+
 def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None:
     """A user's dataset (not the generated demo): a file overwritten in place leaves its
     folder's modification time alone, so only the data stamp param can notice it; a file
@@ -614,15 +690,15 @@ def test_invalid_config_stops_before_any_job_naming_the_key(
     assert not (workdir / "results").exists()
 
 
-def _dry_run(workdir: Path, overrides: dict) -> list[dict]:
-    """The jobs of a dry run of SMALL_DEMO with ``overrides``: rule, whether a checkpoint,
-    wildcards, inputs, shell."""
+def _dry_run(workdir: Path, overrides: dict, *args: str) -> list[dict]:
+    """The jobs of a dry run of SMALL_DEMO with ``overrides`` (and snakemake ``args``): rule,
+    whether a checkpoint, wildcards, inputs, shell."""
     import re
 
     base = write_config(workdir, "small.yaml", SMALL_DEMO)
     changed = write_config(workdir, "changed.yaml", overrides)
     output = run_snakemake(
-        workdir, "--dry-run", "--printshellcmds", "--configfile", base, changed
+        workdir, "--dry-run", "--printshellcmds", "--configfile", base, changed, *args
     ).stdout
     jobs = []
     for block in re.split(r"^\[[^\]\n]*\]$", output, flags=re.M)[1:]:
@@ -1060,7 +1136,7 @@ def test_final_choice_and_stage_table(second_level_run: Path) -> None:
     assert (class_dir / "threshold_model.cbm").is_file()
     thresholds = pd.read_csv(class_dir / "threshold_oof.csv")
     assert thresholds["predicted"].between(0.05, 0.95).all()
-    summary = json.loads((results / "stack" / "round1" / "summary.json").read_text())
+    summary = json.loads((results / "stack" / "round1" / "summary_gate.json").read_text())
     assert "mae" in next(iter(summary["classes"].values()))["threshold"]
     weights = json.loads((results / "ensemble" / "round0" / "weights.json").read_text())
     assert sum(weights["weights"].values()) == pytest.approx(1.0)

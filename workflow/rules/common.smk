@@ -14,6 +14,7 @@ from segflow.model.experiment import (
     check_init_from,
 )
 from segflow.core.data_stamp import CACHE_NAME, data_stamp as content_stamp, demo_stamp
+from segflow.ensemble.stacking.stackers import STACKER_OPTIONS, candidate_name
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
 from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
@@ -111,9 +112,16 @@ PSEUDO = config["pseudo"]
 ROUNDS = list(range(PSEUDO["rounds"] + 1))
 FINAL_ROUND = ROUNDS[-1]
 STACK = config["stack"]
+# One stack job per stacked candidate: the gate, and the pixel blender unless
+# stack.pixel_blender is false (then no stack_pixel candidate anywhere).
+STACKERS = (
+    (["gate", "pixel"] if STACK["pixel_blender"] else ["gate"])
+    if STACK["enabled"]
+    else []
+)
 
 
-def check_experiment_names():
+def check_reserved_names():
     reserved = sorted(set(EXPERIMENTS) & set(SECOND_LEVEL))
     if reserved:
         raise ValueError(
@@ -121,16 +129,43 @@ def check_experiment_names():
         )
 
 
-check_experiment_names()
+check_reserved_names()
 
 
 def candidates():
     """(name, round) of everything scored on OOF: each experiment and the ensemble per round,
     the stacked models on the final round."""
     pairs = [(name, r) for r in ROUNDS for name in [*RUN_EXPERIMENTS, "ensemble"]]
-    if STACK["enabled"]:
-        pairs += [("stack_gate", FINAL_ROUND), ("stack_pixel", FINAL_ROUND)]
+    pairs += [(candidate_name(stacker), FINAL_ROUND) for stacker in STACKERS]
     return pairs
+
+
+def stack_inputs(wildcards):
+    """The ensemble the gate gates (final round); the pixel blender reads the experiments
+    only, so a change of the ensemble does not refit it."""
+    if wildcards.stacker != "gate":
+        return {}
+    return {
+        "base_oof": result("oof", "ensemble", f"round{FINAL_ROUND}", "oof_probs.npy"),
+        "base_test": result("test", "ensemble", f"round{FINAL_ROUND}", "probs.npy"),
+    }
+
+
+def stack_flags(wildcards):
+    """The stack options this stacker reads (STACKER_OPTIONS), as `segflow stack` flags: an
+    edit of another one (pixels_per_image for the gate) leaves the job's params alone.
+    """
+    return cli_flags({k: STACK[k] for k in STACKER_OPTIONS[wildcards.stacker]})
+
+
+def stack_base_flags(wildcards, input):
+    """`--base-oof-dir D --base-test-dir D` of the ensemble for the gate, else nothing."""
+    if wildcards.stacker != "gate":
+        return ""
+    return (
+        f"--base-oof-dir {shlex.quote(os.path.dirname(input.base_oof))}"
+        f" --base-test-dir {shlex.quote(os.path.dirname(input.base_test))}"
+    )
 
 
 def submit_flag():

@@ -91,38 +91,34 @@ rule select_pseudo:
         " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
+# One job per stacked candidate ({stacker}: gate or pixel), each with only its own options:
+# both write into stack/round<R>/class_<k>/ (no file name shared) and a summary of their own.
 rule stack:
     input:
+        unpack(stack_inputs),
         oof_probs=expand("{dir}/oof_probs.npy", dir=experiment_dirs("oof", FINAL_ROUND)),
         oof_ids=expand("{dir}/oof_ids.csv", dir=experiment_dirs("oof", FINAL_ROUND)),
         # A function: with refit.test_models auto the test models follow the budget's plan.
         test_probs=lambda wildcards: expand(
             "{dir}/probs.npy", dir=experiment_dirs("test", FINAL_ROUND)
         ),
-        base_oof=result("oof", "ensemble", f"round{FINAL_ROUND}", "oof_probs.npy"),
-        base_test=result("test", "ensemble", f"round{FINAL_ROUND}", "probs.npy"),
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_images.output.stats,
         manifest=rules.ingest_dataset.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
-        gate_oof=result("oof", "stack_gate", f"round{FINAL_ROUND}", "oof_probs.npy"),
-        gate_oof_ids=result("oof", "stack_gate", f"round{FINAL_ROUND}", "oof_ids.csv"),
-        gate_metrics=result("oof", "stack_gate", f"round{FINAL_ROUND}", "metrics.json"),
-        gate_test=result("test", "stack_gate", f"round{FINAL_ROUND}", "probs.npy"),
-        gate_test_ids=result("test", "stack_gate", f"round{FINAL_ROUND}", "ids.csv"),
-        pixel_oof=result("oof", "stack_pixel", f"round{FINAL_ROUND}", "oof_probs.npy"),
-        pixel_oof_ids=result("oof", "stack_pixel", f"round{FINAL_ROUND}", "oof_ids.csv"),
-        pixel_metrics=result(
-            "oof", "stack_pixel", f"round{FINAL_ROUND}", "metrics.json"
-        ),
-        pixel_test=result("test", "stack_pixel", f"round{FINAL_ROUND}", "probs.npy"),
-        pixel_test_ids=result("test", "stack_pixel", f"round{FINAL_ROUND}", "ids.csv"),
-        summary=result("stack", f"round{FINAL_ROUND}", "summary.json"),
+        oof=result("oof", "stack_{stacker}", f"round{FINAL_ROUND}", "oof_probs.npy"),
+        oof_ids=result("oof", "stack_{stacker}", f"round{FINAL_ROUND}", "oof_ids.csv"),
+        metrics=result("oof", "stack_{stacker}", f"round{FINAL_ROUND}", "metrics.json"),
+        test=result("test", "stack_{stacker}", f"round{FINAL_ROUND}", "probs.npy"),
+        test_ids=result("test", "stack_{stacker}", f"round{FINAL_ROUND}", "ids.csv"),
+        summary=result("stack", f"round{FINAL_ROUND}", "summary_{stacker}.json"),
     log:
-        result("logs", "stack.log"),
+        result("logs", "stack", "{stacker}.log"),
     benchmark:
-        result("benchmarks", "stack.tsv")
+        result("benchmarks", "stack", "{stacker}.tsv")
+    wildcard_constraints:
+        stacker="gate|pixel",
     conda:
         CONDA_ENV
     threads: rule_threads("stack", MAX_THREADS)
@@ -137,19 +133,17 @@ rule stack:
         ],
         n_folds=N_FOLDS,
         fold_merge=config["predict"]["fold_merge"],
-        flags=section_flags("stack", exclude=("enabled",)),
+        flags=stack_flags,
+        base=stack_base_flags,
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
-        base_oof_dir=lambda wildcards, input: os.path.dirname(input.base_oof),
-        base_test_dir=lambda wildcards, input: os.path.dirname(input.base_test),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     shell:
-        "segflow stack --names {params.names:q} --oof-dirs {params.oof_dirs:q}"
-        " --test-dirs {params.test_dirs:q} --n-folds {params.n_folds:q}"
-        " --fold-merge {params.fold_merge:q} --base-oof-dir {params.base_oof_dir:q}"
-        " --base-test-dir {params.base_test_dir:q} --arrays-dir {params.arrays_dir:q}"
-        " --folds {input.folds:q} --manifest {input.manifest:q}"
-        " --dedup-items {input.dedup_items:q} {params.flags} --threads {threads}"
-        " --out-dir {params.out_dir:q} 2> {log:q}"
+        "segflow stack --candidate {wildcards.stacker} --names {params.names:q}"
+        " --oof-dirs {params.oof_dirs:q} --test-dirs {params.test_dirs:q}"
+        " --n-folds {params.n_folds:q} --fold-merge {params.fold_merge:q} {params.base}"
+        " --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
+        " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q} {params.flags}"
+        " --threads {threads} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule choose:

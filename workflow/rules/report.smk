@@ -31,11 +31,10 @@ rule report:
             for name, r in candidates()
         ],
         search=search_files("trials.csv", "best.json", "importance.csv"),
-        stack=(
-            [result("stack", f"round{FINAL_ROUND}", "summary.json")]
-            if STACK["enabled"]
-            else []
-        ),
+        stack=[
+            result("stack", f"round{FINAL_ROUND}", f"summary_{stacker}.json")
+            for stacker in STACKERS
+        ],
     output:
         report=result("report", "report.html"),
     log:

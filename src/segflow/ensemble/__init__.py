@@ -3,7 +3,8 @@
 - ``blend`` (``segflow blend``): weights tuned on OOF (the search: ``weights``, pure arrays).
 - ``select_pseudo`` (``segflow select-pseudo``): pseudo-labels for the next round (the policy:
   ``pseudo``, pure arrays).
-- ``stacking/``: ``stack`` (``segflow stack``), ``features``, ``learners`` (LightGBM/CatBoost
+- ``stacking/``: ``stack`` (``segflow stack --candidate gate|pixel``), ``stackers`` (the two
+  stacked candidates and the options each reads), ``features``, ``learners`` (LightGBM/CatBoost
   behind one interface, cross-fitting), ``threshold`` (per-image thresholds).
 - ``choose`` (``segflow choose``): every candidate's scores, the final submission.
 

@@ -403,16 +403,19 @@ def _stacking_section(root: Path, candidates: Sequence[Candidate], classes: Sequ
             "stacking", "Stacking", [_note("stacking did not run (stack.enabled: false)")]
         )
     body = []
+    # Each stacked candidate of the run (stack.pixel_blender: false leaves stack_pixel out;
+    # a blender file left by an earlier run is then not shown).
+    stacked = {(c.name, c.round) for c in candidates}
     for round_ in rounds:
         for k, name in enumerate(classes):
             class_dir = root / "stack" / f"round{round_}" / f"class_{k}"
-            for file, what in (
-                ("gate_importances.csv", "image-level gate"),
-                ("blender_importances.csv", "pixel-level blender"),
+            for candidate, file, what in (
+                ("stack_gate", "gate_importances.csv", "image-level gate"),
+                ("stack_pixel", "blender_importances.csv", "pixel-level blender"),
             ):
-                path = class_dir / file
-                if file == "blender_importances.csv" and not path.is_file():
+                if (candidate, round_) not in stacked:
                     continue
+                path = class_dir / file
                 title = f"{what}, class {name}, round {round_}"
                 png = report_figures.importance_png(_read_csv(path), title)
                 body.append(png_img(png, title))

@@ -1,20 +1,28 @@
-"""The stacking stage on files: image-level gate and pixel-level blender, per class.
+"""The stacking stage on files: an image-level gate or a pixel-level blender, per class.
 
-Features come from every experiment's OOF probability maps (and the fold-merged test maps for
-the test set), the preprocessed images and the manifest's ``meta_*`` metadata. Both models are
-cross-fitted on the first level's folds (:mod:`segflow.ensemble.stacking.learners`), so their OOF is honest; the
-final models, fitted on all OOF, are applied to the test features. Two candidates come out:
+``segflow stack --candidate gate|pixel`` fits one of the two stacked candidates
+(:mod:`segflow.ensemble.stacking.stackers`); the workflow runs one job per candidate, each with
+only the options it reads. Features come from every experiment's OOF probability maps (and the
+fold-merged test maps for the test set), the preprocessed images and (gate) the manifest's
+``meta_*`` metadata. Both models are cross-fitted on the first level's folds
+(:mod:`segflow.ensemble.stacking.learners`), so their OOF is honest; the final models, fitted
+on all OOF, are applied to the test features.
 
-* ``stack_gate``: the ensemble's probabilities with the gate's non-empty probability (tuned as
-  ``postprocess.gates`` like an aux head's); with ``stack.threshold_target`` the probabilities
-  are recalibrated to each image's predicted best threshold (:mod:`segflow.ensemble.stacking.threshold`);
-* ``stack_pixel``: the blender's probabilities.
+* ``stack_gate`` (``--candidate gate``): the ensemble's probabilities with the gate's non-empty
+  probability (tuned as ``postprocess.gates`` like an aux head's); with
+  ``stack.threshold_target`` the probabilities are recalibrated to each image's predicted best
+  threshold (:mod:`segflow.ensemble.stacking.threshold`). Reads the ensemble.
+* ``stack_pixel`` (``--candidate pixel``): the blender's probabilities. Reads the experiments
+  only, not the ensemble nor the gate.
+
+Both write into the same ``stack/round<r>/class_<k>/`` folders (the gate its feature tables,
+gate and threshold files, the pixel job its ``blender_*`` files: no name is shared) and a
+``summary_<stacker>.json`` each.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -54,6 +62,7 @@ from segflow.ensemble.stacking.learners import (
     write_blender_artifacts,
     write_gate_artifacts,
 )
+from segflow.ensemble.stacking.stackers import STACKER_OPTIONS, STACKERS, candidate_name
 from segflow.ensemble.stacking.threshold import (
     ThresholdResult,
     best_thresholds,
@@ -67,7 +76,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StackOptions:
-    """Second-level models (config section ``stack``)."""
+    """Second-level models (config section ``stack``); each candidate reads only its own
+    fields (:data:`segflow.ensemble.stacking.stackers.STACKER_OPTIONS`)."""
 
     backend: str = option("lightgbm", "gradient-boosting library", tuple(BACKENDS))
     pixels_per_image: int = option(
@@ -94,6 +104,15 @@ class StackOptions:
                 f"stack.threshold_target must be true or false, got {self.threshold_target!r}"
             )
 
+    def of(self, stacker: str) -> dict[str, Any]:
+        """The options ``stacker`` reads, by name (what its provenance and summary record).
+
+        Raises:
+            KeyError: an unknown stacker (the message lists the valid ones).
+        """
+        candidate_name(stacker)
+        return {name: getattr(self, name) for name in STACKER_OPTIONS[stacker]}
+
 
 @dataclass(frozen=True)
 class StackInputs:
@@ -102,8 +121,8 @@ class StackInputs:
     names: Sequence[str]
     oof: Sequence[Prediction]  # per experiment, OOF (sorted ids)
     test: Sequence[Prediction]  # per experiment, fold-merged test
-    base_oof: Prediction  # the ensemble's (what the gate gates)
-    base_test: Prediction
+    base_oof: Prediction | None  # the ensemble's (what the gate gates); None for the blender
+    base_test: Prediction | None
     truths: np.ndarray  # packed (N, H, W)
     folds: pd.DataFrame  # id, fold
     classes: Sequence[str]
@@ -142,19 +161,39 @@ def load_stack_inputs(
     names: Sequence[str],
     oof: Sequence[Prediction],
     test: Sequence[Prediction],
-    base_oof: Prediction,
-    base_test: Prediction,
+    base_oof: Prediction | None,
+    base_test: Prediction | None,
     truths: np.ndarray,
     folds: pd.DataFrame,
     classes: Sequence[str],
     arrays_dir: str | os.PathLike[str],
     manifest: pd.DataFrame,
 ) -> StackInputs:
-    """Check alignment and read the images and metadata the features need."""
-    check_aligned([*oof, base_oof], [*names, "ensemble"], "OOF predictions")
-    check_aligned([*test, base_test], [*names, "ensemble"], "test predictions")
+    """Check alignment and read the images and metadata the features need.
+
+    Args:
+        base_oof, base_test: the ensemble's OOF and test predictions (the gate's), both or
+            neither (the pixel blender reads the experiments only).
+
+    Raises:
+        SegflowError: experiments (and ensemble) cover different ids or shapes, or only one
+            of ``base_oof`` and ``base_test`` is given.
+    """
+    if (base_oof is None) != (base_test is None):
+        raise SegflowError("stacking: give the ensemble's OOF and test predictions, or neither")
+    with_base = base_oof is not None and base_test is not None
+    check_aligned(
+        [*oof, base_oof] if with_base else list(oof),
+        [*names, "ensemble"] if with_base else list(names),
+        "OOF predictions",
+    )
+    check_aligned(
+        [*test, base_test] if with_base else list(test),
+        [*names, "ensemble"] if with_base else list(names),
+        "test predictions",
+    )
     arrays_dir = Path(arrays_dir)
-    oof_ids, test_ids = base_oof.ids["id"], base_test.ids["id"]
+    oof_ids, test_ids = oof[0].ids["id"], test[0].ids["id"]
     return StackInputs(
         names=list(names),
         oof=oof,
@@ -171,96 +210,8 @@ def load_stack_inputs(
     )
 
 
-@dataclass
-class _StackOutputs:
-    """What the per-class fits fill in, class ``k`` in column ``k``."""
-
-    gate_oof: np.ndarray  # (N, K) gate probabilities
-    gate_test: np.ndarray  # (M, K)
-    blend_oof: np.ndarray  # (N, K, H, W) pixel blender
-    blend_test: np.ndarray
-    gate_maps_oof: np.ndarray  # the gate candidate's maps: the ensemble's, or recalibrated
-    gate_maps_test: np.ndarray
-
-    @classmethod
-    def empty(cls, inputs: StackInputs, recalibrated: bool) -> _StackOutputs:
-        n_classes = len(inputs.classes)
-        maps_oof = np.asarray(inputs.base_oof.probs)
-        maps_test = np.asarray(inputs.base_test.probs)
-        if recalibrated:  # per-image thresholds rewrite them class by class
-            maps_oof, maps_test = maps_oof.copy(), maps_test.copy()
-        return cls(
-            gate_oof=np.zeros((len(inputs.base_oof.ids), n_classes), np.float32),
-            gate_test=np.zeros((len(inputs.base_test.ids), n_classes), np.float32),
-            blend_oof=np.zeros(inputs.base_oof.probs.shape, np.float16),
-            blend_test=np.zeros(inputs.base_test.probs.shape, np.float16),
-            gate_maps_oof=maps_oof,
-            gate_maps_test=maps_test,
-        )
-
-
-def run_stack(
-    inputs: StackInputs,
-    options: StackOptions,
-    out_dir: str | os.PathLike[str],
-    candidate_dirs: dict[str, tuple[Path, Path]],
-) -> dict[str, Any]:
-    """Fit gate and blender per class, write their artifacts and the two candidates.
-
-    Args:
-        inputs: from :func:`load_stack_inputs`.
-        options: backend, pixel sample size, seed.
-        out_dir: artifacts: ``class_<k>/`` (feature tables, native models, importances,
-            metrics) and ``summary.json``; every JSON carries the stage's provenance block
-            (:mod:`segflow.core.provenance`, seed ``options.seed``).
-        candidate_dirs: ``stack_gate`` / ``stack_pixel`` -> (OOF folder, test folder).
-
-    Returns:
-        The summary written to ``summary.json``.
-    """
-    out_dir = Path(out_dir)
-    # One block for every JSON of the stage: its options, the experiments it stacks, its seed.
-    block = stage_provenance(
-        {"options": dataclasses.asdict(options), "names": list(inputs.names)}, seed=options.seed
-    )
-    fold_of = inputs.folds.set_index("id").loc[inputs.base_oof.ids["id"], "fold"].to_numpy()
-    outputs = _StackOutputs.empty(inputs, options.threshold_target)
-    per_class = {
-        name: _stack_class(inputs, k, options, fold_of, out_dir / f"class_{k}", block, outputs)
-        for k, name in enumerate(inputs.classes)
-    }
-    summaries = _write_stack_candidates(inputs, outputs, candidate_dirs, block)
-    summary = json_ready(
-        {
-            "backend": options.backend,
-            "options": dataclasses.asdict(options),
-            "classes": per_class,
-            "candidates": {
-                k: {m: v[m] for m in ("kaggle", "dice", "iou")} for k, v in summaries.items()
-            },
-        }
-    )
-    summary = with_provenance(summary, block)
-    write_json(out_dir / "summary.json", summary)
-    return summary
-
-
-def _stack_class(
-    inputs: StackInputs,
-    k: int,
-    options: StackOptions,
-    fold_of: np.ndarray,
-    class_dir: Path,
-    block: dict[str, Any],
-    outputs: _StackOutputs,
-) -> dict[str, Any]:
-    """Class ``k``: feature tables, the gate, the pixel blender (and per-image thresholds),
-    their artifacts in ``class_dir``; fills column ``k`` of ``outputs``.
-
-    Returns:
-        The class's metrics for ``summary.json``.
-    """
-    truth = class_truths(inputs.truths, k)
+def _class_maps(inputs: StackInputs, k: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Class ``k``'s probability planes of every experiment: (OOF, test), float32."""
     oof_maps = {
         n: np.asarray(p.probs[:, k], np.float32)
         for n, p in zip(inputs.names, inputs.oof, strict=True)
@@ -269,91 +220,164 @@ def _stack_class(
         n: np.asarray(p.probs[:, k], np.float32)
         for n, p in zip(inputs.names, inputs.test, strict=True)
     }
-
-    train_features = image_features(oof_maps, inputs.train_images, inputs.train_metadata)
-    test_features = image_features(test_maps, inputs.test_images, inputs.test_metadata)
-    _write_parquet(
-        class_dir / "features_oof.parquet",
-        train_features.assign(id=inputs.base_oof.ids["id"].to_numpy(), fold=fold_of),
-    )
-    _write_parquet(
-        class_dir / "features_test.parquet",
-        test_features.assign(id=inputs.base_test.ids["id"].to_numpy()),
-    )
-    gate = fit_gate(
-        train_features, nonempty_images(truth), fold_of, options.backend, seed=options.seed
-    )
-    write_gate_artifacts(gate, class_dir, inputs.base_oof.ids["id"].tolist(), block)
-    outputs.gate_oof[:, k] = gate.nonempty_prob
-    outputs.gate_test[:, k] = gate.final_model.predict_proba(test_features)
-
-    blender = fit_pixel_blender(
-        oof_maps,
-        truth,
-        fold_of,
-        inputs.train_images,
-        options.backend,
-        seed=options.seed,
-        pixels_per_image=options.pixels_per_image,
-    )
-    write_blender_artifacts(blender, class_dir, block)
-    outputs.blend_oof[:, k] = blender.oof_probs
-    outputs.blend_test[:, k] = apply_pixel_blender(
-        blender.final_model, test_maps, inputs.test_images
-    )
-    record: dict[str, Any] = {"gate": gate.metrics(), "blender": blender.metrics()}
-    if options.threshold_target:
-        threshold = _fit_thresholds(
-            inputs, k, truth, train_features, fold_of, options, class_dir, block
-        )
-        outputs.gate_maps_oof[:, k] = recalibrate(outputs.gate_maps_oof[:, k], threshold.predicted)
-        outputs.gate_maps_test[:, k] = recalibrate(
-            outputs.gate_maps_test[:, k], threshold.final_model.predict_proba(test_features)
-        )
-        record["threshold"] = threshold.metrics()
-    log.info(
-        "class %s: gate OOF AUC %.4f; blender scores %s",
-        inputs.classes[k],
-        gate.auc,
-        blender.scores.to_dict(),
-    )
-    return record
+    return oof_maps, test_maps
 
 
-def _write_stack_candidates(
+def run_stack(
     inputs: StackInputs,
-    outputs: _StackOutputs,
-    candidate_dirs: dict[str, tuple[Path, Path]],
-    block: dict[str, Any],
-) -> dict[str, dict[str, Any]]:
-    """The ``stack_gate`` and ``stack_pixel`` candidates, in an experiment's layout.
+    options: StackOptions,
+    stacker: str,
+    out_dir: str | os.PathLike[str],
+    candidate_dirs: tuple[Path, Path],
+) -> dict[str, Any]:
+    """Fit one stacked model per class, write its artifacts and its candidate.
+
+    Args:
+        inputs: from :func:`load_stack_inputs` (with the ensemble's predictions for the gate).
+        options: the ``stack`` options; only ``options.of(stacker)`` is read.
+        stacker: ``gate`` or ``pixel`` (:data:`segflow.ensemble.stacking.stackers.STACKERS`).
+        out_dir: artifacts: ``class_<k>/`` (gate: feature tables, gate and threshold models,
+            importances, metrics; pixel: the blender's) and ``summary_<stacker>.json``; every
+            JSON carries the job's provenance block (:mod:`segflow.core.provenance`, seed
+            ``options.seed``).
+        candidate_dirs: the candidate's (OOF folder, test folder).
 
     Returns:
-        Each candidate's OOF summary (its ``metrics.json``).
+        The summary written to ``summary_<stacker>.json``.
+
+    Raises:
+        SegflowError: the gate without the ensemble's predictions.
+        KeyError: an unknown stacker.
+    """
+    name = candidate_name(stacker)
+    used = options.of(stacker)
+    if stacker == "gate" and inputs.base_oof is None:
+        raise SegflowError("stack --candidate gate gates the ensemble: give --base-oof-dir")
+    out_dir = Path(out_dir)
+    # One block for every JSON of the job: the options it reads, the experiments, its seed.
+    block = stage_provenance(
+        {"stacker": stacker, "options": used, "names": list(inputs.names)}, seed=options.seed
+    )
+    fold_of = inputs.folds.set_index("id").loc[inputs.oof[0].ids["id"], "fold"].to_numpy()
+    fit = _fit_gates if stacker == "gate" else _fit_blenders
+    per_class, oof, test = fit(inputs, options, fold_of, out_dir, block)
+    scores = write_candidate(
+        *candidate_dirs,
+        oof,
+        test,
+        inputs.folds,
+        inputs.truths,
+        inputs.classes,
+        {PROVENANCE_KEY: block},
+    )
+    summary = json_ready(
+        {
+            "stacker": stacker,
+            "backend": options.backend,
+            "options": used,
+            "classes": per_class,
+            "candidates": {name: {m: scores[m] for m in ("kaggle", "dice", "iou")}},
+        }
+    )
+    summary = with_provenance(summary, block)
+    write_json(out_dir / f"summary_{stacker}.json", summary)
+    return summary
+
+
+def _fit_gates(
+    inputs: StackInputs,
+    options: StackOptions,
+    fold_of: np.ndarray,
+    out_dir: Path,
+    block: dict[str, Any],
+) -> tuple[dict[str, Any], Prediction, Prediction]:
+    """Per class: feature tables, the gate (and per-image thresholds), their artifacts.
+
+    Returns:
+        (per-class metrics, the stack_gate candidate's OOF, its test prediction).
     """
     base_oof, base_test = inputs.base_oof, inputs.base_test
-    candidates = {
-        "stack_gate": (
-            Prediction(with_gates(base_oof.ids, outputs.gate_oof), outputs.gate_maps_oof),
-            Prediction(with_gates(base_test.ids, outputs.gate_test), outputs.gate_maps_test),
-        ),
-        "stack_pixel": (
-            Prediction(without_gates(base_oof.ids), outputs.blend_oof),
-            Prediction(without_gates(base_test.ids), outputs.blend_test),
-        ),
-    }
-    return {
-        name: write_candidate(
-            *candidate_dirs[name],
-            oof,
-            test,
-            inputs.folds,
-            inputs.truths,
-            inputs.classes,
-            {PROVENANCE_KEY: block},
+    if base_oof is None or base_test is None:
+        raise SegflowError("the gate needs the ensemble's OOF and test predictions")
+    n_classes = len(inputs.classes)
+    gate_oof = np.zeros((len(base_oof.ids), n_classes), np.float32)
+    gate_test = np.zeros((len(base_test.ids), n_classes), np.float32)
+    maps_oof, maps_test = np.asarray(base_oof.probs), np.asarray(base_test.probs)
+    if options.threshold_target:  # per-image thresholds rewrite them class by class
+        maps_oof, maps_test = maps_oof.copy(), maps_test.copy()
+    per_class: dict[str, Any] = {}
+    for k, class_name in enumerate(inputs.classes):
+        class_dir = out_dir / f"class_{k}"
+        truth = class_truths(inputs.truths, k)
+        oof_maps, test_maps = _class_maps(inputs, k)
+        train_features = image_features(oof_maps, inputs.train_images, inputs.train_metadata)
+        test_features = image_features(test_maps, inputs.test_images, inputs.test_metadata)
+        _write_parquet(
+            class_dir / "features_oof.parquet",
+            train_features.assign(id=base_oof.ids["id"].to_numpy(), fold=fold_of),
         )
-        for name, (oof, test) in candidates.items()
-    }
+        _write_parquet(
+            class_dir / "features_test.parquet",
+            test_features.assign(id=base_test.ids["id"].to_numpy()),
+        )
+        gate = fit_gate(
+            train_features, nonempty_images(truth), fold_of, options.backend, seed=options.seed
+        )
+        write_gate_artifacts(gate, class_dir, base_oof.ids["id"].tolist(), block)
+        gate_oof[:, k] = gate.nonempty_prob
+        gate_test[:, k] = gate.final_model.predict_proba(test_features)
+        record: dict[str, Any] = {"gate": gate.metrics()}
+        if options.threshold_target:
+            threshold = _fit_thresholds(
+                inputs, k, truth, train_features, fold_of, options, class_dir, block
+            )
+            maps_oof[:, k] = recalibrate(maps_oof[:, k], threshold.predicted)
+            maps_test[:, k] = recalibrate(
+                maps_test[:, k], threshold.final_model.predict_proba(test_features)
+            )
+            record["threshold"] = threshold.metrics()
+        log.info("class %s: gate OOF AUC %.4f", class_name, gate.auc)
+        per_class[class_name] = record
+    return (
+        per_class,
+        Prediction(with_gates(base_oof.ids, gate_oof), maps_oof),
+        Prediction(with_gates(base_test.ids, gate_test), maps_test),
+    )
+
+
+def _fit_blenders(
+    inputs: StackInputs,
+    options: StackOptions,
+    fold_of: np.ndarray,
+    out_dir: Path,
+    block: dict[str, Any],
+) -> tuple[dict[str, Any], Prediction, Prediction]:
+    """Per class: the pixel blender on the experiments' maps and its artifacts.
+
+    Returns:
+        (per-class metrics, the stack_pixel candidate's OOF, its test prediction).
+    """
+    oof_ids, test_ids = without_gates(inputs.oof[0].ids), without_gates(inputs.test[0].ids)
+    blend_oof = np.zeros(inputs.oof[0].probs.shape, np.float16)
+    blend_test = np.zeros(inputs.test[0].probs.shape, np.float16)
+    per_class: dict[str, Any] = {}
+    for k, class_name in enumerate(inputs.classes):
+        oof_maps, test_maps = _class_maps(inputs, k)
+        blender = fit_pixel_blender(
+            oof_maps,
+            class_truths(inputs.truths, k),
+            fold_of,
+            inputs.train_images,
+            options.backend,
+            seed=options.seed,
+            pixels_per_image=options.pixels_per_image,
+        )
+        write_blender_artifacts(blender, out_dir / f"class_{k}", block)
+        blend_oof[:, k] = blender.oof_probs
+        blend_test[:, k] = apply_pixel_blender(blender.final_model, test_maps, inputs.test_images)
+        log.info("class %s: blender scores %s", class_name, blender.scores.to_dict())
+        per_class[class_name] = {"blender": blender.metrics()}
+    return per_class, Prediction(oof_ids, blend_oof), Prediction(test_ids, blend_test)
 
 
 def _fit_thresholds(
@@ -367,6 +391,8 @@ def _fit_thresholds(
     provenance: dict[str, Any],
 ) -> ThresholdResult:
     """Class k's per-image threshold model, on the ensemble's OOF maps; artifacts written."""
+    if inputs.base_oof is None:
+        raise SegflowError("per-image thresholds need the ensemble's OOF predictions")
     best, informative = best_thresholds(inputs.base_oof.probs[:, k], truth)
     result = fit_threshold(features, best, informative, fold_of, options.backend, seed=options.seed)
     write_threshold_artifacts(result, class_dir, inputs.base_oof.ids["id"].tolist(), provenance)
@@ -384,10 +410,22 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow stack``'s flags."""
+    parser.add_argument(
+        "--candidate",
+        required=True,
+        choices=STACKERS,
+        help="gate: the image-level gate on the ensemble (stack_gate); pixel: the pixel-level "
+        "blender (stack_pixel). Each reads only its own options: "
+        + "; ".join(f"{s}: {', '.join(STACKER_OPTIONS[s])}" for s in STACKERS),
+    )
     add_dataclass_arguments(parser, StackOptions)
     add_experiment_dirs(parser)
-    parser.add_argument("--base-oof-dir", required=True, help="the ensemble's OOF folder")
-    parser.add_argument("--base-test-dir", required=True, help="the ensemble's test folder")
+    parser.add_argument(
+        "--base-oof-dir", default=None, help="the ensemble's OOF folder (gate only, required)"
+    )
+    parser.add_argument(
+        "--base-test-dir", default=None, help="the ensemble's test folder (gate only, required)"
+    )
     parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
     parser.add_argument("--folds", required=True, help="folds.csv")
     add_stage_tables(parser)
@@ -395,41 +433,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True, help="artifacts folder")
 
 
+def _base_predictions(args: argparse.Namespace) -> tuple[Prediction | None, Prediction | None]:
+    """The ensemble's OOF and test predictions for the gate; (None, None) for the blender.
+
+    Raises:
+        SegflowError: the gate without both folders, or the blender given one.
+    """
+    given = [flag for flag in ("base_oof_dir", "base_test_dir") if getattr(args, flag)]
+    if args.candidate == "pixel":
+        if given:
+            flag = given[0].replace("_", "-")
+            raise SegflowError(f"stack --candidate pixel reads the experiments only; drop --{flag}")
+        return None, None
+    if len(given) < 2:
+        raise SegflowError("stack --candidate gate needs --base-oof-dir and --base-test-dir")
+    return read_oof(args.base_oof_dir), read_fold_predictions([args.base_test_dir], "mean")
+
+
 def run(args: argparse.Namespace) -> None:
-    """``segflow stack``: fit the stacked models, write the stack_gate and stack_pixel
-    candidates next to the ensemble's (same results folder and round)."""
+    """``segflow stack``: fit one stacked model, write its candidate (stack_gate or
+    stack_pixel) next to the experiments' (same results folder and round)."""
     options = dataclass_from_namespace(StackOptions, args)
     classes, _ = read_classes(args.arrays_dir)
     check_names(args)
     manifest = read_table(args.manifest, "manifest")
-    base_oof = read_oof(args.base_oof_dir)
+    base_oof, base_test = _base_predictions(args)
+    oof = [read_oof(d) for d in args.oof_dirs]
     inputs = load_stack_inputs(
         args.names,
-        [read_oof(d) for d in args.oof_dirs],
+        oof,
         [
             read_fold_predictions(dirs, args.fold_merge)
             for dirs in group_by_experiment(args.test_dirs, len(args.names), "test folders")
         ],
         base_oof,
-        read_fold_predictions([args.base_test_dir], "mean"),
+        base_test,
         original_truths(
-            manifest, read_table(args.dedup_items, "dedup items"), base_oof.ids["id"], len(classes)
+            manifest, read_table(args.dedup_items, "dedup items"), oof[0].ids["id"], len(classes)
         ),
         read_folds(args.folds),
         classes,
         args.arrays_dir,
         manifest,
     )
+    # The stacked candidates sit next to the experiments: same results folder and round.
     try:
-        results, _, round_ = layout.candidate_of(args.base_oof_dir)
+        results, _, round_ = layout.candidate_of(args.oof_dirs[0])
     except ValueError as error:
-        raise SegflowError(f"--base-oof-dir: {error}") from None
-    candidate_dirs = {
-        name: (
-            layout.candidate_dir(results, "oof", name, round_),
-            layout.candidate_dir(results, "test", name, round_),
-        )
-        for name in ("stack_gate", "stack_pixel")
-    }
-    summary = run_stack(inputs, options, args.out_dir, candidate_dirs)
-    stage_log.info("stacking: %s", summary["candidates"])
+        raise SegflowError(f"--oof-dirs: {error}") from None
+    name = candidate_name(args.candidate)
+    candidate_dirs = (
+        layout.candidate_dir(results, "oof", name, round_),
+        layout.candidate_dir(results, "test", name, round_),
+    )
+    summary = run_stack(inputs, options, args.candidate, args.out_dir, candidate_dirs)
+    stage_log.info("stacking (%s): %s", args.candidate, summary["candidates"])
