@@ -410,6 +410,8 @@ PRE_QUOTED = {
     "params.predict_options": "section_flags",
     "params.submission_options": "section_flags",
     "params.export_options": "section_flags",
+    "params.stack_options": "stack_flags",
+    "params.stack_base": "stack_base_flags",
 }
 
 

@@ -133,16 +133,16 @@ rule stack:
         ],
         n_folds=N_FOLDS,
         fold_merge=config["predict"]["fold_merge"],
-        flags=stack_flags,
-        base=stack_base_flags,
+        stack_options=stack_flags,
+        stack_base=stack_base_flags,
         arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     shell:
-        "segflow stack --candidate {wildcards.stacker} --names {params.names:q}"
+        "segflow stack --candidate {wildcards.stacker:q} --names {params.names:q}"
         " --oof-dirs {params.oof_dirs:q} --test-dirs {params.test_dirs:q}"
-        " --n-folds {params.n_folds:q} --fold-merge {params.fold_merge:q} {params.base}"
+        " --n-folds {params.n_folds:q} --fold-merge {params.fold_merge:q} {params.stack_base}"
         " --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
-        " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q} {params.flags}"
+        " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q} {params.stack_options}"
         " --threads {threads} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
