@@ -10,6 +10,7 @@ from segflow.artifacts.layout import candidate_dir
 from segflow.core.config_check import check_config
 from segflow.model.experiment import check_init_from
 from segflow.core.fingerprint import folder_stamp
+from segflow.data.ingest import count_images
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
 from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
@@ -144,6 +145,9 @@ def pseudo_inputs(wildcards):
     return {
         "pseudo_selection": os.path.join(pseudo_dir(wildcards.round), "selection.csv"),
         "pseudo_targets": os.path.join(pseudo_dir(wildcards.round), "targets.npy"),
+        # The selected test images themselves: a round >= 1 depends on the test set.
+        "test_images": result("preprocess", "test_images.npy"),
+        "test_index": result("preprocess", "test_index.parquet"),
     }
 
 
@@ -409,21 +413,59 @@ def check_cluster_rules():
         )
 
 
-def ingest_inputs(wildcards):
-    """The dataset itself: the demo folder (built by generate_demo_data) or the user's paths."""
-    if DEMO["enabled"]:
-        return {"dataset": DEMO["out_dir"]}
-    keys = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
-    return {key: DATA[key] for key in keys if DATA.get(key)}
+# The data keys of each ingest job's files: the test side reads the test folder (and the
+# metadata of its ids), the train side everything else.
+INGEST_PATHS = {
+    "train": ("train_images", "train_masks", "rle_csv", "metadata_csv"),
+    "test": ("test_images", "metadata_csv"),
+}
+# The data section's keys ingest_test passes (its flags: a train-only option reruns no test job).
+TEST_INGEST_KEYS = (
+    "test_images",
+    "metadata_csv",
+    "metadata_id_column",
+    "dicom_window_center",
+    "dicom_window_width",
+    "max_pixels",
+    "data_root",
+)
+# The folders each side's data stamp covers.
+STAMPED_FOLDERS = {"train": ("train_images", "train_masks"), "test": ("test_images",)}
 
 
-def data_stamp(wildcards):
-    """A stamp of the user's data folders (files overwritten in place included); none for the
-    demo, whose folder is this workflow's own output and tracked as such."""
+def ingest_inputs(split):
+    """The input function of ingest_<split>: the demo folder (built by generate_demo_data) or
+    the user's paths of that side."""
+
+    def inputs(wildcards):
+        if DEMO["enabled"]:
+            return {"dataset": DEMO["out_dir"]}
+        return {key: DATA[key] for key in INGEST_PATHS[split] if DATA.get(key)}
+
+    return inputs
+
+
+def data_stamp(split):
+    """The params function of ingest_<split>: a stamp of that side's data folders (files
+    overwritten in place included), so a test-folder edit reruns the test side only; none
+    for the demo, whose folder is this workflow's own output and tracked as such."""
+
+    def stamp(wildcards):
+        if DEMO["enabled"]:
+            return "demo"
+        return folder_stamp(*(DATA[key] for key in STAMPED_FOLDERS[split] if DATA.get(key)))
+
+    return stamp
+
+
+def test_image_count():
+    """The number of test images (the time budget plans their prediction): the demo's
+    configured count, else the image files in data.test_images (none: 0). Their count only,
+    never their contents: replacing test images re-plans nothing, a new count re-plans (and
+    so retrains under a budget)."""
     if DEMO["enabled"]:
-        return "demo"
-    keys = ("train_images", "test_images", "train_masks")
-    return folder_stamp(*(DATA[key] for key in keys if DATA.get(key)))
+        return DEMO["n_test"] if DATA.get("test_images") else 0
+    return count_images(DATA.get("test_images"))
 
 
 def experiment_json(wildcards):

@@ -7,8 +7,8 @@ rule blend:
             "{dir}/probs.npy", dir=experiment_dirs("test", wildcards.round)
         ),
         folds=rules.make_folds.output.folds,
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         oof_probs=result("oof", "ensemble", "round{round}", "oof_probs.npy"),
@@ -60,8 +60,9 @@ rule select_pseudo:
             f"round{int(wildcards.round) - 1}",
             "params.json",
         ),
-        stats=rules.preprocess_images.output.stats,
-        dedup_items=rules.dedup.output.dedup_items,
+        stats=rules.preprocess_train.output.stats,
+        test_index=rules.preprocess_test.output.test_index,
+        leaks=rules.leaks.output.leaks,
     output:
         selection=result("pseudo", "round{round}", "selection.csv"),
         targets=result("pseudo", "round{round}", "targets.npy"),
@@ -87,7 +88,7 @@ rule select_pseudo:
         out_dir=lambda wildcards, output: os.path.dirname(output.selection),
     shell:
         "segflow select-pseudo --test-dir {params.test_dir:q} --postprocess {input.postprocess:q}"
-        " --arrays-dir {params.arrays_dir:q} --dedup-items {input.dedup_items:q} {params.flags}"
+        " --arrays-dir {params.arrays_dir:q} --dedup-items {input.leaks:q} {params.flags}"
         " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
@@ -102,8 +103,12 @@ rule stack:
         base_oof=result("oof", "ensemble", f"round{FINAL_ROUND}", "oof_probs.npy"),
         base_test=result("test", "ensemble", f"round{FINAL_ROUND}", "probs.npy"),
         folds=rules.make_folds.output.folds,
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+        train_images=rules.preprocess_train.output.train_images,
+        test_images=rules.preprocess_test.output.test_images,
+        test_index=rules.preprocess_test.output.test_index,
+        manifest=rules.ingest_train.output.manifest,
+        test_manifest=rules.ingest_test.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         gate_oof=result("oof", "stack_gate", f"round{FINAL_ROUND}", "oof_probs.npy"),
@@ -148,6 +153,7 @@ rule stack:
         " --fold-merge {params.fold_merge:q} --base-oof-dir {params.base_oof_dir:q}"
         " --base-test-dir {params.base_test_dir:q} --arrays-dir {params.arrays_dir:q}"
         " --folds {input.folds:q} --manifest {input.manifest:q}"
+        " --test-manifest {input.test_manifest:q}"
         " --dedup-items {input.dedup_items:q} {params.flags} --threads {threads}"
         " --out-dir {params.out_dir:q} 2> {log:q}"
 
@@ -168,7 +174,7 @@ rule choose:
             for name, r in candidates()
             for filename in ("oof_probs.npy", "oof_ids.csv")
         ],
-        manifest=rules.ingest_dataset.output.manifest,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         choice=result("final", "choice.json"),

@@ -221,6 +221,53 @@ def find_duplicates(
     return items, _summarise(items, options)
 
 
+def find_test_leaks(
+    test_manifest: pd.DataFrame, train_manifest: pd.DataFrame, items: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Link each test item to the train items it is an exact copy of (same decoded pixels).
+
+    A test-side step: dedup's items (the train side) never see the test set, so new test
+    images change no train grouping, fold or model; only these links and what reads them.
+
+    Args:
+        test_manifest: the test manifest (``md5_pixels``).
+        train_manifest: the train manifest (``md5_pixels``).
+        items: dedup's items table of the train set (``use_for_training``).
+
+    Returns:
+        (leaks, summary). ``leaks`` has one row per test item: id, split (``test``),
+        exact_group, leak_train_ids (';'-joined train ids whose label applies: the copies used
+        for training; None without one), the columns :func:`segflow.model.submit` and the
+        pseudo-label selection read. summary: n_test, test_items_with_train_label,
+        groups_across_train_test, test_items_in_test_duplicates.
+    """
+    train = train_manifest[["id", "md5_pixels"]].assign(
+        exact_group=lambda f: f["md5_pixels"].str[:16]
+    )
+    usable = set(items.loc[items["use_for_training"], "id"])
+    label_sources = (
+        train[train["id"].isin(usable)].sort_values("id").groupby("exact_group")["id"].agg(";".join)
+    )
+    leaks = pd.DataFrame(
+        {
+            "id": test_manifest["id"].astype(str).to_numpy(),
+            "split": "test",
+            "exact_group": test_manifest["md5_pixels"].str[:16].to_numpy(),
+        }
+    )
+    leaks = leaks.sort_values("id", kind="stable").reset_index(drop=True)
+    leaks["leak_train_ids"] = leaks["exact_group"].map(label_sources).astype(object)
+    n_copies = leaks.groupby("exact_group")["id"].transform("size")
+    shared = leaks["exact_group"].isin(set(train["exact_group"]))
+    summary = {
+        "n_test": len(leaks),
+        "test_items_with_train_label": int(leaks["leak_train_ids"].notna().sum()),
+        "groups_across_train_test": int(leaks.loc[shared, "exact_group"].nunique()),
+        "test_items_in_test_duplicates": int((n_copies > 1).sum()),
+    }
+    return leaks, summary
+
+
 def near_fold_groups(
     manifest: pd.DataFrame, items: pd.DataFrame, options: NearDuplicateOptions
 ) -> tuple[pd.DataFrame, dict[str, Any]]:

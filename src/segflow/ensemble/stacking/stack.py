@@ -116,8 +116,8 @@ class StackInputs:
 def _images_for(arrays_dir: Path, split: str, ids: pd.Series) -> np.ndarray:
     """The preprocessed images of ``ids``; reflect-padded ones (``resize_mode: pad``) cropped
     back to their original pixels, which is where the probability maps are."""
-    index = read_index(arrays_dir)
-    selected = index[index["split"] == split].set_index("id").loc[ids].reset_index()
+    index = read_index(arrays_dir, split=split)
+    selected = index.set_index("id").loc[ids].reset_index()
     rows = selected["row"].to_numpy()
     images = np.asarray(np.load(arrays_dir / images_file(split), mmap_mode="r")[rows])
     offsets = index_offsets(selected)
@@ -149,8 +149,10 @@ def load_stack_inputs(
     classes: Sequence[str],
     arrays_dir: str | os.PathLike[str],
     manifest: pd.DataFrame,
+    test_manifest: pd.DataFrame | None = None,
 ) -> StackInputs:
-    """Check alignment and read the images and metadata the features need."""
+    """Check alignment and read the images and metadata the features need (the test items'
+    metadata from ``test_manifest``, the test side's manifest; None: ``manifest`` holds both)."""
     check_aligned([*oof, base_oof], [*names, "ensemble"], "OOF predictions")
     check_aligned([*test, base_test], [*names, "ensemble"], "test predictions")
     arrays_dir = Path(arrays_dir)
@@ -167,7 +169,7 @@ def load_stack_inputs(
         train_images=_images_for(arrays_dir, "train", oof_ids),
         test_images=_images_for(arrays_dir, "test", test_ids),
         train_metadata=_metadata_for(manifest, oof_ids),
-        test_metadata=_metadata_for(manifest, test_ids),
+        test_metadata=_metadata_for(manifest if test_manifest is None else test_manifest, test_ids),
     )
 
 
@@ -391,6 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
     parser.add_argument("--folds", required=True, help="folds.csv")
     add_stage_tables(parser)
+    parser.add_argument("--test-manifest", required=True, help="test manifest Parquet (ingest)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", required=True, help="artifacts folder")
 
@@ -419,6 +422,7 @@ def run(args: argparse.Namespace) -> None:
         classes,
         args.arrays_dir,
         manifest,
+        read_table(args.test_manifest, "test manifest"),
     )
     try:
         results, _, round_ = layout.candidate_of(args.base_oof_dir)
