@@ -69,6 +69,9 @@ _RESERVED_CLASS_NAMES = ("none", "null")
 # In an id or class name these would make a path of it (class names become folder names).
 _PATH_CHARACTERS = ("/", "\\", "\0")
 SPLITS = ("train", "test")
+# ``all``: both splits in one manifest (the library's default; the workflow ingests each side
+# on its own, ``--split``).
+SPLIT_CHOICES = (*SPLITS, "all")
 # The manifest's columns in order (an empty test manifest keeps them); + mask_classes, meta_*.
 MANIFEST_COLUMNS = (
     "id",
@@ -435,10 +438,10 @@ def count_images(folder: str | Path | None) -> int:
     )
 
 
-def _check_options(options: IngestOptions, split: str = "train") -> None:
-    if split not in SPLITS:
-        raise SegflowError(f"unknown ingest split {split!r}; valid: {', '.join(SPLITS)}")
-    if split == "train" and not options.train_images:
+def _check_options(options: IngestOptions, split: str = "all") -> None:
+    if split not in SPLIT_CHOICES:
+        raise SegflowError(f"unknown ingest split {split!r}; valid: {', '.join(SPLIT_CHOICES)}")
+    if split != "test" and not options.train_images:
         raise SegflowError("data.train_images is not set")
     if options.mask_source not in MASK_SOURCES:
         raise SegflowError(
@@ -655,7 +658,7 @@ def _recorded_roots(options: IngestOptions, root: Path | None, split: str) -> li
         return [root]
     if split == "test":
         return [Path(options.test_images).resolve()] if options.test_images else []
-    folders = [options.train_images]
+    folders = [options.train_images] + ([options.test_images] if split == "all" else [])
     if options.mask_source == "folder":
         masks = Path(options.train_masks or "")
         folders += [str(masks / name) for name in options.classes or ()] or [str(masks)]
@@ -663,7 +666,7 @@ def _recorded_roots(options: IngestOptions, root: Path | None, split: str) -> li
 
 
 def _build_tasks(
-    options: IngestOptions, split: str = "train", train_ids: frozenset[str] = frozenset()
+    options: IngestOptions, split: str = "all", train_ids: frozenset[str] = frozenset()
 ) -> tuple[list[_ScanTask], dict[str, Any], list[Path], str | None]:
     """The scan tasks of ``split``, its skipped entries, the roots the paths were checked
     against and the RLE CSV's id style (None without a CSV). ``train_ids``: the train
@@ -675,11 +678,11 @@ def _build_tasks(
     test: dict[str, Path] = {}
     train_skipped: list[str] = []
     test_skipped: list[str] = []
-    if split == "train":
+    if split != "test":
         train, train_skipped = list_images(options.train_images or "", "train image", root=root)
-    elif options.test_images:
+    if split != "train" and options.test_images:
         test, test_skipped = list_images(options.test_images, "test image", root=root)
-    clash = sorted(set(train_ids) & set(test))
+    clash = sorted((set(train_ids) | set(train)) & set(test))
     if clash:
         raise SegflowError(
             f"ids {', '.join(map(repr, clash[:5]))} appear in both train and test image folders"
@@ -716,14 +719,15 @@ def _build_tasks(
         for split, items in (("train", train), ("test", test))
         for item_id, path in sorted(items.items())
     ]
-    skipped = {split: train_skipped if split == "train" else test_skipped}
+    skipped = {"train": train_skipped, "test": test_skipped}
+    skipped = skipped if split == "all" else {split: skipped[split]}
     return tasks, skipped, _recorded_roots(options, root, split), id_style
 
 
 def ingest(
     options: IngestOptions,
     workers: int = 1,
-    split: str = "train",
+    split: str = "all",
     train_ids: frozenset[str] = frozenset(),
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Build the manifest of every train item, or of every test item.
@@ -732,7 +736,7 @@ def ingest(
         options: data locations and formats (``split`` test reads ``test_images`` and the
             metadata only; no test folder gives an empty manifest).
         workers: processes for decoding.
-        split: ``train`` or ``test``.
+        split: ``train``, ``test`` or ``all`` (both in one manifest).
         train_ids: with ``split`` test, the train manifest's ids (a test id among them is an
             error).
 
@@ -818,7 +822,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow ingest``'s flags."""
     add_dataclass_arguments(parser, IngestOptions)
     parser.add_argument(
-        "--split", default="train", choices=SPLITS, help="ingest the train or the test images"
+        "--split",
+        default="all",
+        choices=SPLIT_CHOICES,
+        help="ingest the train or the test images, or both into one manifest (the workflow "
+        "ingests each on its own)",
     )
     parser.add_argument(
         "--train-manifest",
