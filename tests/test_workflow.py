@@ -86,9 +86,9 @@ def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
         assert (results / relative).is_file(), relative
     for rule in (
         "generate_demo_data",
-        "ingest_dataset",
+        "ingest_train",
         "dedup",
-        "preprocess_images",
+        "preprocess_train",
         "make_folds",
     ):
         assert (results / "logs" / f"{rule}.log").is_file()
@@ -242,15 +242,21 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"preprocess": {"clahe_clip_limit": 3.0}}, {"preprocess_images"} | MODEL_STAGES),
+        (
+            {"preprocess": {"clahe_clip_limit": 3.0}},
+            {"preprocess_train", "preprocess_test"} | MODEL_STAGES,
+        ),
         ({"folds": {"seed": 7}}, {"make_folds"} | MODEL_STAGES),
         (
             {"dedup": {"conflict_policy": "union"}},
-            {"dedup", "preprocess_images", "make_folds"} | MODEL_STAGES,
+            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds"}
+            | MODEL_STAGES,
         ),
         (
             {"data": {"dicom_window_width": 300.0}},
-            {"ingest_dataset", "dedup", "preprocess_images", "make_folds"} | MODEL_STAGES,
+            {"ingest_train", "ingest_test", "dedup", "leaks", "make_folds"}
+            | {"preprocess_train", "preprocess_test"}
+            | MODEL_STAGES,
         ),
         ({"experiments": {"unet_lite0": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
@@ -430,7 +436,7 @@ def test_editing_stacking_code_reruns_stacking_but_not_training(
     with (src / "segflow" / "core" / "errors.py").open("a") as module:
         module.write("\n# every stage raises SegflowError\n")
     edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
-    assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack"} <= set(edited_everywhere)
+    assert {"generate_demo_data", "ingest_train", "train_fold", "stack"} <= set(edited_everywhere)
 
 
 def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_path: Path) -> None:
@@ -457,7 +463,7 @@ def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_pat
     image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
     cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
     assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
-        "ingest_dataset": 1,
+        "ingest_train": 1,
         "dedup": 1,
         "make_folds": 1,
     }
@@ -795,7 +801,7 @@ def test_bad_input_fails_the_stage_with_a_one_line_error(tmp_path: Path) -> None
     )
     result = run_snakemake(workdir, "--configfile", config, check=False)
     assert result.returncode != 0
-    log = (workdir / "results" / "logs" / "ingest_dataset.log").read_text()
+    log = (workdir / "results" / "logs" / "ingest_train.log").read_text()
     errors = [line for line in log.splitlines() if "error:" in line]
     assert errors == [
         f"segflow ingest: error: {data / 'images' / 'b.png'}: file is empty (0 bytes)"
