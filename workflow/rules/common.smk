@@ -453,7 +453,9 @@ def data_stamp(split):
     def stamp(wildcards):
         if DEMO["enabled"]:
             return "demo"
-        return folder_stamp(*(DATA[key] for key in STAMPED_FOLDERS[split] if DATA.get(key)))
+        return folder_stamp(
+            *(DATA[key] for key in STAMPED_FOLDERS[split] if DATA.get(key))
+        )
 
     return stamp
 
