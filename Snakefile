@@ -9,6 +9,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/budget.smk"
+include: "workflow/rules/search.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/report.smk"
@@ -22,6 +23,7 @@ localrules:
     select_pseudo,
     choose,
     final_submission,
+    search_summary,
 
 
 rule all:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from PIL import Image
 
 from segflow import cli
 from segflow.core import parallel
-from segflow.formats.imageio import decode_image, pixel_md5
+from segflow.formats.imageio import decode_image, mask_md5, pixel_md5
 
 H, W = 6, 8  # every small image and mask
 
@@ -481,6 +483,68 @@ def test_mask_with_one_foreground_value_of_any_level_is_binary(
     assert manifest.loc["a", "mask_coverage"] == pytest.approx(_mask(0).mean())
 
 
+@pytest.mark.parametrize(
+    "palette", [[0, 0, 0, 255, 0, 0], [255, 255, 255, 0, 0, 0]], ids=["red", "inverted"]
+)
+def test_palette_mask_is_read_as_its_indices(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], palette: list[int]
+) -> None:
+    # Index 1 drawn red was refused for "differing colour channels"; an inverted palette
+    # (index 0 white) silently swapped foreground and background.
+    root = _dataset(tmp_path / "data")
+    image = Image.fromarray(_mask(0), "P")
+    image.putpalette(palette)
+    image.save(_masks(root) / "a.png")
+    out = tmp_path / "out"
+    manifest, _ = _accepted(capfd, _ingest_argv(root, out), out)
+    assert manifest.loc["a", "mask_md5"] == mask_md5(_mask(0))
+    # More than two indices is refused, naming them as indices.
+    indices = _mask(0)
+    indices[1, 1] = 2
+    image = Image.fromarray(indices, "P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    image.save(_masks(root) / "a.png")
+    shutil.rmtree(out)
+    _refused(
+        capfd,
+        _ingest_argv(root, out),
+        out,
+        f"{_masks(root).resolve() / 'a.png'}: mask has 3 distinct palette indices (0, 1, 2)",
+    )
+
+
+def _jpeg_with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of ``pixels`` (as stored) with an EXIF Orientation tag in an APP1 segment."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()
+    stored = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    return stored[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + stored[2:]
+
+
+def test_jpeg_exif_orientation_is_applied_to_image_and_counted(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A phone photo stored landscape with orientation 6 (shown turned 90 degrees clockwise) and
+    # its mask drawn on the picture as shown: read unrotated, the two did not even match in size.
+    root = _dataset(tmp_path / "data", ids=("a", "b"))
+    stored = _gray(5)
+    path = _images(root) / "c.jpg"
+    path.write_bytes(_jpeg_with_orientation(stored, 6))
+    raw = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+    shown_mask = np.rot90(_mask(5), -1)  # W x H
+    _write(_masks(root) / "c.png", shown_mask * 255)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="segflow.data.ingest"):
+        manifest, summary = _accepted(capfd, _ingest_argv(root, out), out)
+    assert manifest.loc["c", ["height", "width"]].tolist() == [W, H]
+    assert manifest.loc["c", "md5_pixels"] == pixel_md5(np.rot90(raw, -1))
+    assert manifest.loc["c", "mask_md5"] == mask_md5(shown_mask)
+    assert summary["images_with_exif_orientation"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("1 images (e.g. ") and "EXIF orientation" in w for w in warnings)
+
+
 def test_image_without_mask_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     root = _dataset(tmp_path / "data")
     (_masks(root) / "b.png").unlink()
@@ -520,6 +584,23 @@ def test_malformed_rle_is_refused_naming_the_row(
     _refused(capfd, argv, out, f"{root / 'train.csv'} row 3 (id 'b')", fragment)
 
 
+@pytest.mark.parametrize("bad_id", ["b ", " b", "b\t", "b.png "])
+def test_csv_id_with_surrounding_spaces_is_refused_naming_the_row(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], bad_id: str
+) -> None:
+    # Was "train image .../b.png has no row", which names neither the row nor the stray space.
+    root = _dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = _rle_argv(root, out, [("a", "1 1"), (bad_id, "1 1"), ("c", "")])
+    _refused(
+        capfd,
+        argv,
+        out,
+        f"{root / 'train.csv'} row 3 (id {bad_id!r}): the id has surrounding whitespace, so it "
+        "matches no image (without it, it is b.png)",
+    )
+
+
 def test_duplicate_ids_in_the_rle_csv_are_unioned_and_counted(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -533,7 +614,9 @@ def test_duplicate_ids_in_the_rle_csv_are_unioned_and_counted(
     assert manifest.loc["a", "mask_rle"] == "1 2 5 2"
     assert manifest.loc["a", "mask_coverage"] == pytest.approx(4 / (H * W))
     assert summary["rle_ids_with_several_rows"] == 1
-    assert any("1 train ids have several rows" in r.getMessage() for r in caplog.records)
+    # A warning: in a one-row-per-image CSV (TGS) repeats mean a broken file.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 train ids have several rows" in w for w in warnings), warnings
 
 
 def test_duplicate_ids_in_an_image_folder_are_refused(
@@ -725,6 +808,60 @@ def test_test_folder_without_images_is_refused(
     assert (summary["n_train"], summary["n_test"]) == (3, 0)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("link", ["dangling", "loop", "dangling-outside-root"])
+def test_broken_or_looping_symlink_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], split: str, link: str
+) -> None:
+    # An un-fetched git-annex file is a dangling link: skipped, its id would silently be
+    # missing from the test set (and the submission) or the training data.
+    root = _dataset(tmp_path / "data")
+    test = root / "test"
+    _write(test / "t.png", _gray(7))
+    folder = _images(root) if split == "train" else test
+    bad = folder / "d.png"
+    if link == "dangling":
+        target = Path(".git/annex/objects/Xk/d.png")
+    elif link == "loop":  # d.png -> e.png -> d.png
+        target = Path("e.png")
+        (folder / "e.png").symlink_to("d.png")
+    else:  # must not get past the outside-root check by being skipped
+        target = tmp_path / "elsewhere" / "d.png"
+    bad.symlink_to(target)
+    out = tmp_path / "out"
+    kind = "symlink loop" if link == "loop" else "broken symlink"
+    argv = _ingest_argv(root, out, "--test-images", str(test))
+    _refused(capfd, argv, out, f"{folder.resolve() / 'd.png'}: {split} image is a {kind}")
+    # A broken link among the masks is refused the same way.
+    bad.unlink()
+    (folder / "e.png").unlink(missing_ok=True)
+    (_masks(root) / "c.png").unlink()
+    (_masks(root) / "c.png").symlink_to(target)
+    _refused(capfd, argv, out, f"{_masks(root).resolve() / 'c.png'}: train mask is a")
+
+
+def test_fifo_and_socket_are_skipped_and_named_as_what_they_are(
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = _dataset(tmp_path / "data")
+    os.mkfifo(_images(root) / "pipe.png")  # never opened: reading it would block ingest
+    monkeypatch.chdir(_images(root))  # a socket path may have at most ~100 characters
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("sock.png")
+        out = tmp_path / "out"
+        with caplog.at_level(logging.WARNING, logger="segflow.data.ingest"):
+            manifest, summary = _accepted(capfd, _ingest_argv(root, out), out)
+    assert sorted(manifest.index) == ["a", "b", "c"]
+    assert summary["skipped_files"]["train"] == {"count": 2, "examples": ["pipe.png", "sock.png"]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{_images(root)}: skipped 2 entries (e.g. pipe.png (a FIFO), sock.png (a socket))"
+    ]
+
+
 def test_dicom_without_pixel_data_is_refused(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -817,8 +954,32 @@ def test_negative_max_pixels_is_refused(tmp_path: Path, capfd: pytest.CaptureFix
             {"folds": {"n_folds": 2.5}},
             "invalid config: folds.n_folds: 2.5 is not of type 'integer'",
         ),
+        (  # no rule's {experiment} wildcard matches it: was a MissingInputException
+            {"experiments": {"my exp": {"model": {"arch": "FPN"}}}, "run_experiments": ["my exp"]},
+            "experiments.my exp: the experiment name 'my exp' may contain only letters, digits, "
+            "'_', '.' and '-' and may not be '.' or '..' (it names result folders and rule "
+            "wildcards); rename it here and in run_experiments",
+        ),
+        (
+            {"experiments": {"a/b": {"model": {"arch": "FPN"}}}},
+            "experiments.a/b: the experiment name 'a/b' may contain only letters, digits, '_', "
+            "'.' and '-' and may not be '.' or '..' (it names result folders and rule "
+            "wildcards); rename it here",
+        ),
+        (  # an option the term does not have: the valid ones are listed
+            {"experiments": {"unet_lite0": {"loss": {"dice": {"weight": 1, "per_image": True}}}}},
+            "invalid config: unknown key experiments.unet_lite0.loss.dice.per_image (valid: "
+            "weight, log_loss, smooth)",
+        ),
     ],
-    ids=["typo", "wrong-type", "float-for-int"],
+    ids=[
+        "typo",
+        "wrong-type",
+        "float-for-int",
+        "experiment-name-space",
+        "experiment-name-path",
+        "loss-option",
+    ],
 )
 def test_config_typo_and_wrong_type_stop_the_dry_run_naming_the_key(
     tmp_path: Path, override: dict, message: str
@@ -831,6 +992,43 @@ def test_config_typo_and_wrong_type_stop_the_dry_run_naming_the_key(
     assert message in output.splitlines(), output[-3000:]
     assert "Failed validating" not in output  # not snakemake's hundred-line schema dump
     assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (
+            {"lovasz": {"per_image": True}},
+            "experiments.x.loss.lovasz.weight: missing; a term given as a mapping needs its weight",
+        ),
+        (
+            {"dice": {"weight": 1, "per_image": True}},
+            "experiments.x.loss.dice.per_image: unknown option; valid for dice: weight, "
+            "log_loss, smooth",
+        ),
+        (
+            {"lovasz": {"weight": 1, "per_image": "yes"}},
+            "experiments.x.loss.lovasz.per_image: must be true or false, got 'yes'",
+        ),
+        (
+            {"bce": {"weight": 1, "pos_weight": {"salt": 2}}},
+            "experiments.x.loss.bce.pos_weight: must be a number > 0, or a list of them",
+        ),
+    ],
+    ids=["no-weight", "unsupported-option", "wrong-type", "dict-value"],
+)
+def test_loss_term_with_bad_options_stops_segflow_train_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], loss: dict, message: str
+) -> None:
+    # Refused while the experiment is parsed, before any data is read or model built.
+    arrays = tmp_path / "arrays"
+    arrays.mkdir()
+    (arrays / "stats.json").write_text(json.dumps({"channels": 1}))
+    out = tmp_path / "out"
+    argv = ["train", "--arrays-dir", str(arrays), "--folds", str(tmp_path / "folds.csv")]
+    argv += ["--experiment", json.dumps({"loss": loss}), "--name", "x", "--fold", "0"]
+    argv += ["--out-dir", str(out), "--resume-dir", str(tmp_path / "resume")]
+    _refused(capfd, argv, out, message)
 
 
 # --------------------------------------------------------------------------- manifest paths
@@ -962,8 +1160,10 @@ def _submit_argv(tmp_path: Path, manifest: Path, items: Path, out: Path) -> list
     return [
         *("submit", "--fold-dirs", str(fold), "--postprocess", str(tmp_path / "params.json")),
         *("--stats", str(tmp_path / "stats.json")),
-        *("--manifest", str(manifest), "--dedup-items", str(items)),
-        *("--out", str(out / "submission.csv")),
+        # One manifest of both splits (ingest's default --split all): it is the test manifest
+        # too, and its dedup items carry the test rows' leak_train_ids (as segflow leaks' do).
+        *("--manifest", str(manifest), "--test-manifest", str(manifest)),
+        *("--leaks", str(items), "--out", str(out / "submission.csv")),
     ]
 
 

@@ -51,12 +51,21 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_layout_and_counts(small: tuple[Path, dict]) -> None:
     out, truth = small
     assert sorted(p.name for p in out.iterdir()) == [
+        "contents.json",
         "metadata.csv",
         "planted_duplicates.json",
         "test",
         "train",
         "train.csv",
     ]
+    # The content list: every other file's sha256 (what the workflow's demo stamp compares).
+    listing = json.loads((out / "contents.json").read_text())
+    tree = _tree(out)
+    del tree["contents.json"]
+    assert listing["files"] == {
+        name: hashlib.sha256(data).hexdigest() for name, data in tree.items()
+    }
+    assert listing["generator"] == truth["options"]
     train_ids, test_ids = _ids(out / "train/images"), _ids(out / "test/images")
     assert len(train_ids) == SMALL.n_train == truth["n_train"]
     assert len(test_ids) == SMALL.n_test == truth["n_test"]

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from segflow.core.errors import SegflowError
-from segflow.model.experiment import load_experiment_values, parse_experiment
+from segflow.model.experiment import (
+    check_experiment_names,
+    load_experiment_values,
+    parse_experiment,
+)
 
 
 def test_experiment_parsing_names_bad_keys(tmp_path: Path) -> None:
@@ -126,3 +130,13 @@ def test_a_fold_trains_with_term_options_and_ohem(tmp_path: Path) -> None:
         **common,
     )
     assert other["provenance"]["config_hash"] != metrics["provenance"]["config_hash"]
+
+
+@pytest.mark.parametrize("name", ["my exp", "a/b", "x:1", "ü", "..", ".", "", 3])
+def test_experiment_names_outside_the_wildcard_pattern_are_refused(name: object) -> None:
+    check_experiment_names({"fpn_r18": {}, "v1.2-b_c": {}}, ["fpn_r18"])
+    with pytest.raises(SegflowError, match=rf"^experiments\.{name}: the experiment name") as info:
+        check_experiment_names({"ok": {}, name: {}}, None)
+    assert str(info.value).endswith("rename it here")
+    with pytest.raises(SegflowError, match=r"; rename it here and in run_experiments$"):
+        check_experiment_names({"ok": {}, name: {}}, ["ok", name])

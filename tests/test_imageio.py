@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from segflow.core.errors import SegflowError
 from segflow.formats.imageio import (
     DicomWindow,
+    apply_orientation,
     canonical_pixels,
     decode_image,
     image_kind,
@@ -349,6 +350,128 @@ def test_read_mask_one_bit_and_palette_png(tmp_path: Path) -> None:
     palette.save(tmp_path / "palette.png")
     np.testing.assert_array_equal(read_mask(tmp_path / "one_bit.png"), expected)
     np.testing.assert_array_equal(read_mask(tmp_path / "palette.png"), expected)
+
+
+@pytest.mark.parametrize(
+    "palette",
+    [[0, 0, 0, 255, 0, 0], [255, 255, 255, 0, 0, 0], [0, 0, 0, 0, 0, 0]],
+    ids=["red-foreground", "inverted", "same-colour"],
+)
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif"])
+def test_read_mask_reads_a_palette_mask_as_its_indices(
+    tmp_path: Path, palette: list[int], suffix: str
+) -> None:
+    # OpenCV expands a palette to colours: a red foreground read as "differing colour channels",
+    # a white background as foreground, two indices of one colour as one.
+    from PIL import Image
+
+    expected = _binary()
+    image = Image.fromarray(expected, "P")
+    image.putpalette(palette)
+    image.save(tmp_path / f"palette{suffix}")
+    np.testing.assert_array_equal(read_mask(tmp_path / f"palette{suffix}"), expected)
+
+
+def test_palette_mask_whose_indices_are_not_binary_is_read_by_its_colours(tmp_path: Path) -> None:
+    # An adaptive palette may put black at index 3 and white at 7: the indices are not 0 and
+    # one other, the colours are black and white.
+    from PIL import Image
+
+    expected = _binary()
+    palette = [0] * 768
+    palette[9:12], palette[21:24] = [0, 0, 0], [255, 255, 255]
+    image = Image.fromarray(np.where(expected == 1, 7, 3).astype(np.uint8), "P")
+    image.putpalette(palette)
+    image.save(tmp_path / "adaptive.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "adaptive.png"), expected)
+
+
+def test_read_mask_with_three_palette_indices_is_an_error(tmp_path: Path) -> None:
+    from PIL import Image
+
+    indices = _binary()
+    indices[0, 0] = 2
+    image = Image.fromarray(indices, "P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    image.save(tmp_path / "three.png")
+    with pytest.raises(SegflowError, match=r"mask has 3 distinct palette indices \(0, 1, 2\)"):
+        read_mask(tmp_path / "three.png")
+
+
+def _with_exif_orientation(data: bytes, orientation: int) -> bytes:
+    """The same JPEG or PNG bytes with an EXIF Orientation tag added (pixel data untouched)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()  # starts with b"Exif\0\0"
+    if data[:2] == b"\xff\xd8":  # an APP1 segment right after SOI
+        return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+    ihdr_end = 8 + 12 + 13  # signature, IHDR chunk: eXIf right after it
+    return data[:ihdr_end] + _png_chunk(b"eXIf", payload[6:]) + data[ihdr_end:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied_to_images_and_masks(
+    tmp_path: Path, suffix: str, orientation: int
+) -> None:
+    gray, rgb, mask = _gray(), _rgb(), _binary()
+    for name, pixels, flag in (
+        ("gray", gray, cv2.IMREAD_GRAYSCALE),
+        ("rgb", rgb[:, :, ::-1], cv2.IMREAD_COLOR),
+        ("mask", mask * 255, cv2.IMREAD_GRAYSCALE),
+    ):
+        mask_suffix = ".png" if name == "mask" else suffix  # a JPEG mask is not binary
+        stored = cv2.imencode(mask_suffix, np.ascontiguousarray(pixels))[1].tobytes()
+        path = tmp_path / f"{name}{mask_suffix}"
+        path.write_bytes(_with_exif_orientation(stored, orientation))
+        # OpenCV applies the orientation except with IMREAD_UNCHANGED: the reference.
+        shown = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), flag)
+        if name == "mask":
+            np.testing.assert_array_equal(read_mask(path), shown > 127)
+            continue
+        decoded = decode_image(path)
+        assert decoded.orientation == orientation
+        expected = shown if name == "gray" else cv2.cvtColor(shown, cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(decoded.pixels, expected)
+
+
+def test_tiff_orientation_is_applied_once(tmp_path: Path) -> None:
+    # OpenCV's TIFF reader applies the orientation tag itself, even with IMREAD_UNCHANGED.
+    from PIL import Image
+
+    Image.fromarray(_gray()).save(tmp_path / "turned.tif", tiffinfo={274: 6})
+    decoded = decode_image(tmp_path / "turned.tif")
+    np.testing.assert_array_equal(decoded.pixels, np.rot90(_gray(), -1))
+
+
+def test_apply_orientation_matches_pillow() -> None:
+    from PIL import Image, ImageOps
+
+    pixels = _rgb(5, 7)
+    for orientation in range(1, 9):
+        image = Image.fromarray(pixels)
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.info["exif"] = exif.tobytes()
+        expected = np.asarray(ImageOps.exif_transpose(image))
+        turned = apply_orientation(pixels, orientation)
+        np.testing.assert_array_equal(turned, expected, err_msg=str(orientation))
+        assert turned.flags.c_contiguous
+
+
+def test_malformed_or_out_of_range_exif_orientation_is_ignored(tmp_path: Path) -> None:
+    stored = cv2.imencode(".jpg", _gray())[1].tobytes()
+    raw = decode_image(_imwrite(tmp_path / "raw.jpg", _gray())).pixels
+    for name, data in (
+        ("nine", _with_exif_orientation(stored, 9)),
+        ("garbage", stored[:2] + b"\xff\xe1\x00\x0cExif\x00\x00MM\x00" + stored[2:]),
+    ):
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        decoded = decode_image(tmp_path / f"{name}.jpg")
+        assert decoded.orientation == 1
+        np.testing.assert_array_equal(decoded.pixels, raw)
 
 
 def test_read_mask_empty_and_full(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The package's layers: imports flow one way, core -> formats -> artifacts -> data -> model ->
-ensemble -> report (each may import the ones before it, never one after it).
+search -> ensemble -> report (each may import the ones before it, never one after it).
 
 Read from the syntax trees, imports inside functions included (segflow imports heavy modules
 lazily), like the security audit (tests/test_security.py). The command line (``cli``,
@@ -15,7 +15,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "src" / "segflow"
-LAYERS = ("core", "formats", "artifacts", "data", "model", "ensemble", "report")
+LAYERS = ("core", "formats", "artifacts", "data", "model", "search", "ensemble", "report", "bundle")
 TOP = ("cli", "stages", "__main__", "__init__")
 
 

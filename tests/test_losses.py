@@ -325,6 +325,14 @@ def test_each_term_option_is_registered_in_the_schema() -> None:
         SegflowError, match=r"unknown key experiments\.unet_lite0\.loss\.focal\.gama"
     ):
         check_config(config, schema_path)
+    # An option the term does not have, with none close: the valid keys are listed.
+    experiment["loss"] = {"dice": {"weight": 1, "per_image": True}}
+    with pytest.raises(
+        SegflowError,
+        match=r"^invalid config: unknown key experiments\.unet_lite0\.loss\.dice\.per_image "
+        r"\(valid: weight, log_loss, smooth\)$",
+    ):
+        check_config(config, schema_path)
     experiment["loss"] = {"bce": {"weight": 1, "pos_weight": 0}}
     with pytest.raises(SegflowError, match=r"experiments\.unet_lite0\.loss\.bce\.pos_weight: 0"):
         check_config(config, schema_path)

@@ -406,6 +406,11 @@ PRE_QUOTED = {
     "params.force": "submit_flag",
     "params.budget": "budget_flags",
     "params.resolution": "resolution_flags",
+    "params.near": "near_duplicate_flags",
+    "params.test_flags": "ingest_test_flags",
+    "params.predict_options": "section_flags",
+    "params.submission_options": "section_flags",
+    "params.export_options": "section_flags",
 }
 
 

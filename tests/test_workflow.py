@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -249,8 +250,7 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ({"folds": {"seed": 7}}, {"make_folds"} | MODEL_STAGES),
         (
             {"dedup": {"conflict_policy": "union"}},
-            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds"}
-            | MODEL_STAGES,
+            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds"} | MODEL_STAGES,
         ),
         (
             {"data": {"dicom_window_width": 300.0}},
@@ -424,24 +424,67 @@ def test_an_unchanged_folds_csv_reruns_nothing_after_it(demo_run: Path) -> None:
     assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS) == {}
 
 
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as module:
+        module.write(text)
+
+
 def test_editing_stacking_code_reruns_stacking_but_not_training(
     demo_run: Path, tmp_path: Path
 ) -> None:
     """snakemake#1694: package code the rule calls, not only the rule's own code, must count."""
     src = tmp_path / "src"
     shutil.copytree(REPO_ROOT / "src" / "segflow", src / "segflow")
-    with (src / "segflow" / "ensemble" / "stacking" / "features.py").open("a") as module:
-        module.write("\n# an edit of a module only the stacking stage uses\n")
+    features = src / "segflow" / "ensemble" / "stacking" / "features.py"
+    _append(features, "\n# a comment changes nothing the code does\n")
+    assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src) == {}
+    # A real edit of a module only the stacking stage uses.
+    _append(features, "\nEDITED = True\n")
     assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src) == STACK_ONLY
-    with (src / "segflow" / "core" / "errors.py").open("a") as module:
-        module.write("\n# every stage raises SegflowError\n")
+    _append(src / "segflow" / "core" / "errors.py", "\nEDITED = True  # every stage\n")
     edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
     assert {"generate_demo_data", "ingest_train", "train_fold", "stack"} <= set(edited_everywhere)
 
 
-def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_path: Path) -> None:
+def test_code_edits_rerun_the_stages_that_run_that_code_only(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    """Comments, docstrings and formatting rerun nothing; a real edit reruns the stages whose
+    code reaches it (segflow.core.fingerprint), not every stage that imports its module."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO_ROOT / "src" / "segflow", src / "segflow")
+    tta = src / "segflow" / "model" / "inference" / "tta.py"
+    original = tta.read_text()
+
+    def plan() -> dict[str, int]:
+        return planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
+
+    tta.write_text(original.replace("\ndef ", "\n# a comment\n\n\ndef ") + "\n# the end\n")
+    assert plan() == {}
+    docstring = original.replace('"""', '"""Reworded: ', 1)
+    tta.write_text(docstring.replace('    """', '    """Reworded. ', 1))
+    assert docstring != original and plan() == {}
+    tta.write_text(original + "\nEDITED = True\n")
+    jobs = plan()
+    assert {"predict_oof", "predict_test", "evaluate_oof", "blend", "stack", "choose"} <= set(jobs)
+    assert not {"train_fold", "make_folds", "ingest_train"} & set(jobs)
+    tta.write_text(original)
+    assert plan() == {}
+    # Provenance blocks are written by the stages' own code: a change of them reruns the data
+    # stages (their summaries carry one).
+    provenance = src / "segflow" / "core" / "provenance.py"
+    provenance.write_text(
+        provenance.read_text().replace(
+            '"config_hash": config_hash}', '"config_hash": str(config_hash)}'
+        )
+    )
+    assert {"ingest_train", "dedup", "make_folds"} <= set(plan())
+
+
+def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None:
     """A user's dataset (not the generated demo): a file overwritten in place leaves its
-    folder's modification time alone, so only the data stamp param can notice it."""
+    folder's modification time alone, so only the data stamp param can notice it; a file
+    touched (same bytes, new time) reruns nothing."""
     workdir = copy_workflow(tmp_path / "user")
     generate_demo_data(workdir / "mydata", DemoDataOptions(n_train=60, n_test=20, seed=5))
     user_data = {
@@ -458,8 +501,12 @@ def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_pat
     config = write_config(workdir, "user.yaml", user_data)
     target = "results/folds/folds.csv"
     run_snakemake(workdir, target, "--configfile", config)
-    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
+    assert (workdir / ".snakemake" / "segflow" / "data_stamp.json").is_file()  # the hash cache
     image_path = sorted((workdir / "mydata" / "train" / "images").glob("*.png"))[0]
+    for touched in (image_path, workdir / "mydata" / "train.csv"):
+        later = touched.stat().st_mtime + 100
+        os.utime(touched, (later, later))  # `touch`: same bytes, new time
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
     image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
     cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
     assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
@@ -467,6 +514,127 @@ def test_replacing_one_training_image_reruns_from_ingest(demo_run: Path, tmp_pat
         "dedup": 1,
         "make_folds": 1,
     }
+
+
+# A user's dataset (demo off), for the edit matrix of the test side: tiny and one experiment.
+USER_DATA = {
+    "demo": {"enabled": False},
+    "data": {
+        "train_images": "mydata/train/images",
+        "test_images": "mydata/test/images",
+        "mask_source": "rle_csv",
+        "rle_csv": "mydata/train.csv",
+        "metadata_csv": "mydata/metadata.csv",
+    },
+    "preprocess": {"height": 32, "width": 32},
+    "folds": {"n_folds": 2},
+    "run_experiments": ["unet_lite0"],
+    "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
+    "pseudo": {"rounds": 0},
+    "predict": {"tta": "none"},
+    "postprocess": {
+        "thresholds": [0.5],
+        "min_areas": [0],
+        "fill_holes_options": [False],
+        "gates": [0.5],
+    },
+}
+# What a test-set change reruns: the test side, and blend and stack, which fit on OOF and apply
+# to the test set in one job each, with what reads their outputs (README "How to rerun").
+TEST_SIDE_JOBS = {
+    "ingest_test": 1,
+    "leaks": 1,
+    "preprocess_test": 1,
+    "predict_test": 2,
+    "blend": 1,
+    "stack": 1,
+    "tune_postprocess": 4,
+    "submit": 4,
+    "choose": 1,
+    "final_submission": 1,
+    "report": 1,
+    "all": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workflow run once on a small user dataset (demo off) in a temp dir."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("user-run"))
+    generate_demo_data(workdir / "mydata", DemoDataOptions(n_train=40, n_test=12, seed=5))
+    config = write_config(workdir, "user.yaml", USER_DATA)
+    run_snakemake(workdir, "--configfile", config)
+    return workdir
+
+
+def _user_plan(workdir: Path, config: str = "user.yaml") -> dict[str, int]:
+    return planned_jobs(workdir, "--configfile", config, *TRIGGERS)
+
+
+def test_a_byte_identical_copy_of_the_test_folder_reruns_the_test_side_only(
+    user_run: Path,
+) -> None:
+    """data.test_images pointed elsewhere: no fold, training or OOF job, only the test side."""
+    shutil.copytree(user_run / "mydata" / "test", user_run / "copied-test")
+    moved = {**USER_DATA, "data": {**USER_DATA["data"], "test_images": "copied-test/images"}}
+    config = write_config(user_run, "moved.yaml", moved)
+    assert _user_plan(user_run, config) == TEST_SIDE_JOBS
+    assert _user_plan(user_run) == {}  # the run's own config: still up to date
+
+
+def test_adding_or_removing_a_test_image_reruns_the_test_side_only(user_run: Path) -> None:
+    """A test image added in place, or one removed: the test folder's content stamp reruns the
+    test side; putting the folder back as it was reruns nothing."""
+    images = user_run / "mydata" / "test" / "images"
+    first = sorted(images.glob("*.png"))[0]
+    added = images / "added_test_image.png"
+    cv2.imwrite(str(added), 255 - cv2.imread(str(first), cv2.IMREAD_UNCHANGED))
+    assert _user_plan(user_run) == TEST_SIDE_JOBS
+    added.unlink()
+    assert _user_plan(user_run) == {}
+    kept = user_run / "removed.png"
+    shutil.move(first, kept)
+    assert _user_plan(user_run) == TEST_SIDE_JOBS
+    shutil.move(kept, first)
+    assert _user_plan(user_run) == {}
+
+
+def test_a_train_image_change_still_reruns_training(user_run: Path) -> None:
+    """The train side's stamp: a train image overwritten in place retrains."""
+    image_path = sorted((user_run / "mydata" / "train" / "images").glob("*.png"))[0]
+    original = image_path.read_bytes()
+    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(image_path), 255 - image)
+    try:
+        jobs = _user_plan(user_run)
+    finally:
+        image_path.write_bytes(original)
+    assert {"ingest_train", "dedup", "make_folds", "preprocess_train"} <= set(jobs)
+    assert {"train_fold", "predict_oof", "evaluate_oof", "predict_test"} <= set(jobs)
+    assert _user_plan(user_run) == {}
+
+
+def test_editing_a_demo_image_in_place_reruns_from_ingest(tmp_path: Path) -> None:
+    """The demo folder is the workflow's own output: its content list (contents.json) keeps the
+    stamp "demo" after a generation; a user's edit in place (same name, other pixels) reruns
+    ingest once, a touch reruns nothing."""
+    workdir = copy_workflow(tmp_path / "demo-edit")
+    config = write_config(workdir, "small.yaml", SMALL_DEMO)
+    target = "results/folds/folds.csv"
+    run_snakemake(workdir, target, "--configfile", config)
+    image_path = sorted((workdir / "resources" / "demo" / "train" / "images").glob("*.png"))[0]
+    later = image_path.stat().st_mtime + 100
+    os.utime(image_path, (later, later))
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
+    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(image_path), 255 - image)
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
+        "ingest_train": 1,
+        "dedup": 1,
+        "make_folds": 1,
+    }
+    run_snakemake(workdir, target, "--configfile", config)
+    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}  # stable
 
 
 def test_rerun_after_a_change_leaves_upstream_artifacts_untouched(

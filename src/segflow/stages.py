@@ -2,8 +2,8 @@
 
 Each stage module exposes ``add_arguments(parser)`` and ``run(args)`` next to its logic;
 :mod:`segflow.cli` builds one sub-command per row, and the code fingerprint of a stage
-(:func:`stage_fingerprint`, the ``params.code`` of its Snakemake rules) hashes that module and
-every segflow module it imports. One name per stage: the sub-command, its rule (``-`` -> ``_``),
+(:func:`stage_fingerprint`, the ``params.code`` of its Snakemake rules) hashes the segflow code
+that its ``run`` and ``add_arguments`` reach (:mod:`segflow.core.fingerprint`). One name per stage: the sub-command, its rule (``-`` -> ``_``),
 its module and its test file (``tests/test_<module>.py``).
 
 This table (no imports but the fingerprint's) is not part of any fingerprint, like the
@@ -27,7 +27,7 @@ class Stage:
         module: the module with its ``add_arguments`` and ``run``.
         help: one line for ``segflow --help``.
         fingerprint: the modules its code fingerprint starts from (default: ``module``).
-        not_fingerprinted: modules left out of the fingerprint with what only they import:
+        not_fingerprinted: modules left out of the fingerprint with what only they reach:
             code whose effect reaches the stage through a file that another stage writes.
     """
 
@@ -87,6 +87,16 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "predict-test", "segflow.model.inference.predict", "predict a fold model on the test set"
     ),
+    Stage(
+        "search-worker",
+        "segflow.search.search_worker",
+        "run hyperparameter-search trials until the study has n_trials",
+    ),
+    Stage(
+        "search-summary",
+        "segflow.search.search_summary",
+        "a finished search's trials.csv, best.json and importance.csv",
+    ),
     Stage("evaluate-oof", "segflow.model.evaluate_oof", "assemble and score the OOF predictions"),
     Stage(
         "tune-postprocess",
@@ -101,6 +111,16 @@ STAGES: tuple[Stage, ...] = (
         "select-pseudo", "segflow.ensemble.select_pseudo", "select pseudo-labels for the next round"
     ),
     Stage("stack", "segflow.ensemble.stacking.stack", "fit the stacked gate and pixel blender"),
+    Stage(
+        "export",
+        "segflow.bundle.export",
+        "write the final choice as a self-contained zip for predict-bundle",
+    ),
+    Stage(
+        "predict-bundle",
+        "segflow.bundle.predict_bundle",
+        "run an export bundle on a folder of images: the submission CSV, offline",
+    ),
     Stage("choose", "segflow.ensemble.choose", "pick the final submission on OOF; stage table"),
     Stage(
         "final-submission",

@@ -8,12 +8,17 @@ from snakemake.utils import validate
 
 from segflow.artifacts.layout import candidate_dir
 from segflow.core.config_check import check_config
-from segflow.model.experiment import check_init_from
-from segflow.core.fingerprint import folder_stamp
+from segflow.model.experiment import (
+    EXPERIMENT_NAME_PATTERN,
+    check_experiment_names,
+    check_init_from,
+)
+from segflow.core.data_stamp import CACHE_NAME, data_stamp as content_stamp, demo_stamp
 from segflow.data.ingest import count_images
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
 from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
+from segflow.search.space import check_search, study_id
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.
 check_config(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -67,7 +72,17 @@ def dicom_flags():
     )
 
 
-EXPERIMENTS = config["experiments"]
+# search.<study>: a hyperparameter search whose best trial trains as experiment <study>
+# (workflow/rules/search.smk). Its jobs' shape (refit, init_from) is the base experiment's: a
+# study cannot search those fields; what it trains is read from best.json (experiment_json).
+SEARCH = config["search"]
+check_search(SEARCH, config["experiments"], config["folds"]["n_folds"])
+EXPERIMENTS = {
+    **config["experiments"],
+    **{name: config["experiments"][study["base"]] for name, study in SEARCH.items()},
+}
+# One line naming experiments.<name> for a name that no rule's {experiment} wildcard matches.
+check_experiment_names(EXPERIMENTS, config["run_experiments"])
 # One line naming the key: init_from to an unknown experiment, itself or in a cycle, to another
 # network; a refit that needs a validation fold (scheduler plateau); refit.test_models auto
 # without budget.minutes.
@@ -340,6 +355,7 @@ GPU_RULES = (
     "predict_test_full",
     "plan_budget",
     "plan_resolution",
+    "search_worker",
 )
 GPU_KEYS = ("gpu", "gpu_model", "gres")
 # Rules that called job_resources(): check_cluster_rules() matches cluster.rules against them.
@@ -413,6 +429,7 @@ def check_cluster_rules():
         )
 
 
+DATA_KEYS = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
 # The data keys of each ingest job's files: the test side reads the test folder (and the
 # metadata of its ids), the train side everything else.
 INGEST_PATHS = {
@@ -429,32 +446,42 @@ TEST_INGEST_KEYS = (
     "max_pixels",
     "data_root",
 )
-# The folders each side's data stamp covers.
-STAMPED_FOLDERS = {"train": ("train_images", "train_masks"), "test": ("test_images",)}
+
+
+def ingest_test_flags():
+    """The data options ingest_test passes (TEST_INGEST_KEYS), as flags."""
+    return cli_flags({key: DATA[key] for key in TEST_INGEST_KEYS})
 
 
 def ingest_inputs(split):
     """The input function of ingest_<split>: the demo folder (built by generate_demo_data) or
-    the user's paths of that side."""
+    the user's paths of that side. The user's paths are `ancient`: their modification times
+    rerun nothing (a `touch`, a copy), their contents do, through `data_stamp`."""
 
     def inputs(wildcards):
         if DEMO["enabled"]:
             return {"dataset": DEMO["out_dir"]}
-        return {key: DATA[key] for key in INGEST_PATHS[split] if DATA.get(key)}
+        return {key: ancient(DATA[key]) for key in INGEST_PATHS[split] if DATA.get(key)}
 
     return inputs
 
 
 def data_stamp(split):
-    """The params function of ingest_<split>: a stamp of that side's data folders (files
-    overwritten in place included), so a test-folder edit reruns the test side only; none
-    for the demo, whose folder is this workflow's own output and tracked as such."""
+    """The params function of ingest_<split>: a hash of that side's data files' contents
+    (files overwritten in place included; times left out), so a test-folder edit reruns the
+    test side only. The per-file hashes are cached next to Snakemake's own record of this
+    param, in the working directory's .snakemake/ (results/ holds artifacts only, and results
+    folders are compared and shared). The demo folder gives "demo" for both sides while it
+    holds what generate_demo_data wrote, else one hash of the whole folder
+    (segflow.core.data_stamp)."""
 
     def stamp(wildcards):
+        cache = os.path.join(".snakemake", "segflow", CACHE_NAME)
         if DEMO["enabled"]:
-            return "demo"
-        return folder_stamp(
-            *(DATA[key] for key in STAMPED_FOLDERS[split] if DATA.get(key))
+            options = {k: v for k, v in DEMO.items() if k not in ("enabled", "out_dir")}
+            return demo_stamp(DEMO["out_dir"], options, cache=cache)
+        return content_stamp(
+            *(DATA[key] for key in INGEST_PATHS[split] if DATA.get(key)), cache=cache
         )
 
     return stamp
@@ -478,6 +505,8 @@ def experiment_json(wildcards):
         raise ValueError(
             f"unknown experiment {wildcards.experiment!r}; configured: {', '.join(EXPERIMENTS)}"
         )
+    if wildcards.experiment in SEARCH:
+        return search_best_json(wildcards.experiment)
     return json.dumps(fold_values(wildcards.experiment), sort_keys=True)
 
 
@@ -500,13 +529,7 @@ def check_demo_paths():
     if not DEMO["enabled"]:
         return
     root = Path(DEMO["out_dir"]).resolve()
-    for key in (
-        "train_images",
-        "test_images",
-        "train_masks",
-        "rle_csv",
-        "metadata_csv",
-    ):
+    for key in DATA_KEYS:
         value = DATA.get(key)
         if value and root not in Path(value).resolve().parents:
             raise ValueError(
@@ -516,3 +539,99 @@ def check_demo_paths():
 
 
 check_demo_paths()
+
+
+def bundle_test_dirs(wildcards):
+    """The test prediction folders of every experiment and round (the chosen candidate's
+    models among them): segflow export bundles the models behind the chosen one's."""
+    return [d for r in ROUNDS for d in experiment_dirs("test", r)]
+
+
+def bundle_models(wildcards):
+    """The model.pt behind each of bundle_test_dirs (test/<name>/round<r>/<member> ->
+    models/<name>/round<r>/<member>/model.pt)."""
+    models = []
+    for directory in bundle_test_dirs(wildcards):
+        member, round_dir, name = Path(directory).parts[-1:-4:-1]
+        models.append(result("models", name, round_dir, member, "model.pt"))
+    return models
+
+
+def search_json(study):
+    """A study's settings as `segflow search-worker` / `search-summary` take them: a params
+    value, so editing the space, the base experiment or n_trials reruns the workers (a new
+    study id, or the same study continued); `workers` is left out (one more worker finds the
+    study done)."""
+    settings = SEARCH[study]
+    base = config["experiments"][settings["base"]]
+    ident = study_id(study, settings, base)
+    keys = (
+        "space",
+        "sampler",
+        "pruner",
+        "pruner_startup_trials",
+        "n_trials",
+        "folds",
+        "trial_epochs",
+        "seed",
+        "storage",
+        "heartbeat_seconds",
+    )
+    return json.dumps(
+        {
+            **{key: settings[key] for key in keys},
+            "name": study,
+            "study_id": ident,
+            "experiment": {k: v for k, v in base.items() if k != "refit"},
+            # Outside the declared outputs: a failed worker's study must survive it.
+            "journal": result("search", study, f"{ident}.journal"),
+        },
+        sort_keys=True,
+    )
+
+
+def search_worker_threads(wildcards):
+    """A worker's threads: cluster.rules.search_worker.cpus_per_task, else its share of
+    max_threads (so the study's workers run at once on a CPU-only machine too)."""
+    share = max(1, MAX_THREADS // SEARCH[wildcards.study]["workers"])
+    return rule_threads("search_worker", share)
+
+
+def search_inputs(wildcards):
+    """train_fold / train_full of a study's best experiment wait for its search_summary
+    checkpoint; once it is done, nothing: training is keyed by best.json's content (the
+    experiment params), not by the file's time, so a rerun search with the same best retrains
+    nothing."""
+    if wildcards.experiment in SEARCH:
+        checkpoints.search_summary.get(study=wildcards.experiment)
+    return {}
+
+
+def search_best_json(study):
+    """The best experiment of a study (best.json's `experiment`) as experiment_json gives it."""
+    best = checkpoints.search_summary.get(study=study).output.best
+    values = json.loads(Path(best).read_text())["experiment"]
+    return json.dumps({k: v for k, v in values.items() if k != "refit"}, sort_keys=True)
+
+
+def search_files(*names):
+    """search/<study>/<name> of the run experiments that are studies (choose, report)."""
+    return [
+        result("search", study, name)
+        for study in SEARCH
+        if study in RUN_EXPERIMENTS
+        for name in names
+    ]
+
+
+def check_search_budget():
+    """A time budget plans from the experiments' config; a study's is known after its search."""
+    studies = [study for study in SEARCH if study in RUN_EXPERIMENTS]
+    if studies and BUDGET_PLAN is not None:
+        raise ValueError(
+            f"config search.{studies[0]}: budget.minutes cannot plan a search study's training "
+            "yet; set budget.minutes: null or leave the study out of run_experiments"
+        )
+
+
+check_search_budget()

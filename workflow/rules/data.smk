@@ -63,9 +63,9 @@ rule ingest_test:
     params:
         code=stage_fingerprint("ingest"),
         data=data_stamp("test"),
-        flags=cli_flags({k: DATA[k] for k in TEST_INGEST_KEYS}),
+        test_flags=ingest_test_flags(),
     shell:
-        "segflow ingest --split test {params.flags} --train-manifest {input.train_manifest:q}"
+        "segflow ingest --split test {params.test_flags} --train-manifest {input.train_manifest:q}"
         " --workers {threads} --out-manifest {output.manifest:q}"
         " --out-summary {output.summary:q} 2> {log:q}"
 

@@ -176,6 +176,8 @@ rule choose:
         ],
         manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
+        # The searches' best values, next to their experiments' OOF (stages.csv search_best).
+        search=search_files("best.json"),
     output:
         choice=result("final", "choice.json"),
         stages_csv=result("final", "stages.csv"),
@@ -231,3 +233,49 @@ rule final_submission:
     shell:
         "segflow final-submission --choice {input.choice:q} --results-dir {params.results_dir:q}"
         " --out {output.submission:q} 2> {log:q}"
+
+
+# The final choice as a self-contained zip for a Kaggle code-competition notebook (segflow
+# predict-bundle). Built on request (snakemake results/export/bundle.zip), not by `all`: it
+# copies every bundled model's weights and only shipping needs it.
+rule export_bundle:
+    input:
+        choice=rules.choose.output.choice,
+        models=bundle_models,
+        test_ids=lambda wildcards: expand("{dir}/ids.csv", dir=bundle_test_dirs(wildcards)),
+        params=[
+            result("postprocess", name, f"round{r}", "params.json")
+            for name, r in candidates()
+        ],
+        weights=[result("ensemble", f"round{r}", "weights.json") for r in ROUNDS],
+        stats=rules.preprocess_train.output.stats,
+        manifest=rules.ingest_train.output.manifest,
+        # Its stored channel counts: the bundle accepts the images the pipeline predicted.
+        test_manifest=rules.ingest_test.output.manifest,
+        dedup_items=rules.dedup.output.dedup_items,
+    output:
+        bundle=result("export", "bundle.zip"),
+    log:
+        result("logs", "export_bundle.log"),
+    benchmark:
+        result("benchmarks", "export_bundle.tsv")
+    conda:
+        CONDA_ENV
+    threads: rule_threads("export_bundle", 1)
+    resources:
+        **job_resources("export_bundle", mem_mb=4000, runtime=15),
+    params:
+        code=stage_fingerprint("export"),
+        predict_options=section_flags("predict", exclude=("device",)),
+        submission_options=section_flags("submission"),
+        export_options=section_flags("export"),
+        dicom=dicom_flags(),
+        test_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.test_ids],
+        # results/final/choice.json -> results
+        results_dir=lambda wildcards, input: os.path.dirname(
+            os.path.dirname(input.choice)
+        ),
+    shell:
+        "segflow export {params.results_dir:q} {output.bundle:q} {params.predict_options}"
+        " {params.submission_options} {params.export_options} {params.dicom}"
+        " --test-dirs {params.test_dirs:q} 2> {log:q}"

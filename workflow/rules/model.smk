@@ -1,5 +1,5 @@
 wildcard_constraints:
-    experiment="[A-Za-z0-9_.-]+",
+    experiment=EXPERIMENT_NAME_PATTERN,
     round=r"\d+",
     fold=r"\d+",
 
@@ -9,6 +9,7 @@ rule train_fold:
         unpack(pseudo_inputs),
         unpack(budget_inputs),
         unpack(init_inputs),
+        unpack(search_inputs),
         stats=rules.preprocess_train.output.stats,
         train_images=rules.preprocess_train.output.train_images,
         train_masks=rules.preprocess_train.output.train_masks,
@@ -65,6 +66,7 @@ rule train_full:
         unpack(pseudo_inputs),
         unpack(budget_inputs),
         unpack(init_inputs),
+        unpack(search_inputs),
         stats=rules.preprocess_train.output.stats,
         train_images=rules.preprocess_train.output.train_images,
         train_masks=rules.preprocess_train.output.train_masks,

@@ -30,6 +30,7 @@ rule report:
             result("postprocess", name, f"round{r}", "grid.csv")
             for name, r in candidates()
         ],
+        search=search_files("trials.csv", "best.json", "importance.csv"),
         stack=(
             [result("stack", f"round{FINAL_ROUND}", "summary.json")]
             if STACK["enabled"]

@@ -106,3 +106,18 @@ def group_by_experiment(dirs: Sequence[str], groups: int, what: str) -> list[lis
         raise SegflowError(f"{len(dirs)} {what} do not split into {groups} experiments")
     size = len(dirs) // groups
     return [list(dirs[i * size : (i + 1) * size]) for i in range(groups)]
+
+
+def model_checkpoint(results: str | os.PathLike[str], name: str, round_: int, member: str) -> Path:
+    """train's ``model.pt`` of an experiment's fold (``fold<k>``) or refit (``full``)."""
+    return Path(results) / "models" / name / round_name(round_) / member / "model.pt"
+
+
+def ensemble_weights(results: str | os.PathLike[str], round_: int) -> Path:
+    """blend's ``weights.json`` of a round."""
+    return Path(results) / "ensemble" / round_name(round_) / "weights.json"
+
+
+def choice_json(results: str | os.PathLike[str]) -> Path:
+    """choose's ``choice.json`` (the final candidate and round)."""
+    return final_dir(results) / "choice.json"

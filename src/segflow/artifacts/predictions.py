@@ -14,6 +14,7 @@ An image-level gate (an aux head's, or the stacked gate's) travels as the
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,23 +110,52 @@ def read_prediction(pred_dir: str | os.PathLike[str], mmap: bool = True) -> Pred
 
 
 def read_fold_predictions(dirs: Sequence[str | os.PathLike[str]], fold_merge: str) -> Prediction:
-    """Test predictions of several folds (``ids.csv`` + ``probs.npy`` each), merged.
-
-    Aux-head ``nonempty_prob_<k>`` columns are averaged over the folds that have them all.
+    """Test predictions of several folds (``ids.csv`` + ``probs.npy`` each), merged
+    (:func:`merge_fold_predictions`).
 
     Raises:
         SegflowError: the folds' ids are not in the same order.
     """
-    frames = [read_prediction_ids(d) for d in dirs]
+    folds = [read_prediction(d) for d in dirs]
+    return merge_fold_predictions(folds, fold_merge, ", ".join(map(str, dirs)))
+
+
+def merge_fold_predictions(
+    folds: Sequence[Prediction], fold_merge: str, where: str = "the folds"
+) -> Prediction:
+    """Several fold models' test predictions (as :func:`read_prediction` reads them) merged:
+    probabilities by :func:`merge_folds` (stored as float16), the aux-head
+    ``nonempty_prob_<k>`` columns averaged over the folds that have them all.
+
+    Args:
+        folds: the fold models' predictions, row-aligned.
+        fold_merge: ``mean`` or ``gmean``.
+        where: names the predictions in the error message (their folders).
+
+    Raises:
+        SegflowError: the folds' ids are not in the same order.
+    """
+    frames = [fold.ids for fold in folds]
     if any(not frame["id"].equals(frames[0]["id"]) for frame in frames):
-        raise SegflowError(f"test predictions in {', '.join(map(str, dirs))} differ in id order")
-    probs = merge_folds([np.load(Path(d) / PROBS, mmap_mode="r") for d in dirs], fold_merge)
+        raise SegflowError(f"test predictions in {where} differ in id order")
+    probs = merge_folds([fold.probs for fold in folds], fold_merge)
     ids = frames[0][["id", "orig_height", "orig_width"]].copy()
     gates = gate_column_names(frames[0])
     if gates and all(set(gates) <= set(frame.columns) for frame in frames):
         for column in gates:
             ids[column] = np.mean([frame[column].to_numpy() for frame in frames], axis=0)
     return Prediction(ids, probs.astype(np.float16))
+
+
+def as_stored(prediction: Prediction) -> Prediction:
+    """``prediction`` as :func:`read_prediction` reads it back after :func:`write_prediction`:
+    float16 probabilities, the ids table through its CSV text (for in-memory predictions that
+    must equal the pipeline's stored ones, e.g. ``segflow predict-bundle``)."""
+    buffer = io.StringIO()
+    prediction.ids.to_csv(buffer, index=False)
+    buffer.seek(0)
+    ids = pd.read_csv(buffer, dtype={"id": str})
+    return Prediction(ids, np.asarray(prediction.probs).astype(np.float16))
 
 
 def read_oof(oof_dir: str | os.PathLike[str]) -> Prediction:

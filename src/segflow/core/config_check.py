@@ -3,7 +3,9 @@
 Snakemake's own ``validate`` reports a schema error as the whole sub-schema and instance
 (a hundred lines for a typo in ``data``); :func:`check_config` runs first and stops with one
 line naming the offending key, and a close match for an unknown one:
-``invalid config: unknown key data.train_image (did you mean data.train_images?)``.
+``invalid config: unknown key data.train_image (did you mean data.train_images?)``, or the valid
+keys when none is close: ``unknown key experiments.x.loss.dice.per_image (valid: weight, log_loss,
+smooth)``.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ def _describe(error: jsonschema.ValidationError) -> str:
     """One line for one schema error, naming the key."""
     where = _key(error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
-        allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(key for key in error.instance if key not in allowed)
+        allowed = list(error.schema.get("properties", {}))  # in schema order
+        unknown = sorted(str(key) for key in error.instance if key not in allowed)
         if unknown:
             prefix = "" if where == "<top level>" else f"{where}."
-            close = difflib.get_close_matches(str(unknown[0]), allowed, n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else "not in the schema"
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid: {', '.join(allowed)}"
             return f"unknown key {prefix}{unknown[0]} ({hint})"
     return f"{where}: {error.message}"
 

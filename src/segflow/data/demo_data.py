@@ -22,6 +22,9 @@ Layout written under ``out_dir``::
     train.csv               id,rle_mask  (Kaggle RLE: column-major, 1-indexed; "" when empty)
     metadata.csv            id,depth     (every train and test id; weakly informative)
     planted_duplicates.json the planted truth (also returned by generate_demo_data)
+    contents.json           every other file's sha256 and the options: what was generated, so
+                            the workflow's data stamp (segflow.core.data_stamp) can tell a
+                            file a user edited in place from a fresh generation
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from segflow.core.data_stamp import write_content_list
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
 from segflow.core.stage_args import stage_log
@@ -339,6 +343,8 @@ def _build(root: Path, options: DemoDataOptions) -> dict[str, Any]:
     (root / "planted_duplicates.json").write_text(
         json.dumps(truth, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
+    # Last: the content hash of every file above, so an edit in place is told from this output.
+    write_content_list(root, asdict(options))
     return truth
 
 

@@ -17,7 +17,10 @@ hold one ``|``-separated part per class and the ``mask_classes`` column names th
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,9 @@ MANIFEST_COLUMNS = (
     "mask_md5",
     "mask_coverage",
 )
+
+# Per scanned item, the EXIF orientation its image was turned by (1: none).
+_ORIENTATION_KEY = "_exif_orientation"
 
 RleRow = tuple[str, str]  # (RLE string, where it came from: 'file row N (id ...)')
 
@@ -218,12 +224,14 @@ def list_images(
             None: the folder itself.
 
     Returns:
-        (id -> path, names of the skipped entries): hidden files, folders and files that are
-        not images by extension or DICOM magic.
+        (id -> path, names of the skipped entries): hidden entries, folders, FIFOs, sockets,
+        devices and files that are not images by extension or DICOM magic; the warning says
+        which each is.
 
     Raises:
         SegflowError: missing folder, no images (unless allowed), two files sharing a stem, a
-            file name that is not UTF-8, or a folder or symlink resolving outside ``root``.
+            file name that is not UTF-8, a folder or symlink resolving outside ``root``, or a
+            broken (dangling) or looping symlink.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -237,15 +245,22 @@ def list_images(
             f"{role} folder {folder} resolves to {resolved}, outside data.data_root {root}"
         )
     found: dict[str, Path] = {}
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []  # (name, what it is)
     for path in sorted(resolved.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            skipped.append(_printable(path.name))
+        if path.name.startswith("."):
+            skipped.append((_printable(path.name), "hidden"))
+            continue
+        # A broken or looping link is checked before anything else: is_file() is False for
+        # it, so it would be skipped as "not an image" and its item silently left out (an
+        # un-fetched git-annex file is such a link).
+        mode = _entry_mode(path, role)
+        if not stat.S_ISREG(mode):  # a folder, FIFO, socket or device: never opened
+            skipped.append((_printable(path.name), _kind_of_entry(mode)))
             continue
         if path.is_symlink():  # checked before image_kind, which may open the file
             _check_inside(path, root, role)
         if image_kind(path) is None:
-            skipped.append(_printable(path.name))
+            skipped.append((_printable(path.name), _NOT_AN_IMAGE))
             continue
         try:
             path.name.encode("utf-8")
@@ -264,10 +279,10 @@ def list_images(
         found[item_id] = path
     if skipped:
         log.warning(
-            "%s: skipped %d entries that are not image files (e.g. %s)",
+            "%s: skipped %d entries (e.g. %s)",
             folder,
             len(skipped),
-            ", ".join(skipped[:5]),
+            ", ".join(f"{name} ({kind})" for name, kind in skipped[:5]),
         )
     if not found and not allow_empty:
         hint = (
@@ -276,7 +291,48 @@ def list_images(
             else ""
         )
         raise SegflowError(f"{role} folder {folder} contains no images{hint}")
-    return found, skipped
+    return found, [name for name, _ in skipped]
+
+
+_NOT_AN_IMAGE = "not an image file"
+# What list_images skips besides files without an image extension, by file type.
+_ENTRY_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _entry_mode(path: Path, role: str) -> int:
+    """The file type bits of a folder entry, following symlinks.
+
+    Raises:
+        SegflowError: a symlink whose target is missing (a dangling link, e.g. git-annex
+            content not fetched) or a symlink loop, naming the link.
+    """
+    try:
+        return path.stat().st_mode
+    except OSError as error:
+        name = _printable(str(path))
+        if error.errno == errno.ELOOP:
+            raise SegflowError(
+                f"{name}: {role} is a symlink loop (it links to {_printable(os.readlink(path))}, "
+                "which leads back to it); fix or remove the link"
+            ) from None
+        if path.is_symlink() and error.errno == errno.ENOENT:
+            raise SegflowError(
+                f"{name}: {role} is a broken symlink (its target "
+                f"{_printable(os.readlink(path))} does not exist; with git-annex: git annex "
+                "get); fix or remove the link"
+            ) from None
+        raise SegflowError(f"{name}: cannot read {role} ({error.strerror or error})") from None
+
+
+def _kind_of_entry(mode: int) -> str:
+    """What a folder entry that is not a regular file is, for the skip warning."""
+    return next((kind for test, kind in _ENTRY_KINDS if test(mode)), "not a regular file")
 
 
 def _check_id_is_a_name(item_id: str, where: str) -> None:
@@ -390,6 +446,7 @@ def _scan_item(task: _ScanTask) -> dict[str, Any]:
         "mask_rle": None,
         "mask_md5": None,
         "mask_coverage": float("nan"),
+        _ORIENTATION_KEY: image.orientation,  # counted for the summary, not a manifest column
     }
     if task.classes:  # multi-label manifests only: binary ones keep their columns
         row[CLASSES_COLUMN] = CLASS_SEPARATOR.join(task.classes)
@@ -608,6 +665,25 @@ def _match_csv_ids(
     return matched, next(iter(first_of_style), "stem")
 
 
+def _check_ids_without_spaces(rles: dict[str, list[list[RleRow]]], train: dict[str, Path]) -> None:
+    """Refuse a CSV id that matches no image only because of surrounding whitespace
+    (``"abc ,1 1"``): its image would be reported as having no row, the row not named.
+
+    Raises:
+        SegflowError: naming the CSV row, the id's repr and the image it would match.
+    """
+    names = {path.name: path for path in train.values()}
+    for csv_id, rows in rles.items():
+        if csv_id in train or csv_id == csv_id.strip():
+            continue
+        image = train.get(csv_id.strip()) or names.get(csv_id.strip())
+        if image is not None:
+            raise SegflowError(
+                f"{_first_row(rows)}: the id has surrounding whitespace, so it matches no image "
+                f"(without it, it is {image.name}); remove the spaces from the CSV"
+            )
+
+
 def _train_rle_rows(
     options: IngestOptions, train: dict[str, Path]
 ) -> tuple[dict[str, tuple[tuple[RleRow, ...], ...]], str]:
@@ -615,6 +691,7 @@ def _train_rle_rows(
     ``rle_missing_is_empty``, else it is an error. Also returns the CSV's id style
     (:func:`_match_csv_ids`)."""
     rles, id_style = _match_csv_ids(_read_rle_csv(options), train)
+    _check_ids_without_spaces(rles, train)
     if id_style == "filename":
         log.info("%s: ids are image file names (with extension)", options.rle_csv)
     missing = [item_id for item_id in train if item_id not in rles]
@@ -758,7 +835,7 @@ def ingest(
     # since in a one-row-per-image CSV (TGS) they mean a broken file.
     several_rows = sum(any(len(rows) > 1 for rows in task.rles) for task in tasks)
     if several_rows:
-        log.info(
+        log.warning(
             "%d train ids have several rows for one class in %s: their runs are unioned",
             several_rows,
             options.rle_csv,
@@ -771,8 +848,20 @@ def ingest(
         )
         for row in chunk_rows
     ]
-    columns = [*MANIFEST_COLUMNS, *([CLASSES_COLUMN] if options.classes else [])]
+    columns = [
+        *MANIFEST_COLUMNS,
+        *([CLASSES_COLUMN] if options.classes else []),
+        _ORIENTATION_KEY,
+    ]
     manifest = pd.DataFrame(rows, columns=columns)
+    oriented = manifest.pop(_ORIENTATION_KEY) != 1
+    if oriented.any():
+        log.warning(
+            "%d images (e.g. %s) have an EXIF orientation and are read turned as a viewer "
+            "shows them (their masks are read the same way)",
+            int(oriented.sum()),
+            manifest.loc[oriented, "image_path"].iloc[0],
+        )
     missing_metadata = 0
     if options.metadata_csv:
         metadata = _read_metadata(options)
@@ -786,6 +875,7 @@ def ingest(
     record_attributes(manifest, roots, id_style)
     summary = _summarise(manifest, skipped, missing_metadata, options.classes)
     summary["rle_ids_with_several_rows"] = several_rows
+    summary["images_with_exif_orientation"] = int(oriented.sum())
     return manifest, summary
 
 

@@ -100,7 +100,9 @@ class PreprocessOptions:
 
 
 @dataclass(frozen=True)
-class _Geometry:
+class Geometry:
+    """The arrays' pixel grid: (height, width), channels and dtype (``uint8``/``uint16``)."""
+
     height: int
     width: int
     channels: int
@@ -119,7 +121,7 @@ class _ChunkTask:
     masks_path: str | None
     first_row: int
     items: tuple[_Item, ...]
-    geometry: _Geometry
+    geometry: Geometry
     options: PreprocessOptions
     dicom_window: DicomWindow
     n_classes: int
@@ -189,7 +191,7 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def prepare_image(
-    pixels: np.ndarray, geometry: _Geometry, options: PreprocessOptions, where: str = "image"
+    pixels: np.ndarray, geometry: Geometry, options: PreprocessOptions, where: str = "image"
 ) -> np.ndarray:
     """Channels -> bit depth -> CLAHE -> resize or reflect-pad (``options.resize_mode``), in
     that order (CLAHE at native resolution). ``where`` names the image in errors."""
@@ -207,7 +209,7 @@ def prepare_image(
 
 
 def prepare_mask(
-    label: np.ndarray, geometry: _Geometry, options: PreprocessOptions, where: str = "mask"
+    label: np.ndarray, geometry: Geometry, options: PreprocessOptions, where: str = "mask"
 ) -> np.ndarray:
     """A packed label mask into the arrays' grid, as :func:`prepare_image` places its image:
     nearest-neighbour resize, or the same reflect padding (the mirrored truth of the mirrored
@@ -273,7 +275,7 @@ def output_channels(items: pd.DataFrame, channels: str) -> int:
     return (1 if items["is_gray"].all() else 3) if channels == "auto" else int(channels)
 
 
-def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometry:
+def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> Geometry:
     if (options.height is None) != (options.width is None):
         raise SegflowError("set both preprocess.height and preprocess.width, or neither")
     if options.height is None:
@@ -305,14 +307,14 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> _Geometr
         if not too_large.empty:
             row = too_large.iloc[0]
             pad_offsets((int(row["height"]), int(row["width"])), (height, width), row["image_path"])
-    return _Geometry(height, width, channels, dtype)
+    return Geometry(height, width, channels, dtype)
 
 
 def write_arrays(
     items: list[_Item],
     images_path: Path,
     masks_path: Path | None,
-    geometry: _Geometry,
+    geometry: Geometry,
     options: PreprocessOptions,
     window: DicomWindow,
     n_classes: int,
@@ -359,7 +361,7 @@ def write_arrays(
 
 
 def array_index(
-    frame: pd.DataFrame, geometry: _Geometry, options: PreprocessOptions
+    frame: pd.DataFrame, geometry: Geometry, options: PreprocessOptions
 ) -> pd.DataFrame:
     """The index rows of ``frame`` (manifest rows in array order): id, split, row, original
     size, and with ``resize_mode`` pad the offsets prediction crops back with."""

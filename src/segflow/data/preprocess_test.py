@@ -21,8 +21,8 @@ from segflow.core.atomic import atomic_path
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import add_workers, stage_log
 from segflow.data.preprocess import (
+    Geometry,
     PreprocessOptions,
-    _Geometry,
     _Item,
     array_index,
     write_arrays,
@@ -66,7 +66,7 @@ def preprocess_test(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = PreprocessOptions(**stats["options"])
-    geometry = _Geometry(
+    geometry = Geometry(
         int(stats["height"]), int(stats["width"]), int(stats["channels"]), str(stats["dtype"])
     )
     test = manifest[manifest["split"] == "test"].sort_values("id")

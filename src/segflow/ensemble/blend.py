@@ -61,21 +61,36 @@ def run_blend(
         [p.probs for p in oof], truths, classes, metric=metric, step=step, names=names
     )
 
-    def blended(predictions: Sequence[Prediction]) -> Prediction:
-        ids = without_gates(predictions[0].ids)
-        heads = [nonempty_probs(p.ids, len(classes)) for p in predictions]
-        gate = blend_nonempty(heads, weights)
-        if gate is not None:
-            ids = with_gates(ids, gate)
-        return Prediction(ids, blend([p.probs for p in predictions], weights))
-
     summary = {
         "metric": metric,
         "step": step,
         "weights": {name: float(w) for name, w in zip(names, weights, strict=True)},
         "table": table.to_dict("records"),
     }
-    return blended(oof), blended(test), json_ready(summary), table
+    return (
+        blend_predictions(oof, weights, len(classes)),
+        blend_predictions(test, weights, len(classes)),
+        json_ready(summary),
+        table,
+    )
+
+
+def blend_predictions(
+    predictions: Sequence[Prediction], weights: Sequence[float] | np.ndarray, n_classes: int
+) -> Prediction:
+    """The experiments' row-aligned predictions blended with ``weights``: probabilities by
+    :func:`segflow.ensemble.weights.blend`, aux-head gates by
+    :func:`segflow.ensemble.weights.blend_nonempty`.
+
+    Returns:
+        The blend (float16 probabilities; gate columns when any weighted experiment has them).
+    """
+    ids = without_gates(predictions[0].ids)
+    heads = [nonempty_probs(p.ids, n_classes) for p in predictions]
+    gate = blend_nonempty(heads, weights)
+    if gate is not None:
+        ids = with_gates(ids, gate)
+    return Prediction(ids, blend([p.probs for p in predictions], weights))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

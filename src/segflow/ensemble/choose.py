@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,10 @@ def stage_table(
 
     Returns:
         One row per candidate: stage, candidate, round, kaggle, dice, tuned_metric, tuned,
-        delta_tuned (vs the baseline), baseline (bool).
+        delta_tuned (vs the baseline), baseline (bool); with a hyperparameter search
+        (``search/<name>/best.json``) also search_best: the study's best trial value (its
+        ``folds``, ``trial_epochs``, the monitor at threshold 0.5), null for other candidates,
+        so the search's optimism shows next to the experiment's full OOF score.
     """
     root = Path(results_dir)
     rows = []
@@ -67,6 +71,9 @@ def stage_table(
                 "tuned": tuned["score"],
             }
         )
+        search_best = root / "search" / name / "best.json"
+        if search_best.is_file():
+            rows[-1]["search_best"] = float(json.loads(search_best.read_text())["value"])
     table = pd.DataFrame(rows)
     singles = table[(table["stage"] == "experiment") & (table["round"] == 0)]
     baseline = float(singles["tuned"].max()) if len(singles) else float(table["tuned"].iloc[0])
@@ -194,6 +201,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     margin follow; a candidate whose gain over the better constant is within noise is marked
     ``near constant``."""
     columns = ["stage", "candidate", "round", "kaggle", "dice", "tuned", "delta_tuned"]
+    if "search_best" in table.columns:
+        columns.append("search_best")
     if "near_constant" in table.columns:
         columns += ["const_empty", "const_full", "gain_vs_constant", "noise"]
     lines = [
@@ -209,6 +218,8 @@ def markdown_table(table: pd.DataFrame) -> str:
             elif column == "gain_vs_constant":
                 near = " near constant" if str(row.near_constant) == "True" else ""
                 cells.append(f"{value:+.4f}{near}")
+            elif isinstance(value, float) and math.isnan(value):
+                cells.append("")
             elif isinstance(value, float):
                 cells.append(f"{value:.4f}")
             else:

@@ -3,6 +3,11 @@
 Canonical image: ``(H, W)`` for grayscale or ``(H, W, C)`` with C in {3, 4} in **RGB(A)** order,
 dtype uint8 or uint16. Canonical mask: ``(H, W)`` uint8 with values {0, 1}.
 DICOM files are converted to 8-bit with a Hounsfield-unit window (see :class:`DicomWindow`).
+
+A JPEG or PNG with an EXIF orientation is turned the way a viewer shows it, image and mask alike
+(OpenCV's ``IMREAD_UNCHANGED``, used to keep bit depth and alpha, ignores EXIF; its TIFF reader
+already applies the TIFF orientation tag). A palette (P-mode) mask is read as its palette
+indices, not its colours.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ RASTER_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", 
 DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
 _DICOM_MAGIC_OFFSET = 128
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOI = b"\xff\xd8"
+_EXIF_HEADER = b"Exif\x00\x00"
+_ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class DecodedImage:
     bit_depth: int
     stored_channels: int
     image_format: str
+    orientation: int = 1  # EXIF orientation applied to the pixels (1: none)
 
 
 def image_kind(path: Path) -> str | None:
@@ -151,12 +160,15 @@ def _quiet_opencv() -> Iterator[None]:
                 logging_.setLogLevel(_cv_log_level)
 
 
-def _check_png_chunks(path: Path, data: bytes, role: str) -> None:
+def _check_png_chunks(path: Path, data: bytes, role: str) -> bytes | None:
     """Refuse a truncated or corrupted PNG from its chunk structure, before libpng sees it.
 
     libpng prints its own ``libpng error: ...`` line to stderr (which cannot be switched off
     from Python) on exactly these files; walking the chunk headers and checking the CRCs of the
     critical chunks costs one pass over the bytes and names what is wrong instead.
+
+    Returns:
+        The payload of the PNG's ``eXIf`` chunk (EXIF data), or None without one.
 
     Raises:
         SegflowError: a chunk runs past the end of the file, a critical chunk (IHDR, PLTE,
@@ -164,6 +176,7 @@ def _check_png_chunks(path: Path, data: bytes, role: str) -> None:
     """
     view = memoryview(data)
     offset = len(_PNG_SIGNATURE)
+    exif = None
     while offset + 12 <= len(data):
         length, kind = struct.unpack(">I4s", view[offset : offset + 8])
         end = offset + 12 + length
@@ -182,24 +195,95 @@ def _check_png_chunks(path: Path, data: bytes, role: str) -> None:
                     f"{path}: not a readable {role} (corrupt PNG: CRC mismatch in chunk {name} "
                     f"at byte {offset})"
                 )
+        if kind == b"eXIf" and exif is None:
+            exif = bytes(view[offset + 8 : end - 4])
         if kind == b"IEND":
-            return
+            return exif
         offset = end
     raise SegflowError(
         f"{path}: not a readable {role} (truncated PNG: the file ends before its IEND chunk)"
     )
 
 
-def _imdecode(path: Path, data: bytes, role: str) -> np.ndarray:
-    """Decode raster bytes as stored (bit depth and channels kept); ``role`` names the kind
-    of file ("image", "mask image") in the error."""
+def _imdecode(path: Path, data: bytes, role: str) -> tuple[np.ndarray, int]:
+    """Decode raster bytes as stored (bit depth and channels kept), turned by their EXIF
+    orientation; ``role`` names the kind of file ("image", "mask image") in the error.
+
+    Returns:
+        (pixels, the EXIF orientation applied to them: 1 for none).
+    """
+    exif = None
     if data[:8] == _PNG_SIGNATURE:
-        _check_png_chunks(path, data, role)
+        exif = _check_png_chunks(path, data, role)
+    elif data[:2] == _JPEG_SOI:
+        exif = _jpeg_exif(data)
     with _quiet_opencv():
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise SegflowError(f"{path}: not a readable {role} (corrupt, truncated or not an image)")
-    return pixels
+    orientation = _exif_orientation(exif)
+    return apply_orientation(pixels, orientation), orientation
+
+
+def _jpeg_exif(data: bytes) -> bytes | None:
+    """The EXIF payload of a JPEG's APP1 segment, from its marker segments before the scan."""
+    offset = len(_JPEG_SOI)
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: no more headers
+            return None
+        (length,) = struct.unpack(">H", data[offset + 2 : offset + 4])
+        segment = data[offset + 4 : offset + 2 + length]
+        if marker == 0xE1 and segment.startswith(_EXIF_HEADER):
+            return segment
+        offset += 2 + length
+    return None
+
+
+def _exif_orientation(exif: bytes | None) -> int:
+    """The Orientation tag (1-8) of EXIF data; 1 without one or when the EXIF data cannot be
+    parsed (image viewers ignore it then too)."""
+    if not exif:
+        return 1
+    from PIL import Image
+
+    try:
+        orientation = Image.Exif()
+        orientation.load(exif)
+        value = int(orientation.get(_ORIENTATION_TAG, 1))
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn pixels as stored the way an EXIF orientation says they are shown.
+
+    Args:
+        pixels: the stored pixels (rows first; channels, if any, last).
+        orientation: EXIF Orientation 1-8 (1: as stored, 3: rotated 180 degrees, 6: turned 90
+            degrees clockwise, 8: counter-clockwise, 2/4: mirrored, 5/7: transposed).
+
+    Returns:
+        The pixels as shown (contiguous); 5-8 swap height and width.
+
+    Shape:
+        pixels: (H, W) or (H, W, C); output: the same, or (W, H[, C]) for 5-8.
+    """
+    turned = {
+        1: lambda p: p,
+        2: lambda p: p[:, ::-1],
+        3: lambda p: p[::-1, ::-1],
+        4: lambda p: p[::-1],
+        5: lambda p: np.swapaxes(p, 0, 1),
+        6: lambda p: np.rot90(p, -1),
+        7: lambda p: np.swapaxes(p[::-1, ::-1], 0, 1),
+        8: lambda p: np.rot90(p, 1),
+    }[orientation](pixels)
+    return turned if orientation == 1 else np.ascontiguousarray(turned)
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
@@ -245,13 +329,15 @@ def decode_image(
     data = _read_bytes(path)
     md5_bytes = hashlib.md5(data).hexdigest()
     kind = image_kind(path)
+    orientation = 1
     if kind == "dicom":
         window = dicom_window or DicomWindow()
         pixels, bit_depth, stored = _decode_dicom(path, data, window, max_pixels)
         image_format = "dicom"
     else:
         _check_pixel_limit(path, data, max_pixels)
-        pixels = _to_canonical(path, _imdecode(path, data, "image"))
+        decoded, orientation = _imdecode(path, data, "image")
+        pixels = _to_canonical(path, decoded)
         bit_depth = 16 if pixels.dtype == np.uint16 else 8
         stored = 1 if pixels.ndim == 2 else pixels.shape[2]
         image_format = path.suffix.lower().lstrip(".").replace("jpeg", "jpg").replace("tiff", "tif")
@@ -260,7 +346,7 @@ def decode_image(
             f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels exceeds the limit of {max_pixels} "
             "(data.max_pixels)"
         )
-    return DecodedImage(pixels, len(data), md5_bytes, bit_depth, stored, image_format)
+    return DecodedImage(pixels, len(data), md5_bytes, bit_depth, stored, image_format, orientation)
 
 
 def _to_canonical(path: Path, pixels: np.ndarray) -> np.ndarray:
@@ -393,6 +479,11 @@ def _max_value(pixels: np.ndarray) -> int:
 def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     """Read a binary mask file: background 0 and one foreground value (1, 255, 65535, ...).
 
+    A palette (P-mode) mask is read as its palette indices (index 0 is background), whatever
+    colours its palette gives them; only when its indices are not 0 and one other (e.g. an
+    adaptive palette that put black elsewhere) are its colours read instead, as for any image.
+    An EXIF orientation is applied as to images.
+
     Returns:
         uint8 mask with values {0, 1}.
 
@@ -405,7 +496,27 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np
     path = Path(path)
     data = _read_bytes(path)
     _check_pixel_limit(path, data, max_pixels)
-    mask = _imdecode(path, data, "mask image")
+    mask, orientation = _imdecode(path, data, "mask image")
+    # OpenCV maps a palette to its colours (or grays); the indices are the labels.
+    indices = _palette_indices(data)
+    if indices is None:
+        return _binary_mask(path, mask, "values")
+    indices = apply_orientation(indices, orientation)
+    try:
+        return _binary_mask(path, indices, "palette indices")
+    except SegflowError as index_error:
+        try:
+            return _binary_mask(path, mask, "colours")
+        except SegflowError:
+            raise index_error from None
+
+
+def _binary_mask(path: Path, mask: np.ndarray, what: str) -> np.ndarray:
+    """{0, 1} of a decoded mask: 0 and one foreground value (equal channels if several).
+
+    Raises:
+        SegflowError: differing colour channels, or more than two ``what`` (values, indices).
+    """
     if mask.ndim == 3:
         colour = mask[:, :, :3] if mask.shape[2] >= 3 else mask
         if not (colour == colour[:, :, :1]).all():
@@ -418,7 +529,34 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np
         values = np.unique(mask)
         shown = ", ".join(map(str, values[:6].tolist())) + (", ..." if values.size > 6 else "")
         raise SegflowError(
-            f"{path}: mask has {values.size} distinct values ({shown}); expected 0 and one "
+            f"{path}: mask has {values.size} distinct {what} ({shown}); expected 0 and one "
             "foreground value"
         )
     return (mask != 0).astype(np.uint8)
+
+
+def _palette_indices(data: bytes) -> np.ndarray | None:
+    """The palette indices of a palette (P-mode) image, as stored; None for any other image.
+
+    A PNG tells from its header (colour type 3), a JPEG has no palette; BMP and TIFF are asked
+    of Pillow (its lazy open reads the header only).
+    """
+    if data[:8] == _PNG_SIGNATURE and data[25:26] != b"\x03":
+        return None
+    if data[:2] == _JPEG_SOI:
+        return None
+    from PIL import Image
+
+    try:
+        # The size was checked against max_pixels already: Pillow's own limit does not apply.
+        with _PIL_LIMIT_LOCK:
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                image = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+        with image:
+            return np.asarray(image) if image.mode == "P" else None
+    except Exception:  # OpenCV decoded it: a file Pillow cannot read is not a palette file
+        return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from segflow.core.errors import SegflowError
 
 EXPERIMENT_KEYS = ("model", "loss", "ohem_fraction", "augment", "train", "refit")
 DEFAULT_LOSS = {"bce": 1.0, "dice": 1.0}
+# An experiment's name is a results folder and the rules' {experiment} wildcard (their
+# wildcard_constraints use this pattern): a name outside it would match no rule.
+EXPERIMENT_NAME_PATTERN = "[A-Za-z0-9_.-]+"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,32 @@ def parse_experiment(
         train=_dataclass_from(TrainOptions, values.get("train", {}), f"{key}.train"),
         refit=_dataclass_from(RefitOptions, values.get("refit", {}), f"{key}.refit"),
     )
+
+
+def check_experiment_names(
+    experiments: dict[Any, Any], run_experiments: list[Any] | None = None
+) -> None:
+    """Check that every configured experiment's name can be a folder and a rule wildcard.
+
+    Args:
+        experiments: the config's ``experiments`` mapping.
+        run_experiments: the config's ``run_experiments`` (None: every experiment runs).
+
+    Raises:
+        SegflowError: one line naming ``experiments.<name>`` (and ``run_experiments`` when the
+            name is listed there) for a name outside :data:`EXPERIMENT_NAME_PATTERN` (a space,
+            '/', ':', ...) or a name that is ``.`` or ``..``.
+    """
+    for name in experiments:
+        valid = isinstance(name, str) and re.fullmatch(EXPERIMENT_NAME_PATTERN, name)
+        if valid and name not in (".", ".."):
+            continue
+        listed = " and in run_experiments" if name in (run_experiments or ()) else ""
+        raise SegflowError(
+            f"experiments.{name}: the experiment name {name!r} may contain only letters, digits, "
+            "'_', '.' and '-' and may not be '.' or '..' (it names result folders and rule "
+            f"wildcards); rename it here{listed}"
+        )
 
 
 def check_init_from(experiments: dict[str, Any]) -> None:

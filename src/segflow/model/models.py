@@ -369,10 +369,6 @@ def load_checkpoint(
         )
     if not isinstance(checkpoint.get("spec"), dict) or "state_dict" not in checkpoint:
         raise SegflowError(f"{path}: checkpoint lacks its spec or state_dict")
-    try:
-        spec = ModelSpec.from_dict(checkpoint["spec"])
-    except (SegflowError, TypeError) as exc:
-        raise SegflowError(f"{path}: invalid stored spec: {exc}") from exc
     snapshots = checkpoint.get("snapshots")
     if snapshots is not None and (
         not isinstance(snapshots, list)
@@ -380,22 +376,54 @@ def load_checkpoint(
         or not all(isinstance(state, dict) for state in snapshots)
     ):
         raise SegflowError(f"{path}: snapshots must be a non-empty list of state dicts")
-    states = snapshots if snapshots is not None else [checkpoint["state_dict"]]
-    models = []
-    for index, state in enumerate(states):
-        model = build_model(dataclasses.replace(spec, encoder_weights=None))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            which = f"snapshot {index}" if snapshots is not None else "weights"
-            raise SegflowError(
-                f"{path}: {which} do not match the stored spec ({first_line(exc)})"
-            ) from exc
-        models.append(model)
-    model = SnapshotEnsemble(models) if snapshots is not None else models[0]
+    model = rebuild_model(
+        checkpoint["spec"],
+        snapshots if snapshots is not None else [checkpoint["state_dict"]],
+        snapshots is not None,
+        str(path),
+    )
     weights = ("state_dict", "snapshots")
     metadata = {key: value for key, value in checkpoint.items() if key not in weights}
     return model.to(device).eval(), metadata
+
+
+def rebuild_model(
+    spec: Mapping[str, Any],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    snapshots: bool = False,
+    where: str = "model",
+) -> torch.nn.Module:
+    """The model a checkpoint (or an export bundle) describes, offline: built from ``spec``
+    with ``encoder_weights=None`` (nothing is downloaded or read), the weights loaded strictly.
+
+    Args:
+        spec: a :class:`ModelSpec` as a dict (a checkpoint's ``spec``).
+        states: the state dicts: one, or a snapshot ensemble's members in order.
+        snapshots: build a :class:`SnapshotEnsemble` of one model per state dict.
+        where: names the source in error messages (a path, a bundle member).
+
+    Returns:
+        The model on the CPU (tensors of another dtype, e.g. float16, are cast on load).
+
+    Raises:
+        SegflowError: an invalid spec, or weights that do not fit it.
+    """
+    try:
+        model_spec = ModelSpec.from_dict(spec)
+    except (SegflowError, TypeError) as exc:
+        raise SegflowError(f"{where}: invalid stored spec: {exc}") from exc
+    models = []
+    for index, state in enumerate(states):
+        model = build_model(dataclasses.replace(model_spec, encoder_weights=None))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            which = f"snapshot {index}" if snapshots else "weights"
+            raise SegflowError(
+                f"{where}: {which} do not match the stored spec ({first_line(exc)})"
+            ) from exc
+        models.append(model)
+    return SnapshotEnsemble(models) if snapshots else models[0]
 
 
 # --------------------------------------------------------------------------- helpers

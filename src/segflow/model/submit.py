@@ -12,12 +12,18 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from segflow.artifacts.arrays import read_classes
-from segflow.artifacts.predictions import merge_folds, nonempty_probs, read_prediction
+from segflow.artifacts.predictions import (
+    Prediction,
+    merge_folds,
+    nonempty_probs,
+    read_prediction,
+)
 from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_csv
 from segflow.core.errors import SegflowError
@@ -26,6 +32,9 @@ from segflow.core.stage_args import add_fold_merge, add_stats, stage_log
 from segflow.formats.labels import label_dtype, read_label, unpack_labels
 from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
+
+if TYPE_CHECKING:
+    from segflow.model.postprocess import PostprocessParams
 
 ID_STYLES = ("auto", "stem", "filename")
 
@@ -230,6 +239,30 @@ def _checked_rle(item_id: str, mask: np.ndarray, options: SubmissionOptions) -> 
     return rle if rle else options.empty_rle
 
 
+def fold_masks(
+    folds: Sequence[Prediction], fold_merge: str, params: Sequence[PostprocessParams]
+) -> np.ndarray:
+    """The submitted masks of row-aligned test predictions (a candidate's fold models', or a
+    second-level candidate's one): probabilities merged (:func:`merge_folds`), aux-head gates
+    averaged when every fold has them, then each class's tuned post-processing.
+
+    Shape:
+        output: (N, K, H, W) uint8 {0, 1}.
+
+    Raises:
+        SegflowError: the predictions' ids are not in the same order.
+    """
+    from segflow.model.postprocess import apply_classes
+
+    fold_ids = [fold.ids for fold in folds]
+    if any(not ids["id"].equals(fold_ids[0]["id"]) for ids in fold_ids):
+        raise SegflowError("test predictions of the folds are not in the same id order")
+    probs = merge_folds([fold.probs for fold in folds], fold_merge)
+    gates = [nonempty_probs(ids, len(params)) for ids in fold_ids]
+    nonempty = None if any(g is None for g in gates) else np.mean(gates, axis=0)
+    return apply_classes(probs, params, nonempty)
+
+
 def write_submission(path: str | Path, frame: pd.DataFrame) -> None:
     """Write the submission CSV atomically."""
     write_csv(path, frame)
@@ -252,19 +285,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """``segflow submit``: merge the folds' test predictions, post-process, write the CSV."""
-    from segflow.model.postprocess import apply_classes, params_from_summary
+    from segflow.model.postprocess import params_from_summary
 
     classes, multilabel = read_classes(args.stats)
     options = dataclass_from_namespace(SubmissionOptions, args)
     folds = [read_prediction(d, mmap=False) for d in args.fold_dirs]
     fold_ids = [fold.ids for fold in folds]
-    if any(not ids["id"].equals(fold_ids[0]["id"]) for ids in fold_ids):
-        raise SegflowError("test predictions of the folds are not in the same id order")
-    probs = merge_folds([fold.probs for fold in folds], args.fold_merge)
-    gates = [nonempty_probs(ids, len(classes)) for ids in fold_ids]
-    nonempty = None if any(g is None for g in gates) else np.mean(gates, axis=0)
     params = params_from_summary(json.loads(Path(args.postprocess).read_text()), classes)
-    masks = apply_classes(probs, params, nonempty)
+    masks = fold_masks(folds, args.fold_merge, params)
     manifest = read_table(args.manifest, "manifest")
     known = known_test_labels(manifest, read_table(args.leaks, "test leaks"), len(classes))
     # Binary data keeps the two-column format: one (H, W) mask per id, no class column.

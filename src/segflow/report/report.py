@@ -41,6 +41,7 @@ from segflow.model import diagnostics
 from segflow.model.metrics import per_image_scores
 from segflow.model.postprocess import apply_classes, params_from_summary
 from segflow.report import figures as report_figures
+from segflow.report.search_section import search_section
 
 SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
 # Images scored per chunk for the example cases: bounds memory on large OOF arrays.
@@ -524,6 +525,7 @@ def build_report(
         _postprocess_section(root, candidates),
         _stacking_section(root, candidates, classes),
         _stages_section(root, stages),
+        search_section(root),
         _cases_section(root, choice, classes, dicom_window),
     ]
     nav = " ".join(
@@ -537,6 +539,7 @@ def build_report(
             ("postprocess", "post-processing"),
             ("stacking", "stacking"),
             ("stages", "stages"),
+            *([("search", "search")] if any((root / "search").glob("*/best.json")) else []),
             ("cases", "cases"),
         )
     )

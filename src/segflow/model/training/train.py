@@ -82,7 +82,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -797,6 +797,7 @@ def train_fold(
     resume_dir: str | os.PathLike[str],
     pseudo: PseudoSpec | None = None,
     init_checkpoint: str | os.PathLike[str] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train on the folds other than ``fold``, validate on ``fold``; resumable.
 
@@ -818,6 +819,9 @@ def train_fold(
         pseudo: a pseudo-labelling round's selection to train on too (None: real labels only).
         init_checkpoint: the ``model.pt`` whose weights training starts from (the same fold of
             the experiment named by ``options.init_from``); required exactly when that is set.
+        on_epoch: called after each finished epoch (its resume state saved) with the epoch and
+            its validation monitor value; an exception it raises stops training there
+            (the hyperparameter search's pruning, :mod:`segflow.search.search_worker`).
 
     Returns:
         The metrics written to metrics.json.
@@ -838,6 +842,7 @@ def train_fold(
         Path(resume_dir),
         pseudo,
         init_checkpoint,
+        on_epoch=on_epoch,
     )
 
 
@@ -1000,6 +1005,7 @@ def _train(
     pseudo_spec: PseudoSpec | None,
     init_checkpoint: str | os.PathLike[str] | None,
     extra: Mapping[str, Any] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """The training loop of :func:`train_fold` and :func:`train_full` (arguments as there)."""
     arrays, fold = run.arrays, run.fold
@@ -1076,6 +1082,8 @@ def _train(
         save_resume(resume_dir, trainer.state(expected_hash), dropped)
         write_csv(out_dir / "history.csv", _history_frame(trainer.history))
         _log_epoch(trainer, row)
+        if on_epoch is not None and value is not None:
+            on_epoch(epoch, value)
 
     if not trainer.history:
         raise SegflowError(f"{label}: no epoch was trained (train.epochs = {options.epochs})")

@@ -1,0 +1,324 @@
+"""``segflow predict-bundle``: run an export bundle (:mod:`segflow.bundle.export`) on a
+folder of images and write the submission CSV, with no results folder, no Snakemake and no
+network.
+
+Every step is the pipeline's own function, applied to a stream of images a batch at a time:
+decoding and preprocessing of each image (:func:`segflow.data.preprocess.prepare_image`), each
+model's prediction with TTA and tiling (:func:`segflow.model.inference.predict.predict_rows`)
+back at the original resolution, the fold merge
+(:func:`segflow.artifacts.predictions.merge_fold_predictions`), the ensemble's blend
+(:func:`segflow.ensemble.blend.blend_predictions`), the tuned post-processing and the RLE rows
+(:func:`segflow.model.submit.fold_masks`, :func:`segflow.model.submit.submission_frame`). The
+intermediate predictions pass through the same float16 and CSV forms as the pipeline's files
+(:func:`segflow.artifacts.predictions.as_stored`), so on the same images and device the CSV is
+the pipeline's ``submission.csv`` byte for byte.
+
+Leak copy for exact train duplicates: a test image whose pixels are identical to a train
+image's (dedup's exact-duplicate groups, by pixel hash) gets that train label, as the
+pipeline's submit does (``submission.copy_train_labels``).
+
+Images are read, predicted and written a batch at a time (memory bounded by the batch), the
+CSV is written to a temporary file and renamed at the end: on any error nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from segflow.artifacts.predictions import (
+    Prediction,
+    as_stored,
+    merge_fold_predictions,
+    nonempty_column,
+)
+from segflow.artifacts.resolution import pad_offsets
+from segflow.bundle.archive import LEAKS, Bundle, split_states
+from segflow.core.atomic import atomic_path
+from segflow.core.errors import SegflowError
+from segflow.core.stage_args import stage_log
+from segflow.formats.imageio import DicomWindow, decode_image, is_gray, pixel_md5
+from segflow.formats.labels import label_dtype
+from segflow.formats.rle import rle_decode
+from segflow.model.inference.predict import PredictOptions
+
+
+class LoadedModel:
+    """One bundled model, rebuilt and ready: the module, its normalisation and divisor."""
+
+    def __init__(self, bundle: Bundle, entry: dict[str, Any], device: Any) -> None:
+        from segflow.model.models import rebuild_model, required_divisor
+
+        where = f"bundle {bundle.path}: {entry['path']}"
+        states = split_states(bundle.weights(entry["path"]), int(entry.get("snapshots", 0)))
+        self.model = rebuild_model(entry["spec"], states, bool(entry.get("snapshots")), where)
+        self.model = self.model.to(device).eval()
+        stats = bundle.config["preprocess"]
+        self.mean = entry["meta"].get("mean", stats["train_mean"])
+        self.std = entry["meta"].get("std", stats["train_std"])
+        self.divisor = required_divisor(self.model)
+
+
+class BundlePredictor:
+    """A bundle's models on a device, predicting batches of images into submission rows."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int | None = None) -> None:
+        import dataclasses
+
+        from segflow.core.devices import resolve_device
+        from segflow.data.preprocess import Geometry, PreprocessOptions
+        from segflow.model.postprocess import params_from_summary
+        from segflow.model.submit import SubmissionOptions
+
+        config = bundle.config
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        prep = config["preprocess"]
+        self.geometry = Geometry(prep["height"], prep["width"], prep["channels"], prep["dtype"])
+        self.preprocess = PreprocessOptions(**prep["options"])
+        self.window = DicomWindow(**prep["dicom_window"])
+        self.source_channels = set(prep["source_channels"])
+        self.gray_only = bool(prep["gray_only"])
+        predict = PredictOptions(**config["predict"])
+        if batch_size is not None:
+            if batch_size < 1:
+                raise SegflowError(f"--batch-size must be >= 1, got {batch_size}")
+            predict = dataclasses.replace(predict, batch_size=batch_size)
+        self.options = predict
+        self.classes = [str(c) for c in config["classes"]]
+        self.multilabel = bool(config["multilabel"])
+        self.submission = SubmissionOptions(**config["submission"])
+        self.params = params_from_summary(config["postprocess"], self.classes)
+        self.candidate = config["candidate"]["name"]
+        self.experiments = [
+            (
+                str(e["name"]),
+                float(e["weight"]),
+                [LoadedModel(bundle, entry, self.device) for entry in e["models"]],
+            )
+            for e in config["experiments"]
+        ]
+        self.leaks = bundle.json(LEAKS) if self.submission.copy_train_labels else {}
+        self.hash_prefix = int(config["leaks"]["hash_prefix"])
+
+    @property
+    def batch_size(self) -> int:
+        """Images per batch (the bundle's ``predict.batch_size`` unless overridden)."""
+        return self.options.batch_size
+
+    def read_image(self, path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+        """(decoded pixels, preprocessed (h, w, C) image, pixel hash prefix) of one file.
+
+        Raises:
+            SegflowError: an unreadable image, or one with a channel count the models were not
+                trained on.
+        """
+        from segflow.data.preprocess import prepare_image
+
+        image = decode_image(path, self.window)
+        gray = is_gray(image.pixels)
+        if image.stored_channels not in self.source_channels or (self.gray_only and not gray):
+            kind = "colour" if not gray else f"{image.stored_channels}-channel"
+            trained = "/".join(str(c) for c in sorted(self.source_channels))
+            raise SegflowError(
+                f"{path}: a {kind} image; the models were trained on "
+                f"{'gray ' if self.gray_only else ''}{trained}-channel images"
+            )
+        prepared = prepare_image(image.pixels, self.geometry, self.preprocess, str(path))
+        return image.pixels, prepared, pixel_md5(image.pixels, gray)[: self.hash_prefix]
+
+    def known_label(self, key: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """The packed train label of an image whose pixel hash is ``key``, or None."""
+        record = self.leaks.get(key)
+        if record is None or (record["height"], record["width"]) != shape:
+            return None
+        rle = self.bundle.config["leaks"]["rle"]
+        label = np.zeros(shape, dtype=label_dtype(len(self.classes)))
+        for k, text in enumerate(record["rle"]):
+            plane = rle_decode(text, shape, order=rle["order"], start=rle["start"])
+            label |= plane.astype(label.dtype) << label.dtype.type(k)
+        return label
+
+    def _model_prediction(
+        self, model: LoadedModel, images: np.ndarray, ids: pd.DataFrame, offsets: list[Any]
+    ) -> Prediction:
+        """One model's prediction of a batch, as predict-test stores it."""
+        from segflow.model.inference.predict import (
+            predict_rows,
+            restore_resolution,
+            stack_original,
+        )
+
+        probs, nonempty = predict_rows(
+            model.model,
+            images,
+            np.arange(len(images)),
+            model.mean,
+            model.std,
+            self.options,
+            self.device,
+            model.divisor,
+        )
+        sizes = list(zip(ids["orig_height"], ids["orig_width"], strict=True))
+        restored = stack_original(restore_resolution(probs, sizes, offsets), "test predictions")
+        table = ids.copy()
+        if nonempty is not None:
+            for k in range(nonempty.shape[1]):
+                table[nonempty_column(k)] = nonempty[:, k]
+        return as_stored(Prediction(table, restored))
+
+    def predict_batch(self, paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
+        """Submission rows of a batch of (id, path), in id order."""
+        from segflow.ensemble.blend import blend_predictions
+        from segflow.model.submit import fold_masks, submission_frame
+
+        originals, prepared, keys = [], [], []
+        for _, path in paths:
+            pixels, image, key = self.read_image(path)
+            originals.append(pixels.shape[:2])
+            prepared.append(image)
+            keys.append(key)
+        ids = pd.DataFrame(
+            {
+                "id": [item_id for item_id, _ in paths],
+                "orig_height": [int(h) for h, _ in originals],
+                "orig_width": [int(w) for _, w in originals],
+            }
+        )
+        target = (self.geometry.height, self.geometry.width)
+        pad = self.preprocess.resize_mode == "pad"
+        offsets = [
+            pad_offsets(size, target, str(path)) if pad else None
+            for size, (_, path) in zip(originals, paths, strict=True)
+        ]
+        images = np.stack(prepared)
+        per_experiment = [
+            [self._model_prediction(model, images, ids, offsets) for model in models]
+            for _, _, models in self.experiments
+        ]
+        if self.candidate == "ensemble":
+            merged = [
+                merge_fold_predictions(folds, self.options.fold_merge) for folds in per_experiment
+            ]
+            weights = [weight for _, weight, _ in self.experiments]
+            blended = blend_predictions(merged, weights, len(self.classes))
+            # submit "merges" the ensemble's one stored prediction with predict.fold_merge too.
+            folds = [as_stored(blended)]
+        else:
+            folds = per_experiment[0]
+        masks = fold_masks(folds, self.options.fold_merge, self.params)
+        known = {}
+        for (item_id, _), key, shape in zip(paths, keys, originals, strict=True):
+            label = self.known_label(key, tuple(shape))
+            if label is not None:
+                known[item_id] = label
+        item_ids = [item_id for item_id, _ in paths]
+        predictions = dict(zip(item_ids, masks if self.multilabel else masks[:, 0], strict=True))
+        names = (
+            {item_id: path.name for item_id, path in paths}
+            if self.submission.id_style == "filename"
+            else None
+        )
+        return submission_frame(
+            predictions,
+            self.submission,
+            known,
+            self.classes if self.multilabel else None,
+            names,
+        )
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[Any]:
+    """A progress callback ``update(n)``: tqdm's bar on a terminal, else (no tqdm, or a log
+    file / notebook cell) a ``done/total`` line on stderr about every tenth of the images."""
+    tqdm = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+    if tqdm is not None:
+        with tqdm(total=total, desc="predict-bundle", unit="img", mininterval=1.0) as bar:
+            yield bar.update
+        return
+    done, every, shown = 0, max(1, total // 10), 0
+
+    def update(n: int) -> None:
+        nonlocal done, shown
+        done += n
+        if done - shown >= every or done == total:
+            shown = done
+            print(f"predict-bundle: {done}/{total} images", file=sys.stderr, flush=True)
+
+    yield update
+
+
+def predict_bundle(
+    bundle_path: str | Path,
+    images_dir: str | Path,
+    out: str | Path,
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> int:
+    """Predict every image of ``images_dir`` with the bundle; write the submission CSV.
+
+    Args:
+        bundle_path: the zip of ``segflow export``.
+        images_dir: a folder of images (ids: file names without extension, as ingest names them).
+        out: the submission CSV (written atomically at the end).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per batch (default: the bundle's ``predict.batch_size``; the same
+            batches as the pipeline's give its probabilities to the bit).
+
+    Returns:
+        The number of images predicted.
+
+    Raises:
+        SegflowError: a bad bundle (:class:`segflow.bundle.archive.Bundle`), no images, or
+            an image the models cannot take.
+    """
+    from segflow.data.ingest import list_images
+
+    bundle = Bundle(bundle_path)
+    found, _ = list_images(images_dir, "test image")
+    predictor = BundlePredictor(bundle, device, batch_size)
+    items = sorted(found.items())
+    step = predictor.batch_size
+    with (
+        atomic_path(out) as tmp,
+        open(tmp, "w", encoding="utf-8", newline="") as handle,
+        _progress(len(items)) as update,
+    ):
+        for start in range(0, len(items), step):
+            batch = items[start : start + step]
+            predictor.predict_batch(batch).to_csv(handle, header=start == 0, index=False)
+            update(len(batch))
+    return len(items)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``segflow predict-bundle``'s flags."""
+    parser.add_argument("bundle", help="the zip written by segflow export")
+    parser.add_argument("images", help="folder of images to predict")
+    parser.add_argument("out", help="submission CSV to write")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch (default: the bundle's predict.batch_size)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    """``segflow predict-bundle``: write the submission CSV of a folder of images."""
+    count = predict_bundle(args.bundle, args.images, args.out, args.device, args.batch_size)
+    stage_log.info("predict-bundle: %d images -> %s", count, args.out)

@@ -1,0 +1,1 @@
+"""Hyperparameter search (``search.<study>``): Optuna studies run by parallel workers."""

@@ -1,0 +1,252 @@
+"""segflow export and predict-bundle (issue 16): the final choice as a self-contained zip, run
+offline on a folder of images with the pipeline's own outputs.
+
+One tiny workflow run (1 experiment, 2 folds, 1 epoch, 32x32 inputs, no stacking) is shared by
+the module; its ``export_bundle`` rule writes the bundle. Bad bundles and bad images are refused
+with one ``segflow predict-bundle: error: ...`` line and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import copy_workflow, run_snakemake
+
+from segflow import __version__, cli
+from segflow.bundle.archive import (
+    BUNDLE_VERSION,
+    MANIFEST,
+    Bundle,
+    flat_states,
+    split_states,
+    version_tuple,
+)
+from segflow.bundle.export import export
+from segflow.bundle.predict_bundle import predict_bundle
+from segflow.core.errors import SegflowError
+from segflow.formats.rle import rle_encode
+from segflow.model.inference.predict import PredictOptions
+from segflow.model.submit import SubmissionOptions, train_label
+
+TINY = {
+    "demo": {"n_train": 40, "n_test": 16, "seed": 5},
+    "folds": {"n_folds": 2},
+    "preprocess": {"height": 32, "width": 32},
+    "run_experiments": ["unet_lite0"],
+    "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
+    "pseudo": {"rounds": 0},
+    "stack": {"enabled": False},
+    "predict": {"tta": "hflip"},
+    "postprocess": {
+        "thresholds": [0.4, 0.5],
+        "min_areas": [0, 20],
+        "fill_holes_options": [False],
+        "gates": [0.5],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workflow run once on a tiny demo, up to its export bundle and the submissions the
+    bundle must reproduce."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("export"))
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    run_snakemake(
+        workdir,
+        "results/export/bundle.zip",
+        "results/final/submission.csv",
+        "results/submission/ensemble/round0/submission.csv",
+        "--configfile",
+        "tiny.yaml",
+    )
+    return workdir
+
+
+def _test_images(workdir: Path) -> Path:
+    return workdir / "resources" / "demo" / "test" / "images"
+
+
+def _cli(*args: str) -> int:
+    return cli.main([*map(str, args)])
+
+
+def test_bundle_reproduces_the_final_submission_byte_for_byte(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    results = tiny_run / "results"
+    out = tmp_path / "submission.csv"
+    assert _cli(
+        "predict-bundle", results / "export" / "bundle.zip", _test_images(tiny_run), out,
+        "--device", "cpu",
+    ) == 0  # fmt: skip
+    assert out.read_bytes() == (results / "final" / "submission.csv").read_bytes()
+    bundle = Bundle(results / "export" / "bundle.zip")
+    choice = json.loads((results / "final" / "choice.json").read_text())
+    assert bundle.config["candidate"] == {"name": choice["candidate"], "round": choice["round"]}
+    assert bundle.manifest["segflow_version"] == __version__
+    assert bundle.manifest["bundle_version"] == BUNDLE_VERSION
+
+
+def test_ensemble_bundle_reproduces_the_ensemble_submission(tiny_run: Path, tmp_path: Path) -> None:
+    results = tiny_run / "results"
+    zip_path = tmp_path / "ensemble.zip"
+    assert _cli(
+        "export", results, zip_path, "--candidate", "ensemble:0", "--tta", "hflip",
+    ) == 0  # fmt: skip
+    out = tmp_path / "submission.csv"
+    predict_bundle(zip_path, _test_images(tiny_run), out, device="cpu")
+    expected = results / "submission" / "ensemble" / "round0" / "submission.csv"
+    assert out.read_bytes() == expected.read_bytes()
+
+
+def test_exact_train_duplicates_get_the_train_label(tiny_run: Path, tmp_path: Path) -> None:
+    """The leak copy: each test image the leaks stage linked to train images is written with
+    their label."""
+    results = tiny_run / "results"
+    links = pd.read_parquet(results / "dedup" / "test_leaks.parquet")
+    manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
+    leaks = links[links["leak_train_ids"].notna()]
+    assert len(leaks) >= 1  # the demo plants train copies in the test set
+    out = tmp_path / "submission.csv"
+    predict_bundle(results / "export" / "bundle.zip", _test_images(tiny_run), out, device="cpu")
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("id")["rle_mask"]
+    for row in leaks.itertuples():
+        label = train_label(manifest, str(row.leak_train_ids).split(";"))
+        assert rows[row.id] == rle_encode(label), row.id
+
+
+def test_fp16_halves_the_weights(tiny_run: Path, tmp_path: Path) -> None:
+    results = tiny_run / "results"
+    full = results / "export" / "bundle.zip"
+    half = tmp_path / "half.zip"
+    summary = export(results, half, PredictOptions(tta="hflip"), SubmissionOptions(), fp16=True)
+    assert summary["bytes"] == half.stat().st_size
+    assert 0.4 < half.stat().st_size / full.stat().st_size < 0.6
+    bundle = Bundle(half)
+    entry = bundle.config["experiments"][0]["models"][0]
+    weights = bundle.weights(entry["path"])
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+    out = tmp_path / "submission.csv"
+    assert predict_bundle(half, _test_images(tiny_run), out, device="cpu") == 16
+    assert len(pd.read_csv(out)) == 16
+
+
+def test_stacked_candidates_are_refused(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(SegflowError, match="stack_gate:0 is a stacked model"):
+        export(
+            tiny_run / "results",
+            tmp_path / "b.zip",
+            PredictOptions(),
+            SubmissionOptions(),
+            candidate=("stack_gate", 0),
+        )
+    assert not (tmp_path / "b.zip").exists()
+
+
+# --------------------------------------------------------------------------- bad bundles
+
+
+def _rewrite(source: Path, target: Path, edit) -> Path:
+    """A copy of the bundle zip with ``edit(members)`` applied to its name -> bytes mapping."""
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    edit(members)
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return target
+
+
+def _edit_manifest(**changes):
+    def edit(members: dict[str, bytes]) -> None:
+        manifest = json.loads(members[MANIFEST])
+        manifest.update(changes)
+        members[MANIFEST] = json.dumps(manifest).encode()
+
+    return edit
+
+
+def _tamper(members: dict[str, bytes]) -> None:
+    config = json.loads(members["bundle.json"])
+    config["postprocess"]["classes"][0]["threshold"] = 0.01
+    members["bundle.json"] = json.dumps(config).encode()
+
+
+def _drop_leaks(members: dict[str, bytes]) -> None:
+    del members["leaks.json"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_tamper, "member bundle.json does not match its sha256"),
+        (_drop_leaks, "member leaks.json is missing"),
+        (_edit_manifest(bundle_version=BUNDLE_VERSION + 1), "reads up to 1; upgrade segflow"),
+        (_edit_manifest(segflow_version="99.0.0"), "made by segflow 99.0.0, newer than"),
+    ],
+    ids=["checksum", "missing-member", "newer-bundle-format", "newer-segflow"],
+)
+def test_bad_bundles_are_refused_in_one_line(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, message: str
+) -> None:
+    bundle = _rewrite(tiny_run / "results" / "export" / "bundle.zip", tmp_path / "bad.zip", edit)
+    out = tmp_path / "submission.csv"
+    assert _cli("predict-bundle", bundle, _test_images(tiny_run), out, "--device", "cpu") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("segflow predict-bundle: error: ")
+    assert message in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == [bundle]
+
+
+def test_an_image_of_another_channel_count_is_refused(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo is gray: a colour image is one the models never saw."""
+    images = tmp_path / "images"
+    shutil.copytree(_test_images(tiny_run), images)
+    colour = np.random.default_rng(0).integers(0, 256, (101, 101, 3), dtype=np.uint8)
+    cv2.imwrite(str(images / "zzcolour.png"), colour)
+    out = tmp_path / "submission.csv"
+    bundle = tiny_run / "results" / "export" / "bundle.zip"
+    assert _cli("predict-bundle", bundle, images, out, "--device", "cpu", "--batch-size", 4) == 2
+    # Progress lines (done/total) may come first; the error is one line, the last.
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
+    assert errors == lines[-1:], lines
+    assert lines[-1].startswith("segflow predict-bundle: error: ")
+    assert "zzcolour.png: a colour image" in lines[-1] and "trained on gray" in lines[-1]
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_version_tuple_compares_releases() -> None:
+    assert version_tuple("0.1.0") == (0, 1, 0)
+    assert version_tuple("1.2.3rc1") == (1, 2, 3)
+    assert version_tuple("0.10") > version_tuple("0.9.9")
+
+
+def test_snapshot_states_round_trip() -> None:
+    states = [
+        {"w": torch.ones(2), "n": torch.tensor(3)},
+        {"w": torch.zeros(2), "n": torch.tensor(4)},
+    ]
+    flat = flat_states(states, fp16=True)
+    assert flat["0/w"].dtype == torch.float16 and flat["1/n"].dtype == torch.int64
+    back = split_states(flat, 2)
+    assert torch.equal(back[1]["w"], torch.zeros(2, dtype=torch.float16))
+    assert int(back[0]["n"]) == 3
+    assert split_states(flat_states(states[:1], fp16=False), 0)[0].keys() == {"w", "n"}
+    with pytest.raises(SegflowError, match="belongs to no snapshot"):
+        split_states({"w": torch.ones(1)}, 2)
