@@ -540,7 +540,10 @@ USER_DATA = {
     },
 }
 # What a test-set change reruns: the test side, and blend and stack, which fit on OOF and apply
-# to the test set in one job each, with what reads their outputs (README "How to rerun").
+# to the test set in one job each, with what reads their outputs: the second-level candidates'
+# tuning (ensemble, stack_gate, stack_pixel; not the experiment's), choose and the report
+# (README "How to rerun"). No ingest_train, dedup, make_folds, preprocess_train, train_fold,
+# predict_oof or evaluate_oof.
 TEST_SIDE_JOBS = {
     "ingest_test": 1,
     "leaks": 1,
@@ -548,7 +551,7 @@ TEST_SIDE_JOBS = {
     "predict_test": 2,
     "blend": 1,
     "stack": 1,
-    "tune_postprocess": 4,
+    "tune_postprocess": 3,
     "submit": 4,
     "choose": 1,
     "final_submission": 1,

@@ -108,7 +108,7 @@ else:
             " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"
 
 
-# budget.sizes: only preprocess_images of a run with budget.sizes set depends on
+# budget.sizes: only preprocess_train of a run with budget.sizes set depends on
 # plan_resolution (common.smk resolution_inputs); otherwise it is not in the DAG.
 
 

@@ -336,7 +336,7 @@ RESOLUTION = (
 
 
 def resolution_inputs(wildcards):
-    """preprocess_images' size choice: nothing without budget.sizes (today's DAG)."""
+    """preprocess_train's size choice: nothing without budget.sizes (today's DAG)."""
     return {} if RESOLUTION is None else {"resolution": RESOLUTION}
 
 

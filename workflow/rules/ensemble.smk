@@ -242,7 +242,9 @@ rule export_bundle:
     input:
         choice=rules.choose.output.choice,
         models=bundle_models,
-        test_ids=lambda wildcards: expand("{dir}/ids.csv", dir=bundle_test_dirs(wildcards)),
+        test_ids=lambda wildcards: expand(
+            "{dir}/ids.csv", dir=bundle_test_dirs(wildcards)
+        ),
         params=[
             result("postprocess", name, f"round{r}", "params.json")
             for name, r in candidates()

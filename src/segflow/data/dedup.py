@@ -343,7 +343,7 @@ def _summarise(items: pd.DataFrame, options: DedupOptions) -> dict[str, Any]:
     conflicts = groups[groups["masks_agree"].eq(False).fillna(False)]
     actions = items["train_action"].value_counts()
     largest = groups.sort_values(["size", "representative"], ascending=[False, True]).head(10)
-    return {
+    summary: dict[str, Any] = {
         "policy": {
             "conflict_policy": options.conflict_policy,
             "train_members": options.train_members,
@@ -354,15 +354,11 @@ def _summarise(items: pd.DataFrame, options: DedupOptions) -> dict[str, Any]:
         # Overlapping views: a group with 2 train and 3 test copies counts in all three.
         "groups_with_train_duplicates": int((groups["n_train"] > 1).sum()),
         "train_items_in_train_duplicates": int(groups.loc[groups["n_train"] > 1, "n_train"].sum()),
-        "groups_with_test_duplicates": int((n_test > 1).sum()),
-        "test_items_in_test_duplicates": int(n_test[n_test > 1].sum()),
-        "groups_across_train_test": int(((groups["n_train"] > 0) & (n_test > 0)).sum()),
         "groups_pixel_equal_bytes_different": int((groups["match"] == "pixels").sum()),
         "conflicting_groups": len(conflicts),
         "conflicting_members": int(conflicts["n_train"].sum()),
         "train_actions": {str(k): int(v) for k, v in actions.items()},
         "n_train_used": int(items["use_for_training"].sum()),
-        "test_items_with_train_label": int(items["leak_train_ids"].notna().sum()),
         "largest_groups": [
             {
                 "representative": row.representative,
@@ -374,6 +370,18 @@ def _summarise(items: pd.DataFrame, options: DedupOptions) -> dict[str, Any]:
             for row in largest.itertuples()
         ],
     }
+    if items["split"].eq("test").any():
+        # Only a manifest with both splits (the library's ``ingest --split all``); the workflow
+        # dedups the train set alone and the leaks stage counts these (test_leaks.json).
+        summary.update(
+            {
+                "groups_with_test_duplicates": int((n_test > 1).sum()),
+                "test_items_in_test_duplicates": int(n_test[n_test > 1].sum()),
+                "groups_across_train_test": int(((groups["n_train"] > 0) & (n_test > 0)).sum()),
+                "test_items_with_train_label": int(items["leak_train_ids"].notna().sum()),
+            }
+        )
+    return summary
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -385,10 +393,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- duplicate groups: {summary['n_groups']} with {summary['n_members']} members",
         f"  - with several train copies: {summary['groups_with_train_duplicates']} groups, "
         f"{summary['train_items_in_train_duplicates']} train items",
-        f"  - with several test copies: {summary['groups_with_test_duplicates']} groups, "
-        f"{summary['test_items_in_test_duplicates']} test items",
-        f"  - across train and test (leaks): {summary['groups_across_train_test']} groups; "
-        f"{summary['test_items_with_train_label']} test items get a known train label",
+    ]
+    if "groups_across_train_test" in summary:  # a manifest with test items (not the workflow's)
+        lines += [
+            f"  - with several test copies: {summary['groups_with_test_duplicates']} groups, "
+            f"{summary['test_items_in_test_duplicates']} test items",
+            f"  - across train and test (leaks): {summary['groups_across_train_test']} groups; "
+            f"{summary['test_items_with_train_label']} test items get a known train label",
+        ]
+    lines += [
         f"  - same pixels, different bytes: {summary['groups_pixel_equal_bytes_different']}",
         f"- conflicting masks: {summary['conflicting_groups']} groups, "
         f"{summary['conflicting_members']} train items (policy: {summary['policy']['conflict_policy']})",
