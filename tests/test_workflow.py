@@ -83,21 +83,32 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
     results = demo_run / "results"
-    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS):
+    test_side = (
+        "ingest/test_manifest.parquet",
+        "ingest/test_summary.json",
+        "dedup/test_leaks.parquet",
+        "dedup/test_leaks.json",
+        "preprocess/test_index.parquet",
+    )
+    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS, *test_side):
         assert (results / relative).is_file(), relative
     for rule in (
         "generate_demo_data",
         "ingest_train",
+        "ingest_test",
         "dedup",
+        "leaks",
         "preprocess_train",
+        "preprocess_test",
         "make_folds",
     ):
         assert (results / "logs" / f"{rule}.log").is_file()
         assert (results / "benchmarks" / f"{rule}.tsv").is_file()
     manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
-    assert (manifest["split"] == "train").sum() == 60
-    assert (manifest["split"] == "test").sum() == 20
-    assert "meta_depth" in manifest.columns
+    test_manifest = pd.read_parquet(results / "ingest" / "test_manifest.parquet")
+    assert (manifest["split"] == "train").all() and len(manifest) == 60  # no test item
+    assert (test_manifest["split"] == "test").all() and len(test_manifest) == 20
+    assert "meta_depth" in manifest.columns and "meta_depth" in test_manifest.columns
 
 
 def test_demo_run_finds_the_planted_duplicates(demo_run: Path) -> None:
@@ -112,8 +123,10 @@ def test_demo_run_finds_the_planted_duplicates(demo_run: Path) -> None:
     conflicting = truth["conflicting_mask_group"]
     assert not items.loc[conflicting, "masks_agree"].any()
     assert not set(conflicting) & set(folds.index)  # default policy drops the conflict
+    assert (items["split"] == "train").all()  # dedup sees the train set; leaks links the test
+    leaks = pd.read_parquet(demo_run / "results" / "dedup" / "test_leaks.parquet").set_index("id")
     for train_id, test_id in truth["train_test_copies"]:
-        assert items.loc[test_id, "leak_train_ids"] == train_id
+        assert leaks.loc[test_id, "leak_train_ids"] == train_id
 
 
 def test_preprocessed_arrays_follow_the_config(demo_run: Path) -> None:
@@ -157,7 +170,8 @@ def test_model_stages_produce_oof_postprocessing_and_submission(demo_run: Path) 
         keep_default_na=False,
     )
     manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
-    assert sorted(submission["id"]) == sorted(manifest.loc[manifest["split"] == "test", "id"])
+    test_manifest = pd.read_parquet(results / "ingest" / "test_manifest.parquet")
+    assert sorted(submission["id"]) == sorted(test_manifest["id"])
     truth = json.loads((demo_run / "resources" / "demo" / "planted_duplicates.json").read_text())
     train_rle = manifest.set_index("id")["mask_rle"]
     by_id = submission.set_index("id")["rle_mask"]
