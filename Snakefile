@@ -29,7 +29,7 @@ localrules:
 rule all:
     default_target: True
     input:
-        rules.preprocess_images.output,
+        rules.preprocess_train.output,
         rules.make_folds.output,
         rules.choose.output,
         rules.final_submission.output,

@@ -91,7 +91,7 @@ def write_synthetic_arrays(
     """Write a tiny dataset the way preprocess and folds do: bright squares are the objects.
 
     Files: train_images.npy (N, H, W, C), train_masks.npy (N, H, W) {0, 1}, test_images.npy,
-    index.parquet, stats.json and folds.csv (id, fold, group, stratum, coverage).
+    index.parquet, test_index.parquet, stats.json and folds.csv (id, fold, group, stratum, coverage).
     """
     rng = np.random.default_rng(seed)
     scale = 255 if dtype == "uint8" else 65535
@@ -108,16 +108,21 @@ def write_synthetic_arrays(
     np.save(out_dir / "train_masks.npy", masks)
     np.save(out_dir / "test_images.npy", images[:4])
     ids = [f"img{i:03d}" for i in range(n)]
-    index = pd.DataFrame(
-        {
-            "id": ids + [f"test{i}" for i in range(4)],
-            "split": ["train"] * n + ["test"] * 4,
-            "row": list(range(n)) + list(range(4)),
-            "orig_height": size,
-            "orig_width": size,
-        }
-    )
-    index.to_parquet(out_dir / "index.parquet", index=False)
+    # Two indexes, as preprocess (train) and preprocess-test (test) write them.
+    for name, split, split_ids in (
+        ("index.parquet", "train", ids),
+        ("test_index.parquet", "test", [f"test{i}" for i in range(4)]),
+    ):
+        index = pd.DataFrame(
+            {
+                "id": split_ids,
+                "split": split,
+                "row": list(range(len(split_ids))),
+                "orig_height": size,
+                "orig_width": size,
+            }
+        )
+        index.to_parquet(out_dir / name, index=False)
     scaled = images.reshape(-1, channels).astype(np.float64) / scale
     stats = {
         "n_train": n,

@@ -19,14 +19,18 @@ def test_stats_and_index_round_trip_and_refusals(tmp_path: Path) -> None:
     stats = {"height": 4, "width": 5, "channels": 1, "dtype": "uint8", "train_mean": [0.5]}
     stats |= {"train_std": [0.2], "classes": ["a", "b"], "multilabel": True}
     arrays.write_stats(tmp_path, stats)
-    index = pd.DataFrame({"id": ["x", "y"], "split": ["train", "test"], "row": [0, 0]})
+    index = pd.DataFrame({"id": ["x"], "split": ["train"], "row": [0]})
+    test_index = pd.DataFrame({"id": ["y"], "split": ["test"], "row": [0]})
     arrays.write_index(tmp_path, index)
+    arrays.write_index(tmp_path, test_index, split="test")
+    assert (tmp_path / "test_index.parquet").is_file()
+    pd.testing.assert_frame_equal(arrays.read_index(tmp_path, split="test"), test_index)
     assert arrays.read_stats(tmp_path, required=arrays.STATS_KEYS) == stats
     assert arrays.read_stats(tmp_path / "stats.json") == stats  # the file or its folder
     assert arrays.read_classes(tmp_path) == (["a", "b"], True)
     assert arrays.image_size(stats) == (4, 5)
     pd.testing.assert_frame_equal(arrays.read_index(tmp_path, check=True), index)
-    assert arrays.split_rows(index, "test", pd.Series(["y"])).tolist() == [0]
+    assert arrays.split_rows(test_index, "test", pd.Series(["y"])).tolist() == [0]
     assert arrays.classes_of({}) == ["mask"]  # binary data
 
     with pytest.raises(SegflowError, match=r"stats\.json does not exist \(run preprocess"):

@@ -1160,8 +1160,10 @@ def _submit_argv(tmp_path: Path, manifest: Path, items: Path, out: Path) -> list
     return [
         *("submit", "--fold-dirs", str(fold), "--postprocess", str(tmp_path / "params.json")),
         *("--stats", str(tmp_path / "stats.json")),
-        *("--manifest", str(manifest), "--dedup-items", str(items)),
-        *("--out", str(out / "submission.csv")),
+        # One manifest of both splits (ingest's default --split all): it is the test manifest
+        # too, and its dedup items carry the test rows' leak_train_ids (as segflow leaks' do).
+        *("--manifest", str(manifest), "--test-manifest", str(manifest)),
+        *("--leaks", str(items), "--out", str(out / "submission.csv")),
     ]
 
 

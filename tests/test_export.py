@@ -110,11 +110,12 @@ def test_ensemble_bundle_reproduces_the_ensemble_submission(tiny_run: Path, tmp_
 
 
 def test_exact_train_duplicates_get_the_train_label(tiny_run: Path, tmp_path: Path) -> None:
-    """The leak copy: each test image dedup linked to train images is written with their label."""
+    """The leak copy: each test image the leaks stage linked to train images is written with
+    their label."""
     results = tiny_run / "results"
-    items = pd.read_parquet(results / "dedup" / "items.parquet")
+    links = pd.read_parquet(results / "dedup" / "test_leaks.parquet")
     manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
-    leaks = items[items["split"].eq("test") & items["leak_train_ids"].notna()]
+    leaks = links[links["leak_train_ids"].notna()]
     assert len(leaks) >= 1  # the demo plants train copies in the test set
     out = tmp_path / "submission.csv"
     predict_bundle(results / "export" / "bundle.zip", _test_images(tiny_run), out, device="cpu")

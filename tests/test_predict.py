@@ -15,6 +15,7 @@ from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, find_duplicates
 from segflow.data.folds import FoldOptions, make_folds
 from segflow.data.preprocess import PreprocessOptions, preprocess
+from segflow.data.preprocess_test import preprocess_test
 from segflow.model.evaluate_oof import assemble_oof, score_oof
 from segflow.model.inference.predict import PredictOptions, predict_split
 from segflow.model.models import ModelSpec, build_model, save_checkpoint
@@ -25,7 +26,10 @@ def prepared(demo_manifest: pd.DataFrame, tmp_path_factory: pytest.TempPathFacto
     """Demo data through dedup, preprocess (64x64) and folds, plus an untrained tiny model."""
     root = tmp_path_factory.mktemp("predict")
     items, _ = find_duplicates(demo_manifest, DedupOptions())
-    preprocess(demo_manifest, items, PreprocessOptions(height=64, width=64), root / "arrays")
+    stats = preprocess(
+        demo_manifest, items, PreprocessOptions(height=64, width=64), root / "arrays"
+    )
+    preprocess_test(demo_manifest, stats, root / "arrays")
     folds, _ = make_folds(demo_manifest, items, FoldOptions(n_folds=3))
     folds.to_csv(root / "folds.csv", index=False)
     torch.manual_seed(0)
@@ -111,9 +115,7 @@ def test_aux_head_nonempty_probability_is_averaged_over_tta(prepared: dict) -> N
     assert gate is not None and gate.shape == (len(ids), 1)
     # The same mean by hand for the first image: sigmoid of the label logit of each D4 copy.
     images = np.load(root / "arrays" / "test_images.npy", mmap_mode="r")
-    row = int(
-        pd.read_parquet(root / "arrays" / "index.parquet").query("split == 'test'")["row"].iloc[0]
-    )
+    row = int(pd.read_parquet(root / "arrays" / "test_index.parquet")["row"].iloc[0])
     x = (torch.from_numpy(images[row].astype(np.float32) / 255).permute(2, 0, 1)[None] - 0.5) / 0.25
     copies = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)]
     model.eval()

@@ -24,14 +24,31 @@ from segflow.data.preprocess import (
     PreprocessOptions,
     apply_clahe,
     convert_channels,
-    preprocess,
     resize_image,
     resize_mask,
     to_uint8,
 )
+from segflow.data.preprocess import preprocess as preprocess_train
+from segflow.data.preprocess_test import preprocess_test
 from segflow.formats.labels import label_dtype, unpack_labels
 
-OUTPUTS = ("index.parquet", "stats.json", "test_images.npy", "train_images.npy", "train_masks.npy")
+OUTPUTS = (
+    "index.parquet",
+    "stats.json",
+    "test_images.npy",
+    "test_index.parquet",
+    "train_images.npy",
+    "train_masks.npy",
+)
+
+
+def preprocess(manifest: pd.DataFrame, items: pd.DataFrame, options, out_dir, **kwargs) -> dict:
+    """Both sides as the workflow runs them: the train arrays, then the test images prepared
+    from the train stats (``n_test`` added to the returned stats)."""
+    stats = preprocess_train(manifest, items, options, out_dir, **kwargs)
+    n_test = preprocess_test(manifest, stats, out_dir, **kwargs)
+    return {**stats, "n_test": n_test}
+
 
 # --------------------------------------------------------------------------- unit: channels
 
@@ -268,7 +285,9 @@ def test_preprocess_outputs_gray(gray_data: dict, tmp_path: Path) -> None:
     assert test_images.shape == (3, 12, 10, 1) and test_images.dtype == np.uint8
     assert set(np.unique(train_masks).tolist()) == {0, 1}
 
-    index = pd.read_parquet(tmp_path / "index.parquet")
+    index = pd.concat(
+        [pd.read_parquet(tmp_path / name) for name in ("index.parquet", "test_index.parquet")]
+    )
     assert list(index.columns) == ["id", "split", "row", "orig_height", "orig_width"]
     assert index["id"].tolist() == ["a", "b", "d", "e", "t1", "t2", "t3"]
     assert (index["orig_height"] == 12).all() and (index["orig_width"] == 10).all()
@@ -281,7 +300,8 @@ def test_preprocess_outputs_gray(gray_data: dict, tmp_path: Path) -> None:
             np.testing.assert_array_equal(test_images[row.row, :, :, 0], gray_data["test"][row.id])
 
     on_disk = json.loads((tmp_path / "stats.json").read_text())
-    assert on_disk == json.loads(json.dumps(stats))
+    assert "n_test" not in on_disk  # the train side's stats know nothing of the test set
+    assert on_disk == json.loads(json.dumps({k: v for k, v in stats.items() if k != "n_test"}))
     scaled = train_images.astype(np.float64) / 255.0
     assert stats["n_train"] == 4 and stats["n_test"] == 3
     assert (stats["height"], stats["width"], stats["channels"]) == (12, 10, 1)
@@ -330,7 +350,7 @@ def test_majority_and_representative_policies(gray_data: dict, tmp_path: Path) -
     )
     preprocess(manifest, items, PreprocessOptions(), tmp_path / "majority")
     ids = pd.read_parquet(tmp_path / "majority/index.parquet")["id"].tolist()
-    assert ids == ["a", "b", "d", "e", "t1", "t2", "t3"]
+    assert ids == ["a", "b", "d", "e"]
 
     manifest, items = _ingest_and_dedup(
         gray_data["options"], DedupOptions(conflict_policy="union", train_members="representative")
@@ -413,12 +433,15 @@ def test_channels_auto_is_one_for_gray_data(gray_data: dict, tmp_path: Path) -> 
     assert preprocess(manifest, items, PreprocessOptions(), tmp_path)["channels"] == 1
 
 
-def test_colour_test_image_makes_auto_three(tmp_path: Path) -> None:
+def test_the_train_images_alone_decide_auto_channels(tmp_path: Path) -> None:
+    """A colour test image among gray train images is converted to the train arrays' one
+    channel: the test set never changes the train arrays (nor, so, any model)."""
     rng = np.random.default_rng(21)
     train = {"g": (rng.integers(0, 256, (6, 6), dtype=np.uint8), _random_mask(rng, (6, 6)))}
     test = {"c": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)}
     manifest, items = _ingest_and_dedup(_write_dataset(tmp_path / "data", train, test))
-    assert preprocess(manifest, items, PreprocessOptions(), tmp_path / "out")["channels"] == 3
+    assert preprocess(manifest, items, PreprocessOptions(), tmp_path / "out")["channels"] == 1
+    assert np.load(tmp_path / "out" / "test_images.npy").shape == (1, 6, 6, 1)
 
 
 def test_reprepared_image_matches_cv2(colour_data: dict, tmp_path: Path) -> None:
@@ -689,9 +712,11 @@ def test_failure_leaves_no_partial_outputs(tmp_path: Path, workers: int, split: 
     out = tmp_path / "out"
     with pytest.raises(SegflowError, match=victim["id"]):
         preprocess(manifest, items, PreprocessOptions(), out, workers=workers)
-    assert not list(out.glob("*.npy"))
+    # A failed stage writes none of its files (the test stage runs after the train one).
+    written = {"train": set(), "test": {"index.parquet", "stats.json", "train_images.npy"}}
+    written["test"] |= {"train_masks.npy"}
+    assert {p.name for p in out.iterdir()} == written[split]
     assert _tmp_leftovers(out) == []
-    assert not (out / "stats.json").exists() and not (out / "index.parquet").exists()
 
 
 def test_failed_rerun_keeps_previous_outputs(tmp_path: Path) -> None:

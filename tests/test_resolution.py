@@ -528,7 +528,7 @@ def test_plan_resolution_runs_before_preprocess_only_with_budget_sizes(tmp_path:
         if (rule := re.match(r"\s*(?:local)?rule (\w+):", block))
     }
     assert "plan_resolution" in blocks
-    prep = blocks["preprocess_images"]
+    prep = blocks["preprocess_train"]
     assert re.search(r"^    input: .*results/budget/resolution\.json", prep, flags=re.M)
     assert "--resolution results/budget/resolution.json" in prep
     plan = blocks["plan_resolution"]

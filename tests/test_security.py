@@ -407,6 +407,7 @@ PRE_QUOTED = {
     "params.budget": "budget_flags",
     "params.resolution": "resolution_flags",
     "params.near": "near_duplicate_flags",
+    "params.test_flags": "ingest_test_flags",
     "params.predict_options": "section_flags",
     "params.submission_options": "section_flags",
     "params.export_options": "section_flags",
@@ -594,7 +595,7 @@ def test_data_stages_run_in_a_results_dir_named_like_a_shell_injection(evil_work
     ):
         assert (results / relative).is_file(), relative
     assert (evil_workdir / EVIL_DEMO / "train.csv").is_file()
-    assert (results / "logs" / "ingest_dataset.log").is_file()
+    assert (results / "logs" / "ingest_train.log").is_file()
     assert pd.read_csv(results / "folds" / "folds.csv")["fold"].nunique() == 2
     assert _markers_under(evil_workdir.parent) == []
     assert os.listdir(evil_workdir.parent) == ["workflow"]

@@ -25,9 +25,9 @@ SLURM_PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client")
 SLURM_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 GPU_RULES = {"train_fold", "predict_oof", "predict_test"}
 CPU_RULES = {
-    "ingest_dataset",
+    "ingest_train",
     "dedup",
-    "preprocess_images",
+    "preprocess_train",
     "make_folds",
     "stack",
 }
@@ -86,7 +86,7 @@ def test_cluster_section_reaches_the_job_resources(dry_workdir: Path) -> None:
     for rule in CPU_RULES:
         assert not {"gpu", "gpu_model", "gres"} & set(resources[rule]), rule
         assert int(resources[rule]["mem_mb"]) > 0 and int(resources[rule]["runtime"]) > 0
-    assert resources["ingest_dataset"]["slurm_partition"] == "cpu"
+    assert resources["ingest_train"]["slurm_partition"] == "cpu"
     assert resources["make_folds"]["mem_mb"] == "123"
     assert resources["make_folds"]["runtime"] == "7"
     assert resources["make_folds"]["slurm_partition"] == "short"
@@ -110,7 +110,7 @@ def test_without_a_cluster_section_no_job_asks_for_a_gpu_or_partition(dry_workdi
 @pytest.mark.parametrize(
     ("rules", "message"),
     [
-        ({"ingest_dataset": {"gpu": 1}}, "ingest_dataset runs on the CPU only"),
+        ({"ingest_train": {"gpu": 1}}, "ingest_train runs on the CPU only"),
         ({"stack": {"gres": "gpu:1"}}, "stack runs on the CPU only"),
         ({"train_folds": {"mem_mb": 10}}, "unknown rule 'train_folds'"),
     ],
@@ -189,9 +189,9 @@ TARGETS = (
     "results/models/unet_lite0/round0/fold0/model.pt",
 )
 SUBMITTED_RULES = {
-    "ingest_dataset",
+    "ingest_train",
     "dedup",
-    "preprocess_images",
+    "preprocess_train",
     "make_folds",
     "train_fold",
 }
@@ -310,7 +310,7 @@ def test_job_killed_for_memory_is_retried_with_more(slurm_cluster: Path, tmp_pat
         **SLURM_RUN,
         "cluster": {
             "rules": {
-                "ingest_dataset": {"mem_mb": JOB_MEM_MB},
+                "ingest_train": {"mem_mb": JOB_MEM_MB},
                 "dedup": {"mem_mb": JOB_MEM_MB},
                 "make_folds": {"mem_mb": STARVED_MEM_MB},
             }

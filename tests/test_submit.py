@@ -222,7 +222,8 @@ def test_submit_writes_file_name_ids(tmp_path: Path) -> None:
     argv = ["submit", "--fold-dirs", str(fold), "--postprocess", str(tmp_path / "params.json")]
     argv += ["--stats", str(tmp_path / "stats.json"), "--id-column", "ImageId"]
     argv += ["--manifest", str(tmp_path / "manifest.parquet")]
-    argv += ["--dedup-items", str(tmp_path / "items.parquet")]
+    argv += ["--test-manifest", str(tmp_path / "manifest.parquet")]
+    argv += ["--leaks", str(tmp_path / "items.parquet")]
     for style, expected in (("auto", list(TEST_FILES)), ("stem", ["004f40c73", "006f39c41"])):
         out = tmp_path / f"{style}.csv"
         assert main([*argv, "--id-style", style, "--out", str(out)]) == 0

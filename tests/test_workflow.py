@@ -83,21 +83,32 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
     results = demo_run / "results"
-    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS):
+    test_side = (
+        "ingest/test_manifest.parquet",
+        "ingest/test_summary.json",
+        "dedup/test_leaks.parquet",
+        "dedup/test_leaks.json",
+        "preprocess/test_index.parquet",
+    )
+    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS, *test_side):
         assert (results / relative).is_file(), relative
     for rule in (
         "generate_demo_data",
-        "ingest_dataset",
+        "ingest_train",
+        "ingest_test",
         "dedup",
-        "preprocess_images",
+        "leaks",
+        "preprocess_train",
+        "preprocess_test",
         "make_folds",
     ):
         assert (results / "logs" / f"{rule}.log").is_file()
         assert (results / "benchmarks" / f"{rule}.tsv").is_file()
     manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
-    assert (manifest["split"] == "train").sum() == 60
-    assert (manifest["split"] == "test").sum() == 20
-    assert "meta_depth" in manifest.columns
+    test_manifest = pd.read_parquet(results / "ingest" / "test_manifest.parquet")
+    assert (manifest["split"] == "train").all() and len(manifest) == 60  # no test item
+    assert (test_manifest["split"] == "test").all() and len(test_manifest) == 20
+    assert "meta_depth" in manifest.columns and "meta_depth" in test_manifest.columns
 
 
 def test_demo_run_finds_the_planted_duplicates(demo_run: Path) -> None:
@@ -112,8 +123,10 @@ def test_demo_run_finds_the_planted_duplicates(demo_run: Path) -> None:
     conflicting = truth["conflicting_mask_group"]
     assert not items.loc[conflicting, "masks_agree"].any()
     assert not set(conflicting) & set(folds.index)  # default policy drops the conflict
+    assert (items["split"] == "train").all()  # dedup sees the train set; leaks links the test
+    leaks = pd.read_parquet(demo_run / "results" / "dedup" / "test_leaks.parquet").set_index("id")
     for train_id, test_id in truth["train_test_copies"]:
-        assert items.loc[test_id, "leak_train_ids"] == train_id
+        assert leaks.loc[test_id, "leak_train_ids"] == train_id
 
 
 def test_preprocessed_arrays_follow_the_config(demo_run: Path) -> None:
@@ -157,7 +170,8 @@ def test_model_stages_produce_oof_postprocessing_and_submission(demo_run: Path) 
         keep_default_na=False,
     )
     manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
-    assert sorted(submission["id"]) == sorted(manifest.loc[manifest["split"] == "test", "id"])
+    test_manifest = pd.read_parquet(results / "ingest" / "test_manifest.parquet")
+    assert sorted(submission["id"]) == sorted(test_manifest["id"])
     truth = json.loads((demo_run / "resources" / "demo" / "planted_duplicates.json").read_text())
     train_rle = manifest.set_index("id")["mask_rle"]
     by_id = submission.set_index("id")["rle_mask"]
@@ -269,15 +283,20 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"preprocess": {"clahe_clip_limit": 3.0}}, {"preprocess_images"} | MODEL_STAGES),
+        (
+            {"preprocess": {"clahe_clip_limit": 3.0}},
+            {"preprocess_train", "preprocess_test"} | MODEL_STAGES,
+        ),
         ({"folds": {"seed": 7}}, {"make_folds"} | MODEL_STAGES),
         (
             {"dedup": {"conflict_policy": "union"}},
-            {"dedup", "preprocess_images", "make_folds"} | MODEL_STAGES,
+            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds"} | MODEL_STAGES,
         ),
         (
             {"data": {"dicom_window_width": 300.0}},
-            {"ingest_dataset", "dedup", "preprocess_images", "make_folds"} | MODEL_STAGES,
+            {"ingest_train", "ingest_test", "dedup", "leaks", "make_folds"}
+            | {"preprocess_train", "preprocess_test"}
+            | MODEL_STAGES,
         ),
         ({"experiments": {"unet_lite0": {"train": {"lr": 0.01}}}}, MODEL_STAGES),
         ({"predict": {"tta": "d4"}}, MODEL_STAGES - {"train_fold"}),
@@ -475,7 +494,7 @@ def test_editing_stacking_code_reruns_stacking_but_not_training(
     assert planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src) == STACK_ONLY
     _append(src / "segflow" / "core" / "errors.py", "\nEDITED = True  # every stage\n")
     edited_everywhere = planned_jobs(demo_run, "--configfile", "small.yaml", *TRIGGERS, src=src)
-    assert {"generate_demo_data", "ingest_dataset", "train_fold", "stack"} <= set(edited_everywhere)
+    assert {"generate_demo_data", "ingest_train", "train_fold", "stack"} <= set(edited_everywhere)
 
 
 def test_code_edits_rerun_the_stages_that_run_that_code_only(
@@ -499,7 +518,7 @@ def test_code_edits_rerun_the_stages_that_run_that_code_only(
     tta.write_text(original + "\nEDITED = True\n")
     jobs = plan()
     assert {"predict_oof", "predict_test", "evaluate_oof", "blend", "stack", "choose"} <= set(jobs)
-    assert not {"train_fold", "make_folds", "ingest_dataset"} & set(jobs)
+    assert not {"train_fold", "make_folds", "ingest_train"} & set(jobs)
     tta.write_text(original)
     assert plan() == {}
     # Provenance blocks are written by the stages' own code: a change of them reruns the data
@@ -510,7 +529,7 @@ def test_code_edits_rerun_the_stages_that_run_that_code_only(
             '"config_hash": config_hash}', '"config_hash": str(config_hash)}'
         )
     )
-    assert {"ingest_dataset", "dedup", "make_folds"} <= set(plan())
+    assert {"ingest_train", "dedup", "make_folds"} <= set(plan())
 
 
 @pytest.mark.parametrize(
@@ -581,10 +600,111 @@ def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None
     image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
     cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
     assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
-        "ingest_dataset": 1,
+        "ingest_train": 1,
         "dedup": 1,
         "make_folds": 1,
     }
+
+
+# A user's dataset (demo off), for the edit matrix of the test side: tiny and one experiment.
+USER_DATA = {
+    "demo": {"enabled": False},
+    "data": {
+        "train_images": "mydata/train/images",
+        "test_images": "mydata/test/images",
+        "mask_source": "rle_csv",
+        "rle_csv": "mydata/train.csv",
+        "metadata_csv": "mydata/metadata.csv",
+    },
+    "preprocess": {"height": 32, "width": 32},
+    "folds": {"n_folds": 2},
+    "run_experiments": ["unet_lite0"],
+    "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
+    "pseudo": {"rounds": 0},
+    "predict": {"tta": "none"},
+    "postprocess": {
+        "thresholds": [0.5],
+        "min_areas": [0],
+        "fill_holes_options": [False],
+        "gates": [0.5],
+    },
+}
+# What a test-set change reruns: the test side, and blend and stack, which fit on OOF and apply
+# to the test set in one job each, with what reads their outputs: the second-level candidates'
+# tuning (ensemble, stack_gate, stack_pixel; not the experiment's), choose and the report
+# (README "How to rerun"). No ingest_train, dedup, make_folds, preprocess_train, train_fold,
+# predict_oof or evaluate_oof.
+TEST_SIDE_JOBS = {
+    "ingest_test": 1,
+    "leaks": 1,
+    "preprocess_test": 1,
+    "predict_test": 2,
+    "blend": 1,
+    "stack": 1,
+    "tune_postprocess": 3,
+    "submit": 4,
+    "choose": 1,
+    "final_submission": 1,
+    "report": 1,
+    "all": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workflow run once on a small user dataset (demo off) in a temp dir."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("user-run"))
+    generate_demo_data(workdir / "mydata", DemoDataOptions(n_train=40, n_test=12, seed=5))
+    config = write_config(workdir, "user.yaml", USER_DATA)
+    run_snakemake(workdir, "--configfile", config)
+    return workdir
+
+
+def _user_plan(workdir: Path, config: str = "user.yaml") -> dict[str, int]:
+    return planned_jobs(workdir, "--configfile", config, *TRIGGERS)
+
+
+def test_a_byte_identical_copy_of_the_test_folder_reruns_the_test_side_only(
+    user_run: Path,
+) -> None:
+    """data.test_images pointed elsewhere: no fold, training or OOF job, only the test side."""
+    shutil.copytree(user_run / "mydata" / "test", user_run / "copied-test")
+    moved = {**USER_DATA, "data": {**USER_DATA["data"], "test_images": "copied-test/images"}}
+    config = write_config(user_run, "moved.yaml", moved)
+    assert _user_plan(user_run, config) == TEST_SIDE_JOBS
+    assert _user_plan(user_run) == {}  # the run's own config: still up to date
+
+
+def test_adding_or_removing_a_test_image_reruns_the_test_side_only(user_run: Path) -> None:
+    """A test image added in place, or one removed: the test folder's content stamp reruns the
+    test side; putting the folder back as it was reruns nothing."""
+    images = user_run / "mydata" / "test" / "images"
+    first = sorted(images.glob("*.png"))[0]
+    added = images / "added_test_image.png"
+    cv2.imwrite(str(added), 255 - cv2.imread(str(first), cv2.IMREAD_UNCHANGED))
+    assert _user_plan(user_run) == TEST_SIDE_JOBS
+    added.unlink()
+    assert _user_plan(user_run) == {}
+    kept = user_run / "removed.png"
+    shutil.move(first, kept)
+    assert _user_plan(user_run) == TEST_SIDE_JOBS
+    shutil.move(kept, first)
+    assert _user_plan(user_run) == {}
+
+
+def test_a_train_image_change_still_reruns_training(user_run: Path) -> None:
+    """The train side's stamp: a train image overwritten in place retrains."""
+    image_path = sorted((user_run / "mydata" / "train" / "images").glob("*.png"))[0]
+    original = image_path.read_bytes()
+    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(image_path), 255 - image)
+    try:
+        jobs = _user_plan(user_run)
+    finally:
+        image_path.write_bytes(original)
+    assert {"ingest_train", "dedup", "make_folds", "preprocess_train"} <= set(jobs)
+    assert {"train_fold", "predict_oof", "evaluate_oof", "predict_test"} <= set(jobs)
+    assert _user_plan(user_run) == {}
 
 
 def test_editing_a_demo_image_in_place_reruns_from_ingest(tmp_path: Path) -> None:
@@ -602,7 +722,7 @@ def test_editing_a_demo_image_in_place_reruns_from_ingest(tmp_path: Path) -> Non
     image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
     cv2.imwrite(str(image_path), 255 - image)
     assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
-        "ingest_dataset": 1,
+        "ingest_train": 1,
         "dedup": 1,
         "make_folds": 1,
     }
@@ -942,7 +1062,7 @@ def test_bad_input_fails_the_stage_with_a_one_line_error(tmp_path: Path) -> None
     )
     result = run_snakemake(workdir, "--configfile", config, check=False)
     assert result.returncode != 0
-    log = (workdir / "results" / "logs" / "ingest_dataset.log").read_text()
+    log = (workdir / "results" / "logs" / "ingest_train.log").read_text()
     errors = [line for line in log.splitlines() if "error:" in line]
     assert errors == [
         f"segflow ingest: error: {data / 'images' / 'b.png'}: file is empty (0 bytes)"

@@ -47,7 +47,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("demo-data", "segflow.data.demo_data", "write the seeded synthetic demo dataset"),
     Stage("ingest", "segflow.data.ingest", "list, decode and validate all items into a manifest"),
     Stage("dedup", "segflow.data.dedup", "group duplicates and resolve mask conflicts"),
+    Stage("leaks", "segflow.data.leaks", "link test items to their exact train copies"),
     Stage("preprocess", "segflow.data.preprocess", "CLAHE/resize into memory-mappable arrays"),
+    Stage(
+        "preprocess-test",
+        "segflow.data.preprocess_test",
+        "prepare the test images as the train arrays were",
+    ),
     Stage("folds", "segflow.data.folds", "assign stratified, duplicate-grouped folds"),
     # `--plan` reads the budget plan through segflow.model.budget: an edit there re-plans
     # (plan-budget), which retrains where budgeted; it must not retrain every experiment.

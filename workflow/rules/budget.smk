@@ -1,6 +1,11 @@
 # The time budget (config `budget`): only trainings of a run with budget.minutes set depend on
 # this rule (common.smk budget_inputs); without a budget it is never part of the DAG.
 #
+# The plans cost predicting the test set from the test images' count alone (a param,
+# common.smk test_image_count; the prediction is timed on train images): new or replaced test
+# images of the same count re-plan nothing, but a test set of another size re-plans, and so
+# retrains, under a time budget.
+#
 # With a run experiment's refit.test_models auto (common.smk REFIT_AUTO) plan_budget is a
 # checkpoint: the plan chooses whether the full refit or the folds predict the test set, and the
 # jobs that merge test predictions (common.smk refit_choice) wait for it. Otherwise it stays a
@@ -14,10 +19,9 @@ if REFIT_AUTO:
 
     checkpoint plan_budget:
         input:
-            stats=rules.preprocess_images.output.stats,
-            train_images=rules.preprocess_images.output.train_images,
-            train_masks=rules.preprocess_images.output.train_masks,
-            test_images=rules.preprocess_images.output.test_images,
+            stats=rules.preprocess_train.output.stats,
+            train_images=rules.preprocess_train.output.train_images,
+            train_masks=rules.preprocess_train.output.train_masks,
             folds=rules.make_folds.output.folds,
         output:
             plan=result("budget", "plan.json"),
@@ -44,6 +48,8 @@ if REFIT_AUTO:
             ),
             pseudo_rounds=PSEUDO["rounds"],
             max_pseudo_share=PSEUDO["max_pseudo_share"],
+            # The test images' count, not the images: the plan never reads the test set.
+            n_test=test_image_count(),
             predict_threads=rule_threads("predict_oof", min(2, MAX_THREADS)),
             gpus=GPUS,  # budget.parallel_jobs null follows it
             arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
@@ -51,7 +57,7 @@ if REFIT_AUTO:
             "segflow plan-budget --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
             " --experiments {params.experiments:q} --predict {params.predict:q}"
             " --pseudo-rounds {params.pseudo_rounds:q}"
-            " --max-pseudo-share {params.max_pseudo_share:q}"
+            " --max-pseudo-share {params.max_pseudo_share:q} --n-test {params.n_test:q}"
             " --predict-threads {params.predict_threads:q} {params.flags} --out {output.plan:q}"
             " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"
 
@@ -59,10 +65,9 @@ else:
 
     rule plan_budget:
         input:
-            stats=rules.preprocess_images.output.stats,
-            train_images=rules.preprocess_images.output.train_images,
-            train_masks=rules.preprocess_images.output.train_masks,
-            test_images=rules.preprocess_images.output.test_images,
+            stats=rules.preprocess_train.output.stats,
+            train_images=rules.preprocess_train.output.train_images,
+            train_masks=rules.preprocess_train.output.train_masks,
             folds=rules.make_folds.output.folds,
         output:
             plan=result("budget", "plan.json"),
@@ -89,6 +94,8 @@ else:
             ),
             pseudo_rounds=PSEUDO["rounds"],
             max_pseudo_share=PSEUDO["max_pseudo_share"],
+            # The test images' count, not the images: the plan never reads the test set.
+            n_test=test_image_count(),
             predict_threads=rule_threads("predict_oof", min(2, MAX_THREADS)),
             gpus=GPUS,  # budget.parallel_jobs null follows it
             arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
@@ -96,18 +103,18 @@ else:
             "segflow plan-budget --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
             " --experiments {params.experiments:q} --predict {params.predict:q}"
             " --pseudo-rounds {params.pseudo_rounds:q}"
-            " --max-pseudo-share {params.max_pseudo_share:q}"
+            " --max-pseudo-share {params.max_pseudo_share:q} --n-test {params.n_test:q}"
             " --predict-threads {params.predict_threads:q} {params.flags} --out {output.plan:q}"
             " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"
 
 
-# budget.sizes: only preprocess_images of a run with budget.sizes set depends on
+# budget.sizes: only preprocess_train of a run with budget.sizes set depends on
 # plan_resolution (common.smk resolution_inputs); otherwise it is not in the DAG.
 
 
 rule plan_resolution:
     input:
-        manifest=rules.ingest_dataset.output.manifest,
+        manifest=rules.ingest_train.output.manifest,
         # Folds come from the dedup output, not from preprocess: the choice runs before it.
         folds=rules.make_folds.output.folds,
     output:
@@ -138,6 +145,7 @@ rule plan_resolution:
         ),
         pseudo_rounds=PSEUDO["rounds"],
         max_pseudo_share=PSEUDO["max_pseudo_share"],
+        n_test=test_image_count(),
         predict_threads=rule_threads("predict_oof", min(2, MAX_THREADS)),
         gpus=GPUS,
     shell:
@@ -146,6 +154,6 @@ rule plan_resolution:
         " --resize-mode {params.resize_mode:q} --channels {params.channels:q}"
         " --experiments {params.experiments:q} --predict {params.predict:q}"
         " --pseudo-rounds {params.pseudo_rounds:q}"
-        " --max-pseudo-share {params.max_pseudo_share:q}"
+        " --max-pseudo-share {params.max_pseudo_share:q} --n-test {params.n_test:q}"
         " --predict-threads {params.predict_threads:q} {params.flags} --out {output.resolution:q}"
         " --threads {threads} --gpus {resources.gpu_slots} 2> {log:q}"

@@ -15,6 +15,7 @@ from segflow.model.experiment import (
 )
 from segflow.core.data_stamp import CACHE_NAME, data_stamp as content_stamp, demo_stamp
 from segflow.ensemble.stacking.stackers import STACKER_OPTIONS, candidate_name
+from segflow.data.ingest import count_images
 from segflow.stages import stage_fingerprint
 from segflow.model.training.refit import check_refit, refit_enabled
 from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
@@ -194,6 +195,9 @@ def pseudo_inputs(wildcards):
     return {
         "pseudo_selection": os.path.join(pseudo_dir(wildcards.round), "selection.csv"),
         "pseudo_targets": os.path.join(pseudo_dir(wildcards.round), "targets.npy"),
+        # The selected test images themselves: a round >= 1 depends on the test set.
+        "test_images": result("preprocess", "test_images.npy"),
+        "test_index": result("preprocess", "test_index.parquet"),
     }
 
 
@@ -367,7 +371,7 @@ RESOLUTION = (
 
 
 def resolution_inputs(wildcards):
-    """preprocess_images' size choice: nothing without budget.sizes (today's DAG)."""
+    """preprocess_train's size choice: nothing without budget.sizes (today's DAG)."""
     return {} if RESOLUTION is None else {"resolution": RESOLUTION}
 
 
@@ -461,28 +465,71 @@ def check_cluster_rules():
 
 
 DATA_KEYS = ("train_images", "test_images", "train_masks", "rle_csv", "metadata_csv")
+# The data keys of each ingest job's files: the test side reads the test folder (and the
+# metadata of its ids), the train side everything else.
+INGEST_PATHS = {
+    "train": ("train_images", "train_masks", "rle_csv", "metadata_csv"),
+    "test": ("test_images", "metadata_csv"),
+}
+# The data section's keys ingest_test passes (its flags: a train-only option reruns no test job).
+TEST_INGEST_KEYS = (
+    "test_images",
+    "metadata_csv",
+    "metadata_id_column",
+    "dicom_window_center",
+    "dicom_window_width",
+    "max_pixels",
+    "data_root",
+)
 
 
-def ingest_inputs(wildcards):
-    """The dataset itself: the demo folder (built by generate_demo_data) or the user's paths.
-    The user's paths are `ancient`: their modification times rerun nothing (a `touch`, a copy),
-    their contents do, through `data_stamp`."""
+def ingest_test_flags():
+    """The data options ingest_test passes (TEST_INGEST_KEYS), as flags."""
+    return cli_flags({key: DATA[key] for key in TEST_INGEST_KEYS})
+
+
+def ingest_inputs(split):
+    """The input function of ingest_<split>: the demo folder (built by generate_demo_data) or
+    the user's paths of that side. The user's paths are `ancient`: their modification times
+    rerun nothing (a `touch`, a copy), their contents do, through `data_stamp`."""
+
+    def inputs(wildcards):
+        if DEMO["enabled"]:
+            return {"dataset": DEMO["out_dir"]}
+        return {key: ancient(DATA[key]) for key in INGEST_PATHS[split] if DATA.get(key)}
+
+    return inputs
+
+
+def data_stamp(split):
+    """The params function of ingest_<split>: a hash of that side's data files' contents
+    (files overwritten in place included; times left out), so a test-folder edit reruns the
+    test side only. The per-file hashes are cached next to Snakemake's own record of this
+    param, in the working directory's .snakemake/ (results/ holds artifacts only, and results
+    folders are compared and shared). The demo folder gives "demo" for both sides while it
+    holds what generate_demo_data wrote, else one hash of the whole folder
+    (segflow.core.data_stamp)."""
+
+    def stamp(wildcards):
+        cache = os.path.join(".snakemake", "segflow", CACHE_NAME)
+        if DEMO["enabled"]:
+            options = {k: v for k, v in DEMO.items() if k not in ("enabled", "out_dir")}
+            return demo_stamp(DEMO["out_dir"], options, cache=cache)
+        return content_stamp(
+            *(DATA[key] for key in INGEST_PATHS[split] if DATA.get(key)), cache=cache
+        )
+
+    return stamp
+
+
+def test_image_count():
+    """The number of test images (the time budget plans their prediction): the demo's
+    configured count, else the image files in data.test_images (none: 0). Their count only,
+    never their contents: replacing test images re-plans nothing, a new count re-plans (and
+    so retrains under a budget)."""
     if DEMO["enabled"]:
-        return {"dataset": DEMO["out_dir"]}
-    return {key: ancient(DATA[key]) for key in DATA_KEYS if DATA.get(key)}
-
-
-def data_stamp(wildcards):
-    """A hash of the data files' contents (files overwritten in place included; times left
-    out). The per-file hashes are cached next to Snakemake's own record of this param, in the
-    working directory's .snakemake/ (results/ holds artifacts only, and results folders are
-    compared and shared). The demo folder gives "demo" while it holds what generate_demo_data
-    wrote (segflow.core.data_stamp)."""
-    cache = os.path.join(".snakemake", "segflow", CACHE_NAME)
-    if DEMO["enabled"]:
-        options = {k: v for k, v in DEMO.items() if k not in ("enabled", "out_dir")}
-        return demo_stamp(DEMO["out_dir"], options, cache=cache)
-    return content_stamp(*(DATA[key] for key in DATA_KEYS if DATA.get(key)), cache=cache)
+        return DEMO["n_test"] if DATA.get("test_images") else 0
+    return count_images(DATA.get("test_images"))
 
 
 def experiment_json(wildcards):

@@ -17,33 +17,62 @@ rule generate_demo_data:
         "segflow demo-data {output.dataset:q} {params.flags} 2> {log:q}"
 
 
-rule ingest_dataset:
+# Train and test are ingested and preprocessed by separate jobs: nothing the folds or the
+# round-0 models read depends on the test set, so new test images never retrain.
+rule ingest_train:
     input:
-        unpack(ingest_inputs),
+        unpack(ingest_inputs("train")),
     output:
         manifest=result("ingest", "manifest.parquet"),
         summary=result("ingest", "summary.json"),
     log:
-        result("logs", "ingest_dataset.log"),
+        result("logs", "ingest_train.log"),
     benchmark:
-        result("benchmarks", "ingest_dataset.tsv")
+        result("benchmarks", "ingest_train.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("ingest_dataset", MAX_THREADS)
+    threads: rule_threads("ingest_train", MAX_THREADS)
     resources:
-        **job_resources("ingest_dataset", mem_mb=4000, runtime=60),
+        **job_resources("ingest_train", mem_mb=4000, runtime=60),
     params:
         code=stage_fingerprint("ingest"),
-        data=data_stamp,
-        flags=section_flags("data"),
+        data=data_stamp("train"),
+        flags=section_flags("data", exclude=("test_images",)),
     shell:
-        "segflow ingest {params.flags} --workers {threads}"
+        "segflow ingest --split train {params.flags} --workers {threads}"
         " --out-manifest {output.manifest:q} --out-summary {output.summary:q} 2> {log:q}"
+
+
+rule ingest_test:
+    input:
+        unpack(ingest_inputs("test")),
+        # Only its ids: a test id that is also a train id is refused.
+        train_manifest=rules.ingest_train.output.manifest,
+    output:
+        manifest=result("ingest", "test_manifest.parquet"),
+        summary=result("ingest", "test_summary.json"),
+    log:
+        result("logs", "ingest_test.log"),
+    benchmark:
+        result("benchmarks", "ingest_test.tsv")
+    conda:
+        CONDA_ENV
+    threads: rule_threads("ingest_test", MAX_THREADS)
+    resources:
+        **job_resources("ingest_test", mem_mb=4000, runtime=60),
+    params:
+        code=stage_fingerprint("ingest"),
+        data=data_stamp("test"),
+        test_flags=ingest_test_flags(),
+    shell:
+        "segflow ingest --split test {params.test_flags} --train-manifest {input.train_manifest:q}"
+        " --workers {threads} --out-manifest {output.manifest:q}"
+        " --out-summary {output.summary:q} 2> {log:q}"
 
 
 rule dedup:
     input:
-        manifest=rules.ingest_dataset.output.manifest,
+        manifest=rules.ingest_train.output.manifest,
     output:
         dedup_items=result("dedup", "items.parquet"),
         summary=result("dedup", "summary.json"),
@@ -66,27 +95,52 @@ rule dedup:
         " --out-report {output.report:q} 2> {log:q}"
 
 
-rule preprocess_images:
+# Test-side: the test items that are exact copies of train items (submit copies their labels).
+rule leaks:
+    input:
+        test_manifest=rules.ingest_test.output.manifest,
+        manifest=rules.ingest_train.output.manifest,
+        dedup_items=rules.dedup.output.dedup_items,
+    output:
+        leaks=result("dedup", "test_leaks.parquet"),
+        summary=result("dedup", "test_leaks.json"),
+    log:
+        result("logs", "leaks.log"),
+    benchmark:
+        result("benchmarks", "leaks.tsv")
+    conda:
+        CONDA_ENV
+    threads: rule_threads("leaks", 1)
+    resources:
+        **job_resources("leaks", mem_mb=2000, runtime=10),
+    params:
+        code=stage_fingerprint("leaks"),
+    shell:
+        "segflow leaks --test-manifest {input.test_manifest:q} --manifest {input.manifest:q}"
+        " --dedup-items {input.dedup_items:q} --out-leaks {output.leaks:q}"
+        " --out-summary {output.summary:q} 2> {log:q}"
+
+
+rule preprocess_train:
     input:
         # budget.sizes: the chosen size (plan_resolution); nothing otherwise.
         unpack(resolution_inputs),
-        manifest=rules.ingest_dataset.output.manifest,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         train_images=result("preprocess", "train_images.npy"),
         train_masks=result("preprocess", "train_masks.npy"),
-        test_images=result("preprocess", "test_images.npy"),
         index=result("preprocess", "index.parquet"),
         stats=result("preprocess", "stats.json"),
     log:
-        result("logs", "preprocess_images.log"),
+        result("logs", "preprocess_train.log"),
     benchmark:
-        result("benchmarks", "preprocess_images.tsv")
+        result("benchmarks", "preprocess_train.tsv")
     conda:
         CONDA_ENV
-    threads: rule_threads("preprocess_images", MAX_THREADS)
+    threads: rule_threads("preprocess_train", MAX_THREADS)
     resources:
-        **job_resources("preprocess_images", mem_mb=8000, runtime=120),
+        **job_resources("preprocess_train", mem_mb=8000, runtime=120),
     params:
         code=stage_fingerprint("preprocess"),
         flags=section_flags("preprocess"),
@@ -98,9 +152,35 @@ rule preprocess_images:
         " {params.flags} {params.resolution} {params.dicom} --workers {threads} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
+# The test images prepared as the train arrays were (the options and size of stats.json).
+rule preprocess_test:
+    input:
+        test_manifest=rules.ingest_test.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+    output:
+        test_images=result("preprocess", "test_images.npy"),
+        test_index=result("preprocess", "test_index.parquet"),
+    log:
+        result("logs", "preprocess_test.log"),
+    benchmark:
+        result("benchmarks", "preprocess_test.tsv")
+    conda:
+        CONDA_ENV
+    threads: rule_threads("preprocess_test", MAX_THREADS)
+    resources:
+        **job_resources("preprocess_test", mem_mb=8000, runtime=120),
+    params:
+        code=stage_fingerprint("preprocess-test"),
+        dicom=dicom_flags(),
+        out_dir=lambda wildcards, output: os.path.dirname(output.test_index),
+    shell:
+        "segflow preprocess-test --test-manifest {input.test_manifest:q} --stats {input.stats:q}"
+        " {params.dicom} --workers {threads} --out-dir {params.out_dir:q} 2> {log:q}"
+
+
 rule make_folds:
     input:
-        manifest=rules.ingest_dataset.output.manifest,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         folds=result("folds", "folds.csv"),

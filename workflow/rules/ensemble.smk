@@ -7,8 +7,8 @@ rule blend:
             "{dir}/probs.npy", dir=experiment_dirs("test", wildcards.round)
         ),
         folds=rules.make_folds.output.folds,
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         oof_probs=result("oof", "ensemble", "round{round}", "oof_probs.npy"),
@@ -60,8 +60,9 @@ rule select_pseudo:
             f"round{int(wildcards.round) - 1}",
             "params.json",
         ),
-        stats=rules.preprocess_images.output.stats,
-        dedup_items=rules.dedup.output.dedup_items,
+        stats=rules.preprocess_train.output.stats,
+        test_index=rules.preprocess_test.output.test_index,
+        leaks=rules.leaks.output.leaks,
     output:
         selection=result("pseudo", "round{round}", "selection.csv"),
         targets=result("pseudo", "round{round}", "targets.npy"),
@@ -87,7 +88,7 @@ rule select_pseudo:
         out_dir=lambda wildcards, output: os.path.dirname(output.selection),
     shell:
         "segflow select-pseudo --test-dir {params.test_dir:q} --postprocess {input.postprocess:q}"
-        " --arrays-dir {params.arrays_dir:q} --dedup-items {input.dedup_items:q} {params.flags}"
+        " --arrays-dir {params.arrays_dir:q} --dedup-items {input.leaks:q} {params.flags}"
         " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
@@ -103,8 +104,12 @@ rule stack:
             "{dir}/probs.npy", dir=experiment_dirs("test", FINAL_ROUND)
         ),
         folds=rules.make_folds.output.folds,
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+        train_images=rules.preprocess_train.output.train_images,
+        test_images=rules.preprocess_test.output.test_images,
+        test_index=rules.preprocess_test.output.test_index,
+        manifest=rules.ingest_train.output.manifest,
+        test_manifest=rules.ingest_test.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         oof=result("oof", "stack_{stacker}", f"round{FINAL_ROUND}", "oof_probs.npy"),
@@ -142,7 +147,8 @@ rule stack:
         " --oof-dirs {params.oof_dirs:q} --test-dirs {params.test_dirs:q}"
         " --n-folds {params.n_folds:q} --fold-merge {params.fold_merge:q} {params.stack_base}"
         " --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
-        " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q} {params.stack_options}"
+        " --manifest {input.manifest:q} --test-manifest {input.test_manifest:q}"
+        " --dedup-items {input.dedup_items:q} {params.stack_options}"
         " --threads {threads} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
@@ -162,7 +168,7 @@ rule choose:
             for name, r in candidates()
             for filename in ("oof_probs.npy", "oof_ids.csv")
         ],
-        manifest=rules.ingest_dataset.output.manifest,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
         # The searches' best values, next to their experiments' OOF (stages.csv search_best).
         search=search_files("best.json"),
@@ -230,14 +236,18 @@ rule export_bundle:
     input:
         choice=rules.choose.output.choice,
         models=bundle_models,
-        test_ids=lambda wildcards: expand("{dir}/ids.csv", dir=bundle_test_dirs(wildcards)),
+        test_ids=lambda wildcards: expand(
+            "{dir}/ids.csv", dir=bundle_test_dirs(wildcards)
+        ),
         params=[
             result("postprocess", name, f"round{r}", "params.json")
             for name, r in candidates()
         ],
         weights=[result("ensemble", f"round{r}", "weights.json") for r in ROUNDS],
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+        manifest=rules.ingest_train.output.manifest,
+        # Its stored channel counts: the bundle accepts the images the pipeline predicted.
+        test_manifest=rules.ingest_test.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         bundle=result("export", "bundle.zip"),

@@ -10,9 +10,9 @@ rule train_fold:
         unpack(budget_inputs),
         unpack(init_inputs),
         unpack(search_inputs),
-        stats=rules.preprocess_images.output.stats,
-        train_images=rules.preprocess_images.output.train_images,
-        train_masks=rules.preprocess_images.output.train_masks,
+        stats=rules.preprocess_train.output.stats,
+        train_images=rules.preprocess_train.output.train_images,
+        train_masks=rules.preprocess_train.output.train_masks,
         folds=rules.make_folds.output.folds,
     output:
         model=result("models", "{experiment}", "round{round}", "fold{fold}", "model.pt"),
@@ -67,9 +67,9 @@ rule train_full:
         unpack(budget_inputs),
         unpack(init_inputs),
         unpack(search_inputs),
-        stats=rules.preprocess_images.output.stats,
-        train_images=rules.preprocess_images.output.train_images,
-        train_masks=rules.preprocess_images.output.train_masks,
+        stats=rules.preprocess_train.output.stats,
+        train_images=rules.preprocess_train.output.train_images,
+        train_masks=rules.preprocess_train.output.train_masks,
         folds=rules.make_folds.output.folds,
         fold_metrics=refit_fold_metrics,
     output:
@@ -111,8 +111,8 @@ rule train_full:
 rule predict_oof:
     input:
         model=rules.train_fold.output.model,
-        stats=rules.preprocess_images.output.stats,
-        train_images=rules.preprocess_images.output.train_images,
+        stats=rules.preprocess_train.output.stats,
+        train_images=rules.preprocess_train.output.train_images,
         folds=rules.make_folds.output.folds,
     output:
         probs=result("oof", "{experiment}", "round{round}", "fold{fold}", "probs.npy"),
@@ -147,8 +147,8 @@ rule evaluate_oof:
             dir=fold_dirs("oof", wildcards.experiment, wildcards.round),
         ),
         folds=rules.make_folds.output.folds,
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
@@ -181,8 +181,8 @@ rule tune_postprocess:
         # From evaluate_oof for an experiment, from a second-level rule otherwise.
         oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
         oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
+        stats=rules.preprocess_train.output.stats,
+        manifest=rules.ingest_train.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         params=result("postprocess", "{experiment}", "round{round}", "params.json"),
@@ -216,8 +216,9 @@ rule tune_postprocess:
 rule predict_test:
     input:
         model=rules.train_fold.output.model,
-        stats=rules.preprocess_images.output.stats,
-        test_images=rules.preprocess_images.output.test_images,
+        stats=rules.preprocess_train.output.stats,
+        test_images=rules.preprocess_test.output.test_images,
+        test_index=rules.preprocess_test.output.test_index,
     output:
         probs=result("test", "{experiment}", "round{round}", "fold{fold}", "probs.npy"),
         ids=result("test", "{experiment}", "round{round}", "fold{fold}", "ids.csv"),
@@ -247,8 +248,9 @@ rule predict_test:
 rule predict_test_full:
     input:
         model=rules.train_full.output.model,
-        stats=rules.preprocess_images.output.stats,
-        test_images=rules.preprocess_images.output.test_images,
+        stats=rules.preprocess_train.output.stats,
+        test_images=rules.preprocess_test.output.test_images,
+        test_index=rules.preprocess_test.output.test_index,
     output:
         probs=result("test", "{experiment}", "round{round}", FULL, "probs.npy"),
         ids=result("test", "{experiment}", "round{round}", FULL, "ids.csv"),
@@ -281,9 +283,10 @@ rule submit:
             "{dir}/probs.npy", dir=test_prediction_dirs(wildcards)
         ),
         postprocess=rules.tune_postprocess.output.params,
-        stats=rules.preprocess_images.output.stats,
-        manifest=rules.ingest_dataset.output.manifest,
-        dedup_items=rules.dedup.output.dedup_items,
+        stats=rules.preprocess_train.output.stats,
+        manifest=rules.ingest_train.output.manifest,
+        test_manifest=rules.ingest_test.output.manifest,
+        leaks=rules.leaks.output.leaks,
     output:
         submission=result(
             "submission", "{experiment}", "round{round}", "submission.csv"
@@ -305,4 +308,5 @@ rule submit:
     shell:
         "segflow submit --fold-dirs {params.fold_dirs:q} --fold-merge {params.fold_merge:q}"
         " --postprocess {input.postprocess:q} --stats {input.stats:q} --manifest {input.manifest:q}"
-        " --dedup-items {input.dedup_items:q} {params.flags} --out {output.submission:q} 2> {log:q}"
+        " --test-manifest {input.test_manifest:q} --leaks {input.leaks:q} {params.flags}"
+        " --out {output.submission:q} 2> {log:q}"

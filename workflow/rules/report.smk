@@ -5,8 +5,8 @@ rule report:
         choice=rules.choose.output.choice,
         dedup_summary=rules.dedup.output.summary,
         dedup_items=rules.dedup.output.dedup_items,
-        manifest=rules.ingest_dataset.output.manifest,
-        stats=rules.preprocess_images.output.stats,
+        manifest=rules.ingest_train.output.manifest,
+        stats=rules.preprocess_train.output.stats,
         folds=rules.make_folds.output.folds,
         folds_summary=rules.make_folds.output.summary,
         histories=[

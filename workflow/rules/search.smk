@@ -6,9 +6,9 @@ STUDY_PATTERN = "|".join(re.escape(name) for name in SEARCH) or "(?!)"
 
 rule search_worker:
     input:
-        stats=rules.preprocess_images.output.stats,
-        train_images=rules.preprocess_images.output.train_images,
-        train_masks=rules.preprocess_images.output.train_masks,
+        stats=rules.preprocess_train.output.stats,
+        train_images=rules.preprocess_train.output.train_images,
+        train_masks=rules.preprocess_train.output.train_masks,
         folds=rules.make_folds.output.folds,
     output:
         summary=result("search", "{study}", "workers", "worker{worker}.json"),
@@ -46,7 +46,7 @@ checkpoint search_summary:
             result("search", wildcards.study, "workers", f"worker{worker}.json")
             for worker in range(SEARCH[wildcards.study]["workers"])
         ],
-        stats=rules.preprocess_images.output.stats,
+        stats=rules.preprocess_train.output.stats,
         folds=rules.make_folds.output.folds,
     output:
         trials=result("search", "{study}", "trials.csv"),

@@ -1,9 +1,12 @@
 """The preprocessed arrays (preprocess -> train, predict, stack, budget, select-pseudo, report).
 
-One folder: ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) packed labels,
-``test_images.npy`` (M, H, W, C), ``index.parquet`` (id, split, row, original size) and
-``stats.json`` (size, channels, dtype, per-channel train mean/std, class names). This module is
-the only reader and writer of ``index.parquet`` and ``stats.json``.
+One folder, written by two stages. The train side (preprocess): ``train_images.npy``
+(N, H, W, C), ``train_masks.npy`` (N, H, W) packed labels, ``index.parquet`` (id, split, row,
+original size) and ``stats.json`` (size, channels, dtype, per-channel train mean/std, class
+names). The test side (preprocess-test): ``test_images.npy`` (M, H, W, C) and
+``test_index.parquet``. This module is the only reader and writer of the indexes and
+``stats.json``; a reader names the split it reads, so a train-side reader never opens a test
+file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from segflow.core.errors import SegflowError
 
 STATS = "stats.json"
 INDEX = "index.parquet"
+TEST_INDEX = "test_index.parquet"
 STATS_KEYS = ("height", "width", "channels", "dtype", "train_mean", "train_std")
 INDEX_COLUMNS = ("id", "split", "row")
 # The class list of binary data (segflow.formats.labels.BINARY_CLASSES, without its imports).
@@ -88,26 +92,38 @@ def image_size(stats: dict[str, Any]) -> tuple[int, int]:
     return int(stats["height"]), int(stats["width"])
 
 
-def read_index(arrays_dir: str | os.PathLike[str], *, check: bool = False) -> pd.DataFrame:
-    """Read ``index.parquet`` of a preprocess output folder.
+def index_file(split: str) -> str:
+    """``index.parquet`` (train, written with ``stats.json``) or ``test_index.parquet``."""
+    if split not in ("train", "test"):
+        raise KeyError(f"unknown split {split!r}; valid: train, test")
+    return INDEX if split == "train" else TEST_INDEX
+
+
+def read_index(
+    arrays_dir: str | os.PathLike[str], *, check: bool = False, split: str = "train"
+) -> pd.DataFrame:
+    """Read the index of one split of a preprocess output folder.
 
     Args:
         arrays_dir: the preprocess output folder.
         check: also require the ``id``, ``split`` and ``row`` columns.
+        split: ``train`` (``index.parquet``) or ``test`` (``test_index.parquet``).
 
     Returns:
-        One row per preprocessed image: id, split, row, original size (and meta columns).
+        One row per preprocessed image of ``split``: id, split, row, original size.
 
     Raises:
         SegflowError: missing or unreadable, or (``check``) a column missing.
     """
-    path = Path(arrays_dir) / INDEX
+    path = Path(arrays_dir) / index_file(split)
     if not path.is_file():
-        raise SegflowError(f"{path} does not exist (run preprocess first)")
+        stage = "preprocess" if split == "train" else "preprocess-test"
+        raise SegflowError(f"{path} does not exist (run {stage} first)")
     try:
         index = pd.read_parquet(path)
     except Exception as error:
         raise SegflowError(f"{path} is not readable ({error})") from None
+    index = index[index["split"] == split] if "split" in index.columns else index
     if check:
         for column in INDEX_COLUMNS:
             if column not in index.columns:
@@ -116,13 +132,13 @@ def read_index(arrays_dir: str | os.PathLike[str], *, check: bool = False) -> pd
 
 
 def split_rows(index: pd.DataFrame, split: str, ids: pd.Series) -> Any:
-    """The array rows of ``ids`` in ``split`` (``index`` from :func:`read_index`)."""
+    """The array rows of ``ids`` in ``split`` (``index`` from :func:`read_index` of it)."""
     return index[index["split"] == split].set_index("id").loc[ids, "row"].to_numpy()
 
 
-def write_index(out_dir: str | os.PathLike[str], index: pd.DataFrame) -> None:
-    """Write ``index.parquet`` atomically."""
-    write_parquet(Path(out_dir) / INDEX, index)
+def write_index(out_dir: str | os.PathLike[str], index: pd.DataFrame, split: str = "train") -> None:
+    """Write the index of ``split`` (:func:`index_file`) atomically."""
+    write_parquet(Path(out_dir) / index_file(split), index)
 
 
 def write_stats(out_dir: str | os.PathLike[str], stats: dict[str, Any]) -> None:

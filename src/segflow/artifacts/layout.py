@@ -54,8 +54,18 @@ def candidate_of(oof_dir: str | os.PathLike[str]) -> tuple[Path, str, int]:
 
 
 def manifest(results: str | os.PathLike[str]) -> Path:
-    """ingest's manifest."""
+    """ingest's train manifest (the train side reads nothing of the test set)."""
     return Path(results) / "ingest" / "manifest.parquet"
+
+
+def test_manifest(results: str | os.PathLike[str]) -> Path:
+    """ingest's test manifest (``--split test``)."""
+    return Path(results) / "ingest" / "test_manifest.parquet"
+
+
+def test_leaks(results: str | os.PathLike[str]) -> Path:
+    """The leaks stage's links of test items to their train copies."""
+    return Path(results) / "dedup" / "test_leaks.parquet"
 
 
 def dedup_items(results: str | os.PathLike[str]) -> Path:

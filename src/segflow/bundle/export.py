@@ -155,8 +155,24 @@ def bundle_config(
     submission: SubmissionOptions,
     dicom_window: DicomWindow,
     manifest: pd.DataFrame,
+    test_manifest: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
-    """``bundle.json``: everything predict-bundle needs besides weights and leak labels."""
+    """``bundle.json``: everything predict-bundle needs besides weights and leak labels.
+
+    Args:
+        results: the workflow's results folder.
+        candidate: (name, round) exported.
+        experiments: the bundled experiments (names, weights, models).
+        predict: the prediction options.
+        submission: the submission format.
+        dicom_window: the HU window DICOM sources were decoded with.
+        manifest: ingest's train manifest (the RLE CSV's id style, the stored channels).
+        test_manifest: ingest's test manifest (its stored channel counts are accepted too, as
+            preprocess-test accepted them); None when there is none.
+
+    Returns:
+        The JSON-ready config.
+    """
     name, round_ = candidate
     stats = read_stats(layout.arrays_dir(results))
     params_path = layout.postprocess_params(results, name, round_)
@@ -176,10 +192,20 @@ def bundle_config(
             "train_mean": stats["train_mean"],
             "train_std": stats["train_std"],
             "dicom_window": dataclasses.asdict(dicom_window),
-            # What the models saw: stored channel counts of the pipeline's images; with
-            # channels auto and 1 channel, only gray images (a colour one would have made it 3).
-            "source_channels": sorted(int(c) for c in manifest["channels"].unique()),
-            "gray_only": stats["options"].get("channels") == "auto" and int(stats["channels"]) == 1,
+            # The stored channel counts of the pipeline's images (train and test); with
+            # channels auto and 1 channel, only gray images unless the pipeline's own test set
+            # held colour ones (preprocess-test turns them gray, as the train side decided).
+            "source_channels": sorted(
+                {
+                    int(c)
+                    for frame in (manifest, test_manifest)
+                    if frame is not None
+                    for c in frame["channels"].unique()
+                }
+            ),
+            "gray_only": stats["options"].get("channels") == "auto"
+            and int(stats["channels"]) == 1
+            and (test_manifest is None or bool(test_manifest["is_gray"].all())),
         },
         "predict": dataclasses.asdict(predict),
         "classes": classes_of(stats),
@@ -228,6 +254,8 @@ def export(
         )
     manifest = read_table(layout.manifest(results), "manifest")
     dedup_items = read_table(layout.dedup_items(results), "dedup items")
+    test_path = layout.test_manifest(results)
+    test_manifest = read_table(test_path, "test manifest") if test_path.is_file() else None
     if name == "ensemble":
         path = layout.ensemble_weights(results, round_)
         if not path.is_file():
@@ -256,6 +284,7 @@ def export(
         submission,
         dicom_window or DicomWindow(),
         manifest,
+        test_manifest,
     )
     leaks = (
         leak_labels(manifest, dedup_items, len(config["classes"]))

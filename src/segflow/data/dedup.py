@@ -221,6 +221,53 @@ def find_duplicates(
     return items, _summarise(items, options)
 
 
+def find_test_leaks(
+    test_manifest: pd.DataFrame, train_manifest: pd.DataFrame, items: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Link each test item to the train items it is an exact copy of (same decoded pixels).
+
+    A test-side step: dedup's items (the train side) never see the test set, so new test
+    images change no train grouping, fold or model; only these links and what reads them.
+
+    Args:
+        test_manifest: the test manifest (``md5_pixels``).
+        train_manifest: the train manifest (``md5_pixels``).
+        items: dedup's items table of the train set (``use_for_training``).
+
+    Returns:
+        (leaks, summary). ``leaks`` has one row per test item: id, split (``test``),
+        exact_group, leak_train_ids (';'-joined train ids whose label applies: the copies used
+        for training; None without one), the columns :func:`segflow.model.submit` and the
+        pseudo-label selection read. summary: n_test, test_items_with_train_label,
+        groups_across_train_test, test_items_in_test_duplicates.
+    """
+    train = train_manifest[["id", "md5_pixels"]].assign(
+        exact_group=lambda f: f["md5_pixels"].str[:16]
+    )
+    usable = set(items.loc[items["use_for_training"], "id"])
+    label_sources = (
+        train[train["id"].isin(usable)].sort_values("id").groupby("exact_group")["id"].agg(";".join)
+    )
+    leaks = pd.DataFrame(
+        {
+            "id": test_manifest["id"].astype(str).to_numpy(),
+            "split": "test",
+            "exact_group": test_manifest["md5_pixels"].str[:16].to_numpy(),
+        }
+    )
+    leaks = leaks.sort_values("id", kind="stable").reset_index(drop=True)
+    leaks["leak_train_ids"] = leaks["exact_group"].map(label_sources).astype(object)
+    n_copies = leaks.groupby("exact_group")["id"].transform("size")
+    shared = leaks["exact_group"].isin(set(train["exact_group"]))
+    summary = {
+        "n_test": len(leaks),
+        "test_items_with_train_label": int(leaks["leak_train_ids"].notna().sum()),
+        "groups_across_train_test": int(leaks.loc[shared, "exact_group"].nunique()),
+        "test_items_in_test_duplicates": int((n_copies > 1).sum()),
+    }
+    return leaks, summary
+
+
 def near_fold_groups(
     manifest: pd.DataFrame, items: pd.DataFrame, options: NearDuplicateOptions
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -296,7 +343,7 @@ def _summarise(items: pd.DataFrame, options: DedupOptions) -> dict[str, Any]:
     conflicts = groups[groups["masks_agree"].eq(False).fillna(False)]
     actions = items["train_action"].value_counts()
     largest = groups.sort_values(["size", "representative"], ascending=[False, True]).head(10)
-    return {
+    summary: dict[str, Any] = {
         "policy": {
             "conflict_policy": options.conflict_policy,
             "train_members": options.train_members,
@@ -307,15 +354,11 @@ def _summarise(items: pd.DataFrame, options: DedupOptions) -> dict[str, Any]:
         # Overlapping views: a group with 2 train and 3 test copies counts in all three.
         "groups_with_train_duplicates": int((groups["n_train"] > 1).sum()),
         "train_items_in_train_duplicates": int(groups.loc[groups["n_train"] > 1, "n_train"].sum()),
-        "groups_with_test_duplicates": int((n_test > 1).sum()),
-        "test_items_in_test_duplicates": int(n_test[n_test > 1].sum()),
-        "groups_across_train_test": int(((groups["n_train"] > 0) & (n_test > 0)).sum()),
         "groups_pixel_equal_bytes_different": int((groups["match"] == "pixels").sum()),
         "conflicting_groups": len(conflicts),
         "conflicting_members": int(conflicts["n_train"].sum()),
         "train_actions": {str(k): int(v) for k, v in actions.items()},
         "n_train_used": int(items["use_for_training"].sum()),
-        "test_items_with_train_label": int(items["leak_train_ids"].notna().sum()),
         "largest_groups": [
             {
                 "representative": row.representative,
@@ -327,6 +370,18 @@ def _summarise(items: pd.DataFrame, options: DedupOptions) -> dict[str, Any]:
             for row in largest.itertuples()
         ],
     }
+    if items["split"].eq("test").any():
+        # Only a manifest with both splits (the library's ``ingest --split all``); the workflow
+        # dedups the train set alone and the leaks stage counts these (test_leaks.json).
+        summary.update(
+            {
+                "groups_with_test_duplicates": int((n_test > 1).sum()),
+                "test_items_in_test_duplicates": int(n_test[n_test > 1].sum()),
+                "groups_across_train_test": int(((groups["n_train"] > 0) & (n_test > 0)).sum()),
+                "test_items_with_train_label": int(items["leak_train_ids"].notna().sum()),
+            }
+        )
+    return summary
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -338,10 +393,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- duplicate groups: {summary['n_groups']} with {summary['n_members']} members",
         f"  - with several train copies: {summary['groups_with_train_duplicates']} groups, "
         f"{summary['train_items_in_train_duplicates']} train items",
-        f"  - with several test copies: {summary['groups_with_test_duplicates']} groups, "
-        f"{summary['test_items_in_test_duplicates']} test items",
-        f"  - across train and test (leaks): {summary['groups_across_train_test']} groups; "
-        f"{summary['test_items_with_train_label']} test items get a known train label",
+    ]
+    if "groups_across_train_test" in summary:  # a manifest with test items (not the workflow's)
+        lines += [
+            f"  - with several test copies: {summary['groups_with_test_duplicates']} groups, "
+            f"{summary['test_items_in_test_duplicates']} test items",
+            f"  - across train and test (leaks): {summary['groups_across_train_test']} groups; "
+            f"{summary['test_items_with_train_label']} test items get a known train label",
+        ]
+    lines += [
         f"  - same pixels, different bytes: {summary['groups_pixel_equal_bytes_different']}",
         f"- conflicting masks: {summary['conflicting_groups']} groups, "
         f"{summary['conflicting_members']} train items (policy: {summary['policy']['conflict_policy']})",

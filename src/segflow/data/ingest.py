@@ -1,4 +1,8 @@
-"""Ingest: list, decode and validate every train/test item into one manifest.
+"""Ingest: list, decode and validate the train or the test items into a manifest.
+
+The train and the test set are ingested by separate runs (``--split``), into separate
+manifests: nothing the train side writes depends on the test images, so new test images never
+retrain. The test run reads the train manifest only to refuse ids that appear in both.
 
 Every image is decoded exactly once here — which is what validates it — and the same pass
 records what later stages need without decoding again: size, channels, bit depth, md5 of the
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_json, write_parquet
 from segflow.core.errors import SegflowError
 from segflow.core.options import (
@@ -66,6 +71,30 @@ _SCAN_CHUNK = 64
 _RESERVED_CLASS_NAMES = ("none", "null")
 # In an id or class name these would make a path of it (class names become folder names).
 _PATH_CHARACTERS = ("/", "\\", "\0")
+SPLITS = ("train", "test")
+# ``all``: both splits in one manifest (the library's default; the workflow ingests each side
+# on its own, ``--split``).
+SPLIT_CHOICES = (*SPLITS, "all")
+# The manifest's columns in order (an empty test manifest keeps them); + mask_classes, meta_*.
+MANIFEST_COLUMNS = (
+    "id",
+    "split",
+    "image_path",
+    "image_format",
+    "file_bytes",
+    "height",
+    "width",
+    "channels",
+    "bit_depth",
+    "is_gray",
+    "md5_bytes",
+    "md5_pixels",
+    "phash",
+    "mask_path",
+    "mask_rle",
+    "mask_md5",
+    "mask_coverage",
+)
 
 # Per scanned item, the EXIF orientation its image was turned by (1: none).
 _ORIENTATION_KEY = "_exif_orientation"
@@ -451,8 +480,25 @@ def _union_of_rows(rows: tuple[RleRow, ...], shape: tuple[int, int], task: _Scan
     return mask
 
 
-def _check_options(options: IngestOptions) -> None:
-    if not options.train_images:
+def count_images(folder: str | Path | None) -> int:
+    """How many image files ``folder`` lists as :func:`list_images` would (0: no folder).
+
+    Nothing is decoded or checked: the count of a folder whose files change but not their
+    number stays the same (the time budget's plan uses it, see ``workflow/rules/budget.smk``).
+    """
+    if not folder or not Path(folder).is_dir():
+        return 0
+    return sum(
+        1
+        for path in Path(folder).iterdir()
+        if not path.name.startswith(".") and path.is_file() and image_kind(path) is not None
+    )
+
+
+def _check_options(options: IngestOptions, split: str = "all") -> None:
+    if split not in SPLIT_CHOICES:
+        raise SegflowError(f"unknown ingest split {split!r}; valid: {', '.join(SPLIT_CHOICES)}")
+    if split != "test" and not options.train_images:
         raise SegflowError("data.train_images is not set")
     if options.mask_source not in MASK_SOURCES:
         raise SegflowError(
@@ -681,12 +727,15 @@ def _data_root(options: IngestOptions) -> Path | None:
     return root.resolve()
 
 
-def _recorded_roots(options: IngestOptions, root: Path | None) -> list[Path]:
+def _recorded_roots(options: IngestOptions, root: Path | None, split: str) -> list[Path]:
     """The roots :func:`list_images` checked the files against: ``data_root``, or else each
-    listed folder (resolved), for later stages to check the manifest's paths against."""
+    folder listed for ``split`` (resolved), for later stages to check the manifest's paths
+    against."""
     if root is not None:
         return [root]
-    folders = [options.train_images, options.test_images]
+    if split == "test":
+        return [Path(options.test_images).resolve()] if options.test_images else []
+    folders = [options.train_images] + ([options.test_images] if split == "all" else [])
     if options.mask_source == "folder":
         masks = Path(options.train_masks or "")
         folders += [str(masks / name) for name in options.classes or ()] or [str(masks)]
@@ -694,19 +743,23 @@ def _recorded_roots(options: IngestOptions, root: Path | None) -> list[Path]:
 
 
 def _build_tasks(
-    options: IngestOptions,
+    options: IngestOptions, split: str = "all", train_ids: frozenset[str] = frozenset()
 ) -> tuple[list[_ScanTask], dict[str, Any], list[Path], str | None]:
-    """The scan tasks, the skipped entries per split, the roots the paths were checked against
-    and the RLE CSV's id style (None without a CSV)."""
-    _check_options(options)
+    """The scan tasks of ``split``, its skipped entries, the roots the paths were checked
+    against and the RLE CSV's id style (None without a CSV). ``train_ids``: the train
+    manifest's ids, which no test id may repeat."""
+    _check_options(options, split)
     window = DicomWindow(options.dicom_window_center, options.dicom_window_width)
     root = _data_root(options)
-    train, train_skipped = list_images(options.train_images or "", "train image", root=root)
+    train: dict[str, Path] = {}
     test: dict[str, Path] = {}
+    train_skipped: list[str] = []
     test_skipped: list[str] = []
-    if options.test_images:
+    if split != "test":
+        train, train_skipped = list_images(options.train_images or "", "train image", root=root)
+    if split != "train" and options.test_images:
         test, test_skipped = list_images(options.test_images, "test image", root=root)
-    clash = sorted(set(train) & set(test))
+    clash = sorted((set(train_ids) | set(train)) & set(test))
     if clash:
         raise SegflowError(
             f"ids {', '.join(map(repr, clash[:5]))} appear in both train and test image folders"
@@ -715,7 +768,9 @@ def _build_tasks(
     mask_paths: dict[str, str] = {}
     rles: dict[str, tuple[tuple[RleRow, ...], ...]] = {}
     id_style = None
-    if options.mask_source == "folder":
+    if split == "test":
+        pass  # test images have no masks
+    elif options.mask_source == "folder":
         if not options.train_masks:
             raise SegflowError("data.train_masks is not set (needed for mask_source: folder)")
         if options.classes:
@@ -742,15 +797,25 @@ def _build_tasks(
         for item_id, path in sorted(items.items())
     ]
     skipped = {"train": train_skipped, "test": test_skipped}
-    return tasks, skipped, _recorded_roots(options, root), id_style
+    skipped = skipped if split == "all" else {split: skipped[split]}
+    return tasks, skipped, _recorded_roots(options, root, split), id_style
 
 
-def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Build the manifest of every train and test item.
+def ingest(
+    options: IngestOptions,
+    workers: int = 1,
+    split: str = "all",
+    train_ids: frozenset[str] = frozenset(),
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Build the manifest of every train item, or of every test item.
 
     Args:
-        options: data locations and formats.
+        options: data locations and formats (``split`` test reads ``test_images`` and the
+            metadata only; no test folder gives an empty manifest).
         workers: processes for decoding.
+        split: ``train``, ``test`` or ``all`` (both in one manifest).
+        train_ids: with ``split`` test, the train manifest's ids (a test id among them is an
+            error).
 
     Returns:
         (manifest, summary): one row per item (columns: id, split, image_path, image_format,
@@ -765,7 +830,7 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
     Raises:
         SegflowError: any unreadable, missing, mismatched or duplicated input, naming it.
     """
-    tasks, skipped, roots, id_style = _build_tasks(options)
+    tasks, skipped, roots, id_style = _build_tasks(options, split, train_ids)
     # Several rows for one id (and class) are unioned: Airbus lists one row per ship. Counted,
     # since in a one-row-per-image CSV (TGS) they mean a broken file.
     several_rows = sum(any(len(rows) > 1 for rows in task.rles) for task in tasks)
@@ -783,7 +848,12 @@ def ingest(options: IngestOptions, workers: int = 1) -> tuple[pd.DataFrame, dict
         )
         for row in chunk_rows
     ]
-    manifest = pd.DataFrame(rows)
+    columns = [
+        *MANIFEST_COLUMNS,
+        *([CLASSES_COLUMN] if options.classes else []),
+        _ORIENTATION_KEY,
+    ]
+    manifest = pd.DataFrame(rows, columns=columns)
     oriented = manifest.pop(_ORIENTATION_KEY) != 1
     if oriented.any():
         log.warning(
@@ -841,6 +911,18 @@ def _summarise(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow ingest``'s flags."""
     add_dataclass_arguments(parser, IngestOptions)
+    parser.add_argument(
+        "--split",
+        default="all",
+        choices=SPLIT_CHOICES,
+        help="ingest the train or the test images, or both into one manifest (the workflow "
+        "ingests each on its own)",
+    )
+    parser.add_argument(
+        "--train-manifest",
+        default=None,
+        help="with --split test: the train manifest, whose ids no test image may repeat",
+    )
     parser.add_argument("--out-manifest", required=True, help="manifest Parquet to write")
     parser.add_argument("--out-summary", required=True, help="summary JSON to write")
     add_workers(parser)
@@ -849,7 +931,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """``segflow ingest``: write the manifest and its summary."""
     options = dataclass_from_namespace(IngestOptions, args)
-    manifest, summary = ingest(options, workers=args.workers)
+    train_ids: frozenset[str] = frozenset()
+    if args.split == "test" and args.train_manifest:
+        train_ids = frozenset(read_table(args.train_manifest, "train manifest")["id"])
+    manifest, summary = ingest(options, workers=args.workers, split=args.split, train_ids=train_ids)
     write_parquet(args.out_manifest, manifest, keep_attrs=True)  # its data roots
     write_json(args.out_summary, with_provenance(summary, stage_provenance(options)))
     stage_log.info(

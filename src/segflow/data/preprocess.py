@@ -3,9 +3,10 @@ memory-mappable arrays.
 
 Outputs (in one folder) ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) of
 packed label masks (bit k = class k, :func:`segflow.formats.labels.label_dtype`; binary data: uint8
-{0, 1}), ``test_images.npy`` (M, H, W, C), ``index.parquet`` (id, split, row, original size)
-and ``stats.json`` (per-channel mean/std of the train images, for normalisation; the class
-names). Training then slices the arrays with ``np.load(..., mmap_mode="r")`` and never decodes
+{0, 1}), ``index.parquet`` (id, split, row, original size) and ``stats.json`` (per-channel
+mean/std of the train images, for normalisation; the class names). The train images alone
+decide the size, channels and depth: the test images are prepared the same way by a separate
+stage (:mod:`segflow.data.preprocess_test`), so new test images never retrain. Training then slices the arrays with ``np.load(..., mmap_mode="r")`` and never decodes
 a PNG.
 
 ``resize_mode: pad`` keeps the native pixels: images (and their masks, the same way) are
@@ -22,7 +23,6 @@ chunk of decoded images per worker however large the dataset is.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from segflow.artifacts.arrays import write_index, write_stats
+from segflow.artifacts.arrays import images_file, masks_file, write_index, write_stats
 from segflow.artifacts.resolution import (
     RESIZE_MODES,
     pad_columns,
@@ -310,6 +310,70 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> Geometry
     return Geometry(height, width, channels, dtype)
 
 
+def write_arrays(
+    items: list[_Item],
+    images_path: Path,
+    masks_path: Path | None,
+    geometry: Geometry,
+    options: PreprocessOptions,
+    window: DicomWindow,
+    n_classes: int,
+    workers: int,
+) -> list[tuple[np.ndarray, int]]:
+    """Prepare ``items`` into ``images_path`` (and their masks into ``masks_path``, None: no
+    masks), created at full size and filled by the workers in chunks.
+
+    Returns:
+        Per chunk, the per-channel [sum, sum of squares] and the foreground pixel count.
+    """
+    shape = (geometry.height, geometry.width)
+    # Create each file at full size; workers reopen it in r+ mode and fill their rows.
+    np.lib.format.open_memmap(
+        images_path, mode="w+", dtype=geometry.dtype, shape=(len(items), *shape, geometry.channels)
+    )
+    reserve_space(images_path)
+    if masks_path is not None:
+        np.lib.format.open_memmap(
+            masks_path, mode="w+", dtype=label_dtype(n_classes), shape=(len(items), *shape)
+        )
+        reserve_space(masks_path)
+    tasks = [
+        _ChunkTask(
+            str(images_path),
+            str(masks_path) if masks_path else None,
+            index * _CHUNK,
+            tuple(chunk),
+            geometry,
+            options,
+            window,
+            n_classes,
+        )
+        for index, chunk in enumerate(chunked(items, _CHUNK))
+    ]
+    return parallel_map(
+        _process_chunk,
+        tasks,
+        workers,
+        desc="preprocess",
+        unit="img",
+        weights=[len(task.items) for task in tasks],
+    )
+
+
+def array_index(
+    frame: pd.DataFrame, geometry: Geometry, options: PreprocessOptions
+) -> pd.DataFrame:
+    """The index rows of ``frame`` (manifest rows in array order): id, split, row, original
+    size, and with ``resize_mode`` pad the offsets prediction crops back with."""
+    index = frame.assign(row=np.arange(len(frame)))[["id", "split", "row", "height", "width"]]
+    index = index.rename(columns={"height": "orig_height", "width": "orig_width"})
+    if options.resize_mode == "pad":
+        sizes = list(zip(index["orig_height"], index["orig_width"], strict=True))
+        shape = (geometry.height, geometry.width)
+        index = index.assign(**pad_columns(sizes, shape, list(index["id"])))
+    return index
+
+
 def preprocess(
     manifest: pd.DataFrame,
     dedup_items: pd.DataFrame,
@@ -318,10 +382,11 @@ def preprocess(
     workers: int = 1,
     dicom_window: DicomWindow | None = None,
 ) -> dict[str, Any]:
-    """Write the preprocessed arrays, index and stats into ``out_dir`` (atomically per file).
+    """Write the preprocessed train arrays, index and stats into ``out_dir`` (atomically per
+    file).
 
     Args:
-        manifest: the ingest manifest.
+        manifest: the train manifest (ingest ``--split train``).
         dedup_items: the dedup stage's items (decides which train items are used, and how).
         options: preprocessing options.
         out_dir: output folder.
@@ -329,7 +394,7 @@ def preprocess(
         dicom_window: HU window for DICOM sources.
 
     Returns:
-        The stats written to ``stats.json``: n_train, n_test, height, width, channels, dtype,
+        The stats written to ``stats.json``: n_train, height, width, channels, dtype,
         train_mean, train_std, train_mask_coverage (fraction of pixels of any class), classes
         (the label bits' names; binary: ``["mask"]``), multilabel (whether ingest had
         ``data.classes``), options and provenance (:mod:`segflow.core.provenance`).
@@ -340,10 +405,9 @@ def preprocess(
     train = manifest[(manifest["split"] == "train") & manifest["id"].isin(used_ids)].sort_values(
         "id"
     )
-    test = manifest[manifest["split"] == "test"].sort_values("id")
     if train.empty:
         raise SegflowError("no train items left to preprocess (all dropped by dedup?)")
-    geometry = _decide_geometry(pd.concat([train, test]), options)
+    geometry = _decide_geometry(train, options)
     classes = manifest_classes(manifest)
     n_classes = len(class_names(classes))
     sources = mask_sources(manifest, dedup_items)
@@ -351,81 +415,25 @@ def preprocess(
     roots = data_roots(manifest)
     image_paths = {
         row.id: str(resolve_manifest_path(row.image_path, "image_path", row.id, roots))
-        for frame in (train, test)
-        for row in frame.itertuples()
+        for row in train.itertuples()
     }
     window = dicom_window or DicomWindow()
-    shape = (geometry.height, geometry.width)
-
-    with contextlib.ExitStack() as stack:
-        paths = {
-            name: stack.enter_context(atomic_path(out_dir / f"{name}.npy"))
-            for name in ("train_images", "train_masks", "test_images")
-        }
-        tasks: list[_ChunkTask] = []
-        for split, frame, mask_path in (
-            ("train", train, paths["train_masks"]),
-            ("test", test, None),
-        ):
-            # Create each file at full size; workers reopen it in r+ mode and fill their rows.
-            np.lib.format.open_memmap(
-                paths[f"{split}_images"],
-                mode="w+",
-                dtype=geometry.dtype,
-                shape=(len(frame), *shape, geometry.channels),
-            )
-            reserve_space(paths[f"{split}_images"])
-            if mask_path is not None:
-                np.lib.format.open_memmap(
-                    mask_path, mode="w+", dtype=label_dtype(n_classes), shape=(len(frame), *shape)
-                )
-                reserve_space(mask_path)
-            items = [
-                _Item(image_paths[row.id], sources[row.id] if split == "train" else ())
-                for row in frame.itertuples()
-            ]
-            tasks += [
-                _ChunkTask(
-                    str(paths[f"{split}_images"]),
-                    str(mask_path) if mask_path else None,
-                    index * _CHUNK,
-                    tuple(chunk),
-                    geometry,
-                    options,
-                    window,
-                    n_classes,
-                )
-                for index, chunk in enumerate(chunked(items, _CHUNK))
-            ]
-        # One pool for both splits: worker start-up is paid once.
-        results = parallel_map(
-            _process_chunk,
-            tasks,
-            workers,
-            desc="preprocess",
-            unit="img",
-            weights=[len(task.items) for task in tasks],
+    items = [_Item(image_paths[row.id], sources[row.id]) for row in train.itertuples()]
+    with (
+        atomic_path(out_dir / images_file("train")) as images_path,
+        atomic_path(out_dir / masks_file()) as masks_path,
+    ):
+        results = write_arrays(
+            items, images_path, masks_path, geometry, options, window, n_classes, workers
         )
-    train_results = [result for task, result in zip(tasks, results, strict=True) if task.masks_path]
-    moments = np.sum([chunk_moments for chunk_moments, _ in train_results], axis=0)
-    foreground = sum(chunk_foreground for _, chunk_foreground in train_results)
-
-    index = pd.concat(
-        [
-            frame.assign(row=np.arange(len(frame)))[["id", "split", "row", "height", "width"]]
-            for frame in (train, test)
-        ]
-    ).rename(columns={"height": "orig_height", "width": "orig_width"})
-    if options.resize_mode == "pad":
-        sizes = list(zip(index["orig_height"], index["orig_width"], strict=True))
-        index = index.assign(**pad_columns(sizes, shape, list(index["id"])))
-    write_index(out_dir, index)
+    moments = np.sum([chunk_moments for chunk_moments, _ in results], axis=0)
+    foreground = sum(chunk_foreground for _, chunk_foreground in results)
+    write_index(out_dir, array_index(train, geometry, options))
     n_pixels = len(train) * geometry.height * geometry.width
     mean = moments[0] / n_pixels
     std = np.sqrt(np.maximum(moments[1] / n_pixels - mean**2, 0.0))
     stats = {
         "n_train": len(train),
-        "n_test": len(test),
         "height": geometry.height,
         "width": geometry.width,
         "channels": geometry.channels,
@@ -477,9 +485,8 @@ def run(args: argparse.Namespace) -> None:
         dicom_window=dicom_window_from_args(args),
     )
     stage_log.info(
-        "preprocessed %d train + %d test images to %dx%dx%d %s in %s",
+        "preprocessed %d train images to %dx%dx%d %s in %s",
         stats["n_train"],
-        stats["n_test"],
         stats["height"],
         stats["width"],
         stats["channels"],

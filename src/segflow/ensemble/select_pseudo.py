@@ -98,7 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-dir", required=True, help="the round's final test prediction")
     parser.add_argument("--postprocess", required=True, help="its tuned params.json")
     parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
-    parser.add_argument("--dedup-items", required=True, help="dedup items Parquet")
+    parser.add_argument(
+        "--dedup-items",
+        required=True,
+        help="the test leak links (segflow leaks): test copies of train images are not selected",
+    )
     parser.add_argument("--out-dir", required=True, help="selection.csv, targets.npy, summary")
 
 
@@ -107,12 +111,11 @@ def run(args: argparse.Namespace) -> None:
     options = dataclass_from_namespace(PseudoOptions, args)
     stats = read_stats(args.arrays_dir)
     classes = classes_of(stats)
-    index = read_index(args.arrays_dir)
-    test_rows = index[index["split"] == "test"]
+    test_rows = read_index(args.arrays_dir, split="test")
     # Pad mode: the targets are reflect-padded as the test images were.
     offsets = (
         dict(zip(test_rows["id"], index_offsets(test_rows), strict=True))
-        if set(PAD_COLUMNS) <= set(index.columns)
+        if set(PAD_COLUMNS) <= set(test_rows.columns)
         else None
     )
     selection, targets, summary = select_pseudo_stage(

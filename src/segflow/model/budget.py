@@ -779,12 +779,12 @@ def plan_budget(
     max_pseudo_share: float = 0.3,
     parallel_jobs: int = 1,
     machine: Mapping[str, Any] | None = None,
+    n_test: int = 0,
 ) -> dict[str, Any]:
     """The ``segflow plan-budget`` stage: time every experiment, plan its epochs.
 
     Args:
-        arrays_dir: the preprocess output folder (its stats.json: channels, classes, test
-            images).
+        arrays_dir: the preprocess output folder (its stats.json: channels, classes).
         folds_csv: the folds stage's folds.csv.
         experiments: name -> the experiment's config mapping (the run experiments; with
             ``refit`` for those refit on all data: the refit is planned with them).
@@ -795,6 +795,8 @@ def plan_budget(
         max_pseudo_share: ``pseudo.max_pseudo_share``.
         parallel_jobs: training and prediction jobs running at once.
         machine: where it is measured, recorded in the plan.
+        n_test: test images every test prediction costs (their count only: the plan never
+            reads the test set, so new test images of the same count re-plan nothing).
 
     Returns:
         The plan (:func:`make_plan`); the time spent here counts against the budget.
@@ -831,7 +833,7 @@ def plan_budget(
         {name: e.train.batch_size for name, e in parsed.items()},
         measurements,
         sizes,
-        int(stats.get("n_test", 0)),
+        n_test,
         pseudo_rounds,
         max_pseudo_share,
         parallel_jobs,

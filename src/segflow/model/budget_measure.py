@@ -197,11 +197,10 @@ def _time_prediction(
     arrays: SegmentationArrays, model: torch.nn.Module, predict: PredictOptions, threads: int
 ) -> float:
     """Seconds per image of :func:`predict_rows` plus restoring the original size (as
-    ``segflow predict-test`` does), on test images (train images when there are none)."""
-    index = arrays.index
-    split = "test" if (index["split"] == "test").any() else "train"
-    items = index[index["split"] == split].reset_index(drop=True)
-    images = np.load(arrays.root / f"{split}_images.npy", mmap_mode="r")
+    ``segflow predict-test`` does), on train images: the test images have the same array size,
+    and the plan must not depend on their contents (only on their count, ``--n-test``)."""
+    items = arrays.index[arrays.index["split"] == "train"].reset_index(drop=True)
+    images = np.load(arrays.train_images_path, mmap_mode="r")
     device = resolve_device(predict.device)
     model = model.to(memory_format=torch.contiguous_format)  # a loaded checkpoint's layout
     divisor = required_divisor(model)
@@ -264,6 +263,12 @@ def add_planning_arguments(parser: argparse.ArgumentParser, out_help: str) -> No
     )
     parser.add_argument(
         "--predict-threads", type=int, default=2, help="CPU threads of the prediction jobs"
+    )
+    parser.add_argument(
+        "--n-test",
+        type=int,
+        default=0,
+        help="test images to plan the prediction of (their count only: the plan never reads them)",
     )
     parser.add_argument("--out", required=True, help=out_help)
     add_compute_arguments(parser)
@@ -334,6 +339,7 @@ def _plan_budget_command(args: argparse.Namespace) -> None:
         measure,
         pseudo_rounds=args.pseudo_rounds,
         max_pseudo_share=args.max_pseudo_share,
+        n_test=args.n_test,
         parallel_jobs=options.parallel_jobs or max(1, args.gpus),
         machine=machine_description(resolve_device("auto"), threads, predict_threads),
     )
@@ -345,6 +351,7 @@ def _plan_budget_command(args: argparse.Namespace) -> None:
             "predict": dataclasses.asdict(predict),
             "pseudo_rounds": args.pseudo_rounds,
             "max_pseudo_share": args.max_pseudo_share,
+            "n_test": args.n_test,
         }
     )
     write_json(args.out, with_provenance(plan, block))

@@ -26,6 +26,7 @@ from segflow.artifacts.arrays import (
     STATS_KEYS,
     classes_of,
     images_file,
+    index_file,
     masks_file,
     read_index,
     read_stats,
@@ -57,6 +58,8 @@ class SegmentationArrays:
     """The artifacts of one preprocess output folder, validated.
 
     Use :meth:`open`; the arrays themselves are not loaded (datasets memory-map them).
+    ``index`` is the train side's; the test side's is read only when asked for
+    (:meth:`rows_for` with ``split="test"``: a pseudo-labelling round).
     """
 
     root: Path
@@ -173,14 +176,15 @@ class SegmentationArrays:
         Raises:
             SegflowError: when an id is not in index.parquet for that split.
         """
-        table = self.index[self.index["split"] == split].set_index("id")["row"]
+        index = self.index if split == "train" else read_index(self.root, split=split)
+        table = index.set_index("id")["row"]
         ids = pd.Index(ids)
         unknown = ids[~ids.isin(table.index)]
         if len(unknown):
             source = f"{where}: " if where else ""
             raise SegflowError(
                 f"{source}{len(unknown)} id(s) not among the preprocessed {split} items in "
-                f"{self.root / 'index.parquet'} (e.g. {', '.join(map(str, unknown[:3]))})"
+                f"{self.root / index_file(split)} (e.g. {', '.join(map(str, unknown[:3]))})"
             )
         return table.loc[ids].to_numpy(dtype=np.int64)
 

@@ -156,8 +156,9 @@ def measure_at_size(
             channels,
             n_classes,
             n_train=2 * batch + 1,  # more than a batch: the loader drops the last partial one
-            n_val=batch * (TIMED_BATCHES + 1),
-            n_test=predict.batch_size * (TIMED_BATCHES + 1),
+            # The prediction is timed on these too (the plan never reads the test set).
+            n_val=max(batch, predict.batch_size) * (TIMED_BATCHES + 1),
+            n_test=0,
         )
         return measure_experiment(
             SegmentationArrays.open(tmp),
@@ -173,7 +174,7 @@ def measure_at_size(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow plan-resolution``'s flags."""
     add_dataclass_arguments(parser, BudgetOptions)
-    parser.add_argument("--manifest", required=True, help="manifest Parquet from ingest")
+    parser.add_argument("--manifest", required=True, help="train manifest Parquet from ingest")
     parser.add_argument("--folds", required=True, help="folds.csv")
     parser.add_argument(
         "--sizes",
@@ -238,6 +239,7 @@ def _plan_resolution_command(args: argparse.Namespace) -> None:
         measure,
         pseudo_rounds=args.pseudo_rounds,
         max_pseudo_share=args.max_pseudo_share,
+        n_test=args.n_test,
         parallel_jobs=budget.parallel_jobs or max(1, args.gpus),
         machine=budget_measure.machine_description(
             resolve_device("auto"), threads, predict_threads
@@ -253,6 +255,7 @@ def _plan_resolution_command(args: argparse.Namespace) -> None:
             "channels": args.channels,
             "pseudo_rounds": args.pseudo_rounds,
             "max_pseudo_share": args.max_pseudo_share,
+            "n_test": args.n_test,
         }
     )
     write_json(args.out, with_provenance(record, block))

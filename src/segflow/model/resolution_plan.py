@@ -370,12 +370,13 @@ def plan_resolution(
     max_pseudo_share: float = 0.3,
     parallel_jobs: int = 1,
     machine: Mapping[str, Any] | None = None,
+    n_test: int = 0,
 ) -> dict[str, Any]:
     """The ``segflow plan-resolution`` stage: time every experiment at every candidate size,
     choose the size (module doc).
 
     Args:
-        manifest: the ingest manifest (original sizes, test images, channels, classes).
+        manifest: the train manifest (original sizes, channels, classes).
         folds_csv: the folds stage's folds.csv (the training and validation items per fold).
         experiments: name -> config mapping (the run experiments).
         budget: the budget options (``minutes`` set).
@@ -389,6 +390,7 @@ def plan_resolution(
         max_pseudo_share: ``pseudo.max_pseudo_share``.
         parallel_jobs: training and prediction jobs running at once.
         machine: where it is measured, recorded as is.
+        n_test: test images every test prediction costs (their count only).
 
     Returns:
         ``resolution.json``'s contents: ``chosen`` [height, width], ``mode``, ``reason``,
@@ -443,7 +445,7 @@ def plan_resolution(
         {name: e.train.epochs for name, e in parsed.items()},
         {name: e.train.batch_size for name, e in parsed.items()},
         fold_sizes(folds_csv),
-        int((manifest["split"] == "test").sum()),
+        n_test,
         pseudo_rounds,
         max_pseudo_share,
         parallel_jobs,

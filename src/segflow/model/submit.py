@@ -28,7 +28,7 @@ from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_csv
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
-from segflow.core.stage_args import add_fold_merge, add_stage_tables, add_stats, stage_log
+from segflow.core.stage_args import add_fold_merge, add_stats, stage_log
 from segflow.formats.labels import label_dtype, read_label, unpack_labels
 from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
@@ -112,10 +112,14 @@ def train_label(manifest: pd.DataFrame, train_ids: Iterable[str], n_classes: int
 def known_test_labels(
     manifest: pd.DataFrame, dedup_items: pd.DataFrame, n_classes: int = 1
 ) -> dict[str, np.ndarray]:
-    """Test id -> train label for test images identical to usable train images (dedup's leaks).
+    """Test id -> train label for test images identical to usable train images.
 
     Members of a duplicate group whose masks agree share one mask; a group resolved by the
     ``union`` policy gives the union, matching what the model was trained on.
+
+    Args:
+        manifest: the train manifest.
+        dedup_items: a table with test rows' ``leak_train_ids`` (``segflow leaks``' output).
 
     Returns:
         Packed label masks (bit k = class k; binary: {0, 1}), see :mod:`segflow.formats.labels`.
@@ -128,7 +132,10 @@ def known_test_labels(
 
 
 def written_ids(
-    manifest: pd.DataFrame, ids: Iterable[str], id_style: str = "auto"
+    manifest: pd.DataFrame,
+    ids: Iterable[str],
+    id_style: str = "auto",
+    test_manifest: pd.DataFrame | None = None,
 ) -> dict[str, str]:
     """Each id as the submission writes it: the id (file stem), or its image's file name.
 
@@ -137,6 +144,8 @@ def written_ids(
             the train RLE CSV's id style, :func:`segflow.formats.manifest.csv_id_style`).
         ids: the ids to write.
         id_style: ``stem``, ``filename``, or ``auto``: as the train RLE CSV wrote its ids.
+        test_manifest: the test manifest, whose image paths name the ids (None: ``manifest``
+            holds them).
 
     Returns:
         id -> the id to write.
@@ -152,7 +161,7 @@ def written_ids(
     style = csv_id_style(manifest) if id_style == "auto" else id_style
     if style == "stem":
         return {item_id: item_id for item_id in ids}
-    paths = manifest.set_index("id")["image_path"]
+    paths = (manifest if test_manifest is None else test_manifest).set_index("id")["image_path"]
     missing = [item_id for item_id in ids if item_id not in paths.index]
     if missing:
         raise SegflowError(f"id {missing[0]!r} is not in the manifest; rerun the workflow")
@@ -266,7 +275,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_fold_merge(parser)
     parser.add_argument("--postprocess", required=True, help="params.json from tune-postprocess")
     add_stats(parser)
-    add_stage_tables(parser)
+    parser.add_argument("--manifest", required=True, help="train manifest Parquet (ingest)")
+    parser.add_argument("--test-manifest", required=True, help="test manifest Parquet (ingest)")
+    parser.add_argument(
+        "--leaks", required=True, help="test items' train copies Parquet (segflow leaks)"
+    )
     parser.add_argument("--out", required=True, help="submission CSV to write")
 
 
@@ -281,10 +294,12 @@ def run(args: argparse.Namespace) -> None:
     params = params_from_summary(json.loads(Path(args.postprocess).read_text()), classes)
     masks = fold_masks(folds, args.fold_merge, params)
     manifest = read_table(args.manifest, "manifest")
-    known = known_test_labels(manifest, read_table(args.dedup_items, "dedup items"), len(classes))
+    known = known_test_labels(manifest, read_table(args.leaks, "test leaks"), len(classes))
     # Binary data keeps the two-column format: one (H, W) mask per id, no class column.
     predictions = dict(zip(fold_ids[0]["id"], masks if multilabel else masks[:, 0], strict=True))
-    id_names = written_ids(manifest, predictions, options.id_style)  # stems or file names
+    # Stems or file names: the style of the train CSV, the names of the test images.
+    test_manifest = read_table(args.test_manifest, "test manifest")
+    id_names = written_ids(manifest, predictions, options.id_style, test_manifest)
     frame = submission_frame(predictions, options, known, classes if multilabel else None, id_names)
     write_submission(args.out, frame)
     copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0

@@ -60,20 +60,28 @@ def results_summary(results_dir: str | Path) -> str:
     ingest = _load(root / "ingest" / "summary.json")
     if ingest:
         lines.append(
-            f"  ingest      {root / 'ingest' / 'manifest.parquet'}: {ingest['n_train']} train "
-            f"({ingest['n_train_empty_masks']} empty masks), {ingest['n_test']} test"
+            f"  ingest      {layout.manifest(root)}: {ingest['n_train']} train "
+            f"({ingest['n_train_empty_masks']} empty masks)"
         )
+    test_ingest = _load(root / "ingest" / "test_summary.json")
+    if test_ingest:
+        lines.append(f"  ingest      {layout.test_manifest(root)}: {test_ingest['n_test']} test")
     dedup = _load(root / "dedup" / "summary.json")
     if dedup:
         lines.append(
             f"  dedup       {root / 'dedup' / 'report.md'}: {dedup['n_groups']} groups / "
-            f"{dedup['n_members']} members, {dedup['conflicting_groups']} conflicting, "
-            f"{dedup['test_items_with_train_label']} test items with a known train label"
+            f"{dedup['n_members']} members, {dedup['conflicting_groups']} conflicting"
+        )
+    leaks = _load(root / "dedup" / "test_leaks.json")
+    if leaks:
+        lines.append(
+            f"  leaks       {layout.test_leaks(root)}: {leaks['test_items_with_train_label']} "
+            "test items with a known train label"
         )
     stats = _load(arrays.stats_path(layout.arrays_dir(root)))
     if stats:
         lines.append(
-            f"  preprocess  {root / 'preprocess'}: {stats['n_train']} train + {stats['n_test']} test "
+            f"  preprocess  {root / 'preprocess'}: {stats['n_train']} train "
             f"at {stats['height']}x{stats['width']}x{stats['channels']} {stats['dtype']}"
         )
     folds = _load(root / "folds" / "summary.json")

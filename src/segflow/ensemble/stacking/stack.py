@@ -135,8 +135,8 @@ class StackInputs:
 def _images_for(arrays_dir: Path, split: str, ids: pd.Series) -> np.ndarray:
     """The preprocessed images of ``ids``; reflect-padded ones (``resize_mode: pad``) cropped
     back to their original pixels, which is where the probability maps are."""
-    index = read_index(arrays_dir)
-    selected = index[index["split"] == split].set_index("id").loc[ids].reset_index()
+    index = read_index(arrays_dir, split=split)
+    selected = index.set_index("id").loc[ids].reset_index()
     rows = selected["row"].to_numpy()
     images = np.asarray(np.load(arrays_dir / images_file(split), mmap_mode="r")[rows])
     offsets = index_offsets(selected)
@@ -168,8 +168,10 @@ def load_stack_inputs(
     classes: Sequence[str],
     arrays_dir: str | os.PathLike[str],
     manifest: pd.DataFrame,
+    test_manifest: pd.DataFrame | None = None,
 ) -> StackInputs:
-    """Check alignment and read the images and metadata the features need.
+    """Check alignment and read the images and metadata the features need (the test items'
+    metadata from ``test_manifest``, the test side's manifest; None: ``manifest`` holds both).
 
     Args:
         base_oof, base_test: the ensemble's OOF and test predictions (the gate's), both or
@@ -206,7 +208,7 @@ def load_stack_inputs(
         train_images=_images_for(arrays_dir, "train", oof_ids),
         test_images=_images_for(arrays_dir, "test", test_ids),
         train_metadata=_metadata_for(manifest, oof_ids),
-        test_metadata=_metadata_for(manifest, test_ids),
+        test_metadata=_metadata_for(manifest if test_manifest is None else test_manifest, test_ids),
     )
 
 
@@ -429,6 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
     parser.add_argument("--folds", required=True, help="folds.csv")
     add_stage_tables(parser)
+    parser.add_argument("--test-manifest", required=True, help="test manifest Parquet (ingest)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", required=True, help="artifacts folder")
 
@@ -475,6 +478,7 @@ def run(args: argparse.Namespace) -> None:
         classes,
         args.arrays_dir,
         manifest,
+        read_table(args.test_manifest, "test manifest"),
     )
     # The stacked candidates sit next to the experiments: same results folder and round.
     try:

@@ -211,7 +211,7 @@ def predict_split(
     from segflow.model.models import load_checkpoint, required_divisor
 
     arrays_dir = Path(arrays_dir)
-    index, stats = read_index(arrays_dir), read_stats(arrays_dir)
+    index, stats = read_index(arrays_dir, split=split), read_stats(arrays_dir)
     device = resolve_device(options.device)
     model, meta = load_checkpoint(model_path, device=str(device))
     if split == "train":
@@ -220,7 +220,7 @@ def predict_split(
         folds = pd.read_csv(folds_csv, dtype={"id": str})
         rows = validation_rows(index, folds, fold)
     else:
-        rows = index[index["split"] == "test"].reset_index(drop=True)
+        rows = index.reset_index(drop=True)
     images = np.load(arrays_dir / images_file(split), mmap_mode="r")
     mean, std = meta.get("mean", stats["train_mean"]), meta.get("std", stats["train_std"])
     probs, nonempty = predict_rows(
