@@ -640,7 +640,7 @@ TEST_SIDE_JOBS = {
     "preprocess_test": 1,
     "predict_test": 2,
     "blend": 1,
-    "stack": 1,
+    "stack": 2,  # the gate's and the pixel blender's jobs
     "tune_postprocess": 3,
     "submit": 4,
     "choose": 1,
