@@ -378,10 +378,12 @@ def test_kill_9_of_snakemake_mid_preprocess_and_predict_then_rerun(tmp_path: Pat
         ours, theirs = results / relative, clean / "results" / relative
         assert ours.read_bytes() == theirs.read_bytes(), relative
     stats = json.loads((results / "preprocess" / "stats.json").read_text())
-    index = pd.read_parquet(results / "preprocess" / "index.parquet")
-    for split, count in (("train", stats["n_train"]), ("test", stats["n_test"])):
-        assert np.load(results / "preprocess" / f"{split}_images.npy").shape[0] == count
-        assert (index["split"] == split).sum() == count
+    # preprocess_train writes the train index, preprocess_test the test side's own.
+    for split, index_name in (("train", "index.parquet"), ("test", "test_index.parquet")):
+        index = pd.read_parquet(results / "preprocess" / index_name)
+        count = np.load(results / "preprocess" / f"{split}_images.npy").shape[0]
+        assert (index["split"] == split).sum() == count == len(index)
+    assert stats["n_train"] == len(pd.read_parquet(results / "preprocess" / "index.parquet"))
     for fold in (0, 1):
         model = Path("models/tiny/round0", f"fold{fold}", "model.pt")
         _assert_same_weights(clean / "results" / model, results / model)
