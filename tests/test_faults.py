@@ -341,7 +341,7 @@ def test_kill_9_of_snakemake_mid_preprocess_and_predict_then_rerun(tmp_path: Pat
     # 1. Killed inside preprocess: its .npy files half written, under temporary names only.
     paused = _kill_snakemake_inside(work, "preprocess")
     temporaries = _temporaries(results / "preprocess")
-    assert len(temporaries) == 3 and paused[0] in temporaries  # train/test images, masks
+    assert len(temporaries) == 2 and paused[0] in temporaries  # train images, masks
     for name in ("train_images.npy", "train_masks.npy", "test_images.npy", "stats.json"):
         assert not (results / "preprocess" / name).exists()
     # What a non-atomic writer would have left: a truncated array under the output's name.
@@ -373,16 +373,19 @@ def test_kill_9_of_snakemake_mid_preprocess_and_predict_then_rerun(tmp_path: Pat
     status, output = _finish(reference, clean)
     assert status == 0, output[-4000:]
     assert _temporaries(results) == []
-    preprocess = [relative for relative in DATA_ARTIFACTS if relative.startswith("preprocess/")]
+    # Train side only: the OOF target needs no test arrays (preprocess_test).
+    preprocess = [
+        relative
+        for relative in DATA_ARTIFACTS
+        if relative.startswith("preprocess/") and not relative.startswith("preprocess/test_")
+    ]
     for relative in preprocess:  # the planted truncated train_images.npy was regenerated
         ours, theirs = results / relative, clean / "results" / relative
         assert ours.read_bytes() == theirs.read_bytes(), relative
     stats = json.loads((results / "preprocess" / "stats.json").read_text())
-    # preprocess_train writes the train index, preprocess_test the test side's own.
-    for split, index_name in (("train", "index.parquet"), ("test", "test_index.parquet")):
-        index = pd.read_parquet(results / "preprocess" / index_name)
-        count = np.load(results / "preprocess" / f"{split}_images.npy").shape[0]
-        assert (index["split"] == split).sum() == count == len(index)
+    index = pd.read_parquet(results / "preprocess" / "index.parquet")
+    count = np.load(results / "preprocess" / "train_images.npy").shape[0]
+    assert (index["split"] == "train").sum() == count == len(index)
     assert stats["n_train"] == len(pd.read_parquet(results / "preprocess" / "index.parquet"))
     for fold in (0, 1):
         model = Path("models/tiny/round0", f"fold{fold}", "model.pt")
