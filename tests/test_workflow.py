@@ -577,17 +577,8 @@ def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None
     touched (same bytes, new time) reruns nothing."""
     workdir = copy_workflow(tmp_path / "user")
     generate_demo_data(workdir / "mydata", DemoDataOptions(n_train=60, n_test=20, seed=5))
-    user_data = {
-        "demo": {"enabled": False},
-        "data": {
-            "train_images": "mydata/train/images",
-            "test_images": "mydata/test/images",
-            "mask_source": "rle_csv",
-            "rle_csv": "mydata/train.csv",
-            "metadata_csv": "mydata/metadata.csv",
-        },
-        "folds": {"n_folds": 2},
-    }
+    # The data paths of USER_DATA (below); up to the folds only.
+    user_data = {"demo": USER_DATA["demo"], "data": USER_DATA["data"], "folds": {"n_folds": 2}}
     config = write_config(workdir, "user.yaml", user_data)
     target = "results/folds/folds.csv"
     run_snakemake(workdir, target, "--configfile", config)
