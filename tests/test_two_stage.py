@@ -21,6 +21,7 @@ from conftest import REPO_ROOT
 from helpers import write_synthetic_arrays
 
 from segflow.artifacts.layout import group_by_experiment
+from segflow.core.data_stamp import hash_file
 from segflow.core.errors import SegflowError
 from segflow.model.experiment import Experiment, check_init_from, parse_experiment
 from segflow.model.models import (
@@ -34,7 +35,7 @@ from segflow.model.training import train as train_module
 from segflow.model.training.checkpointing import cpu_state
 from segflow.model.training.refit import RefitOptions, check_refit, refit_epochs
 from segflow.model.training.train import TrainOptions, train_fold, train_full
-from segflow.model.training.transfer import file_sha256, load_init_checkpoint, set_encoder_frozen
+from segflow.model.training.transfer import load_init_checkpoint, set_encoder_frozen
 
 SPEC = ModelSpec(encoder="mobilenet_v2", extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
 LOSS = {"bce": 1.0, "dice": 1.0}
@@ -138,7 +139,7 @@ def test_each_fold_starts_from_the_same_fold_of_the_first_stage(
     metrics = _train(arrays_dir, tmp_path / "stage2", fold=1, init=init, init_from="stage1")
     start = states[0]  # the trained model before its first step
     assert _same(start, fold1) and not _same(start, fold0)
-    assert metrics["init_checkpoint_sha256"] == file_sha256(init)
+    assert metrics["init_checkpoint_sha256"] == hash_file(init)
     assert metrics["options"]["init_from"] == "stage1"
     # Fed (and storing for prediction) what the loaded weights were trained with.
     _, meta = load_checkpoint(tmp_path / "stage2" / "out" / "model.pt")

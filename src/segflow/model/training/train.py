@@ -95,6 +95,7 @@ from tqdm import tqdm
 from segflow.artifacts.arrays import classes_of, read_stats
 from segflow.artifacts.resolution import score_window
 from segflow.core.atomic import write_csv, write_json, write_torch
+from segflow.core.data_stamp import hash_file
 from segflow.core.devices import add_compute_arguments, compute, resolve_device
 from segflow.core.errors import SegflowError
 from segflow.core.options import options_to_dict
@@ -165,7 +166,6 @@ from segflow.model.training.train_options import (
 from segflow.model.training.transfer import (
     checkpoint_normalisation,
     encoder_of,
-    file_sha256,
     load_init_checkpoint,
     set_encoder_frozen,
 )
@@ -1029,7 +1029,7 @@ def _train(
             raise SegflowError(
                 f"train.init_from: {init_checkpoint} does not exist (train the first stage first)"
             )
-        init_sha = file_sha256(init_checkpoint)
+        init_sha = hash_file(init_checkpoint)
     expected_hash = config_hash(
         options,
         model_spec,

@@ -15,7 +15,6 @@ mode, so their running statistics stay those loaded) for the first epochs of a f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,22 +28,6 @@ from segflow.model.models import ModelSpec, SnapshotEnsemble, load_checkpoint
 # ModelSpec fields that decide the network's parameters; encoder_weights only says where the
 # first stage's encoder started, which the loaded weights replace anyway.
 _SPEC_KEYS = ("arch", "encoder", "in_channels", "classes", "aux_head", "decoder_attention", "extra")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file's bytes.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _canonical(value: Any) -> Any:
