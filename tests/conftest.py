@@ -57,6 +57,13 @@ def isbi_membranes() -> Path:
 
 
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+# The post-processing grid of the tests' small workflow runs: 2 thresholds x 2 min areas.
+SMALL_POSTPROCESS_GRID = {
+    "thresholds": [0.4, 0.5],
+    "min_areas": [0, 20],
+    "fill_holes_options": [False],
+    "gates": [0.5],
+}
 # What the data stages write under results/, besides ingest/manifest.parquet (whose image
 # paths are absolute, so two runs' manifests are compared as tables, not bytes).
 DATA_ARTIFACTS = (

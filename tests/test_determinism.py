@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, copy_workflow, run_snakemake
+from conftest import REPO_ROOT, SMALL_POSTPROCESS_GRID, copy_workflow, run_snakemake
 
 from segflow import __version__
 from segflow.core.provenance import (
@@ -70,12 +70,7 @@ def tiny_config(data: Path) -> dict:
         "pseudo": {"rounds": 0},
         "predict": {"tta": "hflip"},
         "stack": {"pixels_per_image": 16, "threshold_target": True},
-        "postprocess": {
-            "thresholds": [0.4, 0.5],
-            "min_areas": [0, 20],
-            "fill_holes_options": [False],
-            "gates": [0.5],
-        },
+        "postprocess": SMALL_POSTPROCESS_GRID,
     }
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import copy_workflow, run_snakemake
+from conftest import SMALL_POSTPROCESS_GRID, copy_workflow, run_snakemake
 
 from segflow import __version__, cli
 from segflow.bundle.archive import (
@@ -46,12 +46,7 @@ TINY = {
     "pseudo": {"rounds": 0},
     "stack": {"enabled": False},
     "predict": {"tta": "hflip"},
-    "postprocess": {
-        "thresholds": [0.4, 0.5],
-        "min_areas": [0, 20],
-        "fill_holes_options": [False],
-        "gates": [0.5],
-    },
+    "postprocess": SMALL_POSTPROCESS_GRID,
 }
 
 

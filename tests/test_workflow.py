@@ -15,7 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import DATA_ARTIFACTS, REPO_ROOT, copy_workflow, planned_jobs, run_snakemake
+from conftest import (
+    DATA_ARTIFACTS,
+    REPO_ROOT,
+    SMALL_POSTPROCESS_GRID,
+    copy_workflow,
+    planned_jobs,
+    run_snakemake,
+)
 from helpers import write_label_dataset
 
 from segflow.data.demo_data import DemoDataOptions, generate_demo_data
@@ -30,12 +37,7 @@ SMALL_DEMO = {
     "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
     "pseudo": {"rounds": 0},
     "predict": {"tta": "hflip"},
-    "postprocess": {
-        "thresholds": [0.4, 0.5],
-        "min_areas": [0, 20],
-        "fill_holes_options": [False],
-        "gates": [0.5],
-    },
+    "postprocess": SMALL_POSTPROCESS_GRID,
 }
 MODEL_STAGES = {
     "train_fold",
