@@ -53,8 +53,10 @@ demo-full: env
 	@python -m segflow summary results/demo-full
 	@echo "HTML report: results/demo-full/report/report.html"
 
+# Two workers, one thread each (tests/conftest.py); a test module's tests share one worker, so
+# its module-scoped workflow runs are made once.
 test: env
-	python -m pytest --durations=25
+	python -m pytest -n 2 --dist loadscope --durations=25
 
 lint: env
 	ruff check src tests benchmarks

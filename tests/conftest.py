@@ -10,6 +10,14 @@ import pytest
 from segflow.data.demo_data import DemoDataOptions, generate_demo_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# `make test` runs two pytest-xdist workers on a 2-core machine. Every process then gets one
+# thread (torch, OpenMP, Snakemake's --cores): two workers whose thread pools each want both
+# cores spin-wait on each other and run 10-20x slower than one worker alone.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = "1"
+TEST_CORES = "1" if XDIST_WORKER else "2"
 SHARED_DATASETS = Path(
     os.environ.get("SEGFLOW_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets")
 )
@@ -108,7 +116,7 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, src: Path | Non
     # Rules call the `segflow` console script of the interpreter running the tests.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        [sys.executable, "-m", "snakemake", "--cores", TEST_CORES, *args],
         cwd=workdir,
         env=env,
         capture_output=True,

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, SMALL_POSTPROCESS_GRID, copy_workflow, run_snakemake
+from conftest import REPO_ROOT, SMALL_POSTPROCESS_GRID, TEST_CORES, copy_workflow, run_snakemake
 
 from segflow import __version__
 from segflow.core.provenance import (
@@ -192,7 +192,7 @@ def test_data_loader_workers_give_the_same_oof(two_runs: tuple[Path, Path], tmp_
         "--experiment", json.dumps(experiment, sort_keys=True),  # as common.smk passes it
         "--out-dir", str(model_dir),
         "--resume-dir", str(tmp_path / "resume"),
-        "--threads", "2",
+        "--threads", TEST_CORES,  # as the workflow ran it
     )  # fmt: skip
     assert json.loads((model_dir / "metrics.json").read_text())["options"]["num_workers"] == 2
     _segflow(
@@ -203,7 +203,7 @@ def test_data_loader_workers_give_the_same_oof(two_runs: tuple[Path, Path], tmp_
         "--folds", str(folds),
         "--tta", "hflip",
         "--out-dir", str(tmp_path / "oof"),
-        "--threads", "2",
+        "--threads", TEST_CORES,
     )  # fmt: skip
     workflow_fold = results / "oof" / "tiny" / "round0" / "fold0"
     assert (tmp_path / "oof" / "probs.npy").read_bytes() == (

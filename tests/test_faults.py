@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import DATA_ARTIFACTS, REPO_ROOT, copy_workflow
+from conftest import DATA_ARTIFACTS, REPO_ROOT, TEST_CORES, copy_workflow
 from helpers import write_synthetic_arrays
 
 from segflow import cli
@@ -281,7 +281,7 @@ def _start_snakemake(
     if pause is not None:
         env["SEGFLOW_TEST_PAUSE"] = f"{pause[0]}={pause[1]}"
     command = [sys.executable, "-m", "snakemake", *args, "--configfile", "faults.yaml"]
-    command += ["--cores", "2"]
+    command += ["--cores", TEST_CORES]
     with open(workdir / "snakemake.log", "w") as log:  # a file: a full pipe would block it
         return subprocess.Popen(
             command,

@@ -32,6 +32,7 @@ def tgs_run(tgs_salt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     targets = [
         "results/folds/folds.csv",
         "results/preprocess/stats.json",
+        "results/preprocess/test_images.npy",
         "results/dedup/test_leaks.parquet",
     ]
     run_snakemake(workdir, *targets, "--configfile", "tgs.yaml")
