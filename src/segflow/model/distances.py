@@ -24,7 +24,6 @@ mask and class on one core, in the loader workers, against tens of ms for the mo
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -39,6 +38,8 @@ def plane_distances(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         (inside, outside): float32 (H, W) each; both 0 when the plane is empty or full.
     """
+    import cv2  # only the distance-based loss terms need it
+
     fg = np.ascontiguousarray(plane, dtype=bool)
     if not fg.any() or fg.all():
         zero = np.zeros(fg.shape, dtype=np.float32)
