@@ -753,8 +753,9 @@ def test_ramp_goes_from_start_to_weight_and_changes_the_total() -> None:
 def test_ramp_canonical_forms_and_errors() -> None:
     # No ramp (0) hashes like no option; a ramp fills in start_weight 0; epochs stay integers.
     assert parse_loss({"boundary": {"weight": 1, "ramp_epochs": 0}}) == {"boundary": 1.0}
-    assert parse_loss({"boundary": {"weight": 1, "ramp_epochs": 10}}) == {
-        "boundary": {"weight": 1.0, "ramp_epochs": 10, "start_weight": 0.0}
+    assert parse_loss({"bce": 1, "boundary": {"weight": 1, "ramp_epochs": 10}}) == {
+        "bce": 1.0,
+        "boundary": {"weight": 1.0, "ramp_epochs": 10, "start_weight": 0.0},
     }
     cases = [
         ({"boundary": {"weight": 1, "start_weight": 0.5}}, r"loss\.boundary\.start_weight: needs"),
