@@ -1221,7 +1221,7 @@ def test_distance_losses_train_a_multilabel_run_to_its_oof(tmp_path: Path) -> No
         },
     }
     config = write_config(workdir, "dist.yaml", overrides)
-    run_snakemake(workdir, "--configfile", config, "results-dist/oof/dist/round0/metrics.json")
+    run_snakemake(workdir, "results-dist/oof/dist/round0/metrics.json", "--configfile", config)
     results = workdir / "results-dist"
     for fold in (0, 1):
         model_dir = results / "models" / "dist" / "round0" / f"fold{fold}"
