@@ -21,6 +21,7 @@ from segflow.model.datasets import (
     crop_to,
     pad_to_multiple,
 )
+from segflow.model.distances import mask_distances
 
 
 @pytest.fixture()
@@ -243,3 +244,33 @@ def test_packed_masks_unpack_to_class_planes_after_warping(tmp_path: Path, n_cla
         mask = dataset[i]["mask"]
         assert mask.shape == (n_classes, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
         assert torch.equal(mask[0], mask[top]) and not mask[1:top].any()
+
+
+def test_distance_maps_are_those_of_the_augmented_mask(arrays_dir: Path) -> None:
+    """With distances, each item carries the distance maps of its mask *after* the crop and a
+    scaling warp (which no stored map could follow: distances scale with the zoom)."""
+    arrays = SegmentationArrays.open(arrays_dir)
+    transform = A.Compose(
+        [A.RandomCrop(20, 20), A.Affine(scale=(1.5, 1.5), rotate=(20, 20), p=1.0)], seed=3
+    )
+    dataset = MemmapDataset(
+        arrays.train_images_path,
+        np.arange(6, 24),
+        arrays.train_masks_path,
+        transform=transform,
+        distances=True,
+    )
+    with_boundary = 0
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        mask = sample["mask"].numpy()
+        assert sample["distance"].shape == (2, 1, 20, 20)
+        np.testing.assert_allclose(sample["distance"].numpy(), mask_distances(mask), atol=1e-5)
+        with_boundary += bool(sample["distance"].any())
+    assert with_boundary > 0
+    assert (
+        "distance"
+        not in MemmapDataset(arrays.train_images_path, np.arange(2), arrays.train_masks_path)[0]
+    )
+    with pytest.raises(SegflowError, match="distance maps need masks"):
+        MemmapDataset(arrays.train_images_path, np.arange(2), distances=True)

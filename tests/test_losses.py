@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from scipy.ndimage import distance_transform_edt
 
 from segflow.core.errors import SegflowError
+from segflow.model.distances import batch_distances, mask_distances
 from segflow.model.training.losses import (
+    DISTANCE_TERMS,
     LOSSES,
     PIXELWISE,
     TERM_DEFAULTS,
     TERM_OPTIONS,
+    WeightedLoss,
     build_loss,
     ohem_count,
     parse_loss,
 )
+from segflow.model.training.mixing import DISTANCE_TERMS as MIXING_DISTANCE_TERMS
 
 CONFIDENT = 20.0  # logit magnitude that is "certain" for every term (lovasz needs > 1)
 
@@ -40,28 +46,39 @@ def _perfect(target: torch.Tensor) -> torch.Tensor:
     return (2 * target - 1) * CONFIDENT
 
 
+def _call(loss: WeightedLoss, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``loss(logits, target)``, with the target's distance maps when a term needs them."""
+    distances = batch_distances(target) if loss.needs_distances else None
+    return loss(logits, target, distances)
+
+
+# Terms that are not 0 at a right prediction: boundary is signed (mean of p x the signed distance,
+# negative when right); active_contour keeps the length of the right mask's contour.
+NOT_ZERO_WHEN_RIGHT = ("boundary", "active_contour")
+
+
 # --------------------------------------------------------------------------- each term
 
 
 @pytest.mark.parametrize("mode", ["binary", "multilabel"])
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", [name for name in LOSSES if name not in NOT_ZERO_WHEN_RIGHT])
 def test_term_is_zero_when_right_and_large_when_inverted(name: str, mode: str) -> None:
     target = _target(channels=1 if mode == "binary" else 3)
     loss = build_loss({name: 1.0}, mode=mode)
-    perfect = loss(_perfect(target), target)
-    uncertain = loss(torch.zeros_like(target), target)
-    inverted = loss(-_perfect(target), target)
+    perfect = _call(loss, _perfect(target), target)
+    uncertain = _call(loss, torch.zeros_like(target), target)
+    inverted = _call(loss, -_perfect(target), target)
     assert 0 <= perfect.item() < 1e-4
     assert inverted.item() > 0.9  # region terms saturate at 1, pixel-wise ones grow with |logit|
     assert perfect.item() < uncertain.item() < inverted.item()
     assert loss.last_terms == {name: pytest.approx(inverted.item())}
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", [name for name in LOSSES if name != "boundary"])
 def test_term_is_non_negative_on_random_logits(name: str) -> None:
     loss = build_loss({name: 1.0})
     for _ in range(3):
-        assert loss(torch.randn(2, 1, 16, 16) * 3, _target()).item() >= 0
+        assert _call(loss, torch.randn(2, 1, 16, 16) * 3, _target()).item() >= 0
 
 
 def test_terms_match_their_definitions() -> None:
@@ -109,15 +126,18 @@ def test_multilabel_mode() -> None:
     target = _target(channels=3)
     loss = build_loss({name: 1.0 for name in LOSSES}, mode="multilabel")
     logits = torch.randn(2, 3, 16, 16, requires_grad=True)
-    loss(logits, target).backward()
+    _call(loss, logits, target).backward()
     assert logits.grad.shape == (2, 3, 16, 16)
-    # Per-channel terms: a perfect channel 0 lowers dice versus a wrong one.
+    assert torch.isfinite(logits.grad).all()
+    # Per-channel terms: a perfect channel 0 lowers each term versus a wrong one.
     better = logits.detach().clone()
     better[:, 0] = _perfect(target)[:, 0]
-    loss(better, target)
-    improved = loss.last_terms["dice"]
-    loss(logits.detach(), target)
-    assert improved < loss.last_terms["dice"]
+    _call(loss, better, target)
+    improved = loss.last_terms
+    _call(loss, logits.detach(), target)
+    for name in LOSSES:
+        if name != "active_contour":  # a right mask's contour may be longer than noise's
+            assert improved[name] < loss.last_terms[name], name
 
 
 def test_binary_target_without_channel_axis_and_dtypes() -> None:
@@ -243,7 +263,7 @@ def test_tversky_alpha_weighs_false_positives_and_beta_false_negatives() -> None
 def test_tversky_defaults_enter_the_canonical_form() -> None:
     """segflow's defaults differ from smp's, so they are written out: the resume hash and
     metrics.json say what the model trained with, and both spellings hash alike."""
-    assert TERM_DEFAULTS == {"tversky": {"alpha": 0.3, "beta": 0.7}}
+    assert TERM_DEFAULTS == {"tversky": {"alpha": 0.3, "beta": 0.7}, "smooth_l1": {"beta": 0.1}}
     for name, defaults in TERM_DEFAULTS.items():
         assert set(defaults) <= set(TERM_OPTIONS[name]), name
         assert all(TERM_OPTIONS[name][k].check(v) for k, v in defaults.items()), name
@@ -465,3 +485,306 @@ def test_bad_option_values_give_one_line(term: dict, pattern: str) -> None:
 def test_pixelwise_names_are_registered() -> None:
     assert set(PIXELWISE) <= set(LOSSES)
     assert build_loss({"bce": 1.0}).last_terms == {}
+
+
+# --------------------------------------------------------------------------- segflow's own terms
+# Each against a numpy reference of its formula on a small planted case (distances from scipy's
+# exact EDT, independent of the OpenCV maps segflow computes), and a planted case whose value or
+# gradient must move in the known direction (a no-op term would fail it).
+
+
+def _edt(mask: np.ndarray) -> np.ndarray:
+    """scipy's distance of each nonzero pixel to the nearest zero pixel (0 at zero pixels)."""
+    return distance_transform_edt(mask).astype(np.float64)
+
+
+def _np_sigmoid(logits: torch.Tensor) -> np.ndarray:
+    return 1 / (1 + np.exp(-logits.double().numpy()))
+
+
+def _planted() -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, target) of shape (2, 1, 12, 12): a square and an L-shaped mask, random logits."""
+    target = torch.zeros(2, 1, 12, 12)
+    target[0, 0, 3:8, 4:9] = 1
+    target[1, 0, 2:10, 2:5] = 1
+    target[1, 0, 7:10, 2:10] = 1
+    return torch.randn(2, 1, 12, 12) * 2, target
+
+
+def _signed_np(g: np.ndarray) -> np.ndarray:
+    """Kervadec et al.'s one_hot2dist of one plane: outside distance, -(inside - 1) inside."""
+    if not g.any() or g.all():
+        return np.zeros(g.shape)
+    return _edt(~g) * ~g - (_edt(g) - 1) * g
+
+
+def _unsigned_np(g: np.ndarray) -> np.ndarray:
+    if not g.any() or g.all():
+        return np.zeros(g.shape)
+    return _edt(g) + _edt(~g)
+
+
+def test_distance_maps_match_scipy_and_are_zero_without_a_boundary() -> None:
+    _, target = _planted()
+    maps = mask_distances(target[1].numpy())
+    g = target[1, 0].numpy().astype(bool)
+    assert maps.shape == (2, 1, 12, 12) and maps.dtype == np.float32
+    np.testing.assert_allclose(maps[0, 0], _edt(g), atol=1e-4)
+    np.testing.assert_allclose(maps[1, 0], _edt(~g), atol=1e-4)
+    for plane in (np.zeros((1, 5, 5)), np.ones((1, 5, 5))):
+        assert not mask_distances(plane).any()
+    # Soft targets (pseudo-labels) are masks where > 0.5; batches keep their device and shape.
+    np.testing.assert_array_equal(mask_distances(target[1].numpy() * 0.9), maps)
+    assert batch_distances(target).shape == (2, 2, 1, 12, 12)
+
+
+def test_boundary_matches_kervadec_and_moves_probability_by_distance() -> None:
+    logits, target = _planted()
+    loss = build_loss({"boundary": 1.0})
+    value = _call(loss, logits, target).item()
+    prob = _np_sigmoid(logits)
+    phi = np.stack([_signed_np(t[0].numpy().astype(bool)) for t in target])[:, None]
+    assert value == pytest.approx(float((prob * phi).mean()), rel=1e-5)
+    # The gradient pushes probability out of the background, the more the farther from the mask,
+    # and into the mask's interior (0 on its inner boundary).
+    logits = torch.zeros(2, 1, 12, 12, requires_grad=True)
+    _call(loss, logits, target).backward()
+    grad = logits.grad[0, 0]
+    assert grad[0, 0] > grad[2, 6] > 0  # far background > next to the mask
+    assert grad[5, 6] < 0 and grad[3, 6] == 0  # mask centre; the inner boundary
+    # A prediction on the mask beats the same square shifted away.
+    right = _perfect(target)
+    shifted = torch.roll(right, shifts=(3, 3), dims=(2, 3))
+    assert _call(loss, right, target).item() < _call(loss, shifted, target).item()
+
+
+def test_hausdorff_matches_karimi_and_weighs_errors_by_distance() -> None:
+    logits, target = _planted()
+    for alpha in (2.0, 1.0):
+        loss = build_loss({"hausdorff": {"weight": 1, "alpha": alpha}})
+        prob = _np_sigmoid(logits)
+        g = target.numpy().astype(bool)
+        d_g = np.stack([_unsigned_np(plane[0]) for plane in g])[:, None]
+        d_p = np.stack([_unsigned_np(plane[0] > 0.5) for plane in prob])[:, None]
+        expected = ((prob - target.numpy()) ** 2 * (d_g**alpha + d_p**alpha)).mean()
+        assert _call(loss, logits, target).item() == pytest.approx(float(expected), rel=1e-5)
+    # One false-positive pixel costs more far from the mask than next to it (BCE: the same).
+    loss = build_loss({"hausdorff": 1.0})
+    near, far = _perfect(target), _perfect(target)
+    near[0, 0, 2, 6] = CONFIDENT
+    far[0, 0, 11, 11] = CONFIDENT
+    assert _call(loss, far, target).item() > 5 * _call(loss, near, target).item() > 0
+
+
+def test_active_contour_matches_chen_and_penalises_a_ragged_contour() -> None:
+    logits, target = _planted()
+    for lam in (1.0, 3.0):
+        loss = build_loss({"active_contour": {"weight": 1, "lambda": lam}})
+        p, g = _np_sigmoid(logits), target.numpy().astype(np.float64)
+        dx, dy = np.diff(p, axis=2), np.diff(p, axis=3)
+        length = np.sqrt(dx[:, :, 1:, :-2] ** 2 + dy[:, :, :-2, 1:] ** 2 + 1e-8).sum()
+        region = (p * (g - 1) ** 2).sum() + ((1 - p) * g**2).sum()
+        expected = (length + lam * region) / p.size
+        assert _call(loss, logits, target).item() == pytest.approx(float(expected), rel=1e-5)
+    # Length alone (lambda 0): a checkerboard prediction's contour is longer than a square's.
+    length_only = build_loss({"active_contour": {"weight": 1, "lambda": 0}})
+    checker = (torch.arange(12)[:, None] + torch.arange(12)[None, :]) % 2
+    ragged = (2 * checker.float() - 1).expand(2, 1, 12, 12) * CONFIDENT
+    assert (
+        _call(length_only, ragged, target).item()
+        > 3 * _call(length_only, _perfect(target), target).item()
+    )
+    # The region term moves the value with the overlap: inverted costs more than right.
+    loss = build_loss({"active_contour": 1.0})
+    assert (
+        _call(loss, -_perfect(target), target).item()
+        > _call(loss, _perfect(target), target).item() + 0.5
+    )
+
+
+def test_sens_spec_matches_brosch_and_r_weighs_missed_mask_pixels() -> None:
+    logits, target = _planted()
+    prob, g = _np_sigmoid(logits), target.numpy().astype(np.float64)
+    squared = (g - prob) ** 2
+    for r in (0.05, 0.5, 1.0):
+        expected = (
+            r * (squared * g).sum() / g.sum() + (1 - r) * (squared * (1 - g)).sum() / (1 - g).sum()
+        )
+        value = _call(build_loss({"sens_spec": {"weight": 1, "r": r}}), logits, target).item()
+        assert value == pytest.approx(float(expected), rel=1e-5), r
+    assert parse_loss({"sens_spec": 1}) == {"sens_spec": 1.0}
+    # Missing 4 mask pixels versus 4 false positives: a large r makes the misses cost more.
+    missed, extra = _perfect(target), _perfect(target)
+    missed[0, 0, 3, 4:8] = -CONFIDENT
+    extra[0, 0, 0, 0:4] = CONFIDENT
+
+    def ss(r: float, logits: torch.Tensor) -> float:
+        return _call(build_loss({"sens_spec": {"weight": 1, "r": r}}), logits, target).item()
+
+    assert ss(0.9, missed) > ss(0.9, extra) and ss(0.05, extra) > ss(0.05, missed)
+
+
+def test_dice_positive_ignores_empty_images_and_matches_per_image_dice() -> None:
+    logits, target = _planted()
+    target[1] = 0  # image 1 empty
+    loss = build_loss({"dice_positive": 1.0})
+    prob = _np_sigmoid(logits)[0, 0]
+    g = target[0, 0].numpy()
+    expected = 1 - 2 * (prob * g).sum() / (prob.sum() + g.sum())
+    assert _call(loss, logits, target).item() == pytest.approx(float(expected), rel=1e-5)
+    smoothed = build_loss({"dice_positive": {"weight": 1, "smooth": 5.0}})
+    expected = 1 - (2 * (prob * g).sum() + 5) / (prob.sum() + g.sum() + 5)
+    assert _call(smoothed, logits, target).item() == pytest.approx(float(expected), rel=1e-5)
+    # Predictions on the empty image do not move it; on the positive image they do.
+    changed = logits.clone()
+    changed[1] += 5
+    assert _call(loss, changed, target).item() == pytest.approx(_call(loss, logits, target).item())
+    changed[0] += 5
+    assert abs(_call(loss, changed, target).item() - _call(loss, logits, target).item()) > 1e-3
+    # A batch without any mask: 0, and backward still works.
+    empty = torch.zeros_like(target)
+    logits.requires_grad_()
+    value = _call(loss, logits, empty)
+    value.backward()
+    assert value.item() == 0 and not logits.grad.any()
+
+
+def test_mse_and_smooth_l1_on_probabilities() -> None:
+    logits, target = _planted()
+    error = np.abs(_np_sigmoid(logits) - target.numpy())
+    mse = _call(build_loss({"mse": 1.0}), logits, target).item()
+    assert mse == pytest.approx(float((error**2).mean()), rel=1e-5)
+    for beta in (0.1, 0.3):
+        huber = np.where(error < beta, 0.5 * error**2 / beta, error - 0.5 * beta).mean()
+        value = _call(build_loss({"smooth_l1": {"weight": 1, "beta": beta}}), logits, target)
+        assert value.item() == pytest.approx(float(huber), rel=1e-5), beta
+    # The default (beta 0.1) is written out; torch's beta 1 would be half the MSE here.
+    assert parse_loss({"smooth_l1": 1}) == {"smooth_l1": {"weight": 1.0, "beta": 0.1}}
+    one = _call(build_loss({"smooth_l1": {"weight": 1, "beta": 1.0}}), logits, target).item()
+    assert one == pytest.approx(mse / 2, rel=1e-5)
+    default = _call(build_loss({"smooth_l1": 1.0}), logits, target).item()
+    assert abs(default - mse / 2) > 1e-2
+    # Pixel-wise: OHEM keeps the hardest pixels.
+    mined = _call(build_loss({"mse": 1.0}, ohem_fraction=0.1), logits, target).item()
+    assert mined > 2 * mse
+
+
+def test_distance_bce_matches_the_penalty_map_and_weighs_boundary_errors_more() -> None:
+    logits, target = _planted()
+    loss = build_loss({"distance_bce": 1.0})
+    weights = []
+    for plane in target.numpy().astype(bool)[:, 0]:
+        inside, outside = _edt(plane), _edt(~plane)
+        weights.append(
+            1
+            + (inside.max() - inside) / inside.max() * plane
+            + (outside.max() - outside) / outside.max() * ~plane
+        )
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").double().numpy()
+    expected = (bce * np.stack(weights)[:, None]).mean()
+    assert _call(loss, logits, target).item() == pytest.approx(float(expected), rel=1e-5)
+    # One wrong pixel next to the mask costs more than one in the far corner (BCE: the same).
+    near, far = _perfect(target) / 2, _perfect(target) / 2
+    near[0, 0, 2, 6] = 10.0
+    far[0, 0, 11, 11] = 10.0
+    plain = build_loss({"bce": 1.0})
+    assert _call(plain, near, target).item() == pytest.approx(_call(plain, far, target).item())
+    assert _call(loss, near, target).item() > 1.2 * _call(loss, far, target).item()
+
+
+def test_distance_terms_need_the_maps_in_one_line() -> None:
+    logits, target = _planted()
+    loss = build_loss({"bce": 1.0, "boundary": 1.0, "distance_bce": 1.0})
+    assert loss.needs_distances and not build_loss({"bce": 1.0, "mse": 1.0}).needs_distances
+    with pytest.raises(ValueError, match=r"^loss: the boundary, distance_bce term\(s\) need") as e:
+        loss(logits, target)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"distance maps of shape \(2, 1, 12, 12\), expected"):
+        loss(logits, target, target)
+    assert set(DISTANCE_TERMS) <= set(LOSSES) and set(PIXELWISE) <= set(LOSSES)
+    assert MIXING_DISTANCE_TERMS == DISTANCE_TERMS
+
+
+def test_multilabel_distance_terms_are_per_channel() -> None:
+    """Two channels: each term equals the mean of its one-channel values (equal plane sizes)."""
+    logits, target = _planted()
+    both_logits = torch.cat([logits[:1], logits[1:]], dim=1)  # (1, 2, 12, 12)
+    both_target = torch.cat([target[:1], target[1:]], dim=1)
+    for name in ("boundary", "hausdorff", "distance_bce", "mse", "active_contour"):
+        multi = build_loss({name: 1.0}, mode="multilabel")
+        single = build_loss({name: 1.0})
+        expected = np.mean(
+            [_call(single, logits[i : i + 1], target[i : i + 1]).item() for i in range(2)]
+        )
+        assert _call(multi, both_logits, both_target).item() == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- warm-up ramps
+
+
+def test_ramp_goes_from_start_to_weight_and_changes_the_total() -> None:
+    config = {"bce": 1.0, "boundary": {"weight": 2.0, "ramp_epochs": 4, "start_weight": 0.4}}
+    loss = build_loss(config)
+    assert [loss.weight_at("boundary", e) for e in (1, 2, 3, 5, 9)] == pytest.approx(
+        [0.4, 0.8, 1.2, 2.0, 2.0]
+    )
+    assert loss.weight_at("bce", 1) == 1.0
+    logits, target = _planted()
+    totals = {}
+    for epoch in (1, 5):
+        loss.set_epoch(epoch)
+        totals[epoch] = _call(loss, logits, target).item()
+        terms = loss.last_terms
+        assert totals[epoch] == pytest.approx(
+            terms["bce"] + loss.weight_at("boundary") * terms["boundary"], rel=1e-5
+        )
+    assert totals[1] != pytest.approx(totals[5])
+    # A ramp from 0: at epoch 1 the term is logged but gives no gradient.
+    ramped = build_loss({"bce": 1.0, "hausdorff": {"weight": 1.0, "ramp_epochs": 2}})
+    plain = build_loss({"bce": 1.0})
+    grads = []
+    for module in (ramped, plain):
+        leaf = logits.clone().requires_grad_()
+        _call(module, leaf, target).backward()
+        grads.append(leaf.grad)
+    assert torch.allclose(grads[0], grads[1]) and ramped.last_terms["hausdorff"] > 0
+
+
+def test_ramp_canonical_forms_and_errors() -> None:
+    # No ramp (0) hashes like no option; a ramp fills in start_weight 0; epochs stay integers.
+    assert parse_loss({"boundary": {"weight": 1, "ramp_epochs": 0}}) == {"boundary": 1.0}
+    assert parse_loss({"bce": 1, "boundary": {"weight": 1, "ramp_epochs": 10}}) == {
+        "bce": 1.0,
+        "boundary": {"weight": 1.0, "ramp_epochs": 10, "start_weight": 0.0},
+    }
+    cases = [
+        ({"boundary": {"weight": 1, "start_weight": 0.5}}, r"loss\.boundary\.start_weight: needs"),
+        ({"boundary": {"weight": 1, "ramp_epochs": 1.5}}, r"ramp_epochs: must be an integer >= 0"),
+        ({"boundary": {"weight": 1, "ramp_epochs": -1}}, r"ramp_epochs: must be an integer >= 0"),
+        (
+            {"dice": {"weight": 1, "ramp_epochs": 3}},
+            r"^loss\.dice\.ramp_epochs: unknown option; valid for dice: weight, log_loss, smooth$",
+        ),
+        ({"boundary": {"weight": 1, "ramp_epochs": 3}}, r"every weight is 0 at epoch 1"),
+        ({"hausdorff": {"weight": 1, "alpha": 0}}, r"loss\.hausdorff\.alpha: must be a number > 0"),
+        ({"sens_spec": {"weight": 1, "r": 1.5}}, r"loss\.sens_spec\.r: must be a number in"),
+        ({"active_contour": {"weight": 1, "lambda": -1}}, r"active_contour\.lambda: must be"),
+        ({"smooth_l1": {"weight": 1, "beta": 0}}, r"loss\.smooth_l1\.beta: must be a number > 0"),
+        ({"bose": 1}, r"valid: .*boundary, hausdorff, active_contour.*distance_bce"),
+    ]
+    for term, pattern in cases:
+        with pytest.raises((SegflowError, KeyError), match=pattern) as info:
+            build_loss(term)
+        assert "\n" not in str(info.value)
+
+
+def test_mixing_is_refused_with_distance_terms() -> None:
+    from segflow.model.training.mixing import check_mixing_loss
+    from segflow.model.training.train_options import TrainOptions
+
+    check_mixing_loss(TrainOptions(), {"boundary": 1.0})
+    check_mixing_loss(TrainOptions(cutmix_prob=0.5), {"bce": 1.0, "mse": 1.0})
+    for key in ("mixup_prob", "cutmix_prob"):
+        options = TrainOptions(**{key: 0.5})
+        with pytest.raises(SegflowError, match=rf"^train\.{key}: the boundary loss term"):
+            check_mixing_loss(options, {"bce": 1.0, "boundary": {"weight": 1.0}})

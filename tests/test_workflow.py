@@ -1178,6 +1178,59 @@ def test_multilabel_competition_runs_end_to_end(tmp_path: Path) -> None:
         assert rle_decode(rle, (48, 48)).shape == (48, 48)
 
 
+def test_distance_losses_train_a_multilabel_run_to_its_oof(tmp_path: Path) -> None:
+    """A two-class run whose loss has the distance-based terms (the loaders compute the maps of
+    the augmented masks) and a ramped boundary term trains both folds and scores its OOF."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    _two_class_dataset(workdir / "data", n_train=24, n_test=4, size=32)
+    overrides = {
+        "results_dir": "results-dist",
+        "demo": {"enabled": False},
+        "data": {
+            "train_images": "data/train/images",
+            "test_images": "data/test",
+            "mask_source": "rle_csv",
+            "rle_csv": "data/train.csv",
+            "rle_id_column": "ImageId",
+            "rle_class_column": "ClassId",
+            "rle_column": "EncodedPixels",
+            "rle_missing_is_empty": True,
+            "classes": ["1", "2"],
+            "metadata_csv": None,
+        },
+        "preprocess": {"height": 32, "width": 32, "clahe": False},
+        "folds": {"n_folds": 2},
+        "run_experiments": ["dist"],
+        "experiments": {
+            "dist": {
+                "model": {
+                    "arch": "Unet",
+                    "encoder": "mobilenet_v2",
+                    "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+                },
+                "loss": {
+                    "bce": 1.0,
+                    "dice": 1.0,
+                    "boundary": {"weight": 0.5, "ramp_epochs": 1},
+                    "hausdorff": 0.01,
+                    "distance_bce": 0.5,
+                },
+                "augment": "d4",
+                "train": {"epochs": 2, "batch_size": 8, "lr": 0.01},
+            }
+        },
+    }
+    config = write_config(workdir, "dist.yaml", overrides)
+    run_snakemake(workdir, "results-dist/oof/dist/round0/metrics.json", "--configfile", config)
+    results = workdir / "results-dist"
+    for fold in (0, 1):
+        model_dir = results / "models" / "dist" / "round0" / f"fold{fold}"
+        history = pd.read_csv(model_dir / "history.csv")
+        assert len(history) == 2 and np.isfinite(history[["train_loss", "val_loss"]]).all().all()
+    metrics = json.loads((results / "oof" / "dist" / "round0" / "metrics.json").read_text())
+    assert [record["class"] for record in metrics["per_class"]] == ["1", "2"]
+
+
 SECOND_LEVEL_DEMO = {
     **SMALL_DEMO,
     "run_experiments": ["unet_lite0", "tiny"],

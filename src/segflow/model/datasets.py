@@ -33,6 +33,7 @@ from segflow.artifacts.arrays import (
 )
 from segflow.core.errors import SegflowError
 from segflow.formats.labels import unpack_labels
+from segflow.model.distances import mask_distances
 
 # Full-scale value of each stored pixel type: pixels are scaled to [0, 1] before normalising,
 # the same scale in which preprocess computed train_mean / train_std.
@@ -208,7 +209,9 @@ class MemmapDataset(Dataset):
 
     Each item is a dict: ``image`` float32 (C, H, W), normalised as (pixel / full scale - mean) /
     std; ``mask`` float32 (K, H, W) in {0, 1}, one plane per class (only when ``masks_path`` is
-    given); ``row`` the
+    given); ``distance`` float32 (2, K, H, W), the mask's inside and outside distance maps
+    (:func:`segflow.model.distances.mask_distances`, only with ``distances``), computed from the
+    mask *after* the transform, so they are those of the augmented mask; ``row`` the
     array row (int). ``transform`` (an albumentations transform) is applied to the uint8/uint16
     image and the mask together, before scaling, so spatial augmentations move both alike.
     """
@@ -224,6 +227,7 @@ class MemmapDataset(Dataset):
         n_classes: int = 1,
         mask_rows: np.ndarray | None = None,
         pseudo: bool = False,
+        distances: bool = False,
     ) -> None:
         """Args:
         images_path: ``*_images.npy`` (N, H, W, C), uint8 or uint16.
@@ -237,6 +241,8 @@ class MemmapDataset(Dataset):
         mask_rows: rows of the mask array, when they differ from ``rows`` (pseudo-labelled test
             images: targets are stored apart from the images).
         pseudo: mark the items as pseudo-labelled (``sample["pseudo"]`` 1.0), for the loss.
+        distances: add each mask's distance maps (``sample["distance"]``), for the
+            distance-based loss terms; needs ``masks_path``.
         """
         self.images_path = str(images_path)
         self.masks_path = str(masks_path) if masks_path is not None else None
@@ -247,6 +253,9 @@ class MemmapDataset(Dataset):
                 f"{self.masks_path}: {len(self.mask_rows)} mask rows for {len(self.rows)} images"
             )
         self.pseudo = pseudo
+        if distances and masks_path is None:
+            raise SegflowError(f"{images_path}: distance maps need masks; no masks_path given")
+        self.distances = distances
         self.transform = transform
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = safe_std(std)
@@ -323,6 +332,8 @@ class MemmapDataset(Dataset):
             else:  # augmented packed (nearest-neighbour moves whole labels), then split
                 planes = unpack_labels(np.asarray(mask), self.n_classes)
             sample["mask"] = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))
+            if self.distances:
+                sample["distance"] = torch.from_numpy(mask_distances(np.asarray(planes)))
             sample["pseudo"] = torch.tensor(1.0 if self.pseudo else 0.0)
         return sample
 

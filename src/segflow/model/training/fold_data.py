@@ -200,6 +200,7 @@ def build_train_set(
     transform: Any,
     pseudo: PseudoLabels | None = None,
     normalisation: Normalisation | None = None,
+    distances: bool = False,
 ) -> tuple[Dataset, np.ndarray]:
     """The training dataset and whether each of its items has an empty mask.
 
@@ -213,6 +214,8 @@ def build_train_set(
         pseudo: pseudo-labelled test images to append, or None.
         normalisation: per-channel (mean, std) the model is fed; None: the data's own
             (``arrays.mean``, ``arrays.std``).
+        distances: the items carry their augmented mask's distance maps (``distance``), for
+            the distance-based loss terms.
 
     Returns:
         (dataset, is_empty); is_empty has one entry per *real* item (balanced sampling and the
@@ -227,6 +230,7 @@ def build_train_set(
         mean=mean,
         std=std,
         n_classes=len(arrays.classes),
+        distances=distances,
     )
     if pseudo is not None and len(pseudo.test_rows):
         pseudo_set = MemmapDataset(
@@ -239,6 +243,7 @@ def build_train_set(
             n_classes=len(arrays.classes),
             mask_rows=np.arange(len(pseudo.test_rows)),
             pseudo=True,
+            distances=distances,
         )
         dataset = ConcatDataset([dataset, pseudo_set])
     return dataset, arrays.empty_masks(rows)
@@ -275,6 +280,7 @@ class FoldData:
         pin_memory: bool,
         pseudo: PseudoLabels | None = None,
         normalisation: Normalisation | None = None,
+        distances: bool = False,
     ) -> FoldData:
         """Datasets and loaders: augmented (optionally cropped, balanced) training batches,
         full-size unaugmented validation batches in row order.
@@ -292,6 +298,8 @@ class FoldData:
                 stays the real fold, so every round's OOF is on real labels).
             normalisation: per-channel (mean, std) the model is fed
                 (:func:`segflow.model.pretrained.input_normalisation`); None: the data's own.
+            distances: training and validation items carry their mask's distance maps
+                (computed after augmentation), for the distance-based loss terms.
 
         Returns:
             The fold's data.
@@ -304,7 +312,7 @@ class FoldData:
             channels=arrays.channels,
         )
         train_set, is_empty = build_train_set(
-            arrays, train_rows, schedule.transforms[0], pseudo, normalisation
+            arrays, train_rows, schedule.transforms[0], pseudo, normalisation, distances
         )
         mean, std = normalisation or (arrays.mean, arrays.std)
         generator = torch.Generator()
@@ -351,6 +359,7 @@ class FoldData:
                 mean=mean,
                 std=std,
                 n_classes=len(arrays.classes),
+                distances=distances,
             )
             val_loader = DataLoader(val_set, shuffle=False, **loader_args)
         return cls(train_set, sampler, generator, train_loader, val_loader, schedule)

@@ -30,6 +30,10 @@ import torch
 from segflow.core.errors import SegflowError
 from segflow.model.training.train_options import TrainOptions
 
+# The loss terms that read the masks' distance maps (segflow.model.training.losses.DISTANCE_TERMS;
+# not imported from there: losses imports smp, which mixing does not need).
+DISTANCE_TERMS = ("boundary", "hausdorff", "distance_bce")
+
 MIX_KINDS = ("none", "mixup", "cutmix")
 # Keeps these draws apart from every other generator seeded from (seed, epoch, ...).
 _STREAM = 0x6D6978
@@ -58,19 +62,30 @@ def mixing_enabled(options: TrainOptions) -> bool:
 
 
 def check_mixing_loss(options: TrainOptions, loss_weights: Mapping[str, Any]) -> None:
-    """Refuse mixup with a lovasz term: its soft masks are not lovasz targets.
+    """Refuse mixup with a lovasz term (its soft masks are not lovasz targets), and any mixing
+    with a distance-based term (the distance maps are those of the unmixed masks).
 
     Raises:
-        SegflowError: one line naming ``train.mixup_prob``.
+        SegflowError: one line naming ``train.mixup_prob`` or ``train.cutmix_prob``.
     """
-    lovasz = loss_weights.get("lovasz", 0.0)  # a weight, or {"weight": w, <option>: value}
-    if isinstance(lovasz, Mapping):
-        lovasz = lovasz.get("weight", 0.0)
-    if options.mixup_prob > 0 and float(lovasz) > 0:
+
+    def weight(name: str) -> float:
+        term = loss_weights.get(name, 0.0)  # a weight, or {"weight": w, <option>: value}
+        return float(term.get("weight", 0.0) if isinstance(term, Mapping) else term)
+
+    if options.mixup_prob > 0 and weight("lovasz") > 0:
         raise SegflowError(
             "train.mixup_prob: mixup makes soft masks, which the lovasz loss does not take; "
             "drop lovasz from the loss or set mixup_prob: 0 (cutmix keeps masks hard)"
         )
+    # Any configured distance term, even at weight 0 (it is still computed for the log).
+    distance_terms = [name for name in DISTANCE_TERMS if name in loss_weights]
+    for key in ("mixup_prob", "cutmix_prob"):
+        if getattr(options, key) > 0 and distance_terms:
+            raise SegflowError(
+                f"train.{key}: the {', '.join(distance_terms)} loss term(s) use distance maps of "
+                f"the unmixed masks, which mixing would make wrong; drop them or set {key}: 0"
+            )
 
 
 def draw_mix(

@@ -331,6 +331,7 @@ class _FoldTrainer:
             pin_memory=self.device.type == "cuda",
             pseudo=pseudo,
             normalisation=self.normalisation,
+            distances=self.loss_fn.needs_distances,
         )
 
         # preprocess.resize_mode pad: scores count the original pixels, not the reflection.
@@ -386,10 +387,15 @@ class _FoldTrainer:
         return crop_to(masks, height, width).float(), None if labels is None else labels.float()
 
     def _loss(
-        self, mask_logits: torch.Tensor, label_logits: torch.Tensor | None, masks: torch.Tensor
+        self,
+        mask_logits: torch.Tensor,
+        label_logits: torch.Tensor | None,
+        masks: torch.Tensor,
+        distances: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The segmentation loss plus ``aux_weight`` x the empty/non-empty head's BCE."""
-        loss = self.loss_fn(mask_logits, masks)
+        """The segmentation loss plus ``aux_weight`` x the empty/non-empty head's BCE
+        (``distances``: the masks' distance maps, for the distance-based loss terms)."""
+        loss = self.loss_fn(mask_logits, masks, distances)
         if label_logits is not None:
             # Image-level target per class: does the (possibly cropped) mask contain anything?
             labels = masks.flatten(2).amax(dim=2)
@@ -404,6 +410,7 @@ class _FoldTrainer:
         label_logits: torch.Tensor | None,
         masks: torch.Tensor,
         is_pseudo: torch.Tensor,
+        distances: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`_loss`, with pseudo-labelled images weighted by ``pseudo.pseudo_weight``.
 
@@ -412,11 +419,12 @@ class _FoldTrainer:
         """
         pseudo = is_pseudo.to(self.device).bool()
         if self.pseudo_weight == 1.0 or not pseudo.any() or pseudo.all():
-            return self._loss(mask_logits, label_logits, masks)
+            return self._loss(mask_logits, label_logits, masks, distances)
         parts, weights = [], []
         for selected, weight in ((~pseudo, 1.0), (pseudo, self.pseudo_weight)):
             labels = None if label_logits is None else label_logits[selected]
-            parts.append(self._loss(mask_logits[selected], labels, masks[selected]))
+            maps = None if distances is None else distances[selected]
+            parts.append(self._loss(mask_logits[selected], labels, masks[selected], maps))
             weights.append(weight * int(selected.sum()))
         return (parts[0] * weights[0] + parts[1] * weights[1]) / (weights[0] + weights[1])
 
@@ -438,6 +446,7 @@ class _FoldTrainer:
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Train one epoch; returns (mean training loss, learning rate of its last batch)."""
         self.model.train()
+        self.loss_fn.set_epoch(epoch)  # ramped loss terms: this epoch's weights (and validation's)
         swa_lr = swa_learning_rate(self.options, epoch)
         if swa_lr is not None:
             self._set_lr(swa_lr)
@@ -462,11 +471,14 @@ class _FoldTrainer:
         for index, batch in enumerate(bar, start=1):
             images = batch["image"].to(self.device, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
+            distances = batch.get("distance")
+            if distances is not None:
+                distances = distances.to(self.device, non_blocking=True)
             if self.mixing:
                 images, masks, _ = mix_batch(images, masks, self.options, epoch, index)
             saved = [buffer.detach().clone() for buffer in buffers]
             mask_logits, label_logits = self._forward(self.model, images)
-            loss = self._batch_loss(mask_logits, label_logits, masks, batch["pseudo"])
+            loss = self._batch_loss(mask_logits, label_logits, masks, batch["pseudo"], distances)
             # One device sync per batch: a NaN/inf loss must be caught before its step turns
             # every weight into NaN.
             if not bool(torch.isfinite(loss.detach())):
@@ -575,8 +587,11 @@ class _FoldTrainer:
         for batch in self.data.val_loader:
             images = batch["image"].to(self.device, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
+            distances = batch.get("distance")
+            if distances is not None:
+                distances = distances.to(self.device, non_blocking=True)
             mask_logits, label_logits = self._forward(model, images)
-            total += float(self._loss(mask_logits, label_logits, masks)) * len(images)
+            total += float(self._loss(mask_logits, label_logits, masks, distances)) * len(images)
             count += len(images)
             # Every (image, class) pair is scored: the mean is the mean over classes.
             pred = (mask_logits > 0).flatten(0, 1).cpu().numpy()  # sigmoid > 0.5
