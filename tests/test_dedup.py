@@ -25,11 +25,11 @@ from segflow.data.dedup import (
     find_duplicates,
     near_duplicate_pairs,
     near_fold_groups,
-    perceptual_hash,
     summary_markdown,
 )
 from segflow.data.ingest import IngestOptions, ingest
 from segflow.data.preprocess import PreprocessOptions, preprocess
+from segflow.formats.imageio import perceptual_hash
 from segflow.formats.labels import read_label, unpack_labels
 
 # --------------------------------------------------------------------------- helpers

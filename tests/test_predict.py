@@ -16,8 +16,9 @@ from segflow.data.dedup import DedupOptions, find_duplicates
 from segflow.data.folds import FoldOptions, make_folds
 from segflow.data.preprocess import PreprocessOptions, preprocess
 from segflow.data.preprocess_test import preprocess_test
-from segflow.model.evaluate_oof import assemble_oof, score_oof
+from segflow.model.evaluate_oof import assemble_oof
 from segflow.model.inference.predict import PredictOptions, predict_split
+from segflow.model.metrics import score_oof
 from segflow.model.models import ModelSpec, build_model, save_checkpoint
 
 

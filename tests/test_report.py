@@ -19,7 +19,7 @@ from segflow.data.dedup import DedupOptions, find_duplicates
 from segflow.data.folds import FoldOptions, make_folds
 from segflow.data.ingest import IngestOptions, ingest
 from segflow.ensemble.choose import choose_candidate, constant_baselines, stage_table
-from segflow.model.evaluate_oof import score_oof
+from segflow.model.metrics import score_oof
 from segflow.model.postprocess import tune_classes
 from segflow.report.figures import grid_heatmap_png, learning_curves_png, overlay_png
 from segflow.report.report import build_report, per_image_kaggle, pick_cases

@@ -15,7 +15,7 @@ from optuna.trial import TrialState, create_trial
 from segflow.core.errors import SegflowError
 from segflow.report.search_section import search_section
 from segflow.search.search_summary import summarize
-from segflow.search.search_worker import load_study
+from segflow.search.study import load_study
 
 BASE = {"model": {"arch": "Unet"}, "loss": {"bce": 1.0}, "train": {"epochs": 12, "lr": 0.001}}
 DISTRIBUTIONS = {

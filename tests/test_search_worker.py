@@ -18,8 +18,8 @@ import pytest
 from helpers import write_synthetic_arrays
 
 from segflow.search.search_summary import summarize
-from segflow.search.search_worker import load_study, run_worker
-from segflow.search.study import counts
+from segflow.search.search_worker import run_worker
+from segflow.search.study import counts, load_study
 
 BASE = {
     "model": {

@@ -7,7 +7,7 @@ decoding and preprocessing of each image (:func:`segflow.data.preprocess.prepare
 model's prediction with TTA and tiling (:func:`segflow.model.inference.predict.predict_rows`)
 back at the original resolution, the fold merge
 (:func:`segflow.artifacts.predictions.merge_fold_predictions`), the ensemble's blend
-(:func:`segflow.ensemble.blend.blend_predictions`), the tuned post-processing and the RLE rows
+(:func:`segflow.ensemble.weights.blend_predictions`), the tuned post-processing and the RLE rows
 (:func:`segflow.model.submit.fold_masks`, :func:`segflow.model.submit.submission_frame`). The
 intermediate predictions pass through the same float16 and CSV forms as the pipeline's files
 (:func:`segflow.artifacts.predictions.as_stored`), so on the same images and device the CSV is
@@ -176,7 +176,7 @@ class BundlePredictor:
 
     def predict_batch(self, paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
         """Submission rows of a batch of (id, path), in id order."""
-        from segflow.ensemble.blend import blend_predictions
+        from segflow.ensemble.weights import blend_predictions
         from segflow.model.submit import fold_masks, submission_frame
 
         originals, prepared, keys = [], [], []

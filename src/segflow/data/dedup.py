@@ -20,7 +20,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
@@ -81,21 +80,6 @@ class _UnionFind:
         root_a, root_b = self.find(first), self.find(second)
         if root_a != root_b:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
-
-
-def perceptual_hash(pixels: np.ndarray) -> int:
-    """64-bit DCT perceptual hash (pHash): robust to re-encoding, mild noise and contrast changes.
-
-    Shape:
-        pixels: (H, W) or (H, W, C).
-    """
-    gray = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[:, :, :3], cv2.COLOR_RGB2GRAY)
-    # Shrink before converting to float: a large image is never copied at 4 bytes a pixel.
-    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(small)[:8, :8].flatten()
-    # Compare to the median of the AC terms; the DC term only encodes mean brightness.
-    bits = low > np.median(low[1:])
-    return int(np.packbits(bits).view(">u8")[0])
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:

@@ -40,7 +40,6 @@ from segflow.core.options import (
 from segflow.core.parallel import chunked, parallel_map
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_workers, stage_log
-from segflow.data.dedup import perceptual_hash
 from segflow.formats.imageio import (
     DICOM_EXTENSIONS,
     RASTER_EXTENSIONS,
@@ -48,6 +47,7 @@ from segflow.formats.imageio import (
     decode_image,
     image_kind,
     is_gray,
+    perceptual_hash,
     pixel_md5,
 )
 from segflow.formats.labels import (

@@ -17,14 +17,7 @@ import pandas as pd
 
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.layout import group_by_experiment
-from segflow.artifacts.predictions import (
-    Prediction,
-    nonempty_probs,
-    read_fold_predictions,
-    read_oof,
-    with_gates,
-    without_gates,
-)
+from segflow.artifacts.predictions import Prediction, read_fold_predictions, read_oof
 from segflow.artifacts.tables import read_folds, read_table
 from segflow.artifacts.truths import original_truths
 from segflow.core.atomic import write_csv, write_json
@@ -37,7 +30,7 @@ from segflow.core.stage_args import (
     stage_log,
 )
 from segflow.ensemble.candidates import check_aligned, json_ready, write_candidate
-from segflow.ensemble.weights import blend, blend_nonempty, tune_weights
+from segflow.ensemble.weights import blend_predictions, tune_weights
 
 
 def run_blend(
@@ -73,24 +66,6 @@ def run_blend(
         json_ready(summary),
         table,
     )
-
-
-def blend_predictions(
-    predictions: Sequence[Prediction], weights: Sequence[float] | np.ndarray, n_classes: int
-) -> Prediction:
-    """The experiments' row-aligned predictions blended with ``weights``: probabilities by
-    :func:`segflow.ensemble.weights.blend`, aux-head gates by
-    :func:`segflow.ensemble.weights.blend_nonempty`.
-
-    Returns:
-        The blend (float16 probabilities; gate columns when any weighted experiment has them).
-    """
-    ids = without_gates(predictions[0].ids)
-    heads = [nonempty_probs(p.ids, n_classes) for p in predictions]
-    gate = blend_nonempty(heads, weights)
-    if gate is not None:
-        ids = with_gates(ids, gate)
-    return Prediction(ids, blend([p.probs for p in predictions], weights))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 from segflow.artifacts.predictions import Prediction, write_oof, write_prediction
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
-from segflow.model.evaluate_oof import score_oof
+from segflow.model.metrics import score_oof
 
 
 def write_candidate(

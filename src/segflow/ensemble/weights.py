@@ -4,7 +4,8 @@ Every experiment contributes float16 probabilities of shape (N, K, H, W), row-al
 same id table (the caller aligns them). :func:`blend` is the weighted mean, computed in chunks of
 images so memory-mapped inputs are never loaded whole; :func:`blend_nonempty` does the same for
 the aux-head non-empty probabilities; :func:`tune_weights` searches the weight simplex for the
-blend with the best out-of-fold score.
+blend with the best out-of-fold score; :func:`blend_predictions` applies weights to whole
+predictions (probabilities and aux-head gates).
 
 A blend is computed as ``w_0 * p_0 + w_1 * p_1 + ...`` in float32, in experiment order, with the
 weights normalised to sum 1, then rounded to float16. :func:`tune_weights` scores exactly that
@@ -23,6 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.predictions import (
+    Prediction,
+    nonempty_probs,
+    with_gates,
+    without_gates,
+)
 from segflow.artifacts.truths import class_truths
 from segflow.core.errors import SegflowError
 from segflow.model.metrics import METRIC_NAMES, scores_from_counts
@@ -177,6 +184,23 @@ def blend_nonempty(
             )
     renormalised = normalised[present] / normalised[present].sum()
     return _weighted_sum(arrays, renormalised.astype(np.float32))
+
+
+def blend_predictions(
+    predictions: Sequence[Prediction], weights: Sequence[float] | np.ndarray, n_classes: int
+) -> Prediction:
+    """The experiments' row-aligned predictions blended with ``weights``: probabilities by
+    :func:`blend`, aux-head gates by :func:`blend_nonempty`.
+
+    Returns:
+        The blend (float16 probabilities; gate columns when any weighted experiment has them).
+    """
+    ids = without_gates(predictions[0].ids)
+    heads = [nonempty_probs(p.ids, n_classes) for p in predictions]
+    gate = blend_nonempty(heads, weights)
+    if gate is not None:
+        ids = with_gates(ids, gate)
+    return Prediction(ids, blend([p.probs for p in predictions], weights))
 
 
 def _float16_cut(threshold: np.float32) -> np.float32:

@@ -8,6 +8,9 @@ A JPEG or PNG with an EXIF orientation is turned the way a viewer shows it, imag
 (OpenCV's ``IMREAD_UNCHANGED``, used to keep bit depth and alpha, ignores EXIF; its TIFF reader
 already applies the TIFF orientation tag). A palette (P-mode) mask is read as its palette
 indices, not its colours.
+
+Ingest records each image's :func:`pixel_md5` (exact identity) and :func:`perceptual_hash`
+(near-duplicates), which dedup groups by.
 """
 
 from __future__ import annotations
@@ -463,6 +466,21 @@ def pixel_md5(pixels: np.ndarray, gray: bool | None = None) -> str:
     digest = hashlib.md5(f"{canonical.shape}|{canonical.dtype}|".encode())
     digest.update(canonical.data)
     return digest.hexdigest()
+
+
+def perceptual_hash(pixels: np.ndarray) -> int:
+    """64-bit DCT perceptual hash (pHash): robust to re-encoding, mild noise and contrast changes.
+
+    Shape:
+        pixels: (H, W) or (H, W, C).
+    """
+    gray = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[:, :, :3], cv2.COLOR_RGB2GRAY)
+    # Shrink before converting to float: a large image is never copied at 4 bytes a pixel.
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(small)[:8, :8].flatten()
+    # Compare to the median of the AC terms; the DC term only encodes mean brightness.
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
 
 
 def mask_md5(mask: np.ndarray) -> str:

@@ -1,4 +1,5 @@
-"""OOF assembly and scoring: per-fold probabilities -> one OOF array, metrics per fold and overall."""
+"""OOF assembly and scoring: per-fold probabilities -> one OOF array, metrics per fold and overall
+(:func:`segflow.model.metrics.score_oof`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,12 +14,12 @@ import pandas as pd
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.predictions import read_prediction, write_oof
 from segflow.artifacts.tables import read_folds, read_table
-from segflow.artifacts.truths import class_truths, original_truths
+from segflow.artifacts.truths import original_truths
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_stage_tables, add_stats, stage_log
-from segflow.model.metrics import METRIC_NAMES, summarise_scores
+from segflow.model.metrics import score_oof
 
 
 def assemble_oof(fold_dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -44,64 +44,6 @@ def assemble_oof(fold_dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFr
     order = np.argsort(ids["id"].to_numpy(), kind="stable")
     probs = np.concatenate([np.asarray(array) for array in arrays])[order]
     return ids.iloc[order].reset_index(drop=True), probs
-
-
-def score_oof(
-    probs: np.ndarray,
-    truths: np.ndarray,
-    folds: np.ndarray,
-    classes: Sequence[str] = ("mask",),
-    threshold: float = 0.5,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Dice, IoU and the Kaggle metric per class and fold, overall, and the all-empty baseline.
-
-    With several classes every metric is the mean over classes of the per-class mean over
-    images (Severstal's mean Dice over (image, class) pairs, empty-vs-empty = 1).
-
-    Args:
-        probs: OOF probabilities.
-        truths: packed label masks (bit k = class k; binary masks are {0, 1}).
-        folds: each image's fold.
-        classes: class names, in bit order.
-        threshold: foreground where probability > threshold.
-
-    Returns:
-        (table with one row per class and group 'all' / each fold, JSON-ready summary).
-
-    Shape:
-        probs: (N, K, H, W); truths: (N, H, W); folds: (N,).
-    """
-    if probs.ndim != 4 or probs.shape[1] != len(classes):
-        raise SegflowError(
-            f"OOF probabilities of shape {probs.shape} do not hold one map per class "
-            f"({len(classes)}: {', '.join(classes)})"
-        )
-    tables, baselines = [], []
-    for k, name in enumerate(classes):
-        truth = class_truths(truths, k)
-        table = summarise_scores(probs[:, k].astype(np.float32) > threshold, truth, groups=folds)
-        tables.append(table.assign(**{"class": name}))
-        baselines.append(summarise_scores(np.zeros_like(truth), truth).iloc[0]["kaggle"])
-    table = pd.concat(tables, ignore_index=True)
-    table = table[["class", *[c for c in table.columns if c != "class"]]]
-    overall = table[table["group"] == "all"]
-    summary: dict[str, Any] = {
-        "threshold": threshold,
-        "classes": list(classes),
-        "n_images": int(overall["n_images"].iloc[0]),
-        **{name: float(overall[name].mean()) for name in METRIC_NAMES},
-        "all_empty_baseline_kaggle": float(np.mean(baselines)),
-        "per_fold": (
-            table[table["group"] != "all"]
-            .groupby("group")[list(METRIC_NAMES)]
-            .mean()
-            .reset_index()
-            .to_dict("records")
-        ),
-    }
-    if len(classes) > 1:
-        summary["per_class"] = overall.drop(columns="group").to_dict("records")
-    return table, summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

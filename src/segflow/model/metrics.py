@@ -1,11 +1,12 @@
-"""Segmentation metrics, vectorised over a batch of binary masks (numpy only).
+"""Segmentation metrics, vectorised over a batch of binary masks (numpy and pandas).
 
 Per-image scores (``dice``, ``iou``, ``kaggle``) compare one predicted mask with one true mask;
 ``kaggle`` is the TGS Salt metric, where the whole mask is a single object. The DSB 2018
 object-level metric (:func:`instance_precision_iou`) compares two label images instance by
 instance. Conventions for empty masks: an empty prediction of an empty truth scores 1 on every
 metric; an empty prediction of a non-empty truth, or a non-empty prediction of an empty truth,
-scores 0.
+scores 0. :func:`score_oof` scores an OOF prediction per class and fold against packed
+labels (the evaluate-oof stage, and every ensemble candidate).
 
 IoU thresholds are compared **strictly** (a hit needs IoU > t), as the TGS and DSB evaluation
 kernels do, so an IoU of exactly 0.5 is a miss at t = 0.5. IoUs are computed as one float64
@@ -15,10 +16,14 @@ equals a threshold as a fraction (e.g. 7/10 and 0.70) compares equal, never a ro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from segflow.artifacts.truths import class_truths
+from segflow.core.errors import SegflowError
 
 # 0.50, 0.55, ..., 0.95; rounded so that each is the double nearest its decimal (np.arange
 # accumulates 0.05 steps and drifts, e.g. 0.6500000000000001).
@@ -269,3 +274,61 @@ def summarise_scores(
         summary = pd.concat([overall, per_group], ignore_index=True)
     counts = ["n_images", "n_empty_truth", "n_empty_pred"]
     return summary.astype(dict.fromkeys(counts, np.int64))
+
+
+def score_oof(
+    probs: np.ndarray,
+    truths: np.ndarray,
+    folds: np.ndarray,
+    classes: Sequence[str] = ("mask",),
+    threshold: float = 0.5,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Dice, IoU and the Kaggle metric per class and fold, overall, and the all-empty baseline.
+
+    With several classes every metric is the mean over classes of the per-class mean over
+    images (Severstal's mean Dice over (image, class) pairs, empty-vs-empty = 1).
+
+    Args:
+        probs: OOF probabilities.
+        truths: packed label masks (bit k = class k; binary masks are {0, 1}).
+        folds: each image's fold.
+        classes: class names, in bit order.
+        threshold: foreground where probability > threshold.
+
+    Returns:
+        (table with one row per class and group 'all' / each fold, JSON-ready summary).
+
+    Shape:
+        probs: (N, K, H, W); truths: (N, H, W); folds: (N,).
+    """
+    if probs.ndim != 4 or probs.shape[1] != len(classes):
+        raise SegflowError(
+            f"OOF probabilities of shape {probs.shape} do not hold one map per class "
+            f"({len(classes)}: {', '.join(classes)})"
+        )
+    tables, baselines = [], []
+    for k, name in enumerate(classes):
+        truth = class_truths(truths, k)
+        table = summarise_scores(probs[:, k].astype(np.float32) > threshold, truth, groups=folds)
+        tables.append(table.assign(**{"class": name}))
+        baselines.append(summarise_scores(np.zeros_like(truth), truth).iloc[0]["kaggle"])
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["class", *[c for c in table.columns if c != "class"]]]
+    overall = table[table["group"] == "all"]
+    summary: dict[str, Any] = {
+        "threshold": threshold,
+        "classes": list(classes),
+        "n_images": int(overall["n_images"].iloc[0]),
+        **{name: float(overall[name].mean()) for name in METRIC_NAMES},
+        "all_empty_baseline_kaggle": float(np.mean(baselines)),
+        "per_fold": (
+            table[table["group"] != "all"]
+            .groupby("group")[list(METRIC_NAMES)]
+            .mean()
+            .reset_index()
+            .to_dict("records")
+        ),
+    }
+    if len(classes) > 1:
+        summary["per_class"] = overall.drop(columns="group").to_dict("records")
+    return table, summary

@@ -30,9 +30,8 @@ from optuna.trial import TrialState
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import stage_log
-from segflow.search.search_worker import load_study
 from segflow.search.space import apply_params, direction
-from segflow.search.study import counts, finished
+from segflow.search.study import counts, finished, load_study
 
 PARAM_PREFIX = "params."
 

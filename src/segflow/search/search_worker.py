@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -39,14 +38,12 @@ from segflow.core.atomic import write_json
 from segflow.core.devices import add_compute_arguments, compute
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import stage_log
-from segflow.search.space import apply_params, direction
+from segflow.search.space import apply_params
 from segflow.search.study import (
     Heartbeat,
     counts,
     fail_stale,
-    make_pruner,
-    make_sampler,
-    open_storage,
+    load_study,
     study_lock,
     suggest,
     worker_identity,
@@ -54,43 +51,6 @@ from segflow.search.study import (
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
-
-
-def data_key(arrays_dir: str | Path, folds_csv: str | Path) -> str:
-    """8 hex digits of the data a study's trials train on (stats.json and folds.csv): other
-    data starts another Optuna study in the same storage."""
-    digest = hashlib.sha256()
-    for path in (Path(arrays_dir) / "stats.json", Path(folds_csv)):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:8]
-
-
-def optuna_study_name(study_id: str, arrays_dir: str | Path, folds_csv: str | Path) -> str:
-    """The Optuna study name: the config's study id and the data key."""
-    return f"{study_id}.{data_key(arrays_dir, folds_csv)}"
-
-
-def load_study(
-    search: dict[str, Any], arrays_dir: str | Path, folds_csv: str | Path, worker: int = 0
-) -> optuna.Study:
-    """Create or load the study that ``search`` (the worker's JSON) describes.
-
-    The sampler is seeded with ``seed + worker``: workers sharing a seed would propose the
-    same first trials.
-    """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(search["storage"], search["journal"])
-    epochs = search["trial_epochs"]
-    return optuna.create_study(
-        storage=storage,
-        study_name=optuna_study_name(search["study_id"], arrays_dir, folds_csv),
-        sampler=make_sampler(search["sampler"], int(search["seed"]) + worker, search["space"]),
-        pruner=make_pruner(
-            search["pruner"], search["pruner_startup_trials"], epochs * len(search["folds"])
-        ),
-        direction=direction(search["experiment"]),
-        load_if_exists=True,
-    )
 
 
 def run_worker(

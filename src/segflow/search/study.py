@@ -10,12 +10,14 @@ heartbeat (``heartbeat``, seconds since the epoch, renewed every ``heartbeat_sec
 RUNNING trial whose worker is gone is *stale*: on this host, its process no longer exists; on
 another, its heartbeat is older than :data:`STALE_HEARTBEATS` intervals. :func:`fail_stale`
 marks stale trials FAIL, so a killed trial is never a result, and the study's count of
-finished trials is what the next worker makes up.
+finished trials is what the next worker makes up. :func:`load_study` opens a study by its name
+(the config's study id and :func:`data_key`), for the workers and search-summary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import threading
@@ -28,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from segflow.core.errors import SegflowError
+from segflow.search.space import direction
 
 STALE_HEARTBEATS = 4  # heartbeat intervals without a beat before another host's trial is stale
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -235,3 +238,40 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def data_key(arrays_dir: str | Path, folds_csv: str | Path) -> str:
+    """8 hex digits of the data a study's trials train on (stats.json and folds.csv): other
+    data starts another Optuna study in the same storage."""
+    digest = hashlib.sha256()
+    for path in (Path(arrays_dir) / "stats.json", Path(folds_csv)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+def optuna_study_name(study_id: str, arrays_dir: str | Path, folds_csv: str | Path) -> str:
+    """The Optuna study name: the config's study id and the data key."""
+    return f"{study_id}.{data_key(arrays_dir, folds_csv)}"
+
+
+def load_study(
+    search: dict[str, Any], arrays_dir: str | Path, folds_csv: str | Path, worker: int = 0
+) -> optuna.Study:
+    """Create or load the study that ``search`` (the worker's JSON) describes.
+
+    The sampler is seeded with ``seed + worker``: workers sharing a seed would propose the
+    same first trials.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(search["storage"], search["journal"])
+    epochs = search["trial_epochs"]
+    return optuna.create_study(
+        storage=storage,
+        study_name=optuna_study_name(search["study_id"], arrays_dir, folds_csv),
+        sampler=make_sampler(search["sampler"], int(search["seed"]) + worker, search["space"]),
+        pruner=make_pruner(
+            search["pruner"], search["pruner_startup_trials"], epochs * len(search["folds"])
+        ),
+        direction=direction(search["experiment"]),
+        load_if_exists=True,
+    )

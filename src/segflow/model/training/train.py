@@ -1013,7 +1013,7 @@ def _check_training(
 
 
 def _train(
-    run: _Run,
+    setup: _Run,
     experiment: Experiment,
     out_dir: Path,
     resume_dir: Path,
@@ -1023,7 +1023,7 @@ def _train(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """The training loop of :func:`train_fold` and :func:`train_full` (arguments as there)."""
-    arrays, fold = run.arrays, run.fold
+    arrays, fold = setup.arrays, setup.fold
     model_spec, options, augment = experiment.model, experiment.train, experiment.augment
     ohem_fraction = experiment.ohem_fraction
     label = "full refit" if fold is None else f"fold {fold}"
@@ -1033,7 +1033,7 @@ def _train(
         pseudo = PseudoLabels.load(
             pseudo_spec.directory, arrays, pseudo_spec.max_share, pseudo_spec.weight
         )
-    fingerprint = data_fingerprint(arrays, run.train_rows, run.val_rows)
+    fingerprint = data_fingerprint(arrays, setup.train_rows, setup.val_rows)
     if pseudo is not None:
         fingerprint["pseudo"] = pseudo.fingerprint()
     # Canonical form: equal loss configs (1 vs 1.0, {weight: 1} vs 1) hash alike.
@@ -1057,8 +1057,8 @@ def _train(
     )
     trainer = _FoldTrainer(
         arrays,
-        run.train_rows,
-        run.val_rows,
+        setup.train_rows,
+        setup.val_rows,
         fold,
         model_spec,
         loss_weights,
@@ -1073,7 +1073,7 @@ def _train(
         "%s: %d training / %d validation images, %d batches per epoch, device %s, amp %s%s",
         label,
         len(trainer.data.train_set),
-        len(run.val_rows),
+        len(setup.val_rows),
         trainer.steps_per_epoch,
         trainer.device,
         trainer.amp_dtype or "off",
@@ -1113,9 +1113,9 @@ def _train(
         skipped_batches=skipped,
         # global_step counts skipped batches too; they took no step (segflow.model.diagnostics).
         optimizer_steps=trainer.global_step - skipped,
-        elapsed_seconds=round(time.monotonic() - run.started, 3),
+        elapsed_seconds=round(time.monotonic() - setup.started, 3),
         n_train=len(trainer.data.train_set),
-        n_val=len(run.val_rows),
+        n_val=len(setup.val_rows),
         **dict(extra or {}),
         options=options_to_dict(options),
     )
