@@ -3,7 +3,8 @@
 Every experiment contributes float16 probabilities of shape (N, K, H, W), row-aligned to the
 same id table (the caller aligns them). :func:`blend` is the weighted mean, computed in chunks of
 images so memory-mapped inputs are never loaded whole; :func:`blend_nonempty` does the same for
-the aux-head non-empty probabilities; :func:`tune_weights` searches the weight simplex for the
+the aux-head non-empty probabilities; :func:`vote` is the hard majority vote (``ensemble.mode:
+vote``); :func:`tune_weights` searches the weight simplex for the
 blend with the best out-of-fold score.
 
 A blend is computed as ``w_0 * p_0 + w_1 * p_1 + ...`` in float32, in experiment order, with the
@@ -138,6 +139,52 @@ def blend(
         rows = slice(start, min(start + chunk, shape[0]))
         planes = [np.asarray(probs[e][rows], dtype=np.float32) for e in used]
         out[rows] = _weighted_sum(planes, weights32[used])
+    return out
+
+
+VOTE_THRESHOLD = 0.5
+ENSEMBLE_MODES = ("mean", "vote")
+
+
+def vote(
+    probs: Sequence[np.ndarray], threshold: float = VOTE_THRESHOLD, chunk: int = 256
+) -> np.ndarray:
+    """Hard majority voting: per pixel, the share of experiments whose mask covers it.
+
+    Each experiment's mask is its probability > ``threshold`` (foreground as
+    :func:`segflow.model.postprocess.apply_postprocess` thresholds), every experiment one vote.
+    The result is the vote share k / E, so thresholding it at 0.5 gives the strict majority
+    (ties - half the votes with an even E - are background) and the post-processing tuner
+    may pick another count (threshold 0.3 on three experiments: at least one vote).
+
+    Args:
+        probs: one probability array per experiment (float16; memmaps are read a chunk at a
+            time), row-aligned to one id table.
+        threshold: each experiment's binarisation threshold, in (0, 1).
+        chunk: images voted at a time.
+
+    Returns:
+        The vote shares, float16.
+
+    Shape:
+        probs[e]: (N, K, H, W); output: (N, K, H, W).
+
+    Raises:
+        SegflowError: no experiments, shapes that differ, a bad threshold or chunk.
+    """
+    shape = _check_probs(probs)
+    if not 0 < threshold < 1:
+        raise SegflowError(f"ensemble vote threshold must be in (0, 1), got {threshold!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+        raise SegflowError(f"ensemble.chunk must be an integer >= 1, got {chunk!r}")
+    cut = np.float32(threshold)
+    out = np.empty(shape, dtype=np.float16)
+    for start in range(0, shape[0], chunk):
+        rows = slice(start, min(start + chunk, shape[0]))
+        votes = np.zeros((rows.stop - rows.start, *shape[1:]), dtype=np.int32)
+        for array in probs:
+            votes += np.asarray(array[rows], dtype=np.float32) > cut
+        out[rows] = votes.astype(np.float32) / np.float32(len(probs))
     return out
 
 
