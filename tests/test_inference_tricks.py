@@ -146,9 +146,10 @@ def test_mc_dropout_passes_differ_and_give_a_spread() -> None:
 
 def test_mc_dropout_is_seeded_and_leaves_the_global_rng_alone() -> None:
     options = PredictOptions(batch_size=2, mc_dropout_passes=4, mc_dropout_seed=3)
+    model = _DropoutNet()  # built first: its initialisation draws from the global RNG
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    first = _rows(_DropoutNet(), options)
+    first = _rows(model, options)
     assert torch.equal(torch.random.get_rng_state(), before)
     second = _rows(_DropoutNet(), options)
     other = _rows(_DropoutNet(), PredictOptions(batch_size=2, mc_dropout_passes=4))
