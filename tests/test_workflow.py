@@ -1273,7 +1273,7 @@ INFERENCE_DEMO = {
             "model": {
                 "arch": "FPN",
                 "encoder": "mobilenet_v2",
-                "extra": {"decoder_pyramid_channels": 16, "decoder_segmentation_channels": 8},
+                "extra": {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32},
             },
             "augment": "none",
             "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
