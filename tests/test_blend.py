@@ -239,3 +239,50 @@ def test_tune_weights_rejects_bad_inputs(kwargs: dict, match: str) -> None:
     }
     with pytest.raises(SegflowError, match=match):
         tune_weights(**arguments)
+
+
+# --------------------------------------------------------------------------- majority vote
+
+
+def _three_members(truths: np.ndarray) -> list[np.ndarray]:
+    """Planted: two members say 0.55 on the truth and nothing else, the third says 0 - the mean
+    (0.37) misses every square at threshold 0.5, the majority (2 of 3) finds them all."""
+    square = class_truths(truths, 0)[:, None].astype(np.float16)
+    return [square * np.float16(0.55), square * np.float16(0.55), np.zeros_like(square)]
+
+
+def test_vote_is_the_majority_where_the_mean_is_not() -> None:
+    truths = _squares(6)
+    members = _three_members(truths)
+    shares = ensemble.vote(members, chunk=4)
+    mean = blend(members, [1, 1, 1])
+    truth = class_truths(truths, 0)
+    assert np.array_equal(shares[:, 0] > 0.5, truth)
+    assert not (mean[:, 0] > 0.5).any()
+    assert set(np.unique(shares).tolist()) == {0.0, np.float16(2 / 3)}
+    assert np.array_equal(ensemble.vote(members, chunk=1), shares)
+    with pytest.raises(SegflowError, match="threshold"):
+        ensemble.vote(members, threshold=1.0)
+
+
+def test_blend_stage_vote_mode_scores_the_vote() -> None:
+    import pandas as pd
+
+    from segflow.artifacts.predictions import Prediction
+    from segflow.ensemble.blend import run_blend
+
+    truths = _squares(6)
+    members = _three_members(truths)
+    ids = pd.DataFrame({"id": [f"i{i}" for i in range(6)]})
+    folds = pd.DataFrame({"id": ids["id"], "fold": [0, 1, 2] * 2})
+    uncertainty = [np.full_like(m, u) for m, u in zip(members, (0.1, 0.2, 0.3), strict=True)]
+    preds = [Prediction(ids, m, u) for m, u in zip(members, uncertainty, strict=True)]
+    args = (["a", "b", "c"], preds, preds, truths, folds, ["mask"], "dice", 0.5)
+    oof, test, summary, table = run_blend(*args, mode="vote")
+    assert np.array_equal(oof.probs[:, 0] > 0.5, class_truths(truths, 0))
+    assert summary["mode"] == "vote" and table["kind"].tolist() == ["vote"]
+    assert table["score"].iloc[0] == pytest.approx(1.0)
+    assert test.uncertainty is not None and np.allclose(test.uncertainty, 0.2, atol=1e-3)
+    assert "mode" not in run_blend(*args)[2]  # the mean's weights.json keeps its keys
+    with pytest.raises(SegflowError, match=r"ensemble\.mode"):
+        run_blend(*args, mode="median")

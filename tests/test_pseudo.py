@@ -14,6 +14,7 @@ from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
 from segflow.ensemble.pseudo import (
     PseudoOptions,
+    check_pseudo_uncertainty,
     excluded_test_ids,
     image_confidence,
     pseudo_targets,
@@ -231,3 +232,42 @@ def test_options_round_trip_through_cli_flags() -> None:
         rounds=2, labels="soft", top_fraction=0.5, max_uncertain_share=None
     )
     assert dataclass_from_namespace(PseudoOptions, parser.parse_args([])) == PseudoOptions()
+
+
+# --------------------------------------------------------------------------- MC-dropout rule
+
+
+def test_mc_dropout_uncertainty_replaces_the_band() -> None:
+    """Planted: all images are sure by the band, but the passes of "d" disagree (std 0.3 on 3
+    pixels) and those of "f" a little (std 0.05): mc_dropout drops "d", the band keeps it."""
+    ids, probs = _ids_and_probs()
+    probs = np.where(probs > 0.5, 1.0, 0.0).astype(np.float16)  # no pixel in the band
+    spread = np.zeros_like(probs)
+    names = list(MAPS)
+    spread[names.index("d"), 0, 0, :3] = 0.3
+    spread[names.index("f"), 0, 0, 0] = 0.05
+    band = select_pseudo(ids, probs, PseudoOptions(max_uncertain_share=0.1), set(), spread)
+    assert "d" in _selected(band)
+    options = PseudoOptions(uncertainty="mc_dropout", uncertain_std=0.1, max_uncertain_share=0.1)
+    table = select_pseudo(ids, probs, options, set(), spread)
+    reasons = dict(zip(table["id"], table["reason"], strict=True))
+    assert reasons["d"] == "too uncertain" and reasons["f"] == "selected"
+    shares = dict(zip(table["id"], table["uncertain_share"], strict=True))
+    assert shares["d"] == 3 / 20 and shares["f"] == 0
+    confidence = dict(zip(table["id"], table["confidence"], strict=True))
+    assert confidence["d"] == pytest.approx(1 - 2 * 0.3 * 3 / 20, abs=1e-3)
+
+
+def test_mc_dropout_rule_needs_the_uncertainty_map() -> None:
+    ids, probs = _ids_and_probs()
+    options = PseudoOptions(uncertainty="mc_dropout")
+    with pytest.raises(SegflowError, match="mc_dropout_passes"):
+        select_pseudo(ids, probs, options, set())
+    with pytest.raises(SegflowError, match="does not match"):
+        select_pseudo(ids, probs, options, set(), probs[:, :, :2])
+    with pytest.raises(SegflowError, match=r"pseudo\.uncertainty"):
+        PseudoOptions(uncertainty="entropy")
+    with pytest.raises(SegflowError, match="mc_dropout_passes > 0"):
+        check_pseudo_uncertainty({"uncertainty": "mc_dropout"}, {"mc_dropout_passes": 0})
+    check_pseudo_uncertainty({"uncertainty": "mc_dropout"}, {"mc_dropout_passes": 4})
+    check_pseudo_uncertainty({"uncertainty": "band"}, {})

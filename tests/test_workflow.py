@@ -1313,3 +1313,66 @@ def test_rerunning_a_pseudo_round_never_retrains_round_0(second_level_run: Path)
     jobs = planned_jobs(second_level_run, "--configfile", "two.yaml", "-R", "select_pseudo")
     assert jobs.get("train_fold") == 4  # 2 experiments x 2 folds of round 1 only
     assert "blend" in jobs and "evaluate_oof" in jobs
+
+
+# Issue 18's inference options all on: multi-scale TTA with the geometric merge, MC-dropout
+# (FPN has decoder_dropout) whose uncertainty.npy drives the pseudo-label selection, and the
+# majority-vote ensemble; the second level's stacking is off to keep the run short.
+INFERENCE_DEMO = {
+    **SMALL_DEMO,
+    "run_experiments": ["fpn"],
+    "experiments": {
+        "fpn": {
+            "model": {
+                "arch": "FPN",
+                "encoder": "mobilenet_v2",
+                "extra": {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32},
+            },
+            "augment": "none",
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        },
+    },
+    "predict": {
+        "tta": "hflip",
+        "tta_scales": [0.75, 1.0],
+        "tta_merge": "gmean",
+        "mc_dropout_passes": 3,
+    },
+    "ensemble": {"mode": "vote"},
+    "pseudo": {
+        "rounds": 1,
+        "uncertainty": "mc_dropout",
+        "uncertain_std": 0.05,
+        "max_uncertain_share": 1.0,
+    },
+    "stack": {"enabled": False},
+}
+
+
+@pytest.mark.timeout(1800)
+def test_inference_options_run_end_to_end(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path)
+    run_snakemake(workdir, "--configfile", write_config(workdir, "infer.yaml", INFERENCE_DEMO))
+    results = workdir / "results"
+    for fold in (0, 1):
+        fold_dir = results / "test" / "fpn" / "round0" / f"fold{fold}"
+        probs, spread = (np.load(fold_dir / name) for name in ("probs.npy", "uncertainty.npy"))
+        assert spread.shape == probs.shape and spread.dtype == np.float16
+        assert float(spread.astype(np.float32).max()) > 0  # the passes differed
+        oof_dir = results / "oof" / "fpn" / "round0" / f"fold{fold}"
+        assert (oof_dir / "uncertainty.npy").is_file()
+    ensemble_test = results / "test" / "ensemble" / "round0"
+    assert (ensemble_test / "uncertainty.npy").is_file()
+    weights = json.loads((results / "ensemble" / "round0" / "weights.json").read_text())
+    assert weights["mode"] == "vote" and weights["weights"] == {"fpn": 1.0}
+    # One member: its vote share is its p > 0.5 mask, so the ensemble's OOF is binary.
+    oof = np.load(results / "oof" / "ensemble" / "round0" / "oof_probs.npy")
+    assert set(np.unique(oof).tolist()) <= {0.0, 1.0}
+    params = json.loads(
+        (results / "postprocess" / "ensemble" / "round0" / "params.json").read_text()
+    )
+    assert params  # the ensemble's post-processing was tuned on the vote
+    selection = pd.read_csv(results / "pseudo" / "round1" / "selection.csv", dtype={"id": str})
+    # The MC-dropout rule: the confidence is 1 - 2 * mean std, not the band's.
+    assert selection["confidence"].between(0, 1).all()
+    assert (results / "final" / "submission.csv").is_file()

@@ -14,6 +14,7 @@ from segflow.model.experiment import (
     check_init_from,
 )
 from segflow.core.data_stamp import CACHE_NAME, data_stamp as content_stamp, demo_stamp
+from segflow.ensemble.pseudo import check_pseudo_uncertainty
 from segflow.ensemble.stacking.stackers import STACKER_OPTIONS, candidate_name
 from segflow.data.ingest import count_images
 from segflow.stages import stage_fingerprint
@@ -110,6 +111,8 @@ RUN_EXPERIMENTS = experiments_to_run()
 SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
 EXPERIMENT_PATTERN = "|".join(re.escape(name) for name in EXPERIMENTS)
 PSEUDO = config["pseudo"]
+# pseudo.uncertainty mc_dropout reads the uncertainty.npy only MC-dropout predictions write.
+check_pseudo_uncertainty(PSEUDO, config["predict"])
 ROUNDS = list(range(PSEUDO["rounds"] + 1))
 FINAL_ROUND = ROUNDS[-1]
 STACK = config["stack"]

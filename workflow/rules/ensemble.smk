@@ -39,10 +39,12 @@ rule blend:
         fold_merge=config["predict"]["fold_merge"],
         metric=config["postprocess"]["metric"],
         step=config["ensemble"]["weight_step"],
+        mode=config["ensemble"]["mode"],
     shell:
         "segflow blend --names {params.names:q} --oof-dirs {params.oof_dirs:q}"
         " --test-dirs {params.test_dirs:q} --n-folds {params.n_folds:q}"
         " --fold-merge {params.fold_merge:q} --metric {params.metric:q} --step {params.step:q}"
+        " --mode {params.mode:q}"
         " --folds {input.folds:q} --stats {input.stats:q} --manifest {input.manifest:q}"
         " --dedup-items {input.dedup_items:q} --out-oof {output.oof_probs:q}"
         " --out-test {output.test_probs:q} --out-weights {output.weights:q} 2> {log:q}"

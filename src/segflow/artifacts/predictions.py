@@ -4,7 +4,8 @@ Two shapes, each the only reader and writer of its files:
 
 - a model's prediction (predict-oof, predict-test; a candidate's merged test prediction):
   ``ids.csv`` (id, orig_height, orig_width[, nonempty_prob_<k>...]) + ``probs.npy`` float16
-  (N, K, H, W) at the original resolution;
+  (N, K, H, W) at the original resolution, and with MC-dropout (``predict.mc_dropout_passes``)
+  ``uncertainty.npy`` float16 (N, K, H, W), the per-pixel standard deviation of the passes;
 - an OOF folder (evaluate-oof, and every second-level candidate): ``oof_ids.csv`` (plus a
   ``fold`` column) + ``oof_probs.npy`` float16 (N, K, H, W).
 
@@ -27,6 +28,7 @@ from segflow.core.atomic import write_csv, write_npy
 from segflow.core.errors import SegflowError
 
 IDS, PROBS = "ids.csv", "probs.npy"
+UNCERTAINTY = "uncertainty.npy"
 OOF_IDS, OOF_PROBS = "oof_ids.csv", "oof_probs.npy"
 NONEMPTY_PREFIX = "nonempty_prob_"
 FOLD_MERGES = ("mean", "gmean")
@@ -38,6 +40,7 @@ class Prediction:
 
     ids: pd.DataFrame
     probs: np.ndarray  # (N, K, H, W)
+    uncertainty: np.ndarray | None = None  # (N, K, H, W) MC-dropout standard deviation
 
 
 def nonempty_column(k: int) -> str:
@@ -89,10 +92,30 @@ def merge_folds(fold_probs: Sequence[np.ndarray], how: str = "mean") -> np.ndarr
     return np.exp(np.log(np.clip(stacked, 1e-6, 1.0)).mean(axis=0))
 
 
-def write_prediction(out_dir: str | os.PathLike[str], ids: pd.DataFrame, probs: np.ndarray) -> None:
-    """Write ``ids.csv`` and ``probs.npy`` (float16) atomically into ``out_dir``."""
+def write_prediction(
+    out_dir: str | os.PathLike[str],
+    ids: pd.DataFrame,
+    probs: np.ndarray,
+    uncertainty: np.ndarray | None = None,
+) -> None:
+    """Write ``ids.csv`` and ``probs.npy`` (float16) atomically into ``out_dir``, and
+    ``uncertainty.npy`` (float16) when given; without it a stale ``uncertainty.npy`` of an
+    earlier run is removed, so the folder never pairs probabilities with another run's spread.
+
+    Raises:
+        SegflowError: an uncertainty map of another shape than ``probs``.
+    """
     out_dir = Path(out_dir)
+    if uncertainty is not None and np.shape(uncertainty) != np.shape(probs):
+        raise SegflowError(
+            f"{out_dir / UNCERTAINTY}: shape {np.shape(uncertainty)} differs from the "
+            f"probabilities' {np.shape(probs)}"
+        )
     write_npy(out_dir / PROBS, np.asarray(probs).astype(np.float16))
+    if uncertainty is None:
+        (out_dir / UNCERTAINTY).unlink(missing_ok=True)
+    else:
+        write_npy(out_dir / UNCERTAINTY, np.asarray(uncertainty).astype(np.float16))
     write_csv(out_dir / IDS, ids)
 
 
@@ -102,11 +125,19 @@ def read_prediction_ids(pred_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def read_prediction(pred_dir: str | os.PathLike[str], mmap: bool = True) -> Prediction:
-    """A prediction folder's ids and probabilities (memory-mapped unless ``mmap`` is False)."""
+    """A prediction folder's ids and probabilities, and its MC-dropout ``uncertainty.npy`` when
+    it has one (memory-mapped unless ``mmap`` is False)."""
     pred_dir = Path(pred_dir)
     ids = read_prediction_ids(pred_dir)
-    probs = np.load(pred_dir / PROBS, mmap_mode="r" if mmap else None)
-    return Prediction(ids, probs)
+    mode = "r" if mmap else None
+    probs = np.load(pred_dir / PROBS, mmap_mode=mode)
+    path = pred_dir / UNCERTAINTY
+    uncertainty = np.load(path, mmap_mode=mode) if path.is_file() else None
+    if uncertainty is not None and uncertainty.shape != probs.shape:
+        raise SegflowError(
+            f"{path}: shape {uncertainty.shape} differs from {PROBS}'s {probs.shape}"
+        )
+    return Prediction(ids, probs, uncertainty)
 
 
 def read_fold_predictions(dirs: Sequence[str | os.PathLike[str]], fold_merge: str) -> Prediction:
@@ -125,7 +156,9 @@ def merge_fold_predictions(
 ) -> Prediction:
     """Several fold models' test predictions (as :func:`read_prediction` reads them) merged:
     probabilities by :func:`merge_folds` (stored as float16), the aux-head
-    ``nonempty_prob_<k>`` columns averaged over the folds that have them all.
+    ``nonempty_prob_<k>`` columns averaged over the folds that have them all, and the
+    MC-dropout uncertainty maps averaged when every fold has one (the folds' mean spread, not
+    the spread of the merged prediction).
 
     Args:
         folds: the fold models' predictions, row-aligned.
@@ -144,7 +177,11 @@ def merge_fold_predictions(
     if gates and all(set(gates) <= set(frame.columns) for frame in frames):
         for column in gates:
             ids[column] = np.mean([frame[column].to_numpy() for frame in frames], axis=0)
-    return Prediction(ids, probs.astype(np.float16))
+    spreads = [fold.uncertainty for fold in folds if fold.uncertainty is not None]
+    uncertainty = None
+    if spreads and len(spreads) == len(folds):
+        uncertainty = merge_folds(spreads, "mean").astype(np.float16)
+    return Prediction(ids, probs.astype(np.float16), uncertainty)
 
 
 def as_stored(prediction: Prediction) -> Prediction:
@@ -155,7 +192,12 @@ def as_stored(prediction: Prediction) -> Prediction:
     prediction.ids.to_csv(buffer, index=False)
     buffer.seek(0)
     ids = pd.read_csv(buffer, dtype={"id": str})
-    return Prediction(ids, np.asarray(prediction.probs).astype(np.float16))
+    uncertainty = prediction.uncertainty
+    return Prediction(
+        ids,
+        np.asarray(prediction.probs).astype(np.float16),
+        None if uncertainty is None else np.asarray(uncertainty).astype(np.float16),
+    )
 
 
 def read_oof(oof_dir: str | os.PathLike[str]) -> Prediction:

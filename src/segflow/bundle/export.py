@@ -260,9 +260,10 @@ def export(
         path = layout.ensemble_weights(results, round_)
         if not path.is_file():
             raise SegflowError(f"{path} does not exist (run blend first)")
-        weights = json.loads(path.read_text(encoding="utf-8"))["weights"]
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        weights, mode = summary["weights"], summary.get("mode", "mean")
     else:
-        weights = {name: 1.0}
+        weights, mode = {name: 1.0}, "mean"
     fmt = weights_format()
     experiments, members = [], {}
     for experiment, weight in weights.items():
@@ -291,6 +292,8 @@ def export(
         if submission.copy_train_labels
         else {}
     )
+    if mode != "mean":  # ensemble.mode vote: predict-bundle votes as blend did
+        config["candidate"]["mode"] = mode
     members[CONFIG] = json.dumps(config, indent=1).encode()
     members[LEAKS] = json.dumps(leaks).encode()
     size = write_bundle(out, members, {"weights_format": fmt, "fp16": bool(fp16)})

@@ -97,6 +97,7 @@ class BundlePredictor:
         self.submission = SubmissionOptions(**config["submission"])
         self.params = params_from_summary(config["postprocess"], self.classes)
         self.candidate = config["candidate"]["name"]
+        self.ensemble_mode = str(config["candidate"].get("mode", "mean"))
         self.experiments = [
             (
                 str(e["name"]),
@@ -176,7 +177,7 @@ class BundlePredictor:
 
     def predict_batch(self, paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
         """Submission rows of a batch of (id, path), in id order."""
-        from segflow.ensemble.weights import blend_predictions
+        from segflow.ensemble.weights import blend_predictions, vote_predictions
         from segflow.model.submit import fold_masks, submission_frame
 
         originals, prepared, keys = [], [], []
@@ -208,7 +209,10 @@ class BundlePredictor:
                 merge_fold_predictions(folds, self.options.fold_merge) for folds in per_experiment
             ]
             weights = [weight for _, weight, _ in self.experiments]
-            blended = blend_predictions(merged, weights, len(self.classes))
+            if self.ensemble_mode == "vote":
+                blended = vote_predictions(merged, len(self.classes))
+            else:
+                blended = blend_predictions(merged, weights, len(self.classes))
             # submit "merges" the ensemble's one stored prediction with predict.fold_merge too.
             folds = [as_stored(blended)]
         else:

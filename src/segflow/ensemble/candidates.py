@@ -47,7 +47,7 @@ def write_candidate(
     write_oof(oof_dir, oof.ids.assign(fold=fold_of), oof.probs)
     write_csv(oof_dir / "metrics.csv", table)
     write_json(oof_dir / "metrics.json", summary)
-    write_prediction(test_dir, test.ids, test.probs)
+    write_prediction(test_dir, test.ids, test.probs, test.uncertainty)
     return summary
 
 

@@ -5,7 +5,9 @@ test images of round r + 1. Only images the model is sure about are used: an ima
 *uncertain* in proportion to its pixels with a probability strictly between
 ``uncertain_low`` and ``uncertain_high``, and is selected when that share is at most
 ``max_uncertain_share`` (and, with ``top_fraction``, when it is among the most confident of the
-remaining candidates). Test images that duplicate a train image are never selected: their
+remaining candidates). With ``uncertainty: mc_dropout`` a pixel is uncertain instead when the
+MC-dropout standard deviation of its probability (``predict.mc_dropout_passes``, the
+``uncertainty.npy`` beside the test prediction) exceeds ``uncertain_std``. Test images that duplicate a train image are never selected: their
 labels are already known (the submission copies them) and they would leak into validation.
 
 This module is the policy only; training decides how the selected images are mixed in
@@ -27,6 +29,7 @@ from segflow.core.options import option
 from segflow.formats.labels import label_dtype, pack_labels
 
 PSEUDO_LABELS = ("hard", "soft")
+UNCERTAINTY_RULES = ("band", "mc_dropout")
 # Images are scored in chunks of about this many pixels (bounds the float32 working memory).
 _CHUNK_PIXELS = 1 << 22
 # top_fraction * candidates is rounded up, but not for float noise (0.3 * 10 = 3.0000000000000004).
@@ -51,6 +54,15 @@ class PseudoOptions:
     )
     uncertain_high: float = option(
         0.8, "a pixel is uncertain when uncertain_low < probability < uncertain_high"
+    )
+    uncertainty: str = option(
+        "band",
+        "what makes a pixel uncertain: band (uncertain_low < p < uncertain_high) or mc_dropout "
+        "(its MC-dropout standard deviation > uncertain_std)",
+        UNCERTAINTY_RULES,
+    )
+    uncertain_std: float = option(
+        0.1, "with uncertainty mc_dropout: a pixel is uncertain when its std exceeds this"
     )
     max_uncertain_share: float | None = option(
         0.05, "select an image only if at most this share of its pixels is uncertain (None: any)"
@@ -83,6 +95,16 @@ class PseudoOptions:
                 "uncertain_high",
                 _is_number(self.uncertain_high) and 0 < self.uncertain_high <= 1,
                 "a number in (0, 1]",
+            ),
+            (
+                "uncertainty",
+                self.uncertainty in UNCERTAINTY_RULES,
+                f"one of {', '.join(UNCERTAINTY_RULES)}",
+            ),
+            (
+                "uncertain_std",
+                _is_number(self.uncertain_std) and 0 <= self.uncertain_std < 0.5,
+                "a number in [0, 0.5)",
             ),
             (
                 "max_uncertain_share",
@@ -139,7 +161,11 @@ def _check_probs(probs: np.ndarray, name: str = "probs") -> tuple[int, int, int,
     return n_images, n_classes, height, width
 
 
-def image_confidence(probs: np.ndarray, options: PseudoOptions | None = None) -> pd.DataFrame:
+def image_confidence(
+    probs: np.ndarray,
+    options: PseudoOptions | None = None,
+    uncertainty: np.ndarray | None = None,
+) -> pd.DataFrame:
     """How sure the predictions of each image are.
 
     Probabilities are compared in float32 (float16 values cast exactly), as post-processing
@@ -147,28 +173,53 @@ def image_confidence(probs: np.ndarray, options: PseudoOptions | None = None) ->
 
     Args:
         probs: test probabilities (float16; memmaps are read a chunk at a time).
-        options: the uncertainty band (``uncertain_low``, ``uncertain_high``); defaults if None.
+        options: the uncertainty rule (``uncertainty``; ``uncertain_low``/``uncertain_high``
+            for ``band``, ``uncertain_std`` for ``mc_dropout``); defaults if None.
+        uncertainty: the MC-dropout standard deviations, row-aligned with ``probs``; required
+            by ``uncertainty: mc_dropout``, ignored by ``band``.
 
     Returns:
         One row per image, in the order of ``probs``: ``uncertain_share``, the share of the
-        image's pixels over all classes with ``uncertain_low < p < uncertain_high``, and
-        ``confidence`` = 1 - mean(2 * min(p, 1 - p)) over the same pixels (1: every pixel is
-        0 or 1; 0: every pixel is 0.5).
+        image's pixels over all classes that are uncertain, and ``confidence``: under
+        ``band`` 1 - mean(2 * min(p, 1 - p)) (1: every pixel is 0 or 1; 0: every pixel is
+        0.5), under ``mc_dropout`` 1 - mean(2 * std) (1: the passes agree everywhere; a std
+        never exceeds 0.5 for values in [0, 1]).
 
     Shape:
-        probs: (M, K, H, W); output: M rows.
+        probs, uncertainty: (M, K, H, W); output: M rows.
+
+    Raises:
+        SegflowError: ``mc_dropout`` without an uncertainty map, or one of another shape.
     """
     options = options or PseudoOptions()
     n_images, n_classes, height, width = _check_probs(probs)
     pixels = n_classes * height * width
     if pixels == 0:
         raise SegflowError(f"pseudo: images of shape {np.shape(probs)[1:]} have no pixels")
+    mc = options.uncertainty == "mc_dropout"
+    if mc:
+        if uncertainty is None:
+            raise SegflowError(
+                "pseudo.uncertainty mc_dropout needs the test prediction's uncertainty.npy "
+                "(set predict.mc_dropout_passes > 0)"
+            )
+        if tuple(np.shape(uncertainty)) != tuple(np.shape(probs)):
+            raise SegflowError(
+                f"pseudo: uncertainty of shape {np.shape(uncertainty)} does not match "
+                f"probabilities {np.shape(probs)}"
+            )
     low, high = np.float32(options.uncertain_low), np.float32(options.uncertain_high)
+    max_std = np.float32(options.uncertain_std)
     uncertain = np.zeros(n_images, dtype=np.int64)
     doubt_sum = np.zeros(n_images, dtype=np.float64)
     chunk = max(1, _CHUNK_PIXELS // pixels)
     for start in range(0, n_images, chunk):
         rows = slice(start, min(start + chunk, n_images))
+        if mc and uncertainty is not None:
+            spread = np.asarray(uncertainty[rows], dtype=np.float32).reshape(-1, pixels)
+            uncertain[rows] = np.count_nonzero(spread > max_std, axis=1)
+            doubt_sum[rows] = (2 * spread).sum(axis=1, dtype=np.float64)
+            continue
         values = np.asarray(probs[rows], dtype=np.float32).reshape(-1, pixels)
         uncertain[rows] = np.count_nonzero((values > low) & (values < high), axis=1)
         # 2 * min(p, 1 - p) is 0 for a certain pixel and 1 at p = 0.5; summed in float64.
@@ -183,6 +234,7 @@ def select_pseudo(
     probs: np.ndarray,
     options: PseudoOptions,
     excluded_ids: Collection[str],
+    uncertainty: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Decide which test images are pseudo-labelled (the selection artifact).
 
@@ -198,6 +250,8 @@ def select_pseudo(
         excluded_ids: test ids that duplicate a train image (:func:`excluded_test_ids`); a
             mapping from test id to train ids (:func:`train_duplicates`) also names them in
             the reason.
+        uncertainty: the MC-dropout standard deviations row-aligned with ``probs``
+            (:func:`image_confidence`; needed by ``uncertainty: mc_dropout``).
 
     Returns:
         One row per test image, sorted by id: id, uncertain_share, confidence, selected (bool),
@@ -219,7 +273,7 @@ def select_pseudo(
     id_values = ids["id"].astype(str)
     if id_values.duplicated().any():
         raise SegflowError(f"pseudo: test id {id_values[id_values.duplicated()].iloc[0]!r} repeats")
-    table = image_confidence(probs, options)
+    table = image_confidence(probs, options, uncertainty)
     table.insert(0, "id", id_values.to_numpy())
     table = table.sort_values("id", kind="stable").reset_index(drop=True)
 
@@ -315,3 +369,23 @@ def excluded_test_ids(dedup_items: pd.DataFrame) -> set[str]:
         The test ids with a non-null ``leak_train_ids``.
     """
     return set(train_duplicates(dedup_items))
+
+
+def check_pseudo_uncertainty(pseudo: Mapping[str, Any], predict: Mapping[str, Any]) -> None:
+    """The workflow's config check: ``pseudo.uncertainty: mc_dropout`` reads the MC-dropout
+    spread that only ``predict.mc_dropout_passes`` > 0 writes.
+
+    Args:
+        pseudo: the config's ``pseudo`` section.
+        predict: the config's ``predict`` section.
+
+    Raises:
+        SegflowError: one line naming both keys.
+    """
+    if pseudo.get("uncertainty", "band") == "mc_dropout" and not predict.get(
+        "mc_dropout_passes", 0
+    ):
+        raise SegflowError(
+            "pseudo.uncertainty: mc_dropout needs predict.mc_dropout_passes > 0 (the test "
+            "predictions' uncertainty.npy); set it or use pseudo.uncertainty: band"
+        )

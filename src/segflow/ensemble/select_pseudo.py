@@ -42,7 +42,8 @@ def select_pseudo_stage(
     """Select pseudo-labels from a round's final test prediction and build their targets.
 
     Args:
-        test: the fold-merged (ensemble) test prediction at the original resolution.
+        test: the fold-merged (ensemble) test prediction at the original resolution (with
+            its MC-dropout uncertainty map for ``pseudo.uncertainty: mc_dropout``).
         tuned: its tuned post-processing (``params.json``), applied to make hard labels.
         classes: class names in bit order.
         dedup_items: dedup's items table (test duplicates of train images are excluded).
@@ -56,7 +57,9 @@ def select_pseudo_stage(
         (selection table, targets at the preprocessed size, summary). Targets are packed
         labels (S, h, w) for hard labels, float16 (S, K, h, w) for soft ones.
     """
-    selection = select_pseudo(test.ids, test.probs, options, train_duplicates(dedup_items))
+    selection = select_pseudo(
+        test.ids, test.probs, options, train_duplicates(dedup_items), test.uncertainty
+    )
     # select_pseudo sorts by id; keep the targets in that order.
     position = pd.Series(np.arange(len(test.ids)), index=test.ids["id"])
     rows = position.loc[selection.loc[selection["selected"], "id"]].to_numpy()

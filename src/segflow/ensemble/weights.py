@@ -3,9 +3,10 @@
 Every experiment contributes float16 probabilities of shape (N, K, H, W), row-aligned to the
 same id table (the caller aligns them). :func:`blend` is the weighted mean, computed in chunks of
 images so memory-mapped inputs are never loaded whole; :func:`blend_nonempty` does the same for
-the aux-head non-empty probabilities; :func:`tune_weights` searches the weight simplex for the
-blend with the best out-of-fold score; :func:`blend_predictions` applies weights to whole
-predictions (probabilities and aux-head gates).
+the aux-head non-empty probabilities; :func:`vote` is the hard majority vote (``ensemble.mode:
+vote``); :func:`tune_weights` searches the weight simplex for the blend with the best
+out-of-fold score; :func:`blend_predictions` and :func:`vote_predictions` apply them to whole
+predictions (probabilities, aux-head gates and MC-dropout maps).
 
 A blend is computed as ``w_0 * p_0 + w_1 * p_1 + ...`` in float32, in experiment order, with the
 weights normalised to sum 1, then rounded to float16. :func:`tune_weights` scores exactly that
@@ -148,6 +149,52 @@ def blend(
     return out
 
 
+VOTE_THRESHOLD = 0.5
+ENSEMBLE_MODES = ("mean", "vote")
+
+
+def vote(
+    probs: Sequence[np.ndarray], threshold: float = VOTE_THRESHOLD, chunk: int = 256
+) -> np.ndarray:
+    """Hard majority voting: per pixel, the share of experiments whose mask covers it.
+
+    Each experiment's mask is its probability > ``threshold`` (foreground as
+    :func:`segflow.model.postprocess.apply_postprocess` thresholds), every experiment one vote.
+    The result is the vote share k / E, so thresholding it at 0.5 gives the strict majority
+    (ties - half the votes with an even E - are background) and the post-processing tuner
+    may pick another count (threshold 0.3 on three experiments: at least one vote).
+
+    Args:
+        probs: one probability array per experiment (float16; memmaps are read a chunk at a
+            time), row-aligned to one id table.
+        threshold: each experiment's binarisation threshold, in (0, 1).
+        chunk: images voted at a time.
+
+    Returns:
+        The vote shares, float16.
+
+    Shape:
+        probs[e]: (N, K, H, W); output: (N, K, H, W).
+
+    Raises:
+        SegflowError: no experiments, shapes that differ, a bad threshold or chunk.
+    """
+    shape = _check_probs(probs)
+    if not 0 < threshold < 1:
+        raise SegflowError(f"ensemble vote threshold must be in (0, 1), got {threshold!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+        raise SegflowError(f"ensemble.chunk must be an integer >= 1, got {chunk!r}")
+    cut = np.float32(threshold)
+    out = np.empty(shape, dtype=np.float16)
+    for start in range(0, shape[0], chunk):
+        rows = slice(start, min(start + chunk, shape[0]))
+        votes = np.zeros((rows.stop - rows.start, *shape[1:]), dtype=np.int32)
+        for array in probs:
+            votes += np.asarray(array[rows], dtype=np.float32) > cut
+        out[rows] = votes.astype(np.float32) / np.float32(len(probs))
+    return out
+
+
 def blend_nonempty(
     nonempty: Sequence[np.ndarray | None], weights: Sequence[float] | np.ndarray
 ) -> np.ndarray | None:
@@ -186,11 +233,23 @@ def blend_nonempty(
     return _weighted_sum(arrays, renormalised.astype(np.float32))
 
 
+def _blend_uncertainty(
+    predictions: Sequence[Prediction], weights: Sequence[float] | np.ndarray
+) -> np.ndarray | None:
+    """The weighted mean of the experiments' MC-dropout maps when every one has a map."""
+    maps = [p.uncertainty for p in predictions if p.uncertainty is not None]
+    if not maps or len(maps) != len(predictions):
+        return None
+    return blend(maps, weights)
+
+
 def blend_predictions(
     predictions: Sequence[Prediction], weights: Sequence[float] | np.ndarray, n_classes: int
 ) -> Prediction:
     """The experiments' row-aligned predictions blended with ``weights``: probabilities by
-    :func:`blend`, aux-head gates by :func:`blend_nonempty`.
+    :func:`blend`, aux-head gates by
+    :func:`blend_nonempty`, MC-dropout maps (when every experiment
+    has one) by the same weighted mean.
 
     Returns:
         The blend (float16 probabilities; gate columns when any weighted experiment has them).
@@ -200,7 +259,28 @@ def blend_predictions(
     gate = blend_nonempty(heads, weights)
     if gate is not None:
         ids = with_gates(ids, gate)
-    return Prediction(ids, blend([p.probs for p in predictions], weights))
+    return Prediction(
+        ids,
+        blend([p.probs for p in predictions], weights),
+        _blend_uncertainty(predictions, weights),
+    )
+
+
+def vote_predictions(predictions: Sequence[Prediction], n_classes: int) -> Prediction:
+    """The experiments' row-aligned predictions merged by majority vote
+    (:func:`vote`); gates and MC-dropout maps by their plain mean.
+
+    Returns:
+        The vote shares as float16 "probabilities" (gate columns when any experiment has them).
+    """
+    weights = np.ones(len(predictions))
+    ids = without_gates(predictions[0].ids)
+    gate = blend_nonempty([nonempty_probs(p.ids, n_classes) for p in predictions], weights)
+    if gate is not None:
+        ids = with_gates(ids, gate)
+    return Prediction(
+        ids, vote([p.probs for p in predictions]), _blend_uncertainty(predictions, weights)
+    )
 
 
 def _float16_cut(threshold: np.float32) -> np.float32:

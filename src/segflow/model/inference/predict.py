@@ -24,7 +24,12 @@ from segflow.artifacts.predictions import FOLD_MERGES, nonempty_column, write_pr
 from segflow.artifacts.resolution import Offsets, index_offsets, to_original
 from segflow.core.devices import add_compute_arguments, compute
 from segflow.core.errors import SegflowError
-from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
+from segflow.core.options import (
+    add_dataclass_arguments,
+    dataclass_from_namespace,
+    lists_to_tuples,
+    option,
+)
 from segflow.core.stage_args import stage_log
 
 if TYPE_CHECKING:
@@ -38,12 +43,27 @@ class PredictOptions:
     """Inference settings (config section ``predict``)."""
 
     tta: str = option("none", "test-time augmentation: none, hflip, vflip or d4")
+    tta_scales: tuple[float, ...] | None = option(
+        None, "TTA input scales, each prediction resized back to the input size (None: 1.0)"
+    )
+    tta_merge: str = option("mean", "how the TTA copies are merged: mean or gmean", FOLD_MERGES)
+    mc_dropout_passes: int = option(
+        0, "MC-dropout: stochastic passes with the dropout layers on (0: off, eval mode)"
+    )
+    mc_dropout_rate: float | None = option(
+        None, "MC-dropout: drop probability for every dropout layer (None: the model's own)"
+    )
+    mc_dropout_seed: int = option(0, "MC-dropout: seed of the dropout masks")
     batch_size: int = option(32, "images per forward pass")
     tile: int | None = option(None, "tile size for tiled inference of large images (None: whole)")
     tile_overlap: float = option(0.5, "overlap fraction between tiles")
     tile_weighting: str = option("gaussian", "tile blending: gaussian, pyramid or uniform")
     fold_merge: str = option("mean", "how test predictions of the folds are merged", FOLD_MERGES)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        """YAML/JSON lists (``tta_scales``) become tuples, as from the CLI."""
+        lists_to_tuples(self)
 
 
 def _scale(dtype: np.dtype) -> float:
@@ -60,23 +80,85 @@ def predict_rows(
     device: torch.device,
     divisor: int = 32,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sigmoid probabilities for ``images[rows]`` at the preprocessed resolution.
+    """Sigmoid probabilities for ``images[rows]`` at the preprocessed resolution
+    (:func:`predict_rows_uncertain` without its uncertainty map)."""
+    masks, nonempty, _ = predict_rows_uncertain(
+        model, images, rows, mean, std, options, device, divisor
+    )
+    return masks, nonempty
+
+
+def dropout_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's dropout modules (``nn.Dropout``, ``Dropout2d``, ... : every ``_DropoutNd``)."""
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return [module for module in model.modules() if isinstance(module, _DropoutNd)]
+
+
+def _check_mc_dropout(model: torch.nn.Module, options: PredictOptions) -> list[torch.nn.Module]:
+    """The dropout layers MC-dropout switches on.
+
+    Raises:
+        SegflowError: invalid passes/rate, or a model without any dropout layer.
+    """
+    if isinstance(options.mc_dropout_passes, bool) or options.mc_dropout_passes < 0:
+        raise SegflowError(
+            f"predict.mc_dropout_passes must be an integer >= 0, got {options.mc_dropout_passes!r}"
+        )
+    rate = options.mc_dropout_rate
+    if rate is not None and not 0 < rate < 1:
+        raise SegflowError(f"predict.mc_dropout_rate must be in (0, 1) or null, got {rate!r}")
+    if not options.mc_dropout_passes:
+        return []
+    layers = dropout_layers(model)
+    if not layers:
+        raise SegflowError(
+            "predict.mc_dropout_passes: the model has no dropout layer, so its passes would not "
+            "differ (smp's Unet/Unet++ decoders have none; FPN has decoder_dropout, the aux "
+            "head model.aux_head has none)"
+        )
+    return layers
+
+
+def predict_rows_uncertain(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    rows: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    options: PredictOptions,
+    device: torch.device,
+    divisor: int = 32,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Sigmoid probabilities for ``images[rows]`` at the preprocessed resolution, with the
+    MC-dropout spread when ``options.mc_dropout_passes`` is set.
+
+    MC-dropout: the model's dropout layers (only those: BatchNorm stays in eval mode) are
+    switched on, with their drop probability set to ``mc_dropout_rate`` when given, and every
+    batch is predicted ``mc_dropout_passes`` times (each pass with the full TTA); the
+    probabilities are the passes' arithmetic mean and the uncertainty their per-pixel standard
+    deviation. The dropout masks come from a generator seeded with ``mc_dropout_seed`` (forked:
+    the global RNG state is left as it was), so the result is reproducible.
 
     Args:
         model: a segmentation model, optionally with an aux (image-level) head.
         images: the preprocessed (N, H, W, C) array (a memmap is fine: rows are read in batches).
         rows: which rows to predict.
         mean, std: per-channel normalisation of the training run (in [0, 1] units).
-        options: TTA, batch size and tiling.
+        options: TTA (transforms, scales, merge), MC-dropout, batch size and tiling.
         device: where to run.
         divisor: the model's required input multiple; inputs are reflect-padded to it.
 
     Returns:
         (mask probabilities, non-empty probabilities of the aux head averaged over the TTA
-        copies, or None without an aux head or with tiling, where the head sees tiles).
+        copies and passes, or None without an aux head or with tiling, where the head sees
+        tiles; the MC-dropout standard deviation, or None without MC-dropout).
 
     Shape:
-        masks: (len(rows), K, H, W) float32; non-empty: (len(rows), K) float32.
+        masks, uncertainty: (len(rows), K, H, W) float32; non-empty: (len(rows), K) float32.
+
+    Raises:
+        SegflowError: MC-dropout on a model without dropout layers, or invalid MC options.
     """
     import torch
 
@@ -89,6 +171,8 @@ def predict_rows(
     scale = _scale(images.dtype)
     height, width = images.shape[1:3]
     model = model.to(device).eval()
+    layers = _check_mc_dropout(model, options)
+    passes = max(1, options.mc_dropout_passes)
     label_probs: list[torch.Tensor] = []  # aux-head sigmoids of every TTA copy, in call order
 
     def probabilities(batch: torch.Tensor) -> torch.Tensor:
@@ -100,44 +184,73 @@ def predict_rows(
         return torch.sigmoid(crop_to(logits, batch.shape[-2], batch.shape[-1]).float())
 
     def augmented(batch: torch.Tensor) -> torch.Tensor:
-        return predict_with_tta(probabilities, batch, options.tta)
+        return predict_with_tta(
+            probabilities, batch, options.tta, options.tta_merge, options.tta_scales
+        )
 
+    def one_pass(batch: torch.Tensor) -> torch.Tensor:
+        if not options.tile:
+            return augmented(batch)
+        return torch.stack(
+            [
+                predict_tiled(
+                    augmented,
+                    image,
+                    (options.tile, options.tile),
+                    options.tile_overlap,
+                    options.tile_weighting,
+                    options.batch_size,
+                )
+                for image in batch
+            ]
+        )
+
+    rates = [layer.p for layer in layers]
     masks: np.ndarray | None = None
     nonempty: np.ndarray | None = None
-    with torch.inference_mode():
-        for start in range(0, len(rows), options.batch_size):
-            chunk = np.asarray(images[rows[start : start + options.batch_size]])
-            batch = torch.from_numpy(chunk.astype(np.float32) / scale).permute(0, 3, 1, 2)
-            batch = ((batch.to(device) - mean_t) / std_t).contiguous()
-            label_probs.clear()
-            if options.tile:
-                probs = torch.stack(
-                    [
-                        predict_tiled(
-                            augmented,
-                            image,
-                            (options.tile, options.tile),
-                            options.tile_overlap,
-                            options.tile_weighting,
-                            options.batch_size,
-                        )
-                        for image in batch
-                    ]
-                )
-            else:
-                probs = augmented(batch)
-            if masks is None:
-                masks = np.empty((len(rows), probs.shape[1], height, width), dtype=np.float32)
-                if label_probs and not options.tile:
-                    nonempty = np.empty((len(rows), probs.shape[1]), dtype=np.float32)
-            masks[start : start + len(chunk)] = probs.cpu().numpy()
-            if nonempty is not None:
-                # TTA calls hold whole copies of the batch, copy-major: average the copies.
-                copies = torch.cat(label_probs).view(-1, len(chunk), probs.shape[1])
-                nonempty[start : start + len(chunk)] = copies.mean(dim=0).cpu().numpy()
+    uncertainty: np.ndarray | None = None
+    devices = [device] if device.type == "cuda" else []
+    try:
+        for layer in layers:
+            layer.train()
+            if options.mc_dropout_rate is not None:
+                layer.p = float(options.mc_dropout_rate)
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            if layers:
+                torch.manual_seed(options.mc_dropout_seed)
+            for start in range(0, len(rows), options.batch_size):
+                chunk = np.asarray(images[rows[start : start + options.batch_size]])
+                batch = torch.from_numpy(chunk.astype(np.float32) / scale).permute(0, 3, 1, 2)
+                batch = ((batch.to(device) - mean_t) / std_t).contiguous()
+                label_probs.clear()
+                if layers:
+                    samples = torch.stack([one_pass(batch) for _ in range(passes)])
+                    probs = samples.mean(dim=0)
+                    spread = samples.std(dim=0, unbiased=False)
+                else:
+                    probs, spread = one_pass(batch), None
+                if masks is None:
+                    masks = np.empty((len(rows), probs.shape[1], height, width), dtype=np.float32)
+                    if label_probs and not options.tile:
+                        nonempty = np.empty((len(rows), probs.shape[1]), dtype=np.float32)
+                    if spread is not None:
+                        uncertainty = np.empty_like(masks)
+                masks[start : start + len(chunk)] = probs.cpu().numpy()
+                if uncertainty is not None and spread is not None:
+                    uncertainty[start : start + len(chunk)] = spread.cpu().numpy()
+                if nonempty is not None:
+                    # TTA calls hold whole copies of the batch, copy-major: average the copies.
+                    copies = torch.cat(label_probs).view(-1, len(chunk), probs.shape[1])
+                    nonempty[start : start + len(chunk)] = copies.mean(dim=0).cpu().numpy()
+    finally:
+        for layer, rate in zip(layers, rates, strict=True):
+            layer.p = rate
+        model.eval()
     if masks is None:
         masks = np.empty((0, 1, height, width), dtype=np.float32)
-    return masks, nonempty
+        if layers:
+            uncertainty = np.empty_like(masks)
+    return masks, nonempty, uncertainty
 
 
 def restore_resolution(
@@ -198,7 +311,8 @@ def predict_split(
     fold: int | None = None,
     folds_csv: str | Path | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Predict one fold model on its validation fold (``split="train"``) or on the test set.
+    """Predict one fold model on its validation fold (``split="train"``) or on the test set
+    (:func:`predict_split_uncertain` without its uncertainty map).
 
     Returns:
         (ids with their original sizes, plus one ``nonempty_prob_<k>`` column per class when
@@ -206,6 +320,28 @@ def predict_split(
 
     Shape:
         probabilities: (N, K, H_orig, W_orig).
+    """
+    ids, probs, _ = predict_split_uncertain(arrays_dir, model_path, split, options, fold, folds_csv)
+    return ids, probs
+
+
+def predict_split_uncertain(
+    arrays_dir: str | Path,
+    model_path: str | Path,
+    split: str,
+    options: PredictOptions,
+    fold: int | None = None,
+    folds_csv: str | Path | None = None,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None]:
+    """Predict one fold model on its validation fold (``split="train"``) or on the test set.
+
+    Returns:
+        (ids with their original sizes, plus one ``nonempty_prob_<k>`` column per class when
+        the model has an aux head; float16 probabilities at the original resolution; with
+        MC-dropout their per-pixel standard deviation, float16 on the same grid, else None).
+
+    Shape:
+        probabilities, uncertainty: (N, K, H_orig, W_orig).
     """
     from segflow.core.devices import resolve_device
     from segflow.model.models import load_checkpoint, required_divisor
@@ -223,18 +359,22 @@ def predict_split(
         rows = index.reset_index(drop=True)
     images = np.load(arrays_dir / images_file(split), mmap_mode="r")
     mean, std = meta.get("mean", stats["train_mean"]), meta.get("std", stats["train_std"])
-    probs, nonempty = predict_rows(
+    probs, nonempty, spread = predict_rows_uncertain(
         model, images, rows["row"].to_numpy(), mean, std, options, device, required_divisor(model)
     )
     sizes = list(zip(rows["orig_height"], rows["orig_width"], strict=True))
-    restored = stack_original(
-        restore_resolution(probs, sizes, index_offsets(rows)), f"{split} predictions"
+    offsets = index_offsets(rows)
+    restored = stack_original(restore_resolution(probs, sizes, offsets), f"{split} predictions")
+    uncertainty = (
+        None
+        if spread is None
+        else stack_original(restore_resolution(spread, sizes, offsets), f"{split} uncertainty")
     )
     ids = rows[["id", "orig_height", "orig_width"]].reset_index(drop=True)
     if nonempty is not None:
         for k in range(nonempty.shape[1]):
             ids[nonempty_column(k)] = nonempty[:, k]
-    return ids, restored
+    return ids, restored, uncertainty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -249,10 +389,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """``segflow predict-oof`` / ``predict-test``: write ids.csv and probs.npy."""
+    """``segflow predict-oof`` / ``predict-test``: write ids.csv and probs.npy (and with
+    MC-dropout uncertainty.npy)."""
     split = "train" if args.command == "predict-oof" else "test"
     with compute(args):
-        ids, probs = predict_split(
+        ids, probs, uncertainty = predict_split_uncertain(
             args.arrays_dir,
             args.model,
             split,
@@ -260,5 +401,5 @@ def run(args: argparse.Namespace) -> None:
             args.fold,
             args.folds,
         )
-    write_prediction(args.out_dir, ids, probs)
+    write_prediction(args.out_dir, ids, probs, uncertainty)
     stage_log.info("%s: %d predictions at %s", args.command, len(ids), probs.shape[1:])

@@ -1,8 +1,13 @@
-"""Test-time augmentation: the 8 dihedral (D4) transforms and the merge of their predictions.
+"""Test-time augmentation: the 8 dihedral (D4) transforms, input scales, and the merge of
+their predictions.
 
 Every transform acts on the last two dimensions only, so one and the same object transforms an
 image batch (N, C, H, W) forward and a predicted probability map (N, K, H, W) back. The
 transforms are pure index permutations: ``inverse(forward(x))`` is ``x`` bit for bit.
+
+Multi-scale TTA repeats every transform at each scale of ``scales``: the batch is resized
+bilinearly to ``round(scale * H) x round(scale * W)``, predicted, and the prediction resized
+back to exactly (H, W) before the merge. Scale 1.0 is the image as it is (no resize).
 
 ``predict_with_tta`` does not touch any model; the caller wraps it in ``torch.inference_mode()``
 (or ``no_grad``) with the model in ``eval()`` mode.
@@ -10,10 +15,12 @@ transforms are pure index permutations: ``inverse(forward(x))`` is ``x`` bit for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from segflow.core.errors import SegflowError
@@ -138,22 +145,58 @@ def _group_by_output_size(
     return list(groups.values())
 
 
+def check_scales(scales: tuple[float, ...] | None) -> tuple[float, ...]:
+    """The TTA scales to run: ``scales``, or (1.0,) for None.
+
+    Raises:
+        SegflowError: an empty, non-positive or repeated scale list (``predict.tta_scales``).
+    """
+    if scales is None:
+        return (1.0,)
+    values = tuple(float(scale) for scale in scales)
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise SegflowError(f"predict.tta_scales must be positive numbers, got {list(scales)}")
+    if len(set(values)) != len(values):
+        raise SegflowError(f"predict.tta_scales repeats a scale: {list(scales)}")
+    return values
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The (H, W) a batch is resized to at ``scale`` (at least 1 x 1)."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of the last two dims to ``size`` (no-op at the same size)."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def predict_with_tta(
-    predict: Predict, images: Tensor, mode: str = "none", merge: str = "mean"
+    predict: Predict,
+    images: Tensor,
+    mode: str = "none",
+    merge: str = "mean",
+    scales: tuple[float, ...] | None = None,
 ) -> Tensor:
-    """Predict ``images`` under every transform of ``mode`` and merge in the original orientation.
+    """Predict ``images`` under every transform of ``mode`` at every scale and merge the
+    predictions in the original orientation and size.
 
     All transformed copies of the same spatial size go through ``predict`` as one batch: one call
-    for square images, two for non-square images under ``d4`` (rot90-type transforms swap H and
-    W). The batch handed to ``predict`` is therefore ``len(mode transforms) * N`` large.
+    per scale for square images, two for non-square images under ``d4`` (rot90-type transforms
+    swap H and W). The batch handed to ``predict`` is therefore up to
+    ``len(mode transforms) * N`` large.
 
     Args:
-        predict: maps a batch (B, C, H, W) to probabilities (B, K, H, W) (sigmoid/softmax
-            already applied; gmean needs values in (0, 1]).
+        predict: maps a batch (B, C, h, w) to probabilities (B, K, h, w) (sigmoid/softmax
+            already applied; gmean needs values in (0, 1]) at any size it is given.
         images: the batch to predict; not modified.
         mode: a key of ``TTA_MODES``: ``none``, ``hflip``, ``vflip`` or ``d4``.
         merge: ``mean`` (arithmetic) or ``gmean`` (geometric, probabilities clamped to at least
             ``GMEAN_EPS``).
+        scales: input scales (:func:`check_scales`); None: 1.0 only. Each scale's
+            predictions are resized back to (H, W) bilinearly, then merged with the others.
 
     Returns:
         The merged probabilities, in the dtype ``predict`` returns.
@@ -162,6 +205,7 @@ def predict_with_tta(
         images (N, C, H, W) -> (N, K, H, W).
     """
     transforms = get_tta(mode)
+    scale_values = check_scales(scales)
     if merge not in MERGES:
         raise KeyError(f"unknown TTA merge {merge!r}; valid merges: {', '.join(MERGES)}")
     if images.ndim != 4:
@@ -171,21 +215,25 @@ def predict_with_tta(
     n, _, height, width = images.shape
     total: Tensor | None = None
     out_dtype = images.dtype
-    for group in _group_by_output_size(transforms, height, width):
-        batch = torch.cat([t.forward(images) for t in group], dim=0)
-        predictions = predict(batch)
-        _check_prediction(batch, predictions)
-        out_dtype = predictions.dtype
-        # Accumulate in at least float32: eight half-precision logs lose digits.
-        predictions = predictions.to(torch.promote_types(predictions.dtype, torch.float32))
-        if merge == "gmean":
-            predictions = predictions.clamp_min(GMEAN_EPS).log()
-        for transform, chunk in zip(group, predictions.split([n] * len(group), dim=0), strict=True):
-            restored = transform.inverse(chunk)
-            total = restored.clone() if total is None else total.add_(restored)
+    for scale in scale_values:
+        size = scaled_size(height, width, scale)
+        scaled = _resize(images, size)
+        for group in _group_by_output_size(transforms, *size):
+            batch = torch.cat([t.forward(scaled) for t in group], dim=0)
+            predictions = predict(batch)
+            _check_prediction(batch, predictions)
+            out_dtype = predictions.dtype
+            # Accumulate in at least float32: eight half-precision logs lose digits.
+            predictions = predictions.to(torch.promote_types(predictions.dtype, torch.float32))
+            chunks = predictions.split([n] * len(group), dim=0)
+            for transform, chunk in zip(group, chunks, strict=True):
+                restored = _resize(transform.inverse(chunk), (height, width))
+                if merge == "gmean":
+                    restored = restored.clamp_min(GMEAN_EPS).log()
+                total = restored.clone() if total is None else total.add_(restored)
     if total is None:  # unreachable: every mode holds the identity
         raise SegflowError(f"TTA mode {mode!r} has no transforms")
-    merged = total / len(transforms)
+    merged = total / (len(transforms) * len(scale_values))
     if merge == "gmean":
         merged = merged.exp()
     return merged.to(out_dtype)
