@@ -1,13 +1,17 @@
-"""The blend stage: tune the experiments' blend weights on OOF, apply them to OOF and test.
+"""The blend stage: tune the experiments' blend weights on OOF and apply them to OOF.
 
 The weights' search is :func:`segflow.ensemble.weights.tune_weights` (pure, on arrays); this
-module reads the experiments' OOF and test folders and writes the ``ensemble`` candidate
-(:mod:`segflow.ensemble.candidates`) with ``weights.json`` and ``table.csv``.
+module reads the experiments' OOF folders only and writes the OOF side of the ``ensemble``
+candidate (:mod:`segflow.ensemble.candidates`) with ``weights.json`` and ``table.csv``; the
+test side is :mod:`segflow.ensemble.apply_blend`'s (``weights.json`` read by
+:func:`read_blend_weights`), so a test-set change does not re-tune the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +20,9 @@ import numpy as np
 import pandas as pd
 
 from segflow.artifacts.arrays import read_classes
-from segflow.artifacts.layout import group_by_experiment
 from segflow.artifacts.predictions import (
     Prediction,
     nonempty_probs,
-    read_fold_predictions,
     read_oof,
     with_gates,
     without_gates,
@@ -28,6 +30,7 @@ from segflow.artifacts.predictions import (
 from segflow.artifacts.tables import read_folds, read_table
 from segflow.artifacts.truths import original_truths
 from segflow.core.atomic import write_csv, write_json
+from segflow.core.errors import SegflowError
 from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.core.stage_args import (
     add_experiment_dirs,
@@ -36,27 +39,24 @@ from segflow.core.stage_args import (
     check_names,
     stage_log,
 )
-from segflow.ensemble.candidates import check_aligned, json_ready, write_candidate
+from segflow.ensemble.candidates import check_aligned, json_ready, write_oof_candidate
 from segflow.ensemble.weights import blend, blend_nonempty, tune_weights
 
 
 def run_blend(
     names: Sequence[str],
     oof: Sequence[Prediction],
-    test: Sequence[Prediction],
     truths: np.ndarray,
-    folds: pd.DataFrame,
     classes: Sequence[str],
     metric: str,
     step: float,
-) -> tuple[Prediction, Prediction, dict[str, Any], pd.DataFrame]:
-    """Tune the experiments' blend weights on OOF and apply them to OOF and test.
+) -> tuple[Prediction, dict[str, Any], pd.DataFrame]:
+    """Tune the experiments' blend weights on OOF and apply them to OOF.
 
     Returns:
-        (blended OOF, blended test, weights summary, the table of single / mean / tuned).
+        (blended OOF, weights summary, the table of single / mean / tuned).
     """
     check_aligned(oof, names, "OOF predictions")
-    check_aligned(test, names, "test predictions")
     weights, table = tune_weights(
         [p.probs for p in oof], truths, classes, metric=metric, step=step, names=names
     )
@@ -67,12 +67,24 @@ def run_blend(
         "weights": {name: float(w) for name, w in zip(names, weights, strict=True)},
         "table": table.to_dict("records"),
     }
-    return (
-        blend_predictions(oof, weights, len(classes)),
-        blend_predictions(test, weights, len(classes)),
-        json_ready(summary),
-        table,
-    )
+    return blend_predictions(oof, weights, len(classes)), json_ready(summary), table
+
+
+def read_blend_weights(path: str | os.PathLike[str]) -> dict[str, float]:
+    """blend's ``weights.json``: experiment -> weight, in the blend's experiment order (the
+    one reader of the file, for apply-blend and export).
+
+    Raises:
+        SegflowError: missing, not JSON, or without a ``weights`` mapping of numbers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegflowError(f"{path} does not exist (run blend first)")
+    try:
+        weights = json.loads(path.read_text(encoding="utf-8"))["weights"]
+        return {str(name): float(weight) for name, weight in weights.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise SegflowError(f"{path}: not a weights.json of segflow blend ({error})") from None
 
 
 def blend_predictions(
@@ -95,26 +107,22 @@ def blend_predictions(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow blend``'s flags."""
-    add_experiment_dirs(parser)
+    add_experiment_dirs(parser, test=False)
     parser.add_argument("--metric", default="kaggle")
     parser.add_argument("--step", type=float, default=0.1, help="weight grid step")
     parser.add_argument("--folds", required=True, help="folds.csv")
     add_stats(parser)
     add_stage_tables(parser)
     parser.add_argument("--out-oof", required=True, help="blended oof_probs.npy to write")
-    parser.add_argument("--out-test", required=True, help="blended test probs.npy to write")
     parser.add_argument("--out-weights", required=True, help="weights.json to write")
 
 
 def run(args: argparse.Namespace) -> None:
-    """``segflow blend``: write the ensemble candidate, weights.json and table.csv."""
+    """``segflow blend``: write the ensemble's OOF side, weights.json and table.csv
+    (``--fold-merge`` is recorded in their provenance: apply-blend merges the test folds)."""
     classes, _ = read_classes(args.stats)
     check_names(args)
     oof = [read_oof(d) for d in args.oof_dirs]
-    test = [
-        read_fold_predictions(dirs, args.fold_merge)
-        for dirs in group_by_experiment(args.test_dirs, len(args.names), "test folders")
-    ]
     folds = read_folds(args.folds)
     truths = original_truths(
         read_table(args.manifest, "manifest"),
@@ -122,8 +130,8 @@ def run(args: argparse.Namespace) -> None:
         oof[0].ids["id"],
         len(classes),
     )
-    blended_oof, blended_test, summary, table = run_blend(
-        args.names, oof, test, truths, folds, classes, args.metric, args.step
+    blended_oof, summary, table = run_blend(
+        args.names, oof, truths, classes, args.metric, args.step
     )
     block = stage_provenance(
         {
@@ -134,11 +142,9 @@ def run(args: argparse.Namespace) -> None:
             "step": args.step,
         }
     )
-    metrics = write_candidate(
+    metrics = write_oof_candidate(
         Path(args.out_oof).parent,
-        Path(args.out_test).parent,
         blended_oof,
-        blended_test,
         folds,
         truths,
         classes,
