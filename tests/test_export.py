@@ -74,6 +74,10 @@ def _test_images(workdir: Path) -> Path:
     return workdir / "resources" / "demo" / "test" / "images"
 
 
+def _metadata_csv(workdir: Path) -> Path:
+    return workdir / "resources" / "demo" / "metadata.csv"
+
+
 def _cli(*args: str) -> int:
     return cli.main([*map(str, args)])
 
@@ -85,7 +89,7 @@ def test_bundle_reproduces_the_final_submission_byte_for_byte(
     out = tmp_path / "submission.csv"
     assert _cli(
         "predict-bundle", results / "export" / "bundle.zip", _test_images(tiny_run), out,
-        "--device", "cpu",
+        "--device", "cpu", "--metadata", _metadata_csv(tiny_run),
     ) == 0  # fmt: skip
     assert out.read_bytes() == (results / "final" / "submission.csv").read_bytes()
     bundle = Bundle(results / "export" / "bundle.zip")
@@ -116,7 +120,13 @@ def test_exact_train_duplicates_get_the_train_label(tiny_run: Path, tmp_path: Pa
     leaks = links[links["leak_train_ids"].notna()]
     assert len(leaks) >= 1  # the demo plants train copies in the test set
     out = tmp_path / "submission.csv"
-    predict_bundle(results / "export" / "bundle.zip", _test_images(tiny_run), out, device="cpu")
+    predict_bundle(
+        results / "export" / "bundle.zip",
+        _test_images(tiny_run),
+        out,
+        device="cpu",
+        metadata=_metadata_csv(tiny_run),
+    )
     rows = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("id")["rle_mask"]
     for row in leaks.itertuples():
         label = train_label(manifest, str(row.leak_train_ids).split(";"))
@@ -135,12 +145,9 @@ def test_fp16_halves_the_weights(tiny_run: Path, tmp_path: Path) -> None:
     weights = bundle.weights(entry["path"])
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
     out = tmp_path / "submission.csv"
-    assert predict_bundle(half, _test_images(tiny_run), out, device="cpu") == 16
+    metadata = _metadata_csv(tiny_run)
+    assert predict_bundle(half, _test_images(tiny_run), out, "cpu", metadata=metadata) == 16
     assert len(pd.read_csv(out)) == 16
-
-
-def _metadata_csv(workdir: Path) -> Path:
-    return workdir / "resources" / "demo" / "metadata.csv"
 
 
 @pytest.mark.parametrize("name", ["stack_gate", "stack_pixel"])
@@ -275,7 +282,11 @@ def test_an_image_of_another_channel_count_is_refused(
     cv2.imwrite(str(images / "zzcolour.png"), colour)
     out = tmp_path / "submission.csv"
     bundle = tiny_run / "results" / "export" / "bundle.zip"
-    assert _cli("predict-bundle", bundle, images, out, "--device", "cpu", "--batch-size", 4) == 2
+    metadata = _metadata_csv(tiny_run)
+    assert (
+        _cli("predict-bundle", bundle, images, out, "--device", "cpu", "--batch-size", 4,
+             "--metadata", metadata) == 2
+    )  # fmt: skip
     # Progress lines (done/total) may come first; the error is one line, the last.
     lines = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
