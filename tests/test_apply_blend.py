@@ -27,9 +27,11 @@ def _predictions() -> list[Prediction]:
 
 def test_the_weights_file_round_trips_to_the_blend(tmp_path: Path) -> None:
     path = tmp_path / "weights.json"
+    # weights.json sorts its keys; table.csv keeps the blend's order (y before x here).
     path.write_text(json.dumps({"metric": "kaggle", "weights": {"x": 0.3, "y": 0.7}}))
+    (tmp_path / "table.csv").write_text("kind,w_y,w_x,score\ntuned,0.7,0.3,0.5\n")
     weights = read_blend_weights(path)
-    assert weights == {"x": 0.3, "y": 0.7} and list(weights) == ["x", "y"]
+    assert weights == {"x": 0.3, "y": 0.7} and list(weights) == ["y", "x"]
     test = _predictions()
     blended = apply_blend(["x", "y"], test, weights, 1)
     expected = blend_predictions(test, [0.3, 0.7], 1)
@@ -40,11 +42,17 @@ def test_the_weights_file_round_trips_to_the_blend(tmp_path: Path) -> None:
 
 
 def test_weights_of_other_experiments_or_a_bad_file_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(SegflowError, match="for y, x, the test predictions for x, y; rerun"):
-        apply_blend(["x", "y"], _predictions(), {"y": 0.5, "x": 0.5}, 1)
+    with pytest.raises(SegflowError, match="for y, z, the test predictions for x, y; rerun"):
+        apply_blend(["x", "y"], _predictions(), {"y": 0.5, "z": 0.5}, 1)
     with pytest.raises(SegflowError, match=r"does not exist \(run blend first"):
         read_blend_weights(tmp_path / "missing.json")
     bad = tmp_path / "weights.json"
     bad.write_text(json.dumps({"weights": ["x"]}))
+    with pytest.raises(SegflowError, match=r"table\.csv does not exist \(run blend first"):
+        read_blend_weights(bad)
+    (tmp_path / "table.csv").write_text("kind,w_x,score\n")
     with pytest.raises(SegflowError, match=r"not a weights\.json of segflow blend"):
+        read_blend_weights(bad)
+    bad.write_text(json.dumps({"weights": {"x": 1.0, "y": 0.0}}))
+    with pytest.raises(SegflowError, match=r"table\.csv weighs x, weights\.json x, y; rerun"):
         read_blend_weights(bad)

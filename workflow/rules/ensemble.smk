@@ -46,6 +46,8 @@ rule blend:
 rule apply_blend:
     input:
         weights=rules.blend.output.weights,
+        # Its w_<name> columns keep the blend's experiment order (weights.json sorts keys).
+        table=rules.blend.output.table,
         test_probs=lambda wildcards: expand(
             "{dir}/probs.npy", dir=experiment_dirs("test", wildcards.round)
         ),
@@ -306,6 +308,7 @@ rule export_bundle:
             for name, r in candidates()
         ],
         weights=[result("ensemble", f"round{r}", "weights.json") for r in ROUNDS],
+        tables=[result("ensemble", f"round{r}", "table.csv") for r in ROUNDS],
         # A stacked choice's fitted models (class_<k>/ next to each summary).
         stack=[
             result("stack", f"round{FINAL_ROUND}", f"summary_{stacker}.json")

@@ -32,8 +32,8 @@ def apply_blend(
     Args:
         names: the experiments, in the order of ``test``.
         test: each experiment's fold-merged test prediction, row-aligned.
-        weights: experiment -> weight (:func:`segflow.ensemble.blend.read_blend_weights`);
-            the same experiments as ``names``, in the same order.
+        weights: experiment -> weight (:func:`segflow.ensemble.blend.read_blend_weights`)
+            for the experiments of ``names``; applied in the order of ``names``.
         n_classes: the number of classes.
 
     Returns:
@@ -43,7 +43,7 @@ def apply_blend(
         SegflowError: the weights were tuned for other experiments, or the predictions are
             not aligned.
     """
-    if list(weights) != list(names):
+    if sorted(weights) != sorted(names):
         raise SegflowError(
             f"the blend weights are for {', '.join(weights)}, the test predictions for "
             f"{', '.join(names)}; rerun blend"

@@ -72,19 +72,31 @@ def run_blend(
 
 def read_blend_weights(path: str | os.PathLike[str]) -> dict[str, float]:
     """blend's ``weights.json``: experiment -> weight, in the blend's experiment order (the
-    one reader of the file, for apply-blend and export).
+    one reader of the file, for apply-blend and export). ``weights.json`` sorts its keys, so
+    the order is that of the ``w_<name>`` columns of ``table.csv`` beside it, which the
+    weighted sum follows (a float32 sum in another order may differ in the last bit).
 
     Raises:
-        SegflowError: missing, not JSON, or without a ``weights`` mapping of numbers.
+        SegflowError: a file missing, not JSON, without a ``weights`` mapping of numbers, or
+            a table of other experiments.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SegflowError(f"{path} does not exist (run blend first)")
+    table_path = path.with_name("table.csv")
+    for required in (path, table_path):
+        if not required.is_file():
+            raise SegflowError(f"{required} does not exist (run blend first)")
     try:
         weights = json.loads(path.read_text(encoding="utf-8"))["weights"]
-        return {str(name): float(weight) for name, weight in weights.items()}
+        weights = {str(name): float(weight) for name, weight in weights.items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
         raise SegflowError(f"{path}: not a weights.json of segflow blend ({error})") from None
+    columns = pd.read_csv(table_path, nrows=0).columns
+    order = [str(c)[2:] for c in columns if str(c).startswith("w_")]
+    if sorted(order) != sorted(weights):
+        raise SegflowError(
+            f"{table_path} weighs {', '.join(order)}, {path.name} {', '.join(weights)}; rerun blend"
+        )
+    return {name: weights[name] for name in order}
 
 
 def blend_predictions(
