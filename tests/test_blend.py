@@ -277,12 +277,12 @@ def test_blend_stage_vote_mode_scores_the_vote() -> None:
     folds = pd.DataFrame({"id": ids["id"], "fold": [0, 1, 2] * 2})
     uncertainty = [np.full_like(m, u) for m, u in zip(members, (0.1, 0.2, 0.3), strict=True)]
     preds = [Prediction(ids, m, u) for m, u in zip(members, uncertainty, strict=True)]
-    args = (["a", "b", "c"], preds, preds, truths, folds, ["mask"], "dice", 0.5)
-    oof, test, summary, table = run_blend(*args, mode="vote")
+    args = (["a", "b", "c"], preds, truths, folds, ["mask"], "dice", 0.5)
+    oof, summary, table = run_blend(*args, mode="vote")
     assert np.array_equal(oof.probs[:, 0] > 0.5, class_truths(truths, 0))
     assert summary["mode"] == "vote" and table["kind"].tolist() == ["vote"]
     assert table["score"].iloc[0] == pytest.approx(1.0)
-    assert test.uncertainty is not None and np.allclose(test.uncertainty, 0.2, atol=1e-3)
-    assert "mode" not in run_blend(*args)[2]  # the mean's weights.json keeps its keys
+    assert oof.uncertainty is not None and np.allclose(oof.uncertainty, 0.2, atol=1e-3)
+    assert "mode" not in run_blend(*args)[1]  # the mean's weights.json keeps its keys
     with pytest.raises(SegflowError, match=r"ensemble\.mode"):
         run_blend(*args, mode="median")

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.artifacts.predictions import Prediction, read_fold_predictions, read_oof
+from segflow.artifacts.predictions import Prediction, read_oof
 from segflow.core.errors import SegflowError
 from segflow.ensemble.blend import run_blend
-from segflow.ensemble.candidates import write_candidate
+from segflow.ensemble.candidates import write_oof_candidate
 from segflow.ensemble.choose import choose_candidate, markdown_table, stage_table, tuned_scores
 from segflow.ensemble.pseudo import PseudoOptions
 from segflow.ensemble.select_pseudo import select_pseudo_stage
@@ -112,21 +112,13 @@ def test_candidate_files_round_trip(tmp_path: Path) -> None:
     truths[0, :2] = 1
     folds = pd.DataFrame({"id": ["b", "a"], "fold": [1, 0]})
     gated = ids.assign(nonempty_prob_0=[0.9, 0.1])
-    summary = write_candidate(
-        tmp_path / "oof",
-        tmp_path / "test",
-        Prediction(gated, probs),
-        Prediction(gated, probs),
-        folds,
-        truths,
-        ["mask"],
+    summary = write_oof_candidate(
+        tmp_path / "oof", Prediction(gated, probs), folds, truths, ["mask"]
     )
     assert summary["kaggle"] == 1.0
     oof = read_oof(tmp_path / "oof")
     assert oof.ids["fold"].tolist() == [0, 1] and oof.ids["nonempty_prob_0"].tolist() == [0.9, 0.1]
-    test = read_fold_predictions([tmp_path / "test", tmp_path / "test"], "mean")
-    np.testing.assert_array_equal(test.probs, probs)
-    assert test.ids["nonempty_prob_0"].tolist() == pytest.approx([0.9, 0.1])
+    np.testing.assert_array_equal(oof.probs, probs)
 
 
 def test_blend_stage_prefers_the_good_experiment() -> None:
@@ -136,9 +128,8 @@ def test_blend_stage_prefers_the_good_experiment() -> None:
     noise = np.random.default_rng(0).random((6, 1, 8, 8)).astype(np.float16)
     ids = pd.DataFrame({"id": [f"i{k}" for k in range(6)], "orig_height": 8, "orig_width": 8})
     folds = pd.DataFrame({"id": ids["id"], "fold": [0, 1] * 3})
-    oof, test, summary, table = run_blend(
+    oof, summary, table = run_blend(
         ["good", "noise"],
-        [Prediction(ids, good), Prediction(ids, noise)],
         [Prediction(ids, good), Prediction(ids, noise)],
         truths,
         folds,
@@ -148,7 +139,7 @@ def test_blend_stage_prefers_the_good_experiment() -> None:
     )
     assert summary["weights"]["good"] > summary["weights"]["noise"]
     assert set(table["kind"]) == {"single:good", "single:noise", "mean", "tuned"}
-    assert oof.probs.shape == good.shape and test.probs.dtype == np.float16
+    assert oof.probs.shape == good.shape and oof.probs.dtype == np.float16
 
 
 @pytest.mark.parametrize("labels", ["hard", "soft"])

@@ -1,8 +1,9 @@
 """segflow export and predict-bundle (issue 16): the final choice as a self-contained zip, run
 offline on a folder of images with the pipeline's own outputs.
 
-One tiny workflow run (1 experiment, 2 folds, 1 epoch, 32x32 inputs, no stacking) is shared by
-the module; its ``export_bundle`` rule writes the bundle. Bad bundles and bad images are refused
+One tiny workflow run (1 experiment, 2 folds, 1 epoch, 32x32 inputs, both stacked candidates,
+the gate with per-image thresholds) is shared by the module; its ``export_bundle`` rule writes
+the bundle. Bad bundles and bad images are refused
 with one ``segflow predict-bundle: error: ...`` line and nothing written.
 """
 
@@ -44,7 +45,7 @@ TINY = {
     "run_experiments": ["unet_lite0"],
     "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
     "pseudo": {"rounds": 0},
-    "stack": {"enabled": False},
+    "stack": {"pixels_per_image": 16, "threshold_target": True},
     "predict": {"tta": "hflip"},
     "postprocess": SMALL_POSTPROCESS_GRID,
 }
@@ -61,6 +62,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "results/export/bundle.zip",
         "results/final/submission.csv",
         "results/submission/ensemble/round0/submission.csv",
+        "results/submission/stack_gate/round0/submission.csv",
+        "results/submission/stack_pixel/round0/submission.csv",
         "--configfile",
         "tiny.yaml",
     )
@@ -69,6 +72,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _test_images(workdir: Path) -> Path:
     return workdir / "resources" / "demo" / "test" / "images"
+
+
+def _metadata_csv(workdir: Path) -> Path:
+    return workdir / "resources" / "demo" / "metadata.csv"
 
 
 def _cli(*args: str) -> int:
@@ -82,7 +89,7 @@ def test_bundle_reproduces_the_final_submission_byte_for_byte(
     out = tmp_path / "submission.csv"
     assert _cli(
         "predict-bundle", results / "export" / "bundle.zip", _test_images(tiny_run), out,
-        "--device", "cpu",
+        "--device", "cpu", "--metadata", _metadata_csv(tiny_run),
     ) == 0  # fmt: skip
     assert out.read_bytes() == (results / "final" / "submission.csv").read_bytes()
     bundle = Bundle(results / "export" / "bundle.zip")
@@ -113,7 +120,13 @@ def test_exact_train_duplicates_get_the_train_label(tiny_run: Path, tmp_path: Pa
     leaks = links[links["leak_train_ids"].notna()]
     assert len(leaks) >= 1  # the demo plants train copies in the test set
     out = tmp_path / "submission.csv"
-    predict_bundle(results / "export" / "bundle.zip", _test_images(tiny_run), out, device="cpu")
+    predict_bundle(
+        results / "export" / "bundle.zip",
+        _test_images(tiny_run),
+        out,
+        device="cpu",
+        metadata=_metadata_csv(tiny_run),
+    )
     rows = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("id")["rle_mask"]
     for row in leaks.itertuples():
         label = train_label(manifest, str(row.leak_train_ids).split(";"))
@@ -132,20 +145,73 @@ def test_fp16_halves_the_weights(tiny_run: Path, tmp_path: Path) -> None:
     weights = bundle.weights(entry["path"])
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
     out = tmp_path / "submission.csv"
-    assert predict_bundle(half, _test_images(tiny_run), out, device="cpu") == 16
+    metadata = _metadata_csv(tiny_run)
+    assert predict_bundle(half, _test_images(tiny_run), out, "cpu", metadata=metadata) == 16
     assert len(pd.read_csv(out)) == 16
 
 
-def test_stacked_candidates_are_refused(tiny_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(SegflowError, match="stack_gate:0 is a stacked model"):
-        export(
-            tiny_run / "results",
-            tmp_path / "b.zip",
-            PredictOptions(),
-            SubmissionOptions(),
-            candidate=("stack_gate", 0),
-        )
-    assert not (tmp_path / "b.zip").exists()
+@pytest.mark.parametrize("name", ["stack_gate", "stack_pixel"])
+def test_stacked_bundles_reproduce_the_stacked_submissions(
+    tiny_run: Path, tmp_path: Path, name: str
+) -> None:
+    """The second-level models travel in their native formats (never a pickle); the gate's
+    meta_* features come from --metadata, the pipeline's data.metadata_csv."""
+    results = tiny_run / "results"
+    zip_path = tmp_path / f"{name}.zip"
+    assert _cli(
+        "export", results, zip_path, "--candidate", f"{name}:0", "--tta", "hflip",
+    ) == 0  # fmt: skip
+    bundle = Bundle(zip_path)
+    stack = bundle.config["stack"]
+    assert stack["stacker"] == name.removeprefix("stack_") and stack["backend"] == "lightgbm"
+    with zipfile.ZipFile(zip_path) as archive:
+        models = sorted(n for n in archive.namelist() if n.startswith("stack/"))
+    assert models == sorted(stack["models"])
+    if name == "stack_gate":
+        assert models == ["stack/class_0/gate_model.txt", "stack/class_0/threshold_model.txt"]
+        assert stack["meta_columns"] == ["meta_depth"]
+    else:
+        assert models == ["stack/class_0/blender_model.txt"] and stack["meta_columns"] == []
+    out = tmp_path / "submission.csv"
+    assert _cli(
+        "predict-bundle", zip_path, _test_images(tiny_run), out, "--device", "cpu",
+        "--metadata", _metadata_csv(tiny_run),
+    ) == 0  # fmt: skip
+    expected = results / "submission" / name / "round0" / "submission.csv"
+    assert out.read_bytes() == expected.read_bytes()
+
+
+def test_a_gate_without_its_metadata_is_refused_in_one_line(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tiny_run / "results"
+    zip_path = tmp_path / "gate.zip"
+    export(
+        results,
+        zip_path,
+        PredictOptions(tta="hflip"),
+        SubmissionOptions(),
+        candidate=("stack_gate", 0),
+    )
+    out = tmp_path / "submission.csv"
+    images = _test_images(tiny_run)
+    assert _cli("predict-bundle", zip_path, images, out, "--device", "cpu") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("segflow predict-bundle: error: ")
+    assert "reads the metadata columns meta_depth; give --metadata CSV" in lines[0]
+    # A metadata CSV without the column the gate reads.
+    other = tmp_path / "other.csv"
+    pd.read_csv(_metadata_csv(tiny_run)).rename(columns={"depth": "height"}).to_csv(
+        other, index=False
+    )
+    args = ("predict-bundle", zip_path, images, out, "--device", "cpu", "--metadata", other)
+    assert _cli(*args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--metadata: no column 'depth'" in lines[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "gate.zip",
+        "other.csv",
+    ]
 
 
 # --------------------------------------------------------------------------- bad bundles
@@ -186,7 +252,10 @@ def _drop_leaks(members: dict[str, bytes]) -> None:
     [
         (_tamper, "member bundle.json does not match its sha256"),
         (_drop_leaks, "member leaks.json is missing"),
-        (_edit_manifest(bundle_version=BUNDLE_VERSION + 1), "reads up to 1; upgrade segflow"),
+        (
+            _edit_manifest(bundle_version=BUNDLE_VERSION + 1),
+            f"reads up to {BUNDLE_VERSION}; upgrade segflow",
+        ),
         (_edit_manifest(segflow_version="99.0.0"), "made by segflow 99.0.0, newer than"),
     ],
     ids=["checksum", "missing-member", "newer-bundle-format", "newer-segflow"],
@@ -213,7 +282,11 @@ def test_an_image_of_another_channel_count_is_refused(
     cv2.imwrite(str(images / "zzcolour.png"), colour)
     out = tmp_path / "submission.csv"
     bundle = tiny_run / "results" / "export" / "bundle.zip"
-    assert _cli("predict-bundle", bundle, images, out, "--device", "cpu", "--batch-size", 4) == 2
+    metadata = _metadata_csv(tiny_run)
+    assert (
+        _cli("predict-bundle", bundle, images, out, "--device", "cpu", "--batch-size", 4,
+             "--metadata", metadata) == 2
+    )  # fmt: skip
     # Progress lines (done/total) may come first; the error is one line, the last.
     lines = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]

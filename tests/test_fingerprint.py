@@ -432,14 +432,16 @@ def test_a_file_that_does_not_parse_is_named(tmp_path: Path) -> None:
         _fresh(package, "segflow.a")
 
 
-def test_stacking_code_is_in_the_stack_stage_only() -> None:
+def test_stacking_code_is_in_the_stacking_and_bundle_stages_only() -> None:
+    """The fit and the apply of the stacked models, and the bundle that carries them (export
+    loads them, predict-bundle applies them): no other stage reruns for a stacking edit."""
     closures = {name: module_closure(*modules) for name, modules in STAGE_MODULES.items()}
     users = {
         name
         for name, modules in closures.items()
         if "segflow.ensemble.stacking.learners" in modules
     }
-    assert users == {"stack"}
+    assert users == {"stack", "apply-stack", "export", "predict-bundle"}
     assert (
         "segflow.model.training.train" in closures["train"]
         and "segflow.model.training.train" not in closures["predict-oof"]

@@ -413,6 +413,7 @@ PRE_QUOTED = {
     "params.export_options": "section_flags",
     "params.stack_options": "stack_flags",
     "params.stack_base": "stack_base_flags",
+    "params.apply_base": "apply_stack_base_flags",
 }
 
 

@@ -37,7 +37,7 @@ from segflow.ensemble.stacking.learners import (
 from segflow.ensemble.stacking.stack import (
     StackInputs,
     StackOptions,
-    _base_predictions,
+    _base_oof,
     load_stack_inputs,
     run_stack,
 )
@@ -467,9 +467,10 @@ def test_sample_weights_give_back_each_images_class_balance() -> None:
 # --- the stage: one job per stacked candidate -------------------------------------------------
 
 
-def _stack_inputs(with_base: bool, n: int = 24) -> StackInputs:
+def stack_data(with_base: bool, n: int = 24) -> dict[str, Any]:
     """Two experiments' OOF and test maps of ``n`` 12x12 images (one class, 3 folds), the
-    ensemble's mean (with an aux gate column) when ``with_base``, images and metadata."""
+    ensemble's mean (with an aux gate column) when ``with_base``, images and metadata: the
+    fit's :class:`StackInputs` (``inputs``) and the test side apply-stack reads."""
     rng = np.random.default_rng(7)
     truths = np.zeros((n, 12, 12), np.uint8)
     for i in range(n):
@@ -497,20 +498,27 @@ def _stack_inputs(with_base: bool, n: int = 24) -> StackInputs:
         probs = np.mean([p.probs.astype(np.float32) for p in predictions], axis=0)
         return Prediction(predictions[0].ids, probs.astype(np.float16))
 
-    return StackInputs(
+    inputs = StackInputs(
         names=["a", "b"],
         oof=oof,
-        test=test,
         base_oof=mean(oof) if with_base else None,
-        base_test=mean(test) if with_base else None,
         truths=truths,
         folds=oof_ids[["id", "fold"]],
         classes=["mask"],
         train_images=rng.integers(0, 255, (n, 12, 12, 1), dtype=np.uint8),
-        test_images=rng.integers(0, 255, (10, 12, 12, 1), dtype=np.uint8),
         train_metadata=pd.DataFrame({"meta_depth": rng.random(n)}),
-        test_metadata=pd.DataFrame({"meta_depth": rng.random(10)}),
     )
+    return {
+        "inputs": inputs,
+        "test": test,
+        "base_test": mean(test) if with_base else None,
+        "test_images": rng.integers(0, 255, (10, 12, 12, 1), dtype=np.uint8),
+        "test_metadata": pd.DataFrame({"meta_depth": rng.random(10)}),
+    }
+
+
+def _stack_inputs(with_base: bool, n: int = 24) -> StackInputs:
+    return stack_data(with_base, n)["inputs"]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -524,7 +532,7 @@ def _run(stacker: str, out: Path, with_base: bool, **options: Any) -> dict[str, 
         StackOptions(**options),
         stacker,
         out / "stack",
-        (candidate / "oof", candidate / "test"),
+        candidate / "oof",
     )
 
 
@@ -584,22 +592,20 @@ def test_stacker_choice_and_base_predictions_are_checked(tmp_path) -> None:
     with pytest.raises(KeyError, match="valid: gate, pixel"):
         StackOptions().of("both")
     inputs = _stack_inputs(True)
-    with pytest.raises(SegflowError, match="or neither"):
+    with pytest.raises(SegflowError, match="cover different ids"):
         load_stack_inputs(
             inputs.names,
             inputs.oof,
-            inputs.test,
-            inputs.base_oof,
-            None,
+            Prediction(inputs.oof[0].ids.iloc[::-1].reset_index(drop=True), inputs.oof[0].probs),
             inputs.truths,
             inputs.folds,
             inputs.classes,
             tmp_path,
             pd.DataFrame(),
         )
-    for candidate, dirs, message in (
-        ("pixel", {"base_oof_dir": "x", "base_test_dir": None}, "drop --base-oof-dir"),
-        ("gate", {"base_oof_dir": "x", "base_test_dir": None}, "needs --base-oof-dir and"),
+    for candidate, base, message in (
+        ("pixel", "x", "drop --base-oof-dir"),
+        ("gate", None, "needs --base-oof-dir"),
     ):
         with pytest.raises(SegflowError, match=message):
-            _base_predictions(argparse.Namespace(candidate=candidate, **dirs))
+            _base_oof(argparse.Namespace(candidate=candidate, base_oof_dir=base))

@@ -47,7 +47,9 @@ MODEL_STAGES = {
     "tune_postprocess",
     "submit",
     "blend",
+    "apply_blend",
     "stack",
+    "apply_stack",
     "choose",
     "final_submission",
     "report",
@@ -320,7 +322,7 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ({"pseudo": {"pseudo_weight": 0.5, "max_pseudo_share": 0.2}}, set()),
         (
             {"ensemble": {"weight_step": 0.25}},
-            {"blend", "stack"} | SECOND_LEVEL_TAIL,
+            {"blend", "apply_blend", "stack", "apply_stack"} | SECOND_LEVEL_TAIL,
         ),
     ],
     ids=[
@@ -347,15 +349,18 @@ def test_a_config_change_reruns_exactly_the_dependent_stages(
 
 
 # What one experiment's change reruns with 2 folds: its fold models and predictions, its OOF
-# scoring, the ensemble and both stack jobs (gate, pixel) on top, and the four candidates'
-# tuning and submissions (unet_lite0, ensemble, stack_gate, stack_pixel).
+# scoring, the ensemble (fit and apply) and both stack jobs (gate, pixel; fit and apply) on top,
+# and the four candidates' tuning and submissions (unet_lite0, ensemble, stack_gate,
+# stack_pixel).
 ONE_EXPERIMENT = {
     "train_fold": 2,
     "predict_oof": 2,
     "predict_test": 2,
     "evaluate_oof": 1,
     "blend": 1,
+    "apply_blend": 1,
     "stack": 2,
+    "apply_stack": 2,
     "tune_postprocess": 4,
     "submit": 4,
     "choose": 1,
@@ -363,9 +368,11 @@ ONE_EXPERIMENT = {
     "report": 1,
     "all": 1,
 }
-# An option (stack.backend, stack.seed) or code both stack jobs read.
+# An option (stack.backend, stack.seed) or code both stack jobs read: the fits, and the applies
+# of the models they write.
 STACK_ONLY = {
     "stack": 2,
+    "apply_stack": 2,
     "tune_postprocess": 2,
     "submit": 2,
     "choose": 1,
@@ -373,9 +380,11 @@ STACK_ONLY = {
     "report": 1,
     "all": 1,
 }
-# An option only one stacked candidate reads: its stack job, tuning and submission.
+# An option only one stacked candidate reads: its stack job (fit and apply), tuning and
+# submission.
 ONE_STACKER = {
     "stack": 1,
+    "apply_stack": 1,
     "tune_postprocess": 1,
     "submit": 1,
     "choose": 1,
@@ -550,6 +559,7 @@ def test_a_stack_option_refits_only_the_candidate_that_reads_it(
     jobs = _dry_run(demo_run, change, *TRIGGERS)
     assert _rules(jobs) == ONE_STACKER
     assert _job(jobs, "stack", stacker=stacker)
+    assert _job(jobs, "apply_stack", stacker=stacker)
     for rule in ("tune_postprocess", "submit"):
         assert _job(jobs, rule, experiment=f"stack_{stacker}", round="0")
 
@@ -569,6 +579,7 @@ def test_without_the_pixel_blender_no_stack_pixel_job_or_candidate(
     fresh = copy_workflow(tmp_path / "fresh")
     planned = _dry_run(fresh, {"stack": {"pixel_blender": False}})
     assert _job(planned, "stack")["wildcards"] == {"stacker": "gate"}
+    assert _job(planned, "apply_stack")["wildcards"] == {"stacker": "gate"}
     tuned = {job["wildcards"]["experiment"] for job in planned if job["rule"] == "tune_postprocess"}
     assert tuned == {"unet_lite0", "ensemble", "stack_gate"}
 
@@ -622,23 +633,21 @@ USER_DATA = {
         "gates": [0.5],
     },
 }
-# What a test-set change reruns: the test side, and blend and stack, which fit on OOF and apply
-# to the test set in one job each, with what reads their outputs: the second-level candidates'
-# tuning (ensemble, stack_gate, stack_pixel; not the experiment's), choose and the report
-# (README "How to rerun"). No ingest_train, dedup, make_folds, preprocess_train, train_fold,
-# predict_oof or evaluate_oof.
+# What a test-set change reruns: the test side, with blend's and the stack jobs' apply halves
+# (apply_blend, apply_stack), which apply what blend and stack fitted on OOF to the new test
+# predictions, then every submission and the final copy (README "How to rerun"). No fit:
+# blend and stack read only the OOF side, so their outputs, the tuning, choose and the report
+# (which read no test-side file) stay. No ingest_train, dedup, make_folds, preprocess_train,
+# train_fold, predict_oof or evaluate_oof.
 TEST_SIDE_JOBS = {
     "ingest_test": 1,
     "leaks": 1,
     "preprocess_test": 1,
     "predict_test": 2,
-    "blend": 1,
-    "stack": 2,  # the gate's and the pixel blender's jobs
-    "tune_postprocess": 3,
+    "apply_blend": 1,
+    "apply_stack": 2,  # the gate's and the pixel blender's
     "submit": 4,
-    "choose": 1,
     "final_submission": 1,
-    "report": 1,
     "all": 1,
 }
 
@@ -890,8 +899,9 @@ def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
     submission = _job(jobs, "submit", experiment="unet_lite0")
     test_inputs = [p for p in submission["input"] if p.startswith("results/test/")]
     assert test_inputs == [f"results/test/unet_lite0/round0/{m}/probs.npy" for m in members]
-    blend = _job(jobs, "blend")
+    blend = _job(jobs, "apply_blend")
     assert [p for p in blend["input"] if p.startswith("results/test/")] == test_inputs
+    assert not [p for p in _job(jobs, "blend")["input"] if p.startswith("results/test/")]
     if test_models != "folds":
         predict = _job(jobs, "predict_test_full", experiment="unet_lite0")
         assert predict["input"][0] == "results/models/unet_lite0/round0/full/model.pt"
@@ -969,7 +979,7 @@ def test_refit_auto_makes_plan_budget_a_checkpoint_the_test_set_waits_for(
         assert not [job for job in jobs if job["rule"] == rule], rule
     assert _rules(jobs)["train_fold"] == 2 and _rules(jobs)["predict_oof"] == 2
     # They wait for the plan (Snakemake shortens the input lists it prints).
-    for rule in ("submit", "blend", "stack"):
+    for rule in ("submit", "apply_blend", "apply_stack"):
         waiting = [job for job in jobs if job["rule"] == rule]
         assert waiting, rule
         assert not [p for j in waiting for p in j["input"] if "results/test/unet_lite0" in p]
@@ -1008,8 +1018,9 @@ def test_the_test_set_and_the_refit_follow_the_plans_auto_choice(
     submission = _job(jobs, "submit", experiment="unet_lite0")
     test_inputs = [p for p in submission["input"] if p.startswith("results/test/")]
     assert test_inputs == [f"results/test/unet_lite0/round0/{m}/probs.npy" for m in members]
-    blend = _job(jobs, "blend")
+    blend = _job(jobs, "apply_blend")
     assert [p for p in blend["input"] if p.startswith("results/test/")] == test_inputs
+    assert not [p for p in _job(jobs, "blend")["input"] if p.startswith("results/test/")]
     rules = _rules(jobs)
     if trained:
         assert rules["train_full"] == 1 and rules["predict_test_full"] == 1

@@ -104,13 +104,23 @@ STAGES: tuple[Stage, ...] = (
         "grid-search post-processing on OOF",
     ),
     Stage("submit", "segflow.model.submit", "write the Kaggle submission CSV"),
+    Stage("blend", "segflow.ensemble.blend", "tune the experiments' blend weights on OOF"),
     Stage(
-        "blend", "segflow.ensemble.blend", "tune the experiments' blend weights on OOF, apply them"
+        "apply-blend",
+        "segflow.ensemble.apply_blend",
+        "apply the blend weights to the experiments' test predictions",
     ),
     Stage(
         "select-pseudo", "segflow.ensemble.select_pseudo", "select pseudo-labels for the next round"
     ),
-    Stage("stack", "segflow.ensemble.stacking.stack", "fit the stacked gate and pixel blender"),
+    Stage(
+        "stack", "segflow.ensemble.stacking.stack", "fit the stacked gate or pixel blender on OOF"
+    ),
+    Stage(
+        "apply-stack",
+        "segflow.ensemble.stacking.apply_stack",
+        "apply a fitted stacked gate or pixel blender to the test set",
+    ),
     Stage(
         "export",
         "segflow.bundle.export",

@@ -145,12 +145,20 @@ def candidates():
 
 
 def stack_inputs(wildcards):
-    """The ensemble the gate gates (final round); the pixel blender reads the experiments
-    only, so a change of the ensemble does not refit it."""
+    """The ensemble's OOF that the gate gates (final round); the pixel blender reads the
+    experiments only, so a change of the ensemble does not refit it."""
     if wildcards.stacker != "gate":
         return {}
     return {
         "base_oof": result("oof", "ensemble", f"round{FINAL_ROUND}", "oof_probs.npy"),
+    }
+
+
+def apply_stack_inputs(wildcards):
+    """The ensemble's test prediction that the fitted gate gates; nothing for the blender."""
+    if wildcards.stacker != "gate":
+        return {}
+    return {
         "base_test": result("test", "ensemble", f"round{FINAL_ROUND}", "probs.npy"),
     }
 
@@ -163,13 +171,17 @@ def stack_flags(wildcards):
 
 
 def stack_base_flags(wildcards, input):
-    """`--base-oof-dir D --base-test-dir D` of the ensemble for the gate, else nothing."""
+    """`--base-oof-dir D` of the ensemble for the gate's fit, else nothing."""
     if wildcards.stacker != "gate":
         return ""
-    return (
-        f"--base-oof-dir {shlex.quote(os.path.dirname(input.base_oof))}"
-        f" --base-test-dir {shlex.quote(os.path.dirname(input.base_test))}"
-    )
+    return f"--base-oof-dir {shlex.quote(os.path.dirname(input.base_oof))}"
+
+
+def apply_stack_base_flags(wildcards, input):
+    """`--base-test-dir D` of the ensemble for the gate's apply, else nothing."""
+    if wildcards.stacker != "gate":
+        return ""
+    return f"--base-test-dir {shlex.quote(os.path.dirname(input.base_test))}"
 
 
 def submit_flag():

@@ -1,10 +1,9 @@
+# Fit on OOF (blend) and apply to the test set (apply_blend) are two jobs: a test-set change
+# reruns apply_blend only, never the weights' search.
 rule blend:
     input:
         oof_probs=lambda wildcards: expand(
             "{dir}/oof_probs.npy", dir=experiment_dirs("oof", wildcards.round)
-        ),
-        test_probs=lambda wildcards: expand(
-            "{dir}/probs.npy", dir=experiment_dirs("test", wildcards.round)
         ),
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_train.output.stats,
@@ -15,8 +14,6 @@ rule blend:
         oof_ids=result("oof", "ensemble", "round{round}", "oof_ids.csv"),
         metrics=result("oof", "ensemble", "round{round}", "metrics.json"),
         metrics_csv=result("oof", "ensemble", "round{round}", "metrics.csv"),
-        test_probs=result("test", "ensemble", "round{round}", "probs.npy"),
-        test_ids=result("test", "ensemble", "round{round}", "ids.csv"),
         weights=result("ensemble", "round{round}", "weights.json"),
         table=result("ensemble", "round{round}", "table.csv"),
     log:
@@ -32,22 +29,53 @@ rule blend:
         code=stage_fingerprint("blend"),
         names=RUN_EXPERIMENTS,
         oof_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.oof_probs],
-        test_dirs=lambda wildcards, input: [
-            os.path.dirname(p) for p in input.test_probs
-        ],
         n_folds=N_FOLDS,
+        # Recorded in the weights' provenance (as before the split); read by apply_blend.
         fold_merge=config["predict"]["fold_merge"],
         metric=config["postprocess"]["metric"],
         step=config["ensemble"]["weight_step"],
         mode=config["ensemble"]["mode"],
     shell:
         "segflow blend --names {params.names:q} --oof-dirs {params.oof_dirs:q}"
-        " --test-dirs {params.test_dirs:q} --n-folds {params.n_folds:q}"
-        " --fold-merge {params.fold_merge:q} --metric {params.metric:q} --step {params.step:q}"
-        " --mode {params.mode:q}"
+        " --n-folds {params.n_folds:q} --fold-merge {params.fold_merge:q}"
+        " --metric {params.metric:q} --step {params.step:q} --mode {params.mode:q}"
         " --folds {input.folds:q} --stats {input.stats:q} --manifest {input.manifest:q}"
         " --dedup-items {input.dedup_items:q} --out-oof {output.oof_probs:q}"
-        " --out-test {output.test_probs:q} --out-weights {output.weights:q} 2> {log:q}"
+        " --out-weights {output.weights:q} 2> {log:q}"
+
+
+rule apply_blend:
+    input:
+        weights=rules.blend.output.weights,
+        # Its w_<name> columns keep the blend's experiment order (weights.json sorts keys).
+        table=rules.blend.output.table,
+        test_probs=lambda wildcards: expand(
+            "{dir}/probs.npy", dir=experiment_dirs("test", wildcards.round)
+        ),
+        stats=rules.preprocess_train.output.stats,
+    output:
+        test_probs=result("test", "ensemble", "round{round}", "probs.npy"),
+        test_ids=result("test", "ensemble", "round{round}", "ids.csv"),
+    log:
+        result("logs", "apply_blend", "round{round}.log"),
+    benchmark:
+        result("benchmarks", "apply_blend", "round{round}.tsv")
+    conda:
+        CONDA_ENV
+    threads: rule_threads("apply_blend", 1)
+    resources:
+        **job_resources("apply_blend", mem_mb=8000, runtime=30),
+    params:
+        code=stage_fingerprint("apply-blend"),
+        names=RUN_EXPERIMENTS,
+        test_dirs=lambda wildcards, input: [
+            os.path.dirname(p) for p in input.test_probs
+        ],
+        fold_merge=config["predict"]["fold_merge"],
+    shell:
+        "segflow apply-blend --names {params.names:q} --test-dirs {params.test_dirs:q}"
+        " --fold-merge {params.fold_merge:q} --stats {input.stats:q}"
+        " --weights {input.weights:q} --out-test {output.test_probs:q} 2> {log:q}"
 
 
 rule select_pseudo:
@@ -96,29 +124,23 @@ rule select_pseudo:
 
 # One job per stacked candidate ({stacker}: gate or pixel), each with only its own options:
 # both write into stack/round<R>/class_<k>/ (no file name shared) and a summary of their own.
+# The fit reads the OOF side only; apply_stack applies its models to the test set, so a
+# test-set change refits nothing.
 rule stack:
     input:
         unpack(stack_inputs),
         oof_probs=expand("{dir}/oof_probs.npy", dir=experiment_dirs("oof", FINAL_ROUND)),
         oof_ids=expand("{dir}/oof_ids.csv", dir=experiment_dirs("oof", FINAL_ROUND)),
-        # A function: with refit.test_models auto the test models follow the budget's plan.
-        test_probs=lambda wildcards: expand(
-            "{dir}/probs.npy", dir=experiment_dirs("test", FINAL_ROUND)
-        ),
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_train.output.stats,
         train_images=rules.preprocess_train.output.train_images,
-        test_images=rules.preprocess_test.output.test_images,
-        test_index=rules.preprocess_test.output.test_index,
+        index=rules.preprocess_train.output.index,
         manifest=rules.ingest_train.output.manifest,
-        test_manifest=rules.ingest_test.output.manifest,
         dedup_items=rules.dedup.output.dedup_items,
     output:
         oof=result("oof", "stack_{stacker}", f"round{FINAL_ROUND}", "oof_probs.npy"),
         oof_ids=result("oof", "stack_{stacker}", f"round{FINAL_ROUND}", "oof_ids.csv"),
         metrics=result("oof", "stack_{stacker}", f"round{FINAL_ROUND}", "metrics.json"),
-        test=result("test", "stack_{stacker}", f"round{FINAL_ROUND}", "probs.npy"),
-        test_ids=result("test", "stack_{stacker}", f"round{FINAL_ROUND}", "ids.csv"),
         summary=result("stack", f"round{FINAL_ROUND}", "summary_{stacker}.json"),
     log:
         result("logs", "stack", "{stacker}.log"),
@@ -135,9 +157,6 @@ rule stack:
         code=stage_fingerprint("stack"),
         names=RUN_EXPERIMENTS,
         oof_dirs=lambda wildcards, input: [os.path.dirname(p) for p in input.oof_probs],
-        test_dirs=lambda wildcards, input: [
-            os.path.dirname(p) for p in input.test_probs
-        ],
         n_folds=N_FOLDS,
         fold_merge=config["predict"]["fold_merge"],
         stack_options=stack_flags,
@@ -146,12 +165,56 @@ rule stack:
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     shell:
         "segflow stack --candidate {wildcards.stacker:q} --names {params.names:q}"
-        " --oof-dirs {params.oof_dirs:q} --test-dirs {params.test_dirs:q}"
-        " --n-folds {params.n_folds:q} --fold-merge {params.fold_merge:q} {params.stack_base}"
+        " --oof-dirs {params.oof_dirs:q} --n-folds {params.n_folds:q}"
+        " --fold-merge {params.fold_merge:q} {params.stack_base}"
         " --arrays-dir {params.arrays_dir:q} --folds {input.folds:q}"
-        " --manifest {input.manifest:q} --test-manifest {input.test_manifest:q}"
-        " --dedup-items {input.dedup_items:q} {params.stack_options}"
-        " --threads {threads} --out-dir {params.out_dir:q} 2> {log:q}"
+        " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " {params.stack_options} --threads {threads} --out-dir {params.out_dir:q} 2> {log:q}"
+
+
+rule apply_stack:
+    input:
+        unpack(apply_stack_inputs),
+        summary=rules.stack.output.summary,
+        # A function: with refit.test_models auto the test models follow the budget's plan.
+        test_probs=lambda wildcards: expand(
+            "{dir}/probs.npy", dir=experiment_dirs("test", FINAL_ROUND)
+        ),
+        stats=rules.preprocess_train.output.stats,
+        test_images=rules.preprocess_test.output.test_images,
+        test_index=rules.preprocess_test.output.test_index,
+        test_manifest=rules.ingest_test.output.manifest,
+    output:
+        test=result("test", "stack_{stacker}", f"round{FINAL_ROUND}", "probs.npy"),
+        test_ids=result("test", "stack_{stacker}", f"round{FINAL_ROUND}", "ids.csv"),
+    log:
+        result("logs", "apply_stack", "{stacker}.log"),
+    benchmark:
+        result("benchmarks", "apply_stack", "{stacker}.tsv")
+    wildcard_constraints:
+        stacker="gate|pixel",
+    conda:
+        CONDA_ENV
+    threads: rule_threads("apply_stack", 1)
+    resources:
+        **job_resources("apply_stack", mem_mb=16000, runtime=60),
+    params:
+        code=stage_fingerprint("apply-stack"),
+        names=RUN_EXPERIMENTS,
+        test_dirs=lambda wildcards, input: [
+            os.path.dirname(p) for p in input.test_probs
+        ],
+        fold_merge=config["predict"]["fold_merge"],
+        apply_base=apply_stack_base_flags,
+        arrays_dir=lambda wildcards, input: os.path.dirname(input.stats),
+        stack_dir=lambda wildcards, input: os.path.dirname(input.summary),
+        out_dir=lambda wildcards, output: os.path.dirname(output.test),
+    shell:
+        "segflow apply-stack --candidate {wildcards.stacker:q} --names {params.names:q}"
+        " --test-dirs {params.test_dirs:q} --fold-merge {params.fold_merge:q}"
+        " {params.apply_base} --arrays-dir {params.arrays_dir:q}"
+        " --test-manifest {input.test_manifest:q} --stack-dir {params.stack_dir:q}"
+        " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule choose:
@@ -246,6 +309,12 @@ rule export_bundle:
             for name, r in candidates()
         ],
         weights=[result("ensemble", f"round{r}", "weights.json") for r in ROUNDS],
+        tables=[result("ensemble", f"round{r}", "table.csv") for r in ROUNDS],
+        # A stacked choice's fitted models (class_<k>/ next to each summary).
+        stack=[
+            result("stack", f"round{FINAL_ROUND}", f"summary_{stacker}.json")
+            for stacker in STACKERS
+        ],
         stats=rules.preprocess_train.output.stats,
         manifest=rules.ingest_train.output.manifest,
         # Its stored channel counts: the bundle accepts the images the pipeline predicted.

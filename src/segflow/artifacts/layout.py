@@ -118,6 +118,11 @@ def ensemble_weights(results: str | os.PathLike[str], round_: int) -> Path:
     return Path(results) / "ensemble" / round_name(round_) / "weights.json"
 
 
+def stack_dir(results: str | os.PathLike[str], round_: int) -> Path:
+    """stack's folder of a round: ``summary_<stacker>.json`` and ``class_<k>/`` models."""
+    return Path(results) / "stack" / round_name(round_)
+
+
 def choice_json(results: str | os.PathLike[str]) -> Path:
     """choose's ``choice.json`` (the final candidate and round)."""
     return final_dir(results) / "choice.json"

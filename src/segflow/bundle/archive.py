@@ -13,11 +13,15 @@ Members:
   blend weights), the tuned post-processing, classes and submission format.
 - ``models/<experiment>/<member>.safetensors`` (or ``.pt``): one model's weights, a flat
   mapping of tensor name -> tensor (a snapshot ensemble's members prefixed ``<i>/``).
+- ``stack/class_<k>/<prefix>_model.txt`` (or ``.cbm``): a stacked candidate's fitted
+  second-level models (gate, threshold regressor, pixel blender) in LightGBM's text or
+  CatBoost's binary format, as ``segflow stack`` saved them.
 - ``leaks.json``: the labels of the train images (per exact-duplicate group, by pixel hash) for
   the leak copy of test images identical to a train image.
 
 Nothing is unpickled: JSON members are parsed as JSON, weights are read by ``safetensors`` or
-by ``torch.load(weights_only=True)``.
+by ``torch.load(weights_only=True)``, second-level models by LightGBM and CatBoost from their
+own formats.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ if TYPE_CHECKING:
     import torch
 
 BUNDLE_FORMAT = "segflow-bundle"
-BUNDLE_VERSION = 1
+# 2: stacked candidates (the ``stack`` section of bundle.json and its ``stack/`` members).
+BUNDLE_VERSION = 2
 MANIFEST = "manifest.json"
 CONFIG = "bundle.json"
 LEAKS = "leaks.json"
+STACK_MEMBERS = "stack"
 WEIGHT_SUFFIXES = {"safetensors": ".safetensors", "torch": ".pt"}
 _SNAPSHOT_KEY = re.compile(r"^(\d+)/(.+)$")
 
@@ -204,6 +210,20 @@ class Bundle:
     def json(self, name: str) -> dict[str, Any]:
         """A JSON member (checked against the manifest on open)."""
         return self._json(name)
+
+    def extract(self, prefix: str, folder: str | os.PathLike[str]) -> Path:
+        """Write the members under ``prefix/`` into ``folder`` (their paths below ``prefix``
+        kept), for readers that load files (the second-level models); returns the folder."""
+        folder = Path(folder)
+        for name, data in self._members.items():
+            if name.startswith(f"{prefix}/"):
+                relative = Path(name[len(prefix) + 1 :])
+                if relative.is_absolute() or ".." in relative.parts:
+                    raise SegflowError(f"bundle {self.path}: member {name} leaves its folder")
+                target = folder / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+        return folder
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
         """A weights member as name -> tensor, without unpickling anything."""

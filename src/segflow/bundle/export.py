@@ -4,10 +4,12 @@ e.g. in an offline Kaggle code-competition notebook.
 
 The bundle holds the chosen candidate (``results/final/choice.json``, or ``--candidate``): an
 experiment (its test models: the folds', the refit's or both, as the pipeline predicted the
-test set with) or the ``ensemble`` (every experiment's test models and the blend weights).
-The stacked candidates (``stack_gate``, ``stack_pixel``) are not exported: their features
-include the manifest's ``meta_*`` metadata, which a folder of images does not have; export the
-ensemble (``--candidate ensemble:<round>``) instead.
+test set with), the ``ensemble`` (every experiment's test models and the blend weights) or a
+stacked candidate (``stack_gate``, ``stack_pixel``: the experiments and blend weights as the
+ensemble's, plus the fitted second-level models of every class in their native formats,
+``stack/class_<k>/<prefix>_model.txt`` LightGBM or ``.cbm`` CatBoost, never a pickle). The
+stacked gate's features may include the ``meta_*`` metadata columns; ``bundle.json`` names
+them and predict-bundle reads them from its ``--metadata`` CSV.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from segflow.artifacts.tables import read_table
 from segflow.bundle.archive import (
     CONFIG,
     LEAKS,
+    STACK_MEMBERS,
     WEIGHT_SUFFIXES,
     encode_weights,
     flat_states,
@@ -37,6 +40,7 @@ from segflow.bundle.archive import (
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
 from segflow.core.stage_args import stage_log
+from segflow.ensemble.blend import read_blend_weights
 from segflow.formats.imageio import (
     DicomWindow,
     add_dicom_window_arguments,
@@ -48,11 +52,42 @@ from segflow.model.inference.predict import PredictOptions
 from segflow.model.submit import SubmissionOptions, train_label
 
 SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
+# Stacked candidate -> its stacker (segflow.ensemble.stacking.stackers.candidate_name).
+STACKED = {"stack_gate": "gate", "stack_pixel": "pixel"}
 # Every leak label's RLE uses this convention, whatever the submission's.
 LEAK_RLE = {"order": "column", "start": 1}
 # An exact-duplicate group's key: the first characters of ingest's md5_pixels (dedup's
 # exact_group).
 HASH_PREFIX = 16
+
+
+def stack_models(results: Path, name: str, round_: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A stacked candidate's fitted models as bundle members, and ``bundle.json``'s ``stack``.
+
+    Returns:
+        (``{"stacker", "backend", "threshold_target", "models", "meta_columns"}``: the model
+        members in :func:`segflow.ensemble.stacking.apply_stack.model_files` order under
+        ``stack/`` and the metadata columns their features read; member path -> bytes).
+
+    Raises:
+        SegflowError: the stack's summary or a model file is missing.
+    """
+    from segflow.ensemble.stacking.apply_stack import load_stack_models, model_files, stack_setup
+
+    stacker = STACKED[name]
+    folder = layout.stack_dir(results, round_)
+    backend, threshold_target = stack_setup(folder, stacker)
+    n_classes = len(classes_of(read_stats(layout.arrays_dir(results))))
+    models = load_stack_models(folder, stacker, backend, threshold_target, n_classes)
+    files = model_files(stacker, backend, threshold_target, n_classes)
+    config = {
+        "stacker": stacker,
+        "backend": backend,
+        "threshold_target": threshold_target,
+        "models": [f"{STACK_MEMBERS}/{file}" for file in files],
+        "meta_columns": models.meta_columns(),
+    }
+    return config, {f"{STACK_MEMBERS}/{file}": (folder / file).read_bytes() for file in files}
 
 
 def parse_candidate(text: str) -> tuple[str, int]:
@@ -246,26 +281,22 @@ def export(
     """
     results = Path(results)
     name, round_ = candidate or chosen_candidate(results)
-    if name in ("stack_gate", "stack_pixel"):
-        raise SegflowError(
-            f"candidate {name}:{round_} is a stacked model whose features need the manifest's "
-            f"metadata; bundles hold experiments and the ensemble: export --candidate "
-            f"ensemble:{round_}"
-        )
     manifest = read_table(layout.manifest(results), "manifest")
     dedup_items = read_table(layout.dedup_items(results), "dedup items")
     test_path = layout.test_manifest(results)
     test_manifest = read_table(test_path, "test manifest") if test_path.is_file() else None
-    if name == "ensemble":
-        path = layout.ensemble_weights(results, round_)
-        if not path.is_file():
-            raise SegflowError(f"{path} does not exist (run blend first)")
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        weights, mode = summary["weights"], summary.get("mode", "mean")
-    else:
-        weights, mode = {name: 1.0}, "mean"
+    stacked = name in STACKED
     fmt = weights_format()
     experiments, members = [], {}
+    stack: dict[str, Any] | None = None
+    if stacked:
+        stack, members = stack_models(results, name, round_)
+    if name == "ensemble" or stacked:
+        # A stacked candidate reads every experiment (the gate: through the ensemble).
+        blend = read_blend_weights(layout.ensemble_weights(results, round_))
+        weights, mode = blend.weights, blend.mode
+    else:
+        weights, mode = {name: 1.0}, "mean"
     for experiment, weight in weights.items():
         entries, files = experiment_models(
             results,
@@ -287,6 +318,8 @@ def export(
         manifest,
         test_manifest,
     )
+    if stack is not None:
+        config["stack"] = stack
     leaks = (
         leak_labels(manifest, dedup_items, len(config["classes"]))
         if submission.copy_train_labels

@@ -13,6 +13,12 @@ intermediate predictions pass through the same float16 and CSV forms as the pipe
 (:func:`segflow.artifacts.predictions.as_stored`), so on the same images and device the CSV is
 the pipeline's ``submission.csv`` byte for byte.
 
+A stacked candidate (``stack_gate``, ``stack_pixel``) runs the bundled second-level models on
+each batch with :func:`segflow.ensemble.stacking.apply_stack.apply_stack_models`, the
+pipeline's apply-stack: its features come from the experiments' fold-merged predictions, the
+preprocessed images and (the gate, when it was fitted with them) the ``meta_*`` metadata
+columns, which ``--metadata`` gives (the CSV the pipeline ingested as ``data.metadata_csv``).
+
 Leak copy for exact train duplicates: a test image whose pixels are identical to a train
 image's (dedup's exact-duplicate groups, by pixel hash) gets that train label, as the
 pipeline's submit does (``submission.copy_train_labels``).
@@ -69,7 +75,28 @@ class LoadedModel:
 class BundlePredictor:
     """A bundle's models on a device, predicting batches of images into submission rows."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "auto",
+        batch_size: int | None = None,
+        metadata: pd.DataFrame | None = None,
+        stack_folder: Path | None = None,
+    ) -> None:
+        """Rebuild the bundle's models.
+
+        Args:
+            bundle: the opened bundle.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+            batch_size: images per batch (None: the bundle's).
+            metadata: per-id metadata (:func:`segflow.data.ingest.read_metadata`), read by a
+                stacked gate fitted with ``meta_*`` columns; None: none given.
+            stack_folder: an empty folder the stacked candidate's models are extracted into
+                (required for a stacked bundle).
+
+        Raises:
+            SegflowError: a stacked gate that reads metadata columns ``metadata`` lacks.
+        """
         import dataclasses
 
         from segflow.core.devices import resolve_device
@@ -108,6 +135,46 @@ class BundlePredictor:
         ]
         self.leaks = bundle.json(LEAKS) if self.submission.copy_train_labels else {}
         self.hash_prefix = int(config["leaks"]["hash_prefix"])
+        self.stack = None
+        self.metadata = None
+        if "stack" in config:
+            self.stack, self.metadata = self._load_stack(config["stack"], metadata, stack_folder)
+
+    def _load_stack(
+        self, stack: dict[str, Any], metadata: pd.DataFrame | None, folder: Path | None
+    ) -> tuple[Any, pd.DataFrame | None]:
+        """The stacked candidate's models and the metadata columns its features read.
+
+        Raises:
+            SegflowError: metadata columns needed and not given (or missing from the CSV).
+        """
+        from segflow.bundle.archive import STACK_MEMBERS
+        from segflow.ensemble.stacking.apply_stack import load_stack_models
+
+        if folder is None:
+            raise SegflowError(f"bundle {self.bundle.path}: a stacked bundle needs a folder")
+        models = load_stack_models(
+            self.bundle.extract(STACK_MEMBERS, folder),
+            str(stack["stacker"]),
+            str(stack["backend"]),
+            bool(stack["threshold_target"]),
+            len(self.classes),
+        )
+        needed = [str(column) for column in stack["meta_columns"]]
+        if not needed:
+            return models, None
+        if metadata is None:
+            raise SegflowError(
+                f"bundle {self.bundle.path}: the {self.candidate} model reads the metadata "
+                f"columns {', '.join(needed)}; give --metadata CSV (data.metadata_csv)"
+            )
+        missing = [column for column in needed if column not in metadata.columns]
+        if missing:
+            raise SegflowError(
+                f"--metadata: no column {missing[0].removeprefix('meta_')!r}, which the "
+                f"{self.candidate} model reads"
+            )
+        return models, metadata.set_index("id")[needed]
 
     @property
     def batch_size(self) -> int:
@@ -175,9 +242,53 @@ class BundlePredictor:
                 table[nonempty_column(k)] = nonempty[:, k]
         return as_stored(Prediction(table, restored))
 
+    def _stacked(
+        self,
+        per_experiment: list[list[Prediction]],
+        images: np.ndarray,
+        ids: pd.DataFrame,
+        offsets: list[Any],
+    ) -> Prediction:
+        """The stacked candidate's prediction of a batch, as apply-stack stores it."""
+        from segflow.artifacts.resolution import image_to_original
+        from segflow.ensemble.stacking.apply_stack import apply_stack_models
+        from segflow.ensemble.stacking.rows import metadata_for
+
+        names = [name for name, _, _ in self.experiments]
+        merged = [
+            merge_fold_predictions(folds, self.options.fold_merge) for folds in per_experiment
+        ]
+        base = None
+        if self.stack.stacker == "gate":
+            # apply-stack reads the stored ensemble back, "merged" as one fold.
+            base = merge_fold_predictions([as_stored(self._ensemble(merged))], "mean")
+        if any(offset is not None for offset in offsets):  # padded: back to the maps' pixels
+            sizes = zip(ids["orig_height"], ids["orig_width"], strict=True)
+            images = np.stack(
+                [
+                    image_to_original(image, size, offset)
+                    for image, size, offset in zip(images, sizes, offsets, strict=True)
+                ]
+            )
+        metadata = None
+        if self.metadata is not None:
+            table = self.metadata.reindex(ids["id"]).rename_axis("id").reset_index()
+            metadata = metadata_for(table, ids["id"])
+        prediction, _ = apply_stack_models(self.stack, names, merged, base, images, metadata)
+        return as_stored(prediction)
+
+    def _ensemble(self, merged: Sequence[Prediction]) -> Prediction:
+        """The experiments' fold-merged predictions as apply-blend combines them: the
+        weighted mean, or the majority vote under ``ensemble.mode: vote``."""
+        from segflow.ensemble.weights import blend_predictions, vote_predictions
+
+        if self.ensemble_mode == "vote":
+            return vote_predictions(merged, len(self.classes))
+        weights = [weight for _, weight, _ in self.experiments]
+        return blend_predictions(merged, weights, len(self.classes))
+
     def predict_batch(self, paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
         """Submission rows of a batch of (id, path), in id order."""
-        from segflow.ensemble.weights import blend_predictions, vote_predictions
         from segflow.model.submit import fold_masks, submission_frame
 
         originals, prepared, keys = [], [], []
@@ -208,13 +319,11 @@ class BundlePredictor:
             merged = [
                 merge_fold_predictions(folds, self.options.fold_merge) for folds in per_experiment
             ]
-            weights = [weight for _, weight, _ in self.experiments]
-            if self.ensemble_mode == "vote":
-                blended = vote_predictions(merged, len(self.classes))
-            else:
-                blended = blend_predictions(merged, weights, len(self.classes))
+            blended = self._ensemble(merged)
             # submit "merges" the ensemble's one stored prediction with predict.fold_merge too.
             folds = [as_stored(blended)]
+        elif self.stack is not None:
+            folds = [self._stacked(per_experiment, images, ids, offsets)]
         else:
             folds = per_experiment[0]
         masks = fold_masks(folds, self.options.fold_merge, self.params)
@@ -271,6 +380,8 @@ def predict_bundle(
     out: str | Path,
     device: str = "auto",
     batch_size: int | None = None,
+    metadata: str | Path | None = None,
+    metadata_id_column: str = "id",
 ) -> int:
     """Predict every image of ``images_dir`` with the bundle; write the submission CSV.
 
@@ -281,20 +392,33 @@ def predict_bundle(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: images per batch (default: the bundle's ``predict.batch_size``; the same
             batches as the pipeline's give its probabilities to the bit).
+        metadata: the per-id metadata CSV a stacked gate's ``meta_*`` features read (the
+            pipeline's ``data.metadata_csv``); ignored by bundles that read none.
+        metadata_id_column: its id column.
 
     Returns:
         The number of images predicted.
 
     Raises:
-        SegflowError: a bad bundle (:class:`segflow.bundle.archive.Bundle`), no images, or
-            an image the models cannot take.
+        SegflowError: a bad bundle (:class:`segflow.bundle.archive.Bundle`), no images, an
+            image the models cannot take, or metadata a stacked gate needs and lacks.
     """
-    from segflow.data.ingest import list_images
+    import tempfile
+
+    from segflow.data.ingest import list_images, read_metadata
 
     bundle = Bundle(bundle_path)
     found, _ = list_images(images_dir, "test image")
-    predictor = BundlePredictor(bundle, device, batch_size)
-    items = sorted(found.items())
+    table = None if metadata is None else read_metadata(metadata, metadata_id_column)
+    with tempfile.TemporaryDirectory(prefix="segflow-bundle-") as folder:
+        predictor = BundlePredictor(bundle, device, batch_size, table, Path(folder))
+        return _write_submission(predictor, sorted(found.items()), out)
+
+
+def _write_submission(
+    predictor: BundlePredictor, items: list[tuple[str, Path]], out: str | Path
+) -> int:
+    """Predict ``items`` (id, path) a batch at a time into the CSV ``out`` (atomically)."""
     step = predictor.batch_size
     with (
         atomic_path(out) as tmp,
@@ -320,9 +444,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="images per batch (default: the bundle's predict.batch_size)",
     )
+    parser.add_argument(
+        "--metadata",
+        default=None,
+        help="per-id metadata CSV (the pipeline's data.metadata_csv): a stacked gate fitted "
+        "with meta_* columns reads it",
+    )
+    parser.add_argument("--metadata-id-column", default="id", help="id column of the metadata CSV")
 
 
 def run(args: argparse.Namespace) -> None:
     """``segflow predict-bundle``: write the submission CSV of a folder of images."""
-    count = predict_bundle(args.bundle, args.images, args.out, args.device, args.batch_size)
+    count = predict_bundle(
+        args.bundle,
+        args.images,
+        args.out,
+        args.device,
+        args.batch_size,
+        args.metadata,
+        args.metadata_id_column,
+    )
     stage_log.info("predict-bundle: %d images -> %s", count, args.out)

@@ -42,14 +42,19 @@ def add_fold_merge(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold-merge", default="mean", choices=("mean", "gmean"))
 
 
-def add_experiment_dirs(parser: argparse.ArgumentParser) -> None:
-    """The experiments' prediction folders that blend and stack read."""
+def add_experiment_dirs(
+    parser: argparse.ArgumentParser, oof: bool = True, test: bool = True
+) -> None:
+    """The experiments' prediction folders that blend and stack (``oof``: their fits, on
+    the OOF side) and apply-blend and apply-stack (``test``: the test side) read."""
     parser.add_argument("--names", nargs="+", required=True, help="experiment names")
-    parser.add_argument("--oof-dirs", nargs="+", required=True, help="evaluate-oof folders")
-    parser.add_argument(
-        "--test-dirs", nargs="+", required=True, help="predict-test folders, experiment-major"
-    )
-    parser.add_argument("--n-folds", type=int, required=True)
+    if oof:
+        parser.add_argument("--oof-dirs", nargs="+", required=True, help="evaluate-oof folders")
+        parser.add_argument("--n-folds", type=int, required=True)
+    if test:
+        parser.add_argument(
+            "--test-dirs", nargs="+", required=True, help="predict-test folders, experiment-major"
+        )
     add_fold_merge(parser)
 
 

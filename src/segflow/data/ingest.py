@@ -403,11 +403,25 @@ def _read_metadata(options: IngestOptions) -> pd.DataFrame:
         raise SegflowError(
             f"metadata CSV {options.metadata_csv!r} does not exist (data.metadata_csv)"
         )
+    return read_metadata(path, options.metadata_id_column)
+
+
+def read_metadata(path: str | os.PathLike[str], id_column: str = "id") -> pd.DataFrame:
+    """A per-id metadata CSV as the manifest joins it: ``id`` and one ``meta_<column>`` per
+    other column (the one reader: ingest's ``data.metadata_csv``, predict-bundle's
+    ``--metadata``).
+
+    Raises:
+        SegflowError: missing, not a CSV, without ``id_column``, or with a duplicate id (the
+            row named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegflowError(f"metadata CSV {str(path)!r} does not exist")
     try:
-        frame = pd.read_csv(path, dtype={options.metadata_id_column: str})
+        frame = pd.read_csv(path, dtype={id_column: str})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise SegflowError(f"{path}: cannot parse CSV ({error})") from None
-    id_column = options.metadata_id_column
     if id_column not in frame.columns:
         raise SegflowError(f"{path}: no column {id_column!r} (set data.metadata_id_column)")
     duplicated = frame[id_column].duplicated()

@@ -1,8 +1,10 @@
-"""The blend stage: tune the experiments' blend weights on OOF, apply them to OOF and test.
+"""The blend stage: tune the experiments' blend weights on OOF and apply them to OOF.
 
 The weights' search is :func:`segflow.ensemble.weights.tune_weights` (pure, on arrays); this
-module reads the experiments' OOF and test folders and writes the ``ensemble`` candidate
-(:mod:`segflow.ensemble.candidates`) with ``weights.json`` and ``table.csv``.
+module reads the experiments' OOF folders only and writes the OOF side of the ``ensemble``
+candidate (:mod:`segflow.ensemble.candidates`) with ``weights.json`` and ``table.csv``; the
+test side is :mod:`segflow.ensemble.apply_blend`'s (``weights.json`` read by
+:func:`read_blend_weights`), so a test-set change does not re-tune the weights.
 
 ``ensemble.mode: vote`` replaces the weighted mean by hard majority voting
 (:func:`segflow.ensemble.weights.vote`): every experiment's probabilities thresholded at
@@ -10,14 +12,17 @@ module reads the experiments' OOF and test folders and writes the ``ensemble`` c
 post-processing threshold: the blend then does not depend on every member's tuning run), one
 vote each; the candidate's "probabilities" are the vote shares, so the ensemble's
 post-processing tuning runs on them as on any OOF prediction (threshold 0.5 = strict majority).
-MC-dropout uncertainty maps travel with the test prediction when every experiment has one:
-their weighted mean (equal weights under ``vote``).
+MC-dropout uncertainty maps travel with the prediction when every experiment has one: their
+weighted mean (equal weights under ``vote``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,7 @@ import numpy as np
 import pandas as pd
 
 from segflow.artifacts.arrays import read_classes
-from segflow.artifacts.layout import group_by_experiment
-from segflow.artifacts.predictions import Prediction, read_fold_predictions, read_oof
+from segflow.artifacts.predictions import Prediction, read_oof
 from segflow.artifacts.tables import read_folds, read_table
 from segflow.artifacts.truths import original_truths
 from segflow.core.atomic import write_csv, write_json
@@ -39,7 +43,7 @@ from segflow.core.stage_args import (
     check_names,
     stage_log,
 )
-from segflow.ensemble.candidates import check_aligned, json_ready, write_candidate
+from segflow.ensemble.candidates import check_aligned, json_ready, write_oof_candidate
 from segflow.ensemble.weights import (
     ENSEMBLE_MODES,
     VOTE_THRESHOLD,
@@ -53,20 +57,19 @@ from segflow.model.metrics import score_oof
 def run_blend(
     names: Sequence[str],
     oof: Sequence[Prediction],
-    test: Sequence[Prediction],
     truths: np.ndarray,
     folds: pd.DataFrame,
     classes: Sequence[str],
     metric: str,
     step: float,
     mode: str = "mean",
-) -> tuple[Prediction, Prediction, dict[str, Any], pd.DataFrame]:
-    """Tune the experiments' blend weights on OOF and apply them to OOF and test, or with
+) -> tuple[Prediction, dict[str, Any], pd.DataFrame]:
+    """Tune the experiments' blend weights on OOF and apply them to OOF, or with
     ``mode="vote"`` take the experiments' majority vote (equal weights, nothing tuned).
 
     Returns:
-        (blended OOF, blended test, weights summary, the table of single / mean / tuned; under
-        vote one ``vote`` row scored at threshold 0.5).
+        (blended OOF, weights summary, the table of single / mean / tuned; under vote one
+        ``vote`` row scored at threshold 0.5).
 
     Raises:
         SegflowError: an unknown mode, or predictions that are not aligned.
@@ -76,7 +79,6 @@ def run_blend(
             f"ensemble.mode must be one of {', '.join(ENSEMBLE_MODES)}, got {mode!r}"
         )
     check_aligned(oof, names, "OOF predictions")
-    check_aligned(test, names, "test predictions")
     if mode == "vote":
         weights = np.full(len(names), 1.0 / len(names))
         blended_oof = vote_predictions(oof, len(classes))
@@ -92,13 +94,11 @@ def run_blend(
                 }
             ]
         )
-        blended_test = vote_predictions(test, len(classes))
     else:
         weights, table = tune_weights(
             [p.probs for p in oof], truths, classes, metric=metric, step=step, names=names
         )
         blended_oof = blend_predictions(oof, weights, len(classes))
-        blended_test = blend_predictions(test, weights, len(classes))
 
     summary = {
         "metric": metric,
@@ -108,12 +108,54 @@ def run_blend(
     }
     if mode != "mean":  # the mean's weights.json stays as it was
         summary["mode"] = mode
-    return blended_oof, blended_test, json_ready(summary), table
+    return blended_oof, json_ready(summary), table
+
+
+@dataclass(frozen=True)
+class BlendWeights:
+    """blend's ``weights.json`` as apply-blend and export use it."""
+
+    weights: dict[str, float]
+    """experiment -> weight, in the blend's experiment order."""
+    mode: str
+    """``mean`` (the weighted mean) or ``vote`` (majority vote, equal weights)."""
+
+
+def read_blend_weights(path: str | os.PathLike[str]) -> BlendWeights:
+    """blend's ``weights.json``: experiment -> weight, in the blend's experiment order, and the
+    mode (the one reader of the file, for apply-blend and export). ``weights.json`` sorts its keys, so
+    the order is that of the ``w_<name>`` columns of ``table.csv`` beside it, which the
+    weighted sum follows (a float32 sum in another order may differ in the last bit).
+
+    Raises:
+        SegflowError: a file missing, not JSON, without a ``weights`` mapping of numbers, or
+            a table of other experiments.
+    """
+    path = Path(path)
+    table_path = path.with_name("table.csv")
+    for required in (path, table_path):
+        if not required.is_file():
+            raise SegflowError(f"{required} does not exist (run blend first)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        weights = {str(name): float(weight) for name, weight in summary["weights"].items()}
+        mode = str(summary.get("mode", "mean"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise SegflowError(f"{path}: not a weights.json of segflow blend ({error})") from None
+    columns = pd.read_csv(table_path, nrows=0).columns
+    order = [str(c)[2:] for c in columns if str(c).startswith("w_")]
+    if sorted(order) != sorted(weights):
+        raise SegflowError(
+            f"{table_path} weighs {', '.join(order)}, {path.name} {', '.join(weights)}; rerun blend"
+        )
+    if mode not in ENSEMBLE_MODES:
+        raise SegflowError(f"{path}: unknown ensemble mode {mode!r}; rerun blend")
+    return BlendWeights({name: weights[name] for name in order}, mode)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow blend``'s flags."""
-    add_experiment_dirs(parser)
+    add_experiment_dirs(parser, test=False)
     parser.add_argument("--metric", default="kaggle")
     parser.add_argument("--step", type=float, default=0.1, help="weight grid step")
     parser.add_argument(
@@ -126,19 +168,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stats(parser)
     add_stage_tables(parser)
     parser.add_argument("--out-oof", required=True, help="blended oof_probs.npy to write")
-    parser.add_argument("--out-test", required=True, help="blended test probs.npy to write")
     parser.add_argument("--out-weights", required=True, help="weights.json to write")
 
 
 def run(args: argparse.Namespace) -> None:
-    """``segflow blend``: write the ensemble candidate, weights.json and table.csv."""
+    """``segflow blend``: write the ensemble's OOF side, weights.json and table.csv
+    (``--fold-merge`` is recorded in their provenance: apply-blend merges the test folds)."""
     classes, _ = read_classes(args.stats)
     check_names(args)
     oof = [read_oof(d) for d in args.oof_dirs]
-    test = [
-        read_fold_predictions(dirs, args.fold_merge)
-        for dirs in group_by_experiment(args.test_dirs, len(args.names), "test folders")
-    ]
     folds = read_folds(args.folds)
     truths = original_truths(
         read_table(args.manifest, "manifest"),
@@ -146,8 +184,8 @@ def run(args: argparse.Namespace) -> None:
         oof[0].ids["id"],
         len(classes),
     )
-    blended_oof, blended_test, summary, table = run_blend(
-        args.names, oof, test, truths, folds, classes, args.metric, args.step, args.mode
+    blended_oof, summary, table = run_blend(
+        args.names, oof, truths, folds, classes, args.metric, args.step, args.mode
     )
     block = stage_provenance(
         {
@@ -160,11 +198,9 @@ def run(args: argparse.Namespace) -> None:
             **({"mode": args.mode} if args.mode != "mean" else {}),
         }
     )
-    metrics = write_candidate(
+    metrics = write_oof_candidate(
         Path(args.out_oof).parent,
-        Path(args.out_test).parent,
         blended_oof,
-        blended_test,
         folds,
         truths,
         classes,
@@ -172,9 +208,4 @@ def run(args: argparse.Namespace) -> None:
     )
     write_json(args.out_weights, with_provenance(summary, block))
     write_csv(Path(args.out_weights).with_name("table.csv"), table)
-    stage_log.info(
-        "ensemble (%s) weights %s: OOF kaggle %.4f",
-        args.mode,
-        summary["weights"],
-        metrics["kaggle"],
-    )
+    stage_log.info("ensemble weights %s: OOF kaggle %.4f", summary["weights"], metrics["kaggle"])

@@ -1,8 +1,9 @@
 """Second-level candidates on files: each is written in an experiment's layout.
 
 Each candidate (the ensemble, the stacked gate, the pixel blender) is written as an
-experiment's evaluate-oof output (``oof/<name>/round<r>``: OOF arrays, ids, ``metrics.json``)
-plus a fold-merged test prediction (``test/<name>/round<r>``), so the post-processing tuner,
+experiment's evaluate-oof output (``oof/<name>/round<r>``: OOF arrays, ids, ``metrics.json``;
+its fit stage: blend, stack) plus a fold-merged test prediction (``test/<name>/round<r>``; its
+apply stage: apply-blend, apply-stack), so the post-processing tuner,
 the submission writer and the final choice treat every candidate alike. An image-level gate
 travels as the ``nonempty_prob_<k>`` columns of the ids tables, the same columns an aux head
 writes (:mod:`segflow.artifacts.predictions`).
@@ -19,35 +20,34 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from segflow.artifacts.predictions import Prediction, write_oof, write_prediction
+from segflow.artifacts.predictions import Prediction, write_oof
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.model.metrics import score_oof
 
 
-def write_candidate(
+def write_oof_candidate(
     oof_dir: str | os.PathLike[str],
-    test_dir: str | os.PathLike[str],
     oof: Prediction,
-    test: Prediction,
     folds: pd.DataFrame,
     truths: np.ndarray,
     classes: Sequence[str],
     extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a candidate's OOF (with metrics, as evaluate-oof does) and its test prediction.
+    """Write a candidate's OOF side as evaluate-oof does: arrays, ids, ``metrics.csv`` and
+    ``metrics.json`` (its test side is one :func:`segflow.artifacts.predictions.write_prediction`
+    of the apply stage).
 
     Returns:
         The OOF summary written to ``metrics.json``.
     """
-    oof_dir, test_dir = Path(oof_dir), Path(test_dir)
+    oof_dir = Path(oof_dir)
     fold_of = folds.set_index("id").loc[oof.ids["id"], "fold"].to_numpy()
     table, summary = score_oof(np.asarray(oof.probs), truths, fold_of, classes)
     summary.update(extra_metrics or {})
     write_oof(oof_dir, oof.ids.assign(fold=fold_of), oof.probs)
     write_csv(oof_dir / "metrics.csv", table)
     write_json(oof_dir / "metrics.json", summary)
-    write_prediction(test_dir, test.ids, test.probs, test.uncertainty)
     return summary
 
 

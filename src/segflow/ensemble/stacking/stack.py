@@ -1,12 +1,14 @@
 """The stacking stage on files: an image-level gate or a pixel-level blender, per class.
 
 ``segflow stack --candidate gate|pixel`` fits one of the two stacked candidates
-(:mod:`segflow.ensemble.stacking.stackers`); the workflow runs one job per candidate, each with
-only the options it reads. Features come from every experiment's OOF probability maps (and the
-fold-merged test maps for the test set), the preprocessed images and (gate) the manifest's
-``meta_*`` metadata. Both models are cross-fitted on the first level's folds
+(:mod:`segflow.ensemble.stacking.stackers`) on the OOF side only; the workflow runs one job per
+candidate, each with only the options it reads. Features come from every experiment's OOF
+probability maps, the preprocessed train images and (gate) the manifest's ``meta_*``
+metadata. Both models are cross-fitted on the first level's folds
 (:mod:`segflow.ensemble.stacking.learners`), so their OOF is honest; the final models, fitted
-on all OOF, are applied to the test features.
+on all OOF and saved in their native formats, are applied to the test set by
+``segflow apply-stack`` (:mod:`segflow.ensemble.stacking.apply_stack`), so a test-set change
+refits nothing.
 
 * ``stack_gate`` (``--candidate gate``): the ensemble's probabilities with the gate's non-empty
   probability (tuned as ``postprocess.gates`` like an aux head's); with
@@ -15,9 +17,10 @@ on all OOF, are applied to the test features.
 * ``stack_pixel`` (``--candidate pixel``): the blender's probabilities. Reads the experiments
   only, not the ensemble nor the gate.
 
-Both write into the same ``stack/round<r>/class_<k>/`` folders (the gate its feature tables,
+Both write into the same ``stack/round<r>/class_<k>/`` folders (the gate its OOF feature table,
 gate and threshold files, the pixel job its ``blender_*`` files: no name is shared) and a
-``summary_<stacker>.json`` each.
+``summary_<stacker>.json`` each (its ``backend`` and ``options`` tell apply-stack which model
+files to load).
 """
 
 from __future__ import annotations
@@ -34,16 +37,8 @@ import numpy as np
 import pandas as pd
 
 from segflow.artifacts import layout
-from segflow.artifacts.arrays import images_file, read_classes, read_index
-from segflow.artifacts.layout import group_by_experiment
-from segflow.artifacts.predictions import (
-    Prediction,
-    read_fold_predictions,
-    read_oof,
-    with_gates,
-    without_gates,
-)
-from segflow.artifacts.resolution import image_to_original, index_offsets
+from segflow.artifacts.arrays import read_classes
+from segflow.artifacts.predictions import Prediction, read_oof, with_gates, without_gates
 from segflow.artifacts.tables import read_folds, read_table
 from segflow.artifacts.truths import class_truths, original_truths
 from segflow.core.atomic import write_json
@@ -51,18 +46,23 @@ from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
 from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.core.stage_args import add_experiment_dirs, add_stage_tables, check_names, stage_log
-from segflow.ensemble.candidates import check_aligned, json_ready, write_candidate
+from segflow.ensemble.candidates import check_aligned, json_ready, write_oof_candidate
 from segflow.ensemble.stacking.features import image_features
 from segflow.ensemble.stacking.learners import (
     BACKENDS,
-    apply_pixel_blender,
     fit_gate,
     fit_pixel_blender,
     nonempty_images,
     write_blender_artifacts,
     write_gate_artifacts,
 )
-from segflow.ensemble.stacking.stackers import STACKER_OPTIONS, STACKERS, candidate_name
+from segflow.ensemble.stacking.rows import class_maps, images_for, metadata_for, write_parquet
+from segflow.ensemble.stacking.stackers import (
+    STACKER_OPTIONS,
+    STACKERS,
+    candidate_name,
+    summary_name,
+)
 from segflow.ensemble.stacking.threshold import (
     ThresholdResult,
     best_thresholds,
@@ -116,113 +116,54 @@ class StackOptions:
 
 @dataclass(frozen=True)
 class StackInputs:
-    """Everything the stage reads, already loaded and row-aligned."""
+    """Everything the fit reads (the OOF side), already loaded and row-aligned."""
 
     names: Sequence[str]
     oof: Sequence[Prediction]  # per experiment, OOF (sorted ids)
-    test: Sequence[Prediction]  # per experiment, fold-merged test
     base_oof: Prediction | None  # the ensemble's (what the gate gates); None for the blender
-    base_test: Prediction | None
     truths: np.ndarray  # packed (N, H, W)
     folds: pd.DataFrame  # id, fold
     classes: Sequence[str]
     train_images: np.ndarray  # preprocessed rows of the OOF ids (N, h, w, C)
-    test_images: np.ndarray  # preprocessed rows of the test ids
     train_metadata: pd.DataFrame  # meta_* columns of the OOF ids
-    test_metadata: pd.DataFrame
-
-
-def _images_for(arrays_dir: Path, split: str, ids: pd.Series) -> np.ndarray:
-    """The preprocessed images of ``ids``; reflect-padded ones (``resize_mode: pad``) cropped
-    back to their original pixels, which is where the probability maps are."""
-    index = read_index(arrays_dir, split=split)
-    selected = index.set_index("id").loc[ids].reset_index()
-    rows = selected["row"].to_numpy()
-    images = np.asarray(np.load(arrays_dir / images_file(split), mmap_mode="r")[rows])
-    offsets = index_offsets(selected)
-    if all(offset is None for offset in offsets):
-        return images
-    sizes = zip(selected["orig_height"], selected["orig_width"], strict=True)
-    return np.stack(
-        [
-            image_to_original(image, size, offset)
-            for image, size, offset in zip(images, sizes, offsets, strict=True)
-        ]
-    )
-
-
-def _metadata_for(manifest: pd.DataFrame, ids: pd.Series) -> pd.DataFrame:
-    meta = [c for c in manifest.columns if c.startswith("meta_")]
-    frame = manifest.set_index("id").loc[ids, meta].reset_index(drop=True)
-    return frame.apply(pd.to_numeric, errors="coerce")
 
 
 def load_stack_inputs(
     names: Sequence[str],
     oof: Sequence[Prediction],
-    test: Sequence[Prediction],
     base_oof: Prediction | None,
-    base_test: Prediction | None,
     truths: np.ndarray,
     folds: pd.DataFrame,
     classes: Sequence[str],
     arrays_dir: str | os.PathLike[str],
     manifest: pd.DataFrame,
-    test_manifest: pd.DataFrame | None = None,
 ) -> StackInputs:
-    """Check alignment and read the images and metadata the features need (the test items'
-    metadata from ``test_manifest``, the test side's manifest; None: ``manifest`` holds both).
+    """Check alignment and read the train images and metadata the features need.
 
     Args:
-        base_oof, base_test: the ensemble's OOF and test predictions (the gate's), both or
-            neither (the pixel blender reads the experiments only).
+        base_oof: the ensemble's OOF predictions (the gate's), or None (the pixel blender
+            reads the experiments only).
 
     Raises:
-        SegflowError: experiments (and ensemble) cover different ids or shapes, or only one
-            of ``base_oof`` and ``base_test`` is given.
+        SegflowError: experiments (and ensemble) cover different ids or shapes.
     """
-    if (base_oof is None) != (base_test is None):
-        raise SegflowError("stacking: give the ensemble's OOF and test predictions, or neither")
-    with_base = base_oof is not None and base_test is not None
+    with_base = base_oof is not None
     check_aligned(
         [*oof, base_oof] if with_base else list(oof),
         [*names, "ensemble"] if with_base else list(names),
         "OOF predictions",
     )
-    check_aligned(
-        [*test, base_test] if with_base else list(test),
-        [*names, "ensemble"] if with_base else list(names),
-        "test predictions",
-    )
-    arrays_dir = Path(arrays_dir)
-    oof_ids, test_ids = oof[0].ids["id"], test[0].ids["id"]
+    oof_ids = oof[0].ids["id"]
     return StackInputs(
         names=list(names),
         oof=oof,
-        test=test,
         base_oof=base_oof,
-        base_test=base_test,
         truths=truths,
         folds=folds,
         classes=list(classes),
-        train_images=_images_for(arrays_dir, "train", oof_ids),
-        test_images=_images_for(arrays_dir, "test", test_ids),
-        train_metadata=_metadata_for(manifest, oof_ids),
-        test_metadata=_metadata_for(manifest if test_manifest is None else test_manifest, test_ids),
+        train_images=images_for(arrays_dir, "train", oof_ids),
+        train_metadata=metadata_for(manifest, oof_ids),
     )
-
-
-def _class_maps(inputs: StackInputs, k: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Class ``k``'s probability planes of every experiment: (OOF, test), float32."""
-    oof_maps = {
-        n: np.asarray(p.probs[:, k], np.float32)
-        for n, p in zip(inputs.names, inputs.oof, strict=True)
-    }
-    test_maps = {
-        n: np.asarray(p.probs[:, k], np.float32)
-        for n, p in zip(inputs.names, inputs.test, strict=True)
-    }
-    return oof_maps, test_maps
 
 
 def run_stack(
@@ -230,19 +171,19 @@ def run_stack(
     options: StackOptions,
     stacker: str,
     out_dir: str | os.PathLike[str],
-    candidate_dirs: tuple[Path, Path],
+    oof_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
-    """Fit one stacked model per class, write its artifacts and its candidate.
+    """Fit one stacked model per class, write its artifacts and its candidate's OOF side.
 
     Args:
-        inputs: from :func:`load_stack_inputs` (with the ensemble's predictions for the gate).
+        inputs: from :func:`load_stack_inputs` (with the ensemble's OOF for the gate).
         options: the ``stack`` options; only ``options.of(stacker)`` is read.
         stacker: ``gate`` or ``pixel`` (:data:`segflow.ensemble.stacking.stackers.STACKERS`).
-        out_dir: artifacts: ``class_<k>/`` (gate: feature tables, gate and threshold models,
+        out_dir: artifacts: ``class_<k>/`` (gate: OOF feature table, gate and threshold models,
             importances, metrics; pixel: the blender's) and ``summary_<stacker>.json``; every
             JSON carries the job's provenance block (:mod:`segflow.core.provenance`, seed
             ``options.seed``).
-        candidate_dirs: the candidate's (OOF folder, test folder).
+        oof_dir: the candidate's OOF folder.
 
     Returns:
         The summary written to ``summary_<stacker>.json``.
@@ -262,15 +203,9 @@ def run_stack(
     )
     fold_of = inputs.folds.set_index("id").loc[inputs.oof[0].ids["id"], "fold"].to_numpy()
     fit = _fit_gates if stacker == "gate" else _fit_blenders
-    per_class, oof, test = fit(inputs, options, fold_of, out_dir, block)
-    scores = write_candidate(
-        *candidate_dirs,
-        oof,
-        test,
-        inputs.folds,
-        inputs.truths,
-        inputs.classes,
-        {PROVENANCE_KEY: block},
+    per_class, oof = fit(inputs, options, fold_of, out_dir, block)
+    scores = write_oof_candidate(
+        oof_dir, oof, inputs.folds, inputs.truths, inputs.classes, {PROVENANCE_KEY: block}
     )
     summary = json_ready(
         {
@@ -282,7 +217,7 @@ def run_stack(
         }
     )
     summary = with_provenance(summary, block)
-    write_json(out_dir / f"summary_{stacker}.json", summary)
+    write_json(out_dir / summary_name(stacker), summary)
     return summary
 
 
@@ -292,59 +227,46 @@ def _fit_gates(
     fold_of: np.ndarray,
     out_dir: Path,
     block: dict[str, Any],
-) -> tuple[dict[str, Any], Prediction, Prediction]:
-    """Per class: feature tables, the gate (and per-image thresholds), their artifacts.
+) -> tuple[dict[str, Any], Prediction]:
+    """Per class: the OOF feature table, the gate (and per-image thresholds), their artifacts.
 
     Returns:
-        (per-class metrics, the stack_gate candidate's OOF, its test prediction).
+        (per-class metrics, the stack_gate candidate's OOF).
     """
-    base_oof, base_test = inputs.base_oof, inputs.base_test
-    if base_oof is None or base_test is None:
-        raise SegflowError("the gate needs the ensemble's OOF and test predictions")
+    base_oof = inputs.base_oof
+    if base_oof is None:
+        raise SegflowError("the gate needs the ensemble's OOF predictions")
     n_classes = len(inputs.classes)
     gate_oof = np.zeros((len(base_oof.ids), n_classes), np.float32)
-    gate_test = np.zeros((len(base_test.ids), n_classes), np.float32)
-    maps_oof, maps_test = np.asarray(base_oof.probs), np.asarray(base_test.probs)
+    maps_oof = np.asarray(base_oof.probs)
     if options.threshold_target:  # per-image thresholds rewrite them class by class
-        maps_oof, maps_test = maps_oof.copy(), maps_test.copy()
+        maps_oof = maps_oof.copy()
     per_class: dict[str, Any] = {}
     for k, class_name in enumerate(inputs.classes):
         class_dir = out_dir / f"class_{k}"
         truth = class_truths(inputs.truths, k)
-        oof_maps, test_maps = _class_maps(inputs, k)
-        train_features = image_features(oof_maps, inputs.train_images, inputs.train_metadata)
-        test_features = image_features(test_maps, inputs.test_images, inputs.test_metadata)
-        _write_parquet(
+        train_features = image_features(
+            class_maps(inputs.names, inputs.oof, k), inputs.train_images, inputs.train_metadata
+        )
+        write_parquet(
             class_dir / "features_oof.parquet",
             train_features.assign(id=base_oof.ids["id"].to_numpy(), fold=fold_of),
-        )
-        _write_parquet(
-            class_dir / "features_test.parquet",
-            test_features.assign(id=base_test.ids["id"].to_numpy()),
         )
         gate = fit_gate(
             train_features, nonempty_images(truth), fold_of, options.backend, seed=options.seed
         )
         write_gate_artifacts(gate, class_dir, base_oof.ids["id"].tolist(), block)
         gate_oof[:, k] = gate.nonempty_prob
-        gate_test[:, k] = gate.final_model.predict_proba(test_features)
         record: dict[str, Any] = {"gate": gate.metrics()}
         if options.threshold_target:
             threshold = _fit_thresholds(
                 inputs, k, truth, train_features, fold_of, options, class_dir, block
             )
             maps_oof[:, k] = recalibrate(maps_oof[:, k], threshold.predicted)
-            maps_test[:, k] = recalibrate(
-                maps_test[:, k], threshold.final_model.predict_proba(test_features)
-            )
             record["threshold"] = threshold.metrics()
         log.info("class %s: gate OOF AUC %.4f", class_name, gate.auc)
         per_class[class_name] = record
-    return (
-        per_class,
-        Prediction(with_gates(base_oof.ids, gate_oof), maps_oof),
-        Prediction(with_gates(base_test.ids, gate_test), maps_test),
-    )
+    return per_class, Prediction(with_gates(base_oof.ids, gate_oof), maps_oof)
 
 
 def _fit_blenders(
@@ -353,20 +275,18 @@ def _fit_blenders(
     fold_of: np.ndarray,
     out_dir: Path,
     block: dict[str, Any],
-) -> tuple[dict[str, Any], Prediction, Prediction]:
+) -> tuple[dict[str, Any], Prediction]:
     """Per class: the pixel blender on the experiments' maps and its artifacts.
 
     Returns:
-        (per-class metrics, the stack_pixel candidate's OOF, its test prediction).
+        (per-class metrics, the stack_pixel candidate's OOF).
     """
-    oof_ids, test_ids = without_gates(inputs.oof[0].ids), without_gates(inputs.test[0].ids)
+    oof_ids = without_gates(inputs.oof[0].ids)
     blend_oof = np.zeros(inputs.oof[0].probs.shape, np.float16)
-    blend_test = np.zeros(inputs.test[0].probs.shape, np.float16)
     per_class: dict[str, Any] = {}
     for k, class_name in enumerate(inputs.classes):
-        oof_maps, test_maps = _class_maps(inputs, k)
         blender = fit_pixel_blender(
-            oof_maps,
+            class_maps(inputs.names, inputs.oof, k),
             class_truths(inputs.truths, k),
             fold_of,
             inputs.train_images,
@@ -376,10 +296,9 @@ def _fit_blenders(
         )
         write_blender_artifacts(blender, out_dir / f"class_{k}", block)
         blend_oof[:, k] = blender.oof_probs
-        blend_test[:, k] = apply_pixel_blender(blender.final_model, test_maps, inputs.test_images)
         log.info("class %s: blender scores %s", class_name, blender.scores.to_dict())
         per_class[class_name] = {"blender": blender.metrics()}
-    return per_class, Prediction(oof_ids, blend_oof), Prediction(test_ids, blend_test)
+    return per_class, Prediction(oof_ids, blend_oof)
 
 
 def _fit_thresholds(
@@ -402,14 +321,6 @@ def _fit_thresholds(
     return result
 
 
-def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    from segflow.core.atomic import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow stack``'s flags."""
     parser.add_argument(
@@ -421,56 +332,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + "; ".join(f"{s}: {', '.join(STACKER_OPTIONS[s])}" for s in STACKERS),
     )
     add_dataclass_arguments(parser, StackOptions)
-    add_experiment_dirs(parser)
+    add_experiment_dirs(parser, test=False)
     parser.add_argument(
         "--base-oof-dir", default=None, help="the ensemble's OOF folder (gate only, required)"
-    )
-    parser.add_argument(
-        "--base-test-dir", default=None, help="the ensemble's test folder (gate only, required)"
     )
     parser.add_argument("--arrays-dir", required=True, help="preprocess output folder")
     parser.add_argument("--folds", required=True, help="folds.csv")
     add_stage_tables(parser)
-    parser.add_argument("--test-manifest", required=True, help="test manifest Parquet (ingest)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", required=True, help="artifacts folder")
 
 
-def _base_predictions(args: argparse.Namespace) -> tuple[Prediction | None, Prediction | None]:
-    """The ensemble's OOF and test predictions for the gate; (None, None) for the blender.
+def _base_oof(args: argparse.Namespace) -> Prediction | None:
+    """The ensemble's OOF predictions for the gate; None for the blender.
 
     Raises:
-        SegflowError: the gate without both folders, or the blender given one.
+        SegflowError: the gate without ``--base-oof-dir``, or the blender given it.
     """
-    given = [flag for flag in ("base_oof_dir", "base_test_dir") if getattr(args, flag)]
     if args.candidate == "pixel":
-        if given:
-            flag = given[0].replace("_", "-")
-            raise SegflowError(f"stack --candidate pixel reads the experiments only; drop --{flag}")
-        return None, None
-    if len(given) < 2:
-        raise SegflowError("stack --candidate gate needs --base-oof-dir and --base-test-dir")
-    return read_oof(args.base_oof_dir), read_fold_predictions([args.base_test_dir], "mean")
+        if args.base_oof_dir:
+            raise SegflowError(
+                "stack --candidate pixel reads the experiments only; drop --base-oof-dir"
+            )
+        return None
+    if not args.base_oof_dir:
+        raise SegflowError("stack --candidate gate needs --base-oof-dir")
+    return read_oof(args.base_oof_dir)
 
 
 def run(args: argparse.Namespace) -> None:
-    """``segflow stack``: fit one stacked model, write its candidate (stack_gate or
-    stack_pixel) next to the experiments' (same results folder and round)."""
+    """``segflow stack``: fit one stacked model, write its artifacts and its candidate's OOF
+    side (stack_gate or stack_pixel) next to the experiments' (same results folder and round)."""
     options = dataclass_from_namespace(StackOptions, args)
     classes, _ = read_classes(args.arrays_dir)
     check_names(args)
     manifest = read_table(args.manifest, "manifest")
-    base_oof, base_test = _base_predictions(args)
+    base_oof = _base_oof(args)
     oof = [read_oof(d) for d in args.oof_dirs]
     inputs = load_stack_inputs(
         args.names,
         oof,
-        [
-            read_fold_predictions(dirs, args.fold_merge)
-            for dirs in group_by_experiment(args.test_dirs, len(args.names), "test folders")
-        ],
         base_oof,
-        base_test,
         original_truths(
             manifest, read_table(args.dedup_items, "dedup items"), oof[0].ids["id"], len(classes)
         ),
@@ -478,17 +380,12 @@ def run(args: argparse.Namespace) -> None:
         classes,
         args.arrays_dir,
         manifest,
-        read_table(args.test_manifest, "test manifest"),
     )
     # The stacked candidates sit next to the experiments: same results folder and round.
     try:
         results, _, round_ = layout.candidate_of(args.oof_dirs[0])
     except ValueError as error:
         raise SegflowError(f"--oof-dirs: {error}") from None
-    name = candidate_name(args.candidate)
-    candidate_dirs = (
-        layout.candidate_dir(results, "oof", name, round_),
-        layout.candidate_dir(results, "test", name, round_),
-    )
-    summary = run_stack(inputs, options, args.candidate, args.out_dir, candidate_dirs)
+    oof_dir = layout.candidate_dir(results, "oof", candidate_name(args.candidate), round_)
+    summary = run_stack(inputs, options, args.candidate, args.out_dir, oof_dir)
     stage_log.info("stacking (%s): %s", args.candidate, summary["candidates"])

@@ -28,3 +28,20 @@ def candidate_name(stacker: str) -> str:
     if stacker not in STACKERS:
         raise KeyError(f"unknown stacker {stacker!r}; valid: {', '.join(STACKERS)}")
     return f"stack_{stacker}"
+
+
+MODEL_PREFIX: dict[str, tuple[str, ...]] = {"gate": ("gate", "threshold"), "pixel": ("blender",)}
+"""The model files each stacker writes per class (``<prefix>_model<suffix>``): the gate's (and,
+with ``threshold_target``, the per-image threshold regressor's), the pixel blender's."""
+
+
+def summary_name(stacker: str) -> str:
+    """A stack job's summary file in the stack folder: ``summary_<stacker>.json``."""
+    candidate_name(stacker)
+    return f"summary_{stacker}.json"
+
+
+def model_name(k: int, prefix: str, suffix: str) -> str:
+    """A fitted model's file in the stack folder: ``class_<k>/<prefix>_model<suffix>``
+    (``suffix``: the backend's, ``.txt`` LightGBM or ``.cbm`` CatBoost)."""
+    return f"class_{k}/{prefix}_model{suffix}"

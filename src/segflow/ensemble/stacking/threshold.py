@@ -284,3 +284,14 @@ def write_threshold_artifacts(
     """
     oof = {"best": result.best, "informative": result.informative, "predicted": result.predicted}
     return write_image_model_artifacts("threshold", result, out_dir, ids, oof, provenance)
+
+
+def load_regressor(path: str | os.PathLike[str]) -> LightGBMRegressor | CatBoostRegressor:
+    """A threshold model saved by ``save``; the backend is the one whose suffix the file has
+    (as :func:`segflow.ensemble.stacking.learners.load_classifier` for the classifiers)."""
+    path = Path(path)
+    for regressor_class in REGRESSORS.values():
+        if path.suffix == regressor_class.suffix:
+            return regressor_class.load(path)
+    suffixes = ", ".join(f"{cls.suffix} ({name})" for name, cls in REGRESSORS.items())
+    raise SegflowError(f"{path}: unknown model format; expected one of {suffixes}")
