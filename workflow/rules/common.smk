@@ -321,6 +321,8 @@ def train_folds_flag():
     if config["folds"]["train_folds"] is None:
         return ""
     return " --train-folds " + " ".join(str(fold) for fold in TRAIN_FOLDS)
+
+
 GPUS = config["gpus"]
 
 
