@@ -51,8 +51,13 @@ def cli_flags(options):
     return " ".join(flags)
 
 
-def section_flags(section, exclude=()):
-    return cli_flags({k: v for k, v in config[section].items() if k not in exclude})
+def section_flags(section, exclude=(), extra=""):
+    """A config section as flags (cli_flags), without the `exclude` keys, followed by `extra`
+    (flags already quoted: train_folds_flag's)."""
+    return (
+        cli_flags({k: v for k, v in config[section].items() if k not in exclude})
+        + extra
+    )
 
 
 # The dedup section's near-duplicate options group fold members only: make_folds reads them,
