@@ -136,6 +136,17 @@ def test_train_folds_null_plans_the_jobs_of_full_cross_validation(tmp_path: Path
     assert folds_cmd and [s for s in held_shells if s.startswith("segflow folds ")] == folds_cmd
     trains = [s for s in held_shells if s.startswith("segflow train ")]
     assert trains and all("--fold 1 " in s for s in trains)
+    # A refit takes its epochs from the trained fold's metrics alone.
+    refit = {
+        "tiny": {**TINY, "refit": {"enabled": True}},
+        "unet_lite0": small["experiments"]["unet_lite0"],
+    }
+    refit_cfg = _write(workdir, "refit.yaml", {"experiments": refit})
+    fulls = [s for s in _shells(workdir, holdout, refit_cfg) if "--refit-from" in s]
+    assert len(fulls) == 2  # tiny, rounds 0 and 1
+    for shell in fulls:
+        sources = shell.split("--refit-from ", 1)[1].split(" --name", 1)[0].split()
+        assert len(sources) == 1 and sources[0].endswith("/fold1/metrics.json"), shell
     # The budget plans the trained fold only.
     budget = _write(workdir, "budget.yaml", {"budget": {"minutes": 10}})
     plan = [s for s in _shells(workdir, holdout, budget) if s.startswith("segflow plan-budget ")]
