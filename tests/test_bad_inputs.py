@@ -971,6 +971,11 @@ def test_negative_max_pixels_is_refused(tmp_path: Path, capfd: pytest.CaptureFix
             "invalid config: unknown key experiments.unet_lite0.loss.dice.per_image (valid: "
             "weight, log_loss, smooth)",
         ),
+        (  # a fold the split does not have (core.config_check.train_folds)
+            {"folds": {"n_folds": 3, "train_folds": [0, 3]}},
+            "invalid config: folds.train_folds[1]: fold 3 does not exist (folds.n_folds is 3: "
+            "folds 0 to 2)",
+        ),
     ],
     ids=[
         "typo",
@@ -979,6 +984,7 @@ def test_negative_max_pixels_is_refused(tmp_path: Path, capfd: pytest.CaptureFix
         "experiment-name-space",
         "experiment-name-path",
         "loss-option",
+        "train-folds-range",
     ],
 )
 def test_config_typo_and_wrong_type_stop_the_dry_run_naming_the_key(

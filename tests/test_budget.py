@@ -319,7 +319,12 @@ STEPS_ONLY = Measurement(1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 LONG = {**TINY, "train": {**TINY["train"], "epochs": 100, "batch_size": 10}}
 
 
-def _refit_plan(refit: str | None, measured: Measurement = STEPS_ONLY, **budget: Any) -> dict:
+def _refit_plan(
+    refit: str | None,
+    measured: Measurement = STEPS_ONLY,
+    train_folds: list[int] | None = None,
+    **budget: Any,
+) -> dict:
     experiment = dict(LONG)
     if refit is not None:
         experiment["refit"] = {"enabled": True, "test_models": refit}
@@ -335,6 +340,7 @@ def _refit_plan(refit: str | None, measured: Measurement = STEPS_ONLY, **budget:
         max_pseudo_share=0.3,
         parallel_jobs=1,
         refits={} if refit is None else {"tiny": refit},
+        train_folds=train_folds,
     )
 
 
@@ -368,6 +374,24 @@ def test_the_plan_counts_the_refit_and_its_epochs_shrink_to_fit() -> None:
     assert sum(r["estimated_seconds"] for r in plan["trainings"]) == pytest.approx(54.0)
     assert planned_epochs(plan, "tiny", 0, REFIT, LONG) == 6  # the refit section is no config
     assert refit_test_models(plan, "tiny") == "full"
+
+
+def test_one_trained_fold_gets_the_whole_budget_and_its_refit_as_many_epochs() -> None:
+    """folds.train_folds: [1] of 3: only fold 1's trainings are planned (2 s per epoch instead
+    of 6: three times the epochs); a refit still trains on every item (3 steps)."""
+    holdout = _refit_plan(None, train_folds=[1])
+    assert holdout["experiments"]["tiny"]["epochs"] == 30  # 30 x 2 s = 60 s
+    assert [(r["round"], r["fold"]) for r in holdout["trainings"]] == [(0, 1)]
+    assert holdout["data"]["train_folds"] == [1] and holdout["data"]["folds"] == 3
+    assert _refit_plan(None)["data"]["train_folds"] == [0, 1, 2]
+    with pytest.raises(SegflowError, match="no training of 'tiny' round 0 fold 0"):
+        planned_epochs(holdout, "tiny", 0, 0, LONG)
+    refit = _refit_plan("full", train_folds=[1])
+    assert refit["experiments"]["tiny"]["epochs"] == 12  # (2 + 3) s x 12 = 60 s
+    assert [r["fold"] for r in refit["trainings"]] == [1, REFIT]
+    assert planned_epochs(refit, "tiny", 0, REFIT, LONG) == 12
+    costs = training_costs(STEPS_ONLY, [(20, 10)] * 3, 0, 1, 10, 0.3, train_folds=[0, 2])
+    assert list(costs) == [(0, 0), (0, 2), (1, 0), (1, 2)]
 
 
 def test_the_refit_predicting_the_test_set_spares_the_folds_test_prediction() -> None:
@@ -591,27 +615,26 @@ def test_plan_budget_command_writes_a_plan_that_train_reads(
     arrays_dir = write_synthetic_arrays(tmp_path / "a", n=32, n_empty=8)
     monkeypatch.setattr(budget_measure, "process_startup_seconds", lambda: 1.0)
     out = tmp_path / "budget" / "plan.json"
-    status = main(
-        [
-            "plan-budget",
-            "--arrays-dir",
-            str(arrays_dir),
-            "--folds",
-            str(arrays_dir / "folds.csv"),
-            "--experiments",
-            json.dumps({"tiny": TINY}),
-            "--predict",
-            json.dumps({"tta": "hflip", "batch_size": 8}),
-            "--pseudo-rounds",
-            "1",
-            "--minutes",
-            "60",
-            "--measure-steps",
-            "2",
-            "--out",
-            str(out),
-        ]
-    )
+    args = [
+        "plan-budget",
+        "--arrays-dir",
+        str(arrays_dir),
+        "--folds",
+        str(arrays_dir / "folds.csv"),
+        "--experiments",
+        json.dumps({"tiny": TINY}),
+        "--predict",
+        json.dumps({"tta": "hflip", "batch_size": 8}),
+        "--pseudo-rounds",
+        "1",
+        "--minutes",
+        "60",
+        "--measure-steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    status = main(args)
     assert status == 0
     plan = read_plan(out)
     assert set(plan["provenance"]) == {"segflow_version", "seed", "config_hash"}
@@ -619,6 +642,14 @@ def test_plan_budget_command_writes_a_plan_that_train_reads(
     assert len(plan["trainings"]) == 3 * 2  # folds x rounds
     assert plan["experiments"]["tiny"]["measured"]["startup_seconds"] == 1.0
     assert plan["machine"]["threads"] == 1 and plan["budget"]["parallel_jobs"] == 1
+    assert plan["data"]["train_folds"] == [0, 1, 2]
+    holdout = tmp_path / "budget" / "holdout.json"
+    argv = [*args[:-1], str(holdout), "--train-folds", "2"]
+    assert main(argv) == 0
+    plan = read_plan(holdout)
+    assert {(r["round"], r["fold"]) for r in plan["trainings"]} == {(0, 2), (1, 2)}
+    assert plan["provenance"]["config_hash"] != read_plan(out)["provenance"]["config_hash"]
+    assert main([*args[:-1], str(holdout), "--train-folds", "3"]) == 2
 
 
 def test_plan_budget_command_refuses_an_unknown_predict_key(

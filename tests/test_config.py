@@ -9,6 +9,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
+from segflow.core.config_check import check_config, train_folds
+from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, NearDuplicateOptions
 from segflow.data.demo_data import DemoDataOptions
 from segflow.data.folds import FoldOptions
@@ -29,7 +31,8 @@ SECTIONS = {
     # dedup reads the first, make_folds the near-duplicate options.
     "dedup": ((DedupOptions, NearDuplicateOptions), set()),
     "preprocess": (PreprocessOptions, set()),
-    "folds": (FoldOptions, set()),
+    # Which folds train is the workflow's (common.smk TRAIN_FOLDS), not the split's.
+    "folds": (FoldOptions, {"train_folds"}),
     "demo": (DemoDataOptions, {"enabled", "out_dir"}),
     "predict": (PredictOptions, set()),
     "submission": (SubmissionOptions, set()),
@@ -111,3 +114,50 @@ def test_demo_config_is_valid_and_unknown_keys_are_rejected() -> None:
 def test_example_configs_are_valid() -> None:
     for path in sorted((REPO_ROOT / "config" / "examples").glob("*.yaml")):
         jsonschema.validate(yaml.safe_load(path.read_text()), SCHEMA)
+
+
+def test_train_folds_default_is_every_fold_and_a_list_is_sorted() -> None:
+    assert train_folds({"n_folds": 3}) == [0, 1, 2]
+    assert train_folds({"n_folds": 5, "train_folds": None}) == [0, 1, 2, 3, 4]
+    assert train_folds({"n_folds": 5, "train_folds": [3, 0]}) == [0, 3]
+    assert SCHEMA["properties"]["folds"]["properties"]["train_folds"]["default"] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            [3],
+            "invalid config: folds.train_folds[0]: fold 3 does not exist (folds.n_folds is 3: "
+            "folds 0 to 2)",
+        ),
+        (
+            [0, -1],
+            "invalid config: folds.train_folds[1]: fold -1 does not exist (folds.n_folds "
+            "is 3: folds 0 to 2)",
+        ),
+        ([1, 0, 1], "invalid config: folds.train_folds[2]: fold 1 is listed twice"),
+        (
+            [],
+            "invalid config: folds.train_folds is empty: list at least one fold (e.g. [0]), or "
+            "null for every fold",
+        ),
+        ([True], "invalid config: folds.train_folds[0]: True is not a fold index (an integer)"),
+        (0, "invalid config: folds.train_folds must be a list of fold indices or null, got 0"),
+    ],
+    ids=["out-of-range", "negative", "duplicate", "empty", "bool", "not-a-list"],
+)
+def test_bad_train_folds_stop_with_one_line_naming_the_key(value: object, message: str) -> None:
+    with pytest.raises(SegflowError) as info:
+        train_folds({"n_folds": 3, "train_folds": value})
+    assert str(info.value) == message
+
+
+def test_schema_check_names_train_folds_for_a_non_integer_entry(tmp_path) -> None:
+    config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    schema = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+    config["folds"]["train_folds"] = [0, 1]
+    check_config(config, schema)
+    config["folds"]["train_folds"] = [0, "1"]
+    with pytest.raises(SegflowError, match=r"^invalid config: folds\.train_folds\[1\]: '1' is not"):
+        check_config(config, schema)

@@ -38,7 +38,10 @@ if REFIT_AUTO:
             gpu_slots=GPUS,
         params:
             code=stage_fingerprint("plan-budget"),
-            flags=section_flags("budget", exclude=RESOLUTION_KEYS),
+            # With folds.train_folds set, the trained folds only (train_folds_flag).
+            flags=section_flags(
+                "budget", exclude=RESOLUTION_KEYS, extra=train_folds_flag()
+            ),
             # The plan is cached: it is made again when these or the data change, never because
             # a timing would come out differently (force it with `snakemake -R plan_budget`).
             experiments=budget_experiments(),
@@ -84,7 +87,10 @@ else:
             gpu_slots=GPUS,
         params:
             code=stage_fingerprint("plan-budget"),
-            flags=section_flags("budget", exclude=RESOLUTION_KEYS),
+            # With folds.train_folds set, the trained folds only (train_folds_flag).
+            flags=section_flags(
+                "budget", exclude=RESOLUTION_KEYS, extra=train_folds_flag()
+            ),
             # The plan is cached: it is made again when these or the data change, never because
             # a timing would come out differently (force it with `snakemake -R plan_budget`).
             experiments=budget_experiments(),
@@ -134,7 +140,7 @@ rule plan_resolution:
         code=stage_fingerprint("plan-resolution"),
         # Cached like the plan: made again when these or the data change, not because a
         # timing would differ (force it with `snakemake -R plan_resolution`).
-        flags=section_flags("budget", exclude=RESOLUTION_KEYS),
+        flags=section_flags("budget", exclude=RESOLUTION_KEYS, extra=train_folds_flag()),
         sizes=json.dumps(BUDGET["sizes"]),
         resize_mode=config["preprocess"]["resize_mode"],
         channels=config["preprocess"]["channels"],

@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from segflow.artifacts.layout import candidate_dir
-from segflow.core.config_check import check_config
+from segflow.core.config_check import check_config, train_folds
 from segflow.model.experiment import (
     EXPERIMENT_NAME_PATTERN,
     check_experiment_names,
@@ -52,8 +52,13 @@ def cli_flags(options):
     return " ".join(flags)
 
 
-def section_flags(section, exclude=()):
-    return cli_flags({k: v for k, v in config[section].items() if k not in exclude})
+def section_flags(section, exclude=(), extra=""):
+    """A config section as flags (cli_flags), without the `exclude` keys, followed by `extra`
+    (flags already quoted: train_folds_flag's)."""
+    return (
+        cli_flags({k: v for k, v in config[section].items() if k not in exclude})
+        + extra
+    )
 
 
 # The dedup section's near-duplicate options group fold members only: make_folds reads them,
@@ -299,7 +304,7 @@ def init_flags(wildcards, input):
 
 
 def refit_fold_metrics(wildcards):
-    """The folds' metrics.json, whose best epochs set a full refit's epoch count."""
+    """The trained folds' metrics.json, whose best epochs set a full refit's epoch count."""
     return [
         result(
             "models",
@@ -308,7 +313,7 @@ def refit_fold_metrics(wildcards):
             f"fold{fold}",
             "metrics.json",
         )
-        for fold in range(N_FOLDS)
+        for fold in TRAIN_FOLDS
     ]
 
 
@@ -324,6 +329,20 @@ def refit_models(wildcards):
 
 
 N_FOLDS = config["folds"]["n_folds"]
+# folds.train_folds: the folds that train and predict (every fold when null; one line naming the
+# key for a bad list). Every fold-wise input (fold_dirs, refit_fold_metrics, the report's
+# models, the budget's trainings: train_folds_flag) derives from this one list.
+TRAIN_FOLDS = train_folds(config["folds"])
+
+
+def train_folds_flag():
+    """` --train-folds K ...` for the planning jobs when folds.train_folds is set, else nothing
+    (so the jobs of a run with every fold are unchanged)."""
+    if config["folds"]["train_folds"] is None:
+        return ""
+    return " --train-folds " + " ".join(str(fold) for fold in TRAIN_FOLDS)
+
+
 GPUS = config["gpus"]
 
 
@@ -567,10 +586,11 @@ def fold_values(name):
 
 
 def fold_dirs(kind, experiment, round):
-    """The per-fold output folders of predict_oof / predict_test for one experiment and round."""
+    """The per-fold output folders of predict_oof / predict_test for one experiment and round:
+    the trained folds' (TRAIN_FOLDS) only."""
     return [
         str(candidate_dir(RESULTS, kind, experiment, round) / f"fold{fold}")
-        for fold in range(N_FOLDS)
+        for fold in TRAIN_FOLDS
     ]
 
 

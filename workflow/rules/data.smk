@@ -196,7 +196,8 @@ rule make_folds:
         **job_resources("make_folds", mem_mb=2000, runtime=10),
     params:
         code=stage_fingerprint("folds"),
-        flags=section_flags("folds"),
+        # train_folds is the workflow's (which folds train), not the split's.
+        flags=section_flags("folds", exclude=("train_folds",)),
         near=near_duplicate_flags(),
     shell:
         "segflow folds --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"

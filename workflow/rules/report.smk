@@ -13,13 +13,13 @@ rule report:
             result("models", name, f"round{r}", f"fold{fold}", "history.csv")
             for r in ROUNDS
             for name in RUN_EXPERIMENTS
-            for fold in range(N_FOLDS)
+            for fold in TRAIN_FOLDS
         ],
         model_metrics=[
             result("models", name, f"round{r}", f"fold{fold}", "metrics.json")
             for r in ROUNDS
             for name in RUN_EXPERIMENTS
-            for fold in range(N_FOLDS)
+            for fold in TRAIN_FOLDS
         ],
         oof=[
             result("oof", name, f"round{r}", filename)

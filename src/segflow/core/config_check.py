@@ -74,3 +74,43 @@ def check_config(config: Mapping[str, Any], schema_path: str | Path) -> None:
     if messages:
         more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
         raise SegflowError(f"invalid config: {messages[0]}{more}")
+
+
+def train_folds(folds: Mapping[str, Any]) -> list[int]:
+    """The folds that train under the config's ``folds`` section, checked against ``n_folds``.
+
+    Args:
+        folds: the ``folds`` section (``n_folds``; ``train_folds`` null or absent for every
+            fold, else a list of validation fold indices).
+
+    Returns:
+        The trained folds, ascending: ``0 .. n_folds-1`` when ``train_folds`` is null.
+
+    Raises:
+        SegflowError: one line naming ``folds.train_folds``: not a list, empty, an entry that
+            is not an integer, out of range or listed twice.
+    """
+    n_folds = int(folds["n_folds"])
+    value = folds.get("train_folds")
+    if value is None:
+        return list(range(n_folds))
+    key = "invalid config: folds.train_folds"
+    if not isinstance(value, list):
+        raise SegflowError(f"{key} must be a list of fold indices or null, got {value!r}")
+    if not value:
+        raise SegflowError(
+            f"{key} is empty: list at least one fold (e.g. [0]), or null for every fold"
+        )
+    seen: set[int] = set()
+    for i, fold in enumerate(value):
+        if isinstance(fold, bool) or not isinstance(fold, int):
+            raise SegflowError(f"{key}[{i}]: {fold!r} is not a fold index (an integer)")
+        if not 0 <= fold < n_folds:
+            raise SegflowError(
+                f"{key}[{i}]: fold {fold} does not exist (folds.n_folds is {n_folds}: "
+                f"folds 0 to {n_folds - 1})"
+            )
+        if fold in seen:
+            raise SegflowError(f"{key}[{i}]: fold {fold} is listed twice")
+        seen.add(fold)
+    return sorted(seen)

@@ -377,6 +377,31 @@ def fold_sizes(folds_csv: str | os.PathLike[str]) -> list[tuple[int, int]]:
     return [(len(folds) - int(count), int(count)) for count in counts]
 
 
+def check_train_folds(
+    train_folds: Sequence[int] | None, n_folds: int, where: str | os.PathLike[str]
+) -> None:
+    """``--train-folds`` must name folds of ``folds.csv``.
+
+    Args:
+        train_folds: the folds that train, or None (every fold).
+        n_folds: the folds ``folds.csv`` holds.
+        where: folds.csv, for the message.
+
+    Raises:
+        SegflowError: an empty list, or a fold that ``folds.csv`` lacks.
+    """
+    if train_folds is None:
+        return
+    if not train_folds:
+        raise SegflowError("--train-folds: no fold to train (folds.train_folds is empty)")
+    missing = [fold for fold in train_folds if not 0 <= fold < n_folds]
+    if missing:
+        raise SegflowError(
+            f"--train-folds: fold {missing[0]} is not in {where} ({n_folds} folds); "
+            "folds.train_folds must name folds of folds.n_folds"
+        )
+
+
 def training_costs(
     measurement: Measurement,
     sizes: Sequence[tuple[int, int]],
@@ -385,6 +410,7 @@ def training_costs(
     batch_size: int,
     max_pseudo_share: float,
     refit: str | None = None,
+    train_folds: Sequence[int] | None = None,
 ) -> dict[tuple[int, int | str], TrainingCost]:
     """The cost of each (round, fold) training of one experiment (the module's cost model).
 
@@ -398,10 +424,12 @@ def training_costs(
         refit: None (no full refit), or the ``refit.test_models`` it follows: ``full`` (the
             refit alone predicts the test set, the folds do not), ``folds`` (the refit only
             trains) or ``both``.
+        train_folds: the folds that train (``folds.train_folds``); None: every fold of
+            ``sizes``. A refit still trains on every item.
 
     Returns:
-        (round, fold) -> cost, rounds then folds in order; with ``refit`` each round's
-        (round, :data:`REFIT`) after its folds.
+        (round, fold) -> cost of the trained folds, rounds then folds in order; with ``refit``
+        each round's (round, :data:`REFIT`) after its folds.
 
     Raises:
         SegflowError: an unknown ``refit``.
@@ -416,6 +444,8 @@ def training_costs(
     for round_ in range(pseudo_rounds + 1):
         n_pseudo = n_test if round_ else 0
         for fold, (n_train, n_val) in enumerate(sizes):
+            if train_folds is not None and fold not in train_folds:
+                continue
             steps = steps_per_epoch(n_train, batch_size, n_pseudo, max_pseudo_share)
             validation = n_val * m.val_seconds_per_image
             predicted = n_val + (n_test if folds_predict_test else 0)
@@ -499,6 +529,7 @@ def make_plan(
     planning_seconds: float = 0.0,
     machine: Mapping[str, Any] | None = None,
     refits: Mapping[str, str] | None = None,
+    train_folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The contents of ``plan.json`` (without its provenance block).
 
@@ -517,6 +548,8 @@ def make_plan(
         machine: where it was measured (device, threads), recorded as is.
         refits: name -> ``refit.test_models`` (full, folds, both or auto) of each experiment
             with ``refit.enabled``; auto is chosen here (see the module doc).
+        train_folds: the folds that train (``folds.train_folds``), None for every fold: only
+            their trainings are planned, so fewer folds leave more epochs to each.
 
     Returns:
         The plan: the budget, ``feasible``/``warning``, per experiment its timings, epochs,
@@ -558,6 +591,7 @@ def make_plan(
                 batch_sizes[name],
                 max_pseudo_share,
                 refit=resolved.get(name),
+                train_folds=train_folds,
             )
             for name in names
         }
@@ -650,7 +684,12 @@ def make_plan(
         "warning": warning,
         "estimated_seconds": round(plan.estimated_seconds, 3),
         "scale": round(plan.scale, 6),
-        "data": {"folds": len(sizes), "fold_sizes": [list(s) for s in sizes], "n_test": n_test},
+        "data": {
+            "folds": len(sizes),
+            "fold_sizes": [list(s) for s in sizes],
+            "train_folds": list(range(len(sizes)) if train_folds is None else train_folds),
+            "n_test": n_test,
+        },
         "pseudo_rounds": pseudo_rounds,
         "machine": dict(machine or {}),
         "refit_choice": choice,
@@ -780,6 +819,7 @@ def plan_budget(
     parallel_jobs: int = 1,
     machine: Mapping[str, Any] | None = None,
     n_test: int = 0,
+    train_folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The ``segflow plan-budget`` stage: time every experiment, plan its epochs.
 
@@ -797,6 +837,7 @@ def plan_budget(
         machine: where it is measured, recorded in the plan.
         n_test: test images every test prediction costs (their count only: the plan never
             reads the test set, so new test images of the same count re-plan nothing).
+        train_folds: the folds that train (``folds.train_folds``); None: every fold.
 
     Returns:
         The plan (:func:`make_plan`); the time spent here counts against the budget.
@@ -822,6 +863,7 @@ def plan_budget(
         for name, values in sorted(experiments.items())
     }
     sizes = fold_sizes(folds_csv)
+    check_train_folds(train_folds, len(sizes), folds_csv)
     measurements = {}
     for name, experiment in parsed.items():
         measurements[name] = measure(name, experiment)
@@ -840,6 +882,7 @@ def plan_budget(
         planning_seconds=time.monotonic() - started,
         machine=machine,
         refits={name: e.refit.test_models for name, e in parsed.items() if e.refit.enabled},
+        train_folds=train_folds,
     )
     for name, info in plan["experiments"].items():
         refit = info["refit"]

@@ -270,6 +270,13 @@ def add_planning_arguments(parser: argparse.ArgumentParser, out_help: str) -> No
         default=0,
         help="test images to plan the prediction of (their count only: the plan never reads them)",
     )
+    parser.add_argument(
+        "--train-folds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the folds that train (folds.train_folds); default: every fold of --folds",
+    )
     parser.add_argument("--out", required=True, help=out_help)
     add_compute_arguments(parser)
 
@@ -340,6 +347,7 @@ def _plan_budget_command(args: argparse.Namespace) -> None:
         pseudo_rounds=args.pseudo_rounds,
         max_pseudo_share=args.max_pseudo_share,
         n_test=args.n_test,
+        train_folds=args.train_folds,
         parallel_jobs=options.parallel_jobs or max(1, args.gpus),
         machine=machine_description(resolve_device("auto"), threads, predict_threads),
     )
@@ -352,6 +360,8 @@ def _plan_budget_command(args: argparse.Namespace) -> None:
             "pseudo_rounds": args.pseudo_rounds,
             "max_pseudo_share": args.max_pseudo_share,
             "n_test": args.n_test,
+            # Only when set: a run with every fold keeps its record as it was.
+            **({} if args.train_folds is None else {"train_folds": args.train_folds}),
         }
     )
     write_json(args.out, with_provenance(plan, block))

@@ -240,6 +240,7 @@ def _plan_resolution_command(args: argparse.Namespace) -> None:
         pseudo_rounds=args.pseudo_rounds,
         max_pseudo_share=args.max_pseudo_share,
         n_test=args.n_test,
+        train_folds=args.train_folds,
         parallel_jobs=budget.parallel_jobs or max(1, args.gpus),
         machine=budget_measure.machine_description(
             resolve_device("auto"), threads, predict_threads
@@ -256,6 +257,8 @@ def _plan_resolution_command(args: argparse.Namespace) -> None:
             "pseudo_rounds": args.pseudo_rounds,
             "max_pseudo_share": args.max_pseudo_share,
             "n_test": args.n_test,
+            # Only when set: a run with every fold keeps its record as it was.
+            **({} if args.train_folds is None else {"train_folds": args.train_folds}),
         }
     )
     write_json(args.out, with_provenance(record, block))

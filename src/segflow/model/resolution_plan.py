@@ -37,7 +37,13 @@ import pandas as pd
 from segflow.artifacts.resolution import RESIZE_MODES, RESOLUTION_FORMAT, positive_int
 from segflow.core.errors import SegflowError
 from segflow.core.options import option
-from segflow.model.budget import BudgetOptions, Measurement, fold_sizes, make_plan
+from segflow.model.budget import (
+    BudgetOptions,
+    Measurement,
+    check_train_folds,
+    fold_sizes,
+    make_plan,
+)
 from segflow.model.training.train_options import MIN_OPTIMIZER_STEPS
 
 if TYPE_CHECKING:
@@ -229,6 +235,7 @@ def estimate_sizes(
     max_pseudo_share: float = 0.3,
     parallel_jobs: int = 1,
     planning_seconds: Mapping[Candidate, float] | None = None,
+    train_folds: Sequence[int] | None = None,
 ) -> list[SizeEstimate]:
     """The budget's plan at each candidate size (pure arithmetic on the timings).
 
@@ -246,6 +253,7 @@ def estimate_sizes(
         parallel_jobs: jobs running at once.
         planning_seconds: candidate -> what timing it took (plan_budget spends about as much
             at the chosen size, within the budget); default 0.
+        train_folds: the folds that train (``folds.train_folds``); None: every fold.
 
     Returns:
         One :class:`SizeEstimate` per candidate, in the given order.
@@ -267,6 +275,7 @@ def estimate_sizes(
                 max_pseudo_share,
                 parallel_jobs,
                 planning_seconds=planning_seconds.get(candidate, 0.0),
+                train_folds=train_folds,
             ),
             caps,
         )
@@ -371,6 +380,7 @@ def plan_resolution(
     parallel_jobs: int = 1,
     machine: Mapping[str, Any] | None = None,
     n_test: int = 0,
+    train_folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The ``segflow plan-resolution`` stage: time every experiment at every candidate size,
     choose the size (module doc).
@@ -391,6 +401,7 @@ def plan_resolution(
         parallel_jobs: training and prediction jobs running at once.
         machine: where it is measured, recorded as is.
         n_test: test images every test prediction costs (their count only).
+        train_folds: the folds that train (``folds.train_folds``); None: every fold.
 
     Returns:
         ``resolution.json``'s contents: ``chosen`` [height, width], ``mode``, ``reason``,
@@ -411,6 +422,8 @@ def plan_resolution(
         raise SegflowError("budget: no experiment to plan")
     candidates = parse_candidates(options.sizes, default_mode)
     check_pad_candidates(candidates, manifest)
+    sizes = fold_sizes(folds_csv)
+    check_train_folds(train_folds, len(sizes), folds_csv)
     n_channels = output_channels(manifest, channels)
     n_classes = len(class_names(manifest_classes(manifest)))
     common = (
@@ -444,12 +457,13 @@ def plan_resolution(
         experiments,
         {name: e.train.epochs for name, e in parsed.items()},
         {name: e.train.batch_size for name, e in parsed.items()},
-        fold_sizes(folds_csv),
+        sizes,
         n_test,
         pseudo_rounds,
         max_pseudo_share,
         parallel_jobs,
         planning_seconds=seconds,
+        train_folds=train_folds,
     )
     record = resolution_record(estimates, options.min_fold_steps, seconds)
     record["machine"] = dict(machine or {})

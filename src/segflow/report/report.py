@@ -42,6 +42,7 @@ from segflow.model.metrics import per_image_scores
 from segflow.model.postprocess import apply_classes, params_from_summary
 from segflow.report import figures as report_figures
 from segflow.report.search_section import search_section
+from segflow.report.summary import oof_coverage, oof_folds
 
 SECOND_LEVEL = ("ensemble", "stack_gate", "stack_pixel")
 # Images scored per chunk for the example cases: bounds memory on large OOF arrays.
@@ -277,6 +278,13 @@ def _folds_section(root: Path) -> str:
     return _section("folds", "Fold balance", body)
 
 
+def _trained_folds(root: Path, candidate: Candidate, n_folds: int) -> list[int]:
+    """The folds an experiment trained: those its OOF covers (``folds.train_folds``), every
+    fold for an OOF without a ``fold`` column."""
+    covered = oof_folds(layout.candidate_dir(root, "oof", candidate.name, candidate.round))
+    return list(range(n_folds)) if covered is None else covered
+
+
 def _learning_section(root: Path, candidates: Sequence[Candidate], n_folds: int) -> str:
     body = []
     for candidate in candidates:
@@ -284,7 +292,8 @@ def _learning_section(root: Path, candidates: Sequence[Candidate], n_folds: int)
             continue
         model_dir = root / "models" / candidate.name / f"round{candidate.round}"
         histories = {
-            fold: _read_csv(model_dir / f"fold{fold}" / "history.csv") for fold in range(n_folds)
+            fold: _read_csv(model_dir / f"fold{fold}" / "history.csv")
+            for fold in _trained_folds(root, candidate, n_folds)
         }
         png = report_figures.learning_curves_png(histories, candidate.label)
         body.append(f"<h3>{escape(candidate.label)}</h3>{png_img(png, candidate.label)}")
@@ -301,7 +310,7 @@ def _diagnostics_section(
         if not candidate.is_experiment:
             continue
         model_dir = root / "models" / candidate.name / f"round{candidate.round}"
-        for fold in range(n_folds):
+        for fold in _trained_folds(root, candidate, n_folds):
             fold_dir = model_dir / f"fold{fold}"
             history = _read_csv(fold_dir / "history.csv")
             metrics = _read_json(fold_dir / "metrics.json")
@@ -363,8 +372,12 @@ def _oof_section(root: Path, candidates: Sequence[Candidate]) -> str:
             }
         )
         rows.append(row)
+    coverage = oof_coverage(root)
     body = [
-        _note("OOF Kaggle metric per fold at threshold 0.5 (before post-processing)."),
+        _note(
+            "OOF Kaggle metric per fold at threshold 0.5 (before post-processing)."
+            + (f" The OOF covers {coverage}." if coverage else "")
+        ),
         html_table(pd.DataFrame(rows)),
     ]
     if bars:

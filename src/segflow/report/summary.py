@@ -19,6 +19,38 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def oof_folds(oof_dir: Path) -> list[int] | None:
+    """The first-level folds an OOF folder covers (its ``oof_ids.csv``'s ``fold`` column,
+    ascending), None when there is no such file or column."""
+    path = oof_dir / "oof_ids.csv"
+    if not path.is_file():
+        return None
+    ids = pd.read_csv(path, dtype={"id": str})
+    return sorted(int(fold) for fold in ids["fold"].unique()) if "fold" in ids else None
+
+
+def oof_coverage(root: Path) -> str | None:
+    """How much of the training set the run's OOF covers: ``k of N folds (n of M images)``,
+    from the first experiment's OOF (every first-level candidate covers the same images: the
+    validation images of the trained folds, ``folds.train_folds``), None before there is one.
+    """
+    folds_csv = root / "folds" / "folds.csv"
+    summary = _load(root / "folds" / "summary.json")
+    if summary is None or not folds_csv.is_file():
+        return None
+    for ids_csv in sorted(root.glob("oof/*/round*/oof_ids.csv")):
+        covered = oof_folds(ids_csv.parent)
+        if covered is None:
+            continue
+        n_images = len(pd.read_csv(ids_csv, usecols=["id"]))
+        total = len(pd.read_csv(folds_csv, usecols=["id"]))
+        return (
+            f"{len(covered)} of {summary['n_folds']} folds ({n_images} of {total} images"
+            f"{'' if len(covered) == summary['n_folds'] else '; folds ' + ', '.join(map(str, covered))})"
+        )
+    return None
+
+
 def fold_curves(root: Path) -> list[FoldCurve]:
     """:class:`segflow.model.diagnostics.FoldCurve` of every trained fold under ``root/models``
     (``history.csv``, with ``metrics.json`` when it is there), by experiment, round and fold."""
@@ -90,6 +122,9 @@ def results_summary(results_dir: str | Path) -> str:
             f"  folds       {root / 'folds' / 'folds.csv'}: {folds['n_folds']} folds of "
             f"{folds['items_per_fold']} items ({folds['n_groups']} groups)"
         )
+    coverage = oof_coverage(root)
+    if coverage:
+        lines.append(f"  OOF covers  {coverage}")
     for metrics_path in sorted(root.glob("oof/*/round*/metrics.json")):
         experiment, round_dir = metrics_path.parts[-3], metrics_path.parts[-2]
         oof = _load(metrics_path) or {}

@@ -16,7 +16,10 @@ Honesty: the first-level OOF maps of an image come from a model that never saw i
 second-level model trained on all images and scored on the same images would still be scored
 in-sample. :func:`cross_fit` therefore predicts the rows of each fold with a model fitted on the
 other folds only (use the first level's folds, so duplicates grouped there stay grouped); the
-final model, fitted on all rows, is only for the test set.
+final model, fitted on all rows, is only for the test set. When the OOF covers a single first-
+level fold (``folds.train_folds: [0]``, a holdout), :func:`stacking_folds` splits its rows into
+sub-folds by their (near-)duplicate fold group instead, so the copies of an image still share a
+sub-fold.
 
 Backends (:data:`BACKENDS`): LightGBM and CatBoost behind one interface
 (:class:`StackingClassifier`); models are saved in the backend's native format (LightGBM text
@@ -456,6 +459,63 @@ def _check_folds(folds: object, n_rows: int) -> np.ndarray:
     if len(np.unique(values)) < 2:
         raise SegflowError("folds: cross-fitting needs at least two distinct folds")
     return values
+
+
+def stacking_folds(
+    folds: np.ndarray, groups: np.ndarray, n_sub_folds: int, seed: int = 0
+) -> np.ndarray:
+    """The folds the second level cross-fits on: the first level's, or sub-folds of one.
+
+    With at least two distinct first-level folds among the rows they are returned as given.
+    With one (the OOF of a single trained fold: ``folds.train_folds: [k]``) the rows are split
+    into ``min(n_sub_folds, groups)`` sub-folds (at least 2), a whole group at a time, so the
+    (near-)duplicates that ``folds.csv``'s ``group`` column keeps together stay together:
+    the groups are shuffled with ``seed``, ordered by size (largest first, the shuffle breaking
+    ties) and each given to the sub-fold with the fewest rows so far (ties: the lowest index).
+    The same rows, groups and seed give the same sub-folds.
+
+    Args:
+        folds: each row's first-level fold.
+        groups: each row's fold group (``folds.csv``'s ``group``).
+        n_sub_folds: sub-folds to make when there is a single fold (use ``folds.n_folds``).
+        seed: the shuffle's seed (``stack.seed``).
+
+    Returns:
+        The fold of each row, int64 (n,): the first-level folds, or sub-folds 0 .. k-1.
+
+    Raises:
+        SegflowError: mismatched lengths, no row, or fewer than two groups to split one fold.
+
+    Shape:
+        folds, groups: (n,).
+    """
+    folds = np.asarray(folds)
+    groups = np.asarray(groups)
+    if folds.shape != groups.shape or folds.ndim != 1:
+        raise SegflowError(
+            f"folds {folds.shape} and groups {groups.shape} must be (n,) of the same length"
+        )
+    if len(folds) == 0:
+        raise SegflowError("stacking: no OOF row to cross-fit on")
+    if len(np.unique(folds)) >= 2:
+        return folds.astype(np.int64)
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    k = min(max(2, int(n_sub_folds)), len(names))
+    if k < 2:
+        raise SegflowError(
+            f"stacking: the OOF covers fold {folds[0]} only and its {len(folds)} rows form "
+            "a single duplicate group: nothing to cross-fit on (train more folds: "
+            "folds.train_folds, or set stack.enabled: false)"
+        )
+    shuffled = np.random.default_rng(seed).permutation(len(names))
+    order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
+    group_fold = np.empty(len(names), dtype=np.int64)
+    load = np.zeros(k, dtype=np.int64)
+    for group in order:
+        target = int(np.argmin(load))
+        group_fold[group] = target
+        load[target] += sizes[group]
+    return group_fold[inverse]
 
 
 class CrossFit(NamedTuple):

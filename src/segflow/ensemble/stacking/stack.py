@@ -8,7 +8,9 @@ metadata. Both models are cross-fitted on the first level's folds
 (:mod:`segflow.ensemble.stacking.learners`), so their OOF is honest; the final models, fitted
 on all OOF and saved in their native formats, are applied to the test set by
 ``segflow apply-stack`` (:mod:`segflow.ensemble.stacking.apply_stack`), so a test-set change
-refits nothing.
+refits nothing. An OOF of a single trained fold (``folds.train_folds: [k]``) is cross-fitted on
+sub-folds of it, whole duplicate groups at a time
+(:func:`segflow.ensemble.stacking.learners.stacking_folds`).
 
 * ``stack_gate`` (``--candidate gate``): the ensemble's probabilities with the gate's non-empty
   probability (tuned as ``postprocess.gates`` like an aux head's); with
@@ -53,6 +55,7 @@ from segflow.ensemble.stacking.learners import (
     fit_gate,
     fit_pixel_blender,
     nonempty_images,
+    stacking_folds,
     write_blender_artifacts,
     write_gate_artifacts,
 )
@@ -201,7 +204,16 @@ def run_stack(
     block = stage_provenance(
         {"stacker": stacker, "options": used, "names": list(inputs.names)}, seed=options.seed
     )
-    fold_of = inputs.folds.set_index("id").loc[inputs.oof[0].ids["id"], "fold"].to_numpy()
+    rows = inputs.folds.set_index("id").loc[inputs.oof[0].ids["id"]]
+    # The first level's folds; an OOF of one trained fold (folds.train_folds) is split into as
+    # many sub-folds as folds.csv has folds, by duplicate group (learners.stacking_folds; a
+    # table without groups: each image its own).
+    fold_of = stacking_folds(
+        rows["fold"].to_numpy(),
+        rows["group"].to_numpy() if "group" in rows else rows.index.to_numpy(),
+        int(inputs.folds["fold"].nunique()),
+        options.seed,
+    )
     fit = _fit_gates if stacker == "gate" else _fit_blenders
     per_class, oof = fit(inputs, options, fold_of, out_dir, block)
     scores = write_oof_candidate(
