@@ -70,7 +70,7 @@ def test_stack_runs_on_the_oof_of_one_fold(tmp_path) -> None:
         StackOptions(),
         "gate",
         tmp_path / "stack",
-        (tmp_path / "c" / "oof", tmp_path / "c" / "test"),
+        tmp_path / "c" / "oof",
     )
     assert set(summary["candidates"]) == {"stack_gate"}
     features = pd.read_parquet(tmp_path / "stack" / "class_0" / "features_oof.parquet")
