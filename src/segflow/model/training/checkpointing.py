@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -315,7 +314,7 @@ def config_hash(
     """
     payload = {
         "options": {k: v for k, v in options_to_dict(options).items() if k not in RESUME_EXEMPT},
-        "model": dataclasses.asdict(model_spec),
+        "model": model_spec.to_dict(),
         "fold": fold,
         "loss": dict(loss_weights),
         "ohem_fraction": ohem_fraction,
