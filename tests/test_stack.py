@@ -131,14 +131,14 @@ def test_image_features_count_planted_blobs() -> None:
 
 def test_gate_with_blob_features_records_them(tmp_path) -> None:
     summary = _run("gate", tmp_path / "blobs", True, blob_sigmas=[1, 2, 4])
-    assert summary["options"]["blob_sigmas"] == [1.0, 2.0, 4.0]
+    assert list(summary["options"]["blob_sigmas"]) == [1.0, 2.0, 4.0]
     features = pd.read_parquet(tmp_path / "blobs" / "stack" / "class_0" / "features_oof.parquet")
     assert {"image__blob_count", "image__blob_area_mean", "image__blob_area_max"} <= set(
         features.columns
     )
-    with pytest.raises(SegflowError, match="stack.blob_sigmas"):
+    with pytest.raises(SegflowError, match=r"stack\.blob_sigmas"):
         StackOptions(blob_sigmas=[2, 1])
-    with pytest.raises(SegflowError, match="stack.blob_threshold"):
+    with pytest.raises(SegflowError, match=r"stack\.blob_threshold"):
         StackOptions(blob_threshold=0)
 
 
