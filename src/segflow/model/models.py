@@ -122,7 +122,9 @@ class GeM(torch.nn.Module):
             pooled = torch.nn.functional.adaptive_avg_pool2d(
                 x.float().clamp(min=self.eps).pow(p), 1
             )
-            return pooled.pow(1.0 / p).to(x.dtype)
+            # A copy: the power's backward reads its output, which smp's head then changes in
+            # place (Dropout(inplace=True)).
+            return pooled.pow(1.0 / p).to(x.dtype, copy=True)
 
     def extra_repr(self) -> str:
         kind = "learnable" if isinstance(self.p, torch.nn.Parameter) else "fixed"
