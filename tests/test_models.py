@@ -141,7 +141,9 @@ def test_gem_differs_from_avg_and_max_on_a_planted_feature_map() -> None:
     assert gem[0] == pytest.approx(4.0 / 64 ** (1 / 3), rel=1e-4)  # (4^3 / 64)^(1/3)
     assert avg[0] < gem[0] < peak[0]
     assert gem[1] == pytest.approx(1.0, rel=1e-4)
-    assert float(GeM(p=1.0)(features).detach().flatten()[0]) == pytest.approx(float(avg[0]), rel=1e-4)
+    assert float(GeM(p=1.0)(features).detach().flatten()[0]) == pytest.approx(
+        float(avg[0]), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("learnable", [True, False])
