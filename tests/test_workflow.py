@@ -582,8 +582,8 @@ def test_deeplabv3_with_gem_aux_head_on_dehazed_arrays_runs_to_the_oof_metrics(
     workdir = copy_workflow(tmp_path / "deeplab")
     overrides = {
         **SMALL_DEMO,
-        "demo": {"n_train": 24, "n_test": 6, "seed": 5},
-        "preprocess": {"height": 32, "width": 32, "dehaze": True, "dehaze_patch": 5},
+        "demo": {"n_train": 24, "n_test": 8, "height": 32, "width": 32, "seed": 5},
+        "preprocess": {"dehaze": True, "dehaze_patch": 5},
         "experiments": {
             "deeplab": {
                 "model": {
@@ -612,7 +612,7 @@ def test_deeplabv3_with_gem_aux_head_on_dehazed_arrays_runs_to_the_oof_metrics(
         workdir / "results" / "models" / "deeplab" / "round0" / "fold0" / "model.pt"
     )
     assert metadata["spec"]["arch"] == "DeepLabV3" and metadata["spec"]["aux_pooling"] == "gem"
-    assert np.load(workdir / targets[1]).shape[0] == 6
+    assert np.load(workdir / targets[1]).shape[0] == 8
 
 
 def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None:
