@@ -135,28 +135,6 @@ def lists_to_tuples(options: Any) -> None:
             object.__setattr__(options, field.name, tuple(value))
 
 
-OMIT_AT_DEFAULT = "_omit_at_default"
-"""Name of an options dataclass's class attribute: a tuple of fields added after outputs were
-published that :func:`options_to_dict` leaves out while they hold their default, so the JSON,
-checkpoints and hashes written with the default stay byte-identical to those of before."""
-
-
 def options_to_dict(options: Any) -> dict[str, Any]:
-    """Plain-dict view of an options dataclass (for JSON summaries and hashes).
-
-    Fields named in the class's ``_omit_at_default`` tuple (:data:`OMIT_AT_DEFAULT`) are left
-    out while they equal their default; building the dataclass from the dict restores them.
-
-    Args:
-        options: an options dataclass instance.
-
-    Returns:
-        ``dataclasses.asdict(options)`` less the omitted fields.
-    """
-    values = dataclasses.asdict(options)
-    for field in dataclasses.fields(options):
-        if field.name in getattr(options, OMIT_AT_DEFAULT, ()) and values[field.name] == (
-            field.default
-        ):
-            del values[field.name]
-    return values
+    """Plain-dict view of an options dataclass (for JSON summaries)."""
+    return dataclasses.asdict(options)

@@ -48,11 +48,11 @@ from segflow.artifacts.tables import read_table
 from segflow.artifacts.truths import MaskSource, load_mask, mask_sources
 from segflow.core.atomic import atomic_path
 from segflow.core.errors import SegflowError
+from segflow.core.late_options import published_options
 from segflow.core.options import (
     add_dataclass_arguments,
     dataclass_from_namespace,
     option,
-    options_to_dict,
 )
 from segflow.core.parallel import chunked, parallel_map
 from segflow.core.provenance import stage_provenance, with_provenance
@@ -78,7 +78,7 @@ class PreprocessOptions:
     """Image preparation (config section ``preprocess``)."""
 
     # Left out of stats.json at their defaults: arrays prepared without them keep
-    # byte-identical stats (segflow.core.options.options_to_dict).
+    # byte-identical stats (segflow.core.late_options.published_options).
     _omit_at_default: ClassVar[tuple[str, ...]] = (
         "dehaze",
         "dehaze_omega",
@@ -534,7 +534,7 @@ def preprocess(
         "train_mask_coverage": round(foreground / n_pixels, 6),
         "classes": list(class_names(classes)),
         "multilabel": classes is not None,
-        "options": options_to_dict(options),
+        "options": published_options(options),
     }
     # Deterministic (no seed): the same manifest and options give the same arrays.
     block = stage_provenance({"options": stats["options"], "dicom_window": asdict(window)})

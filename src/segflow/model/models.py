@@ -39,7 +39,7 @@ import torch
 
 from segflow.core.atomic import write_torch
 from segflow.core.errors import SegflowError, first_line
-from segflow.core.options import options_to_dict
+from segflow.core.late_options import published_options
 from segflow.model.pretrained import (
     PACKAGE_PREFIX,
     WEIGHT_FILE_SUFFIXES,
@@ -172,7 +172,7 @@ class ModelSpec:
     aux_gem_learnable: bool = True
 
     # Left out of the stored spec at their defaults: checkpoints and training hashes of models
-    # without these options stay byte-identical (segflow.core.options.options_to_dict).
+    # without these options stay byte-identical (segflow.core.late_options.published_options).
     _omit_at_default: ClassVar[tuple[str, ...]] = (
         "aux_pooling",
         "aux_dropout",
@@ -225,7 +225,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         """The spec as stored in checkpoints and hashed by training (the aux-head options only
         when set: specs without them give the same dict as before they existed)."""
-        return options_to_dict(self)
+        return published_options(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:

@@ -48,12 +48,12 @@ from segflow.artifacts.tables import read_folds, read_table
 from segflow.artifacts.truths import class_truths, original_truths
 from segflow.core.atomic import write_json
 from segflow.core.errors import SegflowError
+from segflow.core.late_options import published_options
 from segflow.core.options import (
     add_dataclass_arguments,
     dataclass_from_namespace,
     lists_to_tuples,
     option,
-    options_to_dict,
 )
 from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.core.stage_args import add_experiment_dirs, add_stage_tables, check_names, stage_log
@@ -106,7 +106,7 @@ class StackOptions:
     )
 
     # Left out of the stackers' recorded options at their defaults (byte-identical summaries
-    # and provenance for runs without them; segflow.core.options.options_to_dict).
+    # and provenance for runs without them; segflow.core.late_options.published_options).
     _omit_at_default: ClassVar[tuple[str, ...]] = ("blob_sigmas", "blob_threshold")
 
     def __post_init__(self) -> None:
@@ -143,7 +143,7 @@ class StackOptions:
             KeyError: an unknown stacker (the message lists the valid ones).
         """
         candidate_name(stacker)
-        values = options_to_dict(self)
+        values = published_options(self)
         return {name: values[name] for name in STACKER_OPTIONS[stacker] if name in values}
 
 

@@ -32,7 +32,7 @@ class TrainOptions:
     """How to train one fold (config section ``experiments.<name>.train``)."""
 
     # Left out of summaries and the resume hash at their defaults: runs that do not set them
-    # keep byte-identical outputs (segflow.core.options.options_to_dict).
+    # keep byte-identical outputs (segflow.core.late_options.published_options).
     _omit_at_default: ClassVar[tuple[str, ...]] = ("class_balance",)
 
     epochs: int = option(10, "epochs to train (may be raised to extend a resumable run)")
