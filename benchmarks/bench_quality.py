@@ -75,11 +75,10 @@ from segflow.data.dedup import (
     NearDuplicateOptions,
     find_duplicates,
     near_fold_groups,
-    perceptual_hash,
 )
 from segflow.data.ingest import list_images
 from segflow.data.preprocess import convert_channels, resize_image, resize_mask, to_uint8
-from segflow.formats.imageio import decode_image, is_gray, pixel_md5, read_mask
+from segflow.formats.imageio import decode_image, is_gray, perceptual_hash, pixel_md5, read_mask
 from segflow.formats.rle import rle_decode
 from segflow.model.experiment import parse_experiment
 from segflow.model.metrics import kaggle_scores

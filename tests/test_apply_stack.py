@@ -34,8 +34,8 @@ def _fit(stacker: str, folder: Path, **options: Any) -> tuple[dict[str, Any], Pa
 
 
 def _apply(data: dict[str, Any], stack_dir: Path, stacker: str, rows: slice = slice(None)):
-    backend, threshold_target = stack_setup(stack_dir, stacker)
-    models = load_stack_models(stack_dir, stacker, backend, threshold_target, 1)
+    backend, threshold_target, blobs = stack_setup(stack_dir, stacker)
+    models = load_stack_models(stack_dir, stacker, backend, threshold_target, 1, blobs)
 
     def part(prediction: Prediction | None) -> Prediction | None:
         if prediction is None:
@@ -101,8 +101,8 @@ def test_apply_refuses_what_the_fit_did_not_make(tmp_path: Path) -> None:
     with pytest.raises(SegflowError, match=r"summary_gate\.json does not exist \(run stack"):
         stack_setup(tmp_path, "gate")
     data, stack_dir = _fit("gate", tmp_path)
-    backend, threshold_target = stack_setup(stack_dir, "gate")
-    assert (backend, threshold_target) == ("lightgbm", False)
+    backend, threshold_target, blobs = stack_setup(stack_dir, "gate")
+    assert (backend, threshold_target, blobs) == ("lightgbm", False, {})
     with pytest.raises(SegflowError, match=r"threshold_model\.txt does not exist"):
         load_stack_models(stack_dir, "gate", backend, True, 1)
     models = load_stack_models(stack_dir, "gate", backend, False, 1)
@@ -118,3 +118,18 @@ def test_apply_refuses_what_the_fit_did_not_make(tmp_path: Path) -> None:
     summary.write_text(json.dumps({"backend": "xgboost", "options": {}}))
     with pytest.raises(SegflowError, match="unknown backend 'xgboost'"):
         stack_setup(stack_dir, "gate")
+
+
+def test_a_gate_fitted_with_blob_features_applies_them_to_the_test_side(tmp_path: Path) -> None:
+    """stack.blob_sigmas: the fit records the blob options, apply-stack reads them back and
+    computes the same DoG blob columns on the test images (else the features would differ)."""
+    data, stack_dir = _fit("gate", tmp_path, blob_sigmas=[1.0, 2.0], blob_threshold=0.05)
+    _, _, blobs = stack_setup(stack_dir, "gate")
+    assert blobs == {"blob_sigmas": (1.0, 2.0), "blob_threshold": 0.05}
+    _, features = _apply(data, stack_dir, "gate")
+    assert "image__blob_count" in features[0].columns
+    test_maps = {
+        n: np.asarray(p.probs[:, 0], np.float32) for n, p in zip("ab", data["test"], strict=True)
+    }
+    expected = image_features(test_maps, data["test_images"], data["test_metadata"], **blobs)
+    pd.testing.assert_frame_equal(features[0], expected)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import albumentations as A
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import BRIGHT, DARK_MAX, write_synthetic_arrays
@@ -18,6 +19,8 @@ from segflow.model.datasets import (
     MemmapDataset,
     SegmentationArrays,
     balanced_sampler,
+    class_balance_weights,
+    class_balanced_sampler,
     crop_to,
     pad_to_multiple,
 )
@@ -194,6 +197,74 @@ def test_balanced_sampler_extremes_and_natural() -> None:
 def test_balanced_sampler_rejects_impossible_ratios(is_empty: list[bool], ratio: float) -> None:
     with pytest.raises(SegflowError, match="empty_ratio"):
         balanced_sampler(np.array(is_empty), ratio, 10, seed=0)
+
+
+# --------------------------------------------------------------------------- class balance
+
+
+def _presence(n_common: int, n_rare: int, n_empty: int) -> np.ndarray:
+    """Items holding class 0 (common), then class 1 (rare), then nothing."""
+    presence = np.zeros((n_common + n_rare + n_empty, 3), dtype=bool)
+    presence[:n_common, 0] = True
+    presence[n_common : n_common + n_rare, 1] = True
+    return presence  # class 2 never occurs
+
+
+@pytest.mark.parametrize(("mode", "rare_share"), [("inverse", 0.45), ("sqrt", 0.225)])
+def test_class_balance_draws_a_rare_class_more_often_than_its_frequency(
+    mode: str, rare_share: float
+) -> None:
+    presence = _presence(n_common=162, n_rare=18, n_empty=20)  # rare class: 9 % of the items
+    sampler = class_balanced_sampler(presence, mode, num_samples=8000, seed=5)
+    drawn = np.fromiter(iter(sampler), dtype=np.int64)
+    rare = presence[drawn, 1].mean()
+    assert presence[:, 1].mean() == pytest.approx(0.09)
+    # inverse: the non-empty 90 % split evenly between the two classes; sqrt: by sqrt(count)
+    # (1 : 3), so 0.9 / 4.
+    assert rare == pytest.approx(rare_share, abs=0.03)
+    assert (~presence[drawn].any(axis=1)).mean() == pytest.approx(0.1, abs=0.02)
+    again = np.fromiter(iter(class_balanced_sampler(presence, mode, 8000, seed=5)), np.int64)
+    np.testing.assert_array_equal(drawn, again)
+    other = np.fromiter(iter(class_balanced_sampler(presence, mode, 8000, seed=6)), np.int64)
+    assert not np.array_equal(drawn, other)
+
+
+def test_class_balance_weighs_an_image_by_its_rarest_class_and_keeps_empty_ratio() -> None:
+    presence = np.array([[1, 0], [1, 0], [1, 0], [1, 1], [0, 0]], dtype=bool)
+    weights = class_balance_weights(presence, "inverse", empty_ratio=0.5)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[4] == pytest.approx(0.5)  # the one empty image
+    # class 0 in 4 images (1/4), class 1 in 1 (1): the image holding both weighs as class 1.
+    np.testing.assert_allclose(weights[:4] / weights[0], [1, 1, 1, 4])
+
+
+@pytest.mark.parametrize(
+    ("presence", "mode", "ratio", "message"),
+    [
+        (np.ones((4, 1), dtype=bool), "sqrt", None, "multi-label"),
+        (np.zeros((4, 2), dtype=bool), "sqrt", None, "no training mask"),
+        (np.ones((4, 2), dtype=bool), "log", None, "class_balance"),
+        (np.ones((4, 2), dtype=bool), "sqrt", 0.3, "no empty masks"),
+        (_presence(3, 1, 1), "inverse", 1.0, "empty_ratio 1"),
+    ],
+)
+def test_class_balance_refuses_what_it_cannot_do(
+    presence: np.ndarray, mode: str, ratio: float | None, message: str
+) -> None:
+    with pytest.raises(SegflowError, match=message):
+        class_balance_weights(presence, mode, ratio)
+
+
+def test_class_presence_reads_the_packed_bits(arrays_dir: Path) -> None:
+    masks = np.zeros((3, 4, 4), dtype=np.uint8)
+    masks[0, 1, 1] = 0b101  # classes 0 and 2
+    masks[1, 2, 3] = 0b010  # class 1
+    np.save(arrays_dir / "train_masks.npy", masks)
+    arrays = SegmentationArrays(arrays_dir, pd.DataFrame(), {"classes": ["a", "b", "c"]})
+    np.testing.assert_array_equal(
+        arrays.class_presence(np.array([2, 0, 1]), chunk=2),
+        [[False, False, False], [True, False, True], [False, True, False]],
+    )
 
 
 # --------------------------------------------------------------------------- padding

@@ -32,8 +32,10 @@ from segflow.bundle.archive import (
     version_tuple,
 )
 from segflow.bundle.export import export
-from segflow.bundle.predict_bundle import predict_bundle
+from segflow.bundle.predict_bundle import BundlePredictor, predict_bundle
 from segflow.core.errors import SegflowError
+from segflow.data.preprocess import PreprocessOptions, prepare_image
+from segflow.formats.imageio import DicomWindow, decode_image
 from segflow.formats.rle import rle_encode
 from segflow.model.inference.predict import PredictOptions
 from segflow.model.submit import SubmissionOptions, train_label
@@ -131,6 +133,31 @@ def test_exact_train_duplicates_get_the_train_label(tiny_run: Path, tmp_path: Pa
     for row in leaks.itertuples():
         label = train_label(manifest, str(row.leak_train_ids).split(";"))
         assert rows[row.id] == rle_encode(label), row.id
+
+
+def test_a_dehazed_runs_bundle_dehazes_each_image_it_reads(tiny_run: Path, tmp_path: Path) -> None:
+    """preprocess.dehaze lives in stats.json's options: the bundle carries them and prepares
+    each image dehazed, as preprocess-test did, where the plain run's bundle does not."""
+    results = tmp_path / "results"
+    shutil.copytree(tiny_run / "results", results)
+    stats_path = results / "preprocess" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    assert "dehaze" not in stats["options"]  # the default run: stats.json as before dehaze
+    stats["options"].update(dehaze=True, dehaze_patch=5)
+    stats_path.write_text(json.dumps(stats))
+    zip_path = tmp_path / "dehazed.zip"
+    assert _cli(
+        "export", results, zip_path, "--candidate", "ensemble:0", "--tta", "hflip",
+    ) == 0  # fmt: skip
+    dehazed = BundlePredictor(Bundle(zip_path), device="cpu")
+    plain = BundlePredictor(Bundle(tiny_run / "results" / "export" / "bundle.zip"), device="cpu")
+    assert dehazed.preprocess == PreprocessOptions(**stats["options"])
+    image = sorted(_test_images(tiny_run).iterdir())[0]
+    pixels = decode_image(image, DicomWindow()).pixels
+    _, got, _ = dehazed.read_image(image)
+    expected = prepare_image(pixels, dehazed.geometry, PreprocessOptions(**stats["options"]))
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, plain.read_image(image)[1])
 
 
 def test_fp16_halves_the_weights(tiny_run: Path, tmp_path: Path) -> None:

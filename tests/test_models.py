@@ -20,6 +20,7 @@ from segflow.core.errors import SegflowError
 from segflow.model.models import (
     ARCHITECTURES,
     CHECKPOINT_FORMAT,
+    GeM,
     ModelSpec,
     build_model,
     forward_logits,
@@ -113,6 +114,121 @@ def test_aux_head_gives_a_label_and_forward_logits_returns_the_mask() -> None:
     assert mask.shape == (2, 2, 64, 64)
     assert label.shape == (2, 2)  # one "non-empty" logit per class
     assert torch.equal(logits, mask)
+
+
+def test_deeplabv3_forward_on_cpu_with_an_aux_head() -> None:
+    model = build_model(ModelSpec(arch="DeepLabV3", encoder=ENCODER, classes=2, aux_head=True))
+    assert isinstance(model, smp.DeepLabV3) and not isinstance(model, smp.DeepLabV3Plus)
+    with torch.no_grad():
+        mask, label = model.eval()(torch.randn(2, 1, 64, 96))
+    assert mask.shape == (2, 2, 64, 96)
+    assert label.shape == (2, 2)
+
+
+def test_unknown_arch_lists_deeplabv3() -> None:
+    with pytest.raises(KeyError, match="DeepLabV3,"):
+        build_model(ModelSpec(arch="DeepLabV4"))
+
+
+def test_gem_differs_from_avg_and_max_on_a_planted_feature_map() -> None:
+    features = torch.zeros(1, 2, 8, 8)
+    features[0, 0, 3, 4] = 4.0  # one hot spot: the mean hides it, the max is all of it
+    features[0, 1] = 1.0  # a flat map: every pooling gives 1
+    gem = GeM(p=3.0, learnable=False)(features).flatten()
+    avg = torch.nn.functional.adaptive_avg_pool2d(features, 1).flatten()
+    peak = torch.nn.functional.adaptive_max_pool2d(features, 1).flatten()
+    assert avg[0] == pytest.approx(4.0 / 64)
+    assert gem[0] == pytest.approx(4.0 / 64 ** (1 / 3), rel=1e-4)  # (4^3 / 64)^(1/3)
+    assert avg[0] < gem[0] < peak[0]
+    assert gem[1] == pytest.approx(1.0, rel=1e-4)
+    assert float(GeM(p=1.0)(features).detach().flatten()[0]) == pytest.approx(
+        float(avg[0]), rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_aux_gem_pooling_is_installed_with_a_learnable_or_fixed_exponent(learnable: bool) -> None:
+    spec = ModelSpec(
+        arch="DeepLabV3",
+        encoder=ENCODER,
+        aux_head=True,
+        aux_pooling="gem",
+        aux_gem_p=2.5,
+        aux_gem_learnable=learnable,
+    )
+    model = build_model(spec)
+    pool = model.classification_head[0]
+    assert isinstance(pool, GeM)
+    assert float(pool.p.detach()) == 2.5
+    names = {name for name, _ in model.named_parameters()}
+    assert ("classification_head.0.p" in names) is learnable
+    _, label = model.train()(torch.rand(2, 1, 64, 64))
+    label.sum().backward()
+    assert (pool.p.grad is not None) is learnable
+    avg_model = build_model(dataclasses.replace(spec, aux_pooling="avg"))
+    avg_model.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k != "classification_head.0.p"}
+    )
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        gem_label = model.eval()(x)[1]
+        avg_label = avg_model.eval()(x)[1]
+    assert not torch.allclose(gem_label, avg_label)  # same weights, only the pooling differs
+
+
+def test_aux_max_pooling_and_dropout_reach_the_head() -> None:
+    model = build_model(ModelSpec(arch="Unet", aux_head=True, aux_pooling="max", aux_dropout=0.5))
+    head = model.classification_head
+    assert isinstance(head[0], torch.nn.AdaptiveMaxPool2d)
+    assert isinstance(head[2], torch.nn.Dropout) and head[2].p == 0.5
+    plain = build_model(ModelSpec(arch="Unet", aux_head=True)).classification_head
+    assert isinstance(plain[0], torch.nn.AdaptiveAvgPool2d) and plain[2].p == 0.2  # smp's
+    none = build_model(ModelSpec(arch="Unet", aux_head=True, aux_dropout=0.0)).classification_head
+    assert isinstance(none[2], torch.nn.Identity)
+
+
+def test_default_aux_options_leave_the_stored_spec_as_before() -> None:
+    stored = ModelSpec(arch="Unet", aux_head=True).to_dict()
+    assert set(stored) == {
+        "arch",
+        "encoder",
+        "encoder_weights",
+        "in_channels",
+        "classes",
+        "aux_head",
+        "decoder_attention",
+        "extra",
+    }
+    assert ModelSpec.from_dict(stored) == ModelSpec(arch="Unet", aux_head=True)
+    gem = ModelSpec(aux_head=True, aux_pooling="gem")
+    assert gem.to_dict()["aux_pooling"] == "gem"
+    assert ModelSpec.from_dict(gem.to_dict()) == gem
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"aux_head": True, "aux_pooling": "median"}, "aux_pooling"),
+        ({"aux_head": True, "aux_dropout": 1.0}, "aux_dropout"),
+        ({"aux_head": True, "aux_gem_p": 0}, "aux_gem_p"),
+        ({"aux_head": True, "aux_gem_learnable": "yes"}, "aux_gem_learnable"),
+        ({"aux_pooling": "gem"}, "needs model.aux_head"),
+    ],
+)
+def test_bad_aux_options_name_the_key(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(SegflowError, match=message):
+        ModelSpec(**values)
+
+
+def test_gem_checkpoint_round_trip(tmp_path: Path) -> None:
+    spec = ModelSpec(arch="FPN", encoder=SMALL, aux_head=True, aux_pooling="gem", aux_gem_p=4.0)
+    model = build_model(spec)
+    with torch.no_grad():
+        model.classification_head[0].p.fill_(2.0)  # as if trained
+    save_checkpoint(tmp_path / "model.pt", model, spec)
+    loaded, metadata = load_checkpoint(tmp_path / "model.pt")
+    assert metadata["spec"]["aux_pooling"] == "gem"
+    assert float(loaded.classification_head[0].p.detach()) == 2.0
 
 
 def test_forward_logits_without_aux_head_is_the_output() -> None:
@@ -311,6 +427,7 @@ def test_required_divisor_and_min_size_per_architecture() -> None:
         "UnetPlusPlus": 32,
         "FPN": 32,
         "Linknet": 32,
+        "DeepLabV3": 8,  # dilated encoder, output stride 8
         "DeepLabV3Plus": 16,  # dilated encoder, output stride 16
         "PAN": 16,
         "MAnet": 32,
@@ -382,7 +499,12 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     loaded, meta = load_checkpoint(path)
     assert not loaded.training
     assert meta["format"] == CHECKPOINT_FORMAT
-    assert meta["spec"] == dataclasses.asdict(spec)
+    # The aux options added later are left out at their defaults: model.pt as before them.
+    assert meta["spec"] == {
+        k: v
+        for k, v in dataclasses.asdict(spec).items()
+        if k not in ("aux_pooling", "aux_dropout", "aux_gem_p", "aux_gem_learnable")
+    }
     assert ModelSpec.from_dict(meta["spec"]) == spec
     assert (meta["epoch"], meta["score"], meta["fold"], meta["log"]) == (3, 0.75, 1, "x")
     assert "state_dict" not in meta

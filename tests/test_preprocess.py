@@ -24,6 +24,8 @@ from segflow.data.preprocess import (
     PreprocessOptions,
     apply_clahe,
     convert_channels,
+    dark_channel,
+    dehaze,
     resize_image,
     resize_mask,
     to_uint8,
@@ -310,6 +312,73 @@ def test_preprocess_outputs_gray(gray_data: dict, tmp_path: Path) -> None:
     assert stats["train_std"] == pytest.approx([scaled.std()], abs=1e-6)
     expected_coverage = np.mean([gray_data["train"][k][1].mean() for k in ("a", "b", "d", "e")])
     assert stats["train_mask_coverage"] == pytest.approx(expected_coverage, abs=1e-6)
+
+
+def _hazy_scene(channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(clear, hazy) uint8 images: a textured scene under a sky, seen through uniform haze
+    I = J t + A (1 - t), t = 0.4, A = 230 (the haze model the dark channel prior inverts)."""
+    rng = np.random.default_rng(4)
+    clear = rng.integers(0, 100, (48, 64, channels)).astype(np.float64)
+    clear[20:36, 20:40] += 80  # an object
+    clear[8::5] = 0  # dark rows below the sky: every 7 x 7 patch there holds a dark pixel
+    clear[-1] = 0
+    clear[:8] = 230  # the sky: haze only, the atmospheric light
+    hazy = clear * 0.4 + 230 * 0.6
+    return clear.astype(np.uint8), np.rint(hazy).astype(np.uint8)
+
+
+def _contrast(image: np.ndarray) -> float:
+    return float(image.astype(np.float64).std())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_dehaze_restores_the_contrast_of_a_hazy_image(channels: int) -> None:
+    clear, hazy = _hazy_scene(channels)
+    dehazed = dehaze(hazy, omega=1.0, t0=0.1, patch=7)
+    assert dehazed.shape == hazy.shape and dehazed.dtype == np.uint8
+    assert _contrast(hazy) < 0.5 * _contrast(clear)
+    assert _contrast(dehazed) > 2 * _contrast(hazy)  # the haze is gone ...
+    assert np.abs(dehazed.astype(int) - clear.astype(int)).mean() < 12  # ... and the scene is back
+    # omega < 1 keeps some haze: less contrast than the full removal, more than the input.
+    partial = dehaze(hazy, omega=0.5, t0=0.1, patch=7)
+    assert _contrast(hazy) < _contrast(partial) < _contrast(dehazed)
+
+
+def test_dehaze_uint16_and_dark_channel() -> None:
+    _, hazy = _hazy_scene()
+    wide = hazy.astype(np.uint16) * 257
+    dehazed = dehaze(wide, patch=7)
+    assert dehazed.dtype == np.uint16 and _contrast(dehazed) > 2 * _contrast(wide)
+    pixels = np.full((5, 5, 3), 0.8, np.float32)
+    pixels[2, 2, 1] = 0.1  # one dark value in one channel darkens its 3 x 3 neighbourhood
+    dark = dark_channel(pixels, 3)
+    assert dark[1:4, 1:4].max() == pytest.approx(0.1) and dark[0, 0] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [({"omega": 0}, "dehaze_omega"), ({"t0": 1.0}, "dehaze_t0"), ({"patch": 0}, "dehaze_patch")],
+)
+def test_dehaze_refuses_options_out_of_range(values: dict, key: str) -> None:
+    with pytest.raises(SegflowError, match=key):
+        dehaze(np.zeros((4, 4, 1), np.uint8), **values)
+
+
+def test_dehaze_option_reaches_train_and_test_arrays_alike(gray_data: dict, tmp_path: Path) -> None:
+    manifest, items = _ingest_and_dedup(gray_data["options"])
+    plain = preprocess(manifest, items, PreprocessOptions(), tmp_path / "plain")
+    options = PreprocessOptions(dehaze=True, dehaze_patch=3)
+    hazy = preprocess(manifest, items, options, tmp_path / "dehazed")
+    assert "dehaze" not in plain["options"]  # default: stats.json as before the option existed
+    assert hazy["options"]["dehaze"] is True and hazy["options"]["dehaze_patch"] == 3
+    for split in ("train", "test"):
+        before = np.load(tmp_path / "plain" / f"{split}_images.npy")
+        after = np.load(tmp_path / "dehazed" / f"{split}_images.npy")
+        assert not np.array_equal(before, after)
+        for row in range(len(before)):  # test images get exactly what train images get
+            np.testing.assert_array_equal(after[row], dehaze(before[row], 0.95, 0.1, 3))
+    with pytest.raises(SegflowError, match="dehaze_t0"):
+        preprocess(manifest, items, PreprocessOptions(dehaze=True, dehaze_t0=0), tmp_path / "x")
 
 
 def test_preprocess_arrays_are_memory_mappable(gray_data: dict, tmp_path: Path) -> None:

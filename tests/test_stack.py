@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,6 +110,36 @@ def test_image_features_do_not_depend_on_chunking() -> None:
     images = rng.integers(0, 65535, (7, 9, 9, 2), dtype=np.uint16)
     whole = image_features(maps, images)
     pd.testing.assert_frame_equal(image_features(maps, images, chunk_images=2), whole)
+
+
+def test_image_features_count_planted_blobs() -> None:
+    """stack.blob_sigmas adds DoG blob counts and sizes of each image to the gate's features."""
+    images = np.full((2, 64, 64, 1), 20, np.uint8)
+    for row, col, radius in ((12, 12, 3), (16, 44, 5), (46, 24, 7)):
+        cv2.circle(images[0], (col, row), radius, 220, thickness=-1)
+    maps = {"a": np.zeros((2, 8, 8), np.float32)}
+    features = image_features(maps, images, blob_sigmas=(1, 2, 4, 8), blob_threshold=0.2)
+    assert features["image__blob_count"].tolist() == [3.0, 0.0]
+    assert features.loc[0, "image__blob_area_max"] > features.loc[0, "image__blob_area_mean"] > 0
+    assert features.loc[1, "image__blob_area_max"] == 0
+    without = image_features(maps, images)
+    assert "image__blob_count" not in without
+    pd.testing.assert_frame_equal(features[list(without.columns)], without)
+    chunked = image_features(maps, images, chunk_images=1, blob_sigmas=(1, 2, 4, 8))
+    pd.testing.assert_frame_equal(chunked, image_features(maps, images, blob_sigmas=(1, 2, 4, 8)))
+
+
+def test_gate_with_blob_features_records_them(tmp_path) -> None:
+    summary = _run("gate", tmp_path / "blobs", True, blob_sigmas=[1, 2, 4])
+    assert list(summary["options"]["blob_sigmas"]) == [1.0, 2.0, 4.0]
+    features = pd.read_parquet(tmp_path / "blobs" / "stack" / "class_0" / "features_oof.parquet")
+    assert {"image__blob_count", "image__blob_area_mean", "image__blob_area_max"} <= set(
+        features.columns
+    )
+    with pytest.raises(SegflowError, match=r"stack\.blob_sigmas"):
+        StackOptions(blob_sigmas=[2, 1])
+    with pytest.raises(SegflowError, match=r"stack\.blob_threshold"):
+        StackOptions(blob_threshold=0)
 
 
 # --- backends ---------------------------------------------------------------------------------

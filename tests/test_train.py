@@ -415,6 +415,35 @@ def test_steps_per_epoch_gives_exactly_that_many_batches(arrays_dir: Path) -> No
     assert epochs[0] == epochs[2] != epochs[1]
 
 
+def test_class_balance_draws_the_rare_class_more_often(arrays_dir: Path) -> None:
+    """Multi-label arrays where class 1 is in 3 of the non-empty images: with class_balance
+    inverse the loader draws them far above their share, the same way for the same epoch."""
+    masks = np.load(arrays_dir / "train_masks.npy")
+    nonempty = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
+    rare_rows = nonempty[::6][:3]
+    masks[rare_rows] *= 2  # bit 1: class "rare" instead of class "common"
+    np.save(arrays_dir / "train_masks.npy", masks)
+    stats = json.loads((arrays_dir / "stats.json").read_text())
+    stats.update(classes=["common", "rare"], multilabel=True)
+    (arrays_dir / "stats.json").write_text(json.dumps(stats))
+
+    def drawn(data: FoldData, epoch: int) -> list[int]:
+        data.seed_epoch(7, epoch)
+        return torch.cat([batch["row"] for batch in data.train_loader]).tolist()
+
+    natural = _fold_data(arrays_dir, steps_per_epoch=50)
+    balanced = _fold_data(arrays_dir, steps_per_epoch=50, class_balance="inverse")
+    rare = set(rare_rows.tolist())
+    train_rows = natural.train_set.rows.tolist()
+    in_train = len(rare & set(train_rows))
+    assert in_train >= 1
+    natural_share = np.mean([row in rare for row in drawn(natural, 1)])
+    balanced_rows = drawn(balanced, 1)
+    balanced_share = np.mean([row in rare for row in balanced_rows])
+    assert natural_share < 0.25 < balanced_share  # inverse: about half of the non-empty draws
+    assert balanced_rows == drawn(balanced, 1) != drawn(balanced, 2)
+
+
 def test_the_lr_schedule_follows_steps_per_epoch(arrays_dir: Path, tmp_path: Path) -> None:
     _train(arrays_dir, tmp_path / "run", epochs=2, steps_per_epoch=3, scheduler="cosine")
     lrs = pd.read_csv(tmp_path / "run" / "out" / "history.csv")["lr"].tolist()
@@ -591,6 +620,7 @@ def test_other_schedulers_have_no_plateau() -> None:
         ({"plateau_patience": 1.5}, "train.plateau_patience"),
         ({"plateau_factor": 1.0}, "train.plateau_factor"),
         ({"plateau_factor": 0}, "train.plateau_factor"),
+        ({"class_balance": "log"}, "train.class_balance"),
     ],
 )
 def test_invalid_options_name_the_key(overrides: dict[str, Any], key: str) -> None:

@@ -27,6 +27,7 @@ from helpers import write_label_dataset
 
 from segflow.data.demo_data import DemoDataOptions, generate_demo_data
 from segflow.formats.rle import rle_decode
+from segflow.model.models import load_checkpoint
 
 pytestmark = pytest.mark.workflow
 
@@ -582,6 +583,47 @@ def test_without_the_pixel_blender_no_stack_pixel_job_or_candidate(
     assert _job(planned, "apply_stack")["wildcards"] == {"stacker": "gate"}
     tuned = {job["wildcards"]["experiment"] for job in planned if job["rule"] == "tune_postprocess"}
     assert tuned == {"unet_lite0", "ensemble", "stack_gate"}
+
+
+def test_deeplabv3_with_gem_aux_head_on_dehazed_arrays_runs_to_the_oof_metrics(
+    tmp_path: Path,
+) -> None:
+    """Issue 18's options through the workflow: dehazed arrays (train and test), a DeepLabV3
+    with a GeM-pooled aux head, trained, predicted and scored on the OOF and the test set."""
+    workdir = copy_workflow(tmp_path / "deeplab")
+    overrides = {
+        **SMALL_DEMO,
+        "demo": {"n_train": 24, "n_test": 8, "height": 32, "width": 32, "seed": 5},
+        "preprocess": {"dehaze": True, "dehaze_patch": 5},
+        "experiments": {
+            "deeplab": {
+                "model": {
+                    "arch": "DeepLabV3",
+                    "encoder": "resnet18",
+                    "aux_head": True,
+                    "aux_pooling": "gem",
+                    "aux_dropout": 0.3,
+                },
+                "train": {"epochs": 1, "batch_size": 4},
+            }
+        },
+        "run_experiments": ["deeplab"],
+    }
+    config = write_config(workdir, "deeplab.yaml", overrides)
+    targets = [
+        "results/oof/deeplab/round0/metrics.json",
+        "results/test/deeplab/round0/fold0/probs.npy",
+    ]
+    run_snakemake(workdir, *targets, "--configfile", config)
+    stats = json.loads((workdir / "results" / "preprocess" / "stats.json").read_text())
+    assert stats["options"]["dehaze"] is True and stats["options"]["dehaze_patch"] == 5
+    metrics = json.loads((workdir / targets[0]).read_text())
+    assert metrics  # scored
+    _, metadata = load_checkpoint(
+        workdir / "results" / "models" / "deeplab" / "round0" / "fold0" / "model.pt"
+    )
+    assert metadata["spec"]["arch"] == "DeepLabV3" and metadata["spec"]["aux_pooling"] == "gem"
+    assert np.load(workdir / targets[1]).shape[0] == 8
 
 
 def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None:

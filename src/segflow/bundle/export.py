@@ -76,9 +76,9 @@ def stack_models(results: Path, name: str, round_: int) -> tuple[dict[str, Any],
 
     stacker = STACKED[name]
     folder = layout.stack_dir(results, round_)
-    backend, threshold_target = stack_setup(folder, stacker)
+    backend, threshold_target, blobs = stack_setup(folder, stacker)
     n_classes = len(classes_of(read_stats(layout.arrays_dir(results))))
-    models = load_stack_models(folder, stacker, backend, threshold_target, n_classes)
+    models = load_stack_models(folder, stacker, backend, threshold_target, n_classes, blobs)
     files = model_files(stacker, backend, threshold_target, n_classes)
     config = {
         "stacker": stacker,
@@ -87,6 +87,11 @@ def stack_models(results: Path, name: str, round_: int) -> tuple[dict[str, Any],
         "models": [f"{STACK_MEMBERS}/{file}" for file in files],
         "meta_columns": models.meta_columns(),
     }
+    if blobs:  # the gate's DoG blob features (stack.blob_sigmas)
+        config["blobs"] = {
+            "blob_sigmas": list(blobs["blob_sigmas"]),
+            "blob_threshold": blobs["blob_threshold"],
+        }
     return config, {f"{STACK_MEMBERS}/{file}": (folder / file).read_bytes() for file in files}
 
 

@@ -159,6 +159,12 @@ class BundlePredictor:
             str(stack["backend"]),
             bool(stack["threshold_target"]),
             len(self.classes),
+            {
+                "blob_sigmas": tuple(float(s) for s in stack["blobs"]["blob_sigmas"]),
+                "blob_threshold": float(stack["blobs"]["blob_threshold"]),
+            }
+            if stack.get("blobs")
+            else None,
         )
         needed = [str(column) for column in stack["meta_columns"]]
         if not needed:

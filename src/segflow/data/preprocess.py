@@ -1,4 +1,4 @@
-"""Preprocess: channel handling, 16->8-bit, CLAHE and resize (or reflect-pad) into
+"""Preprocess: channel handling, 16->8-bit, dehazing, CLAHE and resize (or reflect-pad) into
 memory-mappable arrays.
 
 Outputs (in one folder) ``train_images.npy`` (N, H, W, C), ``train_masks.npy`` (N, H, W) of
@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -48,11 +48,11 @@ from segflow.artifacts.tables import read_table
 from segflow.artifacts.truths import MaskSource, load_mask, mask_sources
 from segflow.core.atomic import atomic_path
 from segflow.core.errors import SegflowError
+from segflow.core.late_options import published_options
 from segflow.core.options import (
     add_dataclass_arguments,
     dataclass_from_namespace,
     option,
-    options_to_dict,
 )
 from segflow.core.parallel import chunked, parallel_map
 from segflow.core.provenance import stage_provenance, with_provenance
@@ -77,12 +77,31 @@ _CHUNK = 64
 class PreprocessOptions:
     """Image preparation (config section ``preprocess``)."""
 
+    # Left out of stats.json at their defaults: arrays prepared without them keep
+    # byte-identical stats (segflow.core.late_options.published_options).
+    _omit_at_default: ClassVar[tuple[str, ...]] = (
+        "dehaze",
+        "dehaze_omega",
+        "dehaze_t0",
+        "dehaze_patch",
+    )
+
     height: int | None = option(None, "output height; null keeps the (common) original size")
     width: int | None = option(None, "output width; null keeps the (common) original size")
     channels: str = option(
         "auto", "output channels; auto = 1 if every image is gray", CHANNEL_MODES
     )
     to_uint8: bool = option(True, "convert 16-bit images to 8-bit (full-range scaling)")
+    dehaze: bool = option(
+        False,
+        "dark-channel-prior dehazing (He et al. 2009) before CLAHE: J = (I - A) / max(t, t0) + A "
+        "with t = 1 - omega * dark channel of I / A",
+    )
+    dehaze_omega: float = option(
+        0.95, "dehaze: the share of haze removed (omega in (0, 1]; 1 = all)"
+    )
+    dehaze_t0: float = option(0.1, "dehaze: the least transmission (t0 in (0, 1))")
+    dehaze_patch: int = option(15, "dehaze: the dark channel's minimum filter side (pixels)")
     clahe: bool = option(False, "apply CLAHE (on luminance for colour images)")
     clahe_clip_limit: float = option(2.0, "CLAHE contrast clip limit")
     clahe_tile_grid: int = option(8, "CLAHE tiles per side")
@@ -168,6 +187,73 @@ def apply_clahe(pixels: np.ndarray, clip_limit: float, tile_grid: int) -> np.nda
     return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
 
 
+def dark_channel(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """The dark channel: per pixel, the minimum over the channels and a ``patch`` x ``patch``
+    window (``cv2.erode`` with a square kernel, borders replicated).
+
+    Shape:
+        pixels: (H, W, C) float32; output: (H, W) float32.
+    """
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (patch, patch))
+    return cv2.erode(
+        np.ascontiguousarray(pixels.min(axis=2)), kernel, borderType=cv2.BORDER_REPLICATE
+    )
+
+
+def check_dehaze(omega: float, t0: float, patch: int) -> None:
+    """Refuse dehazing options out of range (one line naming the ``preprocess`` key).
+
+    Raises:
+        SegflowError: omega not in (0, 1], t0 not in (0, 1) or patch not an integer >= 1.
+    """
+    if isinstance(omega, bool) or not isinstance(omega, int | float) or not 0.0 < omega <= 1.0:
+        raise SegflowError(f"preprocess.dehaze_omega must be in (0, 1], got {omega!r}")
+    if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0.0 < t0 < 1.0:
+        raise SegflowError(f"preprocess.dehaze_t0 must be in (0, 1), got {t0!r}")
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise SegflowError(f"preprocess.dehaze_patch must be an integer >= 1, got {patch!r}")
+
+
+def dehaze(pixels: np.ndarray, omega: float = 0.95, t0: float = 0.1, patch: int = 15) -> np.ndarray:
+    """Dark-channel-prior dehazing (He, Sun and Tang, CVPR 2009), without the soft-matting or
+    guided-filter refinement of the transmission.
+
+    Haze-free patches have a dark channel near 0; haze lifts it towards the atmospheric light
+    A. A is taken as the brightest pixel (sum over channels) among the 0.1 % of pixels with the
+    brightest dark channel; the transmission is ``t = 1 - omega * dark_channel(I / A)`` and the
+    scene ``J = (I - A) / max(t, t0) + A``, clipped to the pixel range. Gray images work alike
+    (one channel).
+
+    Args:
+        pixels: the image, uint8 or uint16.
+        omega: the share of the haze removed, in (0, 1] (below 1 keeps a little for depth).
+        t0: the least transmission, in (0, 1) (bounds the noise amplification in dense haze).
+        patch: the minimum filter's side in pixels (>= 1).
+
+    Returns:
+        The dehazed image, same shape and dtype.
+
+    Shape:
+        pixels: (H, W, C); output: (H, W, C).
+
+    Raises:
+        SegflowError: an option out of range.
+    """
+    check_dehaze(omega, t0, patch)
+    scale = float(np.iinfo(pixels.dtype).max)
+    image = pixels.astype(np.float32) / np.float32(scale)
+    dark = dark_channel(image, patch)
+    n_top = max(1, dark.size // 1000)
+    top = np.argpartition(dark.ravel(), dark.size - n_top)[dark.size - n_top :]
+    flat = image.reshape(-1, image.shape[2])
+    light = flat[top[np.argmax(flat[top].sum(axis=1))]]
+    light = np.maximum(light, np.float32(1e-3))  # a black "sky" would divide by 0
+    transmission = 1.0 - np.float32(omega) * dark_channel(image / light, patch)
+    transmission = np.maximum(transmission, np.float32(t0))[:, :, None]
+    scene = (image - light) / transmission + light
+    return np.rint(np.clip(scene, 0.0, 1.0) * scale).astype(pixels.dtype)
+
+
 def resize_image(
     pixels: np.ndarray, height: int, width: int, interpolation: str = "auto"
 ) -> np.ndarray:
@@ -193,13 +279,16 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 def prepare_image(
     pixels: np.ndarray, geometry: Geometry, options: PreprocessOptions, where: str = "image"
 ) -> np.ndarray:
-    """Channels -> bit depth -> CLAHE -> resize or reflect-pad (``options.resize_mode``), in
-    that order (CLAHE at native resolution). ``where`` names the image in errors."""
+    """Channels -> bit depth -> dehaze -> CLAHE -> resize or reflect-pad
+    (``options.resize_mode``), in that order (dehazing and CLAHE at native resolution).
+    ``where`` names the image in errors."""
     pixels = convert_channels(pixels, geometry.channels)
     if geometry.dtype == "uint8":
         pixels = to_uint8(pixels)
     elif pixels.dtype == np.uint8:  # mixed depths kept at 16 bits: promote 8-bit images
         pixels = pixels.astype(np.uint16) * 257
+    if options.dehaze:
+        pixels = dehaze(pixels, options.dehaze_omega, options.dehaze_t0, options.dehaze_patch)
     if options.clahe:
         pixels = apply_clahe(pixels, options.clahe_clip_limit, options.clahe_tile_grid)
     target = (geometry.height, geometry.width)
@@ -295,6 +384,8 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> Geometry
         raise SegflowError(
             f"unknown preprocess.channels {options.channels!r}; valid: {', '.join(CHANNEL_MODES)}"
         )
+    if options.dehaze:  # checked before any work, not in every worker
+        check_dehaze(options.dehaze_omega, options.dehaze_t0, options.dehaze_patch)
     channels = output_channels(used, options.channels)
     dtype = "uint8" if options.to_uint8 or (used["bit_depth"] <= 8).all() else "uint16"
     if options.resize_mode not in RESIZE_MODES:
@@ -443,7 +534,7 @@ def preprocess(
         "train_mask_coverage": round(foreground / n_pixels, 6),
         "classes": list(class_names(classes)),
         "multilabel": classes is not None,
-        "options": options_to_dict(options),
+        "options": published_options(options),
     }
     # Deterministic (no seed): the same manifest and options give the same arrays.
     block = stage_provenance({"options": stats["options"], "dicom_window": asdict(window)})

@@ -203,6 +203,24 @@ class SegmentationArrays:
             empty[start : start + chunk] = ~part.reshape(len(part), -1).any(axis=1)
         return empty
 
+    def class_presence(self, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """Which classes each train mask of ``rows`` holds (bit k of the packed label = class
+        k), read from the memmap in chunks.
+
+        Shape:
+            rows: (K,); output: (K, len(classes)) bool.
+        """
+        masks = np.load(self.train_masks_path, mmap_mode="r")
+        rows = np.asarray(rows, dtype=np.int64)
+        n_classes = len(self.classes)
+        present = np.zeros((len(rows), n_classes), dtype=bool)
+        for start in range(0, len(rows), chunk):
+            part = np.asarray(masks[rows[start : start + chunk]])
+            flat = part.reshape(len(part), -1)
+            for k in range(n_classes):
+                present[start : start + chunk, k] = ((flat >> k) & 1).any(axis=1)
+        return present
+
 
 class MemmapDataset(Dataset):
     """Rows of a preprocessed (N, H, W, C) image array (and (N, H, W) mask array) as tensors.
@@ -379,6 +397,99 @@ def balanced_sampler(
         num_samples=int(num_samples),
         replacement=True,
         generator=generator,
+    )
+
+
+def class_balance_weights(
+    presence: np.ndarray, mode: str, empty_ratio: float | None = None
+) -> np.ndarray:
+    """Per-item draw probabilities that favour images of rare classes (multi-label data).
+
+    A class present in ``n_k`` images weighs ``1 / sqrt(n_k)`` (``sqrt``) or ``1 / n_k``
+    (``inverse``: with one class per image, every class is then drawn equally often); an image
+    weighs as its rarest class (the largest weight among its classes). Images without any class
+    (empty masks) keep their natural share, or ``empty_ratio`` when given; the non-empty ones
+    share the rest in proportion to their weights.
+
+    Args:
+        presence: per item and class, whether the item's mask holds that class.
+        mode: ``sqrt`` or ``inverse``.
+        empty_ratio: the share of empty masks among the draws, in [0, 1]; None = natural.
+
+    Returns:
+        float64 probabilities summing to 1.
+
+    Shape:
+        presence: (N, K) bool; output: (N,).
+
+    Raises:
+        SegflowError: an unknown mode, fewer than two classes, no non-empty mask, or an
+            ``empty_ratio`` the items cannot give.
+    """
+    presence = np.asarray(presence, dtype=bool)
+    if mode not in ("sqrt", "inverse"):
+        raise SegflowError(f"train.class_balance must be none, sqrt or inverse, got {mode!r}")
+    if presence.ndim != 2 or presence.shape[1] < 2:
+        classes = presence.shape[1] if presence.ndim == 2 else 0
+        raise SegflowError(
+            f"train.class_balance: {mode} needs multi-label data (data.classes with at least "
+            f"2 classes); this data has {classes} class(es) - use train.empty_ratio instead"
+        )
+    counts = presence.sum(axis=0)
+    if not counts.any():
+        raise SegflowError("train.class_balance: no training mask holds any class")
+    with np.errstate(divide="ignore"):
+        class_weight = np.where(counts > 0, 1.0 / counts.astype(np.float64), 0.0)
+    if mode == "sqrt":
+        class_weight = np.sqrt(class_weight)
+    item_weight = np.where(presence, class_weight[None, :], 0.0).max(axis=1)
+    empty = ~presence.any(axis=1)
+    n_empty = int(empty.sum())
+    share = n_empty / len(empty) if empty_ratio is None else float(empty_ratio)
+    if not 0.0 <= share <= 1.0:
+        raise SegflowError(f"train.empty_ratio must be in [0, 1], got {empty_ratio}")
+    if share > 0 and n_empty == 0:
+        raise SegflowError(
+            f"train.empty_ratio = {empty_ratio} but the training set has no empty masks"
+        )
+    if share >= 1.0:
+        raise SegflowError(
+            "train.class_balance: empty_ratio 1 leaves no draw for the classes to balance"
+        )
+    weights = (1.0 - share) * item_weight / item_weight.sum()
+    if n_empty:
+        weights[empty] = share / n_empty
+    return weights
+
+
+def class_balanced_sampler(
+    presence: np.ndarray,
+    mode: str,
+    num_samples: int,
+    seed: int,
+    empty_ratio: float | None = None,
+) -> Sampler:
+    """Draw images with replacement by :func:`class_balance_weights` (``train.class_balance``).
+
+    Args:
+        presence: per item and class, whether the item's mask holds that class.
+        mode: ``sqrt`` or ``inverse``.
+        num_samples: draws per epoch.
+        seed: seed of the sampler's own generator (the same seed gives the same draws).
+        empty_ratio: share of empty masks among the draws; None = natural.
+
+    Returns:
+        A ``WeightedRandomSampler`` (its ``generator`` may be reseeded per epoch).
+
+    Shape:
+        presence: (N, K) bool.
+    """
+    weights = class_balance_weights(presence, mode, empty_ratio)
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double),
+        num_samples=int(num_samples),
+        replacement=True,
+        generator=torch.Generator().manual_seed(int(seed)),
     )
 
 

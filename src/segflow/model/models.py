@@ -11,12 +11,16 @@ Input sizes: most smp models need height and width divisible by the encoder's ou
 (:func:`required_divisor`); PAN needs at least 8 times that (:func:`min_input_size`). Callers pad
 to :func:`padded_size` and crop the logits back.
 
-Training: DeepLabV3Plus, UPerNet and PAN apply BatchNorm after a global pooling, which fails in
+Training: DeepLabV3, DeepLabV3Plus, UPerNet and PAN apply BatchNorm after a global pooling, which fails in
 training mode for a batch of one image — use batches of at least 2 (``drop_last``).
 
 Snapshot ensembles (``train.snapshot_ensemble``): a checkpoint may hold several members' weights
 (key ``snapshots``); :func:`load_checkpoint` then returns a :class:`SnapshotEnsemble`, which
 behaves like one model whose logits are those of the members' mean probability.
+
+Aux head (``model.aux_head``): smp's classification head on the deepest encoder features;
+``aux_pooling`` picks its global pooling (``avg``, ``max`` or ``gem``: generalised mean,
+:class:`GeM`, with a learnable or fixed exponent) and ``aux_dropout`` its dropout.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import segmentation_models_pytorch as smp
 import torch
 
 from segflow.core.atomic import write_torch
 from segflow.core.errors import SegflowError, first_line
+from segflow.core.late_options import published_options
 from segflow.model.pretrained import (
     PACKAGE_PREFIX,
     WEIGHT_FILE_SUFFIXES,
@@ -53,6 +58,7 @@ ARCHITECTURES: dict[str, type[torch.nn.Module]] = {
     "UnetPlusPlus": smp.UnetPlusPlus,
     "FPN": smp.FPN,
     "Linknet": smp.Linknet,
+    "DeepLabV3": smp.DeepLabV3,
     "DeepLabV3Plus": smp.DeepLabV3Plus,
     "PAN": smp.PAN,
     "MAnet": smp.MAnet,
@@ -77,6 +83,53 @@ _MANAGED_KWARGS = {
 }
 _RESERVED_CHECKPOINT_KEYS = ("format", "state_dict", "spec", "snapshots")
 
+AUX_POOLINGS = ("avg", "max", "gem")
+# smp's ClassificationHead default dropout: what an aux head got before aux_dropout existed.
+SMP_AUX_DROPOUT = 0.2
+_GEM_EPS = 1e-6
+
+
+class GeM(torch.nn.Module):
+    """Generalised-mean global pooling: ``(mean_hw clamp(x, eps) ** p) ** (1 / p)`` per channel.
+
+    p = 1 is average pooling; as p grows it approaches max pooling. Inputs are clamped to
+    ``eps`` first (the mean of powers needs non-negative values; encoder features after a ReLU
+    already are).
+
+    Args:
+        p: the exponent (> 0).
+        learnable: make p a trained parameter (else a fixed buffer).
+        eps: lower clamp of the inputs.
+
+    Shape:
+        input: (N, C, H, W); output: (N, C, 1, 1).
+    """
+
+    def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = _GEM_EPS) -> None:
+        super().__init__()
+        tensor = torch.tensor([float(p)])
+        if learnable:
+            self.p = torch.nn.Parameter(tensor)
+        else:
+            self.register_buffer("p", tensor)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 whatever the input: eps ** p underflows float16 to 0, whose 1/p-th power
+        # has an infinite gradient.
+        with torch.autocast(x.device.type, enabled=False):
+            p = self.p.float()
+            pooled = torch.nn.functional.adaptive_avg_pool2d(
+                x.float().clamp(min=self.eps).pow(p), 1
+            )
+            # A copy: the power's backward reads its output, which smp's head then changes in
+            # place (Dropout(inplace=True)).
+            return pooled.pow(1.0 / p).to(x.dtype, copy=True)
+
+    def extra_repr(self) -> str:
+        kind = "learnable" if isinstance(self.p, torch.nn.Parameter) else "fixed"
+        return f"p={float(self.p.detach()[0]):.4g} ({kind}), eps={self.eps}"
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -95,6 +148,12 @@ class ModelSpec:
         classes: output mask channels (logits).
         aux_head: add smp's image-level classification head (one logit per class, "this
             class's mask is non-empty").
+        aux_pooling: the aux head's global pooling: ``avg`` (smp's default), ``max`` or
+            ``gem`` (:class:`GeM`).
+        aux_dropout: the aux head's dropout probability before its linear layer, in [0, 1)
+            (0 = none; the default 0.2 is smp's).
+        aux_gem_p: GeM's (initial) exponent, > 0 (``aux_pooling: gem`` only).
+        aux_gem_learnable: train GeM's exponent with the network (else it stays ``aux_gem_p``).
         decoder_attention: decoder attention type (``"scse"``); Unet and UnetPlusPlus only.
         extra: further constructor keyword arguments (e.g. ``decoder_channels``), passed through.
     """
@@ -107,6 +166,19 @@ class ModelSpec:
     aux_head: bool = False
     decoder_attention: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    aux_pooling: str = "avg"
+    aux_dropout: float = SMP_AUX_DROPOUT
+    aux_gem_p: float = 3.0
+    aux_gem_learnable: bool = True
+
+    # Left out of the stored spec at their defaults: checkpoints and training hashes of models
+    # without these options stay byte-identical (segflow.core.late_options.published_options).
+    _omit_at_default: ClassVar[tuple[str, ...]] = (
+        "aux_pooling",
+        "aux_dropout",
+        "aux_gem_p",
+        "aux_gem_learnable",
+    )
 
     def __post_init__(self) -> None:
         for name in ("arch", "encoder"):
@@ -124,6 +196,36 @@ class ModelSpec:
                 raise SegflowError(f"model.{name} must be a string or null, got {value!r}")
         if not isinstance(self.extra, Mapping):
             raise SegflowError(f"model.extra must be a mapping, got {type(self.extra).__name__}")
+        if self.aux_pooling not in AUX_POOLINGS:
+            raise SegflowError(
+                f"model.aux_pooling: unknown pooling {self.aux_pooling!r}; valid: "
+                f"{', '.join(AUX_POOLINGS)}"
+            )
+        if not _is_real(self.aux_dropout) or not 0.0 <= self.aux_dropout < 1.0:
+            raise SegflowError(f"model.aux_dropout must be in [0, 1), got {self.aux_dropout!r}")
+        if not _is_real(self.aux_gem_p) or not self.aux_gem_p > 0:
+            raise SegflowError(f"model.aux_gem_p must be a number > 0, got {self.aux_gem_p!r}")
+        if not isinstance(self.aux_gem_learnable, bool):
+            raise SegflowError(
+                f"model.aux_gem_learnable must be true or false, got {self.aux_gem_learnable!r}"
+            )
+        if not self.aux_head:
+            changed = [name for name in self._omit_at_default if name in self._non_default()]
+            if changed:
+                raise SegflowError(f"model.{changed[0]} needs model.aux_head: true")
+
+    def _non_default(self) -> set[str]:
+        """Names of the fields whose value differs from the default."""
+        return {
+            f.name
+            for f in dataclasses.fields(self)
+            if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as stored in checkpoints and hashed by training (the aux-head options only
+        when set: specs without them give the same dict as before they existed)."""
+        return published_options(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelSpec:
@@ -182,6 +284,8 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         raise SegflowError(
             f"model: cannot build {spec.arch} with encoder {spec.encoder!r}: {exc}"
         ) from exc
+    if spec.aux_head and spec.aux_pooling == "gem":
+        _install_gem(model, spec)
     if local_weights is not None:
         _load_encoder_weights(model, local_weights, spec)
     return model
@@ -326,7 +430,7 @@ def save_checkpoint(
         payload.update(state_dict=snapshots[-1], snapshots=snapshots)
     else:
         payload["state_dict"] = model.state_dict()
-    payload["spec"] = _plain(dataclasses.asdict(spec), "spec")
+    payload["spec"] = _plain(spec.to_dict(), "spec")
     payload.update({key: _plain(value, key) for key, value in extra.items()})
     write_torch(path, payload)
 
@@ -485,7 +589,7 @@ def _constructor_kwargs(cls: type[torch.nn.Module], spec: ModelSpec) -> dict[str
         "classes": spec.classes,
     }
     if spec.aux_head:
-        kwargs["aux_params"] = {"classes": spec.classes}  # per class: is its mask non-empty?
+        kwargs["aux_params"] = _aux_params(spec)
     if spec.decoder_attention is not None:
         if "decoder_attention_type" not in accepted:
             with_attention = [
@@ -512,6 +616,39 @@ def _constructor_kwargs(cls: type[torch.nn.Module], spec: ModelSpec) -> dict[str
             )
         kwargs[key] = value
     return kwargs
+
+
+def _aux_params(spec: ModelSpec) -> dict[str, Any]:
+    """smp's ``aux_params`` of ``spec``: one logit per class (is its mask non-empty?).
+
+    Options at smp's defaults are not passed, so a default aux head is built exactly as
+    before. GeM is not smp's: the head is built with average pooling and :func:`build_model`
+    swaps in :class:`GeM` (parameters are created in the same order, so the seeded initial
+    weights of everything else do not move).
+    """
+    params: dict[str, Any] = {"classes": spec.classes}
+    if spec.aux_pooling == "max":
+        params["pooling"] = "max"
+    if spec.aux_dropout != SMP_AUX_DROPOUT:
+        params["dropout"] = float(spec.aux_dropout)
+    return params
+
+
+def _install_gem(model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Replace the pooling layer of ``model``'s aux head with :class:`GeM` (``aux_pooling``
+    gem)."""
+    head = getattr(model, "classification_head", None)
+    if not isinstance(head, torch.nn.Sequential) or not isinstance(
+        head[0], torch.nn.AdaptiveAvgPool2d
+    ):
+        raise SegflowError(
+            f"model.aux_pooling: gem: {spec.arch} has no smp classification head to pool"
+        )
+    head[0] = GeM(spec.aux_gem_p, spec.aux_gem_learnable)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _load_encoder_weights(model: torch.nn.Module, path: Path, spec: ModelSpec) -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from segflow.artifacts.predictions import (
 from segflow.artifacts.tables import read_table
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import add_experiment_dirs, stage_log
+from segflow.data.blobs import DEFAULT_THRESHOLD as DEFAULT_BLOB_THRESHOLD
 from segflow.ensemble.candidates import check_aligned
 from segflow.ensemble.stacking.features import META_PREFIX, image_features
 from segflow.ensemble.stacking.learners import (
@@ -69,6 +71,8 @@ class StackModels:
     """The gate's (``gate``) or the pixel blender's (``pixel``) final model of each class."""
     thresholds: list[LightGBMRegressor | CatBoostRegressor] | None
     """The per-image threshold regressors of the gate (``threshold_target``), else None."""
+    blobs: dict[str, Any] = field(default_factory=dict)
+    """The gate's blob-feature arguments (``stack.blob_sigmas``, ``blob_threshold``); {} = none."""
 
     def meta_columns(self) -> list[str]:
         """The ``meta_*`` metadata columns the models' features include (gate only)."""
@@ -76,8 +80,11 @@ class StackModels:
         return list(dict.fromkeys(n for n in names if n.startswith(META_PREFIX)))
 
 
-def stack_setup(stack_dir: str | os.PathLike[str], stacker: str) -> tuple[str, bool]:
-    """(backend, threshold_target) of a fitted stacker, from its ``summary_<stacker>.json``.
+def stack_setup(
+    stack_dir: str | os.PathLike[str], stacker: str
+) -> tuple[str, bool, dict[str, Any]]:
+    """(backend, threshold_target, blob-feature arguments) of a fitted stacker, from its
+    ``summary_<stacker>.json`` (the blob arguments are {} unless ``stack.blob_sigmas`` was set).
 
     Raises:
         SegflowError: the summary is missing or not one of ``segflow stack``.
@@ -88,12 +95,19 @@ def stack_setup(stack_dir: str | os.PathLike[str], stacker: str) -> tuple[str, b
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
         backend = str(summary["backend"])
-        threshold_target = bool(summary["options"].get("threshold_target", False))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        options = summary["options"]
+        threshold_target = bool(options.get("threshold_target", False))
+        blobs = {}
+        if stacker == "gate" and options.get("blob_sigmas") is not None:
+            blobs = {
+                "blob_sigmas": tuple(float(s) for s in options["blob_sigmas"]),
+                "blob_threshold": float(options.get("blob_threshold", DEFAULT_BLOB_THRESHOLD)),
+            }
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
         raise SegflowError(f"{path}: not a summary of segflow stack ({error})") from None
     if backend not in BACKENDS:
         raise SegflowError(f"{path}: unknown backend {backend!r}")
-    return backend, threshold_target and stacker == "gate"
+    return backend, threshold_target and stacker == "gate", blobs
 
 
 def model_files(stacker: str, backend: str, threshold_target: bool, n_classes: int) -> list[str]:
@@ -112,6 +126,7 @@ def load_stack_models(
     backend: str,
     threshold_target: bool,
     n_classes: int,
+    blobs: Mapping[str, Any] | None = None,
 ) -> StackModels:
     """A fitted stacker's final models from ``folder`` (the stack folder, or a bundle's copy
     with the same relative paths, :func:`model_files`).
@@ -130,7 +145,7 @@ def load_stack_models(
     thresholds = None
     if per_class == 2:
         thresholds = [load_regressor(folder / files[k * 2 + 1]) for k in range(n_classes)]
-    return StackModels(stacker, models, thresholds)
+    return StackModels(stacker, models, thresholds, dict(blobs or {}))
 
 
 def apply_stack_models(
@@ -174,7 +189,7 @@ def apply_stack_models(
         maps = maps.copy()
     features = []
     for k, model in enumerate(models.models):
-        table = image_features(class_maps(names, test, k), images, metadata)
+        table = image_features(class_maps(names, test, k), images, metadata, **models.blobs)
         gate[:, k] = model.predict_proba(table)
         if models.thresholds is not None:
             maps[:, k] = recalibrate(maps[:, k], models.thresholds[k].predict_proba(table))
@@ -224,9 +239,9 @@ def run(args: argparse.Namespace) -> None:
     """``segflow apply-stack``: write a stacked candidate's test prediction (and the gate's
     test feature tables into the stack folder)."""
     classes, _ = read_classes(args.arrays_dir)
-    backend, threshold_target = stack_setup(args.stack_dir, args.candidate)
+    backend, threshold_target, blobs = stack_setup(args.stack_dir, args.candidate)
     models = load_stack_models(
-        args.stack_dir, args.candidate, backend, threshold_target, len(classes)
+        args.stack_dir, args.candidate, backend, threshold_target, len(classes), blobs
     )
     base_test = _base_test(args)
     test = [

@@ -8,7 +8,8 @@ manifest).
 
 * :func:`image_features`: one row per image, for the image-level gate
   (:func:`segflow.ensemble.stacking.learners.fit_gate`). Columns are ``<e>__<feature>`` per experiment,
-  ``image__<statistic>`` for intensities and the ``meta_*`` columns as given.
+  ``image__<statistic>`` for intensities (and, with ``blob_sigmas``, Difference-of-Gaussians
+  blob counts and sizes, :mod:`segflow.data.blobs`) and the ``meta_*`` columns as given.
 * :func:`pixel_feature_names`, :func:`sampled_pixel_features`, :func:`iter_pixel_features`: one
   row per pixel, for the pixel-level blender (:func:`segflow.ensemble.stacking.learners.fit_pixel_blender`): a
   sample of pixels for training (:func:`sample_pixels` draws it), whole images in chunks for
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
+from segflow.data.blobs import BLOB_FEATURES, DEFAULT_THRESHOLD, blob_features, check_sigmas
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.3, 0.5, 0.7)
 MASK_THRESHOLD = 0.5
@@ -164,8 +166,10 @@ def image_feature_names(
     experiments: Sequence[str],
     with_images: bool = False,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    with_blobs: bool = False,
 ) -> list[str]:
-    """The columns :func:`image_features` produces, before the ``meta_*`` columns."""
+    """The columns :func:`image_features` produces, before the ``meta_*`` columns
+    (``with_blobs``: it was given images and ``blob_sigmas``)."""
     per_experiment = [f"area_gt{_threshold_label(t)}" for t in thresholds] + [
         "prob_max",
         "prob_mean",
@@ -177,6 +181,8 @@ def image_feature_names(
     names = [f"{e}{SEPARATOR}{feature}" for e in experiments for feature in per_experiment]
     if with_images:
         names += [f"{IMAGE_PREFIX}{SEPARATOR}{s}" for s in ("mean", "std", "p10", "p90")]
+        if with_blobs:
+            names += [f"{IMAGE_PREFIX}{SEPARATOR}{s}" for s in BLOB_FEATURES]
     return names
 
 
@@ -261,6 +267,8 @@ def image_features(
     metadata: pd.DataFrame | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     chunk_images: int | None = None,
+    blob_sigmas: Sequence[float] | None = None,
+    blob_threshold: float = DEFAULT_THRESHOLD,
 ) -> pd.DataFrame:
     """Per-image features of one class plane, for the image-level gate.
 
@@ -270,7 +278,10 @@ def image_features(
     number of 8-connected components of the > 0.5 mask and ``largest_component_area`` the
     largest one's area fraction; ``border_contact`` the fraction of border pixels (first and last
     row and column) > 0.5. With ``images``: ``image__mean``, ``image__std``, ``image__p10``,
-    ``image__p90`` of the first channel scaled to [0, 1] (uint8 by 255, uint16 by 65535).
+    ``image__p90`` of the first channel scaled to [0, 1] (uint8 by 255, uint16 by 65535);
+    with ``blob_sigmas`` too, ``image__blob_count``, ``image__blob_area_mean`` and
+    ``image__blob_area_max``: the Difference-of-Gaussians blobs of that channel
+    (:func:`segflow.data.blobs.blob_features`; areas as fractions of the image, 0 without blobs).
     ``metadata``'s ``meta_*`` columns follow as given (NaN allowed); its other columns (e.g.
     ``id``) are ignored, so manifest rows can be passed directly.
 
@@ -281,6 +292,9 @@ def image_features(
         metadata: the same rows' metadata (positional: its index is ignored), or None.
         thresholds: the area-fraction thresholds, each in (0, 1).
         chunk_images: images per chunk; None: as many as fit 4 Mi pixels.
+        blob_sigmas: increasing Gaussian sigmas (pixels of ``images``) of the blob features;
+            None: no blob features (nor without ``images``).
+        blob_threshold: the least DoG response of a blob (first channel in [0, 1]).
 
     Returns:
         One float64 row per image, columns :func:`image_feature_names` then ``meta_*``.
@@ -299,7 +313,10 @@ def image_features(
         if isinstance(threshold, bool) or not 0.0 < float(threshold) < 1.0:
             raise SegflowError(f"image_features: thresholds must be in (0, 1), got {threshold!r}")
     meta = _metadata_columns(metadata, n_images)
-    names = image_feature_names(list(prob_maps), images is not None, thresholds)
+    with_blobs = images is not None and blob_sigmas is not None
+    if with_blobs:
+        blob_sigmas = check_sigmas(blob_sigmas, "stack.blob_sigmas")
+    names = image_feature_names(list(prob_maps), images is not None, thresholds, with_blobs)
     values = np.empty((n_images, len(names)), dtype=np.float64)
     border = _border_positions(height, width)
     step = chunk_size(chunk_images, height * width, _IMAGE_CHUNK_PIXELS)
@@ -312,7 +329,11 @@ def image_features(
             for maps in prob_maps.values()
         ]
         if images is not None:
-            blocks.append(_intensity_features(np.asarray(images[start:stop])))
+            chunk = np.asarray(images[start:stop])
+            blocks.append(_intensity_features(chunk))
+            if with_blobs:
+                planes = _first_channel_unit(chunk)
+                blocks.append(blob_features(planes, blob_sigmas, blob_threshold))
         values[start:stop] = np.concatenate(blocks, axis=1)
     frame = pd.DataFrame(values, columns=names)
     if meta is not None:

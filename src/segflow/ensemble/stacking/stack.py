@@ -33,7 +33,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -45,9 +45,16 @@ from segflow.artifacts.tables import read_folds, read_table
 from segflow.artifacts.truths import class_truths, original_truths
 from segflow.core.atomic import write_json
 from segflow.core.errors import SegflowError
-from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
+from segflow.core.late_options import published_options
+from segflow.core.options import (
+    add_dataclass_arguments,
+    dataclass_from_namespace,
+    lists_to_tuples,
+    option,
+)
 from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.core.stage_args import add_experiment_dirs, add_stage_tables, check_names, stage_log
+from segflow.data.blobs import check_sigmas
 from segflow.ensemble.candidates import check_aligned, json_ready, write_oof_candidate
 from segflow.ensemble.stacking.features import image_features
 from segflow.ensemble.stacking.learners import (
@@ -92,8 +99,40 @@ class StackOptions:
         "also fit each image's best threshold (regression on the gate's features) and apply it "
         "in the stack_gate candidate",
     )
+    blob_sigmas: tuple[float, ...] | None = option(
+        None,
+        "Difference-of-Gaussians blob features for the gate (count, mean and largest area) at "
+        "these increasing Gaussian sigmas (pixels); null = none",
+    )
+    blob_threshold: float = option(
+        0.1, "with blob_sigmas, the least scale-normalised DoG response of a blob"
+    )
+
+    # Left out of the stackers' recorded options at their defaults (byte-identical summaries
+    # and provenance for runs without them; segflow.core.late_options.published_options).
+    _omit_at_default: ClassVar[tuple[str, ...]] = ("blob_sigmas", "blob_threshold")
+
+    def blob_features(self) -> dict[str, Any]:
+        """:func:`segflow.ensemble.stacking.features.image_features`'s blob arguments (none
+        without ``blob_sigmas``); apply-stack reads them back from the recorded options."""
+        if self.blob_sigmas is None:
+            return {}
+        return {"blob_sigmas": self.blob_sigmas, "blob_threshold": self.blob_threshold}
 
     def __post_init__(self) -> None:
+        lists_to_tuples(self)
+        if self.blob_sigmas is not None:
+            object.__setattr__(
+                self, "blob_sigmas", check_sigmas(self.blob_sigmas, "stack.blob_sigmas")
+            )
+        if (
+            isinstance(self.blob_threshold, bool)
+            or not isinstance(self.blob_threshold, int | float)
+            or not self.blob_threshold > 0
+        ):
+            raise SegflowError(
+                f"stack.blob_threshold must be a number > 0, got {self.blob_threshold!r}"
+            )
         if self.backend not in BACKENDS:
             raise KeyError(f"unknown stack.backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
         if isinstance(self.pixels_per_image, bool) or not isinstance(self.pixels_per_image, int):
@@ -114,7 +153,8 @@ class StackOptions:
             KeyError: an unknown stacker (the message lists the valid ones).
         """
         candidate_name(stacker)
-        return {name: getattr(self, name) for name in STACKER_OPTIONS[stacker]}
+        values = published_options(self)
+        return {name: values[name] for name in STACKER_OPTIONS[stacker] if name in values}
 
 
 @dataclass(frozen=True)
@@ -258,7 +298,10 @@ def _fit_gates(
         class_dir = out_dir / f"class_{k}"
         truth = class_truths(inputs.truths, k)
         train_features = image_features(
-            class_maps(inputs.names, inputs.oof, k), inputs.train_images, inputs.train_metadata
+            class_maps(inputs.names, inputs.oof, k),
+            inputs.train_images,
+            inputs.train_metadata,
+            **options.blob_features(),
         )
         write_parquet(
             class_dir / "features_oof.parquet",

@@ -13,7 +13,7 @@ STACKERS: tuple[str, ...] = ("gate", "pixel")
 pixel-level blender of the experiments' maps."""
 
 STACKER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "gate": ("backend", "seed", "threshold_target"),
+    "gate": ("backend", "seed", "threshold_target", "blob_sigmas", "blob_threshold"),
     "pixel": ("backend", "seed", "pixels_per_image"),
 }
 """The ``stack`` config keys (``StackOptions`` fields) each candidate reads."""

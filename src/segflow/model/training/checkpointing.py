@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from torch import nn
 
 from segflow.core.atomic import remove_stale_temporaries, write_torch
 from segflow.core.errors import SegflowError
-from segflow.core.options import options_to_dict
+from segflow.core.late_options import published_options
 from segflow.core.provenance import options_hash
 from segflow.model.datasets import SegmentationArrays
 from segflow.model.models import ModelSpec
@@ -314,8 +313,8 @@ def config_hash(
         A SHA-256 hex digest.
     """
     payload = {
-        "options": {k: v for k, v in options_to_dict(options).items() if k not in RESUME_EXEMPT},
-        "model": dataclasses.asdict(model_spec),
+        "options": {k: v for k, v in published_options(options).items() if k not in RESUME_EXEMPT},
+        "model": model_spec.to_dict(),
         "fold": fold,
         "loss": dict(loss_weights),
         "ohem_fraction": ohem_fraction,

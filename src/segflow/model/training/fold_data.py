@@ -10,7 +10,7 @@ augmentation phase (``augment`` as a list of phases): every worker holds every p
 and the epoch's phase travels with the draw, so a switch reaches persistent workers too.
 
 ``train.steps_per_epoch`` fixes an epoch at that many batches (:class:`EpochDraws`): passes of
-the sampler (shuffled, balanced by ``empty_ratio``, mixed with pseudo-labels), reshuffled each
+the sampler (shuffled, balanced by ``empty_ratio`` or ``class_balance``, mixed with pseudo-labels), reshuffled each
 pass and cut at ``steps_per_epoch x batch_size`` draws.
 """
 
@@ -37,6 +37,7 @@ from segflow.model.datasets import (
     PseudoMixSampler,
     SegmentationArrays,
     balanced_sampler,
+    class_balanced_sampler,
 )
 from segflow.model.training.augment import AugmentSchedule, build_augmentation_schedule
 from segflow.model.training.train_options import TrainOptions
@@ -316,7 +317,16 @@ class FoldData:
         )
         mean, std = normalisation or (arrays.mean, arrays.std)
         generator = torch.Generator()
-        sampler = balanced_sampler(is_empty, options.empty_ratio, len(is_empty), options.seed)
+        if options.class_balance != "none":
+            sampler = class_balanced_sampler(
+                arrays.class_presence(train_rows),
+                options.class_balance,
+                len(is_empty),
+                options.seed,
+                options.empty_ratio,
+            )
+        else:
+            sampler = balanced_sampler(is_empty, options.empty_ratio, len(is_empty), options.seed)
         if pseudo is not None and len(pseudo.test_rows):
             sampler = PseudoMixSampler(
                 len(is_empty), len(pseudo.test_rows), pseudo.max_share, generator, sampler

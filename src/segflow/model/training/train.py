@@ -98,7 +98,7 @@ from segflow.core.atomic import write_csv, write_json, write_torch
 from segflow.core.data_stamp import hash_file
 from segflow.core.devices import add_compute_arguments, compute, resolve_device
 from segflow.core.errors import SegflowError
-from segflow.core.options import options_to_dict
+from segflow.core.late_options import published_options
 from segflow.core.provenance import provenance
 from segflow.core.stage_args import stage_log
 from segflow.model.datasets import SegmentationArrays, crop_to, pad_to_size
@@ -1117,7 +1117,7 @@ def _train(
         n_train=len(trainer.data.train_set),
         n_val=len(setup.val_rows),
         **dict(extra or {}),
-        options=options_to_dict(options),
+        options=published_options(options),
     )
     if init_sha is not None:  # the initial weights' identity (also part of config_hash)
         metrics["init_checkpoint_sha256"] = init_sha

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from segflow.core.errors import SegflowError
 from segflow.core.options import option
@@ -20,6 +20,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 MONITORS = ("kaggle", "dice", "iou", "val_loss")
 NONFINITE_LOSS = ("error", "skip_batch")
 SWA_SELECT = ("best", "always")
+CLASS_BALANCE = ("none", "sqrt", "inverse")
 MIN_OPTIMIZER_STEPS = 300
 """Fewer optimizer steps than this are too few to train a segmentation network (the
 diagnostics' ``few_steps`` flag; the time budget's ``min_fold_steps`` default). Here, not in
@@ -29,6 +30,10 @@ diagnostics' ``few_steps`` flag; the time budget's ``min_fold_steps`` default). 
 @dataclass(frozen=True)
 class TrainOptions:
     """How to train one fold (config section ``experiments.<name>.train``)."""
+
+    # Left out of summaries and the resume hash at their defaults: runs that do not set them
+    # keep byte-identical outputs (segflow.core.late_options.published_options).
+    _omit_at_default: ClassVar[tuple[str, ...]] = ("class_balance",)
 
     epochs: int = option(10, "epochs to train (may be raised to extend a resumable run)")
     batch_size: int = option(16, "images per batch (training and validation)")
@@ -109,6 +114,14 @@ class TrainOptions:
     )
     empty_ratio: float | None = option(
         None, "share of empty masks drawn per epoch (sampling with replacement); null = natural"
+    )
+    class_balance: str = option(
+        "none",
+        "multi-label data: draw images (with replacement) so rare classes come more often - "
+        "an image weighs by its rarest class, 1/sqrt(images of that class) (sqrt) or "
+        "1/(images of that class) (inverse); empty masks keep their share (or empty_ratio's); "
+        "none = off",
+        CLASS_BALANCE,
     )
     crop: list[int] | None = option(  # noqa: RUF009 (option() builds a dataclasses.field)
         None, "train on random [height, width] patches (validation stays full size)"
@@ -253,6 +266,7 @@ class TrainOptions:
             ("monitor", MONITORS),
             ("nonfinite_loss", NONFINITE_LOSS),
             ("swa_select", SWA_SELECT),
+            ("class_balance", CLASS_BALANCE),
         ):
             checks.append((name, getattr(self, name) in choices, f"one of {', '.join(choices)}"))
         for name, ok, expected in checks:

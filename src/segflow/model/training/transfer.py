@@ -27,7 +27,19 @@ from segflow.model.models import ModelSpec, SnapshotEnsemble, load_checkpoint
 
 # ModelSpec fields that decide the network's parameters; encoder_weights only says where the
 # first stage's encoder started, which the loaded weights replace anyway.
-_SPEC_KEYS = ("arch", "encoder", "in_channels", "classes", "aux_head", "decoder_attention", "extra")
+_SPEC_KEYS = (
+    "arch",
+    "encoder",
+    "in_channels",
+    "classes",
+    "aux_head",
+    "decoder_attention",
+    "extra",
+    "aux_pooling",
+    "aux_dropout",
+    "aux_gem_p",
+    "aux_gem_learnable",
+)
 
 
 def _canonical(value: Any) -> Any:
@@ -46,7 +58,8 @@ def spec_mismatch(stored: dict[str, Any], spec: ModelSpec) -> str | None:
         ``"model.<key> <stored> != <ours>"``, or None when the networks are the same.
     """
     ours = _canonical(dataclasses.asdict(spec))
-    theirs = _canonical(stored)
+    # A stored spec leaves out the aux-head options at their defaults (ModelSpec.to_dict).
+    theirs = {**_canonical(dataclasses.asdict(ModelSpec())), **_canonical(stored)}
     for key in _SPEC_KEYS:
         if theirs.get(key) != ours.get(key):
             return f"model.{key} {theirs.get(key)!r} != {ours.get(key)!r}"
