@@ -762,7 +762,7 @@ def test_the_plan_is_cached_and_made_again_only_when_its_inputs_change(tmp_path:
     for change in (
         {"budget": {"minutes": 40, "measure_steps": 2}},
         {"experiments": {"tiny": {**TINY, "train": {**TINY["train"], "lr": 0.02}}}},
-        {"predict": {"tta": "d4"}},
+        {"predict": {"tta": "vflip"}},  # prediction time is in the plan (the default is d4)
     ):
         changed = _write(workdir, "changed.yaml", {**config, **change})
         assert planned_jobs(workdir, target, "--configfile", changed, *triggers) == {

@@ -34,7 +34,7 @@ from segflow.data.ingest import IngestOptions, ingest
 from segflow.data.preprocess import PreprocessOptions, preprocess
 from segflow.ensemble.pseudo import PseudoOptions
 from segflow.ensemble.select_pseudo import select_pseudo_stage
-from segflow.ensemble.stacking.stack import _images_for
+from segflow.ensemble.stacking.rows import images_for
 from segflow.model.budget import BudgetOptions, Measurement
 from segflow.model.inference.predict import restore_resolution
 from segflow.model.resolution_plan import (
@@ -209,7 +209,7 @@ def test_stacking_reads_padded_images_cropped_to_the_original(tmp_path: Path) ->
         }
     )
     index.to_parquet(tmp_path / "index.parquet")
-    cropped = _images_for(tmp_path, "train", pd.Series(["b", "a"], name="id"))
+    cropped = images_for(tmp_path, "train", pd.Series(["b", "a"], name="id"))
     np.testing.assert_array_equal(cropped, images[[1, 0], 1:4, 2:4])
 
 
