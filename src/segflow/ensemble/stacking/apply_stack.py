@@ -46,7 +46,13 @@ from segflow.ensemble.stacking.learners import (
     apply_pixel_blender,
     load_classifier,
 )
-from segflow.ensemble.stacking.rows import class_maps, images_for, metadata_for, write_parquet
+from segflow.ensemble.stacking.rows import (
+    base_dir_for,
+    class_maps,
+    images_for,
+    metadata_for,
+    write_parquet,
+)
 from segflow.ensemble.stacking.stackers import (
     MODEL_PREFIX,
     STACKERS,
@@ -224,15 +230,8 @@ def _base_test(args: argparse.Namespace) -> Prediction | None:
     Raises:
         SegflowError: the gate without ``--base-test-dir``, or the blender given it.
     """
-    if args.candidate == "pixel":
-        if args.base_test_dir:
-            raise SegflowError(
-                "apply-stack --candidate pixel reads the experiments only; drop --base-test-dir"
-            )
-        return None
-    if not args.base_test_dir:
-        raise SegflowError("apply-stack --candidate gate needs --base-test-dir")
-    return read_fold_predictions([args.base_test_dir], "mean")
+    base = base_dir_for(args.candidate, args.base_test_dir, "apply-stack", "--base-test-dir")
+    return None if base is None else read_fold_predictions([base], "mean")
 
 
 def run(args: argparse.Namespace) -> None:

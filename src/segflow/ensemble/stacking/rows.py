@@ -16,6 +16,7 @@ from segflow.artifacts.arrays import images_file, read_index
 from segflow.artifacts.predictions import Prediction
 from segflow.artifacts.resolution import image_to_original, index_offsets
 from segflow.core.atomic import atomic_path
+from segflow.core.errors import SegflowError
 from segflow.ensemble.stacking.features import META_PREFIX
 
 
@@ -65,3 +66,21 @@ def write_parquet(path: Path, frame: pd.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def base_dir_for(candidate: str, base_dir: str | None, command: str, flag: str) -> str | None:
+    """The ensemble's folder that the gate reads (``--base-oof-dir``/``--base-test-dir``), or
+    None for the pixel blender, which reads the experiments only.
+
+    Raises:
+        SegflowError: the gate without the folder, or the blender given one.
+    """
+    if candidate == "pixel":
+        if base_dir:
+            raise SegflowError(
+                f"{command} --candidate pixel reads the experiments only; drop {flag}"
+            )
+        return None
+    if not base_dir:
+        raise SegflowError(f"{command} --candidate gate needs {flag}")
+    return base_dir

@@ -66,7 +66,13 @@ from segflow.ensemble.stacking.learners import (
     write_blender_artifacts,
     write_gate_artifacts,
 )
-from segflow.ensemble.stacking.rows import class_maps, images_for, metadata_for, write_parquet
+from segflow.ensemble.stacking.rows import (
+    base_dir_for,
+    class_maps,
+    images_for,
+    metadata_for,
+    write_parquet,
+)
 from segflow.ensemble.stacking.stackers import (
     STACKER_OPTIONS,
     STACKERS,
@@ -404,15 +410,8 @@ def _base_oof(args: argparse.Namespace) -> Prediction | None:
     Raises:
         SegflowError: the gate without ``--base-oof-dir``, or the blender given it.
     """
-    if args.candidate == "pixel":
-        if args.base_oof_dir:
-            raise SegflowError(
-                "stack --candidate pixel reads the experiments only; drop --base-oof-dir"
-            )
-        return None
-    if not args.base_oof_dir:
-        raise SegflowError("stack --candidate gate needs --base-oof-dir")
-    return read_oof(args.base_oof_dir)
+    base = base_dir_for(args.candidate, args.base_oof_dir, "stack", "--base-oof-dir")
+    return None if base is None else read_oof(base)
 
 
 def run(args: argparse.Namespace) -> None:
