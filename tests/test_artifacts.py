@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.artifacts import arrays, layout, predictions
+from segflow.artifacts import arrays, image_scores, layout, predictions
 from segflow.artifacts.tables import read_folds, read_table
 from segflow.core.errors import SegflowError
 
@@ -94,3 +94,28 @@ def test_tables_name_the_missing_stage(tmp_path: Path) -> None:
         read_table(tmp_path / "bad.parquet", "dedup items")
     (tmp_path / "folds.csv").write_text("id,fold\n007,1\n")
     assert read_folds(tmp_path / "folds.csv")["id"].tolist() == ["007"]
+
+
+def test_image_scores_round_trip_and_refusals(tmp_path: Path) -> None:
+    constants = {
+        "all_empty": np.array([1.0, 0.0, 0.25]),
+        "all_foreground": np.array([0.0, 0.5, 0.1]),
+    }
+    tuned = np.array([0.9, 1 / 3, 0.1 + 0.2])
+    image_scores.write_image_scores(tmp_path, ["a", "b", "c"], tuned, constants)
+    read_tuned, read_constants = image_scores.read_image_scores(tmp_path)
+    assert read_tuned.tobytes() == tuned.tobytes()  # exact: choose's means are the tuner's
+    assert list(read_constants) == list(image_scores.CONSTANTS)
+    for name, values in constants.items():
+        assert read_constants[name].tobytes() == values.tobytes()
+    with pytest.raises(SegflowError, match="one value per image"):
+        image_scores.write_image_scores(tmp_path, ["a", "b"], tuned, constants)
+    with pytest.raises(SegflowError, match="'all_foreground'"):
+        image_scores.write_image_scores(tmp_path, ["a"], tuned[:1], {"all_empty": tuned[:1]})
+    with pytest.raises(SegflowError, match="run tune-postprocess first"):
+        image_scores.read_image_scores(tmp_path / "nowhere")
+    pd.DataFrame({"id": ["a"], "tuned": [1.0]}).to_parquet(
+        tmp_path / image_scores.IMAGE_SCORES_FILE
+    )
+    with pytest.raises(SegflowError, match="lacks the columns all_empty, all_foreground"):
+        image_scores.read_image_scores(tmp_path)

@@ -13,9 +13,10 @@ from segflow.artifacts.predictions import Prediction, read_oof
 from segflow.core.errors import SegflowError
 from segflow.ensemble.blend import run_blend
 from segflow.ensemble.candidates import write_oof_candidate
-from segflow.ensemble.choose import choose_candidate, markdown_table, stage_table, tuned_scores
+from segflow.ensemble.choose import choose_candidate, markdown_table, stage_table
 from segflow.ensemble.pseudo import PseudoOptions
 from segflow.ensemble.select_pseudo import select_pseudo_stage
+from segflow.model.tune_postprocess import tuned_scores
 
 
 def _write_scores(root: Path, name: str, round_: int, raw: float, tuned: float) -> None:

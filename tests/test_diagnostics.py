@@ -15,7 +15,6 @@ from segflow.model.diagnostics import (
     constant_check,
     constant_columns,
     constant_flags,
-    constant_scores,
     curves_table,
     fold_curve,
     fold_flags,
@@ -23,7 +22,7 @@ from segflow.model.diagnostics import (
     optimizer_steps,
     slope,
 )
-from segflow.model.metrics import METRIC_NAMES, per_image_scores
+from segflow.model.metrics import METRIC_NAMES, constant_scores, per_image_scores
 
 HEALTHY = [0.2, 0.4, 0.55, 0.6, 0.62, 0.63, 0.63, 0.629, 0.63, 0.628]  # levels off at epoch 6
 STEPS = {"optimizer_steps": 1000}

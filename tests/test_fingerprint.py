@@ -454,7 +454,7 @@ def test_stacking_code_is_in_the_stacking_and_bundle_stages_only() -> None:
 # An edit reruns the stages that reach it, so a helper that a stage uses from another stage's
 # module (or from a heavy one) belongs in a narrow module both reach; raising a ceiling here
 # needs a reason, lowering one is progress.
-MODULE_CEILINGS = {"choose": 16, "blend": 17, "tune-postprocess": 16, "submit": 13}
+MODULE_CEILINGS = {"choose": 8, "blend": 16, "tune-postprocess": 17, "submit": 13}
 
 
 def _fingerprint_closures() -> dict[str, list[str]]:
@@ -545,5 +545,6 @@ def test_the_package_s_own_edits_rerun_exactly_their_stages(tmp_path: Path) -> N
     changed = _changed_stages(package, provenance, '"seed": seed,', '"seed": seed, "x": 1,')
     assert {"ingest", "dedup", "folds", "train", "stack", "blend"} <= changed
     changed = _changed_stages(package, "model/postprocess.py", "\ndef ", "\nX = 1\n\n\ndef ")
-    assert {"tune-postprocess", "submit", "choose"} <= changed
-    assert not changed & {"blend", "stack", "train", "predict-oof"}
+    assert {"tune-postprocess", "submit"} <= changed
+    # choose reads tune-postprocess's per-image scores: it never post-processes nor scores.
+    assert not changed & {"blend", "stack", "train", "predict-oof", "choose"}

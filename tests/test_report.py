@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from segflow.artifacts.image_scores import write_image_scores
+from segflow.artifacts.predictions import read_oof
 from segflow.artifacts.truths import original_truths
 from segflow.cli import main
 from segflow.core.errors import SegflowError
@@ -21,6 +23,7 @@ from segflow.data.ingest import IngestOptions, ingest
 from segflow.ensemble.choose import choose_candidate, constant_baselines, stage_table
 from segflow.model.metrics import score_oof
 from segflow.model.postprocess import tune_classes
+from segflow.model.tune_postprocess import image_scores
 from segflow.report.figures import grid_heatmap_png, learning_curves_png, overlay_png
 from segflow.report.report import build_report, per_image_kaggle, pick_cases
 from segflow.report.summary import results_summary
@@ -80,6 +83,8 @@ def _write_candidate(
     tuned.mkdir(parents=True)
     grid.to_csv(tuned / "grid.csv", index=False)
     (tuned / "params.json").write_text(json.dumps(params))
+    scores, constants = image_scores(read_oof(oof), params, ["mask"], truths)
+    write_image_scores(tuned, ids["id"], scores, constants)
 
 
 @pytest.fixture

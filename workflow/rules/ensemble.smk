@@ -227,14 +227,11 @@ rule choose:
             result("oof", name, f"round{r}", "metrics.json")
             for name, r in candidates()
         ],
-        # The tuned OOF predictions against constant ones (segflow.model.diagnostics).
-        oof=[
-            result("oof", name, f"round{r}", filename)
+        # Per-image scores, tuned against constant predictions (segflow.model.diagnostics).
+        image_scores=[
+            result("postprocess", name, f"round{r}", "image_scores.parquet")
             for name, r in candidates()
-            for filename in ("oof_probs.npy", "oof_ids.csv")
         ],
-        manifest=rules.ingest_train.output.manifest,
-        dedup_items=rules.dedup.output.dedup_items,
         # The searches' best values, next to their experiments' OOF (stages.csv search_best).
         search=search_files("best.json"),
     output:

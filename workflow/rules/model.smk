@@ -187,6 +187,10 @@ rule tune_postprocess:
     output:
         params=result("postprocess", "{experiment}", "round{round}", "params.json"),
         grid=result("postprocess", "{experiment}", "round{round}", "grid.csv"),
+        # Per-image tuned and constant-prediction scores, for choose.
+        image_scores=result(
+            "postprocess", "{experiment}", "round{round}", "image_scores.parquet"
+        ),
     log:
         result("logs", "tune_postprocess", "{experiment}_round{round}.log"),
     benchmark:

@@ -3,7 +3,8 @@
 Candidates (experiments, ``ensemble``, ``stack_gate``, ``stack_pixel``, per round) all live in
 an experiment's layout (:mod:`segflow.artifacts.layout`); the table compares their raw and
 tuned OOF scores with the best single experiment of round 0 and with constant predictions
-(:mod:`segflow.model.diagnostics`). Writes ``final/submission.csv`` (a copy of the chosen
+(:mod:`segflow.model.diagnostics`, on the per-image scores tune-postprocess wrote: choose reads
+tables only, no mask nor prediction). Writes ``final/submission.csv`` (a copy of the chosen
 candidate's), ``choice.json``, ``stages.csv`` and ``stages.md``.
 """
 
@@ -17,20 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from segflow.artifacts import layout
+from segflow.artifacts.image_scores import read_image_scores
 from segflow.artifacts.layout import candidate_dir
-from segflow.artifacts.predictions import Prediction, nonempty_probs, read_oof
-from segflow.artifacts.truths import class_truths, mask_sources, original_truths
 from segflow.core.atomic import write_csv, write_json, write_text
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import stage_log
-
-# Images whose masks are read and scored at once: bounds memory on large OOF sets.
-CHUNK = 256
 
 
 def stage_table(
@@ -84,46 +80,14 @@ def stage_table(
     return table
 
 
-def tuned_scores(
-    oof: Prediction, summary: dict[str, Any], classes: Sequence[str], truths: np.ndarray
-) -> np.ndarray:
-    """Per-image scores of a candidate's OOF prediction after its tuned post-processing, with
-    the tuning metric, the mean over classes (their mean is ``params.json``'s score).
-
-    Args:
-        oof: the candidate's OOF prediction (rows aligned with ``truths``).
-        summary: its ``params.json`` (metric and per-class parameters).
-        classes: class names in bit order.
-        truths: packed true label masks.
-
-    Returns:
-        float64 scores.
-
-    Shape:
-        oof.probs: (N, K, H, W); truths: (N, H, W); output: (N,).
-    """
-    from segflow.model.metrics import get_metric
-    from segflow.model.postprocess import apply_classes, params_from_summary
-
-    metric = get_metric(str(summary["metric"]))
-    masks = apply_classes(
-        np.asarray(oof.probs),
-        params_from_summary(summary, classes),
-        nonempty_probs(oof.ids, len(classes)),
-    )
-    per_class = [metric(masks[:, k] != 0, class_truths(truths, k)) for k in range(len(classes))]
-    return np.mean(per_class, axis=0)
-
-
 def constant_baselines(table: pd.DataFrame, results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The stage table with each candidate's tuned OOF score against constant predictions.
 
     Adds :data:`segflow.model.diagnostics.CONSTANT_COLUMNS`: the all-empty and all-foreground
     predictions' OOF scores with the candidate's tuning metric, the mean per-image gain of the
     tuned prediction over the better one, its noise margin and whether the candidate is within
-    it (:func:`segflow.model.diagnostics.constant_check`). The true masks come from the results
-    folder's manifest and dedup items, read in chunks of images (once for candidates that share
-    their OOF ids).
+    it (:func:`segflow.model.diagnostics.constant_check`), from the per-image scores that
+    tune-postprocess wrote (:mod:`segflow.artifacts.image_scores`).
 
     Args:
         table: :func:`stage_table`'s table.
@@ -131,52 +95,20 @@ def constant_baselines(table: pd.DataFrame, results_dir: str | os.PathLike[str])
 
     Returns:
         A copy of ``table`` with the extra columns.
+
+    Raises:
+        SegflowError: a candidate without its ``image_scores.parquet``.
     """
-    from segflow.model.diagnostics import constant_check, constant_columns, constant_scores
+    from segflow.model.diagnostics import constant_check, constant_columns
 
     root = Path(results_dir)
-    manifest = _read_parquet(layout.manifest(root))
-    dedup_items = _read_parquet(layout.dedup_items(root))
-    sources = mask_sources(manifest, dedup_items)
-    groups: dict[tuple[str, ...], list[int]] = {}
-    loaded = []
+    columns: list[dict[str, Any]] = []
     for row in table.itertuples():
-        folder = f"round{row.round}"
-        oof = read_oof(candidate_dir(root, "oof", row.candidate, row.round))
-        metrics = json.loads((root / "oof" / row.candidate / folder / "metrics.json").read_text())
-        tuned = json.loads(
-            (root / "postprocess" / row.candidate / folder / "params.json").read_text()
+        tuned, constants = read_image_scores(
+            candidate_dir(root, "postprocess", row.candidate, row.round)
         )
-        loaded.append((oof, tuned, [str(c) for c in metrics.get("classes", ["mask"])]))
-        groups.setdefault(tuple(oof.ids["id"]), []).append(len(loaded) - 1)
-    columns: list[dict[str, Any]] = [{} for _ in loaded]
-    for ids, members in groups.items():
-        n_classes = len(loaded[members[0]][2])
-        scores: dict[int, list[np.ndarray]] = {i: [] for i in members}
-        areas, pixels = [], 0
-        for start in range(0, len(ids), CHUNK):
-            part = slice(start, start + CHUNK)
-            truths = original_truths(manifest, dedup_items, list(ids[part]), n_classes, sources)
-            pixels = truths.shape[1] * truths.shape[2]
-            areas.append(
-                np.stack([class_truths(truths, k).sum(axis=(1, 2)) for k in range(n_classes)], 1)
-            )
-            for i in members:
-                oof, tuned, classes = loaded[i]
-                chunk = Prediction(oof.ids.iloc[part], oof.probs[part])
-                scores[i].append(tuned_scores(chunk, tuned, classes, truths))
-        for i in members:
-            metric = str(loaded[i][1]["metric"])
-            constants = constant_scores(np.concatenate(areas), pixels, metric)
-            check = constant_check(np.concatenate(scores[i]), constants, metric)
-            columns[i] = constant_columns(check)
+        columns.append(constant_columns(constant_check(tuned, constants, str(row.tuned_metric))))
     return pd.concat([table.reset_index(drop=True), pd.DataFrame(columns)], axis=1)
-
-
-def _read_parquet(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise SegflowError(f"{path} does not exist (run the workflow's ingest and dedup first)")
-    return pd.read_parquet(path)
 
 
 def choose_candidate(table: pd.DataFrame, forced: str | None = None) -> pd.Series:

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.image_scores import CONSTANTS
 from segflow.core.errors import SegflowError
-from segflow.model.metrics import scores_from_counts
 from segflow.model.training.train_options import MIN_OPTIMIZER_STEPS
 
 TREND_EPOCHS = 3
@@ -63,8 +63,6 @@ FLAG_KINDS: dict[str, str] = {
     "near_constant": "no better than a constant prediction: the model has not learnt the task",
 }
 """Flag kind -> its advice."""
-
-CONSTANTS = ("all_empty", "all_foreground")
 
 
 @dataclass(frozen=True)
@@ -234,32 +232,6 @@ def fold_flags(curve: FoldCurve) -> list[Flag]:
     return flags
 
 
-def constant_scores(truth_areas: np.ndarray, pixels: int, metric: str) -> dict[str, np.ndarray]:
-    """Per-image scores of the two constant predictions, the mean over classes.
-
-    Args:
-        truth_areas: true foreground pixels of every image and class.
-        pixels: pixels of one image (height * width).
-        metric: ``dice``, ``iou`` or ``kaggle`` (:mod:`segflow.model.metrics`).
-
-    Returns:
-        ``{"all_empty": ..., "all_foreground": ...}``, float64.
-
-    Shape:
-        truth_areas: (N, K); every output: (N,).
-    """
-    areas = np.asarray(truth_areas, dtype=np.int64)
-    if areas.ndim != 2:
-        raise SegflowError(f"truth areas must have shape (N, K), got {areas.shape}")
-    zeros, full = np.zeros_like(areas), np.full_like(areas, int(pixels))
-    empty = scores_from_counts(metric, zeros.ravel(), zeros.ravel(), areas.ravel())
-    foreground = scores_from_counts(metric, areas.ravel(), full.ravel(), areas.ravel())
-    return {
-        "all_empty": empty.reshape(areas.shape).mean(axis=1),
-        "all_foreground": foreground.reshape(areas.shape).mean(axis=1),
-    }
-
-
 def noise_margin(differences: np.ndarray) -> float:
     """``1.96 * std / sqrt(n)`` of per-image score differences (inf for fewer than 2 images)."""
     d = np.asarray(differences, dtype=np.float64)
@@ -390,7 +362,6 @@ __all__ = [
     "constant_check",
     "constant_columns",
     "constant_flags",
-    "constant_scores",
     "curves_table",
     "fold_curve",
     "fold_flags",

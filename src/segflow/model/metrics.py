@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.image_scores import CONSTANTS
 from segflow.artifacts.truths import class_truths
 from segflow.core.errors import SegflowError
 
@@ -104,6 +105,38 @@ def scores_from_counts(
     return _FROM_COUNTS[metric](
         np.asarray(intersection), np.asarray(pred_area), np.asarray(truth_area)
     )
+
+
+def constant_scores(truth_areas: np.ndarray, pixels: int, metric: str) -> dict[str, np.ndarray]:
+    """Per-image scores of the two constant predictions (all-empty, all-foreground: every
+    pixel of every class), the mean over classes.
+
+    Args:
+        truth_areas: true foreground pixels of every image and class.
+        pixels: pixels of one image (height * width).
+        metric: ``dice``, ``iou`` or ``kaggle``.
+
+    Returns:
+        :data:`~segflow.artifacts.image_scores.CONSTANTS` (``all_empty``, ``all_foreground``)
+        -> float64 scores.
+
+    Raises:
+        SegflowError: ``truth_areas`` is not (N, K).
+
+    Shape:
+        truth_areas: (N, K); every output: (N,).
+    """
+    areas = np.asarray(truth_areas, dtype=np.int64)
+    if areas.ndim != 2:
+        raise SegflowError(f"truth areas must have shape (N, K), got {areas.shape}")
+    zeros, full = np.zeros_like(areas), np.full_like(areas, int(pixels))
+    empty = scores_from_counts(metric, zeros.ravel(), zeros.ravel(), areas.ravel())
+    foreground = scores_from_counts(metric, areas.ravel(), full.ravel(), areas.ravel())
+    scores = (empty, foreground)
+    return {
+        name: score.reshape(areas.shape).mean(axis=1)
+        for name, score in zip(CONSTANTS, scores, strict=True)
+    }
 
 
 def per_image_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:

@@ -3,21 +3,85 @@
 Reads an OOF folder (:mod:`segflow.artifacts.predictions`) and the true masks, writes
 ``grid.csv`` and ``params.json`` (the best threshold, minimum area, hole filling and gate per
 class, with the tuned score); the search itself is :func:`segflow.model.postprocess.tune_classes`.
+Also writes ``image_scores.parquet`` (:mod:`segflow.artifacts.image_scores`): every image's
+score after the tuned post-processing and the scores of the two constant predictions, which
+choose compares.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from segflow.artifacts.arrays import read_classes
-from segflow.artifacts.predictions import nonempty_probs, read_oof
+from segflow.artifacts.image_scores import write_image_scores
+from segflow.artifacts.predictions import Prediction, nonempty_probs, read_oof
 from segflow.artifacts.tables import read_table
-from segflow.artifacts.truths import original_truths
+from segflow.artifacts.truths import class_truths, original_truths
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_stage_tables, add_stats, stage_log
-from segflow.model.postprocess import tune_classes
+from segflow.model.metrics import constant_scores, get_metric
+from segflow.model.postprocess import apply_classes, params_from_summary, tune_classes
+
+# Images post-processed and scored at once for the per-image scores: bounds memory.
+CHUNK = 256
+
+
+def tuned_scores(
+    oof: Prediction, summary: dict[str, Any], classes: Sequence[str], truths: np.ndarray
+) -> np.ndarray:
+    """Per-image scores of a candidate's OOF prediction after its tuned post-processing, with
+    the tuning metric, the mean over classes (their mean is ``params.json``'s score).
+
+    Args:
+        oof: the candidate's OOF prediction (rows aligned with ``truths``).
+        summary: its ``params.json`` (metric and per-class parameters).
+        classes: class names in bit order.
+        truths: packed true label masks.
+
+    Returns:
+        float64 scores.
+
+    Shape:
+        oof.probs: (N, K, H, W); truths: (N, H, W); output: (N,).
+    """
+    metric = get_metric(str(summary["metric"]))
+    params = params_from_summary(summary, classes)
+    scores = []
+    for start in range(0, len(truths), CHUNK):
+        part = slice(start, start + CHUNK)
+        masks = apply_classes(
+            np.asarray(oof.probs[part]), params, nonempty_probs(oof.ids.iloc[part], len(classes))
+        )
+        per_class = [
+            metric(masks[:, k] != 0, class_truths(truths[part], k)) for k in range(len(classes))
+        ]
+        scores.append(np.mean(per_class, axis=0))
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def image_scores(
+    oof: Prediction, summary: dict[str, Any], classes: Sequence[str], truths: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The per-image scores choose compares: the tuned prediction's (:func:`tuned_scores`)
+    and the constant predictions' (:func:`segflow.model.metrics.constant_scores`), with the
+    tuning metric.
+
+    Returns:
+        (tuned scores, constant name -> scores), float64.
+
+    Shape:
+        oof.probs: (N, K, H, W); truths: (N, H, W); every output: (N,).
+    """
+    areas = np.stack([class_truths(truths, k).sum(axis=(1, 2)) for k in range(len(classes))], 1)
+    pixels = truths.shape[1] * truths.shape[2]
+    constants = constant_scores(areas, pixels, str(summary["metric"]))
+    return tuned_scores(oof, summary, classes, truths), constants
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="aux-head non-empty probability gates to try (0, no gate, is always tried)",
     )
     parser.add_argument("--metric", default="kaggle", help="metric to maximise")
-    parser.add_argument("--out-dir", required=True, help="folder for params.json and grid.csv")
+    parser.add_argument(
+        "--out-dir", required=True, help="folder for params.json, grid.csv, image_scores.parquet"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    """``segflow tune-postprocess``: write grid.csv and params.json."""
+    """``segflow tune-postprocess``: write grid.csv, params.json and image_scores.parquet."""
     classes, _ = read_classes(args.stats)
     oof = read_oof(args.oof_dir)
     truths = original_truths(
@@ -74,5 +140,7 @@ def run(args: argparse.Namespace) -> None:
         Path(args.out_dir) / "params.json",
         with_provenance(summary, stage_provenance(grid_options)),
     )
+    tuned, constants = image_scores(oof, summary, classes, truths)
+    write_image_scores(args.out_dir, oof.ids["id"], tuned, constants)
     for record in summary["classes"]:
         stage_log.info("best post-processing of %s: %s", record["class"], record)
