@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
-from segflow.formats.imageio import read_mask
+from segflow.formats.imageio import apply_orientation, read_mask
 from segflow.formats.rle import rle_decode
 
 CLASS_SEPARATOR = "|"
@@ -147,6 +147,7 @@ def read_label(
     where: str,
     *,
     max_pixels: int | None = None,
+    orientation: int = 1,
 ) -> np.ndarray:
     """Decode one manifest item's label mask from its ``mask_path`` / ``mask_rle`` columns.
 
@@ -162,6 +163,9 @@ def read_label(
         n_classes: number of classes (1 for binary data).
         where: names the item (e.g. its image path) in error messages.
         max_pixels: refuse larger mask files before decoding them.
+        orientation: the EXIF code (1-8) its DICOM image was turned by (manifest column
+            ``slice_orientation``): mask files, drawn on the stored pixels, are turned the same
+            way (``shape`` is the turned image's); ingest stores ``mask_rle`` already turned.
 
     Returns:
         The packed label mask (:func:`label_dtype`); binary data gives uint8 {0, 1}.
@@ -175,7 +179,11 @@ def read_label(
     """
     if isinstance(mask_path, str):
         parts = _class_parts(mask_path, n_classes, "mask_path", where)
-        planes = [_read_mask_part(part, shape, where, max_pixels) for part in parts]
+        stored = shape[::-1] if orientation >= 5 else shape  # 5-8 swap height and width
+        planes = [
+            apply_orientation(_read_mask_part(part, stored, where, max_pixels), orientation)
+            for part in parts
+        ]
     elif isinstance(mask_rle, str):
         parts = _class_parts(mask_rle, n_classes, "mask_rle", where)
         planes = [
