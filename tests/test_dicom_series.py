@@ -235,9 +235,9 @@ def test_preprocess_stacks_interpolated_neighbours(
 def test_context_bad_input_is_one_clear_line(manifest: pd.DataFrame) -> None:
     train = manifest[manifest["split"] == "train"]
     ids = train["id"].tolist()
-    with pytest.raises(SegflowError, match="context_slices = 9 but series .* has only 8 slices"):
+    with pytest.raises(SegflowError, match=r"context_slices = 9 but series .* has only 8 slices"):
         context_plan(train, ids, PreprocessOptions(context_slices=9))
-    with pytest.raises(SegflowError, match="set data.dicom_series: true"):
+    with pytest.raises(SegflowError, match=r"set data\.dicom_series: true"):
         context_plan(train.drop(columns="series_uid"), ids, PreprocessOptions(context_slices=1))
     gap = train.copy()
     series = gap["series_uid"] == gap["series_uid"].iloc[0]

@@ -44,9 +44,9 @@ from segflow.core.stage_args import add_workers, stage_log
 from segflow.formats.dicom_series import ORIENTATION_COLUMN, SERIES_COLUMNS, read_slice_geometry
 from segflow.formats.imageio import (
     DICOM_EXTENSIONS,
-    apply_orientation,
     RASTER_EXTENSIONS,
     DicomWindow,
+    apply_orientation,
     decode_image,
     image_kind,
     is_gray,

@@ -58,17 +58,17 @@ from segflow.core.options import (
 from segflow.core.parallel import chunked, parallel_map
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_stage_tables, add_workers, stage_log
-from segflow.formats.imageio import (
-    DicomWindow,
-    add_dicom_window_arguments,
-    decode_image,
-    dicom_window_from_args,
-)
 from segflow.formats.dicom_series import (
     context_stack,
     context_weights,
     series_order,
     series_spacing,
+)
+from segflow.formats.imageio import (
+    DicomWindow,
+    add_dicom_window_arguments,
+    decode_image,
+    dicom_window_from_args,
 )
 from segflow.formats.labels import class_names, label_dtype, manifest_classes
 from segflow.formats.manifest import data_roots, resolve_manifest_path

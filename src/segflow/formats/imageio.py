@@ -79,21 +79,11 @@ def add_dicom_window_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dicom-orientation",
-        type=_flag,
+        action=argparse.BooleanOptionalAction,
         default=default.orientation,
         help="turn DICOM slices by their ImageOrientationPatient into one canonical "
         "orientation, masks with them (default: false)",
     )
-
-
-def _flag(value: str) -> bool:
-    """A boolean flag's value: true/false (as the workflow writes it), yes/no, 1/0."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "yes", "1"):
-        return True
-    if lowered in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def dicom_window_from_args(args: argparse.Namespace) -> DicomWindow:
