@@ -15,8 +15,13 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
-from segflow.formats.dicom_series import manifest_orientation
-from segflow.formats.labels import class_names, label_dtype, manifest_classes, read_label
+from segflow.formats.labels import (
+    class_names,
+    label_dtype,
+    manifest_classes,
+    manifest_orientation,
+    read_label,
+)
 from segflow.formats.manifest import data_roots, resolve_manifest_path
 
 

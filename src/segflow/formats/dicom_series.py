@@ -25,34 +25,27 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
+from segflow.formats.imageio import canonical_orientation
+from segflow.formats.labels import ORIENTATION_COLUMN, manifest_orientation
+
+__all__ = [
+    "ORIENTATION_COLUMN",
+    "SERIES_COLUMNS",
+    "SliceGeometry",
+    "canonical_orientation",
+    "context_stack",
+    "context_weights",
+    "manifest_orientation",
+    "read_slice_geometry",
+    "series_order",
+    "series_spacing",
+]
 
 SERIES_COLUMNS = ("series_uid", "slice_position")
 """Manifest columns ingest adds with ``data.dicom_series`` (absent otherwise)."""
-ORIENTATION_COLUMN = "slice_orientation"
-"""Manifest column ingest adds with ``data.dicom_orientation``: the EXIF code (1-8) each DICOM
-image was turned by (its mask files are turned the same way when read)."""
 
-# (flip columns, flip rows, transpose) -> the EXIF code of apply_orientation doing exactly that
-# (the flips first, then the transpose).
-_EXIF_CODE = {
-    (False, False, False): 1,
-    (True, False, False): 2,
-    (True, True, False): 3,
-    (False, True, False): 4,
-    (False, False, True): 5,
-    (False, True, True): 6,
-    (True, True, True): 7,
-    (True, False, True): 8,
-}
 INVERSE_ORIENTATION = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
 """EXIF code -> the code that undoes it (a turn by 90 degrees one way undoes the other)."""
-
-
-def manifest_orientation(row: object) -> int:
-    """The DICOM turn of a manifest row (a namedtuple or Series): its ``slice_orientation``,
-    1 in a manifest without the column."""
-    value = getattr(row, ORIENTATION_COLUMN, 1)
-    return 1 if pd.isna(value) else int(value)
 
 
 @dataclass(frozen=True)
@@ -69,27 +62,6 @@ class SliceGeometry:
     series_uid: str
     position: float
     orientation: int
-
-
-def canonical_orientation(row_cosines: np.ndarray, column_cosines: np.ndarray) -> int:
-    """The EXIF code turning pixels stored with these direction cosines into the canonical
-    orientation (column index along the lower patient axis, both axes positive).
-
-    Args:
-        row_cosines: direction of increasing column index (the first three values of
-            ImageOrientationPatient).
-        column_cosines: direction of increasing row index (the last three).
-
-    Returns:
-        An EXIF orientation code 1-8; oblique slices are turned by their dominant axes.
-    """
-    row_axis = int(np.argmax(np.abs(row_cosines)))
-    column_axis = int(np.argmax(np.abs(column_cosines)))
-    if row_axis == column_axis:  # degenerate cosines: take the next axis for the columns
-        column_axis = int(np.argsort(np.abs(column_cosines))[-2])
-    flip_columns = bool(row_cosines[row_axis] < 0)
-    flip_rows = bool(column_cosines[column_axis] < 0)
-    return _EXIF_CODE[(flip_columns, flip_rows, row_axis > column_axis)]
 
 
 def read_slice_geometry(path: str | Path, data: bytes | None = None) -> SliceGeometry:

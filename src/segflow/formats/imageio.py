@@ -50,7 +50,7 @@ class DicomWindow:
         center: window centre in HU (e.g. 40 for soft tissue, -600 for lung).
         width: window width in HU (e.g. 400 soft tissue, 1500 lung).
         orientation: turn each slice by its ImageOrientationPatient into the canonical
-            orientation (:func:`segflow.formats.dicom_series.canonical_orientation`; config
+            orientation (:func:`canonical_orientation`; config
             ``data.dicom_orientation``).
     """
 
@@ -281,6 +281,41 @@ def _exif_orientation(exif: bytes | None) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+# (flip columns, flip rows, transpose) -> the EXIF code of apply_orientation doing exactly that
+# (the flips first, then the transpose).
+_EXIF_CODE = {
+    (False, False, False): 1,
+    (True, False, False): 2,
+    (True, True, False): 3,
+    (False, True, False): 4,
+    (False, False, True): 5,
+    (False, True, True): 6,
+    (True, True, True): 7,
+    (True, False, True): 8,
+}
+
+
+def canonical_orientation(row_cosines: np.ndarray, column_cosines: np.ndarray) -> int:
+    """The EXIF code turning pixels stored with these direction cosines into the canonical
+    orientation (column index along the lower patient axis, both axes positive).
+
+    Args:
+        row_cosines: direction of increasing column index (the first three values of
+            ImageOrientationPatient).
+        column_cosines: direction of increasing row index (the last three).
+
+    Returns:
+        An EXIF orientation code 1-8; oblique slices are turned by their dominant axes.
+    """
+    row_axis = int(np.argmax(np.abs(row_cosines)))
+    column_axis = int(np.argmax(np.abs(column_cosines)))
+    if row_axis == column_axis:  # degenerate cosines: take the next axis for the columns
+        column_axis = int(np.argsort(np.abs(column_cosines))[-2])
+    flip_columns = bool(row_cosines[row_axis] < 0)
+    flip_rows = bool(column_cosines[column_axis] < 0)
+    return _EXIF_CODE[(flip_columns, flip_rows, row_axis > column_axis)]
+
+
 def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """Turn pixels as stored the way an EXIF orientation says they are shown.
 
@@ -435,8 +470,6 @@ def _decode_dicom(
 
 def _dicom_orientation(dataset: object) -> int:
     """The EXIF code turning a slice into the canonical orientation (1 without the tag)."""
-    from segflow.formats.dicom_series import canonical_orientation
-
     cosines = getattr(dataset, "ImageOrientationPatient", None)
     if cosines is None or len(cosines) != 6:
         return 1

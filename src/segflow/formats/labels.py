@@ -31,6 +31,18 @@ MAX_CLASSES = 32
 _DTYPE_BITS = ((8, np.uint8), (16, np.uint16), (32, np.uint32))
 
 
+ORIENTATION_COLUMN = "slice_orientation"
+"""Manifest column ingest adds with ``data.dicom_orientation``: the EXIF code (1-8) each DICOM
+image was turned by (its mask files are turned the same way when read)."""
+
+
+def manifest_orientation(row: object) -> int:
+    """The DICOM turn of a manifest row (a namedtuple or Series): its ``slice_orientation``,
+    1 in a manifest without the column."""
+    value = getattr(row, ORIENTATION_COLUMN, 1)
+    return 1 if pd.isna(value) else int(value)
+
+
 def label_dtype(n_classes: int) -> np.dtype:
     """The smallest unsigned integer type with one bit per class.
 

@@ -29,8 +29,7 @@ from segflow.core.atomic import write_csv
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
 from segflow.core.stage_args import add_fold_merge, add_stats, stage_log
-from segflow.formats.dicom_series import manifest_orientation
-from segflow.formats.labels import label_dtype, read_label, unpack_labels
+from segflow.formats.labels import label_dtype, manifest_orientation, read_label, unpack_labels
 from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
 
