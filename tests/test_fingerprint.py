@@ -486,7 +486,17 @@ def test_every_rule_command_has_a_fingerprint() -> None:
     fingerprinted = set(re.findall(r'stage_fingerprint\("([a-z-]+)"\)', rules))
     # `segflow summary` prints a results folder for a person; `segflow predict-bundle` runs a
     # bundle in a Kaggle notebook, outside any workflow: no rule runs them.
-    assert commands == fingerprinted == set(STAGE_MODULES) - {"summary", "predict-bundle"}
+    # `segflow demo-dicom` writes a synthetic DICOM set for tests and a person (no rule either).
+    assert (
+        commands
+        == fingerprinted
+        == set(STAGE_MODULES)
+        - {
+            "summary",
+            "predict-bundle",
+            "demo-dicom",
+        }
+    )
     with pytest.raises(KeyError, match="valid: demo-data"):
         stage_fingerprint("bogus")
 

@@ -45,6 +45,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("demo-data", "segflow.data.demo_data", "write the seeded synthetic demo dataset"),
+    Stage("demo-dicom", "segflow.data.demo_dicom", "write seeded synthetic DICOM series"),
     Stage("ingest", "segflow.data.ingest", "list, decode and validate all items into a manifest"),
     Stage("dedup", "segflow.data.dedup", "group duplicates and resolve mask conflicts"),
     Stage("leaks", "segflow.data.leaks", "link test items to their exact train copies"),

@@ -71,12 +71,15 @@ def near_duplicate_flags():
 
 
 def dicom_flags():
-    return cli_flags(
+    """The DICOM reading flags of the stages that decode images; --dicom-orientation only
+    when set, so the command lines of data without it stay as they were."""
+    flags = cli_flags(
         {
             "dicom_window_center": DATA["dicom_window_center"],
             "dicom_window_width": DATA["dicom_window_width"],
         }
     )
+    return flags + (" --dicom-orientation" if DATA["dicom_orientation"] else "")
 
 
 # search.<study>: a hyperparameter search whose best trial trains as experiment <study>
@@ -512,6 +515,8 @@ TEST_INGEST_KEYS = (
     "metadata_id_column",
     "dicom_window_center",
     "dicom_window_width",
+    "dicom_series",
+    "dicom_orientation",
     "max_pixels",
     "data_root",
 )

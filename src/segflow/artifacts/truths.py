@@ -15,7 +15,13 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
-from segflow.formats.labels import class_names, label_dtype, manifest_classes, read_label
+from segflow.formats.labels import (
+    class_names,
+    label_dtype,
+    manifest_classes,
+    manifest_orientation,
+    read_label,
+)
 from segflow.formats.manifest import data_roots, resolve_manifest_path
 
 
@@ -25,6 +31,7 @@ class MaskSource(NamedTuple):
     mask_path: str | None
     mask_rle: str | None
     where: str = "manifest item"  # names the item in error messages (its image path)
+    orientation: int = 1  # the DICOM turn of its image (manifest slice_orientation)
 
 
 def load_mask(
@@ -45,7 +52,14 @@ def load_mask(
     """
     label = np.zeros(shape, dtype=label_dtype(n_classes))
     for source in sources:
-        label |= read_label(source.mask_path, source.mask_rle, shape, n_classes, source.where)
+        label |= read_label(
+            source.mask_path,
+            source.mask_rle,
+            shape,
+            n_classes,
+            source.where,
+            orientation=source.orientation,
+        )
     return label
 
 
@@ -66,6 +80,7 @@ def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple
                 resolve_manifest_path(row.mask_path, "mask_path", item_id, roots, n_classes),
                 row.mask_rle,
                 row.image_path,
+                manifest_orientation(row),
             ),
         )
         for item_id, row in by_id.loc[items.loc[items["split"] == "train", "id"]].iterrows()

@@ -38,6 +38,7 @@ from segflow.bundle.archive import (
     write_bundle,
 )
 from segflow.core.errors import SegflowError
+from segflow.core.late_options import published_options
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
 from segflow.core.stage_args import stage_log
 from segflow.ensemble.blend import read_blend_weights
@@ -231,7 +232,7 @@ def bundle_config(
             "dtype": str(stats["dtype"]),
             "train_mean": stats["train_mean"],
             "train_std": stats["train_std"],
-            "dicom_window": dataclasses.asdict(dicom_window),
+            "dicom_window": published_options(dicom_window),
             # The stored channel counts of the pipeline's images (train and test); with
             # channels auto and 1 channel, only gray images unless the pipeline's own test set
             # held colour ones (preprocess-test turns them gray, as the train side decided).

@@ -110,6 +110,13 @@ class BundlePredictor:
         prep = config["preprocess"]
         self.geometry = Geometry(prep["height"], prep["width"], prep["channels"], prep["dtype"])
         self.preprocess = PreprocessOptions(**prep["options"])
+        if self.preprocess.context_slices:
+            # A bundle predicts image by image; a 2.5D input needs the slice's whole series.
+            raise SegflowError(
+                f"{bundle.path}: a 2.5D bundle (preprocess.context_slices = "
+                f"{self.preprocess.context_slices}) cannot predict file by file; predict its test "
+                "series with the workflow instead"
+            )
         self.window = DicomWindow(**prep["dicom_window"])
         self.source_channels = set(prep["source_channels"])
         self.gray_only = bool(prep["gray_only"])

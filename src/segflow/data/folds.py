@@ -77,6 +77,39 @@ def _fill_empty_folds(fold: np.ndarray, groups: np.ndarray, n_folds: int) -> Non
         fold[groups == names[int(np.argmin(sizes))]] = empty
 
 
+def series_fold_groups(items: pd.DataFrame, manifest: pd.DataFrame) -> pd.Series:
+    """Fold groups merged with DICOM series: slices of one series, and every item a dedup
+    group links to any of them, share one group (named by its smallest member group), so no
+    neighbouring slice of a validation slice is trained on.
+
+    Args:
+        items: dedup items with their ``fold_group``.
+        manifest: the manifest with ``series_uid`` (ingest with ``data.dicom_series``).
+
+    Returns:
+        The merged fold group of each item (aligned with ``items``).
+    """
+    series = manifest.set_index("id")["series_uid"].reindex(items["id"]).to_numpy()
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for group, uid in zip(items["fold_group"].astype(str), series, strict=True):
+        if isinstance(uid, str) and uid:
+            first, second = sorted((find(group), find("series:" + uid)))
+            parent[second] = first
+    merged = [find(group) for group in items["fold_group"].astype(str)]
+    # Name each merged group by its smallest original fold group (not a "series:" node).
+    names: dict[str, str] = {}
+    for root, group in zip(merged, items["fold_group"].astype(str), strict=True):
+        names[root] = min(names.get(root, group), group)
+    return pd.Series([names[root] for root in merged], index=items.index)
+
+
 def make_folds(
     manifest: pd.DataFrame,
     dedup_items: pd.DataFrame,
@@ -99,6 +132,8 @@ def make_folds(
         raise SegflowError(f"folds.n_folds must be >= 2, got {options.n_folds}")
     groups, near_summary = near_fold_groups(manifest, dedup_items, near or NearDuplicateOptions())
     items = dedup_items.reset_index(drop=True).assign(fold_group=groups["fold_group"])
+    if "series_uid" in manifest.columns:  # data.dicom_series: a volume's slices stay together
+        items = items.assign(fold_group=series_fold_groups(items, manifest))
     used = items[items["use_for_training"]][["id", "fold_group", "exact_group", "train_action"]]
     coverage = manifest.set_index("id")["mask_coverage"]
     used = used.assign(coverage=coverage.loc[used["id"]].to_numpy())
@@ -110,7 +145,7 @@ def make_folds(
     if n_groups < options.n_folds:
         raise SegflowError(
             f"folds.n_folds = {options.n_folds} but only {n_groups} independent image groups "
-            "remain after dedup; lower folds.n_folds"
+            "remain after dedup (a DICOM series is one group); lower folds.n_folds"
         )
     strata = coverage_strata(used["coverage"], options.coverage_bins)
     splitter = StratifiedGroupKFold(

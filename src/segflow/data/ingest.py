@@ -23,7 +23,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ import pandas as pd
 from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_json, write_parquet
 from segflow.core.errors import SegflowError
+from segflow.core.late_options import published_options
 from segflow.core.options import (
     add_dataclass_arguments,
     dataclass_from_namespace,
@@ -40,10 +41,12 @@ from segflow.core.options import (
 from segflow.core.parallel import chunked, parallel_map
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_workers, stage_log
+from segflow.formats.dicom_series import ORIENTATION_COLUMN, SERIES_COLUMNS, read_slice_geometry
 from segflow.formats.imageio import (
     DICOM_EXTENSIONS,
     RASTER_EXTENSIONS,
     DicomWindow,
+    apply_orientation,
     decode_image,
     image_kind,
     is_gray,
@@ -106,6 +109,9 @@ RleRow = tuple[str, str]  # (RLE string, where it came from: 'file row N (id ...
 class IngestOptions:
     """Where the data is and how to read it (config section ``data``)."""
 
+    # Left out of provenance at their defaults (segflow.core.late_options.published_options).
+    _omit_at_default: ClassVar[tuple[str, ...]] = ("dicom_series", "dicom_orientation")
+
     train_images: str | None = option(None, "folder of training images")
     test_images: str | None = option(None, "folder of unlabelled test images (optional)")
     mask_source: str = option("folder", "where train masks come from", MASK_SOURCES)
@@ -132,6 +138,17 @@ class IngestOptions:
     metadata_id_column: str = option("id", "id column of the metadata CSV")
     dicom_window_center: float = option(40.0, "DICOM window centre in Hounsfield units")
     dicom_window_width: float = option(400.0, "DICOM window width in Hounsfield units")
+    dicom_series: bool = option(
+        False,
+        "the images are DICOM series slices: record each slice's SeriesInstanceUID and position "
+        "along the slice normal (ImagePositionPatient) in the manifest; folds keep a series "
+        "together and preprocess.context_slices can stack neighbours",
+    )
+    dicom_orientation: bool = option(
+        False,
+        "turn every DICOM slice by its ImageOrientationPatient into one canonical orientation "
+        "(columns along the lower patient axis, both axes positive), masks with them",
+    )
     max_pixels: int = option(100_000_000, "refuse images with more pixels (decompression bombs)")
     data_root: str | None = option(
         None,
@@ -160,6 +177,7 @@ class _ScanTask:
     rle_start: int
     dicom_window: DicomWindow
     max_pixels: int
+    dicom_series: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -464,6 +482,20 @@ def _scan_item(task: _ScanTask) -> dict[str, Any]:
     }
     if task.classes:  # multi-label manifests only: binary ones keep their columns
         row[CLASSES_COLUMN] = CLASS_SEPARATOR.join(task.classes)
+    # A DICOM slice's turn applies to its mask (drawn on the stored pixels); a raster mask
+    # carries its own EXIF orientation instead.
+    dicom_turn = image.orientation if image.image_format == "dicom" else 1
+    if task.dicom_series:
+        if image.image_format != "dicom":
+            raise SegflowError(
+                f"{task.image_path}: not a DICOM file, but data.dicom_series expects every "
+                "image to be a DICOM slice"
+            )
+        geometry = read_slice_geometry(task.image_path)
+        row["series_uid"] = geometry.series_uid
+        row["slice_position"] = geometry.position
+    if task.dicom_window.orientation:
+        row[ORIENTATION_COLUMN] = dicom_turn
     if task.split != "train":
         return row
     if task.mask_path is not None:
@@ -474,9 +506,15 @@ def _scan_item(task: _ScanTask) -> dict[str, Any]:
             task.n_classes,
             task.image_path,
             max_pixels=task.max_pixels,
+            orientation=dicom_turn,
         )
     else:
-        planes = [_union_of_rows(rows, (height, width), task) for rows in task.rles]
+        # The CSV's runs number the stored pixels: decode them there, then turn (the manifest
+        # keeps the turned mask's RLE, which no later reader turns again).
+        stored = (width, height) if dicom_turn >= 5 else (height, width)
+        planes = [
+            apply_orientation(_union_of_rows(rows, stored, task), dicom_turn) for rows in task.rles
+        ]
         # Canonical form (column-major, 1-based, one union string per class) whatever the
         # input's convention.
         row["mask_rle"] = CLASS_SEPARATOR.join(rle_encode(plane) for plane in planes)
@@ -763,7 +801,9 @@ def _build_tasks(
     against and the RLE CSV's id style (None without a CSV). ``train_ids``: the train
     manifest's ids, which no test id may repeat."""
     _check_options(options, split)
-    window = DicomWindow(options.dicom_window_center, options.dicom_window_width)
+    window = DicomWindow(
+        options.dicom_window_center, options.dicom_window_width, options.dicom_orientation
+    )
     root = _data_root(options)
     train: dict[str, Path] = {}
     test: dict[str, Path] = {}
@@ -806,6 +846,7 @@ def _build_tasks(
             options.rle_start,
             window,
             options.max_pixels,
+            options.dicom_series,
         )
         for split, items in (("train", train), ("test", test))
         for item_id, path in sorted(items.items())
@@ -865,10 +906,13 @@ def ingest(
     columns = [
         *MANIFEST_COLUMNS,
         *([CLASSES_COLUMN] if options.classes else []),
+        *(SERIES_COLUMNS if options.dicom_series else ()),
+        *((ORIENTATION_COLUMN,) if options.dicom_orientation else ()),
         _ORIENTATION_KEY,
     ]
     manifest = pd.DataFrame(rows, columns=columns)
-    oriented = manifest.pop(_ORIENTATION_KEY) != 1
+    exif = manifest.pop(_ORIENTATION_KEY)
+    oriented = (exif != 1) & (manifest["image_format"] != "dicom")
     if oriented.any():
         log.warning(
             "%d images (e.g. %s) have an EXIF orientation and are read turned as a viewer "
@@ -890,6 +934,11 @@ def ingest(
     summary = _summarise(manifest, skipped, missing_metadata, options.classes)
     summary["rle_ids_with_several_rows"] = several_rows
     summary["images_with_exif_orientation"] = int(oriented.sum())
+    if options.dicom_series:
+        summary["dicom_series"] = int(manifest["series_uid"].nunique())
+    if options.dicom_orientation:
+        turned = (manifest["image_format"] == "dicom") & (exif != 1)
+        summary["dicom_slices_turned"] = int(turned.sum())
     return manifest, summary
 
 
@@ -950,7 +999,9 @@ def run(args: argparse.Namespace) -> None:
         train_ids = frozenset(read_table(args.train_manifest, "train manifest")["id"])
     manifest, summary = ingest(options, workers=args.workers, split=args.split, train_ids=train_ids)
     write_parquet(args.out_manifest, manifest, keep_attrs=True)  # its data roots
-    write_json(args.out_summary, with_provenance(summary, stage_provenance(options)))
+    write_json(
+        args.out_summary, with_provenance(summary, stage_provenance(published_options(options)))
+    )
     stage_log.info(
         "manifest: %d train + %d test items -> %s",
         summary["n_train"],

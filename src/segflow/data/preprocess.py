@@ -27,7 +27,8 @@ import dataclasses
 import errno
 import logging
 import os
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +58,12 @@ from segflow.core.options import (
 from segflow.core.parallel import chunked, parallel_map
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_stage_tables, add_workers, stage_log
+from segflow.formats.dicom_series import (
+    context_stack,
+    context_weights,
+    series_order,
+    series_spacing,
+)
 from segflow.formats.imageio import (
     DicomWindow,
     add_dicom_window_arguments,
@@ -71,6 +78,8 @@ log = logging.getLogger(__name__)
 CHANNEL_MODES = ("auto", "1", "3")
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 _CHUNK = 64
+# A gap between two slices of a series larger than this many median spacings: missing slices.
+MAX_GAP_RATIO = 4.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class PreprocessOptions:
         "dehaze_omega",
         "dehaze_t0",
         "dehaze_patch",
+        "context_slices",
+        "slice_spacing",
     )
 
     height: int | None = option(None, "output height; null keeps the (common) original size")
@@ -115,6 +126,17 @@ class PreprocessOptions:
         "resize = scale every image to height x width; pad = keep the native pixels and "
         "reflect-pad images and masks symmetrically to height x width (every image must fit)",
         RESIZE_MODES,
+    )
+    context_slices: int = option(
+        0,
+        "2.5D inputs for DICOM series (needs data.dicom_series): each slice's input is 2k+1 "
+        "channels, the slice and its k neighbours on each side along the series at "
+        "slice_spacing, linearly interpolated between the real slices, edges replicated; 0 = off",
+    )
+    slice_spacing: float | None = option(
+        None,
+        "the step between 2.5D channels in mm (context_slices); null = each series' median "
+        "slice spacing",
     )
 
 
@@ -387,6 +409,9 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> Geometry
     if options.dehaze:  # checked before any work, not in every worker
         check_dehaze(options.dehaze_omega, options.dehaze_t0, options.dehaze_patch)
     channels = output_channels(used, options.channels)
+    if options.context_slices:
+        check_context(options)
+        channels = 2 * options.context_slices + 1  # one gray channel per sampled slice
     dtype = "uint8" if options.to_uint8 or (used["bit_depth"] <= 8).all() else "uint16"
     if options.resize_mode not in RESIZE_MODES:
         raise SegflowError(
@@ -399,6 +424,152 @@ def _decide_geometry(used: pd.DataFrame, options: PreprocessOptions) -> Geometry
             row = too_large.iloc[0]
             pad_offsets((int(row["height"]), int(row["width"])), (height, width), row["image_path"])
     return Geometry(height, width, channels, dtype)
+
+
+def check_context(options: PreprocessOptions) -> None:
+    """Refuse 2.5D options that cannot work (one line naming the ``preprocess`` key).
+
+    Raises:
+        SegflowError: context_slices negative or not an integer, channels 3 with it, or a
+            slice_spacing that is not positive.
+    """
+    k = options.context_slices
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise SegflowError(f"preprocess.context_slices must be an integer >= 0, got {k!r}")
+    if k and options.channels == "3":
+        raise SegflowError(
+            "preprocess.context_slices stacks one gray channel per slice: set "
+            "preprocess.channels to auto or 1"
+        )
+    if options.slice_spacing is not None and not options.slice_spacing > 0:
+        raise SegflowError(
+            f"preprocess.slice_spacing must be positive (or null), got {options.slice_spacing!r}"
+        )
+
+
+def context_plan(
+    slices: pd.DataFrame, ids: list[str], options: PreprocessOptions
+) -> tuple[list[str], dict[str, list[tuple[int, int, float]]]]:
+    """Which slices a 2.5D run prepares, and how each of ``ids`` samples them.
+
+    Args:
+        slices: manifest rows of one split with ``series_uid`` and ``slice_position``.
+        ids: the items whose 2.5D inputs are built.
+        options: ``context_slices`` (k) and ``slice_spacing``.
+
+    Returns:
+        (every slice of the series of ``ids``, in series order; per id of ``ids``, its 2k+1
+        channels as (lower, upper, weight of upper) rows of that list,
+        :func:`segflow.formats.dicom_series.context_weights`).
+
+    Raises:
+        SegflowError: no series columns, two slices at one position, a series with fewer
+            slices than k + 1, slices of one series of different sizes, or a gap of more than
+            :data:`MAX_GAP_RATIO` median spacings (missing slices).
+    """
+    k = options.context_slices
+    wanted = set(ids)
+    order = series_order(slices)  # refuses a manifest without series columns
+    needed = set(slices.set_index("id")["series_uid"].loc[list(wanted)])
+    order = order[order["series_uid"].isin(needed)]
+    sizes = slices.set_index("id")[["height", "width"]]
+    ordered: list[str] = []
+    plan: dict[str, list[tuple[int, int, float]]] = {}
+    for uid, frame in order.groupby("series_uid", sort=True):
+        members = frame["id"].tolist()
+        if len(members) <= k:
+            raise SegflowError(
+                f"preprocess.context_slices = {k} but series {uid} has only {len(members)} "
+                f"slices (e.g. {members[0]}); lower preprocess.context_slices"
+            )
+        if len(sizes.loc[members].drop_duplicates()) > 1:
+            raise SegflowError(f"series {uid}: its slices differ in size (e.g. {members[0]})")
+        positions = frame["slice_position"].to_numpy(dtype=np.float64)
+        gaps = np.diff(positions)
+        median = float(np.median(gaps))
+        if gaps.max() > MAX_GAP_RATIO * median:
+            at = int(gaps.argmax())
+            raise SegflowError(
+                f"series {uid}: inconsistent slice spacing, a gap of {gaps[at]:g} mm between "
+                f"{members[at]} and {members[at + 1]} is over {MAX_GAP_RATIO:g} times its median "
+                f"spacing {median:g} mm (missing slices?)"
+            )
+        spacing = series_spacing(positions, options.slice_spacing, str(uid))
+        offset = len(ordered)
+        for item_id, weights in zip(members, context_weights(positions, k, spacing), strict=True):
+            if item_id in wanted:
+                plan[item_id] = [(offset + lo, offset + hi, t) for lo, hi, t in weights]
+        ordered.extend(members)
+    return ordered, plan
+
+
+def write_context_arrays(
+    slices: pd.DataFrame,
+    items: dict[str, _Item],
+    ids: list[str],
+    images_path: Path,
+    masks_path: Path | None,
+    geometry: Geometry,
+    options: PreprocessOptions,
+    window: DicomWindow,
+    n_classes: int,
+    workers: int,
+) -> list[tuple[np.ndarray, int]]:
+    """2.5D arrays: every slice of the series of ``ids`` prepared as one gray channel, then
+    each of ``ids`` stacked with its neighbours (:func:`context_plan`) into ``images_path``;
+    its own mask (per slice) into ``masks_path``.
+
+    Args:
+        slices: manifest rows of the split (the series' slices).
+        items: id -> what to read (image and mask sources) for every slice.
+        ids: the rows to write, in array order.
+        geometry: the output grid, ``channels`` = 2k+1.
+
+    Returns:
+        One (per-channel [sum, sum of squares], foreground pixels) entry, as :func:`write_arrays`.
+    """
+    ordered, plan = context_plan(slices, ids, options)
+    single = dataclasses.replace(geometry, channels=1)
+    # The per-slice arrays are scratch, removed with their folder, never published.
+    with tempfile.TemporaryDirectory(prefix=".slices.", dir=images_path.parent) as scratch:
+        slice_images = Path(scratch) / "images.npy"
+        slice_masks = Path(scratch) / "masks.npy"
+        write_arrays(
+            [items[item_id] for item_id in ordered],
+            slice_images,
+            slice_masks if masks_path is not None else None,
+            single,
+            options,
+            window,
+            n_classes,
+            workers,
+        )
+        per_slice = np.load(slice_images, mmap_mode="r")[..., 0]
+        shape = (len(ids), geometry.height, geometry.width)
+        images = np.lib.format.open_memmap(
+            images_path, mode="w+", dtype=geometry.dtype, shape=(*shape, geometry.channels)
+        )
+        scale = 255.0 if geometry.dtype == "uint8" else 65535.0
+        moments = np.zeros((2, geometry.channels), dtype=np.float64)
+        for row, item_id in enumerate(ids):
+            images[row] = context_stack(per_slice, plan[item_id], np.dtype(geometry.dtype))
+            scaled = images[row].reshape(-1, geometry.channels).astype(np.float64) / scale
+            moments[0] += scaled.sum(axis=0)
+            moments[1] += np.square(scaled).sum(axis=0)
+        images.flush()
+        foreground = 0
+        if masks_path is not None:
+            position = {item_id: row for row, item_id in enumerate(ordered)}
+            per_slice_masks = np.load(slice_masks, mmap_mode="r")
+            masks = np.lib.format.open_memmap(
+                masks_path, mode="w+", dtype=per_slice_masks.dtype, shape=shape
+            )
+            for row, item_id in enumerate(ids):
+                masks[row] = per_slice_masks[position[item_id]]
+                foreground += int(np.count_nonzero(masks[row]))
+            masks.flush()
+        del per_slice
+    return [(moments, foreground)]
 
 
 def write_arrays(
@@ -449,6 +620,15 @@ def write_arrays(
         unit="img",
         weights=[len(task.items) for task in tasks],
     )
+
+
+def context_items(slices: pd.DataFrame, roots: tuple[Path, ...]) -> dict[str, _Item]:
+    """id -> an :class:`_Item` without masks for every slice of ``slices`` (the neighbours a
+    2.5D stack reads), its image path checked against the manifest's data roots."""
+    return {
+        row.id: _Item(str(resolve_manifest_path(row.image_path, "image_path", row.id, roots)), ())
+        for row in slices.itertuples()
+    }
 
 
 def array_index(
@@ -514,9 +694,29 @@ def preprocess(
         atomic_path(out_dir / images_file("train")) as images_path,
         atomic_path(out_dir / masks_file()) as masks_path,
     ):
-        results = write_arrays(
-            items, images_path, masks_path, geometry, options, window, n_classes, workers
-        )
+        if options.context_slices:
+            # Neighbours come from every train slice of the series, used for training or not.
+            slices = manifest[manifest["split"] == "train"]
+            by_id = context_items(slices, roots)
+            by_id.update(
+                {row.id: item for row, item in zip(train.itertuples(), items, strict=True)}
+            )
+            results = write_context_arrays(
+                slices,
+                by_id,
+                train["id"].tolist(),
+                images_path,
+                masks_path,
+                geometry,
+                options,
+                window,
+                n_classes,
+                workers,
+            )
+        else:
+            results = write_arrays(
+                items, images_path, masks_path, geometry, options, window, n_classes, workers
+            )
     moments = np.sum([chunk_moments for chunk_moments, _ in results], axis=0)
     foreground = sum(chunk_foreground for _, chunk_foreground in results)
     write_index(out_dir, array_index(train, geometry, options))
@@ -537,7 +737,9 @@ def preprocess(
         "options": published_options(options),
     }
     # Deterministic (no seed): the same manifest and options give the same arrays.
-    block = stage_provenance({"options": stats["options"], "dicom_window": asdict(window)})
+    block = stage_provenance(
+        {"options": stats["options"], "dicom_window": published_options(window)}
+    )
     stats = with_provenance(stats, block)
     write_stats(out_dir, stats)
     return stats

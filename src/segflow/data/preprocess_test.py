@@ -25,7 +25,9 @@ from segflow.data.preprocess import (
     PreprocessOptions,
     _Item,
     array_index,
+    context_items,
     write_arrays,
+    write_context_arrays,
 )
 from segflow.formats.imageio import (
     DicomWindow,
@@ -79,10 +81,23 @@ def preprocess_test(
         _Item(str(resolve_manifest_path(row.image_path, "image_path", row.id, roots)), ())
         for row in test.itertuples()
     ]
+    window = dicom_window or DicomWindow()
     with atomic_path(out_dir / images_file("test")) as images_path:
-        write_arrays(
-            items, images_path, None, geometry, options, dicom_window or DicomWindow(), 1, workers
-        )
+        if options.context_slices and not test.empty:  # 2.5D: the test series' neighbours
+            write_context_arrays(
+                test,
+                context_items(test, roots),
+                test["id"].tolist(),
+                images_path,
+                None,
+                geometry,
+                options,
+                window,
+                1,
+                workers,
+            )
+        else:
+            write_arrays(items, images_path, None, geometry, options, window, 1, workers)
     write_index(out_dir, array_index(test, geometry, options), split="test")
     return len(test)
 

@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -48,10 +49,17 @@ class DicomWindow:
     Args:
         center: window centre in HU (e.g. 40 for soft tissue, -600 for lung).
         width: window width in HU (e.g. 400 soft tissue, 1500 lung).
+        orientation: turn each slice by its ImageOrientationPatient into the canonical
+            orientation (:func:`canonical_orientation`; config
+            ``data.dicom_orientation``).
     """
+
+    # Left out of provenance at its default (segflow.core.late_options.published_options).
+    _omit_at_default: ClassVar[tuple[str, ...]] = ("orientation",)
 
     center: float = 40.0
     width: float = 400.0
+    orientation: bool = False
 
 
 def add_dicom_window_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,11 +77,22 @@ def add_dicom_window_arguments(parser: argparse.ArgumentParser) -> None:
         default=default.width,
         help=f"DICOM window width in HU (default: {default.width})",
     )
+    parser.add_argument(
+        "--dicom-orientation",
+        action=argparse.BooleanOptionalAction,
+        default=default.orientation,
+        help="turn DICOM slices by their ImageOrientationPatient into one canonical "
+        "orientation, masks with them (default: false)",
+    )
 
 
 def dicom_window_from_args(args: argparse.Namespace) -> DicomWindow:
     """The :class:`DicomWindow` of :func:`add_dicom_window_arguments`' flags."""
-    return DicomWindow(args.dicom_window_center, args.dicom_window_width)
+    return DicomWindow(
+        args.dicom_window_center,
+        args.dicom_window_width,
+        bool(getattr(args, "dicom_orientation", False)),
+    )
 
 
 @dataclass(frozen=True)
@@ -86,7 +105,7 @@ class DecodedImage:
     bit_depth: int
     stored_channels: int
     image_format: str
-    orientation: int = 1  # EXIF orientation applied to the pixels (1: none)
+    orientation: int = 1  # EXIF (or DICOM, as an EXIF code) orientation applied (1: none)
 
 
 def image_kind(path: Path) -> str | None:
@@ -262,6 +281,41 @@ def _exif_orientation(exif: bytes | None) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+# (flip columns, flip rows, transpose) -> the EXIF code of apply_orientation doing exactly that
+# (the flips first, then the transpose).
+_EXIF_CODE = {
+    (False, False, False): 1,
+    (True, False, False): 2,
+    (True, True, False): 3,
+    (False, True, False): 4,
+    (False, False, True): 5,
+    (False, True, True): 6,
+    (True, True, True): 7,
+    (True, False, True): 8,
+}
+
+
+def canonical_orientation(row_cosines: np.ndarray, column_cosines: np.ndarray) -> int:
+    """The EXIF code turning pixels stored with these direction cosines into the canonical
+    orientation (column index along the lower patient axis, both axes positive).
+
+    Args:
+        row_cosines: direction of increasing column index (the first three values of
+            ImageOrientationPatient).
+        column_cosines: direction of increasing row index (the last three).
+
+    Returns:
+        An EXIF orientation code 1-8; oblique slices are turned by their dominant axes.
+    """
+    row_axis = int(np.argmax(np.abs(row_cosines)))
+    column_axis = int(np.argmax(np.abs(column_cosines)))
+    if row_axis == column_axis:  # degenerate cosines: take the next axis for the columns
+        column_axis = int(np.argsort(np.abs(column_cosines))[-2])
+    flip_columns = bool(row_cosines[row_axis] < 0)
+    flip_rows = bool(column_cosines[column_axis] < 0)
+    return _EXIF_CODE[(flip_columns, flip_rows, row_axis > column_axis)]
+
+
 def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """Turn pixels as stored the way an EXIF orientation says they are shown.
 
@@ -335,7 +389,7 @@ def decode_image(
     orientation = 1
     if kind == "dicom":
         window = dicom_window or DicomWindow()
-        pixels, bit_depth, stored = _decode_dicom(path, data, window, max_pixels)
+        pixels, bit_depth, stored, orientation = _decode_dicom(path, data, window, max_pixels)
         image_format = "dicom"
     else:
         _check_pixel_limit(path, data, max_pixels)
@@ -374,7 +428,9 @@ def _to_canonical(path: Path, pixels: np.ndarray) -> np.ndarray:
 
 def _decode_dicom(
     path: Path, data: bytes, window: DicomWindow, max_pixels: int | None
-) -> tuple[np.ndarray, int, int]:
+) -> tuple[np.ndarray, int, int, int]:
+    """Decode a DICOM to canonical pixels; returns (pixels, bit depth, stored channels, the
+    EXIF code of the orientation applied: 1 unless ``window.orientation``)."""
     import pydicom
 
     # pydicom parses element values lazily and a corrupt file can fail with almost any exception
@@ -394,10 +450,13 @@ def _decode_dicom(
         slope = float(_dicom_value(dataset, "RescaleSlope", 1.0))
         intercept = float(_dicom_value(dataset, "RescaleIntercept", 0.0))
         photometric = str(_dicom_value(dataset, "PhotometricInterpretation", ""))
+        orientation = _dicom_orientation(dataset) if window.orientation else 1
+    except SegflowError:
+        raise
     except Exception as error:
         raise SegflowError(f"{path}: cannot decode DICOM pixel data ({error})") from None
     if samples == 3 and raw.ndim == 3:  # colour DICOM (e.g. dermoscopy): no HU to window
-        return raw.astype(np.uint8), bit_depth, 3
+        return apply_orientation(raw.astype(np.uint8), orientation), bit_depth, 3, orientation
     if raw.ndim != 2:
         raise SegflowError(f"{path}: multi-frame DICOM (shape {raw.shape}) is not supported")
     hounsfield = raw.astype(np.float32) * slope + intercept
@@ -406,7 +465,16 @@ def _decode_dicom(
     pixels = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
     if photometric.strip() == "MONOCHROME1":
         pixels = 255 - pixels  # MONOCHROME1 stores inverted grey levels
-    return pixels, bit_depth, 1
+    return apply_orientation(pixels, orientation), bit_depth, 1, orientation
+
+
+def _dicom_orientation(dataset: object) -> int:
+    """The EXIF code turning a slice into the canonical orientation (1 without the tag)."""
+    cosines = getattr(dataset, "ImageOrientationPatient", None)
+    if cosines is None or len(cosines) != 6:
+        return 1
+    values = np.asarray([float(value) for value in cosines])
+    return canonical_orientation(values[:3], values[3:])
 
 
 def _check_dicom_pixel_limit(path: Path, dataset: object, max_pixels: int | None) -> None:

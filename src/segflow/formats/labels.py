@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
-from segflow.formats.imageio import read_mask
+from segflow.formats.imageio import apply_orientation, read_mask
 from segflow.formats.rle import rle_decode
 
 CLASS_SEPARATOR = "|"
@@ -29,6 +29,18 @@ CLASSES_COLUMN = "mask_classes"
 BINARY_CLASSES = ("mask",)  # the name stats.json gives the single class of binary data
 MAX_CLASSES = 32
 _DTYPE_BITS = ((8, np.uint8), (16, np.uint16), (32, np.uint32))
+
+
+ORIENTATION_COLUMN = "slice_orientation"
+"""Manifest column ingest adds with ``data.dicom_orientation``: the EXIF code (1-8) each DICOM
+image was turned by (its mask files are turned the same way when read)."""
+
+
+def manifest_orientation(row: object) -> int:
+    """The DICOM turn of a manifest row (a namedtuple or Series): its ``slice_orientation``,
+    1 in a manifest without the column."""
+    value = getattr(row, ORIENTATION_COLUMN, 1)
+    return 1 if pd.isna(value) else int(value)
 
 
 def label_dtype(n_classes: int) -> np.dtype:
@@ -147,6 +159,7 @@ def read_label(
     where: str,
     *,
     max_pixels: int | None = None,
+    orientation: int = 1,
 ) -> np.ndarray:
     """Decode one manifest item's label mask from its ``mask_path`` / ``mask_rle`` columns.
 
@@ -162,6 +175,9 @@ def read_label(
         n_classes: number of classes (1 for binary data).
         where: names the item (e.g. its image path) in error messages.
         max_pixels: refuse larger mask files before decoding them.
+        orientation: the EXIF code (1-8) its DICOM image was turned by (manifest column
+            ``slice_orientation``): mask files, drawn on the stored pixels, are turned the same
+            way (``shape`` is the turned image's); ingest stores ``mask_rle`` already turned.
 
     Returns:
         The packed label mask (:func:`label_dtype`); binary data gives uint8 {0, 1}.
@@ -175,7 +191,11 @@ def read_label(
     """
     if isinstance(mask_path, str):
         parts = _class_parts(mask_path, n_classes, "mask_path", where)
-        planes = [_read_mask_part(part, shape, where, max_pixels) for part in parts]
+        stored = shape[::-1] if orientation >= 5 else shape  # 5-8 swap height and width
+        planes = [
+            apply_orientation(_read_mask_part(part, stored, where, max_pixels), orientation)
+            for part in parts
+        ]
     elif isinstance(mask_rle, str):
         parts = _class_parts(mask_rle, n_classes, "mask_rle", where)
         planes = [

@@ -29,7 +29,7 @@ from segflow.core.atomic import write_csv
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
 from segflow.core.stage_args import add_fold_merge, add_stats, stage_log
-from segflow.formats.labels import label_dtype, read_label, unpack_labels
+from segflow.formats.labels import label_dtype, manifest_orientation, read_label, unpack_labels
 from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
 
@@ -105,7 +105,14 @@ def train_label(manifest: pd.DataFrame, train_ids: Iterable[str], n_classes: int
     label = np.zeros(shape, dtype=label_dtype(n_classes))
     for row in rows.itertuples():
         mask_path = resolve_manifest_path(row.mask_path, "mask_path", row.Index, roots, n_classes)
-        label |= read_label(mask_path, row.mask_rle, shape, n_classes, row.image_path)
+        label |= read_label(
+            mask_path,
+            row.mask_rle,
+            shape,
+            n_classes,
+            row.image_path,
+            orientation=manifest_orientation(row),
+        )
     return label
 
 

@@ -1,0 +1,247 @@
+"""DICOM series: the synthetic generator, series metadata in ingest, canonical orientation,
+series-grouped folds and 2.5D inputs (segflow.formats.dicom_series, segflow.data.demo_dicom)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from segflow.core.errors import SegflowError
+from segflow.data.dedup import DedupOptions, find_duplicates
+from segflow.data.demo_dicom import (
+    ORIENTATIONS,
+    DicomDemoOptions,
+    generate_dicom_series,
+    write_dicom_slice,
+)
+from segflow.data.folds import FoldOptions, make_folds
+from segflow.data.ingest import IngestOptions, ingest
+from segflow.data.preprocess import PreprocessOptions, context_plan, preprocess
+from segflow.data.preprocess_test import preprocess_test
+from segflow.formats.dicom_series import (
+    canonical_orientation,
+    context_weights,
+    read_slice_geometry,
+)
+from segflow.formats.imageio import DicomWindow, decode_image
+from segflow.formats.labels import read_label
+
+SMALL = DicomDemoOptions(seed=3, n_series=3, n_test_series=1, n_slices=8, size=16, flip_every=2)
+
+
+@pytest.fixture(scope="module")
+def series_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("dicom_series")
+    return root, generate_dicom_series(root, SMALL)
+
+
+def _options(root: Path, **extra: object) -> IngestOptions:
+    return IngestOptions(
+        train_images=str(root / "train" / "images"),
+        train_masks=str(root / "train" / "masks"),
+        test_images=str(root / "test" / "images"),
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def manifest(series_data: tuple[Path, dict]) -> pd.DataFrame:
+    root, _ = series_data
+    frame, _ = ingest(_options(root, dicom_series=True, dicom_orientation=True))
+    return frame
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_generator_writes_valid_series(series_data: tuple[Path, dict]) -> None:
+    root, truth = series_data
+    assert [s["storage"] for s in truth["series"]] == [
+        "canonical",
+        "mirrored",
+        "canonical",
+        "transposed",
+    ]
+    first = truth["series"][0]
+    for item_id in first["ids"]:
+        dataset = pydicom.dcmread(root / "train" / "images" / f"{item_id}.dcm")
+        assert dataset.SOPClassUID == pydicom.uid.CTImageStorage
+        assert dataset.SeriesInstanceUID == first["series_uid"]
+        assert [float(v) for v in dataset.ImageOrientationPatient] == list(
+            ORIENTATIONS["canonical"]
+        )
+        assert len(dataset.ImagePositionPatient) == 3
+        assert float(dataset.RescaleIntercept) == -1024.0
+        assert dataset.pixel_array.shape == (16, 16)
+        assert (root / "train" / "masks" / f"{item_id}.png").is_file()
+    gaps = np.diff(first["positions"])
+    assert gaps.min() != pytest.approx(gaps.max())  # uneven spacing is planted
+    assert sorted(first["ids"]) != first["ids"]  # file names do not follow the slice order
+    assert json.loads((root / "series.json").read_text())["series"][0]["ids"] == first["ids"]
+    assert max(first["coverage"]) > 0.05  # the ellipsoid is there
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def test_ingest_records_series_and_orders_by_position(
+    series_data: tuple[Path, dict], manifest: pd.DataFrame
+) -> None:
+    _, truth = series_data
+    by_id = manifest.set_index("id")
+    for series in truth["series"]:
+        rows = by_id.loc[series["ids"]]
+        assert set(rows["series_uid"]) == {series["series_uid"]}
+        # The truth lists ids in slice order: their positions along the normal are monotonic
+        # (increasing, or decreasing for the transposed series whose normal points to -z).
+        steps = np.diff(rows["slice_position"].to_numpy())
+        assert (steps > 0).all() or (steps < 0).all()
+        assert np.allclose(np.abs(steps), np.diff(series["positions"]), atol=1e-3)
+    turns = {s["storage"]: by_id.loc[s["ids"][0], "slice_orientation"] for s in truth["series"]}
+    assert turns == {"canonical": 1, "mirrored": 2, "transposed": 5}
+
+
+def test_ingest_without_the_options_adds_no_columns(series_data: tuple[Path, dict]) -> None:
+    root, _ = series_data
+    frame, summary = ingest(_options(root))
+    assert not {"series_uid", "slice_position", "slice_orientation"} & set(frame.columns)
+    assert "dicom_series" not in summary
+
+
+def test_missing_series_uid_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.dcm"
+    write_dicom_slice(path, np.zeros((8, 8)), "", "1.2.3.4", (0.0, 0.0, 0.0))
+    with pytest.raises(SegflowError, match=r"a\.dcm: DICOM file has no SeriesInstanceUID"):
+        read_slice_geometry(path)
+    write_dicom_slice(path, np.zeros((8, 8)), "1.2.3", "1.2.3.4", None)
+    with pytest.raises(SegflowError, match="no ImagePositionPatient"):
+        read_slice_geometry(path)
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+@pytest.mark.parametrize(("storage", "code"), [("mirrored", 2), ("transposed", 5)])
+def test_turned_slice_equals_canonical_after_orientation(
+    tmp_path: Path, storage: str, code: int
+) -> None:
+    rng = np.random.default_rng(0)
+    canonical = rng.uniform(-150, 200, size=(12, 10))
+    mask = np.zeros((12, 10), dtype=np.uint8)
+    mask[2:5, 1:4] = 255  # off-centre: any flip or transpose moves it
+    stored = canonical[:, ::-1] if storage == "mirrored" else canonical.T
+    stored_mask = mask[:, ::-1] if storage == "mirrored" else mask.T
+    write_dicom_slice(tmp_path / "c.dcm", canonical, "1.2", "1.2.1", (0, 0, 0))
+    write_dicom_slice(tmp_path / "t.dcm", stored, "1.2", "1.2.2", (0, 0, 1), ORIENTATIONS[storage])
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "t.png"), np.ascontiguousarray(stored_mask))
+    on = DicomWindow(orientation=True)
+    reference = decode_image(tmp_path / "c.dcm", on).pixels
+    turned = decode_image(tmp_path / "t.dcm", on)
+    assert turned.orientation == code
+    assert np.array_equal(turned.pixels, reference)
+    # Without the option the stored pixels differ from the canonical ones.
+    raw = decode_image(tmp_path / "t.dcm").pixels
+    assert raw.shape != reference.shape or not np.array_equal(raw, reference)
+    label = read_label(str(tmp_path / "t.png"), None, (12, 10), 1, "t", orientation=code)
+    assert np.array_equal(label, (mask > 0).astype(np.uint8))
+
+
+def test_canonical_orientation_codes() -> None:
+    x, y, z = np.eye(3)
+    assert canonical_orientation(x, y) == 1
+    assert canonical_orientation(-x, y) == 2
+    assert canonical_orientation(-x, -y) == 3
+    assert canonical_orientation(x, -y) == 4
+    assert canonical_orientation(y, x) == 5
+    assert canonical_orientation(x, z) == 1  # coronal: columns along x, rows along z
+
+
+# --------------------------------------------------------------------------- folds
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_folds_never_split_a_series(manifest: pd.DataFrame) -> None:
+    train = manifest[manifest["split"] == "train"]
+    items, _ = find_duplicates(train, DedupOptions())
+    folds, _ = make_folds(train, items, FoldOptions(n_folds=3, seed=0))
+    merged = folds.merge(train[["id", "series_uid"]], on="id")
+    assert (merged.groupby("series_uid")["fold"].nunique() == 1).all()
+    assert merged["fold"].nunique() == 3
+    # Without series columns the same slices are split across folds (the grouping matters).
+    plain, _ = make_folds(train.drop(columns="series_uid"), items, FoldOptions(n_folds=3, seed=0))
+    split = plain.merge(train[["id", "series_uid"]], on="id")
+    assert (split.groupby("series_uid")["fold"].nunique() > 1).any()
+
+
+# --------------------------------------------------------------------------- 2.5D
+
+
+def test_context_weights_interpolate_and_replicate_edges() -> None:
+    positions = np.array([0.0, 1.0, 3.0, 4.0])
+    # Channels sample z - 2, z, z + 2: between slices linearly, beyond the ends the edge slice.
+    assert context_weights(positions, 1, 2.0) == [
+        [(0, 0, 0.0), (0, 0, 0.0), (1, 2, 0.5)],
+        [(0, 0, 0.0), (1, 1, 0.0), (2, 2, 0.0)],
+        [(1, 1, 0.0), (2, 2, 0.0), (3, 3, 0.0)],
+        [(1, 2, 0.5), (3, 3, 0.0), (3, 3, 0.0)],
+    ]
+
+
+def test_preprocess_stacks_interpolated_neighbours(
+    tmp_path: Path, series_data: tuple[Path, dict], manifest: pd.DataFrame
+) -> None:
+    _, truth = series_data
+    train = manifest[manifest["split"] == "train"]
+    items, _ = find_duplicates(train, DedupOptions())
+    flat = preprocess(train, items, PreprocessOptions(), tmp_path / "flat")
+    stats = preprocess(train, items, PreprocessOptions(context_slices=1), tmp_path / "ctx")
+    assert flat["channels"] == 1 and stats["channels"] == 3
+    single = np.load(tmp_path / "flat" / "train_images.npy")[..., 0].astype(np.float64)
+    stacked = np.load(tmp_path / "ctx" / "train_images.npy")
+    index = pd.read_parquet(tmp_path / "ctx" / "index.parquet").set_index("id")["row"]
+    assert np.array_equal(stacked[..., 1], single)  # the centre channel is the slice itself
+    assert np.array_equal(
+        np.load(tmp_path / "ctx" / "train_masks.npy"),
+        np.load(tmp_path / "flat" / "train_masks.npy"),
+    )
+    series = truth["series"][0]
+    positions = np.asarray(series["positions"])
+    spacing = float(np.median(np.diff(positions)))
+    ids = series["ids"]
+    i = 3
+    target = positions[i] + spacing  # channel 2 of slice i samples one spacing above it
+    upper = int(np.searchsorted(positions, target))
+    t = (target - positions[upper - 1]) / (positions[upper] - positions[upper - 1])
+    expected = (1 - t) * single[index[ids[upper - 1]]] + t * single[index[ids[upper]]]
+    assert np.abs(stacked[index[ids[i]], ..., 2] - expected).max() <= 0.5 + 1e-6
+    # The neighbour is not the slice itself: with k = 0 the channel would not exist at all,
+    # and it differs from the centre wherever the ellipsoid's cross-section changes.
+    assert not np.array_equal(stacked[index[ids[i]], ..., 2], stacked[index[ids[i]], ..., 1])
+    # The first slice's lower neighbour is replicated from itself.
+    assert np.array_equal(stacked[index[ids[0]], ..., 0], stacked[index[ids[0]], ..., 1])
+    # Test series are stacked the same way.
+    test = manifest[manifest["split"] == "test"]
+    assert preprocess_test(test, stats, tmp_path / "ctx") == len(test)
+    assert np.load(tmp_path / "ctx" / "test_images.npy").shape[-1] == 3
+
+
+def test_context_bad_input_is_one_clear_line(manifest: pd.DataFrame) -> None:
+    train = manifest[manifest["split"] == "train"]
+    ids = train["id"].tolist()
+    with pytest.raises(SegflowError, match=r"context_slices = 9 but series .* has only 8 slices"):
+        context_plan(train, ids, PreprocessOptions(context_slices=9))
+    with pytest.raises(SegflowError, match=r"set data\.dicom_series: true"):
+        context_plan(train.drop(columns="series_uid"), ids, PreprocessOptions(context_slices=1))
+    gap = train.copy()
+    series = gap["series_uid"] == gap["series_uid"].iloc[0]
+    last = gap.loc[series, "slice_position"].idxmax()
+    gap.loc[last, "slice_position"] += 100.0  # a missing run of slices
+    with pytest.raises(SegflowError, match="inconsistent slice spacing"):
+        context_plan(gap, ids, PreprocessOptions(context_slices=1))
