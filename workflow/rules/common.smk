@@ -191,7 +191,8 @@ def apply_stack_base_flags(wildcards, input):
 
 def watershed_tuned():
     """The submission splits touching objects (submission.instances and split_touching): then
-    tune_postprocess tunes the watershed too (postprocess.min_distances, compactnesses)."""
+    tune_postprocess tunes the watershed too (postprocess.min_distances, compactnesses).
+    """
     return config["submission"]["instances"] and config["submission"]["split_touching"]
 
 
@@ -215,9 +216,7 @@ def watershed_flags():
     if not watershed_tuned():
         return ""
     post = config["postprocess"]
-    flags = cli_flags(
-        {k: post[k] for k in ("min_distances", "compactnesses")}
-    )
+    flags = cli_flags({k: post[k] for k in ("min_distances", "compactnesses")})
     if watershed_object_csv() is not None:
         flags += " " + cli_flags(
             {
