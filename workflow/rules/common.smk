@@ -216,18 +216,16 @@ def watershed_flags():
     if not watershed_tuned():
         return ""
     post = config["postprocess"]
-    flags = cli_flags({k: post[k] for k in ("min_distances", "compactnesses")})
+    options = {k: post[k] for k in ("min_distances", "compactnesses")}
     if watershed_object_csv() is not None:
-        flags += " " + cli_flags(
-            {
-                "object_rle_csv": watershed_object_csv(),
-                "object_rle_id_column": DATA["rle_id_column"],
-                "object_rle_column": DATA["rle_column"],
-                "object_rle_order": DATA["rle_order"],
-                "object_rle_start": DATA["rle_start"],
-            }
+        options.update(
+            object_rle_csv=watershed_object_csv(),
+            object_rle_id_column=DATA["rle_id_column"],
+            object_rle_column=DATA["rle_column"],
+            object_rle_order=DATA["rle_order"],
+            object_rle_start=DATA["rle_start"],
         )
-    return flags
+    return cli_flags(options)
 
 
 def submit_flag():
