@@ -407,6 +407,7 @@ PRE_QUOTED = {
     "params.budget": "budget_flags",
     "params.resolution": "resolution_flags",
     "params.near": "near_duplicate_flags",
+    "params.watershed": "watershed_flags",
     "params.test_flags": "ingest_test_flags",
     "params.predict_options": "section_flags",
     "params.submission_options": "section_flags",

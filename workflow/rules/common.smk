@@ -192,6 +192,45 @@ def apply_stack_base_flags(wildcards, input):
     return f"--base-test-dir {shlex.quote(os.path.dirname(input.base_test))}"
 
 
+def watershed_tuned():
+    """The submission splits touching objects (submission.instances and split_touching): then
+    tune_postprocess tunes the watershed too (postprocess.min_distances, compactnesses).
+    """
+    return config["submission"]["instances"] and config["submission"]["split_touching"]
+
+
+def watershed_object_csv():
+    """The RLE CSV whose rows are the true objects (binary data from an RLE CSV, DSB style),
+    else None (the objects are the truth masks' connected components)."""
+    if DEMO["enabled"] or DATA["mask_source"] != "rle_csv" or DATA["classes"]:
+        return None
+    return DATA["rle_csv"]
+
+
+def watershed_inputs(wildcards):
+    """tune_postprocess's object RLE CSV when it tunes the watershed from one, else nothing."""
+    if not watershed_tuned() or watershed_object_csv() is None:
+        return {}
+    return {"object_rle_csv": ancient(watershed_object_csv())}
+
+
+def watershed_flags():
+    """tune_postprocess's watershed grid and object CSV flags, or nothing (no split)."""
+    if not watershed_tuned():
+        return ""
+    post = config["postprocess"]
+    options = {k: post[k] for k in ("min_distances", "compactnesses")}
+    if watershed_object_csv() is not None:
+        options.update(
+            object_rle_csv=watershed_object_csv(),
+            object_rle_id_column=DATA["rle_id_column"],
+            object_rle_column=DATA["rle_column"],
+            object_rle_order=DATA["rle_order"],
+            object_rle_start=DATA["rle_start"],
+        )
+    return cli_flags(options)
+
+
 def submit_flag():
     """`--force name:round` when the config names the candidate to submit (checked against
     the candidates here, before any job runs), else nothing: the best on OOF is chosen.

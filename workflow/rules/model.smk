@@ -178,6 +178,8 @@ rule evaluate_oof:
 
 rule tune_postprocess:
     input:
+        # The RLE CSV of the true objects, when the watershed is tuned from one.
+        unpack(watershed_inputs),
         # From evaluate_oof for an experiment, from a second-level rule otherwise.
         oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
         oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
@@ -207,6 +209,7 @@ rule tune_postprocess:
         fill_holes=config["postprocess"]["fill_holes_options"],
         gates=config["postprocess"]["gates"],
         metric=config["postprocess"]["metric"],
+        watershed=watershed_flags(),
         oof_dir=lambda wildcards, input: os.path.dirname(input.oof_probs),
         out_dir=lambda wildcards, output: os.path.dirname(output.params),
     shell:
@@ -214,7 +217,7 @@ rule tune_postprocess:
         " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
         " --thresholds {params.thresholds:q} --min-areas {params.min_areas:q}"
         " --fill-holes-options {params.fill_holes:q} --gates {params.gates:q}"
-        " --metric {params.metric:q} --out-dir {params.out_dir:q} 2> {log:q}"
+        " --metric {params.metric:q} {params.watershed} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule predict_test:

@@ -134,3 +134,95 @@ def class_truths(packed: np.ndarray, k: int) -> np.ndarray:
         packed: (N, H, W); output: (N, H, W).
     """
     return (np.asarray(packed) >> k) & 1 != 0
+
+
+def instance_truths(
+    truths: np.ndarray,
+    ids: Sequence[str],
+    object_rles: dict[str, list[str]] | None = None,
+    rle_order: str = "column",
+    rle_start: int = 1,
+) -> list[np.ndarray]:
+    """The true objects of each image as a label image, for the instance metric.
+
+    Objects are the rows of an RLE CSV that lists one row per object (DSB 2018), so that
+    touching objects stay apart; an image without rows there (or every image, without
+    ``object_rles``) has the 8-connected components of its binary truth as objects.
+
+    Args:
+        truths: binary true masks, row-aligned with ``ids``.
+        ids: the images' ids.
+        object_rles: id -> the RLE strings of its objects (:func:`object_rles_of`), or None.
+        rle_order, rle_start: the RLE convention of ``object_rles``.
+
+    Returns:
+        int32 label images: 0 background, objects 1..K (a pixel of two rows goes to the later).
+
+    Shape:
+        truths: (N, H, W); output: N arrays of (H, W).
+    """
+    import cv2
+
+    from segflow.formats.rle import rle_decode
+
+    labels = []
+    for item_id, truth in zip(ids, np.asarray(truths), strict=True):
+        rles = (object_rles or {}).get(item_id)
+        if not rles:
+            _, components = cv2.connectedComponents(
+                (truth != 0).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+            )
+            labels.append(components)
+            continue
+        label = np.zeros(truth.shape, dtype=np.int32)
+        for index, rle in enumerate(rles, start=1):
+            label[rle_decode(rle, truth.shape, order=rle_order, start=rle_start) != 0] = index  # type: ignore[arg-type]
+        labels.append(label)
+    return labels
+
+
+def object_rles_of(
+    rle_csv: str,
+    id_column: str,
+    rle_column: str,
+    manifest: pd.DataFrame,
+    dedup_items: pd.DataFrame,
+) -> dict[str, list[str]]:
+    """Train id -> the RLE rows of its objects in an RLE CSV with one row per object; a member
+    of a duplicate group resolved by the ``union`` policy gets every member's rows (its truth
+    is their union). Ids are matched as ingest matched them (stems, or the image file names
+    when the manifest records the CSV's ids as file names).
+
+    Raises:
+        SegflowError: the CSV cannot be read or lacks a column.
+    """
+    from pathlib import Path
+
+    from segflow.formats.manifest import csv_id_style
+    from segflow.formats.rle import is_empty_rle
+
+    try:
+        frame = pd.read_csv(rle_csv, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise SegflowError(f"{rle_csv}: cannot read the RLE CSV ({error})") from None
+    for column in (id_column, rle_column):
+        if column not in frame.columns:
+            raise SegflowError(f"{rle_csv}: no column {column!r} (data.rle_id_column/rle_column)")
+    by_csv_id: dict[str, list[str]] = {}
+    for csv_id, rle in zip(frame[id_column], frame[rle_column], strict=True):
+        if not is_empty_rle(rle):
+            by_csv_id.setdefault(csv_id.strip(), []).append(rle)
+    if csv_id_style(manifest) == "filename":
+        names = {row.id: Path(str(row.image_path)).name for row in manifest.itertuples()}
+    else:
+        names = {item_id: item_id for item_id in manifest["id"]}
+    own = {item_id: by_csv_id.get(name, []) for item_id, name in names.items()}
+    train = dedup_items[dedup_items["split"] == "train"]
+    members = train.groupby("exact_group")["id"].agg(list)
+    rows = {}
+    for row in train.itertuples():
+        if getattr(row, "train_action", None) == "union":
+            rows[row.id] = [rle for member in members[row.exact_group] for rle in own[member]]
+        else:
+            rows[row.id] = own.get(row.id, [])
+    return rows

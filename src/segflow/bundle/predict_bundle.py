@@ -101,7 +101,7 @@ class BundlePredictor:
 
         from segflow.core.devices import resolve_device
         from segflow.data.preprocess import Geometry, PreprocessOptions
-        from segflow.model.postprocess import params_from_summary
+        from segflow.model.postprocess import params_from_summary, watershed_from_summary
         from segflow.model.submit import SubmissionOptions
 
         config = bundle.config
@@ -130,6 +130,7 @@ class BundlePredictor:
         self.multilabel = bool(config["multilabel"])
         self.submission = SubmissionOptions(**config["submission"])
         self.params = params_from_summary(config["postprocess"], self.classes)
+        self.watershed = watershed_from_summary(config["postprocess"], self.classes)
         self.candidate = config["candidate"]["name"]
         self.ensemble_mode = str(config["candidate"].get("mode", "mean"))
         self.experiments = [
@@ -358,6 +359,7 @@ class BundlePredictor:
             known,
             self.classes if self.multilabel else None,
             names,
+            self.watershed,
         )
 
 

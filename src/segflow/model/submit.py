@@ -34,7 +34,7 @@ from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
 
 if TYPE_CHECKING:
-    from segflow.model.postprocess import PostprocessParams
+    from segflow.model.postprocess import PostprocessParams, WatershedParams
 
 ID_STYLES = ("auto", "stem", "filename")
 
@@ -68,15 +68,28 @@ class SubmissionOptions:
     )
 
 
-def instance_masks(mask: np.ndarray, split_touching: bool = False) -> list[np.ndarray]:
+def instance_masks(
+    mask: np.ndarray, split_touching: bool = False, watershed: WatershedParams | None = None
+) -> list[np.ndarray]:
     """Split a binary mask into one uint8 mask per object (8-connected, optionally watershed).
+
+    Args:
+        mask: the binary mask.
+        split_touching: split touching objects (:func:`segflow.model.postprocess.label_instances`).
+        watershed: the watershed's parameters (tuned, from ``params.json``); None: the defaults.
+
+    Returns:
+        One mask per object, in label order.
 
     Shape:
         mask: (H, W); output: K masks of (H, W).
     """
-    from segflow.model.postprocess import label_instances
+    from segflow.model.postprocess import WatershedParams, label_instances
 
-    labels = label_instances(mask, split_touching=split_touching)
+    params = WatershedParams() if watershed is None else watershed
+    labels = label_instances(
+        mask, split_touching, min_distance=params.min_distance, compactness=params.compactness
+    )
     return [(labels == label).astype(np.uint8) for label in range(1, int(labels.max()) + 1)]
 
 
@@ -182,6 +195,7 @@ def submission_frame(
     known_labels: Mapping[str, np.ndarray] | None = None,
     classes: Sequence[str] | None = None,
     id_names: Mapping[str, str] | None = None,
+    watershed: Sequence[WatershedParams] | None = None,
 ) -> pd.DataFrame:
     """Build the submission table: one row per id, or per (id, class) with classes, or per
     object with ``options.instances``.
@@ -196,6 +210,8 @@ def submission_frame(
         classes: class names for multi-label data (adds ``options.class_column``); None for
             binary data.
         id_names: id -> the id written in the file (:func:`written_ids`); None writes the ids.
+        watershed: per class, the tuned watershed of ``options.split_touching``
+            (:func:`segflow.model.postprocess.watershed_from_summary`); None: the defaults.
 
     Returns:
         DataFrame with the configured columns, sorted by id, then class (instance rows in
@@ -220,12 +236,16 @@ def submission_frame(
             raise SegflowError(
                 f"prediction of {item_id} has {len(per_class)} classes, not {len(names)}"
             )
-        for name, class_prediction in zip(names, per_class, strict=True):
+        for k, (name, class_prediction) in enumerate(zip(names, per_class, strict=True)):
             key = (written,) if name is None else (written, name)
             if isinstance(class_prediction, list):
                 instances = class_prediction
             elif options.instances:
-                instances = instance_masks(class_prediction, options.split_touching)
+                instances = instance_masks(
+                    class_prediction,
+                    options.split_touching,
+                    None if watershed is None else watershed[k],
+                )
             else:
                 instances = [class_prediction]
             if not instances:
@@ -292,13 +312,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """``segflow submit``: merge the folds' test predictions, post-process, write the CSV."""
-    from segflow.model.postprocess import params_from_summary
+    from segflow.model.postprocess import params_from_summary, watershed_from_summary
 
     classes, multilabel = read_classes(args.stats)
     options = dataclass_from_namespace(SubmissionOptions, args)
     folds = [read_prediction(d, mmap=False) for d in args.fold_dirs]
     fold_ids = [fold.ids for fold in folds]
-    params = params_from_summary(json.loads(Path(args.postprocess).read_text()), classes)
+    summary = json.loads(Path(args.postprocess).read_text())
+    params = params_from_summary(summary, classes)
+    watershed = watershed_from_summary(summary, classes)
     masks = fold_masks(folds, args.fold_merge, params)
     manifest = read_table(args.manifest, "manifest")
     known = known_test_labels(manifest, read_table(args.leaks, "test leaks"), len(classes))
@@ -307,7 +329,9 @@ def run(args: argparse.Namespace) -> None:
     # Stems or file names: the style of the train CSV, the names of the test images.
     test_manifest = read_table(args.test_manifest, "test manifest")
     id_names = written_ids(manifest, predictions, options.id_style, test_manifest)
-    frame = submission_frame(predictions, options, known, classes if multilabel else None, id_names)
+    frame = submission_frame(
+        predictions, options, known, classes if multilabel else None, id_names, watershed
+    )
     write_submission(args.out, frame)
     copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0
     stage_log.info(

@@ -6,6 +6,12 @@ class, with the tuned score); the search itself is :func:`segflow.model.postproc
 Also writes ``image_scores.parquet`` (:mod:`segflow.artifacts.image_scores`): every image's
 score after the tuned post-processing and the scores of the two constant predictions, which
 choose compares.
+
+With ``--min-distances`` and ``--compactnesses`` (the workflow passes them when the submission
+splits touching objects: ``submission.instances`` and ``split_touching``), the watershed that
+splits them is tuned too, per class, on the masks of the chosen post-processing, by the DSB
+instance metric (:func:`segflow.model.postprocess.tune_watershed`); each class record of
+``params.json`` then holds it under ``watershed``, which submit and predict-bundle apply.
 """
 
 from __future__ import annotations
@@ -21,12 +27,21 @@ from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.image_scores import write_image_scores
 from segflow.artifacts.predictions import Prediction, nonempty_probs, read_oof
 from segflow.artifacts.tables import read_table
-from segflow.artifacts.truths import class_truths, original_truths
+from segflow.artifacts.truths import class_truths, instance_truths, object_rles_of, original_truths
 from segflow.core.atomic import write_csv, write_json
+from segflow.core.errors import SegflowError
 from segflow.core.provenance import stage_provenance, with_provenance
 from segflow.core.stage_args import add_stage_tables, add_stats, stage_log
+from segflow.formats.rle import RLE_ORDERS
 from segflow.model.metrics import constant_scores, get_metric
-from segflow.model.postprocess import apply_classes, params_from_summary, tune_classes
+from segflow.model.postprocess import (
+    WATERSHED_KEY,
+    apply_classes,
+    apply_postprocess,
+    params_from_summary,
+    tune_classes,
+    tune_watershed,
+)
 
 # Images post-processed and scored at once for the per-image scores: bounds memory.
 CHUNK = 256
@@ -103,12 +118,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metric", default="kaggle", help="metric to maximise")
     parser.add_argument(
+        "--min-distances",
+        nargs="+",
+        type=int,
+        default=None,
+        help="watershed marker distances to try (with --compactnesses: tune the split of "
+        "touching objects by the instance metric)",
+    )
+    parser.add_argument(
+        "--compactnesses", nargs="+", type=float, default=None, help="watershed compactnesses"
+    )
+    parser.add_argument(
+        "--object-rle-csv",
+        default=None,
+        help="RLE CSV with one row per true object (default: objects are the truth's components)",
+    )
+    parser.add_argument("--object-rle-id-column", default="id")
+    parser.add_argument("--object-rle-column", default="rle_mask")
+    parser.add_argument("--object-rle-order", default="column", choices=RLE_ORDERS)
+    parser.add_argument("--object-rle-start", type=int, default=1)
+    parser.add_argument(
         "--out-dir", required=True, help="folder for params.json, grid.csv, image_scores.parquet"
     )
 
 
 def run(args: argparse.Namespace) -> None:
     """``segflow tune-postprocess``: write grid.csv, params.json and image_scores.parquet."""
+    if (args.min_distances is None) != (args.compactnesses is None):
+        raise SegflowError("--min-distances and --compactnesses are tuned together; give both")
     classes, _ = read_classes(args.stats)
     oof = read_oof(args.oof_dir)
     truths = original_truths(
@@ -117,7 +154,8 @@ def run(args: argparse.Namespace) -> None:
         oof.ids["id"],
         len(classes),
     )
-    _, grid, summary = tune_classes(
+    nonempty = nonempty_probs(oof.ids, len(classes))
+    best, grid, summary = tune_classes(
         oof.probs,
         truths,
         classes,
@@ -125,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
         args.min_areas,
         args.fill_holes_options,
         args.metric,
-        nonempty_probs(oof.ids, len(classes)),
+        nonempty,
         args.gates,
     )
     write_csv(Path(args.out_dir) / "grid.csv", grid)
@@ -136,6 +174,47 @@ def run(args: argparse.Namespace) -> None:
         "gates": args.gates,
         "metric": args.metric,
     }
+    if args.min_distances is not None:
+        grid_options["min_distances"] = args.min_distances
+        grid_options["compactnesses"] = args.compactnesses
+        object_rles = None
+        if args.object_rle_csv is not None:
+            object_rles = object_rles_of(
+                args.object_rle_csv,
+                args.object_rle_id_column,
+                args.object_rle_column,
+                read_table(args.manifest, "manifest"),
+                read_table(args.dedup_items, "dedup items"),
+            )
+        for k, record in enumerate(summary["classes"]):
+            masks = apply_postprocess(
+                oof.probs[:, k].astype("float32"),
+                best[k],
+                None if nonempty is None else nonempty[:, k],
+            )
+            objects = instance_truths(
+                (truths >> k) & 1,
+                oof.ids["id"],
+                object_rles if len(classes) == 1 else None,
+                args.object_rle_order,
+                args.object_rle_start,
+            )
+            chosen, watershed_grid, unsplit = tune_watershed(
+                masks, objects, args.min_distances, args.compactnesses
+            )
+            record[WATERSHED_KEY] = {
+                "min_distance": chosen.min_distance,
+                "compactness": chosen.compactness,
+                "metric": "instance",
+                "score": float(watershed_grid["score"].iloc[0]),
+                "score_unsplit": unsplit,
+            }
+            stage_log.info(
+                "watershed grid of %s (instance metric; unsplit %.4f):\n%s",
+                record["class"],
+                unsplit,
+                watershed_grid.to_string(index=False),
+            )
     write_json(
         Path(args.out_dir) / "params.json",
         with_provenance(summary, stage_provenance(grid_options)),
