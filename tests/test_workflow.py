@@ -94,7 +94,8 @@ def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
         "dedup/test_leaks.json",
         "preprocess/test_index.parquet",
     )
-    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS, *test_side):
+    truths = ("truths/masks.npy", "truths/ids.csv")  # for the OOF stages
+    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS, *test_side, *truths):
         assert (results / relative).is_file(), relative
     for rule in (
         "generate_demo_data",
@@ -105,6 +106,7 @@ def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
         "preprocess_train",
         "preprocess_test",
         "make_folds",
+        "truth_masks",
     ):
         assert (results / "logs" / f"{rule}.log").is_file()
         assert (results / "benchmarks" / f"{rule}.tsv").is_file()
