@@ -296,11 +296,12 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ({"folds": {"seed": 7}}, {"make_folds"} | MODEL_STAGES),
         (
             {"dedup": {"conflict_policy": "union"}},
-            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds"} | MODEL_STAGES,
+            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds", "truth_masks"}
+            | MODEL_STAGES,
         ),
         (
             {"data": {"dicom_window_width": 300.0}},
-            {"ingest_train", "ingest_test", "dedup", "leaks", "make_folds"}
+            {"ingest_train", "ingest_test", "dedup", "leaks", "make_folds", "truth_masks"}
             | {"preprocess_train", "preprocess_test"}
             | MODEL_STAGES,
         ),
