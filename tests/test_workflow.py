@@ -94,7 +94,8 @@ def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
         "dedup/test_leaks.json",
         "preprocess/test_index.parquet",
     )
-    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS, *test_side):
+    truths = ("truths/masks.npy", "truths/ids.csv")  # for the OOF stages
+    for relative in ("ingest/manifest.parquet", *DATA_ARTIFACTS, *test_side, *truths):
         assert (results / relative).is_file(), relative
     for rule in (
         "generate_demo_data",
@@ -105,6 +106,7 @@ def test_demo_run_writes_every_artifact(demo_run: Path) -> None:
         "preprocess_train",
         "preprocess_test",
         "make_folds",
+        "truth_masks",
     ):
         assert (results / "logs" / f"{rule}.log").is_file()
         assert (results / "benchmarks" / f"{rule}.tsv").is_file()
@@ -294,11 +296,12 @@ def test_nothing_reruns_when_nothing_changed(demo_run: Path) -> None:
         ({"folds": {"seed": 7}}, {"make_folds"} | MODEL_STAGES),
         (
             {"dedup": {"conflict_policy": "union"}},
-            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds"} | MODEL_STAGES,
+            {"dedup", "leaks", "preprocess_train", "preprocess_test", "make_folds", "truth_masks"}
+            | MODEL_STAGES,
         ),
         (
             {"data": {"dicom_window_width": 300.0}},
-            {"ingest_train", "ingest_test", "dedup", "leaks", "make_folds"}
+            {"ingest_train", "ingest_test", "dedup", "leaks", "make_folds", "truth_masks"}
             | {"preprocess_train", "preprocess_test"}
             | MODEL_STAGES,
         ),

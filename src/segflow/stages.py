@@ -56,6 +56,11 @@ STAGES: tuple[Stage, ...] = (
         "prepare the test images as the train arrays were",
     ),
     Stage("folds", "segflow.data.folds", "assign stratified, duplicate-grouped folds"),
+    Stage(
+        "truth-masks",
+        "segflow.data.truth_masks",
+        "decode the used train items' label masks once, for the OOF stages",
+    ),
     # `--plan` reads the budget plan through segflow.model.budget: an edit there re-plans
     # (plan-budget), which retrains where budgeted; it must not retrain every experiment.
     Stage(

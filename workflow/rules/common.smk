@@ -211,11 +211,16 @@ def watershed_inputs(wildcards):
     """tune_postprocess's object RLE CSV when it tunes the watershed from one, else nothing."""
     if not watershed_tuned() or watershed_object_csv() is None:
         return {}
-    return {"object_rle_csv": ancient(watershed_object_csv())}
+    return {
+        "object_rle_csv": ancient(watershed_object_csv()),
+        "manifest": rules.ingest_train.output.manifest,
+        "dedup_items": rules.dedup.output.dedup_items,
+    }
 
 
-def watershed_flags():
-    """tune_postprocess's watershed grid and object CSV flags, or nothing (no split)."""
+def watershed_flags(input):
+    """tune_postprocess's watershed grid and object CSV flags (with the manifest and dedup items
+    that match the CSV's ids: watershed_inputs), or nothing (no split)."""
     if not watershed_tuned():
         return ""
     post = config["postprocess"]
@@ -227,6 +232,8 @@ def watershed_flags():
             object_rle_column=DATA["rle_column"],
             object_rle_order=DATA["rle_order"],
             object_rle_start=DATA["rle_start"],
+            manifest=input.manifest,
+            dedup_items=input.dedup_items,
         )
     return cli_flags(options)
 

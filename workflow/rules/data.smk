@@ -202,3 +202,29 @@ rule make_folds:
     shell:
         "segflow folds --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
         " {params.flags} {params.near} --out-folds {output.folds:q} --out-summary {output.summary:q} 2> {log:q}"
+
+
+# The used train items' label masks at the original resolution, decoded once for the OOF
+# stages (evaluate_oof, tune_postprocess, blend), which read their images' rows.
+rule truth_masks:
+    input:
+        manifest=rules.ingest_train.output.manifest,
+        dedup_items=rules.dedup.output.dedup_items,
+    output:
+        masks=result("truths", "masks.npy"),
+        ids=result("truths", "ids.csv"),
+    log:
+        result("logs", "truth_masks.log"),
+    benchmark:
+        result("benchmarks", "truth_masks.tsv")
+    conda:
+        CONDA_ENV
+    threads: rule_threads("truth_masks", 1)
+    resources:
+        **job_resources("truth_masks", mem_mb=4000, runtime=30),
+    params:
+        code=stage_fingerprint("truth-masks"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.masks),
+    shell:
+        "segflow truth-masks --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " --out-dir {params.out_dir:q} 2> {log:q}"

@@ -7,8 +7,7 @@ rule blend:
         ),
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_train.output.stats,
-        manifest=rules.ingest_train.output.manifest,
-        dedup_items=rules.dedup.output.dedup_items,
+        truths=rules.truth_masks.output.masks,
     output:
         oof_probs=result("oof", "ensemble", "round{round}", "oof_probs.npy"),
         oof_ids=result("oof", "ensemble", "round{round}", "oof_ids.csv"),
@@ -39,8 +38,8 @@ rule blend:
         "segflow blend --names {params.names:q} --oof-dirs {params.oof_dirs:q}"
         " --n-folds {params.n_folds:q} --fold-merge {params.fold_merge:q}"
         " --metric {params.metric:q} --step {params.step:q} --mode {params.mode:q}"
-        " --folds {input.folds:q} --stats {input.stats:q} --manifest {input.manifest:q}"
-        " --dedup-items {input.dedup_items:q} --out-oof {output.oof_probs:q}"
+        " --folds {input.folds:q} --stats {input.stats:q} --truths {input.truths:q}"
+        " --out-oof {output.oof_probs:q}"
         " --out-weights {output.weights:q} 2> {log:q}"
 
 

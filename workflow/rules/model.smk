@@ -148,8 +148,7 @@ rule evaluate_oof:
         ),
         folds=rules.make_folds.output.folds,
         stats=rules.preprocess_train.output.stats,
-        manifest=rules.ingest_train.output.manifest,
-        dedup_items=rules.dedup.output.dedup_items,
+        truths=rules.truth_masks.output.masks,
     output:
         oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
         oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
@@ -172,7 +171,7 @@ rule evaluate_oof:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     shell:
         "segflow evaluate-oof --fold-dirs {params.fold_dirs:q} --folds {input.folds:q}"
-        " --stats {input.stats:q} --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " --stats {input.stats:q} --truths {input.truths:q}"
         " --out-dir {params.out_dir:q} 2> {log:q}"
 
 
@@ -184,8 +183,7 @@ rule tune_postprocess:
         oof_probs=result("oof", "{experiment}", "round{round}", "oof_probs.npy"),
         oof_ids=result("oof", "{experiment}", "round{round}", "oof_ids.csv"),
         stats=rules.preprocess_train.output.stats,
-        manifest=rules.ingest_train.output.manifest,
-        dedup_items=rules.dedup.output.dedup_items,
+        truths=rules.truth_masks.output.masks,
     output:
         params=result("postprocess", "{experiment}", "round{round}", "params.json"),
         grid=result("postprocess", "{experiment}", "round{round}", "grid.csv"),
@@ -209,12 +207,12 @@ rule tune_postprocess:
         fill_holes=config["postprocess"]["fill_holes_options"],
         gates=config["postprocess"]["gates"],
         metric=config["postprocess"]["metric"],
-        watershed=watershed_flags(),
+        watershed=lambda wildcards, input: watershed_flags(input),
         oof_dir=lambda wildcards, input: os.path.dirname(input.oof_probs),
         out_dir=lambda wildcards, output: os.path.dirname(output.params),
     shell:
         "segflow tune-postprocess --oof-dir {params.oof_dir:q} --stats {input.stats:q}"
-        " --manifest {input.manifest:q} --dedup-items {input.dedup_items:q}"
+        " --truths {input.truths:q}"
         " --thresholds {params.thresholds:q} --min-areas {params.min_areas:q}"
         " --fill-holes-options {params.fill_holes:q} --gates {params.gates:q}"
         " --metric {params.metric:q} {params.watershed} --out-dir {params.out_dir:q} 2> {log:q}"

@@ -2,7 +2,8 @@
 
 The training labels the model learnt (a duplicate group resolved by the ``union`` policy
 contributes the union of its members' masks), for preprocess, OOF scoring, post-processing,
-blending, stacking and the report. Masks are packed labels (bit k = class k; binary: uint8
+blending, stacking and the report (the OOF stages read them through truth-masks' array,
+:mod:`segflow.artifacts.truth_masks`). Masks are packed labels (bit k = class k; binary: uint8
 {0, 1}; :mod:`segflow.formats.labels`).
 """
 
@@ -125,15 +126,6 @@ def original_truths(
         raise SegflowError("OOF scoring needs one original image size; these images differ")
     shape = (int(sizes["height"].iloc[0]), int(sizes["width"].iloc[0]))
     return np.stack([load_mask(sources[item_id], shape, n_classes) for item_id in ids])
-
-
-def class_truths(packed: np.ndarray, k: int) -> np.ndarray:
-    """Class ``k``'s plane of packed label masks (bit k), as bool.
-
-    Shape:
-        packed: (N, H, W); output: (N, H, W).
-    """
-    return (np.asarray(packed) >> k) & 1 != 0
 
 
 def instance_truths(

@@ -31,14 +31,13 @@ import pandas as pd
 
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.predictions import Prediction, read_oof
-from segflow.artifacts.tables import read_folds, read_table
-from segflow.artifacts.truths import original_truths
+from segflow.artifacts.tables import read_folds
+from segflow.artifacts.truth_masks import read_truth_masks
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.core.stage_args import (
     add_experiment_dirs,
-    add_stage_tables,
     add_stats,
     check_names,
     stage_log,
@@ -166,7 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--folds", required=True, help="folds.csv")
     add_stats(parser)
-    add_stage_tables(parser)
+    parser.add_argument(
+        "--truths", required=True, help="truth-masks' masks.npy (ids.csv beside it)"
+    )
     parser.add_argument("--out-oof", required=True, help="blended oof_probs.npy to write")
     parser.add_argument("--out-weights", required=True, help="weights.json to write")
 
@@ -178,12 +179,7 @@ def run(args: argparse.Namespace) -> None:
     check_names(args)
     oof = [read_oof(d) for d in args.oof_dirs]
     folds = read_folds(args.folds)
-    truths = original_truths(
-        read_table(args.manifest, "manifest"),
-        read_table(args.dedup_items, "dedup items"),
-        oof[0].ids["id"],
-        len(classes),
-    )
+    truths = read_truth_masks(args.truths, oof[0].ids["id"])
     blended_oof, summary, table = run_blend(
         args.names, oof, truths, folds, classes, args.metric, args.step, args.mode
     )

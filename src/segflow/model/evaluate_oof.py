@@ -13,12 +13,12 @@ import pandas as pd
 
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.predictions import read_prediction, write_oof
-from segflow.artifacts.tables import read_folds, read_table
-from segflow.artifacts.truths import original_truths
+from segflow.artifacts.tables import read_folds
+from segflow.artifacts.truth_masks import read_truth_masks
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import add_stage_tables, add_stats, stage_log
+from segflow.core.stage_args import add_stats, stage_log
 from segflow.model.metrics import score_oof
 
 
@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold-dirs", nargs="+", required=True, help="predict-oof outputs")
     parser.add_argument("--folds", required=True, help="folds.csv")
     add_stats(parser)
-    add_stage_tables(parser)
+    parser.add_argument(
+        "--truths", required=True, help="truth-masks' masks.npy (ids.csv beside it)"
+    )
     parser.add_argument("--out-dir", required=True, help="folder for OOF arrays and metrics")
 
 
@@ -60,10 +62,7 @@ def run(args: argparse.Namespace) -> None:
     classes, _ = read_classes(args.stats)
     ids, probs = assemble_oof(args.fold_dirs)
     folds = read_folds(args.folds).set_index("id")
-    manifest = read_table(args.manifest, "manifest")
-    truths = original_truths(
-        manifest, read_table(args.dedup_items, "dedup items"), ids["id"], len(classes)
-    )
+    truths = read_truth_masks(args.truths, ids["id"])
     table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes)
     out = Path(args.out_dir)
     write_oof(out, ids.assign(fold=folds.loc[ids["id"], "fold"].to_numpy()), probs)

@@ -1,8 +1,8 @@
 """The tune-postprocess stage: grid-search each class's post-processing on a candidate's OOF.
 
-Reads an OOF folder (:mod:`segflow.artifacts.predictions`) and the true masks, writes
-``grid.csv`` and ``params.json`` (the best threshold, minimum area, hole filling and gate per
-class, with the tuned score); the search itself is :func:`segflow.model.postprocess.tune_classes`.
+Reads an OOF folder (:mod:`segflow.artifacts.predictions`) and the true masks (truth-masks'
+array, :mod:`segflow.artifacts.truth_masks`), writes ``grid.csv`` and ``params.json`` (the best
+threshold, minimum area, hole filling and gate per class, with the tuned score); the search itself is :func:`segflow.model.postprocess.tune_classes`.
 Also writes ``image_scores.parquet`` (:mod:`segflow.artifacts.image_scores`): every image's
 score after the tuned post-processing and the scores of the two constant predictions, which
 choose compares.
@@ -27,11 +27,12 @@ from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.image_scores import write_image_scores
 from segflow.artifacts.predictions import Prediction, nonempty_probs, read_oof
 from segflow.artifacts.tables import read_table
-from segflow.artifacts.truths import class_truths, instance_truths, object_rles_of, original_truths
+from segflow.artifacts.truth_masks import class_truths, read_truth_masks
+from segflow.artifacts.truths import instance_truths, object_rles_of
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import add_stage_tables, add_stats, stage_log
+from segflow.core.stage_args import add_stats, stage_log
 from segflow.formats.rle import RLE_ORDERS
 from segflow.model.metrics import constant_scores, get_metric
 from segflow.model.postprocess import (
@@ -103,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``segflow tune-postprocess``'s flags: the OOF folder and the grid."""
     parser.add_argument("--oof-dir", required=True, help="evaluate-oof output folder")
     add_stats(parser)
-    add_stage_tables(parser)
+    parser.add_argument(
+        "--truths", required=True, help="truth-masks' masks.npy (ids.csv beside it)"
+    )
     parser.add_argument("--thresholds", nargs="+", type=float, required=True)
     parser.add_argument("--min-areas", nargs="+", type=int, required=True)
     parser.add_argument(
@@ -138,6 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--object-rle-order", default="column", choices=RLE_ORDERS)
     parser.add_argument("--object-rle-start", type=int, default=1)
     parser.add_argument(
+        "--manifest", default=None, help="with --object-rle-csv: ingest's manifest (CSV ids)"
+    )
+    parser.add_argument(
+        "--dedup-items", default=None, help="with --object-rle-csv: dedup's items (union groups)"
+    )
+    parser.add_argument(
         "--out-dir", required=True, help="folder for params.json, grid.csv, image_scores.parquet"
     )
 
@@ -146,14 +155,11 @@ def run(args: argparse.Namespace) -> None:
     """``segflow tune-postprocess``: write grid.csv, params.json and image_scores.parquet."""
     if (args.min_distances is None) != (args.compactnesses is None):
         raise SegflowError("--min-distances and --compactnesses are tuned together; give both")
+    if args.object_rle_csv is not None and (args.manifest is None or args.dedup_items is None):
+        raise SegflowError("--object-rle-csv needs --manifest and --dedup-items (to match its ids)")
     classes, _ = read_classes(args.stats)
     oof = read_oof(args.oof_dir)
-    truths = original_truths(
-        read_table(args.manifest, "manifest"),
-        read_table(args.dedup_items, "dedup items"),
-        oof.ids["id"],
-        len(classes),
-    )
+    truths = read_truth_masks(args.truths, oof.ids["id"])
     nonempty = nonempty_probs(oof.ids, len(classes))
     best, grid, summary = tune_classes(
         oof.probs,
