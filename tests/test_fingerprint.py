@@ -453,8 +453,10 @@ def test_stacking_code_is_in_the_stacking_and_bundle_stages_only() -> None:
 # Modules whose code each stage's fingerprint hashes (issue 13): what the stages reach today.
 # An edit reruns the stages that reach it, so a helper that a stage uses from another stage's
 # module (or from a heavy one) belongs in a narrow module both reach; raising a ceiling here
-# needs a reason, lowering one is progress.
-MODULE_CEILINGS = {"choose": 8, "blend": 12, "tune-postprocess": 12, "submit": 13}
+# needs a reason, lowering one is progress. tune-postprocess: 12 for the pixel grid, + 4 for the
+# watershed's true objects (artifacts.truths with tables, manifest and rle: an object RLE CSV
+# matched to the manifest's ids), which it really runs when the submission splits objects.
+MODULE_CEILINGS = {"choose": 8, "blend": 12, "tune-postprocess": 16, "submit": 13}
 
 
 def _fingerprint_closures() -> dict[str, list[str]]:
