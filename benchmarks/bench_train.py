@@ -42,6 +42,7 @@ How it measures:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -103,6 +104,55 @@ def make_demo_arrays(tmp: Path, size: int, workers: int, n_train: int = DEMO_TRA
     items, _ = find_duplicates(manifest, DedupOptions())
     out = tmp / "arrays"
     preprocess(manifest, items, PreprocessOptions(height=size, width=size), out, workers=workers)
+    return out
+
+
+def make_synthetic_arrays(tmp: Path, size: int, n_train: int, seed: int = 0) -> Path:
+    """``n_train`` random 3-channel uint8 images of ``size`` x ``size`` with square masks, written
+    as preprocess does (arrays, index, stats): thousands in seconds, for throughput runs."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    out = tmp / f"synthetic-{size}"
+    out.mkdir(parents=True, exist_ok=True)
+    images = np.lib.format.open_memmap(
+        out / "train_images.npy", mode="w+", dtype=np.uint8, shape=(n_train, size, size, 3)
+    )
+    masks = np.lib.format.open_memmap(
+        out / "train_masks.npy", mode="w+", dtype=np.uint8, shape=(n_train, size, size)
+    )
+    for start in range(0, n_train, 256):
+        stop = min(start + 256, n_train)
+        images[start:stop] = rng.integers(0, 256, (stop - start, size, size, 3), dtype=np.uint8)
+        masks[start:stop] = 0
+        for i in range(start, stop):
+            side = int(rng.integers(size // 8, size // 2))
+            y, x = (int(v) for v in rng.integers(0, size - side, 2))
+            masks[i, y : y + side, x : x + side] = 1
+    images.flush()
+    masks.flush()
+    index = pd.DataFrame(
+        {
+            "id": [f"s{i:06d}" for i in range(n_train)],
+            "split": "train",
+            "row": np.arange(n_train),
+            "orig_height": size,
+            "orig_width": size,
+        }
+    )
+    index.to_parquet(out / "index.parquet", index=False)
+    stats = {
+        "n_train": n_train,
+        "n_test": 0,
+        "height": size,
+        "width": size,
+        "channels": 3,
+        "dtype": "uint8",
+        "train_mean": [0.5, 0.5, 0.5],
+        "train_std": [0.29, 0.29, 0.29],
+        "train_mask_coverage": float(masks[: min(n_train, 256)].mean()),
+    }
+    (out / "stats.json").write_text(json.dumps(stats))
     return out
 
 
@@ -270,9 +320,8 @@ class Trainer:
 def measure_train_step(setup: Setup, trainer: Trainer, seconds: float) -> Rate:
     """(2) Training steps on one fixed batch already on the device."""
     data = setup.fold_data(0)
-    batch = next(iter(data.train_loader))
-    images = batch["image"].to(setup.device)
-    masks = batch["mask"].to(setup.device)
+    batch = data.to_device(next(iter(data.train_loader)), setup.device)
+    images, masks = batch["image"], batch["mask"]
     trainer.model.train()
     for _ in range(WARMUP_BATCHES):
         trainer.step(images, masks)
@@ -287,20 +336,21 @@ def measure_end_to_end(setup: Setup, trainer: Trainer, workers: int, seconds: fl
     first: list[float] = []
     batches = _batches(data, first)
     trainer.model.train()
-    non_blocking = setup.device.type == "cuda"
+    channels_last = setup.device.type == "cuda"
 
     def step() -> int:
-        batch = next(batches)
-        images = batch["image"].to(setup.device, non_blocking=non_blocking)
-        masks = batch["mask"].to(setup.device, non_blocking=non_blocking)
-        return trainer.step(images, masks)
+        # As the trainer: pinned batches copied non_blocking; on the device path (uint8 batches)
+        # augmented and normalised on the device.
+        batch = data.to_device(next(batches), setup.device, channels_last)
+        return trainer.step(batch["image"], batch["mask"])
 
     for _ in range(WARMUP_BATCHES):
         step()
     rate = timed_loop(step, seconds, setup.device)
     batches.close()
     rate.label = f"end-to-end, loader {workers} worker{'s' if workers != 1 else ''}"
-    rate.note = f"{len(first)} epoch starts"
+    path = "device path (uint8, on-device aug)" if data.device_path else "albumentations path"
+    rate.note = f"{len(first)} epoch starts; {path}"
     return rate
 
 
@@ -377,7 +427,28 @@ def _own_cpu() -> float:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
-    """Run every measurement and print the report."""
+    """Every measurement at each of ``--sizes``; the figures also to ``--json`` if given."""
+    sizes = [int(v) for v in str(args.sizes or args.size).split(",")]
+    figures = []
+    for size in sizes:
+        figures.append(run_size(args, tmp, size))
+        print()
+    print("summary: end-to-end / model-step ratio (goal on GPU >= 0.9)")
+    for entry in figures:
+        print(
+            f"  {entry['size']:>4} px  loader {entry['loader_images_per_s']:>9,.0f} img/s   "
+            f"step {entry['step_images_per_s']:>9,.0f} img/s   end-to-end "
+            f"{entry['end_to_end_images_per_s']:>9,.0f} img/s   ratio {entry['ratio']:.2f}"
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"bench_train": figures}, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
+    """Run every measurement at ``size`` px, print the report; return its figures."""
     from segflow.core.devices import resolve_device
     from segflow.model.datasets import SegmentationArrays
 
@@ -390,9 +461,12 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     device = resolve_device(args.device)
     if args.arrays is not None:
         arrays_dir, source = args.arrays.resolve(), "--arrays"
+    elif args.synthetic:
+        arrays_dir = make_synthetic_arrays(tmp, size, args.synthetic)
+        source = f"synthetic ({args.synthetic} train, random pixels) at {size}x{size}"
     else:
-        arrays_dir = make_demo_arrays(tmp, args.size, max(args.workers, 1), args.demo_images)
-        source = f"demo data ({args.demo_images} train) preprocessed to {args.size}x{args.size}"
+        arrays_dir = make_demo_arrays(tmp, size, max(args.workers, 1), args.demo_images)
+        source = f"demo data ({args.demo_images} train) preprocessed to {size}x{size}"
     arrays = SegmentationArrays.open(arrays_dir)
     rows = np.arange(int((arrays.index["split"] == "train").sum()), dtype=np.int64)
     setup = Setup(arrays, device, args.batch_size, args.augment, rows)
@@ -481,7 +555,23 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print_table(tta_headers, _rate_rows(tta, lambda r: f"{none / r.images_per_s:.2f}"))
     d4 = none / tta[-1].images_per_s
     print(f"   d4 / none cost ratio: {d4:.2f} (8 model passes per image; 8.0 = no batching gain)")
-    return 0
+    return {
+        "size": size,
+        "images": len(rows),
+        "device": str(device),
+        "device_name": device_name,
+        "batch_size": args.batch_size,
+        "augment": args.augment,
+        "workers": args.workers,
+        "loader_images_per_s": max(r.images_per_s for r in loader),
+        "loader": {r.label: r.images_per_s for r in loader},
+        "step_images_per_s": ceiling,
+        "end_to_end_images_per_s": best.images_per_s,
+        "end_to_end": {r.label: r.images_per_s for r in e2e},
+        "ratio": fraction,
+        "device_path": bool(setup.fold_data(0).device_path),
+        "tta_images_per_s": {r.label: r.images_per_s for r in tta},
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,6 +581,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arrays", type=Path, help="preprocess output folder (default: demo)")
     parser.add_argument("--size", type=int, default=64, help="demo image size (default: 64)")
+    parser.add_argument(
+        "--sizes", help="comma-separated image sizes measured in one run, e.g. 128,256"
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="N random synthetic images per size instead of the demo pipeline (e.g. 4000)",
+    )
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument(
         "--demo-images",
         type=int,
@@ -522,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.size < 32 or args.batch_size < 2 or args.workers < 0 or args.seconds <= 0:
+    sizes = [int(v) for v in str(args.sizes or args.size).split(",")]
+    if min(sizes) < 32 or args.batch_size < 2 or args.workers < 0 or args.seconds <= 0:
         print(
             "bench_train.py: need --size >= 32, --batch-size >= 2, --workers >= 0, --seconds > 0",
             file=sys.stderr,
