@@ -165,6 +165,7 @@ class Setup:
     batch_size: int
     augment: str
     rows: np.ndarray
+    device_path: bool | None = None  # --device-path: None = the pipeline's own choice
 
     def fold_data(self, workers: int) -> FoldData:
         """The pipeline's loaders over all rows (validation rows: a token one)."""
@@ -176,6 +177,7 @@ class Setup:
             self.augment,
             options,
             pin_memory=self.device.type == "cuda",
+            device_path=self.device_path,
         )
 
 
@@ -469,7 +471,8 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
         source = f"demo data ({args.demo_images} train) preprocessed to {size}x{size}"
     arrays = SegmentationArrays.open(arrays_dir)
     rows = np.arange(int((arrays.index["split"] == "train").sum()), dtype=np.int64)
-    setup = Setup(arrays, device, args.batch_size, args.augment, rows)
+    choice = {"auto": None, "on": True, "off": False}[args.device_path]
+    setup = Setup(arrays, device, args.batch_size, args.augment, rows, choice)
     if len(rows) <= args.batch_size:
         raise BenchError(f"{len(rows)} train images: need more than --batch-size")
 
@@ -591,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="N random synthetic images per size instead of the demo pipeline (e.g. 4000)",
     )
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument(
+        "--device-path",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="uint8 batches augmented and normalised on the device: auto (the pipeline's "
+        "choice: on CUDA for lossless geometric augmentation), on (also on the CPU), off",
+    )
     parser.add_argument(
         "--demo-images",
         type=int,

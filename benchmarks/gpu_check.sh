@@ -7,8 +7,8 @@
 #   1. the `gpu`-marked tests (pytest -m gpu),
 #   2. benchmarks/bench_train.py at 128 and 256 px on 4,000 synthetic images (loader alone,
 #      model step on device tensors, end to end, and the ratio), bf16 + channels-last on CUDA,
-#   3. the TGS GPU recipe (config/examples/tgs-salt-gpu.yaml) when its data is there
-#      (../shared/datasets/tgs-salt); else it says so,
+#   3. the TGS GPU recipe (config/examples/tgs-salt-gpu.yaml) with its budget cut to 2 minutes,
+#      when its data is there (../shared/datasets/tgs-salt); else it says so (no-data),
 # and writes every figure to OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md
 # (default OUT_DIR: $OUT if set, else benchmarks/results/gpu_check).
 #
@@ -31,11 +31,13 @@ cd "$root" || exit 1
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if ((dry)); then
-    device=cpu sizes=32,64 images=256 seconds=1 workers=1 batch=8
+    # the device input path forced on, so its code runs on the CPU too
+    device=cpu sizes=32,64 images=256 seconds=1 workers=1 batch=8 path=on tgs_minutes=1
     tests_limit=120 bench_limit=150 tgs_limit=60
 else
-    device=cuda sizes=128,256 images=4000 seconds=8 workers="$(nproc)" batch=64
-    tests_limit=150 bench_limit=240 tgs_limit=60
+    device=cuda sizes=128,256 images=4000 seconds=5 workers="$(nproc)" batch=64 path=auto
+    tgs_minutes=2
+    tests_limit=110 bench_limit=190 tgs_limit=160
 fi
 
 started=$(date +%s)
@@ -58,18 +60,20 @@ step gpu_tests "$tests_limit" "$python" -m pytest -q -p no:cacheprovider -m gpu 
 # 2. the training benchmark: loader, model step, end to end, ratio, at two sizes
 step bench_train "$bench_limit" "$python" benchmarks/bench_train.py --device "$device" \
     --sizes "$sizes" --synthetic "$images" --seconds "$seconds" --workers "$workers" \
-    --batch-size "$batch" --json "$out/bench_train.json"
+    --batch-size "$batch" --device-path "$path" --json "$out/bench_train.json"
 
-# 3. the TGS GPU recipe (a dry run of its workflow: the full 5-fold recipe takes far longer
-#    than this check; its figures come from a full run, see benchmarks/README.md)
+# 3. the TGS GPU recipe, its budget cut to $tgs_minutes minute(s) (budget.minutes scales every
+#    experiment's epochs to fit), results under OUT_DIR/tgs-salt-gpu
 recipe=config/examples/tgs-salt-gpu.yaml
 if [[ ! -f "$recipe" ]]; then
     echo "tgs_recipe missing 0" >>"$out/steps.txt"
 elif [[ ! -d ../shared/datasets/tgs-salt/train/images ]]; then
     echo "tgs_recipe no-data 0" >>"$out/steps.txt"
 else
-    step tgs_recipe "$tgs_limit" "$snakemake" -n --profile profiles/default \
-        --configfile "$recipe" --config gpus=1 --resources gpu=1
+    printf 'results_dir: %s\nbudget:\n  minutes: %s\n' "$out/tgs-salt-gpu" "$tgs_minutes" \
+        >"$out/tgs-overlay.yaml"
+    step tgs_recipe "$tgs_limit" "$snakemake" --profile profiles/default --cores all \
+        --configfile "$recipe" "$out/tgs-overlay.yaml" --config gpus=1 --resources gpu=1
 fi
 
 "$python" - "$out" "$dry" "$(($(date +%s) - started))" <<'EOF'
@@ -96,6 +100,10 @@ tests_tail = tests_log.read_text().strip().splitlines()[-1:] if tests_log.is_fil
 commit = subprocess.run(
     ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
 ).stdout.strip()
+tgs = {
+    str(path.relative_to(out)): json.loads(path.read_text()).get("score")
+    for path in sorted((out / "tgs-salt-gpu").glob("models/**/metrics.json"))
+}
 report = {
     "dry": dry,
     "gpu": gpu,
@@ -104,6 +112,7 @@ report = {
     "steps": steps,
     "gpu_tests": tests_tail[0] if tests_tail else "",
     "bench_train": figures,
+    "tgs_fold_scores": tgs,
 }
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 lines = [
@@ -125,6 +134,9 @@ lines = [
         f"| {f['ratio']:.2f} |"
         for f in figures
     ),
+    "",
+    "TGS recipe fold scores: "
+    + (", ".join(f"{k}: {v}" for k, v in tgs.items()) or "none (see the steps table)"),
 ]
 (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

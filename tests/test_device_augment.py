@@ -234,3 +234,18 @@ def test_training_on_the_device_path_equals_today_and_resumes(
         written["score"]
         == json.loads((tmp_path / "host" / "out" / "metrics.json").read_text())["score"]
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_device_batches_equal_the_albumentations_path(arrays_dir: Path) -> None:
+    host = _fold_data(arrays_dir, "d4", False, crop=[24, 24], num_workers=2)
+    device = _fold_data(arrays_dir, "d4", True, crop=[24, 24], num_workers=2)
+    cuda = torch.device("cuda")
+    host.seed_epoch(3, 1)
+    device.seed_epoch(3, 1)
+    for expected, raw in zip(host.train_loader, device.train_loader, strict=True):
+        got = device.to_device(raw, cuda, channels_last=True)
+        assert got["image"].is_cuda
+        assert torch.equal(got["image"].cpu(), expected["image"])
+        assert torch.equal(got["mask"].cpu(), expected["mask"])
