@@ -219,8 +219,12 @@ class Rate:
         return self.batches / self.seconds if self.seconds else 0.0
 
 
-def timed_loop(step: Callable[[], int], seconds: float, device: torch.device) -> Rate:
-    """Call ``step`` (returns images done) until ``seconds`` have passed; count whole calls."""
+def timed_loop(
+    step: Callable[[], int], seconds: float, device: torch.device, sync_each: bool = True
+) -> Rate:
+    """Call ``step`` (returns images done) until ``seconds`` have passed; count whole calls.
+    ``sync_each`` False: no device sync between calls (the host queues ahead, as in training),
+    only at the end; no per-batch best then."""
     batches = images = 0
     best = float("inf")
     _sync(device)
@@ -228,12 +232,15 @@ def timed_loop(step: Callable[[], int], seconds: float, device: torch.device) ->
     while True:
         before = time.perf_counter()
         images += step()
-        _sync(device)
+        if sync_each:
+            _sync(device)
         now = time.perf_counter()
         best = min(best, now - before)
         batches += 1
         if now - start >= seconds:
-            return Rate("", batches, images, now - start, best)
+            _sync(device)
+            now = time.perf_counter()
+            return Rate("", batches, images, now - start, best if sync_each else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +306,9 @@ class Trainer:
 
         return pad_to_size(images, *self.size)[0]
 
-    def step(self, images: torch.Tensor, masks: torch.Tensor) -> int:
-        """One training step; returns the batch size."""
+    def step(self, images: torch.Tensor, masks: torch.Tensor, check_finite: bool = False) -> int:
+        """One training step; returns the batch size. ``check_finite``: the trainer's per-batch
+        NaN/inf check of the loss before the step (one host sync)."""
         from segflow.model.datasets import crop_to
 
         height, width = images.shape[-2:]
@@ -312,6 +320,8 @@ class Trainer:
         ):
             logits = crop_to(self.model(padded), height, width)
             loss = self.loss_fn(logits.float(), masks)
+        if check_finite and not bool(torch.isfinite(loss.detach())):
+            raise BenchError("the benchmark's training loss is not finite")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -330,6 +340,26 @@ def measure_train_step(setup: Setup, trainer: Trainer, seconds: float) -> Rate:
     rate = timed_loop(lambda: trainer.step(images, masks), seconds, setup.device)
     rate.label = "train step, fixed batch on device"
     return rate
+
+
+def measure_nan_check(setup: Setup, trainer: Trainer, seconds: float) -> list[Rate]:
+    """(2b) As (2) but without a sync per step (the host queues ahead), without and with the
+    trainer's per-batch NaN/inf check of the loss (which waits for every step's loss)."""
+    data = setup.fold_data(0)
+    batch = data.to_device(next(iter(data.train_loader)), setup.device)
+    images, masks = batch["image"], batch["mask"]
+    trainer.model.train()
+    rates = []
+    for check in (False, True):
+        rate = timed_loop(
+            lambda check=check: trainer.step(images, masks, check),
+            seconds,
+            setup.device,
+            sync_each=False,
+        )
+        rate.label = f"train step, queued{', NaN check' if check else ''}"
+        rates.append(rate)
+    return rates
 
 
 def measure_end_to_end(setup: Setup, trainer: Trainer, workers: int, seconds: float) -> Rate:
@@ -485,6 +515,7 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
     trainer = Trainer.build(setup, args.amp)
     print("measuring the training step...", file=sys.stderr)
     step = measure_train_step(setup, trainer, seconds)
+    nan_check = measure_nan_check(setup, trainer, seconds)
     print("measuring end-to-end training...", file=sys.stderr)
     e2e = [measure_end_to_end(setup, trainer, workers, seconds) for workers in counts]
     print("measuring TTA inference...", file=sys.stderr)
@@ -532,7 +563,9 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
     print_table(headers, _rate_rows(loader))
 
     print("\n2. Training step: Unet-resnet18, bce+dice, forward+loss+backward+step, fixed batch")
-    print_table(headers, _rate_rows([step]))
+    print_table(headers, _rate_rows([step, *nan_check]))
+    nan_cost = 1 - nan_check[1].images_per_s / nan_check[0].images_per_s
+    print(f"   the per-batch NaN check (one host sync per step) costs {nan_cost:+.1%} of the rate")
 
     ceiling = step.images_per_s
     print("\n3. End-to-end: the loader feeds the model (fraction = images/s / row 2's images/s)")
@@ -569,6 +602,9 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
         "loader_images_per_s": max(r.images_per_s for r in loader),
         "loader": {r.label: r.images_per_s for r in loader},
         "step_images_per_s": ceiling,
+        "step_queued_images_per_s": nan_check[0].images_per_s,
+        "step_queued_nan_check_images_per_s": nan_check[1].images_per_s,
+        "nan_check_cost": nan_cost,
         "end_to_end_images_per_s": best.images_per_s,
         "end_to_end": {r.label: r.images_per_s for r in e2e},
         "ratio": fraction,
