@@ -465,6 +465,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     for size in sizes:
         figures.append(run_size(args, tmp, size))
         print()
+        if args.json is not None:  # after every size: a run cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"bench_train": figures}, indent=2) + "\n")
     print("summary: end-to-end / model-step ratio (goal on GPU >= 0.9)")
     for entry in figures:
         print(
@@ -473,8 +476,6 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             f"{entry['end_to_end_images_per_s']:>9,.0f} img/s   ratio {entry['ratio']:.2f}"
         )
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"bench_train": figures}, indent=2) + "\n")
         print(f"figures written to {args.json}")
     return 0
 

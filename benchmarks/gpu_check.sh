@@ -35,9 +35,9 @@ if ((dry)); then
     device=cpu sizes=32,64 images=256 seconds=1 workers=1 batch=8 path=on tgs_minutes=1
     tests_limit=120 bench_limit=150 tgs_limit=60
 else
-    device=cuda sizes=128,256 images=4000 seconds=5 workers="$(nproc)" batch=64 path=auto
+    device=cuda sizes=128,256 images=4000 seconds=4 workers="$(nproc)" batch=64 path=auto
     tgs_minutes=2
-    tests_limit=110 bench_limit=190 tgs_limit=160
+    tests_limit=100 bench_limit=210 tgs_limit=150
 fi
 
 started=$(date +%s)
