@@ -42,6 +42,7 @@ How it measures:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -106,6 +107,55 @@ def make_demo_arrays(tmp: Path, size: int, workers: int, n_train: int = DEMO_TRA
     return out
 
 
+def make_synthetic_arrays(tmp: Path, size: int, n_train: int, seed: int = 0) -> Path:
+    """``n_train`` random 3-channel uint8 images of ``size`` x ``size`` with square masks, written
+    as preprocess does (arrays, index, stats): thousands in seconds, for throughput runs."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    out = tmp / f"synthetic-{size}"
+    out.mkdir(parents=True, exist_ok=True)
+    images = np.lib.format.open_memmap(
+        out / "train_images.npy", mode="w+", dtype=np.uint8, shape=(n_train, size, size, 3)
+    )
+    masks = np.lib.format.open_memmap(
+        out / "train_masks.npy", mode="w+", dtype=np.uint8, shape=(n_train, size, size)
+    )
+    for start in range(0, n_train, 256):
+        stop = min(start + 256, n_train)
+        images[start:stop] = rng.integers(0, 256, (stop - start, size, size, 3), dtype=np.uint8)
+        masks[start:stop] = 0
+        for i in range(start, stop):
+            side = int(rng.integers(size // 8, size // 2))
+            y, x = (int(v) for v in rng.integers(0, size - side, 2))
+            masks[i, y : y + side, x : x + side] = 1
+    images.flush()
+    masks.flush()
+    index = pd.DataFrame(
+        {
+            "id": [f"s{i:06d}" for i in range(n_train)],
+            "split": "train",
+            "row": np.arange(n_train),
+            "orig_height": size,
+            "orig_width": size,
+        }
+    )
+    index.to_parquet(out / "index.parquet", index=False)
+    stats = {
+        "n_train": n_train,
+        "n_test": 0,
+        "height": size,
+        "width": size,
+        "channels": 3,
+        "dtype": "uint8",
+        "train_mean": [0.5, 0.5, 0.5],
+        "train_std": [0.29, 0.29, 0.29],
+        "train_mask_coverage": float(masks[: min(n_train, 256)].mean()),
+    }
+    (out / "stats.json").write_text(json.dumps(stats))
+    return out
+
+
 @dataclass
 class Setup:
     """What every measurement shares."""
@@ -115,6 +165,7 @@ class Setup:
     batch_size: int
     augment: str
     rows: np.ndarray
+    device_path: bool | None = None  # --device-path: None = the pipeline's own choice
 
     def fold_data(self, workers: int) -> FoldData:
         """The pipeline's loaders over all rows (validation rows: a token one)."""
@@ -126,6 +177,7 @@ class Setup:
             self.augment,
             options,
             pin_memory=self.device.type == "cuda",
+            device_path=self.device_path,
         )
 
 
@@ -167,8 +219,12 @@ class Rate:
         return self.batches / self.seconds if self.seconds else 0.0
 
 
-def timed_loop(step: Callable[[], int], seconds: float, device: torch.device) -> Rate:
-    """Call ``step`` (returns images done) until ``seconds`` have passed; count whole calls."""
+def timed_loop(
+    step: Callable[[], int], seconds: float, device: torch.device, sync_each: bool = True
+) -> Rate:
+    """Call ``step`` (returns images done) until ``seconds`` have passed; count whole calls.
+    ``sync_each`` False: no device sync between calls (the host queues ahead, as in training),
+    only at the end; no per-batch best then."""
     batches = images = 0
     best = float("inf")
     _sync(device)
@@ -176,12 +232,15 @@ def timed_loop(step: Callable[[], int], seconds: float, device: torch.device) ->
     while True:
         before = time.perf_counter()
         images += step()
-        _sync(device)
+        if sync_each:
+            _sync(device)
         now = time.perf_counter()
         best = min(best, now - before)
         batches += 1
         if now - start >= seconds:
-            return Rate("", batches, images, now - start, best)
+            _sync(device)
+            now = time.perf_counter()
+            return Rate("", batches, images, now - start, best if sync_each else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,8 +306,9 @@ class Trainer:
 
         return pad_to_size(images, *self.size)[0]
 
-    def step(self, images: torch.Tensor, masks: torch.Tensor) -> int:
-        """One training step; returns the batch size."""
+    def step(self, images: torch.Tensor, masks: torch.Tensor, check_finite: bool = False) -> int:
+        """One training step; returns the batch size. ``check_finite``: the trainer's per-batch
+        NaN/inf check of the loss before the step (one host sync)."""
         from segflow.model.datasets import crop_to
 
         height, width = images.shape[-2:]
@@ -260,6 +320,8 @@ class Trainer:
         ):
             logits = crop_to(self.model(padded), height, width)
             loss = self.loss_fn(logits.float(), masks)
+        if check_finite and not bool(torch.isfinite(loss.detach())):
+            raise BenchError("the benchmark's training loss is not finite")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -270,9 +332,8 @@ class Trainer:
 def measure_train_step(setup: Setup, trainer: Trainer, seconds: float) -> Rate:
     """(2) Training steps on one fixed batch already on the device."""
     data = setup.fold_data(0)
-    batch = next(iter(data.train_loader))
-    images = batch["image"].to(setup.device)
-    masks = batch["mask"].to(setup.device)
+    batch = data.to_device(next(iter(data.train_loader)), setup.device)
+    images, masks = batch["image"], batch["mask"]
     trainer.model.train()
     for _ in range(WARMUP_BATCHES):
         trainer.step(images, masks)
@@ -281,26 +342,47 @@ def measure_train_step(setup: Setup, trainer: Trainer, seconds: float) -> Rate:
     return rate
 
 
+def measure_nan_check(setup: Setup, trainer: Trainer, seconds: float) -> list[Rate]:
+    """(2b) As (2) but without a sync per step (the host queues ahead), without and with the
+    trainer's per-batch NaN/inf check of the loss (which waits for every step's loss)."""
+    data = setup.fold_data(0)
+    batch = data.to_device(next(iter(data.train_loader)), setup.device)
+    images, masks = batch["image"], batch["mask"]
+    trainer.model.train()
+    rates = []
+    for check in (False, True):
+        rate = timed_loop(
+            lambda check=check: trainer.step(images, masks, check),
+            seconds,
+            setup.device,
+            sync_each=False,
+        )
+        rate.label = f"train step, queued{', NaN check' if check else ''}"
+        rates.append(rate)
+    return rates
+
+
 def measure_end_to_end(setup: Setup, trainer: Trainer, workers: int, seconds: float) -> Rate:
     """(3) Training steps fed by the pipeline's loader (copy to the device included)."""
     data = setup.fold_data(workers)
     first: list[float] = []
     batches = _batches(data, first)
     trainer.model.train()
-    non_blocking = setup.device.type == "cuda"
+    channels_last = setup.device.type == "cuda"
 
     def step() -> int:
-        batch = next(batches)
-        images = batch["image"].to(setup.device, non_blocking=non_blocking)
-        masks = batch["mask"].to(setup.device, non_blocking=non_blocking)
-        return trainer.step(images, masks)
+        # As the trainer: pinned batches copied non_blocking; on the device path (uint8 batches)
+        # augmented and normalised on the device.
+        batch = data.to_device(next(batches), setup.device, channels_last)
+        return trainer.step(batch["image"], batch["mask"])
 
     for _ in range(WARMUP_BATCHES):
         step()
     rate = timed_loop(step, seconds, setup.device)
     batches.close()
     rate.label = f"end-to-end, loader {workers} worker{'s' if workers != 1 else ''}"
-    rate.note = f"{len(first)} epoch starts"
+    path = "device path (uint8, on-device aug)" if data.device_path else "albumentations path"
+    rate.note = f"{len(first)} epoch starts; {path}"
     return rate
 
 
@@ -377,7 +459,29 @@ def _own_cpu() -> float:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
-    """Run every measurement and print the report."""
+    """Every measurement at each of ``--sizes``; the figures also to ``--json`` if given."""
+    sizes = [int(v) for v in str(args.sizes or args.size).split(",")]
+    figures = []
+    for size in sizes:
+        figures.append(run_size(args, tmp, size))
+        print()
+        if args.json is not None:  # after every size: a run cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"bench_train": figures}, indent=2) + "\n")
+    print("summary: end-to-end / model-step ratio (goal on GPU >= 0.9)")
+    for entry in figures:
+        print(
+            f"  {entry['size']:>4} px  loader {entry['loader_images_per_s']:>9,.0f} img/s   "
+            f"step {entry['step_images_per_s']:>9,.0f} img/s   end-to-end "
+            f"{entry['end_to_end_images_per_s']:>9,.0f} img/s   ratio {entry['ratio']:.2f}"
+        )
+    if args.json is not None:
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
+    """Run every measurement at ``size`` px, print the report; return its figures."""
     from segflow.core.devices import resolve_device
     from segflow.model.datasets import SegmentationArrays
 
@@ -390,12 +494,16 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     device = resolve_device(args.device)
     if args.arrays is not None:
         arrays_dir, source = args.arrays.resolve(), "--arrays"
+    elif args.synthetic:
+        arrays_dir = make_synthetic_arrays(tmp, size, args.synthetic)
+        source = f"synthetic ({args.synthetic} train, random pixels) at {size}x{size}"
     else:
-        arrays_dir = make_demo_arrays(tmp, args.size, max(args.workers, 1), args.demo_images)
-        source = f"demo data ({args.demo_images} train) preprocessed to {args.size}x{args.size}"
+        arrays_dir = make_demo_arrays(tmp, size, max(args.workers, 1), args.demo_images)
+        source = f"demo data ({args.demo_images} train) preprocessed to {size}x{size}"
     arrays = SegmentationArrays.open(arrays_dir)
     rows = np.arange(int((arrays.index["split"] == "train").sum()), dtype=np.int64)
-    setup = Setup(arrays, device, args.batch_size, args.augment, rows)
+    choice = {"auto": None, "on": True, "off": False}[args.device_path]
+    setup = Setup(arrays, device, args.batch_size, args.augment, rows, choice)
     if len(rows) <= args.batch_size:
         raise BenchError(f"{len(rows)} train images: need more than --batch-size")
 
@@ -408,6 +516,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     trainer = Trainer.build(setup, args.amp)
     print("measuring the training step...", file=sys.stderr)
     step = measure_train_step(setup, trainer, seconds)
+    nan_check = measure_nan_check(setup, trainer, seconds)
     print("measuring end-to-end training...", file=sys.stderr)
     e2e = [measure_end_to_end(setup, trainer, workers, seconds) for workers in counts]
     print("measuring TTA inference...", file=sys.stderr)
@@ -455,7 +564,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print_table(headers, _rate_rows(loader))
 
     print("\n2. Training step: Unet-resnet18, bce+dice, forward+loss+backward+step, fixed batch")
-    print_table(headers, _rate_rows([step]))
+    print_table(headers, _rate_rows([step, *nan_check]))
+    nan_cost = 1 - nan_check[1].images_per_s / nan_check[0].images_per_s
+    print(f"   the per-batch NaN check (one host sync per step) costs {nan_cost:+.1%} of the rate")
 
     ceiling = step.images_per_s
     print("\n3. End-to-end: the loader feeds the model (fraction = images/s / row 2's images/s)")
@@ -481,7 +592,26 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print_table(tta_headers, _rate_rows(tta, lambda r: f"{none / r.images_per_s:.2f}"))
     d4 = none / tta[-1].images_per_s
     print(f"   d4 / none cost ratio: {d4:.2f} (8 model passes per image; 8.0 = no batching gain)")
-    return 0
+    return {
+        "size": size,
+        "images": len(rows),
+        "device": str(device),
+        "device_name": device_name,
+        "batch_size": args.batch_size,
+        "augment": args.augment,
+        "workers": args.workers,
+        "loader_images_per_s": max(r.images_per_s for r in loader),
+        "loader": {r.label: r.images_per_s for r in loader},
+        "step_images_per_s": ceiling,
+        "step_queued_images_per_s": nan_check[0].images_per_s,
+        "step_queued_nan_check_images_per_s": nan_check[1].images_per_s,
+        "nan_check_cost": nan_cost,
+        "end_to_end_images_per_s": best.images_per_s,
+        "end_to_end": {r.label: r.images_per_s for r in e2e},
+        "ratio": fraction,
+        "device_path": bool(setup.fold_data(0).device_path),
+        "tta_images_per_s": {r.label: r.images_per_s for r in tta},
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,6 +621,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arrays", type=Path, help="preprocess output folder (default: demo)")
     parser.add_argument("--size", type=int, default=64, help="demo image size (default: 64)")
+    parser.add_argument(
+        "--sizes", help="comma-separated image sizes measured in one run, e.g. 128,256"
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="N random synthetic images per size instead of the demo pipeline (e.g. 4000)",
+    )
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument(
+        "--device-path",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="uint8 batches augmented and normalised on the device: auto (the pipeline's "
+        "choice: on CUDA for lossless geometric augmentation), on (also on the CPU), off",
+    )
     parser.add_argument(
         "--demo-images",
         type=int,
@@ -522,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.size < 32 or args.batch_size < 2 or args.workers < 0 or args.seconds <= 0:
+    sizes = [int(v) for v in str(args.sizes or args.size).split(",")]
+    if min(sizes) < 32 or args.batch_size < 2 or args.workers < 0 or args.seconds <= 0:
         print(
             "bench_train.py: need --size >= 32, --batch-size >= 2, --workers >= 0, --seconds > 0",
             file=sys.stderr,

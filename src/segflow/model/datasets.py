@@ -315,6 +315,27 @@ class MemmapDataset(Dataset):
         if self.transform is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(int(seed) % 2**32)
 
+    def raw_item(self, item: int) -> dict[str, Any]:
+        """Item ``item`` as stored, for the device path
+        (:mod:`segflow.model.training.device_augment`): no transform, no scaling.
+
+        Returns:
+            ``image`` uint8 tensor (H, W, C), ``mask`` the packed labels (H, W) (when there
+            are masks), ``row``, ``pseudo``.
+        """
+        if self._images is None:
+            self._open()
+        row = int(self.rows[item])
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(np.array(self._images[row])),
+            "row": row,
+        }
+        if self._masks is not None:
+            mask = np.array(self._masks[int(self.mask_rows[item])])
+            sample["mask"] = torch.from_numpy(mask)
+            sample["pseudo"] = torch.tensor(1.0 if self.pseudo else 0.0)
+        return sample
+
     def __getitem__(self, item: int) -> dict[str, Any]:
         if self._images is None:
             self._open()

@@ -66,6 +66,24 @@ class PredictOptions:
         lists_to_tuples(self)
 
 
+def _to_device(chunk: np.ndarray, scale: float, device: torch.device) -> torch.Tensor:
+    """Stored pixels scaled to [0, 1] on ``device``: uint8 batches travel as uint8 (pinned and
+    ``non_blocking`` on CUDA: a quarter of float32's bytes) and are scaled there, with the
+    same float32 arithmetic as on the host.
+
+    Shape:
+        chunk: (N, H, W, C); output: (N, H, W, C) float32.
+    """
+    import torch
+
+    if chunk.dtype != np.uint8:
+        return torch.from_numpy(chunk.astype(np.float32) / scale).to(device)
+    host = torch.from_numpy(chunk)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True).float() / scale
+
+
 def _scale(dtype: np.dtype) -> float:
     return 65535.0 if dtype == np.uint16 else 255.0
 
@@ -220,8 +238,8 @@ def predict_rows_uncertain(
                 torch.manual_seed(options.mc_dropout_seed)
             for start in range(0, len(rows), options.batch_size):
                 chunk = np.asarray(images[rows[start : start + options.batch_size]])
-                batch = torch.from_numpy(chunk.astype(np.float32) / scale).permute(0, 3, 1, 2)
-                batch = ((batch.to(device) - mean_t) / std_t).contiguous()
+                batch = _to_device(chunk, scale, device).permute(0, 3, 1, 2)
+                batch = ((batch - mean_t) / std_t).contiguous()
                 label_probs.clear()
                 if layers:
                     samples = torch.stack([one_pass(batch) for _ in range(passes)])

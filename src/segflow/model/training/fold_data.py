@@ -33,6 +33,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, 
 
 from segflow.core.errors import SegflowError
 from segflow.model.datasets import (
+    PIXEL_SCALE,
     MemmapDataset,
     PseudoMixSampler,
     SegmentationArrays,
@@ -40,6 +41,12 @@ from segflow.model.datasets import (
     class_balanced_sampler,
 )
 from segflow.model.training.augment import AugmentSchedule, build_augmentation_schedule
+from segflow.model.training.device_augment import (
+    IDENTITY,
+    DeviceBatcher,
+    draw_geometry,
+    is_device_geometric,
+)
 from segflow.model.training.train_options import TrainOptions
 
 # Per-channel (mean, std) in [0, 1] units.
@@ -261,6 +268,9 @@ class FoldData:
         train_loader: batches of augmented training items.
         val_loader: full-size validation batches in row order.
         augment: every augmentation phase's pipeline; :meth:`seed_epoch` selects the epoch's.
+        batcher: turns a loader batch into model inputs on the device (:meth:`to_device`).
+        device_path: whether the loaders give uint8 batches that are augmented and normalised
+            on the device (:mod:`segflow.model.training.device_augment`).
     """
 
     train_set: Dataset
@@ -269,6 +279,17 @@ class FoldData:
     train_loader: DataLoader
     val_loader: DataLoader | None  # None for a full-data refit (no validation rows)
     augment: AugmentSchedule | None = None
+    batcher: DeviceBatcher | None = None
+    device_path: bool = False
+
+    def to_device(
+        self, batch: dict[str, Any], device: torch.device, channels_last: bool = False
+    ) -> dict[str, Any]:
+        """A loader batch as model inputs on ``device`` (:class:`DeviceBatcher`): float32
+        ``image`` (N, C, H, W), ``mask`` (N, K, H, W), ``distance`` if any, ``pseudo``."""
+        if self.batcher is None:
+            self.batcher = DeviceBatcher((0.0,), (1.0,), 1.0, 1)  # float batches: moved only
+        return self.batcher(batch, device, channels_last)
 
     @classmethod
     def build(
@@ -282,6 +303,7 @@ class FoldData:
         pseudo: PseudoLabels | None = None,
         normalisation: Normalisation | None = None,
         distances: bool = False,
+        device_path: bool | None = None,
     ) -> FoldData:
         """Datasets and loaders: augmented (optionally cropped, balanced) training batches,
         full-size unaugmented validation batches in row order.
@@ -301,6 +323,9 @@ class FoldData:
                 (:func:`segflow.model.pretrained.input_normalisation`); None: the data's own.
             distances: training and validation items carry their mask's distance maps
                 (computed after augmentation), for the distance-based loss terms.
+            device_path: uint8 batches augmented and normalised on the device; None (the
+                default) decides it: on CUDA (``pin_memory``) whenever :func:`device_path_fits`.
+                True where it does not fit raises.
 
         Returns:
             The fold's data.
@@ -316,6 +341,14 @@ class FoldData:
             arrays, train_rows, schedule.transforms[0], pseudo, normalisation, distances
         )
         mean, std = normalisation or (arrays.mean, arrays.std)
+        fits = device_path_fits(arrays, schedule, pseudo, distances)
+        if device_path and not fits:
+            raise SegflowError(
+                "the device input path needs lossless geometric augmentation only, uint8 "
+                "images, masks of at most 8 classes, no distance maps and no pseudo-labels"
+            )
+        on_device = fits if device_path is None and pin_memory else bool(device_path)
+        batcher = DeviceBatcher(mean, std, PIXEL_SCALE["uint8"], len(arrays.classes))
         generator = torch.Generator()
         if options.class_balance != "none":
             sampler = class_balanced_sampler(
@@ -353,8 +386,9 @@ class FoldData:
         # (with persistent workers: once per fold). Sharing the sampler's generator would shift
         # the first epoch's draws against every later one.
         worker_generator = torch.Generator().manual_seed(options.seed)
+        shape = (arrays.height, arrays.width, arrays.channels)
         train_loader = DataLoader(
-            SeededItems(train_set, schedule.transforms),
+            SeededItems(train_set, schedule.transforms, shape if on_device else None),
             sampler=SeededSampler(sampler, generator),
             generator=worker_generator,
             drop_last=len(train_set) > options.batch_size,
@@ -371,8 +405,12 @@ class FoldData:
                 n_classes=len(arrays.classes),
                 distances=distances,
             )
-            val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-        return cls(train_set, sampler, generator, train_loader, val_loader, schedule)
+            val_loader = DataLoader(
+                RawItems(val_set) if on_device else val_set, shuffle=False, **loader_args
+            )
+        return cls(
+            train_set, sampler, generator, train_loader, val_loader, schedule, batcher, on_device
+        )
 
     def seed_epoch(self, base_seed: int, epoch: int) -> None:
         """Reseed every generator from (seed, epoch) and select the epoch's augmentation phase:
@@ -464,9 +502,18 @@ class SeededItems(Dataset):
             :func:`build_train_set` returns).
         transforms: each phase's pipeline (:class:`segflow.model.training.augment.AugmentSchedule`); None keeps
             the datasets' own transform whatever the phase.
+        device_shape: (H, W, C) of the stored images for the device path: items are then the
+            stored uint8 pixels with their drawn ``geometry``
+            (:func:`segflow.model.training.device_augment.draw_geometry`), drawn from the same
+            seeded generators; None: the albumentations path.
     """
 
-    def __init__(self, dataset: Dataset, transforms: Sequence[Any] | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        transforms: Sequence[Any] | None = None,
+        device_shape: tuple[int, int, int] | None = None,
+    ) -> None:
         parts = [dataset] if isinstance(dataset, MemmapDataset) else []
         if isinstance(dataset, ConcatDataset):
             parts = list(dataset.datasets)
@@ -477,6 +524,7 @@ class SeededItems(Dataset):
         self.parts: list[MemmapDataset] = parts  # type: ignore[assignment]
         self.ends = np.cumsum([len(part) for part in self.parts])
         self.transforms = None if transforms is None else list(transforms)
+        self.device_shape = device_shape
 
     def __len__(self) -> int:
         return int(self.ends[-1])
@@ -491,7 +539,53 @@ class SeededItems(Dataset):
         if self.transforms is not None:
             part.transform = self.transforms[phase]
         part.seed_transform(seed)
-        return part[index - start]
+        if self.device_shape is None:
+            return part[index - start]
+        sample = part.raw_item(index - start)
+        sample["geometry"] = torch.from_numpy(draw_geometry(part.transform, *self.device_shape))
+        return sample
+
+
+class RawItems(Dataset):
+    """A :class:`MemmapDataset`'s items as stored (uint8, packed masks) with the identity
+    geometry: validation batches of the device path, normalised on the device."""
+
+    def __init__(self, dataset: MemmapDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        sample = self.dataset.raw_item(item)
+        height, width = sample["image"].shape[:2]
+        sample["geometry"] = torch.tensor([*IDENTITY, height, width], dtype=torch.int64)
+        return sample
+
+
+def device_path_fits(
+    arrays: SegmentationArrays,
+    schedule: AugmentSchedule,
+    pseudo: PseudoLabels | None,
+    distances: bool,
+) -> bool:
+    """Whether a fold can train on the device input path
+    (:mod:`segflow.model.training.device_augment`).
+
+    Args:
+        arrays: the preprocess outputs (uint8 images and masks needed).
+        schedule: every phase's pipeline; each must be lossless geometry only.
+        pseudo: pseudo-labels (not on the device path: soft targets, other arrays).
+        distances: distance maps wanted (computed on the host from the augmented mask).
+
+    Returns:
+        True when every condition holds.
+    """
+    if pseudo is not None or distances or arrays.dtype != "uint8":
+        return False
+    if np.load(arrays.train_masks_path, mmap_mode="r").dtype != np.uint8:
+        return False
+    return all(is_device_geometric(transform) for transform in schedule.transforms)
 
 
 def loader_workers(requested: int | None, cuda: bool) -> int:

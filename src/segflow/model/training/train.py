@@ -468,12 +468,10 @@ class _FoldTrainer:
         # A skipped batch's forward pass has already moved BatchNorm's running statistics
         # (to NaN): with skip_batch they are copied before each batch and put back.
         buffers = list(self.model.buffers()) if self.options.nonfinite_loss == "skip_batch" else []
-        for index, batch in enumerate(bar, start=1):
-            images = batch["image"].to(self.device, non_blocking=True)
-            masks = batch["mask"].to(self.device, non_blocking=True)
-            distances = batch.get("distance")
-            if distances is not None:
-                distances = distances.to(self.device, non_blocking=True)
+        for index, loaded in enumerate(bar, start=1):
+            # uint8 batches of the device path are augmented and normalised here, on the device.
+            batch = self.data.to_device(loaded, self.device, self.channels_last)
+            images, masks, distances = batch["image"], batch["mask"], batch.get("distance")
             if self.mixing:
                 images, masks, _ = mix_batch(images, masks, self.options, epoch, index)
             saved = [buffer.detach().clone() for buffer in buffers]
@@ -582,16 +580,17 @@ class _FoldTrainer:
         if self.data.val_loader is None:
             raise SegflowError(f"{self.label}: there is no validation fold to validate on")
         model.eval()
-        total, count = 0.0, 0
+        # Summed on the device in float64 (the same sums as Python floats): read once, after
+        # the pass, instead of a sync per batch.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
         scores: dict[str, list[np.ndarray]] = {name: [] for name in SCORE_NAMES}
-        for batch in self.data.val_loader:
-            images = batch["image"].to(self.device, non_blocking=True)
-            masks = batch["mask"].to(self.device, non_blocking=True)
-            distances = batch.get("distance")
-            if distances is not None:
-                distances = distances.to(self.device, non_blocking=True)
+        for loaded in self.data.val_loader:
+            batch = self.data.to_device(loaded, self.device, self.channels_last)
+            images, masks, distances = batch["image"], batch["mask"], batch.get("distance")
             mask_logits, label_logits = self._forward(model, images)
-            total += float(self._loss(mask_logits, label_logits, masks, distances)) * len(images)
+            loss = self._loss(mask_logits, label_logits, masks, distances)
+            total += loss.detach().double() * len(images)
             count += len(images)
             # Every (image, class) pair is scored: the mean is the mean over classes.
             pred = (mask_logits > 0).flatten(0, 1).cpu().numpy()  # sigmoid > 0.5
@@ -603,7 +602,7 @@ class _FoldTrainer:
             for name, values in per_image_scores(pred, truth).items():
                 if name in scores:
                     scores[name].append(values)
-        result = {"val_loss": total / max(count, 1)}
+        result = {"val_loss": float(total) / max(count, 1)}
         result.update({name: float(np.concatenate(v).mean()) for name, v in scores.items()})
         return result
 
@@ -796,9 +795,11 @@ class _FoldTrainer:
         """Recompute ``model``'s BatchNorm statistics on one pass of the training loader,
         reseeded as epoch :data:`RECALIBRATION_EPOCH` (the same batches on every run)."""
         self.data.seed_epoch(self.options.seed, RECALIBRATION_EPOCH)
-        batches = recalibrate_batchnorm(
-            model, self.data.train_loader, self.device, forward=self._forward
+        images = (
+            self.data.to_device(batch, self.device, self.channels_last)["image"]
+            for batch in self.data.train_loader
         )
+        batches = recalibrate_batchnorm(model, images, forward=self._forward)
         log.info("%s: BatchNorm statistics recalibrated on %d batches", self.label, batches)
 
 
