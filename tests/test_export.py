@@ -166,6 +166,23 @@ def test_a_dehazed_runs_bundle_dehazes_each_image_it_reads(tiny_run: Path, tmp_p
     assert not np.array_equal(got, plain.read_image(image)[1])
 
 
+def test_export_by_hand_without_predict_flags_warns_that_it_drops_the_tta(
+    tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Predictions do not record their TTA: a bundle built by hand with no flags predicts
+    without it, so export says so (the tiny run used hflip)."""
+    assert (
+        _cli("export", tiny_run / "results", tmp_path / "plain.zip", "--candidate", "ensemble:0")
+        == 0
+    )
+    assert "no predict options given" in caplog.text and "TTA none" in caplog.text
+    caplog.clear()
+    assert _cli(
+        "export", tiny_run / "results", tmp_path / "hflip.zip", "--candidate", "ensemble:0", "--tta", "hflip",
+    ) == 0  # fmt: skip
+    assert "no predict options given" not in caplog.text and "TTA hflip" in caplog.text
+
+
 def test_fp16_halves_the_weights(tiny_run: Path, tmp_path: Path) -> None:
     results = tiny_run / "results"
     full = results / "export" / "bundle.zip"

@@ -371,10 +371,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """``segflow export``: write the bundle and report its size."""
+    predict = dataclass_from_namespace(PredictOptions, args)
+    if predict == PredictOptions():
+        # The options are not read from the results (predictions do not record them): a bundle
+        # built by hand with no flags predicts without TTA whatever the run used.
+        stage_log.warning(
+            "export: no predict options given, the bundle predicts with the defaults (TTA none);"
+            " give the run's predict.* (e.g. --tta hflip) to reproduce its submission, or build"
+            " it with the export_bundle rule, which passes them from the config"
+        )
     summary = export(
         args.results,
         args.out,
-        dataclass_from_namespace(PredictOptions, args),
+        predict,
         dataclass_from_namespace(SubmissionOptions, args),
         dicom_window_from_args(args),
         parse_candidate(args.candidate) if args.candidate else None,
@@ -382,11 +391,12 @@ def run(args: argparse.Namespace) -> None:
         args.fp16,
     )
     stage_log.info(
-        "bundle %s: %s round %d, %d model(s) of %s, %.1f MB",
+        "bundle %s: %s round %d, %d model(s) of %s, TTA %s, %.1f MB",
         args.out,
         summary["candidate"],
         summary["round"],
         summary["models"],
         ", ".join(summary["experiments"]),
+        predict.tta,
         summary["bytes"] / 1e6,
     )
