@@ -10,6 +10,7 @@ with one ``segflow predict-bundle: error: ...`` line and nothing written.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import zipfile
 from pathlib import Path
@@ -171,6 +172,7 @@ def test_export_by_hand_without_predict_flags_warns_that_it_drops_the_tta(
 ) -> None:
     """Predictions do not record their TTA: a bundle built by hand with no flags predicts
     without it, so export says so (the tiny run used hflip)."""
+    caplog.set_level(logging.INFO, logger="segflow")
     assert (
         _cli("export", tiny_run / "results", tmp_path / "plain.zip", "--candidate", "ensemble:0")
         == 0
