@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from helpers import naive_encode
 
 from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, find_duplicates
@@ -28,8 +29,14 @@ from segflow.formats.dicom_series import (
     context_weights,
     read_slice_geometry,
 )
-from segflow.formats.imageio import DicomWindow, decode_image
+from segflow.formats.imageio import DicomWindow, apply_orientation, decode_image, undo_orientation
 from segflow.formats.labels import read_label
+from segflow.model.submit import (
+    SubmissionOptions,
+    known_test_labels,
+    stored_orientations,
+    submission_frame,
+)
 
 SMALL = DicomDemoOptions(seed=3, n_series=3, n_test_series=1, n_slices=8, size=16, flip_every=2)
 
@@ -151,6 +158,71 @@ def test_turned_slice_equals_canonical_after_orientation(
     assert raw.shape != reference.shape or not np.array_equal(raw, reference)
     label = read_label(str(tmp_path / "t.png"), None, (12, 10), 1, "t", orientation=code)
     assert np.array_equal(label, (mask > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("storage", ["mirrored", "transposed"])
+def test_submission_is_on_each_test_file_stored_grid(tmp_path: Path, storage: str) -> None:
+    """A turned test slice's submission RLE (its prediction, and the train label a leak copies)
+    numbers the file's stored pixels: the canonical masks are turned back before encoding."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    turn = {"mirrored": 2, "transposed": 5}[storage]
+    canonical = [rng.uniform(-150, 200, size=(12, 10)) for _ in range(2)]
+    truth = np.zeros((2, 12, 10), dtype=np.uint8)
+    truth[0, 2:5, 1:4] = 1  # off-centre: any flip or transpose moves them
+    truth[1, 7:11, 6:9] = 1
+
+    def as_stored(pixels: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(pixels[:, ::-1] if storage == "mirrored" else pixels.T)
+
+    # Train: slice 0 stored canonically. Test: a copy of it stored turned (a leak), and
+    # slice 1 stored turned (predicted).
+    for split in ("train", "test"):
+        (tmp_path / split / "images").mkdir(parents=True)
+    (tmp_path / "train" / "masks").mkdir()
+    write_dicom_slice(tmp_path / "train" / "images" / "a.dcm", canonical[0], "1.2", "1.2.1", None)
+    cv2.imwrite(str(tmp_path / "train" / "masks" / "a.png"), truth[0] * np.uint8(255))
+    for name, index in (("leak", 0), ("pred", 1)):
+        write_dicom_slice(
+            tmp_path / "test" / "images" / f"{name}.dcm",
+            as_stored(canonical[index]),
+            "1.3",
+            f"1.3.{index}",
+            None,
+            ORIENTATIONS[storage],
+        )
+    options = _options(tmp_path, dicom_orientation=True)
+    train, _ = ingest(options, split="train")
+    test, _ = ingest(options, split="test", train_ids=frozenset(train["id"]))
+    orientations = stored_orientations(test)
+    assert orientations == {"leak": turn, "pred": turn}
+    leaks = pd.DataFrame({"id": ["leak"], "split": ["test"], "leak_train_ids": ["a"]})
+    known = known_test_labels(train, leaks)
+    assert np.array_equal(known["leak"], truth[0])  # the train label, canonical
+    predictions = {"leak": np.zeros((12, 10), np.uint8), "pred": truth[1]}
+    frame = submission_frame(predictions, SubmissionOptions(), known, orientations=orientations)
+    written = dict(zip(frame["id"], frame["rle_mask"], strict=True))
+    expected = {
+        "leak": naive_encode(as_stored(truth[0])),
+        "pred": naive_encode(as_stored(truth[1])),
+    }
+    assert written == expected
+    # Without the turn back, both rows would number the canonical pixels instead.
+    unturned = submission_frame(predictions, SubmissionOptions(), known)
+    assert not set(unturned["rle_mask"]) & set(expected.values())
+    # Instance rows are turned the same way.
+    instances = submission_frame(
+        predictions, SubmissionOptions(instances=True), known, orientations=orientations
+    )
+    assert dict(zip(instances["id"], instances["rle_mask"], strict=True)) == expected
+
+
+def test_undo_orientation_inverts_every_code() -> None:
+    pixels = np.arange(12).reshape(3, 4)
+    for code in range(1, 9):
+        turned = apply_orientation(pixels, code)
+        assert np.array_equal(undo_orientation(turned, code), pixels)
 
 
 def test_canonical_orientation_codes() -> None:
