@@ -317,3 +317,106 @@ def test_context_bad_input_is_one_clear_line(manifest: pd.DataFrame) -> None:
     gap.loc[last, "slice_position"] += 100.0  # a missing run of slices
     with pytest.raises(SegflowError, match="inconsistent slice spacing"):
         context_plan(gap, ids, PreprocessOptions(context_slices=1))
+
+
+# --------------------------------------------------------------------------- workflow
+
+# The DICOM options through the whole workflow, the smallest run the other workflow tests use:
+# 3 train series of 8 slices (16 x 16), one test series stored transposed, a 2.5D input of
+# 3 channels, a three-level Unet for 1 epoch on one holdout fold of 2, no TTA, no stacking.
+DICOM_RUN = {
+    "demo": {"enabled": False},
+    "data": {
+        "train_images": "data/train/images",
+        "train_masks": "data/train/masks",
+        "test_images": "data/test/images",
+        "mask_source": "folder",
+        "rle_csv": None,
+        "metadata_csv": None,
+        "dicom_series": True,
+        "dicom_orientation": True,
+    },
+    "preprocess": {"height": 16, "width": 16, "clahe": False, "context_slices": 1},
+    "folds": {"n_folds": 2, "train_folds": [0]},
+    "run_experiments": ["tiny"],
+    "experiments": {
+        "tiny": {
+            "model": {
+                "arch": "Unet",
+                "encoder": "mobilenet_v2",
+                "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+            },
+            "augment": "none",
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        }
+    },
+    "pseudo": {"rounds": 0},
+    "stack": {"enabled": False},
+    "predict": {"tta": "none"},
+    "postprocess": {
+        "thresholds": [0.5],
+        "min_areas": [0],
+        "fill_holes_options": [False],
+        "gates": [0.5],
+    },
+}
+
+
+def _plant_turned_leak(root: Path, truth: dict) -> tuple[str, np.ndarray]:
+    """Copy the largest mask's train slice of the first (canonical) series into the test folder
+    stored transposed, as one more slice of the test series: dedup finds it (same canonical
+    pixels), and its leak-copied label must come out on the copy's transposed grid.
+
+    Returns:
+        (its id, its mask on its stored grid, {0, 1}).
+    """
+    import cv2
+
+    first, test = truth["series"][0], truth["series"][-1]
+    source = max(first["ids"], key=lambda i: first["coverage"][first["ids"].index(i)])
+    mask = (cv2.imread(str(root / "train" / "masks" / f"{source}.png"), 0) > 0).astype(np.uint8)
+    dataset = pydicom.dcmread(root / "train" / "images" / f"{source}.dcm")
+    dataset.PixelData = np.ascontiguousarray(dataset.pixel_array.T).astype("<i2").tobytes()
+    dataset.ImageOrientationPatient = [f"{v:g}" for v in ORIENTATIONS["transposed"]]
+    dataset.SeriesInstanceUID = test["series_uid"]
+    dataset.ImagePositionPatient = ["0", "0", f"{test['positions'][-1] + 2.0:.4f}"]
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99"
+    dataset.save_as(str(root / "test" / "images" / "leak.dcm"), enforce_file_format=True)
+    return "leak", np.ascontiguousarray(mask.T)
+
+
+@pytest.fixture(scope="module")
+def dicom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, np.ndarray]:
+    """The workflow run once on a small DICOM series set with a planted transposed leak."""
+    from conftest import copy_workflow, run_snakemake
+    from test_workflow import write_config
+
+    workdir = copy_workflow(tmp_path_factory.mktemp("dicom_workflow"))
+    truth = generate_dicom_series(workdir / "data", SMALL)
+    _, leak_mask = _plant_turned_leak(workdir / "data", truth)
+    config = write_config(workdir, "dicom.yaml", DICOM_RUN)
+    run_snakemake(workdir, "results/final/submission.csv", "--configfile", config)
+    return workdir, truth, leak_mask
+
+
+@pytest.mark.workflow
+def test_workflow_submits_dicom_series_per_slice_on_the_stored_grid(
+    dicom_run: tuple[Path, dict, np.ndarray],
+) -> None:
+    workdir, truth, leak_mask = dicom_run
+    results = workdir / "results"
+    test_series = truth["series"][-1]
+    assert test_series["split"] == "test" and test_series["storage"] == "transposed"
+    manifest = pd.read_parquet(results / "ingest" / "test_manifest.parquet")
+    assert set(manifest["slice_orientation"]) == {5}  # the whole test set is stored transposed
+    assert manifest["series_uid"].nunique() == 1
+    stats = json.loads((results / "preprocess" / "stats.json").read_text())
+    assert len(stats["train_mean"]) == 3  # 2.5D: the slice and one neighbour on each side
+    submission = pd.read_csv(results / "final" / "submission.csv", dtype=str, keep_default_na=False)
+    # One row per slice, named by the slice's file.
+    assert sorted(submission["id"]) == sorted([*test_series["ids"], "leak"])
+    written = dict(zip(submission["id"], submission["rle_mask"], strict=True))
+    # The leak's train label, canonical in the pipeline, numbers the copy's transposed pixels.
+    assert not np.array_equal(leak_mask, leak_mask.T)
+    assert written["leak"] == naive_encode(leak_mask)
+    assert written["leak"] != naive_encode(np.ascontiguousarray(leak_mask.T))
