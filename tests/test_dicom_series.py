@@ -31,6 +31,7 @@ from segflow.formats.dicom_series import (
 )
 from segflow.formats.imageio import DicomWindow, apply_orientation, decode_image, undo_orientation
 from segflow.formats.labels import read_label
+from segflow.model.metrics import score_oof, series_scores
 from segflow.model.submit import (
     SubmissionOptions,
     known_test_labels,
@@ -319,6 +320,39 @@ def test_context_bad_input_is_one_clear_line(manifest: pd.DataFrame) -> None:
         context_plan(gap, ids, PreprocessOptions(context_slices=1))
 
 
+# --------------------------------------------------------------------------- per-series score
+
+
+def test_oof_scores_each_series_as_one_volume() -> None:
+    """Series A: slice Dices 2/3 and 1, one 3D Dice of 8/10; series B: a missed slice and an
+    empty one (per-slice mean 0.5), 3D Dice 0. The summary's mean over series: 0.4."""
+    truth = np.zeros((4, 4, 4), dtype=np.uint8)
+    pred = np.zeros_like(truth)
+    truth[0, :2, :2] = 1  # A: 4 true pixels, 2 of them predicted
+    pred[0, 0, :2] = 1
+    truth[1, 3, :2] = pred[1, 3, :2] = 1  # A: 2 pixels, exact
+    truth[2, 1:3, 1:3] = 1  # B: 4 true pixels, none predicted; slice 3 empty in both
+    series = ["A", "A", "B", "B"]
+    table = series_scores(pred, truth, series)
+    assert table["series_uid"].tolist() == ["A", "B"]
+    assert table["n_slices"].tolist() == [2, 2]
+    assert np.allclose(table["dice"], [0.8, 0.0])
+    probs = pred[:, None].astype(np.float32)
+    folds = np.array([0, 1, 0, 1])
+    _, summary = score_oof(probs, truth, folds, series=series)
+    assert summary["series_dice"] == pytest.approx(0.4)
+    assert summary["dice"] == pytest.approx((2 / 3 + 1 + 0 + 1) / 4)  # per slice: unchanged
+    assert [(r["series_uid"], r["n_slices"]) for r in summary["per_series"]] == [
+        ("A", 2),
+        ("B", 2),
+    ]
+    json.dumps(summary)  # JSON-ready
+    _, plain = score_oof(probs, truth, folds)
+    assert "series_dice" not in plain and "per_series" not in plain
+    with pytest.raises(ValueError, match="3 series names for 4 slices"):
+        series_scores(pred, truth, series[:3])
+
+
 # --------------------------------------------------------------------------- workflow
 
 # The DICOM options through the whole workflow, the smallest run the other workflow tests use:
@@ -420,3 +454,7 @@ def test_workflow_submits_dicom_series_per_slice_on_the_stored_grid(
     assert not np.array_equal(leak_mask, leak_mask.T)
     assert written["leak"] == naive_encode(leak_mask)
     assert written["leak"] != naive_encode(np.ascontiguousarray(leak_mask.T))
+    # The OOF metrics score each validation series as one volume too.
+    metrics = json.loads((results / "oof" / "tiny" / "round0" / "metrics.json").read_text())
+    assert 0.0 <= metrics["series_dice"] <= 1.0
+    assert {row["n_slices"] for row in metrics["per_series"]} == {8}

@@ -64,7 +64,15 @@ def run(args: argparse.Namespace) -> None:
     truths = original_truths(
         manifest, read_table(args.dedup_items, "dedup items"), ids["id"], len(classes)
     )
-    table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes)
+    # DICOM series (data.dicom_series): each series' 3D Dice too.
+    series = (
+        manifest.set_index("id").loc[ids["id"], "series_uid"].astype(str).tolist()
+        if "series_uid" in manifest.columns
+        else None
+    )
+    table, summary = score_oof(
+        probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes, series=series
+    )
     out = Path(args.out_dir)
     write_oof(out, ids.assign(fold=folds.loc[ids["id"], "fold"].to_numpy()), probs)
     write_csv(out / "metrics.csv", table)
@@ -78,3 +86,10 @@ def run(args: argparse.Namespace) -> None:
         summary["iou"],
         summary["all_empty_baseline_kaggle"],
     )
+    if series is not None:
+        stage_log.info(
+            "OOF %s: mean 3D Dice over %d series %.4f",
+            args.out_dir,
+            len(set(series)),
+            summary["series_dice"],
+        )
