@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from helpers import naive_encode
 
 from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, find_duplicates
@@ -28,8 +29,15 @@ from segflow.formats.dicom_series import (
     context_weights,
     read_slice_geometry,
 )
-from segflow.formats.imageio import DicomWindow, decode_image
+from segflow.formats.imageio import DicomWindow, apply_orientation, decode_image, undo_orientation
 from segflow.formats.labels import read_label
+from segflow.model.metrics import score_oof, series_scores
+from segflow.model.submit import (
+    SubmissionOptions,
+    known_test_labels,
+    stored_orientations,
+    submission_frame,
+)
 
 SMALL = DicomDemoOptions(seed=3, n_series=3, n_test_series=1, n_slices=8, size=16, flip_every=2)
 
@@ -153,6 +161,71 @@ def test_turned_slice_equals_canonical_after_orientation(
     assert np.array_equal(label, (mask > 0).astype(np.uint8))
 
 
+@pytest.mark.parametrize("storage", ["mirrored", "transposed"])
+def test_submission_is_on_each_test_file_stored_grid(tmp_path: Path, storage: str) -> None:
+    """A turned test slice's submission RLE (its prediction, and the train label a leak copies)
+    numbers the file's stored pixels: the canonical masks are turned back before encoding."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    turn = {"mirrored": 2, "transposed": 5}[storage]
+    canonical = [rng.uniform(-150, 200, size=(12, 10)) for _ in range(2)]
+    truth = np.zeros((2, 12, 10), dtype=np.uint8)
+    truth[0, 2:5, 1:4] = 1  # off-centre: any flip or transpose moves them
+    truth[1, 7:11, 6:9] = 1
+
+    def as_stored(pixels: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(pixels[:, ::-1] if storage == "mirrored" else pixels.T)
+
+    # Train: slice 0 stored canonically. Test: a copy of it stored turned (a leak), and
+    # slice 1 stored turned (predicted).
+    for split in ("train", "test"):
+        (tmp_path / split / "images").mkdir(parents=True)
+    (tmp_path / "train" / "masks").mkdir()
+    write_dicom_slice(tmp_path / "train" / "images" / "a.dcm", canonical[0], "1.2", "1.2.1", None)
+    cv2.imwrite(str(tmp_path / "train" / "masks" / "a.png"), truth[0] * np.uint8(255))
+    for name, index in (("leak", 0), ("pred", 1)):
+        write_dicom_slice(
+            tmp_path / "test" / "images" / f"{name}.dcm",
+            as_stored(canonical[index]),
+            "1.3",
+            f"1.3.{index}",
+            None,
+            ORIENTATIONS[storage],
+        )
+    options = _options(tmp_path, dicom_orientation=True)
+    train, _ = ingest(options, split="train")
+    test, _ = ingest(options, split="test", train_ids=frozenset(train["id"]))
+    orientations = stored_orientations(test)
+    assert orientations == {"leak": turn, "pred": turn}
+    leaks = pd.DataFrame({"id": ["leak"], "split": ["test"], "leak_train_ids": ["a"]})
+    known = known_test_labels(train, leaks)
+    assert np.array_equal(known["leak"], truth[0])  # the train label, canonical
+    predictions = {"leak": np.zeros((12, 10), np.uint8), "pred": truth[1]}
+    frame = submission_frame(predictions, SubmissionOptions(), known, orientations=orientations)
+    written = dict(zip(frame["id"], frame["rle_mask"], strict=True))
+    expected = {
+        "leak": naive_encode(as_stored(truth[0])),
+        "pred": naive_encode(as_stored(truth[1])),
+    }
+    assert written == expected
+    # Without the turn back, both rows would number the canonical pixels instead.
+    unturned = submission_frame(predictions, SubmissionOptions(), known)
+    assert not set(unturned["rle_mask"]) & set(expected.values())
+    # Instance rows are turned the same way.
+    instances = submission_frame(
+        predictions, SubmissionOptions(instances=True), known, orientations=orientations
+    )
+    assert dict(zip(instances["id"], instances["rle_mask"], strict=True)) == expected
+
+
+def test_undo_orientation_inverts_every_code() -> None:
+    pixels = np.arange(12).reshape(3, 4)
+    for code in range(1, 9):
+        turned = apply_orientation(pixels, code)
+        assert np.array_equal(undo_orientation(turned, code), pixels)
+
+
 def test_canonical_orientation_codes() -> None:
     x, y, z = np.eye(3)
     assert canonical_orientation(x, y) == 1
@@ -245,3 +318,143 @@ def test_context_bad_input_is_one_clear_line(manifest: pd.DataFrame) -> None:
     gap.loc[last, "slice_position"] += 100.0  # a missing run of slices
     with pytest.raises(SegflowError, match="inconsistent slice spacing"):
         context_plan(gap, ids, PreprocessOptions(context_slices=1))
+
+
+# --------------------------------------------------------------------------- per-series score
+
+
+def test_oof_scores_each_series_as_one_volume() -> None:
+    """Series A: slice Dices 2/3 and 1, one 3D Dice of 8/10; series B: a missed slice and an
+    empty one (per-slice mean 0.5), 3D Dice 0. The summary's mean over series: 0.4."""
+    truth = np.zeros((4, 4, 4), dtype=np.uint8)
+    pred = np.zeros_like(truth)
+    truth[0, :2, :2] = 1  # A: 4 true pixels, 2 of them predicted
+    pred[0, 0, :2] = 1
+    truth[1, 3, :2] = pred[1, 3, :2] = 1  # A: 2 pixels, exact
+    truth[2, 1:3, 1:3] = 1  # B: 4 true pixels, none predicted; slice 3 empty in both
+    series = ["A", "A", "B", "B"]
+    table = series_scores(pred, truth, series)
+    assert table["series_uid"].tolist() == ["A", "B"]
+    assert table["n_slices"].tolist() == [2, 2]
+    assert np.allclose(table["dice"], [0.8, 0.0])
+    probs = pred[:, None].astype(np.float32)
+    folds = np.array([0, 1, 0, 1])
+    _, summary = score_oof(probs, truth, folds, series=series)
+    assert summary["series_dice"] == pytest.approx(0.4)
+    assert summary["dice"] == pytest.approx((2 / 3 + 1 + 0 + 1) / 4)  # per slice: unchanged
+    assert [(r["series_uid"], r["n_slices"]) for r in summary["per_series"]] == [
+        ("A", 2),
+        ("B", 2),
+    ]
+    json.dumps(summary)  # JSON-ready
+    _, plain = score_oof(probs, truth, folds)
+    assert "series_dice" not in plain and "per_series" not in plain
+    with pytest.raises(ValueError, match="3 series names for 4 slices"):
+        series_scores(pred, truth, series[:3])
+
+
+# --------------------------------------------------------------------------- workflow
+
+# The DICOM options through the whole workflow, the smallest run the other workflow tests use:
+# 3 train series of 8 slices (16 x 16), one test series stored transposed, a 2.5D input of
+# 3 channels, a three-level Unet for 1 epoch on one holdout fold of 2, no TTA, no stacking.
+DICOM_RUN = {
+    "demo": {"enabled": False},
+    "data": {
+        "train_images": "data/train/images",
+        "train_masks": "data/train/masks",
+        "test_images": "data/test/images",
+        "mask_source": "folder",
+        "rle_csv": None,
+        "metadata_csv": None,
+        "dicom_series": True,
+        "dicom_orientation": True,
+    },
+    "preprocess": {"height": 16, "width": 16, "clahe": False, "context_slices": 1},
+    "folds": {"n_folds": 2, "train_folds": [0]},
+    "run_experiments": ["tiny"],
+    "experiments": {
+        "tiny": {
+            "model": {
+                "arch": "Unet",
+                "encoder": "mobilenet_v2",
+                "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+            },
+            "augment": "none",
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        }
+    },
+    "pseudo": {"rounds": 0},
+    "stack": {"enabled": False},
+    "predict": {"tta": "none"},
+    "postprocess": {
+        "thresholds": [0.5],
+        "min_areas": [0],
+        "fill_holes_options": [False],
+        "gates": [0.5],
+    },
+}
+
+
+def _plant_turned_leak(root: Path, truth: dict) -> tuple[str, np.ndarray]:
+    """Copy the largest mask's train slice of the first (canonical) series into the test folder
+    stored transposed, as one more slice of the test series: dedup finds it (same canonical
+    pixels), and its leak-copied label must come out on the copy's transposed grid.
+
+    Returns:
+        (its id, its mask on its stored grid, {0, 1}).
+    """
+    import cv2
+
+    first, test = truth["series"][0], truth["series"][-1]
+    source = max(first["ids"], key=lambda i: first["coverage"][first["ids"].index(i)])
+    mask = (cv2.imread(str(root / "train" / "masks" / f"{source}.png"), 0) > 0).astype(np.uint8)
+    dataset = pydicom.dcmread(root / "train" / "images" / f"{source}.dcm")
+    dataset.PixelData = np.ascontiguousarray(dataset.pixel_array.T).astype("<i2").tobytes()
+    dataset.ImageOrientationPatient = [f"{v:g}" for v in ORIENTATIONS["transposed"]]
+    dataset.SeriesInstanceUID = test["series_uid"]
+    dataset.ImagePositionPatient = ["0", "0", f"{test['positions'][-1] + 2.0:.4f}"]
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99"
+    dataset.save_as(str(root / "test" / "images" / "leak.dcm"), enforce_file_format=True)
+    return "leak", np.ascontiguousarray(mask.T)
+
+
+@pytest.fixture(scope="module")
+def dicom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, np.ndarray]:
+    """The workflow run once on a small DICOM series set with a planted transposed leak."""
+    from conftest import copy_workflow, run_snakemake
+    from test_workflow import write_config
+
+    workdir = copy_workflow(tmp_path_factory.mktemp("dicom_workflow"))
+    truth = generate_dicom_series(workdir / "data", SMALL)
+    _, leak_mask = _plant_turned_leak(workdir / "data", truth)
+    config = write_config(workdir, "dicom.yaml", DICOM_RUN)
+    run_snakemake(workdir, "results/final/submission.csv", "--configfile", config)
+    return workdir, truth, leak_mask
+
+
+@pytest.mark.workflow
+def test_workflow_submits_dicom_series_per_slice_on_the_stored_grid(
+    dicom_run: tuple[Path, dict, np.ndarray],
+) -> None:
+    workdir, truth, leak_mask = dicom_run
+    results = workdir / "results"
+    test_series = truth["series"][-1]
+    assert test_series["split"] == "test" and test_series["storage"] == "transposed"
+    manifest = pd.read_parquet(results / "ingest" / "test_manifest.parquet")
+    assert set(manifest["slice_orientation"]) == {5}  # the whole test set is stored transposed
+    assert manifest["series_uid"].nunique() == 1
+    stats = json.loads((results / "preprocess" / "stats.json").read_text())
+    assert len(stats["train_mean"]) == 3  # 2.5D: the slice and one neighbour on each side
+    submission = pd.read_csv(results / "final" / "submission.csv", dtype=str, keep_default_na=False)
+    # One row per slice, named by the slice's file.
+    assert sorted(submission["id"]) == sorted([*test_series["ids"], "leak"])
+    written = dict(zip(submission["id"], submission["rle_mask"], strict=True))
+    # The leak's train label, canonical in the pipeline, numbers the copy's transposed pixels.
+    assert not np.array_equal(leak_mask, leak_mask.T)
+    assert written["leak"] == naive_encode(leak_mask)
+    assert written["leak"] != naive_encode(np.ascontiguousarray(leak_mask.T))
+    # The OOF metrics score each validation series as one volume too.
+    metrics = json.loads((results / "oof" / "tiny" / "round0" / "metrics.json").read_text())
+    assert 0.0 <= metrics["series_dice"] <= 1.0
+    assert {row["n_slices"] for row in metrics["per_series"]} == {8}

@@ -161,7 +161,7 @@ def test_a_dehazed_runs_bundle_dehazes_each_image_it_reads(tiny_run: Path, tmp_p
     assert dehazed.preprocess == PreprocessOptions(**stats["options"])
     image = sorted(_test_images(tiny_run).iterdir())[0]
     pixels = decode_image(image, DicomWindow()).pixels
-    _, got, _ = dehazed.read_image(image)
+    _, got, _, _ = dehazed.read_image(image)
     expected = prepare_image(pixels, dehazed.geometry, PreprocessOptions(**stats["options"]))
     np.testing.assert_array_equal(got, expected)
     assert not np.array_equal(got, plain.read_image(image)[1])

@@ -26,7 +26,10 @@ IDS_FILE = "ids.csv"
 
 
 def write_truth_masks(
-    out_dir: str | os.PathLike[str], ids: Sequence[str], masks: np.ndarray
+    out_dir: str | os.PathLike[str],
+    ids: Sequence[str],
+    masks: np.ndarray,
+    series: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``masks.npy`` and ``ids.csv`` into ``out_dir`` (atomically per file).
 
@@ -34,6 +37,7 @@ def write_truth_masks(
         out_dir: truth-masks' folder.
         ids: the items' ids, one per row of ``masks``.
         masks: packed label masks at the original resolution.
+        series: each item's DICOM series uid (a ``series_uid`` column of ``ids.csv``), or None.
 
     Returns:
         (the masks file, the ids file).
@@ -54,8 +58,37 @@ def write_truth_masks(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_npy(out / MASKS_FILE, np.asarray(masks))
-    write_csv(out / IDS_FILE, pd.DataFrame({"id": ids}))
+    table = pd.DataFrame({"id": ids})
+    if series is not None:
+        if len(series) != len(ids):
+            raise SegflowError(f"truth masks: {len(series)} series uids for {len(ids)} ids")
+        table["series_uid"] = [str(uid) for uid in series]
+    write_csv(out / IDS_FILE, table)
     return out / MASKS_FILE, out / IDS_FILE
+
+
+def read_truth_series(truths_dir: str | os.PathLike[str], ids: Sequence[str]) -> list[str] | None:
+    """The DICOM series uid of each of ``ids``, in that order, or None when truth-masks wrote
+    none (not series data).
+
+    Raises:
+        SegflowError: ``ids.csv`` unreadable, or an id it does not list.
+    """
+    folder = Path(truths_dir)
+    if folder.name == MASKS_FILE:
+        folder = folder.parent
+    try:
+        table = pd.read_csv(folder / IDS_FILE, dtype=str, keep_default_na=False)
+    except Exception as error:
+        raise SegflowError(f"{folder / IDS_FILE}: unreadable ({error})") from None
+    if "series_uid" not in table.columns:
+        return None
+    uid_of = dict(zip(table["id"], table["series_uid"], strict=True))
+    wanted = [str(item_id) for item_id in ids]
+    missing = [item_id for item_id in wanted if item_id not in uid_of]
+    if missing:
+        raise SegflowError(f"{folder / IDS_FILE}: no row for id {missing[0]!r}")
+    return [uid_of[item_id] for item_id in wanted]
 
 
 def read_truth_masks(truths_dir: str | os.PathLike[str], ids: Sequence[str]) -> np.ndarray:

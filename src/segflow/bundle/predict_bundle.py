@@ -195,8 +195,10 @@ class BundlePredictor:
         """Images per batch (the bundle's ``predict.batch_size`` unless overridden)."""
         return self.options.batch_size
 
-    def read_image(self, path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-        """(decoded pixels, preprocessed (h, w, C) image, pixel hash prefix) of one file.
+    def read_image(self, path: Path) -> tuple[np.ndarray, np.ndarray, str, int]:
+        """(decoded pixels, preprocessed (h, w, C) image, pixel hash prefix, DICOM turn) of one
+        file; the turn is the EXIF code a DICOM slice was turned by into the canonical
+        orientation (``data.dicom_orientation``; 1 otherwise), which the submission undoes.
 
         Raises:
             SegflowError: an unreadable image, or one with a channel count the models were not
@@ -214,7 +216,8 @@ class BundlePredictor:
                 f"{'gray ' if self.gray_only else ''}{trained}-channel images"
             )
         prepared = prepare_image(image.pixels, self.geometry, self.preprocess, str(path))
-        return image.pixels, prepared, pixel_md5(image.pixels, gray)[: self.hash_prefix]
+        turn = image.orientation if image.image_format == "dicom" else 1
+        return image.pixels, prepared, pixel_md5(image.pixels, gray)[: self.hash_prefix], turn
 
     def known_label(self, key: str, shape: tuple[int, int]) -> np.ndarray | None:
         """The packed train label of an image whose pixel hash is ``key``, or None."""
@@ -305,9 +308,9 @@ class BundlePredictor:
         """Submission rows of a batch of (id, path), in id order."""
         from segflow.model.submit import fold_masks, submission_frame
 
-        originals, prepared, keys = [], [], []
-        for _, path in paths:
-            pixels, image, key = self.read_image(path)
+        originals, prepared, keys, turns = [], [], [], {}
+        for item_id, path in paths:
+            pixels, image, key, turns[item_id] = self.read_image(path)
             originals.append(pixels.shape[:2])
             prepared.append(image)
             keys.append(key)
@@ -359,7 +362,8 @@ class BundlePredictor:
             known,
             self.classes if self.multilabel else None,
             names,
-            self.watershed,
+            watershed=self.watershed,
+            orientations=turns,
         )
 
 

@@ -54,7 +54,11 @@ def write_truths(
     ids = used_train_ids(dedup_items)
     n_classes = len(class_names(manifest_classes(manifest)))
     masks = original_truths(manifest, dedup_items, ids, n_classes)
-    return write_truth_masks(out_dir, ids, masks)
+    # DICOM series (data.dicom_series): evaluate-oof scores each series' volume too.
+    series = None
+    if "series_uid" in manifest.columns:
+        series = manifest.set_index("id").loc[ids, "series_uid"].astype(str).tolist()
+    return write_truth_masks(out_dir, ids, masks, series)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

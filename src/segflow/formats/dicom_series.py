@@ -25,10 +25,11 @@ import numpy as np
 import pandas as pd
 
 from segflow.core.errors import SegflowError
-from segflow.formats.imageio import canonical_orientation
+from segflow.formats.imageio import INVERSE_ORIENTATION, canonical_orientation
 from segflow.formats.labels import ORIENTATION_COLUMN, manifest_orientation
 
 __all__ = [
+    "INVERSE_ORIENTATION",
     "ORIENTATION_COLUMN",
     "SERIES_COLUMNS",
     "SliceGeometry",
@@ -43,9 +44,6 @@ __all__ = [
 
 SERIES_COLUMNS = ("series_uid", "slice_position")
 """Manifest columns ingest adds with ``data.dicom_series`` (absent otherwise)."""
-
-INVERSE_ORIENTATION = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
-"""EXIF code -> the code that undoes it (a turn by 90 degrees one way undoes the other)."""
 
 
 @dataclass(frozen=True)

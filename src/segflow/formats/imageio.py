@@ -343,6 +343,27 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return turned if orientation == 1 else np.ascontiguousarray(turned)
 
 
+INVERSE_ORIENTATION = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
+"""EXIF code -> the code that undoes it (a turn by 90 degrees one way undoes the other; the
+flips and transposes undo themselves)."""
+
+
+def undo_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn pixels as :func:`apply_orientation` shows them back onto the stored grid.
+
+    Args:
+        pixels: pixels turned by ``orientation`` (rows first; channels, if any, last).
+        orientation: the EXIF code (1-8) they were turned by.
+
+    Returns:
+        The pixels as stored: ``undo_orientation(apply_orientation(p, o), o) == p``.
+
+    Shape:
+        pixels: (H, W) or (H, W, C); output: the same, or (W, H[, C]) for 5-8.
+    """
+    return apply_orientation(pixels, INVERSE_ORIENTATION[orientation])
+
+
 def _header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the image header alone, or None if Pillow cannot parse it."""
     if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":  # most files: no Pillow needed

@@ -14,7 +14,7 @@ import pandas as pd
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.predictions import read_prediction, write_oof
 from segflow.artifacts.tables import read_folds
-from segflow.artifacts.truth_masks import read_truth_masks
+from segflow.artifacts.truth_masks import read_truth_masks, read_truth_series
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.provenance import stage_provenance, with_provenance
@@ -63,7 +63,11 @@ def run(args: argparse.Namespace) -> None:
     ids, probs = assemble_oof(args.fold_dirs)
     folds = read_folds(args.folds).set_index("id")
     truths = read_truth_masks(args.truths, ids["id"])
-    table, summary = score_oof(probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes)
+    # DICOM series (data.dicom_series): each series' 3D Dice too.
+    series = read_truth_series(args.truths, ids["id"])
+    table, summary = score_oof(
+        probs, truths, folds.loc[ids["id"], "fold"].to_numpy(), classes, series=series
+    )
     out = Path(args.out_dir)
     write_oof(out, ids.assign(fold=folds.loc[ids["id"], "fold"].to_numpy()), probs)
     write_csv(out / "metrics.csv", table)
@@ -77,3 +81,10 @@ def run(args: argparse.Namespace) -> None:
         summary["iou"],
         summary["all_empty_baseline_kaggle"],
     )
+    if series is not None:
+        stage_log.info(
+            "OOF %s: mean 3D Dice over %d series %.4f",
+            args.out_dir,
+            len(set(series)),
+            summary["series_dice"],
+        )

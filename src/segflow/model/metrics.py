@@ -309,12 +309,53 @@ def summarise_scores(
     return summary.astype(dict.fromkeys(counts, np.int64))
 
 
+def series_scores(pred: np.ndarray, truth: np.ndarray, series: Sequence[str]) -> pd.DataFrame:
+    """Dice of each volume (a DICOM series): its slices' masks scored as one 3D mask.
+
+    Args:
+        pred: binary predictions, one slice per row.
+        truth: binary truths.
+        series: each slice's series (manifest ``series_uid``).
+
+    Returns:
+        One row per series, sorted: series_uid, n_slices, dice (``2|P & T| / (|P| + |T|)`` over
+        all of the series' pixels; 1 when prediction and truth are both empty).
+
+    Shape:
+        pred, truth: (N, H, W); series: (N,).
+
+    Raises:
+        ValueError: ``series`` does not name one series per slice.
+    """
+    intersection, pred_area, truth_area = _overlap_counts(pred, truth)
+    if len(series) != len(intersection):
+        raise ValueError(f"{len(series)} series names for {len(intersection)} slices")
+    counts = (
+        pd.DataFrame(
+            {
+                "series_uid": np.asarray(series, dtype=str),
+                "slices": 1,
+                "intersection": intersection,
+                "pred_area": pred_area,
+                "truth_area": truth_area,
+            }
+        )
+        .groupby("series_uid", sort=True)
+        .sum()
+    )
+    dice = _dice(*(counts[c].to_numpy() for c in ("intersection", "pred_area", "truth_area")))
+    return pd.DataFrame(
+        {"series_uid": counts.index, "n_slices": counts["slices"].to_numpy(), "dice": dice}
+    )
+
+
 def score_oof(
     probs: np.ndarray,
     truths: np.ndarray,
     folds: np.ndarray,
     classes: Sequence[str] = ("mask",),
     threshold: float = 0.5,
+    series: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Dice, IoU and the Kaggle metric per class and fold, overall, and the all-empty baseline.
 
@@ -327,6 +368,9 @@ def score_oof(
         folds: each image's fold.
         classes: class names, in bit order.
         threshold: foreground where probability > threshold.
+        series: each image's DICOM series (``data.dicom_series``): the summary then also has
+            ``series_dice``, the mean over classes of the mean over series of each series'
+            3D Dice (:func:`series_scores`), and ``per_series``, its rows. None: neither key.
 
     Returns:
         (table with one row per class and group 'all' / each fold, JSON-ready summary).
@@ -364,4 +408,23 @@ def score_oof(
     }
     if len(classes) > 1:
         summary["per_class"] = overall.drop(columns="group").to_dict("records")
+    if series is not None:
+        rows = [
+            {"class": name, **record}
+            for k, name in enumerate(classes)
+            for record in series_scores(
+                probs[:, k].astype(np.float32) > threshold, class_truths(truths, k), series
+            ).to_dict("records")
+        ]
+        per_class_mean = pd.DataFrame(rows).groupby("class", sort=False)["dice"].mean()
+        summary["series_dice"] = float(per_class_mean.mean())
+        summary["per_series"] = [
+            {
+                "class": row["class"],
+                "series_uid": str(row["series_uid"]),
+                "n_slices": int(row["n_slices"]),
+                "dice": float(row["dice"]),
+            }
+            for row in rows
+        ]
     return table, summary

@@ -29,7 +29,14 @@ from segflow.core.atomic import write_csv
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
 from segflow.core.stage_args import add_fold_merge, add_stats, stage_log
-from segflow.formats.labels import label_dtype, manifest_orientation, read_label, unpack_labels
+from segflow.formats.imageio import undo_orientation
+from segflow.formats.labels import (
+    ORIENTATION_COLUMN,
+    label_dtype,
+    manifest_orientation,
+    read_label,
+    unpack_labels,
+)
 from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
 
@@ -189,6 +196,18 @@ def written_ids(
     return {item_id: Path(str(paths[item_id])).name for item_id in ids}
 
 
+def stored_orientations(test_manifest: pd.DataFrame) -> dict[str, int] | None:
+    """Test id -> the EXIF code (1-8) ingest turned its DICOM slice by
+    (``data.dicom_orientation``), or None for a manifest without the column.
+
+    The predictions are in the canonical orientation; :func:`submission_frame` turns each one
+    back onto its file's stored grid, the grid the competition's RLE numbers.
+    """
+    if ORIENTATION_COLUMN not in test_manifest.columns:
+        return None
+    return {str(row.id): manifest_orientation(row) for row in test_manifest.itertuples()}
+
+
 def submission_frame(
     masks: Mapping[str, np.ndarray | list[np.ndarray]],
     options: SubmissionOptions,
@@ -196,6 +215,7 @@ def submission_frame(
     classes: Sequence[str] | None = None,
     id_names: Mapping[str, str] | None = None,
     watershed: Sequence[WatershedParams] | None = None,
+    orientations: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """Build the submission table: one row per id, or per (id, class) with classes, or per
     object with ``options.instances``.
@@ -212,6 +232,10 @@ def submission_frame(
         id_names: id -> the id written in the file (:func:`written_ids`); None writes the ids.
         watershed: per class, the tuned watershed of ``options.split_touching``
             (:func:`segflow.model.postprocess.watershed_from_summary`); None: the defaults.
+        orientations: id -> the EXIF code its DICOM slice was turned by into the canonical
+            orientation (:func:`stored_orientations`); the mask (prediction or copied train
+            label, both canonical) is turned back onto the file's stored grid before it is
+            encoded. None (or an id without one): written as given.
 
     Returns:
         DataFrame with the configured columns, sorted by id, then class (instance rows in
@@ -231,6 +255,7 @@ def submission_frame(
             if classes is None:
                 prediction = prediction[0]
         per_class = prediction if classes is not None else [prediction]
+        turn = orientations.get(item_id, 1) if orientations else 1
         written = id_names[item_id] if id_names is not None else item_id
         if len(per_class) != len(names):
             raise SegflowError(
@@ -239,15 +264,16 @@ def submission_frame(
         for k, (name, class_prediction) in enumerate(zip(names, per_class, strict=True)):
             key = (written,) if name is None else (written, name)
             if isinstance(class_prediction, list):
-                instances = class_prediction
+                instances = [undo_orientation(mask, turn) for mask in class_prediction]
             elif options.instances:
+                stored = undo_orientation(class_prediction, turn)
                 instances = instance_masks(
-                    class_prediction,
+                    stored,
                     options.split_touching,
                     None if watershed is None else watershed[k],
                 )
             else:
-                instances = [class_prediction]
+                instances = [undo_orientation(class_prediction, turn)]
             if not instances:
                 rows.append((*key, options.empty_rle))
             for mask in instances:
@@ -330,7 +356,13 @@ def run(args: argparse.Namespace) -> None:
     test_manifest = read_table(args.test_manifest, "test manifest")
     id_names = written_ids(manifest, predictions, options.id_style, test_manifest)
     frame = submission_frame(
-        predictions, options, known, classes if multilabel else None, id_names, watershed
+        predictions,
+        options,
+        known,
+        classes if multilabel else None,
+        id_names,
+        watershed=watershed,
+        orientations=stored_orientations(test_manifest),
     )
     write_submission(args.out, frame)
     copied = len(set(known) & set(fold_ids[0]["id"])) if options.copy_train_labels else 0
