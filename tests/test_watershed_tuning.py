@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from segflow.artifacts.predictions import write_oof
+from segflow.artifacts.truth_masks import write_truth_masks
 from segflow.artifacts.truths import instance_truths, object_rles_of
 from segflow.core.errors import SegflowError
 from segflow.formats.manifest import ID_STYLE_KEY
@@ -182,6 +183,7 @@ def _stage_inputs(tmp_path: Path) -> argparse.Namespace:
         }
     ).to_parquet(tmp_path / "items.parquet")
     (tmp_path / "stats.json").write_text(json.dumps({}))
+    write_truth_masks(tmp_path / "truths", ids, (masks > 0).astype(np.uint8))
     rows = [(i, rle_encode(t == k)) for i, t in zip(ids, truths, strict=True) for k in (1, 2)]
     pd.DataFrame(rows, columns=["id", "rle_mask"]).to_csv(tmp_path / "rles.csv", index=False)
     parser = argparse.ArgumentParser()
@@ -191,6 +193,7 @@ def _stage_inputs(tmp_path: Path) -> argparse.Namespace:
             "--oof-dir", str(oof_dir), "--stats", str(tmp_path / "stats.json"),
             "--manifest", str(tmp_path / "manifest.parquet"),
             "--dedup-items", str(tmp_path / "items.parquet"),
+            "--truths", str(tmp_path / "truths" / "masks.npy"),
             "--thresholds", "0.5", "--min-areas", "0", "--out-dir", str(tmp_path / "out"),
         ]
     )  # fmt: skip

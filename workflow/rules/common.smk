@@ -218,9 +218,9 @@ def watershed_inputs(wildcards):
     }
 
 
-def watershed_flags(input):
+def watershed_flags():
     """tune_postprocess's watershed grid and object CSV flags (with the manifest and dedup items
-    that match the CSV's ids: watershed_inputs), or nothing (no split)."""
+    that match the CSV's ids, inputs by watershed_inputs), or nothing (no split)."""
     if not watershed_tuned():
         return ""
     post = config["postprocess"]
@@ -232,8 +232,8 @@ def watershed_flags(input):
             object_rle_column=DATA["rle_column"],
             object_rle_order=DATA["rle_order"],
             object_rle_start=DATA["rle_start"],
-            manifest=input.manifest,
-            dedup_items=input.dedup_items,
+            manifest=rules.ingest_train.output.manifest,
+            dedup_items=rules.dedup.output.dedup_items,
         )
     return cli_flags(options)
 

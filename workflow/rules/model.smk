@@ -207,7 +207,7 @@ rule tune_postprocess:
         fill_holes=config["postprocess"]["fill_holes_options"],
         gates=config["postprocess"]["gates"],
         metric=config["postprocess"]["metric"],
-        watershed=lambda wildcards, input: watershed_flags(input),
+        watershed=watershed_flags(),
         oof_dir=lambda wildcards, input: os.path.dirname(input.oof_probs),
         out_dir=lambda wildcards, output: os.path.dirname(output.params),
     shell:
