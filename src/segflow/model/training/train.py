@@ -61,6 +61,10 @@ last epoch's weights: no validation, no monitor, no top-k.
 Non-finite values: a batch whose loss is NaN/inf stops the fold with a :class:`SegflowError`
 naming fold, epoch and batch before its optimizer step (``nonfinite_loss: error``), or is
 skipped (``skip_batch``) until more than ``max_skipped_fraction`` of an epoch's batches are.
+Off the CPU, ``error`` flags the loss on the device and reads the flag every
+:data:`NONFINITE_CHECK_EVERY` batches and at the epoch's end (:func:`nonfinite_check_interval`):
+the message names the same first non-finite batch, the steps after it ran on weights that are
+discarded with the epoch.
 Weights holding NaN/inf after an epoch, or a non-finite validation loss, stop the fold too: so
 no snapshot, ``last.pt`` or ``model.pt`` ever holds non-finite weights.
 
@@ -207,6 +211,30 @@ HISTORY_COLUMNS = (
 THRESHOLD = 0.5
 # BatchNorm recalibration draws its training batches as this (never trained) epoch would.
 RECALIBRATION_EPOCH = 0
+# Off the CPU with nonfinite_loss: error, the NaN/inf flag of the training loss is kept on the
+# device and read every this many batches and at the end of the epoch (one host sync each),
+# instead of once per batch.
+NONFINITE_CHECK_EVERY = 50
+
+
+def nonfinite_check_interval(device: torch.device, nonfinite_loss: str) -> int:
+    """Batches between two host reads of the training loss's NaN/inf flag.
+
+    1 (every batch, before its optimizer step) on the CPU, where the read costs nothing, and
+    with ``skip_batch``, which must decide before the step; else :data:`NONFINITE_CHECK_EVERY`:
+    the run still stops naming the first non-finite batch, found on the device, but the steps
+    queued after it have run on weights that are then discarded with the whole epoch.
+
+    Args:
+        device: the training device.
+        nonfinite_loss: ``train.nonfinite_loss``.
+
+    Returns:
+        The interval in batches (>= 1).
+    """
+    if device.type == "cpu" or nonfinite_loss != "error":
+        return 1
+    return NONFINITE_CHECK_EVERY
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -350,6 +378,7 @@ class _FoldTrainer:
         self.ema = Ema(self.model, options.ema_decay) if options.ema_decay else None
         self.global_step = 0
         self.epoch_skipped = 0  # batches of the last trained epoch skipped for a NaN/inf loss
+        self.nonfinite_check_every = nonfinite_check_interval(self.device, options.nonfinite_loss)
         self.history: list[dict[str, float]] = []
         self.top_k: list[Snapshot] = []
         self.swa = WeightAverage() if options.swa_epochs else None
@@ -468,6 +497,10 @@ class _FoldTrainer:
         # A skipped batch's forward pass has already moved BatchNorm's running statistics
         # (to NaN): with skip_batch they are copied before each batch and put back.
         buffers = list(self.model.buffers()) if self.options.nonfinite_loss == "skip_batch" else []
+        deferred = self.nonfinite_check_every > 1
+        # Deferred check: the first non-finite batch (0: none yet) and its loss, on the device.
+        first_bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        first_bad_loss = torch.zeros((), device=self.device)
         for index, loaded in enumerate(bar, start=1):
             # uint8 batches of the device path are augmented and normalised here, on the device.
             batch = self.data.to_device(loaded, self.device, self.channels_last)
@@ -477,9 +510,13 @@ class _FoldTrainer:
             saved = [buffer.detach().clone() for buffer in buffers]
             mask_logits, label_logits = self._forward(self.model, images)
             loss = self._batch_loss(mask_logits, label_logits, masks, batch["pseudo"], distances)
-            # One device sync per batch: a NaN/inf loss must be caught before its step turns
+            if deferred:  # no sync: flagged on the device, read every nonfinite_check_every
+                new_bad = torch.isfinite(loss.detach()).logical_not() & (first_bad == 0)
+                first_bad_loss = torch.where(new_bad, loss.detach().float(), first_bad_loss)
+                first_bad.masked_fill_(new_bad, index)
+            # Else one device sync per batch: a NaN/inf loss is caught before its step turns
             # every weight into NaN.
-            if not bool(torch.isfinite(loss.detach())):
+            elif not bool(torch.isfinite(loss.detach())):
                 with torch.no_grad():
                     for buffer, copy_ in zip(buffers, saved, strict=True):
                         buffer.copy_(copy_)
@@ -503,8 +540,12 @@ class _FoldTrainer:
                 self.ema.update(self.model)
             total += loss.detach() * len(images)
             count += len(images)
+            if deferred and index % self.nonfinite_check_every == 0:
+                self._check_deferred_nonfinite(epoch, index, first_bad, first_bad_loss)
             if not bar.disable:
                 bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
+        if deferred:
+            self._check_deferred_nonfinite(epoch, self.steps_per_epoch, first_bad, first_bad_loss)
         mean = float(total) / max(count, 1)
         if not math.isfinite(mean):  # finite batch losses whose sum overflowed
             raise SegflowError(
@@ -512,6 +553,32 @@ class _FoldTrainer:
                 "train.lr or set train.grad_clip"
             )
         return mean, lr
+
+    def _check_deferred_nonfinite(
+        self, epoch: int, checked: int, first_bad: torch.Tensor, first_bad_loss: torch.Tensor
+    ) -> None:
+        """Read the device's NaN/inf flag (one host sync); stop if a batch up to ``checked`` had
+        a non-finite loss.
+
+        Args:
+            epoch: the epoch (1-based).
+            checked: the last batch (1-based) whose loss the flag covers.
+            first_bad: the first non-finite batch of the epoch (1-based), 0 if none.
+            first_bad_loss: that batch's loss.
+
+        Raises:
+            SegflowError: naming fold, epoch and the first non-finite batch.
+        """
+        batch = int(first_bad)
+        if batch == 0:
+            return
+        raise SegflowError(
+            f"{self.label} epoch {epoch} batch {batch}/{self.steps_per_epoch}: training loss is "
+            f"{float(first_bad_loss)}; stopped at the check after batch {checked} (read every "
+            f"{self.nonfinite_check_every} batches), nothing of this epoch is saved (lower "
+            "train.lr, set train.grad_clip or check the input data, or set "
+            "train.nonfinite_loss: skip_batch)"
+        )
 
     def _skip_nonfinite_batch(self, epoch: int, batch: int, value: float) -> None:
         """Handle batch ``batch`` (1-based) of ``epoch`` whose loss is ``value`` (NaN or inf).
