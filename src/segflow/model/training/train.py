@@ -107,7 +107,7 @@ from segflow.core.provenance import provenance
 from segflow.core.stage_args import stage_log
 from segflow.model.datasets import SegmentationArrays, crop_to, pad_to_size
 from segflow.model.experiment import Experiment
-from segflow.model.metrics import per_image_scores
+from segflow.model.metrics import scores_from_counts
 from segflow.model.models import (
     ModelSpec,
     SnapshotEnsemble,
@@ -235,6 +235,38 @@ def nonfinite_check_interval(device: torch.device, nonfinite_loss: str) -> int:
     if device.type == "cpu" or nonfinite_loss != "error":
         return 1
     return NONFINITE_CHECK_EVERY
+
+
+def overlap_counts(
+    mask_logits: torch.Tensor,
+    masks: torch.Tensor,
+    window: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Per (image, class) pixel counts of a batch at threshold 0.5, on the logits' device.
+
+    The counts :func:`segflow.model.metrics.per_image_scores` derives from the thresholded
+    masks, as int64, so the scores computed from them on the host are the same numbers; a
+    validation pass reads them once instead of copying every batch's masks.
+
+    Args:
+        mask_logits: the model's logits.
+        masks: the true masks (0/1).
+        window: (top, left, height, width) of the pixels scored (pad mode), or None for all.
+
+    Returns:
+        (intersection, predicted area, true area) stacked.
+
+    Shape:
+        mask_logits, masks: (N, C, H, W); returns (3, N * C), pairs in (image, class) order.
+    """
+    pred = (mask_logits > 0).flatten(0, 1)  # sigmoid > 0.5
+    truth = masks.flatten(0, 1) != 0
+    if window is not None:
+        top, left, height, width = window
+        pred = pred[:, top : top + height, left : left + width]
+        truth = truth[:, top : top + height, left : left + width]
+    pred, truth = pred.flatten(1), truth.flatten(1)
+    return torch.stack([(pred & truth).sum(dim=1), pred.sum(dim=1), truth.sum(dim=1)])
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -651,7 +683,8 @@ class _FoldTrainer:
         # the pass, instead of a sync per batch.
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        scores: dict[str, list[np.ndarray]] = {name: [] for name in SCORE_NAMES}
+        # The scores' pixel counts stay on the device too; one copy after the pass.
+        counts: list[torch.Tensor] = []
         for loaded in self.data.val_loader:
             batch = self.data.to_device(loaded, self.device, self.channels_last)
             images, masks, distances = batch["image"], batch["mask"], batch.get("distance")
@@ -660,17 +693,12 @@ class _FoldTrainer:
             total += loss.detach().double() * len(images)
             count += len(images)
             # Every (image, class) pair is scored: the mean is the mean over classes.
-            pred = (mask_logits > 0).flatten(0, 1).cpu().numpy()  # sigmoid > 0.5
-            truth = masks.flatten(0, 1).cpu().numpy().astype(bool)
-            if self.score_window is not None:
-                top, left, height, width = self.score_window
-                pred = pred[:, top : top + height, left : left + width]
-                truth = truth[:, top : top + height, left : left + width]
-            for name, values in per_image_scores(pred, truth).items():
-                if name in scores:
-                    scores[name].append(values)
+            counts.append(overlap_counts(mask_logits, masks, self.score_window))
+        intersection, pred_area, truth_area = torch.cat(counts, dim=1).cpu().numpy()
         result = {"val_loss": float(total) / max(count, 1)}
-        result.update({name: float(np.concatenate(v).mean()) for name, v in scores.items()})
+        for name in SCORE_NAMES:
+            values = scores_from_counts(name, intersection, pred_area, truth_area)
+            result[name] = float(values.mean())
         return result
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
