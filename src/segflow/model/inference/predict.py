@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AMP = ("bf16", "off")
+AMP = ("bf16", "float32")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class PredictOptions:
     fold_merge: str = option("mean", "how test predictions of the folds are merged", FOLD_MERGES)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: str = option(
-        "bf16", "forward pass on CUDA: bf16 autocast or off (float32); the CPU is float32", AMP
+        "bf16", "forward pass on CUDA: bf16 autocast or float32; the CPU is always float32", AMP
     )
 
     def __post_init__(self) -> None:
