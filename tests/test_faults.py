@@ -494,6 +494,67 @@ def test_a_nonfinite_loss_stops_the_fold_naming_it_and_saves_nothing_of_it(
     _assert_resume_state_finite(run / "resume", epoch=1)  # model, EMA, optimizer, snapshots
 
 
+@pytest.mark.parametrize(
+    ("every", "poisoned", "checked"),
+    [(2, (2, 2), 2), (2, (2, 1), 2), (100, (2, 2), 3)],
+    ids=["at-the-check", "before-the-check", "at-the-epoch-end"],
+)
+def test_a_nonfinite_loss_read_from_the_device_flag_names_the_first_bad_batch(
+    arrays: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    every: int,
+    poisoned: tuple[int, int],
+    checked: int,
+) -> None:
+    # The CUDA path, on the CPU: the flag is read every `every` batches and at the epoch's end.
+    monkeypatch.setattr(train_module, "nonfinite_check_interval", lambda device, mode: every)
+    _poison_batches(monkeypatch, {poisoned, (2, 3)})  # the first of them is named
+    options = TrainOptions(epochs=3, batch_size=8, ema_decay=0.9, average_top_k=2)
+    run = tmp_path / "run"
+    with pytest.raises(SegflowError) as raised:
+        train_fold(
+            arrays,
+            arrays / "folds.csv",
+            0,
+            Experiment("experiment", SPEC, LOSS, None, "d4", options),
+            run / "out",
+            run / "resume",
+        )
+    assert str(raised.value).startswith(
+        f"fold 0 epoch 2 batch {poisoned[1]}/3: training loss is nan; stopped at the check "
+        f"after batch {checked} (read every {every} batches), nothing of this epoch is saved ("
+    ), raised.value
+    assert "\n" not in str(raised.value)
+    assert pd.read_csv(run / "out" / "history.csv")["epoch"].tolist() == [1]
+    _assert_resume_state_finite(run / "resume", epoch=1)
+    assert not (run / "out" / "model.pt").exists()
+
+
+def test_the_deferred_nonfinite_check_trains_what_the_per_batch_check_does(
+    arrays: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = TrainOptions(epochs=2, batch_size=8)
+    experiment = Experiment("experiment", SPEC, LOSS, None, "d4", options)
+    runs = {}
+    for every in (1, 2):
+        monkeypatch.setattr(train_module, "nonfinite_check_interval", lambda d, m, n=every: n)
+        run = tmp_path / f"every{every}"
+        train_fold(arrays, arrays / "folds.csv", 0, experiment, run / "out", run / "resume")
+        runs[every] = run / "out"
+    _assert_same_weights(runs[1] / "model.pt", runs[2] / "model.pt")
+    history = [pd.read_csv(out / "history.csv").drop(columns="seconds") for out in runs.values()]
+    pd.testing.assert_frame_equal(*history)
+
+
+def test_the_nonfinite_flag_is_read_every_batch_on_the_cpu_and_with_skip_batch() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train_module.nonfinite_check_interval(cpu, "error") == 1
+    assert train_module.nonfinite_check_interval(cuda, "skip_batch") == 1
+    every = train_module.NONFINITE_CHECK_EVERY
+    assert every > 1 and train_module.nonfinite_check_interval(cuda, "error") == every
+
+
 def test_skip_batch_resumes_a_stopped_fold_and_counts_the_skipped_batches(
     arrays: Path,
     tmp_path: Path,

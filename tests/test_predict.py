@@ -146,3 +146,61 @@ def test_multilabel_scores_average_over_classes() -> None:
     assert len(table) == 2 * 3  # (all, fold 0, fold 1) per class
     with pytest.raises(SegflowError, match="one map per class"):
         score_oof(probs[:, :1], truth, np.zeros(4), ["a", "b"])
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """A model that raises CUDA's out-of-memory error for batches larger than ``limit``."""
+
+    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return self.model(x)
+
+
+def test_a_batch_out_of_device_memory_is_retried_at_half_size_with_the_same_output() -> None:
+    from segflow.model.inference.predict import predict_rows_uncertain
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        encoder="mobilenet_v2",
+        in_channels=1,
+        aux_head=True,
+        extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+    )
+    model = build_model(spec).eval()
+    images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 1), dtype=np.uint8)
+    rows = np.array([6, 0, 3, 1, 5, 2, 4])
+    device = torch.device("cpu")
+
+    def predict(net: torch.nn.Module, batch_size: int) -> tuple:
+        options = PredictOptions(tta="hflip", batch_size=batch_size, device="cpu")
+        return predict_rows_uncertain(net, images, rows, [0.5], [0.25], options, device)
+
+    expected = predict(model, 2)
+    failing = _OutOfMemoryAbove(model, limit=4)  # hflip TTA: one call on both copies
+    got = predict(failing, 8)
+    assert failing.sizes[:3] == [14, 8, 4]  # 7 and 4 rows fail; 2 for the rest
+    assert max(failing.sizes[3:]) == 4
+    for left, right in zip(got[:2], expected[:2], strict=True):
+        assert left.tobytes() == right.tobytes()  # byte-identical on the CPU
+    with pytest.raises(torch.OutOfMemoryError):
+        predict(_OutOfMemoryAbove(model, limit=0), 4)  # still out of memory at 1: raised
+
+
+def test_predict_amp_is_bf16_or_off_in_the_options_and_the_schema() -> None:
+    import jsonschema
+    import yaml
+    from conftest import REPO_ROOT
+
+    schema_path = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+    schema = yaml.safe_load(schema_path.read_text())
+    predict = schema["properties"]["predict"]
+    assert predict["properties"]["amp"]["enum"] == ["bf16", "float32"]
+    assert PredictOptions().amp == predict["properties"]["amp"]["default"] == "bf16"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"amp": "fp16"}, predict)

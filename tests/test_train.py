@@ -648,3 +648,37 @@ def test_bad_inputs_name_the_file(arrays_dir: Path, tmp_path: Path) -> None:
         _train(arrays_dir, tmp_path / "d")
     with pytest.raises(SegflowError, match="fp16 needs a CUDA device"):
         train_module.amp_dtype("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("window", [None, (2, 3, 9, 7)], ids=["whole", "pad-window"])
+def test_validation_scores_from_device_counts_equal_the_per_batch_host_scores(
+    window: tuple[int, int, int, int] | None,
+) -> None:
+    from segflow.model.metrics import per_image_scores, scores_from_counts
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for size in (4, 4, 3):  # a short last batch
+        logits = torch.randn(size, 2, 16, 16, generator=generator) - 0.5
+        masks = (torch.rand(size, 2, 16, 16, generator=generator) > 0.7).float()
+        logits[0, 0] = -1.0  # empty prediction of a non-empty truth
+        masks[1, 1] = 0.0  # an empty truth; and both empty:
+        logits[2, 0], masks[2, 0] = -1.0, 0.0
+        batches.append((logits, masks))
+    # The former validation: every batch's thresholded masks copied to the host and scored.
+    old: dict[str, list[np.ndarray]] = {"dice": [], "iou": [], "kaggle": []}
+    for logits, masks in batches:
+        pred = (logits > 0).flatten(0, 1).numpy()
+        truth = masks.flatten(0, 1).numpy().astype(bool)
+        if window is not None:
+            top, left, height, width = window
+            pred = pred[:, top : top + height, left : left + width]
+            truth = truth[:, top : top + height, left : left + width]
+        for name, values in per_image_scores(pred, truth).items():
+            old[name].append(values)
+    counts = torch.cat([train_module.overlap_counts(lo, ma, window) for lo, ma in batches], dim=1)
+    assert counts.dtype == torch.int64 and counts.shape == (3, 22)
+    for name, values in old.items():
+        new = scores_from_counts(name, *counts.numpy())
+        assert 0 < new.mean() < 1
+        assert float(new.mean()) == float(np.concatenate(values).mean())  # exactly

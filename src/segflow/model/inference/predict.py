@@ -10,6 +10,7 @@ and stacking work in the competition's own pixel grid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+AMP = ("bf16", "float32")
+
 
 @dataclass(frozen=True)
 class PredictOptions:
@@ -60,6 +63,9 @@ class PredictOptions:
     tile_weighting: str = option("gaussian", "tile blending: gaussian, pyramid or uniform")
     fold_merge: str = option("mean", "how test predictions of the folds are merged", FOLD_MERGES)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = option(
+        "bf16", "forward pass on CUDA: bf16 autocast or float32; the CPU is always float32", AMP
+    )
 
     def __post_init__(self) -> None:
         """YAML/JSON lists (``tta_scales``) become tuples, as from the CLI."""
@@ -163,7 +169,10 @@ def predict_rows_uncertain(
         images: the preprocessed (N, H, W, C) array (a memmap is fine: rows are read in batches).
         rows: which rows to predict.
         mean, std: per-channel normalisation of the training run (in [0, 1] units).
-        options: TTA (transforms, scales, merge), MC-dropout, batch size and tiling.
+        options: TTA (transforms, scales, merge), MC-dropout, batch size, tiling and AMP
+            (bf16 autocast on CUDA only). A batch that runs out of device memory
+            (``torch.OutOfMemoryError``) is retried at half the batch size, which the rest of
+            the rows keep, down to 1; so ``batch_size`` is the largest size tried.
         device: where to run.
         divisor: the model's required input multiple; inputs are reflect-padded to it.
 
@@ -192,10 +201,16 @@ def predict_rows_uncertain(
     layers = _check_mc_dropout(model, options)
     passes = max(1, options.mc_dropout_passes)
     label_probs: list[torch.Tensor] = []  # aux-head sigmoids of every TTA copy, in call order
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if options.amp == "bf16" and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
 
     def probabilities(batch: torch.Tensor) -> torch.Tensor:
         padded, _ = pad_to_multiple(batch, divisor)
-        logits = model(padded)
+        with autocast:
+            logits = model(padded)
         if isinstance(logits, tuple | list):  # smp's aux head: (mask logits, label logits)
             logits, label_logits = logits
             label_probs.append(torch.sigmoid(label_logits.float()))
@@ -236,17 +251,31 @@ def predict_rows_uncertain(
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
             if layers:
                 torch.manual_seed(options.mc_dropout_seed)
-            for start in range(0, len(rows), options.batch_size):
-                chunk = np.asarray(images[rows[start : start + options.batch_size]])
+            start, size = 0, options.batch_size
+            while start < len(rows):
+                chunk = np.asarray(images[rows[start : start + size]])
                 batch = _to_device(chunk, scale, device).permute(0, 3, 1, 2)
                 batch = ((batch - mean_t) / std_t).contiguous()
                 label_probs.clear()
-                if layers:
-                    samples = torch.stack([one_pass(batch) for _ in range(passes)])
-                    probs = samples.mean(dim=0)
-                    spread = samples.std(dim=0, unbiased=False)
-                else:
-                    probs, spread = one_pass(batch), None
+                try:
+                    if layers:
+                        samples = torch.stack([one_pass(batch) for _ in range(passes)])
+                        probs = samples.mean(dim=0)
+                        spread = samples.std(dim=0, unbiased=False)
+                    else:
+                        probs, spread = one_pass(batch), None
+                except torch.OutOfMemoryError:
+                    if size == 1:
+                        raise
+                    # Halve for the rest of the rows and retry this batch (each image is
+                    # predicted alone: the batch size changes no result on the CPU).
+                    del batch
+                    label_probs.clear()
+                    size //= 2
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    log.warning("out of device memory: predict.batch_size now %d", size)
+                    continue
                 if masks is None:
                     masks = np.empty((len(rows), probs.shape[1], height, width), dtype=np.float32)
                     if label_probs and not options.tile:
@@ -260,6 +289,7 @@ def predict_rows_uncertain(
                     # TTA calls hold whole copies of the batch, copy-major: average the copies.
                     copies = torch.cat(label_probs).view(-1, len(chunk), probs.shape[1])
                     nonempty[start : start + len(chunk)] = copies.mean(dim=0).cpu().numpy()
+                start += len(chunk)
     finally:
         for layer, rate in zip(layers, rates, strict=True):
             layer.p = rate

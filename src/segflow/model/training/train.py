@@ -61,6 +61,10 @@ last epoch's weights: no validation, no monitor, no top-k.
 Non-finite values: a batch whose loss is NaN/inf stops the fold with a :class:`SegflowError`
 naming fold, epoch and batch before its optimizer step (``nonfinite_loss: error``), or is
 skipped (``skip_batch``) until more than ``max_skipped_fraction`` of an epoch's batches are.
+Off the CPU, ``error`` flags the loss on the device and reads the flag every
+:data:`NONFINITE_CHECK_EVERY` batches and at the epoch's end (:func:`nonfinite_check_interval`):
+the message names the same first non-finite batch, the steps after it ran on weights that are
+discarded with the epoch.
 Weights holding NaN/inf after an epoch, or a non-finite validation loss, stop the fold too: so
 no snapshot, ``last.pt`` or ``model.pt`` ever holds non-finite weights.
 
@@ -103,7 +107,7 @@ from segflow.core.provenance import provenance
 from segflow.core.stage_args import stage_log
 from segflow.model.datasets import SegmentationArrays, crop_to, pad_to_size
 from segflow.model.experiment import Experiment
-from segflow.model.metrics import per_image_scores
+from segflow.model.metrics import scores_from_counts
 from segflow.model.models import (
     ModelSpec,
     SnapshotEnsemble,
@@ -207,6 +211,62 @@ HISTORY_COLUMNS = (
 THRESHOLD = 0.5
 # BatchNorm recalibration draws its training batches as this (never trained) epoch would.
 RECALIBRATION_EPOCH = 0
+# Off the CPU with nonfinite_loss: error, the NaN/inf flag of the training loss is kept on the
+# device and read every this many batches and at the end of the epoch (one host sync each),
+# instead of once per batch.
+NONFINITE_CHECK_EVERY = 50
+
+
+def nonfinite_check_interval(device: torch.device, nonfinite_loss: str) -> int:
+    """Batches between two host reads of the training loss's NaN/inf flag.
+
+    1 (every batch, before its optimizer step) on the CPU, where the read costs nothing, and
+    with ``skip_batch``, which must decide before the step; else :data:`NONFINITE_CHECK_EVERY`:
+    the run still stops naming the first non-finite batch, found on the device, but the steps
+    queued after it have run on weights that are then discarded with the whole epoch.
+
+    Args:
+        device: the training device.
+        nonfinite_loss: ``train.nonfinite_loss``.
+
+    Returns:
+        The interval in batches (>= 1).
+    """
+    if device.type == "cpu" or nonfinite_loss != "error":
+        return 1
+    return NONFINITE_CHECK_EVERY
+
+
+def overlap_counts(
+    mask_logits: torch.Tensor,
+    masks: torch.Tensor,
+    window: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Per (image, class) pixel counts of a batch at threshold 0.5, on the logits' device.
+
+    The counts :func:`segflow.model.metrics.per_image_scores` derives from the thresholded
+    masks, as int64, so the scores computed from them on the host are the same numbers; a
+    validation pass reads them once instead of copying every batch's masks.
+
+    Args:
+        mask_logits: the model's logits.
+        masks: the true masks (0/1).
+        window: (top, left, height, width) of the pixels scored (pad mode), or None for all.
+
+    Returns:
+        (intersection, predicted area, true area) stacked.
+
+    Shape:
+        mask_logits, masks: (N, C, H, W); returns (3, N * C), pairs in (image, class) order.
+    """
+    pred = (mask_logits > 0).flatten(0, 1)  # sigmoid > 0.5
+    truth = masks.flatten(0, 1) != 0
+    if window is not None:
+        top, left, height, width = window
+        pred = pred[:, top : top + height, left : left + width]
+        truth = truth[:, top : top + height, left : left + width]
+    pred, truth = pred.flatten(1), truth.flatten(1)
+    return torch.stack([(pred & truth).sum(dim=1), pred.sum(dim=1), truth.sum(dim=1)])
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -350,6 +410,7 @@ class _FoldTrainer:
         self.ema = Ema(self.model, options.ema_decay) if options.ema_decay else None
         self.global_step = 0
         self.epoch_skipped = 0  # batches of the last trained epoch skipped for a NaN/inf loss
+        self.nonfinite_check_every = nonfinite_check_interval(self.device, options.nonfinite_loss)
         self.history: list[dict[str, float]] = []
         self.top_k: list[Snapshot] = []
         self.swa = WeightAverage() if options.swa_epochs else None
@@ -468,6 +529,10 @@ class _FoldTrainer:
         # A skipped batch's forward pass has already moved BatchNorm's running statistics
         # (to NaN): with skip_batch they are copied before each batch and put back.
         buffers = list(self.model.buffers()) if self.options.nonfinite_loss == "skip_batch" else []
+        deferred = self.nonfinite_check_every > 1
+        # Deferred check: the first non-finite batch (0: none yet) and its loss, on the device.
+        first_bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        first_bad_loss = torch.zeros((), device=self.device)
         for index, loaded in enumerate(bar, start=1):
             # uint8 batches of the device path are augmented and normalised here, on the device.
             batch = self.data.to_device(loaded, self.device, self.channels_last)
@@ -477,9 +542,13 @@ class _FoldTrainer:
             saved = [buffer.detach().clone() for buffer in buffers]
             mask_logits, label_logits = self._forward(self.model, images)
             loss = self._batch_loss(mask_logits, label_logits, masks, batch["pseudo"], distances)
-            # One device sync per batch: a NaN/inf loss must be caught before its step turns
+            if deferred:  # no sync: flagged on the device, read every nonfinite_check_every
+                new_bad = torch.isfinite(loss.detach()).logical_not() & (first_bad == 0)
+                first_bad_loss = torch.where(new_bad, loss.detach().float(), first_bad_loss)
+                first_bad.masked_fill_(new_bad, index)
+            # Else one device sync per batch: a NaN/inf loss is caught before its step turns
             # every weight into NaN.
-            if not bool(torch.isfinite(loss.detach())):
+            elif not bool(torch.isfinite(loss.detach())):
                 with torch.no_grad():
                     for buffer, copy_ in zip(buffers, saved, strict=True):
                         buffer.copy_(copy_)
@@ -503,8 +572,12 @@ class _FoldTrainer:
                 self.ema.update(self.model)
             total += loss.detach() * len(images)
             count += len(images)
+            if deferred and index % self.nonfinite_check_every == 0:
+                self._check_deferred_nonfinite(epoch, index, first_bad, first_bad_loss)
             if not bar.disable:
                 bar.set_postfix(loss=f"{float(total) / count:.4f}", refresh=False)
+        if deferred:
+            self._check_deferred_nonfinite(epoch, self.steps_per_epoch, first_bad, first_bad_loss)
         mean = float(total) / max(count, 1)
         if not math.isfinite(mean):  # finite batch losses whose sum overflowed
             raise SegflowError(
@@ -512,6 +585,32 @@ class _FoldTrainer:
                 "train.lr or set train.grad_clip"
             )
         return mean, lr
+
+    def _check_deferred_nonfinite(
+        self, epoch: int, checked: int, first_bad: torch.Tensor, first_bad_loss: torch.Tensor
+    ) -> None:
+        """Read the device's NaN/inf flag (one host sync); stop if a batch up to ``checked`` had
+        a non-finite loss.
+
+        Args:
+            epoch: the epoch (1-based).
+            checked: the last batch (1-based) whose loss the flag covers.
+            first_bad: the first non-finite batch of the epoch (1-based), 0 if none.
+            first_bad_loss: that batch's loss.
+
+        Raises:
+            SegflowError: naming fold, epoch and the first non-finite batch.
+        """
+        batch = int(first_bad)
+        if batch == 0:
+            return
+        raise SegflowError(
+            f"{self.label} epoch {epoch} batch {batch}/{self.steps_per_epoch}: training loss is "
+            f"{float(first_bad_loss)}; stopped at the check after batch {checked} (read every "
+            f"{self.nonfinite_check_every} batches), nothing of this epoch is saved (lower "
+            "train.lr, set train.grad_clip or check the input data, or set "
+            "train.nonfinite_loss: skip_batch)"
+        )
 
     def _skip_nonfinite_batch(self, epoch: int, batch: int, value: float) -> None:
         """Handle batch ``batch`` (1-based) of ``epoch`` whose loss is ``value`` (NaN or inf).
@@ -584,7 +683,8 @@ class _FoldTrainer:
         # the pass, instead of a sync per batch.
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        scores: dict[str, list[np.ndarray]] = {name: [] for name in SCORE_NAMES}
+        # The scores' pixel counts stay on the device too; one copy after the pass.
+        counts: list[torch.Tensor] = []
         for loaded in self.data.val_loader:
             batch = self.data.to_device(loaded, self.device, self.channels_last)
             images, masks, distances = batch["image"], batch["mask"], batch.get("distance")
@@ -593,17 +693,12 @@ class _FoldTrainer:
             total += loss.detach().double() * len(images)
             count += len(images)
             # Every (image, class) pair is scored: the mean is the mean over classes.
-            pred = (mask_logits > 0).flatten(0, 1).cpu().numpy()  # sigmoid > 0.5
-            truth = masks.flatten(0, 1).cpu().numpy().astype(bool)
-            if self.score_window is not None:
-                top, left, height, width = self.score_window
-                pred = pred[:, top : top + height, left : left + width]
-                truth = truth[:, top : top + height, left : left + width]
-            for name, values in per_image_scores(pred, truth).items():
-                if name in scores:
-                    scores[name].append(values)
+            counts.append(overlap_counts(mask_logits, masks, self.score_window))
+        intersection, pred_area, truth_area = torch.cat(counts, dim=1).cpu().numpy()
         result = {"val_loss": float(total) / max(count, 1)}
-        result.update({name: float(np.concatenate(v).mean()) for name, v in scores.items()})
+        for name in SCORE_NAMES:
+            values = scores_from_counts(name, intersection, pred_area, truth_area)
+            result[name] = float(values.mean())
         return result
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
