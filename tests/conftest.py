@@ -65,6 +65,16 @@ def isbi_membranes() -> Path:
 
 
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+# The tests' tiny experiment: a 3-level Unet on mobilenet_v2 (random init), 1 epoch.
+TINY_EXPERIMENT = {
+    "model": {
+        "arch": "Unet",
+        "encoder": "mobilenet_v2",
+        "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+    },
+    "augment": "none",
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+}
 # The post-processing grid of the tests' small workflow runs: 2 thresholds x 2 min areas.
 SMALL_POSTPROCESS_GRID = {
     "thresholds": [0.4, 0.5],

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import TINY_EXPERIMENT
 from helpers import naive_encode
 
 from segflow.core.errors import SegflowError
@@ -373,17 +374,7 @@ DICOM_RUN = {
     "preprocess": {"height": 16, "width": 16, "clahe": False, "context_slices": 1},
     "folds": {"n_folds": 2, "train_folds": [0]},
     "run_experiments": ["tiny"],
-    "experiments": {
-        "tiny": {
-            "model": {
-                "arch": "Unet",
-                "encoder": "mobilenet_v2",
-                "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-            },
-            "augment": "none",
-            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-        }
-    },
+    "experiments": {"tiny": TINY_EXPERIMENT},
     "pseudo": {"rounds": 0},
     "stack": {"enabled": False},
     "predict": {"tta": "none"},

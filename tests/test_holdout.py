@@ -11,21 +11,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import SMALL_POSTPROCESS_GRID, copy_workflow, planned_jobs, run_snakemake
+from conftest import (
+    SMALL_POSTPROCESS_GRID,
+    TINY_EXPERIMENT,
+    copy_workflow,
+    planned_jobs,
+    run_snakemake,
+)
 
 from segflow.report.summary import results_summary
 
 pytestmark = pytest.mark.workflow
 
-TINY = {
-    "model": {
-        "arch": "Unet",
-        "encoder": "mobilenet_v2",
-        "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-    },
-    "augment": "none",
-    "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-}
+TINY = TINY_EXPERIMENT
 HOLDOUT_DEMO = {
     "demo": {"n_train": 60, "n_test": 24, "seed": 5},
     "preprocess": {"height": 32, "width": 32},

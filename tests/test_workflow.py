@@ -19,6 +19,7 @@ from conftest import (
     DATA_ARTIFACTS,
     REPO_ROOT,
     SMALL_POSTPROCESS_GRID,
+    TINY_EXPERIMENT,
     copy_workflow,
     planned_jobs,
     run_snakemake,
@@ -1198,15 +1199,7 @@ SECOND_LEVEL_DEMO = {
     "demo": {"n_train": 60, "n_test": 24, "seed": 5},
     "experiments": {
         "unet_lite0": {"train": {"epochs": 1, "batch_size": 8}},
-        "tiny": {
-            "model": {
-                "arch": "Unet",
-                "encoder": "mobilenet_v2",
-                "extra": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-            },
-            "augment": "none",
-            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-        },
+        "tiny": TINY_EXPERIMENT,
     },
     # Untrained models are unsure everywhere; a loose bound still selects some images.
     "pseudo": {"rounds": 1, "max_uncertain_share": 1.0, "top_fraction": 0.5},
