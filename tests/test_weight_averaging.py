@@ -98,7 +98,8 @@ def _record_recalibration_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[
     passes: list[list[torch.Tensor]] = []
 
     def recalibrate(model: nn.Module, batches: Any, *args: Any, **kwargs: Any) -> int:
-        images = [batch["image"] for batch in batches]
+        # The trainer hands image tensors (moved to the device, augmented there on CUDA).
+        images = [batch["image"] if isinstance(batch, dict) else batch for batch in batches]
         passes.append(images)
         return _RECALIBRATE(model, images, *args, **kwargs)
 
