@@ -65,6 +65,19 @@ def isbi_membranes() -> Path:
 
 
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "envs")
+# The data section of the two-class (Severstal-style RLE CSV) runs on helpers' two-class dataset.
+TWO_CLASS_DATA = {
+    "train_images": "data/train/images",
+    "test_images": "data/test",
+    "mask_source": "rle_csv",
+    "rle_csv": "data/train.csv",
+    "rle_id_column": "ImageId",
+    "rle_class_column": "ClassId",
+    "rle_column": "EncodedPixels",
+    "rle_missing_is_empty": True,
+    "classes": ["1", "2"],
+    "metadata_csv": None,
+}
 # The tests' tiny experiment: a 3-level Unet on mobilenet_v2 (random init), 1 epoch.
 TINY_EXPERIMENT = {
     "model": {

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_workflow, run_snakemake
+from conftest import TWO_CLASS_DATA, copy_workflow, run_snakemake
 from test_workflow import SMALL_DEMO, _two_class_dataset, write_config
 
 from segflow.model.models import load_checkpoint
@@ -68,18 +68,7 @@ def test_distance_losses_train_a_multilabel_run_to_its_oof(tmp_path: Path) -> No
     overrides = {
         "results_dir": "results-dist",
         "demo": {"enabled": False},
-        "data": {
-            "train_images": "data/train/images",
-            "test_images": "data/test",
-            "mask_source": "rle_csv",
-            "rle_csv": "data/train.csv",
-            "rle_id_column": "ImageId",
-            "rle_class_column": "ClassId",
-            "rle_column": "EncodedPixels",
-            "rle_missing_is_empty": True,
-            "classes": ["1", "2"],
-            "metadata_csv": None,
-        },
+        "data": TWO_CLASS_DATA,
         "preprocess": {"height": 32, "width": 32, "clahe": False},
         "folds": {"n_folds": 2},
         "run_experiments": ["dist"],
