@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -570,7 +572,7 @@ def test_a_stack_option_refits_only_the_candidate_that_reads_it(
 
 
 def test_without_the_pixel_blender_no_stack_pixel_job_or_candidate(
-    demo_run: Path, tmp_path: Path
+    demo_run: Path, fresh_plan: Callable[[dict], list[dict]]
 ) -> None:
     """stack.pixel_blender: false on the finished run: the choice, its copy and the report
     are redone without stack_pixel, and nothing is fitted or tuned."""
@@ -581,41 +583,15 @@ def test_without_the_pixel_blender_no_stack_pixel_job_or_candidate(
         assert not [path for path in job["input"] if "stack_pixel" in path], job
     assert "stack_gate:0" in _job(jobs, "choose")["shell"]
     # A fresh run plans one stack job, the gate's, and three candidates' tuning.
-    fresh = copy_workflow(tmp_path / "fresh")
-    planned = _dry_run(fresh, {"stack": {"pixel_blender": False}})
+    planned = fresh_plan({"stack": {"pixel_blender": False}})
     assert _job(planned, "stack")["wildcards"] == {"stacker": "gate"}
     assert _job(planned, "apply_stack")["wildcards"] == {"stacker": "gate"}
     tuned = {job["wildcards"]["experiment"] for job in planned if job["rule"] == "tune_postprocess"}
     assert tuned == {"unet_lite0", "ensemble", "stack_gate"}
 
 
-def test_replacing_one_training_image_reruns_from_ingest(tmp_path: Path) -> None:
-    """A user's dataset (not the generated demo): a file overwritten in place leaves its
-    folder's modification time alone, so only the data stamp param can notice it; a file
-    touched (same bytes, new time) reruns nothing."""
-    workdir = copy_workflow(tmp_path / "user")
-    generate_demo_data(workdir / "mydata", DemoDataOptions(n_train=60, n_test=20, seed=5))
-    # The data paths of USER_DATA (below); up to the folds only.
-    user_data = {"demo": USER_DATA["demo"], "data": USER_DATA["data"], "folds": {"n_folds": 2}}
-    config = write_config(workdir, "user.yaml", user_data)
-    target = "results/folds/folds.csv"
-    run_snakemake(workdir, target, "--configfile", config)
-    assert (workdir / ".snakemake" / "segflow" / "data_stamp.json").is_file()  # the hash cache
-    image_path = sorted((workdir / "mydata" / "train" / "images").glob("*.png"))[0]
-    for touched in (image_path, workdir / "mydata" / "train.csv"):
-        later = touched.stat().st_mtime + 100
-        os.utime(touched, (later, later))  # `touch`: same bytes, new time
-    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {}
-    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
-    cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
-    assert planned_jobs(workdir, target, "--configfile", config, *TRIGGERS) == {
-        "ingest_train": 1,
-        "dedup": 1,
-        "make_folds": 1,
-    }
-
-
-# A user's dataset (demo off), for the edit matrix of the test side: tiny and one experiment.
+# A user's dataset (demo off), for the edit matrix of the test side: tiny, one experiment and
+# one holdout fold (the test side's reruns do not depend on how many folds train).
 USER_DATA = {
     "demo": {"enabled": False},
     "data": {
@@ -626,7 +602,7 @@ USER_DATA = {
         "metadata_csv": "mydata/metadata.csv",
     },
     "preprocess": {"height": 32, "width": 32},
-    "folds": {"n_folds": 2},
+    "folds": {"n_folds": 2, "train_folds": [0]},
     "run_experiments": ["unet_lite0"],
     "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},
     "pseudo": {"rounds": 0},
@@ -648,7 +624,7 @@ TEST_SIDE_JOBS = {
     "ingest_test": 1,
     "leaks": 1,
     "preprocess_test": 1,
-    "predict_test": 2,
+    "predict_test": 1,  # the holdout fold's model
     "apply_blend": 1,
     "apply_stack": 2,  # the gate's and the pixel blender's
     "submit": 4,
@@ -700,15 +676,27 @@ def test_adding_or_removing_a_test_image_reruns_the_test_side_only(user_run: Pat
 
 
 def test_a_train_image_change_still_reruns_training(user_run: Path) -> None:
-    """The train side's stamp: a train image overwritten in place retrains."""
+    """The train side's stamp on a user's dataset (not the generated demo): a file overwritten
+    in place leaves its folder's modification time alone, so only the data stamp param can
+    notice it (it reruns from ingest, and retrains); a file touched (same bytes, new time)
+    reruns nothing."""
+    assert (user_run / ".snakemake" / "segflow" / "data_stamp.json").is_file()  # the hash cache
     image_path = sorted((user_run / "mydata" / "train" / "images").glob("*.png"))[0]
+    for touched in (image_path, user_run / "mydata" / "train.csv"):
+        later = touched.stat().st_mtime + 100
+        os.utime(touched, (later, later))  # `touch`: same bytes, new time
+    assert _user_plan(user_run) == {}
     original = image_path.read_bytes()
     image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
-    cv2.imwrite(str(image_path), 255 - image)
+    cv2.imwrite(str(image_path), 255 - image)  # in place, as a user copying over it would
     try:
+        folds = planned_jobs(
+            user_run, "results/folds/folds.csv", "--configfile", "user.yaml", *TRIGGERS
+        )
         jobs = _user_plan(user_run)
     finally:
         image_path.write_bytes(original)
+    assert folds == {"ingest_train": 1, "dedup": 1, "make_folds": 1}
     assert {"ingest_train", "dedup", "make_folds", "preprocess_train"} <= set(jobs)
     assert {"train_fold", "predict_oof", "evaluate_oof", "predict_test"} <= set(jobs)
     assert _user_plan(user_run) == {}
@@ -849,6 +837,22 @@ def _dry_run(workdir: Path, overrides: dict, *args: str) -> list[dict]:
     return jobs
 
 
+@pytest.fixture(scope="module")
+def fresh_plan(tmp_path_factory: pytest.TempPathFactory) -> Callable[[dict], list[dict]]:
+    """``_dry_run`` of a fresh workflow copy (no results): one copy for the module, each
+    config's plan made once (a dry run loads the whole workflow, ~8 s) and reused."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("fresh"))
+    plans: dict[str, list[dict]] = {}
+
+    def plan(overrides: dict) -> list[dict]:
+        key = json.dumps(overrides, sort_keys=True)
+        if key not in plans:
+            plans[key] = _dry_run(workdir, overrides)
+        return copy.deepcopy(plans[key])
+
+    return plan
+
+
 def _job(jobs: list[dict], rule: str, **wildcards: str) -> dict:
     found = [j for j in jobs if j["rule"] == rule and wildcards.items() <= j["wildcards"].items()]
     assert len(found) == 1, (rule, wildcards, [j["wildcards"] for j in jobs if j["rule"] == rule])
@@ -868,8 +872,10 @@ TWO_STAGE = {
 }
 
 
-def test_a_second_stage_fold_trains_after_the_same_fold_of_the_first(tmp_path: Path) -> None:
-    jobs = _dry_run(copy_workflow(tmp_path), TWO_STAGE)
+def test_a_second_stage_fold_trains_after_the_same_fold_of_the_first(
+    fresh_plan: Callable[[dict], list[dict]],
+) -> None:
+    jobs = fresh_plan(TWO_STAGE)
     for fold in ("0", "1"):
         first = "results/models/unet_lite0/round0/fold{}/model.pt"
         second = _job(jobs, "train_fold", experiment="lovasz", fold=fold)
@@ -890,13 +896,12 @@ def test_a_second_stage_fold_trains_after_the_same_fold_of_the_first(tmp_path: P
     [("full", ["full"]), ("both", ["fold0", "fold1", "full"]), ("folds", ["fold0", "fold1"])],
 )
 def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
-    tmp_path: Path, test_models: str, members: list[str]
+    fresh_plan: Callable[[dict], list[dict]], test_models: str, members: list[str]
 ) -> None:
-    workdir = copy_workflow(tmp_path)
     refit = {
         "experiments": {"unet_lite0": {"refit": {"enabled": True, "test_models": test_models}}}
     }
-    jobs = _dry_run(workdir, refit)
+    jobs = fresh_plan(refit)
     full = _job(jobs, "train_full", experiment="unet_lite0", round="0")
     assert {f"results/models/unet_lite0/round0/fold{k}/metrics.json" for k in (0, 1)} <= set(
         full["input"]
@@ -911,7 +916,7 @@ def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
         predict = _job(jobs, "predict_test_full", experiment="unet_lite0")
         assert predict["input"][0] == "results/models/unet_lite0/round0/full/model.pt"
     # The folds train, predict OOF and are scored as without the refit.
-    plain = _dry_run(workdir, {})
+    plain = fresh_plan({})
     for rule in ("train_fold", "predict_oof"):
         assert sorted(j["shell"] for j in jobs if j["rule"] == rule) == sorted(
             j["shell"] for j in plain if j["rule"] == rule
@@ -920,11 +925,11 @@ def test_a_refit_trains_a_full_model_that_predicts_the_test_set(
 
 
 def test_a_budget_plans_the_run_folds_and_refit_but_not_a_first_stage_outside_the_run(
-    tmp_path: Path,
+    fresh_plan: Callable[[dict], list[dict]],
 ) -> None:
     lovasz = {**TWO_STAGE["experiments"]["lovasz"], "refit": {"enabled": True}}
     config = {**TWO_STAGE, "experiments": {"lovasz": lovasz}, "budget": {"minutes": 20}}
-    jobs = _dry_run(copy_workflow(tmp_path), config)
+    jobs = fresh_plan(config)
     plan = _job(jobs, "plan_budget")
     assert not plan["checkpoint"]  # no refit.test_models auto: a plain rule
     planned = json.loads(_flag(plan["shell"], "--experiments"))
@@ -956,12 +961,11 @@ def _rules(jobs: list[dict]) -> dict[str, int]:
 
 
 def test_a_budgeted_refit_without_auto_plans_the_same_jobs_plus_plan_budget(
-    tmp_path: Path,
+    fresh_plan: Callable[[dict], list[dict]],
 ) -> None:
-    workdir = copy_workflow(tmp_path)
     refit = {"experiments": {"unet_lite0": {"refit": {"enabled": True, "test_models": "both"}}}}
-    plain = _dry_run(workdir, refit)
-    budgeted = _dry_run(workdir, {**refit, "budget": {"minutes": 20}})
+    plain = fresh_plan(refit)  # test_a_refit_..._set[both]'s plan
+    budgeted = fresh_plan({**refit, "budget": {"minutes": 20}})
     assert _rules(budgeted) == {**_rules(plain), "plan_budget": 1}
     assert not [job for job in budgeted if job["checkpoint"]]
     planned = [*plain, _job(budgeted, "plan_budget")]
@@ -973,11 +977,11 @@ def _job_key(job: dict) -> tuple[str, list[tuple[str, str]]]:
 
 
 def test_refit_auto_makes_plan_budget_a_checkpoint_the_test_set_waits_for(
-    tmp_path: Path,
+    fresh_plan: Callable[[dict], list[dict]],
 ) -> None:
     auto = {"refit": {"enabled": True, "test_models": "auto"}}
     config = {"experiments": {"unet_lite0": auto}, "budget": {"minutes": 20}}
-    jobs = _dry_run(copy_workflow(tmp_path), config)
+    jobs = fresh_plan(config)
     assert _job(jobs, "plan_budget")["checkpoint"]
     # Which models predict the test set is the plan's choice: nothing of it before the plan.
     for rule in ("train_full", "predict_test_full", "predict_test"):
@@ -1136,7 +1140,8 @@ def test_multilabel_competition_runs_end_to_end(tmp_path: Path) -> None:
         "demo": {"enabled": False},
         "data": TWO_CLASS_DATA,
         "preprocess": {"height": 32, "width": 32, "clahe": False},
-        "folds": {"n_folds": 2},
+        # One holdout fold: multi-label training of every fold is test_tricks_workflow's.
+        "folds": {"n_folds": 2, "train_folds": [0]},
         "run_experiments": ["tiny"],
         "experiments": {
             "tiny": {
@@ -1162,8 +1167,10 @@ def test_multilabel_competition_runs_end_to_end(tmp_path: Path) -> None:
     results = workdir / "results-ml"
     stats = json.loads((results / "preprocess" / "stats.json").read_text())
     assert stats["classes"] == ["1", "2"] and stats["multilabel"] is True
+    folds = pd.read_csv(results / "folds" / "folds.csv", dtype={"id": str})
+    assert len(folds) == 40 and 0 < (folds["fold"] == 0).sum() < 40
     oof = np.load(results / "oof" / "tiny" / "round0" / "oof_probs.npy")
-    assert oof.shape == (40, 2, 48, 48)
+    assert oof.shape == ((folds["fold"] == 0).sum(), 2, 48, 48)  # the holdout fold's images
     metrics = json.loads((results / "oof" / "tiny" / "round0" / "metrics.json").read_text())
     assert [record["class"] for record in metrics["per_class"]] == ["1", "2"]
     params = json.loads((results / "postprocess" / "tiny" / "round0" / "params.json").read_text())
@@ -1187,6 +1194,10 @@ SECOND_LEVEL_DEMO = {
     **SMALL_DEMO,
     "run_experiments": ["unet_lite0", "tiny"],
     "demo": {"n_train": 60, "n_test": 24, "seed": 5},
+    # One holdout fold: 12 torch jobs (2 experiments x 2 rounds x train, OOF, test), not 24.
+    # Full cross-validation end to end is demo_run's (and stacking's cross-fit on first-level
+    # folds with it); here the stack cross-fits on sub-folds of fold 0's OOF rows.
+    "folds": {"n_folds": 2, "train_folds": [0]},
     "experiments": {
         "unet_lite0": {"train": {"epochs": 1, "batch_size": 8}},
         "tiny": TINY_EXPERIMENT,
@@ -1204,8 +1215,8 @@ def second_level_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir
 
 
-# The second-level run (two experiments, a pseudo round, stacking) is the suite's longest
-# set-up: ~10 minutes alone on 2 cores, so it gets more than the default 900 s per test.
+# The second-level run (two experiments, a pseudo round, stacking) is the module's longest
+# set-up (~3 minutes on one core), so it gets more than the default 900 s per test.
 @pytest.mark.timeout(1800)
 def test_pseudo_round_trains_on_selected_test_images_and_scores_on_real_labels(
     second_level_run: Path,
@@ -1224,7 +1235,8 @@ def test_pseudo_round_trains_on_selected_test_images_and_scores_on_real_labels(
         n_pseudo = int(selection["selected"].sum())
         assert f"{(folds['fold'] != 0).sum() + n_pseudo} training" in log
         oof_ids = pd.read_csv(results / "oof" / name / "round1" / "oof_ids.csv", dtype={"id": str})
-        assert sorted(oof_ids["id"]) == sorted(folds["id"])  # real labels only, every item once
+        # real labels only, every item of the holdout fold once
+        assert sorted(oof_ids["id"]) == sorted(folds.loc[folds["fold"] == 0, "id"])
 
 
 @pytest.mark.timeout(1800)
@@ -1255,5 +1267,5 @@ def test_final_choice_and_stage_table(second_level_run: Path) -> None:
 @pytest.mark.timeout(1800)
 def test_rerunning_a_pseudo_round_never_retrains_round_0(second_level_run: Path) -> None:
     jobs = planned_jobs(second_level_run, "--configfile", "two.yaml", "-R", "select_pseudo")
-    assert jobs.get("train_fold") == 4  # 2 experiments x 2 folds of round 1 only
+    assert jobs.get("train_fold") == 2  # 2 experiments x the holdout fold of round 1 only
     assert "blend" in jobs and "evaluate_oof" in jobs
