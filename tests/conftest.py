@@ -169,6 +169,23 @@ def planned_jobs(workdir: Path, *args: str, src: Path | None = None) -> dict[str
     }
 
 
+def run_job_counts(result) -> dict[str, int]:
+    """Rule -> job count of the job table a real (not dry) run printed when it started: what
+    it planned, read from the run itself instead of a dry run before it (the first table; a
+    checkpoint's later re-evaluation may print more)."""
+    import re
+
+    output = result.stdout + result.stderr
+    if "Job stats:" not in output:
+        raise AssertionError(f"no job table in the run's output:\n{output[-2000:]}")
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {
+        match.group(1): int(match.group(2))
+        for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE)
+        if match.group(1) != "total"
+    }
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """A headless-capable Chromium; installed with apt-get (Debian ``chromium``) when missing

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from conftest import REPO_ROOT
 
 from segflow.model.models import ModelSpec
@@ -252,13 +253,21 @@ def test_budget_key_is_detected_from_the_schema(tmp_path: Path) -> None:
 @pytest.mark.workflow
 @pytest.mark.slow
 def test_tiny_run_writes_the_table(tmp_path: Path) -> None:
+    """The demo recipe (config/config.yaml, which the workflow reads first anyway) with one
+    trained fold of --tiny's two (folds.train_folds): the pipeline's OOF is fold 0's."""
     out = tmp_path / "quality"
     script = REPO_ROOT / "benchmarks" / "bench_quality.py"
+    recipe = tmp_path / "recipe.yaml"
+    config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    config["folds"]["train_folds"] = [0]
+    recipe.write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [
             sys.executable,
             str(script),
             "--tiny",
+            "--config",
+            str(recipe),
             "--out",
             str(out),
             "--work-dir",

@@ -2,8 +2,10 @@
 JSON says which code, seed and options made it.
 
 The whole workflow runs twice, in two folders, on one dataset (the manifest records absolute
-image paths, so both runs read the same folder) with a tiny model on the CPU. Every artifact is
-then compared byte for byte; the only exceptions are the logs and benchmarks (time stamps) and
+image paths, so both runs read the same folder) with a tiny model on the CPU. Each run is every
+stage on a small DAG: a 2-fold split of which fold 0 trains (``folds.train_folds``), its OOF, the
+test set, the ensemble, both stackers (cross-fitted on sub-folds of fold 0), the final choice and
+the report. Every artifact is then compared byte for byte; the only exceptions are the logs and benchmarks (time stamps) and
 the training timings (``seconds`` in history.csv, ``train_seconds``/``elapsed_seconds`` in the
 fold's metrics.json), which are measurements, not results.
 """
@@ -13,18 +15,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
-from conftest import REPO_ROOT, SMALL_POSTPROCESS_GRID, TEST_CORES, copy_workflow, run_snakemake
+from conftest import SMALL_POSTPROCESS_GRID, TEST_CORES, copy_workflow, run_snakemake
 
-from segflow import __version__
+from segflow import __version__, cli
 from segflow.core.provenance import (
     PROVENANCE_KEY,
     options_hash,
@@ -64,7 +64,9 @@ def tiny_config(data: Path) -> dict:
             "metadata_csv": str(data / "metadata.csv"),
         },
         "preprocess": {"height": 32, "width": 32},
-        "folds": {"n_folds": 2},
+        # Fold 0 of 2 trains: each run's torch jobs (process start-up is most of their time)
+        # are one training, OOF and test prediction, every other stage as in full CV.
+        "folds": {"n_folds": 2, "train_folds": [0]},
         "run_experiments": ["tiny"],
         "experiments": {"tiny": TINY_EXPERIMENT},
         "pseudo": {"rounds": 0},
@@ -133,7 +135,6 @@ def test_oof_predictions_are_byte_identical_on_cpu(two_runs: tuple[Path, Path]) 
     oof = "oof/tiny/round0"
     for relative in (
         f"{oof}/fold0/probs.npy",
-        f"{oof}/fold1/probs.npy",
         f"{oof}/oof_probs.npy",
         f"{oof}/oof_ids.csv",
         f"{oof}/metrics.json",
@@ -142,6 +143,7 @@ def test_oof_predictions_are_byte_identical_on_cpu(two_runs: tuple[Path, Path]) 
         assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative
     probs = np.load(first / oof / "oof_probs.npy").astype(np.float32)
     assert probs.std() > 0  # a trained model's varied output, not a constant
+    assert not (first / "models" / "tiny" / "round0" / "fold1").exists()  # fold 0 alone trains
 
 
 @pytest.mark.workflow
@@ -215,16 +217,15 @@ def test_data_loader_workers_give_the_same_oof(two_runs: tuple[Path, Path], tmp_
 
 
 def _segflow(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
-    result = subprocess.run(
-        [sys.executable, "-m", "segflow", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"segflow {args[0]} failed:\n{result.stderr[-3000:]}")
+    """``segflow ARGS`` in this process (the CLI's own entry point, without a new interpreter
+    importing torch again); the thread count it sets is put back."""
+    threads = torch.get_num_threads()
+    try:
+        status = cli.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    if status != 0:
+        raise AssertionError(f"segflow {args[0]} failed with status {status} (stderr above)")
 
 
 # ------------------------------------------------------------------------------ provenance
@@ -281,11 +282,12 @@ def test_every_metrics_json_records_version_seed_and_config_hash(
     assert blocks["stack/round0/class_0/gate_metrics.json"]["seed"] == 0  # stack.seed
     for name in ("ingest/summary.json", "preprocess/stats.json", "final/choice.json"):
         assert blocks[name]["seed"] is None, name
-    # Training's config hash is the resume hash: it covers the fold.
-    fold_hashes = {
-        blocks[f"models/tiny/round0/fold{k}/metrics.json"]["config_hash"] for k in (0, 1)
+    # Training's config hash is the resume hash (which covers the fold: see
+    # test_training_config_hash_keeps_its_digest): not the options hash of the other stages.
+    train_hash = blocks["models/tiny/round0/fold0/metrics.json"]["config_hash"]
+    assert train_hash not in {
+        block["config_hash"] for name, block in blocks.items() if not name.startswith("models/")
     }
-    assert len(fold_hashes) == 2
 
     # One job, one block: the gate job's JSONs agree, and the pixel job's; the two differ (each
     # hashes only the options it reads).
@@ -345,6 +347,8 @@ def test_training_config_hash_keeps_its_digest() -> None:
     }
     expected = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     assert config_hash(options, spec, 1, {"bce": 1.0}, None, "d4", data) == expected
+    # The fold is part of it: another fold's training never resumes this one's state.
+    assert config_hash(options, spec, 0, {"bce": 1.0}, None, "d4", data) != expected
 
 
 def _resume_exempt() -> tuple[str, ...]:

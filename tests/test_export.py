@@ -1,8 +1,9 @@
 """segflow export and predict-bundle (issue 16): the final choice as a self-contained zip, run
 offline on a folder of images with the pipeline's own outputs.
 
-One tiny workflow run (1 experiment, 2 folds, 1 epoch, 32x32 inputs, both stacked candidates,
-the gate with per-image thresholds) is shared by the module; its ``export_bundle`` rule writes
+One tiny workflow run (1 experiment trained on fold 0 of 2 -- ``folds.train_folds`` -- 1 epoch,
+32x32 inputs, both stacked candidates, the gate with per-image thresholds) is shared by the
+module; its ``export_bundle`` rule writes
 the bundle. Bad bundles and bad images are refused
 with one ``segflow predict-bundle: error: ...`` line and nothing written.
 """
@@ -43,7 +44,8 @@ from segflow.model.submit import SubmissionOptions, train_label
 
 TINY = {
     "demo": {"n_train": 40, "n_test": 16, "seed": 5},
-    "folds": {"n_folds": 2},
+    # One trained fold: the bundle carries what was trained, one model or five alike.
+    "folds": {"n_folds": 2, "train_folds": [0]},
     "preprocess": {"height": 32, "width": 32},
     "run_experiments": ["unet_lite0"],
     "experiments": {"unet_lite0": {"train": {"epochs": 1, "batch_size": 8}}},

@@ -15,7 +15,6 @@ from conftest import (
     SMALL_POSTPROCESS_GRID,
     TINY_EXPERIMENT,
     copy_workflow,
-    planned_jobs,
     run_snakemake,
 )
 
@@ -91,11 +90,19 @@ def test_one_holdout_fold_trains_and_every_oof_consumer_works_on_its_oof(
     assert f"The OOF covers {coverage}." in (results / "report" / "report.html").read_text()
 
 
-def _shells(workdir: Path, *configs: str) -> list[str]:
-    """The shell command of every job of a dry run, sorted."""
+def _plan(workdir: Path, *configs: str) -> tuple[dict[str, int], list[str]]:
+    """One dry run of every job (--forceall): rule -> job count, as planned_jobs reads it, and
+    the shell command of every job, sorted."""
     args = ["--configfile", *configs] if configs else []
-    output = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--forceall", *args).stdout
-    return sorted(re.findall(r"^(?:Shell command: )?\s*(segflow .*)$", output, flags=re.M))
+    result = run_snakemake(workdir, "--dry-run", "--printshellcmds", "--forceall", *args)
+    table = (result.stdout + result.stderr).split("Job stats:", 1)[1]
+    jobs = {
+        match.group(1): int(match.group(2))
+        for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE)
+        if match.group(1) != "total"
+    }
+    shells = re.findall(r"^(?:Shell command: )?\s*(segflow .*)$", result.stdout, flags=re.M)
+    return jobs, sorted(shells)
 
 
 def test_train_folds_null_plans_the_jobs_of_full_cross_validation(tmp_path: Path) -> None:
@@ -115,39 +122,39 @@ def test_train_folds_null_plans_the_jobs_of_full_cross_validation(tmp_path: Path
     # A config from before the key existed (none in config.yaml either) plans what null plans.
     base.write_text(re.sub(r"\n  train_folds: null[^\n]*\n", "\n", base.read_text()))
     assert "train_folds" not in yaml.safe_load(base.read_text())["folds"]
-    absent_jobs = planned_jobs(workdir, "--configfile", without, "--forceall")
-    assert planned_jobs(workdir, "--configfile", null, "--forceall") == absent_jobs
-    assert planned_jobs(workdir, "--configfile", every, "--forceall") == absent_jobs
+    absent_jobs, absent_shells = _plan(workdir, without)
+    null_jobs, null_shells = _plan(workdir, null)
+    assert null_jobs == absent_jobs
+    assert _plan(workdir, every)[0] == absent_jobs
     assert absent_jobs["train_fold"] == 2 * 2 * 3  # experiments x rounds x folds
-    absent_shells = _shells(workdir, without)
-    assert _shells(workdir, null) == absent_shells  # every command byte for byte
+    assert null_shells == absent_shells  # every command byte for byte
     assert not any("--train-folds" in shell for shell in absent_shells)
     # [1]: a third of the fold-wise jobs, the same split (make_folds' command unchanged).
-    held = planned_jobs(workdir, "--configfile", holdout, "--forceall")
+    held, held_shells = _plan(workdir, holdout)
     for rule in PER_FOLD_RULES:
         assert held[rule] == absent_jobs[rule] // 3, rule
     assert {k: v for k, v in held.items() if k not in PER_FOLD_RULES} == {
         k: v for k, v in absent_jobs.items() if k not in PER_FOLD_RULES
     }
-    held_shells = _shells(workdir, holdout)
     folds_cmd = [s for s in absent_shells if s.startswith("segflow folds ")]
     assert folds_cmd and [s for s in held_shells if s.startswith("segflow folds ")] == folds_cmd
     trains = [s for s in held_shells if s.startswith("segflow train ")]
     assert trains and all("--fold 1 " in s for s in trains)
-    # A refit takes its epochs from the trained fold's metrics alone.
     refit = {
         "tiny": {**TINY, "refit": {"enabled": True}},
         "unet_lite0": small["experiments"]["unet_lite0"],
     }
+    # A refit takes its epochs from the trained fold's metrics alone, and the budget plans the
+    # trained fold only (one dry run of both).
     refit_cfg = _write(workdir, "refit.yaml", {"experiments": refit})
-    fulls = [s for s in _shells(workdir, holdout, refit_cfg) if "--refit-from" in s]
+    budget = _write(workdir, "budget.yaml", {"budget": {"minutes": 10}})
+    refit_shells = _plan(workdir, holdout, refit_cfg, budget)[1]
+    fulls = [s for s in refit_shells if "--refit-from" in s]
     assert len(fulls) == 2  # tiny, rounds 0 and 1
     for shell in fulls:
         sources = shell.split("--refit-from ", 1)[1].split(" --name", 1)[0].split()
         assert len(sources) == 1 and sources[0].endswith("/fold1/metrics.json"), shell
-    # The budget plans the trained fold only.
-    budget = _write(workdir, "budget.yaml", {"budget": {"minutes": 10}})
-    plan = [s for s in _shells(workdir, holdout, budget) if s.startswith("segflow plan-budget ")]
+    plan = [s for s in refit_shells if s.startswith("segflow plan-budget ")]
     assert len(plan) == 1 and " --train-folds 1 " in plan[0]
-    plan = [s for s in _shells(workdir, null, budget) if s.startswith("segflow plan-budget ")]
+    plan = [s for s in _plan(workdir, null, budget)[1] if s.startswith("segflow plan-budget ")]
     assert len(plan) == 1 and "--train-folds" not in plan[0]

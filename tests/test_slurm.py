@@ -212,32 +212,46 @@ SLURM_RUN = {
 }
 
 
-@pytest.mark.slurm
-def test_slurm_profile_runs_jobs_through_sbatch_like_a_local_run(
-    slurm_cluster: Path, tmp_path: Path
-) -> None:
-    local = copy_workflow(tmp_path / "local")
+# No accounting daemon here: squeue for job states (MinJobAge=300), no account. The first
+# status check 1 s after a submission (the plugin then waits 10 s longer after each check that
+# finds no job finished): the jobs here take seconds, and every check is a cheap squeue.
+SLURM_FLAGS = (
+    "--profile",
+    "profiles/slurm",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-no-account",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The targets run locally (no profile) with SLURM_RUN: the reference the cluster run must
+    equal, and the finished data stages the memory-retry test starts from."""
+    local = copy_workflow(tmp_path_factory.mktemp("slurm-local") / "local")
     # Targets first: --configfile takes every word after it.
     run_snakemake(local, *TARGETS, "--configfile", write_config(local, SLURM_RUN))
+    return local
 
+
+@pytest.mark.slurm
+def test_slurm_profile_runs_jobs_through_sbatch_like_a_local_run(
+    slurm_cluster: Path, local_run: Path, tmp_path: Path
+) -> None:
+    local = local_run
     cluster = copy_workflow(tmp_path / "cluster")
     logdir = tmp_path / "slurm-logs"
     result = run_snakemake(
         cluster,
         *TARGETS,
-        "--profile",
-        "profiles/slurm",
-        "--configfile",
-        write_config(cluster, SLURM_RUN),
-        # No accounting daemon here: squeue for job states (MinJobAge=300), no account.
-        "--slurm-status-command",
-        "squeue",
-        "--slurm-no-account",
-        "--slurm-init-seconds-before-status-checks",
-        "5",
+        *SLURM_FLAGS,
         "--slurm-logdir",
         str(logdir),
         "--slurm-keep-successful-logs",
+        "--configfile",
+        write_config(cluster, SLURM_RUN),
     )
     output = result.stdout + result.stderr
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", output)
@@ -305,37 +319,31 @@ STARVED_MEM_MB = 150
 
 
 @pytest.mark.slurm
-def test_job_killed_for_memory_is_retried_with_more(slurm_cluster: Path, tmp_path: Path) -> None:
-    workdir = copy_workflow(tmp_path / "cluster")
+def test_job_killed_for_memory_is_retried_with_more(
+    slurm_cluster: Path, local_run: Path, tmp_path: Path
+) -> None:
+    """make_folds starved of memory on the cluster; its inputs (ingest, dedup) are the local
+    run's, copied with Snakemake's records, so make_folds is the only job submitted."""
+    workdir = tmp_path / "cluster"
+    shutil.copytree(local_run, workdir, symlinks=True)  # copy2: the same mtimes
+    shutil.rmtree(workdir / "results" / "folds")
     run = {
         **SLURM_RUN,
-        "cluster": {
-            "rules": {
-                "ingest_train": {"mem_mb": JOB_MEM_MB},
-                "dedup": {"mem_mb": JOB_MEM_MB},
-                "make_folds": {"mem_mb": STARVED_MEM_MB},
-            }
-        },
+        "cluster": {"rules": {"make_folds": {"mem_mb": STARVED_MEM_MB}}},
     }
     result = run_snakemake(
         workdir,
         "results/folds/folds.csv",
-        "--profile",
-        "profiles/slurm",
-        "--configfile",
-        write_config(workdir, run),
-        "--slurm-status-command",
-        "squeue",
-        "--slurm-no-account",
-        "--slurm-init-seconds-before-status-checks",
-        "5",
+        *SLURM_FLAGS,
         "--slurm-logdir",
         str(tmp_path / "slurm-logs"),
+        "--configfile",
+        write_config(workdir, run),
     )
     output = result.stdout + result.stderr
     jobs = slurm_jobs(re.findall(r"submitted with SLURM jobid (\d+)", output))
     attempts = [job for job in jobs if job[1] == "make_folds"]
-    assert len(attempts) >= 2, (jobs, output[-3000:])
+    assert attempts == jobs and len(attempts) >= 2, (jobs, output[-3000:])
     # Each attempt asked for mem_mb x attempt; all but the last were killed by slurmstepd for
     # exceeding it (state FAILED without cgroups), the last completed.
     assert [memory for *_, memory in attempts] == [

@@ -1,7 +1,11 @@
 """End-to-end Snakemake runs of the competition tricks (issue 18): distance losses,
 DeepLabV3 with a GeM aux head on dehazed arrays, and the inference options (multi-scale TTA,
 gmean merge, MC-dropout, vote). A module of their own so `make test`'s xdist workers share
-them out with test_workflow.py's runs."""
+them out with test_workflow.py's runs.
+
+Each run trains fold 0 of a 2-fold split (``folds.train_folds: [0]``): the options act on one
+fold's training and predictions as on every fold's, and each fold costs a torch process per
+training or prediction job."""
 
 from __future__ import annotations
 
@@ -18,15 +22,20 @@ from segflow.model.models import load_checkpoint
 
 pytestmark = pytest.mark.workflow
 
+# One trained fold (fold 0) of a 2-fold split.
+HOLDOUT = {"n_folds": 2, "train_folds": [0]}
+
 
 def test_deeplabv3_with_gem_aux_head_on_dehazed_arrays_runs_to_the_oof_metrics(
     tmp_path: Path,
 ) -> None:
     """Issue 18's options through the workflow: dehazed arrays (train and test), a DeepLabV3
-    with a GeM-pooled aux head, trained, predicted and scored on the OOF and the test set."""
+    with a GeM-pooled aux head, trained (fold 0), predicted and scored on the OOF and the test
+    set."""
     workdir = copy_workflow(tmp_path / "deeplab")
     overrides = {
         **SMALL_DEMO,
+        "folds": HOLDOUT,
         "demo": {"n_train": 24, "n_test": 8, "height": 32, "width": 32, "seed": 5},
         "preprocess": {"dehaze": True, "dehaze_patch": 5},
         "experiments": {
@@ -62,7 +71,7 @@ def test_deeplabv3_with_gem_aux_head_on_dehazed_arrays_runs_to_the_oof_metrics(
 
 def test_distance_losses_train_a_multilabel_run_to_its_oof(tmp_path: Path) -> None:
     """A two-class run whose loss has the distance-based terms (the loaders compute the maps of
-    the augmented masks) and a ramped boundary term trains both folds and scores its OOF."""
+    the augmented masks) and a ramped boundary term trains its fold and scores its OOF."""
     workdir = copy_workflow(tmp_path / "workflow")
     _two_class_dataset(workdir / "data", n_train=24, n_test=4, size=32)
     overrides = {
@@ -70,7 +79,7 @@ def test_distance_losses_train_a_multilabel_run_to_its_oof(tmp_path: Path) -> No
         "demo": {"enabled": False},
         "data": TWO_CLASS_DATA,
         "preprocess": {"height": 32, "width": 32, "clahe": False},
-        "folds": {"n_folds": 2},
+        "folds": HOLDOUT,
         "run_experiments": ["dist"],
         "experiments": {
             "dist": {
@@ -94,10 +103,9 @@ def test_distance_losses_train_a_multilabel_run_to_its_oof(tmp_path: Path) -> No
     config = write_config(workdir, "dist.yaml", overrides)
     run_snakemake(workdir, "results-dist/oof/dist/round0/metrics.json", "--configfile", config)
     results = workdir / "results-dist"
-    for fold in (0, 1):
-        model_dir = results / "models" / "dist" / "round0" / f"fold{fold}"
-        history = pd.read_csv(model_dir / "history.csv")
-        assert len(history) == 2 and np.isfinite(history[["train_loss", "val_loss"]]).all().all()
+    model_dir = results / "models" / "dist" / "round0" / "fold0"
+    history = pd.read_csv(model_dir / "history.csv")
+    assert len(history) == 2 and np.isfinite(history[["train_loss", "val_loss"]]).all().all()
     metrics = json.loads((results / "oof" / "dist" / "round0" / "metrics.json").read_text())
     assert [record["class"] for record in metrics["per_class"]] == ["1", "2"]
 
@@ -107,6 +115,7 @@ def test_distance_losses_train_a_multilabel_run_to_its_oof(tmp_path: Path) -> No
 # majority-vote ensemble; the second level's stacking is off to keep the run short.
 INFERENCE_DEMO = {
     **SMALL_DEMO,
+    "folds": HOLDOUT,
     "run_experiments": ["fpn"],
     "experiments": {
         "fpn": {
@@ -136,18 +145,27 @@ INFERENCE_DEMO = {
 }
 
 
+# Where the options act: round 0's predictions, the vote and its submission, and round 1's
+# pseudo-label selection by the MC-dropout spread (round 1's training on it is no new option).
+INFERENCE_TARGETS = (
+    "results/submission/ensemble/round0/submission.csv",
+    "results/pseudo/round1/selection.csv",
+)
+
+
 @pytest.mark.timeout(1800)
 def test_inference_options_run_end_to_end(tmp_path: Path) -> None:
+    """The inference options from the predictions to the ensemble's submission and the next
+    round's pseudo-label selection."""
     workdir = copy_workflow(tmp_path)
-    run_snakemake(workdir, "--configfile", write_config(workdir, "infer.yaml", INFERENCE_DEMO))
+    config = write_config(workdir, "infer.yaml", INFERENCE_DEMO)
+    run_snakemake(workdir, *INFERENCE_TARGETS, "--configfile", config)
     results = workdir / "results"
-    for fold in (0, 1):
-        fold_dir = results / "test" / "fpn" / "round0" / f"fold{fold}"
-        probs, spread = (np.load(fold_dir / name) for name in ("probs.npy", "uncertainty.npy"))
-        assert spread.shape == probs.shape and spread.dtype == np.float16
-        assert float(spread.astype(np.float32).max()) > 0  # the passes differed
-        oof_dir = results / "oof" / "fpn" / "round0" / f"fold{fold}"
-        assert (oof_dir / "uncertainty.npy").is_file()
+    fold_dir = results / "test" / "fpn" / "round0" / "fold0"
+    probs, spread = (np.load(fold_dir / name) for name in ("probs.npy", "uncertainty.npy"))
+    assert spread.shape == probs.shape and spread.dtype == np.float16
+    assert float(spread.astype(np.float32).max()) > 0  # the passes differed
+    assert (results / "oof" / "fpn" / "round0" / "fold0" / "uncertainty.npy").is_file()
     ensemble_test = results / "test" / "ensemble" / "round0"
     assert (ensemble_test / "uncertainty.npy").is_file()
     weights = json.loads((results / "ensemble" / "round0" / "weights.json").read_text())
@@ -162,4 +180,5 @@ def test_inference_options_run_end_to_end(tmp_path: Path) -> None:
     selection = pd.read_csv(results / "pseudo" / "round1" / "selection.csv", dtype={"id": str})
     # The MC-dropout rule: the confidence is 1 - 2 * mean std, not the band's.
     assert selection["confidence"].between(0, 1).all()
-    assert (results / "final" / "submission.csv").is_file()
+    submission = pd.read_csv(results / INFERENCE_TARGETS[0].removeprefix("results/"), dtype=str)
+    assert len(submission) == INFERENCE_DEMO["demo"]["n_test"]
