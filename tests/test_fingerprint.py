@@ -560,3 +560,48 @@ def test_the_package_s_own_edits_rerun_exactly_their_stages(tmp_path: Path) -> N
     assert {"tune-postprocess", "submit"} <= changed
     # choose reads tune-postprocess's per-image scores: it never post-processes nor scores.
     assert not changed & {"blend", "stack", "train", "predict-oof", "choose"}
+
+
+def test_the_disk_cache_answers_only_for_the_source_it_was_computed_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workflow keeps fingerprints on disk between invocations: the same bytes are answered
+    without parsing, a code change is recomputed (and differs), a comment-only edit is
+    recomputed (and is equal), a corrupt or unwritable cache file only costs recomputation."""
+    import json
+
+    from segflow.core import fingerprint
+
+    package = _package(tmp_path / "pkg", {"a.py": "def run():\n    return 1\n"})
+    cache = tmp_path / "snakemake" / "code_fingerprints.json"
+
+    def fresh() -> str:
+        fingerprint.source_digest.cache_clear()  # a new process: nothing in memory
+        return _fresh(package, "segflow.a")
+
+    class Unparsed:
+        def __init__(self, *args: object) -> None:
+            raise AssertionError("parsed although the disk cache holds the answer")
+
+    fingerprint.use_disk_cache(cache)
+    try:
+        first = fresh()
+        stored = json.loads(cache.read_text())
+        assert stored["source"] == fingerprint.source_digest(str(package.resolve()))
+        assert first in stored.values()
+        with monkeypatch.context() as patched:
+            patched.setattr(fingerprint, "_Reach", Unparsed)
+            assert fresh() == first
+        _edit(package, "a.py", "return 1", "return 2")
+        changed = fresh()
+        assert changed != first
+        _edit(package, "a.py", "return 2", "return 2  # a comment")
+        assert fresh() == changed
+        cache.write_text("{not json")
+        assert fresh() == changed and json.loads(cache.read_text())["source"]
+        (tmp_path / "a-file").write_text("")
+        fingerprint.use_disk_cache(tmp_path / "a-file" / "code_fingerprints.json")
+        assert fresh() == changed  # unwritable: computed, a warning logged, no error
+    finally:
+        fingerprint.use_disk_cache(None)
+        fingerprint.source_digest.cache_clear()

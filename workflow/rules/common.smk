@@ -18,9 +18,14 @@ from segflow.ensemble.pseudo import check_pseudo_uncertainty
 from segflow.ensemble.stacking.stackers import STACKER_OPTIONS, candidate_name
 from segflow.data.ingest import count_images
 from segflow.stages import stage_fingerprint
+from segflow.core.fingerprint import CACHE_NAME as FINGERPRINT_CACHE, use_disk_cache
 from segflow.model.training.refit import check_refit, refit_enabled
 from segflow.model.resolution_plan import RESOLUTION_KEYS, check_resolution_config
 from segflow.search.space import check_search, study_id
+
+# Every stage's code fingerprint, kept between invocations (dry runs included) until a byte of
+# the package changes: parsing the package costs ~2 s per invocation otherwise.
+use_disk_cache(os.path.join(".snakemake", "segflow", FINGERPRINT_CACHE))
 
 # One line naming the bad key first; snakemake's validate then fills in the defaults.
 check_config(config, workflow.source_path("../schemas/config.schema.yaml"))

@@ -53,12 +53,25 @@ sub-commands), ``segflow/__init__.py`` and the subpackages' ``__init__`` files (
 part of no fingerprint, so editing them reruns nothing. :func:`module_closure` names the modules
 that a stage's fingerprint touches (those with code hashed);
 :func:`segflow.stages.stage_fingerprint` gives a sub-command's fingerprint.
+
+Computing every stage's fingerprint parses the whole package (about 2 s on a small CPU), which
+each Snakemake invocation, dry runs included, would pay. :func:`use_disk_cache` keeps the values
+in a JSON file (the workflow's is ``.snakemake/segflow/code_fingerprints.json``), keyed by
+:func:`source_digest`: one sha256 of every ``.py`` file under the package root (path and bytes)
+and the Python version. Any byte changed in any file (the fingerprint code itself included)
+gives another key, so the cache never answers for code other than the one it was computed from;
+a comment-only edit costs one recomputation, which then gives the same fingerprints. A missing,
+corrupt or unwritable cache file only costs that recomputation.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import logging
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
@@ -66,10 +79,14 @@ from pathlib import Path
 
 from segflow.core.errors import SegflowError
 
+log = logging.getLogger(__name__)
+
 PACKAGE = "segflow"
 # Shared wiring: see the module docstring.
 EXCLUDED = frozenset({"segflow", "segflow.cli", "segflow.__main__", "segflow.stages"})
 DIGEST_CHARS = 16
+# The workflow's fingerprint cache file (see the module docstring), under .snakemake/segflow/.
+CACHE_NAME = "code_fingerprints.json"
 # A stage module's own command: where its fingerprint starts.
 STAGE_FUNCTIONS = ("run", "add_arguments")
 # Calls whose result is a namespace of the calling module: the whole module counts.
@@ -636,5 +653,66 @@ def code_fingerprint(*entries: str, root: Path | None = None, exclude: tuple[str
         16 hex characters; a change of what reached code does changes it, a comment,
         docstring or formatting edit does not.
     """
-    root = package_root() if root is None else Path(root)
-    return _cached_fingerprint(tuple(sorted(entries)), str(root.resolve()), tuple(sorted(exclude)))
+    root_name = str((package_root() if root is None else Path(root)).resolve())
+    entry_key, exclude_key = tuple(sorted(entries)), tuple(sorted(exclude))
+    if _disk_cache_path is None:
+        return _cached_fingerprint(entry_key, root_name, exclude_key)
+    digest = source_digest(root_name)
+    key = f"{'+'.join(entry_key)}:{'+'.join(exclude_key)}"
+    stored = _read_disk_cache(_disk_cache_path)
+    if stored.get("source") == digest and isinstance(stored.get(key), str):
+        return stored[key]
+    value = _cached_fingerprint(entry_key, root_name, exclude_key)
+    if stored.get("source") != digest:
+        stored = {"source": digest}  # another source tree's values are of no use
+    _write_disk_cache(_disk_cache_path, {**stored, key: value})
+    return value
+
+
+_disk_cache_path: Path | None = None
+
+
+def use_disk_cache(path: str | os.PathLike[str] | None) -> None:
+    """Keep fingerprints between processes in ``path`` (see the module docstring).
+
+    Args:
+        path: a JSON file (created with its folder when first written); None: no disk cache,
+            every process computes its fingerprints (the default).
+    """
+    global _disk_cache_path
+    _disk_cache_path = None if path is None else Path(path)
+
+
+@cache
+def source_digest(root: str) -> str:
+    """sha256 of the Python version and every ``.py`` file under ``root`` (relative path and
+    bytes, in path order): the key of the disk cache. Cached per process, like the
+    fingerprints themselves (a run plans once)."""
+    base = Path(root)
+    digest = hashlib.sha256(sys.version.encode() + b"\0")
+    for path in sorted(base.rglob("*.py")):
+        if "__pycache__" in path.relative_to(base).parts:
+            continue
+        digest.update(path.relative_to(base).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _read_disk_cache(path: Path) -> dict[str, str]:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: recompute
+    return stored if isinstance(stored, dict) else {}
+
+
+def _write_disk_cache(path: Path, stored: dict[str, str]) -> None:
+    """Write atomically: two Snakemake processes starting at once each leave a whole file.
+    Failure to write only costs recomputation next time."""
+    # Imported here: numpy and pandas (atomic's other writers) are not needed to fingerprint.
+    from segflow.core.atomic import write_text
+
+    try:
+        write_text(path, json.dumps(stored, sort_keys=True) + "\n")
+    except OSError as error:
+        log.warning("code fingerprint cache %s not written (%s)", path, error)
