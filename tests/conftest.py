@@ -153,37 +153,36 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, src: Path | Non
     return result
 
 
-def planned_jobs(workdir: Path, *args: str, src: Path | None = None) -> dict[str, int]:
-    """Rule -> job count that a dry run would execute (empty when nothing is to be done)."""
+def _rule_counts(table: str) -> dict[str, int]:
+    """Rule -> job count of Snakemake's "Job stats" table text (its total row left out)."""
     import re
 
-    result = run_snakemake(workdir, "--dry-run", *args, src=src)
-    output = result.stdout + result.stderr
-    if "Nothing to be done" in output:
-        return {}
-    table = output.split("Job stats:", 1)[1]
     return {
         match.group(1): int(match.group(2))
         for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE)
         if match.group(1) != "total"
     }
+
+
+def planned_jobs(workdir: Path, *args: str, src: Path | None = None) -> dict[str, int]:
+    """Rule -> job count that a dry run would execute (empty when nothing is to be done)."""
+    result = run_snakemake(workdir, "--dry-run", *args, src=src)
+    output = result.stdout + result.stderr
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    return _rule_counts(table)
 
 
 def run_job_counts(result) -> dict[str, int]:
     """Rule -> job count of the job table a real (not dry) run printed when it started: what
     it planned, read from the run itself instead of a dry run before it (the first table; a
     checkpoint's later re-evaluation may print more)."""
-    import re
-
     output = result.stdout + result.stderr
     if "Job stats:" not in output:
         raise AssertionError(f"no job table in the run's output:\n{output[-2000:]}")
     table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    return {
-        match.group(1): int(match.group(2))
-        for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE)
-        if match.group(1) != "total"
-    }
+    return _rule_counts(table)
 
 
 @pytest.fixture(scope="session")
