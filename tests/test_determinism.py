@@ -25,7 +25,7 @@ import yaml
 from conftest import SMALL_POSTPROCESS_GRID, TEST_CORES, copy_workflow, run_snakemake
 
 from segflow import __version__, cli
-from segflow.core.provenance import (
+from segflow.core.stage_args import (
     PROVENANCE_KEY,
     options_hash,
     provenance,

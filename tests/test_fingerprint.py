@@ -546,7 +546,7 @@ def test_the_package_s_own_edits_rerun_exactly_their_stages(tmp_path: Path) -> N
         text = re.sub(r'^"""', '"""Reworded. ', text, count=1, flags=re.M)
         path.write_text(text + "\n# the end\n")
     assert _stage_fingerprints(package) == before
-    tta, provenance = "model/inference/tta.py", "core/provenance.py"
+    tta, provenance = "model/inference/tta.py", "core/stage_args.py"
     # predict-bundle replays prediction with the same TTA code (it has no rule of its own).
     assert _changed_stages(package, tta, "\ndef get_tta(", "\nX = 1\n\n\ndef get_tta(") == {
         "predict-oof",

@@ -541,7 +541,7 @@ def test_code_edits_rerun_the_stages_that_run_that_code_only(
     assert plan() == {}
     # Provenance blocks are written by the stages' own code: a change of them reruns the data
     # stages (their summaries carry one).
-    provenance = src / "segflow" / "core" / "provenance.py"
+    provenance = src / "segflow" / "core" / "stage_args.py"
     provenance.write_text(
         provenance.read_text().replace(
             '"config_hash": config_hash}', '"config_hash": str(config_hash)}'

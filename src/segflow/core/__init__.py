@@ -6,10 +6,10 @@
 - ``parallel``: process pools with ordered results; ``devices``: CPU/GPU choice and the GPU
   slot locks (``compute`` pins a job's threads and GPU).
 - ``options``: stage options are dataclasses; config keys, fields and CLI flags share a name.
-- ``provenance``: the block every metrics/summary JSON carries.
 - ``fingerprint``: the code hash in each rule's ``params.code`` (snakemake#1694).
 - ``config_check``: the config's first bad key, named before Snakemake's validation.
-- ``stage_args``: command-line flags several stages share.
+- ``stage_args``: a stage's arguments: the command-line flags several stages share, and the
+  provenance block (the options it ran with) every metrics/summary JSON carries.
 
 Developers: ``core`` imports nothing else from segflow (``tests/test_layers.py``).
 """

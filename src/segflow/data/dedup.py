@@ -27,8 +27,7 @@ from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_json, write_parquet, write_text
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import stage_log
+from segflow.core.stage_args import stage_log, stage_provenance, with_provenance
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import add_stage_tables, stage_log
+from segflow.core.stage_args import add_stage_tables, stage_log, stage_provenance, with_provenance
 from segflow.data.dedup import NearDuplicateOptions, near_fold_groups
 
 

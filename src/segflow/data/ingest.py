@@ -39,8 +39,7 @@ from segflow.core.options import (
     option,
 )
 from segflow.core.parallel import chunked, parallel_map
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import add_workers, stage_log
+from segflow.core.stage_args import add_workers, stage_log, stage_provenance, with_provenance
 from segflow.formats.dicom_series import ORIENTATION_COLUMN, SERIES_COLUMNS, read_slice_geometry
 from segflow.formats.imageio import (
     DICOM_EXTENSIONS,

@@ -12,8 +12,7 @@ import argparse
 
 from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_json, write_parquet
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import stage_log
+from segflow.core.stage_args import stage_log, stage_provenance, with_provenance
 from segflow.data.dedup import find_test_leaks
 
 

@@ -56,8 +56,13 @@ from segflow.core.options import (
     option,
 )
 from segflow.core.parallel import chunked, parallel_map
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import add_stage_tables, add_workers, stage_log
+from segflow.core.stage_args import (
+    add_stage_tables,
+    add_workers,
+    stage_log,
+    stage_provenance,
+    with_provenance,
+)
 from segflow.formats.dicom_series import (
     context_stack,
     context_weights,
@@ -668,7 +673,7 @@ def preprocess(
         The stats written to ``stats.json``: n_train, height, width, channels, dtype,
         train_mean, train_std, train_mask_coverage (fraction of pixels of any class), classes
         (the label bits' names; binary: ``["mask"]``), multilabel (whether ingest had
-        ``data.classes``), options and provenance (:mod:`segflow.core.provenance`).
+        ``data.classes``), options and provenance (:mod:`segflow.core.stage_args`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -35,12 +35,14 @@ from segflow.artifacts.tables import read_folds
 from segflow.artifacts.truth_masks import read_truth_masks
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
-from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
 from segflow.core.stage_args import (
+    PROVENANCE_KEY,
     add_experiment_dirs,
     add_stats,
     check_names,
     stage_log,
+    stage_provenance,
+    with_provenance,
 )
 from segflow.ensemble.candidates import check_aligned, json_ready, write_oof_candidate
 from segflow.ensemble.weights import (

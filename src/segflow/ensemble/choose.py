@@ -25,8 +25,7 @@ from segflow.artifacts.image_scores import read_image_scores
 from segflow.artifacts.layout import candidate_dir
 from segflow.core.atomic import write_csv, write_json, write_text
 from segflow.core.errors import SegflowError
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import stage_log
+from segflow.core.stage_args import stage_log, stage_provenance, with_provenance
 
 
 def stage_table(

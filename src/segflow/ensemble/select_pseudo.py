@@ -23,8 +23,7 @@ from segflow.artifacts.resolution import PAD_COLUMNS, from_original, index_offse
 from segflow.artifacts.tables import read_table
 from segflow.core.atomic import write_csv, write_json, write_npy
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import stage_log
+from segflow.core.stage_args import stage_log, stage_provenance, with_provenance
 from segflow.ensemble.candidates import json_ready
 from segflow.ensemble.pseudo import PseudoOptions, pseudo_targets, select_pseudo, train_duplicates
 from segflow.model.postprocess import apply_classes, params_from_summary

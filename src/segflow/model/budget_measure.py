@@ -34,8 +34,7 @@ from segflow.core.atomic import write_json
 from segflow.core.devices import add_compute_arguments, compute, resolve_device
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import json_mapping, stage_log
+from segflow.core.stage_args import json_mapping, stage_log, stage_provenance, with_provenance
 from segflow.model.budget import BudgetOptions, Measurement, plan_budget
 from segflow.model.datasets import SegmentationArrays
 from segflow.model.experiment import Experiment

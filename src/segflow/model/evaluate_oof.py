@@ -17,8 +17,7 @@ from segflow.artifacts.tables import read_folds
 from segflow.artifacts.truth_masks import read_truth_masks, read_truth_series
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import add_stats, stage_log
+from segflow.core.stage_args import add_stats, stage_log, stage_provenance, with_provenance
 from segflow.model.metrics import score_oof
 
 

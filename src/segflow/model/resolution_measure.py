@@ -31,8 +31,7 @@ from segflow.core.atomic import write_json
 from segflow.core.devices import compute, resolve_device
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import stage_log
+from segflow.core.stage_args import stage_log, stage_provenance, with_provenance
 from segflow.formats.labels import label_dtype
 from segflow.model import budget_measure
 from segflow.model.budget import BudgetOptions, Measurement

@@ -31,8 +31,7 @@ from segflow.artifacts.truth_masks import class_truths, read_truth_masks
 from segflow.artifacts.truths import instance_truths, object_rles_of
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
-from segflow.core.provenance import stage_provenance, with_provenance
-from segflow.core.stage_args import add_stats, stage_log
+from segflow.core.stage_args import add_stats, stage_log, stage_provenance, with_provenance
 from segflow.formats.rle import RLE_ORDERS
 from segflow.model.metrics import constant_scores, get_metric
 from segflow.model.postprocess import (

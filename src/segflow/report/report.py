@@ -29,8 +29,7 @@ from segflow.artifacts.truth_masks import class_truths
 from segflow.artifacts.truths import mask_sources, original_truths
 from segflow.core.atomic import write_text
 from segflow.core.errors import SegflowError
-from segflow.core.provenance import PROVENANCE_KEY
-from segflow.core.stage_args import stage_log
+from segflow.core.stage_args import PROVENANCE_KEY, stage_log
 from segflow.formats.imageio import (
     DicomWindow,
     add_dicom_window_arguments,

@@ -42,7 +42,7 @@ from sklearn.metrics import roc_auc_score
 
 from segflow.core.atomic import atomic_path, write_csv, write_json, write_npy
 from segflow.core.errors import SegflowError
-from segflow.core.provenance import with_provenance
+from segflow.core.stage_args import with_provenance
 from segflow.ensemble.stacking.features import (
     MASK_THRESHOLD,
     check_feature_frame,
@@ -850,7 +850,7 @@ def write_gate_artifacts(
         result: from :func:`fit_gate`.
         out_dir: the folder (created if missing).
         ids: the image ids, row-aligned with the features the gate was fitted on.
-        provenance: the stage's :mod:`segflow.core.provenance` block, added to the metrics JSON.
+        provenance: the stage's :mod:`segflow.core.stage_args` block, added to the metrics JSON.
 
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
@@ -882,7 +882,7 @@ def write_image_model_artifacts(
         out_dir: the folder (created if missing).
         ids: the image ids, row-aligned with ``result.folds``.
         oof_columns: the per-image OOF columns after id and fold.
-        provenance: the stage's :mod:`segflow.core.provenance` block, added to the metrics JSON.
+        provenance: the stage's :mod:`segflow.core.stage_args` block, added to the metrics JSON.
 
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.
@@ -916,7 +916,7 @@ def write_blender_artifacts(
     Files: ``blender_model.txt|cbm`` (the final model, native format),
     ``blender_oof_probs.npy`` (float16 (N, H, W), row-aligned like the input maps),
     ``blender_importances.csv``, ``blender_metrics.json`` (:meth:`PixelBlenderResult.metrics`,
-    with the stage's :mod:`segflow.core.provenance` block when ``provenance`` is given).
+    with the stage's :mod:`segflow.core.stage_args` block when ``provenance`` is given).
 
     Returns:
         Kind (``model``, ``oof_probs``, ``importances``, ``metrics``) -> path.

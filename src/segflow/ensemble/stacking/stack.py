@@ -53,8 +53,15 @@ from segflow.core.options import (
     lists_to_tuples,
     option,
 )
-from segflow.core.provenance import PROVENANCE_KEY, stage_provenance, with_provenance
-from segflow.core.stage_args import add_experiment_dirs, add_stage_tables, check_names, stage_log
+from segflow.core.stage_args import (
+    PROVENANCE_KEY,
+    add_experiment_dirs,
+    add_stage_tables,
+    check_names,
+    stage_log,
+    stage_provenance,
+    with_provenance,
+)
 from segflow.data.blobs import check_sigmas
 from segflow.ensemble.candidates import check_aligned, json_ready, write_oof_candidate
 from segflow.ensemble.stacking.features import image_features
@@ -231,7 +238,7 @@ def run_stack(
         stacker: ``gate`` or ``pixel`` (:data:`segflow.ensemble.stacking.stackers.STACKERS`).
         out_dir: artifacts: ``class_<k>/`` (gate: OOF feature table, gate and threshold models,
             importances, metrics; pixel: the blender's) and ``summary_<stacker>.json``; every
-            JSON carries the job's provenance block (:mod:`segflow.core.provenance`, seed
+            JSON carries the job's provenance block (:mod:`segflow.core.stage_args`, seed
             ``options.seed``).
         oof_dir: the candidate's OOF folder.
 

@@ -277,7 +277,7 @@ def write_threshold_artifacts(
 ) -> dict[str, Path]:
     """Write ``threshold_model.txt|cbm``, ``threshold_oof.csv`` (id, fold, best, informative,
     predicted), ``threshold_importances.csv`` and ``threshold_metrics.json`` (with the stage's
-    :mod:`segflow.core.provenance` block when ``provenance`` is given) atomically.
+    :mod:`segflow.core.stage_args` block when ``provenance`` is given) atomically.
 
     Returns:
         Kind (``model``, ``oof``, ``importances``, ``metrics``) -> path.

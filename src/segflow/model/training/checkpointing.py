@@ -35,7 +35,7 @@ from torch import nn
 from segflow.core.atomic import remove_stale_temporaries, write_torch
 from segflow.core.errors import SegflowError
 from segflow.core.late_options import published_options
-from segflow.core.provenance import options_hash
+from segflow.core.stage_args import options_hash
 from segflow.model.datasets import SegmentationArrays
 from segflow.model.models import ModelSpec
 from segflow.model.training.train_options import TrainOptions

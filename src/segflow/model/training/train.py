@@ -27,7 +27,7 @@
 - ``history.csv``: one row per epoch (:data:`HISTORY_COLUMNS`), rewritten after every epoch.
   ``skipped_batches`` counts the batches skipped for a NaN/inf loss (``nonfinite_loss``).
 - ``metrics.json``: best epoch, scores, early stopping, optimizer steps, timing, provenance
-  (:mod:`segflow.core.provenance`: seed, :func:`config_hash`, segflow version).
+  (:mod:`segflow.core.stage_args`: seed, :func:`config_hash`, segflow version).
 
 Resume: after every finished epoch ``resume_dir/last.pt`` is rewritten atomically with the
 complete training state (model, optimizer, schedulers, AMP scaler, EMA, history, top-k
@@ -103,8 +103,7 @@ from segflow.core.data_stamp import hash_file
 from segflow.core.devices import add_compute_arguments, compute, resolve_device
 from segflow.core.errors import SegflowError
 from segflow.core.late_options import published_options
-from segflow.core.provenance import provenance
-from segflow.core.stage_args import stage_log
+from segflow.core.stage_args import provenance, stage_log
 from segflow.model.datasets import SegmentationArrays, crop_to, pad_to_size
 from segflow.model.experiment import Experiment
 from segflow.model.metrics import scores_from_counts
