@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import segflow.ensemble.weights as ensemble
-from segflow.artifacts.truth_masks import class_truths
+from segflow.artifacts.truths import class_truths
 from segflow.core.errors import SegflowError
 from segflow.ensemble.weights import blend, blend_nonempty, tune_weights
 from segflow.model.metrics import per_image_scores

@@ -8,8 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.artifacts.truth_masks import IDS_FILE, MASKS_FILE, read_truth_masks, write_truth_masks
-from segflow.artifacts.truths import original_truths
+from segflow.artifacts.truths import (
+    IDS_FILE,
+    MASKS_FILE,
+    original_truths,
+    read_truth_masks,
+    write_truth_masks,
+)
 from segflow.cli import main
 from segflow.core.errors import SegflowError
 from segflow.data.dedup import DedupOptions, find_duplicates

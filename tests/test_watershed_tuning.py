@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 
 from segflow.artifacts.predictions import write_oof
-from segflow.artifacts.truth_masks import write_truth_masks
-from segflow.artifacts.truths import instance_truths, object_rles_of
+from segflow.artifacts.truths import instance_truths, object_rles_of, write_truth_masks
 from segflow.core.errors import SegflowError
 from segflow.formats.manifest import ID_STYLE_KEY
 from segflow.formats.rle import rle_encode

@@ -7,9 +7,9 @@ the workflow's ``common.smk`` call these instead of re-deriving names or paths:
 - :mod:`~segflow.artifacts.arrays`: preprocess's arrays, ``index.parquet`` and ``stats.json``.
 - :mod:`~segflow.artifacts.predictions`: prediction folders (``ids.csv`` + ``probs.npy``), OOF
   folders (``oof_ids.csv`` + ``oof_probs.npy``), the ``nonempty_prob_<k>`` gate columns.
-- :mod:`~segflow.artifacts.truths`: the training labels at the original resolution.
-- :mod:`~segflow.artifacts.truth_masks`: those labels decoded once (truth-masks' ``masks.npy``
-  and ``ids.csv``), which the OOF stages read.
+- :mod:`~segflow.artifacts.truths`: the training labels at the original resolution, decoded
+  from the manifest, and truth-masks' array of them (``masks.npy`` and ``ids.csv``), which the
+  OOF stages read.
 - :mod:`~segflow.artifacts.image_scores`: tune-postprocess's per-image OOF scores (tuned and
   constant predictions), which choose reads.
 - :mod:`~segflow.artifacts.layout`: where in the results folder each stage writes.

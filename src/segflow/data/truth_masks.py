@@ -2,7 +2,7 @@
 
 Every used train item's packed label mask (the union of its group's masks under the ``union``
 policy, :func:`segflow.artifacts.truths.original_truths`), read from the PNG or RLE masks that
-ingest's manifest names and written as one array (:mod:`segflow.artifacts.truth_masks`).
+ingest's manifest names and written as one array (:mod:`segflow.artifacts.truths`).
 The OOF stages (evaluate-oof, tune-postprocess, blend) read their images' rows there: an edit of
 the mask decoding reruns this stage (and, through its output, them), not their code
 fingerprints.
@@ -16,8 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from segflow.artifacts.tables import read_table
-from segflow.artifacts.truth_masks import write_truth_masks
-from segflow.artifacts.truths import original_truths
+from segflow.artifacts.truths import original_truths, write_truth_masks
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import add_stage_tables, stage_log
 from segflow.formats.labels import class_names, manifest_classes

@@ -32,7 +32,7 @@ import pandas as pd
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.predictions import Prediction, read_oof
 from segflow.artifacts.tables import read_folds
-from segflow.artifacts.truth_masks import read_truth_masks
+from segflow.artifacts.truths import read_truth_masks
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import (

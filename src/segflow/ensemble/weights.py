@@ -31,7 +31,7 @@ from segflow.artifacts.predictions import (
     with_gates,
     without_gates,
 )
-from segflow.artifacts.truth_masks import class_truths
+from segflow.artifacts.truths import class_truths
 from segflow.core.errors import SegflowError
 from segflow.model.metrics import METRIC_NAMES, scores_from_counts
 

@@ -14,7 +14,7 @@ import pandas as pd
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.predictions import read_prediction, write_oof
 from segflow.artifacts.tables import read_folds
-from segflow.artifacts.truth_masks import read_truth_masks, read_truth_series
+from segflow.artifacts.truths import read_truth_masks, read_truth_series
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import add_stats, stage_log, stage_provenance, with_provenance

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from segflow.artifacts.image_scores import CONSTANTS
-from segflow.artifacts.truth_masks import class_truths
+from segflow.artifacts.truths import class_truths
 from segflow.core.errors import SegflowError
 
 # 0.50, 0.55, ..., 0.95; rounded so that each is the double nearest its decimal (np.arange

@@ -1,7 +1,7 @@
 """The tune-postprocess stage: grid-search each class's post-processing on a candidate's OOF.
 
 Reads an OOF folder (:mod:`segflow.artifacts.predictions`) and the true masks (truth-masks'
-array, :mod:`segflow.artifacts.truth_masks`), writes ``grid.csv`` and ``params.json`` (the best
+array, :mod:`segflow.artifacts.truths`), writes ``grid.csv`` and ``params.json`` (the best
 threshold, minimum area, hole filling and gate per class, with the tuned score); the search itself is :func:`segflow.model.postprocess.tune_classes`.
 Also writes ``image_scores.parquet`` (:mod:`segflow.artifacts.image_scores`): every image's
 score after the tuned post-processing and the scores of the two constant predictions, which
@@ -27,8 +27,7 @@ from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.image_scores import write_image_scores
 from segflow.artifacts.predictions import Prediction, nonempty_probs, read_oof
 from segflow.artifacts.tables import read_table
-from segflow.artifacts.truth_masks import class_truths, read_truth_masks
-from segflow.artifacts.truths import instance_truths, object_rles_of
+from segflow.artifacts.truths import class_truths, instance_truths, object_rles_of, read_truth_masks
 from segflow.core.atomic import write_csv, write_json
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import add_stats, stage_log, stage_provenance, with_provenance

@@ -25,8 +25,7 @@ import pandas as pd
 from segflow.artifacts import arrays, layout
 from segflow.artifacts.arrays import classes_of
 from segflow.artifacts.predictions import OOF_IDS, OOF_PROBS, nonempty_probs
-from segflow.artifacts.truth_masks import class_truths
-from segflow.artifacts.truths import mask_sources, original_truths
+from segflow.artifacts.truths import class_truths, mask_sources, original_truths
 from segflow.core.atomic import write_text
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import PROVENANCE_KEY, stage_log

@@ -42,8 +42,7 @@ from segflow.artifacts import layout
 from segflow.artifacts.arrays import read_classes
 from segflow.artifacts.predictions import Prediction, read_oof, with_gates, without_gates
 from segflow.artifacts.tables import read_folds, read_table
-from segflow.artifacts.truth_masks import class_truths
-from segflow.artifacts.truths import original_truths
+from segflow.artifacts.truths import class_truths, original_truths
 from segflow.core.atomic import write_json
 from segflow.core.errors import SegflowError
 from segflow.core.late_options import published_options
