@@ -16,11 +16,11 @@ import pytest
 from helpers import naive_encode, write_ct_dicom, write_label_dataset
 
 from segflow import cli
+from segflow.artifacts.tables import csv_id_style, data_roots
 from segflow.core.errors import SegflowError
 from segflow.data.ingest import IngestOptions, ingest
 from segflow.formats.imageio import mask_md5
 from segflow.formats.labels import label_md5, pack_labels, read_label, unpack_labels
-from segflow.formats.manifest import csv_id_style, data_roots
 from segflow.formats.rle import rle_decode
 
 MANIFEST_COLUMNS = [

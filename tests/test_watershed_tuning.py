@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from segflow.artifacts.predictions import write_oof
+from segflow.artifacts.tables import ID_STYLE_KEY
 from segflow.artifacts.truths import instance_truths, object_rles_of, write_truth_masks
 from segflow.core.errors import SegflowError
-from segflow.formats.manifest import ID_STYLE_KEY
 from segflow.formats.rle import rle_encode
 from segflow.model import tune_postprocess as stage
 from segflow.model.metrics import instance_precision_iou

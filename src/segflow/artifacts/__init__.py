@@ -3,7 +3,8 @@
 One module per format, each the only reader and writer of its files; stages, the report and
 the workflow's ``common.smk`` call these instead of re-deriving names or paths:
 
-- :mod:`~segflow.artifacts.tables`: ingest's manifest and dedup's items (Parquet), folds.csv.
+- :mod:`~segflow.artifacts.tables`: ingest's manifest (with its data roots and path checks:
+  no path read back leaves them) and dedup's items (Parquet), folds.csv.
 - :mod:`~segflow.artifacts.arrays`: preprocess's arrays, ``index.parquet`` and ``stats.json``.
 - :mod:`~segflow.artifacts.predictions`: prediction folders (``ids.csv`` + ``probs.npy``), OOF
   folders (``oof_ids.csv`` + ``oof_probs.npy``), the ``nonempty_prob_<k>`` gate columns.

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from segflow.artifacts.tables import data_roots, resolve_manifest_path
 from segflow.core.atomic import write_csv, write_npy
 from segflow.core.errors import SegflowError
 from segflow.formats.labels import (
@@ -36,7 +37,6 @@ from segflow.formats.labels import (
     manifest_orientation,
     read_label,
 )
-from segflow.formats.manifest import data_roots, resolve_manifest_path
 
 # truth-masks' array and its ids, in its folder.
 MASKS_FILE = "masks.npy"
@@ -84,7 +84,7 @@ def load_mask(
 def mask_sources(manifest: pd.DataFrame, items: pd.DataFrame) -> dict[str, tuple[MaskSource, ...]]:
     """id -> masks to union: its own, or every train member's for the 'union' policy (the
     packed labels are OR-ed, so the union is per class). Mask files are resolved and checked
-    to lie in the manifest's data roots (:func:`segflow.formats.manifest.resolve_manifest_path`).
+    to lie in the manifest's data roots (:func:`segflow.artifacts.tables.resolve_manifest_path`).
 
     Raises:
         SegflowError: a mask path leads outside the data roots ingest recorded.
@@ -205,9 +205,7 @@ def object_rles_of(
     Raises:
         SegflowError: the CSV cannot be read or lacks a column.
     """
-    from pathlib import Path
-
-    from segflow.formats.manifest import csv_id_style
+    from segflow.artifacts.tables import csv_id_style
     from segflow.formats.rle import is_empty_rle
 
     try:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from segflow.artifacts import layout
 from segflow.artifacts.arrays import classes_of, read_stats
-from segflow.artifacts.tables import read_table
+from segflow.artifacts.tables import csv_id_style, read_table
 from segflow.bundle.archive import (
     CONFIG,
     LEAKS,
@@ -47,7 +47,6 @@ from segflow.formats.imageio import (
     add_dicom_window_arguments,
     dicom_window_from_args,
 )
-from segflow.formats.manifest import csv_id_style
 from segflow.formats.rle import rle_encode
 from segflow.model.inference.predict import PredictOptions
 from segflow.model.submit import SubmissionOptions, train_label

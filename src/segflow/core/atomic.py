@@ -121,7 +121,7 @@ def write_parquet(
     """Atomically write a DataFrame as Parquet (index dropped).
 
     pandas stores ``frame.attrs`` in the file's key-value metadata, and copies them to every
-    frame derived from one that has them (the manifest's data roots, :mod:`segflow.formats.manifest`):
+    frame derived from one that has them (the manifest's data roots, :mod:`segflow.artifacts.tables`):
     they are written only with ``keep_attrs``, so a derived table does not embed them.
     """
     if frame.attrs and not keep_attrs:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from segflow.artifacts.tables import read_table
+from segflow.artifacts.tables import read_table, record_attributes
 from segflow.core.atomic import write_json, write_parquet
 from segflow.core.errors import SegflowError
 from segflow.core.late_options import published_options
@@ -61,7 +61,6 @@ from segflow.formats.labels import (
     pack_labels,
     read_label,
 )
-from segflow.formats.manifest import record_attributes
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
 
 log = logging.getLogger(__name__)
@@ -879,7 +878,7 @@ def ingest(
         ``|``-separated part per class in mask_path / mask_rle; mask_md5 hashes the packed
         label and mask_coverage is the fraction of pixels of any class (see
         :mod:`segflow.formats.labels`). The manifest's ``attrs`` record the data roots its paths were
-        checked against and the RLE CSV's id style (:mod:`segflow.formats.manifest`).
+        checked against and the RLE CSV's id style (:mod:`segflow.artifacts.tables`).
 
     Raises:
         SegflowError: any unreadable, missing, mismatched or duplicated input, naming it.

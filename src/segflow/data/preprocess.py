@@ -45,7 +45,7 @@ from segflow.artifacts.resolution import (
     reflect_pad,
     resize_labels,
 )
-from segflow.artifacts.tables import read_table
+from segflow.artifacts.tables import data_roots, read_table, resolve_manifest_path
 from segflow.artifacts.truths import MaskSource, load_mask, mask_sources
 from segflow.core.atomic import atomic_path
 from segflow.core.errors import SegflowError
@@ -76,7 +76,6 @@ from segflow.formats.imageio import (
     dicom_window_from_args,
 )
 from segflow.formats.labels import class_names, label_dtype, manifest_classes
-from segflow.formats.manifest import data_roots, resolve_manifest_path
 
 log = logging.getLogger(__name__)
 

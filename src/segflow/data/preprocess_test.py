@@ -16,7 +16,7 @@ import pandas as pd
 
 from segflow.artifacts.arrays import STATS_KEYS, images_file, read_stats, write_index
 from segflow.artifacts.resolution import pad_offsets
-from segflow.artifacts.tables import read_table
+from segflow.artifacts.tables import data_roots, read_table, resolve_manifest_path
 from segflow.core.atomic import atomic_path
 from segflow.core.errors import SegflowError
 from segflow.core.stage_args import add_workers, stage_log
@@ -34,7 +34,6 @@ from segflow.formats.imageio import (
     add_dicom_window_arguments,
     dicom_window_from_args,
 )
-from segflow.formats.manifest import data_roots, resolve_manifest_path
 
 
 def preprocess_test(

@@ -24,7 +24,7 @@ from segflow.artifacts.predictions import (
     nonempty_probs,
     read_prediction,
 )
-from segflow.artifacts.tables import read_table
+from segflow.artifacts.tables import csv_id_style, data_roots, read_table, resolve_manifest_path
 from segflow.core.atomic import write_csv
 from segflow.core.errors import SegflowError
 from segflow.core.options import add_dataclass_arguments, dataclass_from_namespace, option
@@ -37,7 +37,6 @@ from segflow.formats.labels import (
     read_label,
     unpack_labels,
 )
-from segflow.formats.manifest import csv_id_style, data_roots, resolve_manifest_path
 from segflow.formats.rle import RLE_ORDERS, rle_decode, rle_encode
 
 if TYPE_CHECKING:
@@ -117,7 +116,7 @@ def train_label(manifest: pd.DataFrame, train_ids: Iterable[str], n_classes: int
 
     Raises:
         SegflowError: a mask path leads outside the data roots ingest recorded
-            (:func:`segflow.formats.manifest.resolve_manifest_path`), or an unreadable mask.
+            (:func:`segflow.artifacts.tables.resolve_manifest_path`), or an unreadable mask.
     """
     rows = manifest.set_index("id").loc[list(train_ids)]
     shape = (int(rows["height"].iloc[0]), int(rows["width"].iloc[0]))
@@ -168,7 +167,7 @@ def written_ids(
 
     Args:
         manifest: the ingest manifest (its image paths give the file names, its attributes
-            the train RLE CSV's id style, :func:`segflow.formats.manifest.csv_id_style`).
+            the train RLE CSV's id style, :func:`segflow.artifacts.tables.csv_id_style`).
         ids: the ids to write.
         id_style: ``stem``, ``filename``, or ``auto``: as the train RLE CSV wrote its ids.
         test_manifest: the test manifest, whose image paths name the ids (None: ``manifest``

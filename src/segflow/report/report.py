@@ -25,6 +25,7 @@ import pandas as pd
 from segflow.artifacts import arrays, layout
 from segflow.artifacts.arrays import classes_of
 from segflow.artifacts.predictions import OOF_IDS, OOF_PROBS, nonempty_probs
+from segflow.artifacts.tables import data_roots, resolve_manifest_path
 from segflow.artifacts.truths import class_truths, mask_sources, original_truths
 from segflow.core.atomic import write_text
 from segflow.core.errors import SegflowError
@@ -35,7 +36,6 @@ from segflow.formats.imageio import (
     decode_image,
     dicom_window_from_args,
 )
-from segflow.formats.manifest import data_roots, resolve_manifest_path
 from segflow.model import diagnostics
 from segflow.model.metrics import per_image_scores
 from segflow.model.postprocess import apply_classes, params_from_summary
