@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from segflow.artifacts.tables import data_roots, resolve_manifest_path
+from segflow.artifacts.tables import csv_id_style, data_roots, resolve_manifest_path
 from segflow.core.atomic import write_csv, write_npy
 from segflow.core.errors import SegflowError
 from segflow.formats.labels import (
@@ -205,7 +205,6 @@ def object_rles_of(
     Raises:
         SegflowError: the CSV cannot be read or lacks a column.
     """
-    from segflow.artifacts.tables import csv_id_style
     from segflow.formats.rle import is_empty_rle
 
     try:
@@ -284,9 +283,7 @@ def read_truth_series(truths_dir: str | os.PathLike[str], ids: Sequence[str]) ->
     Raises:
         SegflowError: ``ids.csv`` unreadable, or an id it does not list.
     """
-    folder = Path(truths_dir)
-    if folder.name == MASKS_FILE:
-        folder = folder.parent
+    folder = _truths_folder(truths_dir)
     try:
         table = pd.read_csv(folder / IDS_FILE, dtype=str, keep_default_na=False)
     except Exception as error:
@@ -318,9 +315,7 @@ def read_truth_masks(truths_dir: str | os.PathLike[str], ids: Sequence[str]) -> 
     Shape:
         output: (len(ids), H, W).
     """
-    folder = Path(truths_dir)
-    if folder.name == MASKS_FILE:
-        folder = folder.parent
+    folder = _truths_folder(truths_dir)
     masks_path, ids_path = folder / MASKS_FILE, folder / IDS_FILE
     for path in (masks_path, ids_path):
         if not path.is_file():
@@ -352,3 +347,9 @@ def class_truths(packed: np.ndarray, k: int) -> np.ndarray:
         packed: (N, H, W); output: (N, H, W).
     """
     return (np.asarray(packed) >> k) & 1 != 0
+
+
+def _truths_folder(truths_dir: str | os.PathLike[str]) -> Path:
+    """truth-masks' folder, given it or its ``masks.npy``."""
+    folder = Path(truths_dir)
+    return folder.parent if folder.name == MASKS_FILE else folder
