@@ -342,7 +342,7 @@ class _FoldTrainer:
         self.validating = len(val_rows) > 0
         self.device = resolve_device(options.device)
         self.amp_dtype = amp_dtype(options.amp, self.device)
-        self.channels_last = options.channels_last and self.device.type == "cuda"
+        self.channels_last = options.channels_last
         self.maximise = options.monitor != "val_loss"
 
         seed_all(options.seed)  # the initial weights
