@@ -204,3 +204,39 @@ def test_predict_amp_is_bf16_or_off_in_the_options_and_the_schema() -> None:
     assert PredictOptions().amp == predict["properties"]["amp"]["default"] == "bf16"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"amp": "fp16"}, predict)
+
+
+def test_channels_last_prediction_matches_the_contiguous_one_and_is_the_default() -> None:
+    from segflow.model.inference.predict import predict_rows_uncertain
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        encoder="mobilenet_v2",
+        in_channels=1,
+        aux_head=True,
+        extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+    )
+    model = build_model(spec).eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8)
+    rows = np.arange(5)
+    device = torch.device("cpu")
+
+    def predict(channels_last: bool) -> tuple:
+        options = PredictOptions(tta="hflip", device="cpu", channels_last=channels_last)
+        return predict_rows_uncertain(model, images, rows, [0.5], [0.25], options, device)
+
+    assert PredictOptions().channels_last is True
+    nhwc = predict(True)
+    conv = next(  # a layout that NCHW and NHWC tell apart
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+        and m.groups == 1
+        and m.kernel_size[0] > 1
+        and m.in_channels > 1
+    )
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = predict(False)
+    assert conv.weight.is_contiguous()
+    np.testing.assert_allclose(nhwc[0], nchw[0], atol=1e-5)
+    np.testing.assert_allclose(nhwc[1], nchw[1], atol=1e-5)

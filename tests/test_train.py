@@ -682,3 +682,27 @@ def test_validation_scores_from_device_counts_equal_the_per_batch_host_scores(
         new = scores_from_counts(name, *counts.numpy())
         assert 0 < new.mean() < 1
         assert float(new.mean()) == float(np.concatenate(values).mean())  # exactly
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_reaches_the_cpu_model_and_its_inputs(
+    arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels_last: bool
+) -> None:
+    seen: list[bool] = []
+    original = train_module._FoldTrainer._forward
+
+    def forward(self: Any, model: torch.nn.Module, images: torch.Tensor) -> Any:
+        conv = next(  # a layout that NCHW and NHWC tell apart
+            m
+            for m in model.modules()
+            if isinstance(m, torch.nn.Conv2d)
+            and m.groups == 1
+            and m.kernel_size[0] > 1
+            and m.in_channels > 1
+        )
+        seen.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+        return original(self, model, images)
+
+    monkeypatch.setattr(train_module._FoldTrainer, "_forward", forward)
+    _train(arrays_dir, tmp_path, epochs=1, channels_last=channels_last)
+    assert seen and all(nhwc == channels_last for nhwc in seen)
