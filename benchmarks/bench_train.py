@@ -4,7 +4,8 @@ Run from the repository root::
 
     python benchmarks/bench_train.py [--arrays DIR] [--size N] [--demo-images N]
         [--batch-size B] [--augment d4|heavy|none] [--workers W] [--seconds S]
-        [--device auto|cpu|cuda] [--amp auto|off|bf16|fp16]
+        [--device auto|cpu|cuda] [--amp auto|off|bf16|fp16] [--channels-last on|off]
+        [--encoder NAME]
 
 ``--arrays`` is a preprocess output folder (``train_images.npy``, ``train_masks.npy``,
 ``index.parquet``, ``stats.json``). Without it a demo dataset is generated
@@ -17,7 +18,8 @@ It prints, in one run:
 1. **Input pipeline**: augmented training batches/s and images/s from the loader the pipeline
    builds (:meth:`segflow.model.training.fold_data.FoldData.build`: ``MemmapDataset`` + ``build_augmentation``
    + sampler), with 0 workers and with ``--workers``; nothing consumes the batches.
-2. **Training step**: forward + loss + backward + optimizer step of an smp Unet-resnet18 with
+2. **Training step**: forward + loss + backward + optimizer step of an smp Unet (``--encoder``,
+   resnet18 by default, random weights) with
    ``build_loss({'bce': 1, 'dice': 1})`` and the pipeline's optimizer, on one fixed batch that
    is already on the device: the model's ceiling, images/s.
 3. **End-to-end**: the same step fed by the loader (host-to-device copy included), images/s,
@@ -275,8 +277,9 @@ class Trainer:
     """Model, loss and optimizer as the pipeline builds them, with its default precision.
 
     On CUDA that is ``train.amp: auto`` (bf16 autocast where supported, else fp16 with a
-    gradient scaler) and channels-last memory, as :class:`segflow.model.training.train._FoldTrainer` does; on
-    the CPU full precision. No EMA, no clipping.
+    gradient scaler), on the CPU full precision; channels-last memory on both unless
+    ``--channels-last off`` (``train.channels_last``), as
+    :class:`segflow.model.training.train._FoldTrainer` does. No EMA, no clipping.
     """
 
     model: torch.nn.Module
@@ -286,20 +289,27 @@ class Trainer:
     size: tuple[int, int]
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler
+    channels_last: bool = True
 
     @classmethod
-    def build(cls, setup: Setup, amp: str = "auto") -> Trainer:
+    def build(
+        cls,
+        setup: Setup,
+        amp: str = "auto",
+        channels_last: bool = True,
+        encoder: str = "resnet18",
+    ) -> Trainer:
         torch.manual_seed(0)
-        spec = ModelSpec(arch="Unet", encoder="resnet18", in_channels=setup.arrays.channels)
+        spec = ModelSpec(arch="Unet", encoder=encoder, in_channels=setup.arrays.channels)
         model = build_model(spec).to(setup.device)
-        if setup.device.type == "cuda":
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         loss_fn = build_loss({"bce": 1.0, "dice": 1.0}, mode="binary")
         optimizer = make_optimizer(model, TrainOptions())
         size = padded_size(model, setup.arrays.height, setup.arrays.width)
         dtype = amp_dtype(amp, setup.device)
         scaler = torch.amp.GradScaler(setup.device.type, enabled=dtype == torch.float16)
-        return cls(model, loss_fn, optimizer, setup.device, size, dtype, scaler)
+        return cls(model, loss_fn, optimizer, setup.device, size, dtype, scaler, channels_last)
 
     def pad(self, images: torch.Tensor) -> torch.Tensor:
         from segflow.model.datasets import pad_to_size
@@ -313,7 +323,7 @@ class Trainer:
 
         height, width = images.shape[-2:]
         padded = self.pad(images)
-        if self.device.type == "cuda":
+        if self.channels_last:
             padded = padded.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
@@ -368,7 +378,7 @@ def measure_end_to_end(setup: Setup, trainer: Trainer, workers: int, seconds: fl
     first: list[float] = []
     batches = _batches(data, first)
     trainer.model.train()
-    channels_last = setup.device.type == "cuda"
+    channels_last = trainer.channels_last
 
     def step() -> int:
         # As the trainer: pinned batches copied non_blocking; on the device path (uint8 batches)
@@ -405,7 +415,10 @@ def measure_tta(setup: Setup, trainer: Trainer, mode: str, seconds: float) -> Ra
     def predict(x: torch.Tensor) -> torch.Tensor:
         from segflow.model.datasets import crop_to
 
-        return crop_to(model(trainer.pad(x)), *x.shape[-2:]).sigmoid()
+        padded = trainer.pad(x)
+        if trainer.channels_last:
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        return crop_to(model(padded), *x.shape[-2:]).sigmoid()
 
     with torch.inference_mode():
         for _ in range(2):
@@ -513,7 +526,7 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
     counts = sorted({0, args.workers})
     print("measuring the input pipeline...", file=sys.stderr)
     loader = [measure_loader(setup, workers, seconds) for workers in counts]
-    trainer = Trainer.build(setup, args.amp)
+    trainer = Trainer.build(setup, args.amp, args.channels_last == "on", args.encoder)
     print("measuring the training step...", file=sys.stderr)
     step = measure_train_step(setup, trainer, seconds)
     nan_check = measure_nan_check(setup, trainer, seconds)
@@ -539,7 +552,7 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
         f"  machine  {available_cores()} cores available; device {device} ({device_name}); "
         f"torch {torch.__version__}, {threads} intra-op thread(s)"
         f"{' (--threads)' if args.threads else ' (torch default)'}; step precision "
-        f"{trainer.amp_dtype or 'float32'}{', channels-last' if device.type == 'cuda' else ''}"
+        f"{trainer.amp_dtype or 'float32'}{', channels-last' if trainer.channels_last else ''}"
     )
     print(
         f"  load     loadavg before {load_before[0]:.2f}/{load_before[1]:.2f}; other processes "
@@ -563,7 +576,9 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
     print(f"\n1. Input pipeline: augmented training batches ({args.augment!r}), not consumed")
     print_table(headers, _rate_rows(loader))
 
-    print("\n2. Training step: Unet-resnet18, bce+dice, forward+loss+backward+step, fixed batch")
+    print(
+        f"\n2. Training step: Unet-{args.encoder} (random weights), bce+dice, forward+loss+backward+step, fixed batch"
+    )
     print_table(headers, _rate_rows([step, *nan_check]))
     nan_cost = 1 - nan_check[1].images_per_s / nan_check[0].images_per_s
     print(f"   the per-batch NaN check (one host sync per step) costs {nan_cost:+.1%} of the rate")
@@ -659,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--amp", default="auto", choices=AMP_MODES, help="train.amp for the step (default: auto)"
+    )
+    parser.add_argument(
+        "--encoder", default="resnet18", help="the Unet's smp encoder (default: resnet18)"
+    )
+    parser.add_argument(
+        "--channels-last",
+        default="on",
+        choices=("on", "off"),
+        help="train.channels_last / predict.channels_last: NHWC memory format (default: on)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own)"
