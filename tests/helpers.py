@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -188,4 +189,17 @@ def write_label_dataset(
         rle_class_column="ClassId",
         rle_column="EncodedPixels",
         rle_missing_is_empty=True,
+    )
+
+
+def layout_probe_conv(model: torch.nn.Module) -> torch.nn.Conv2d:
+    """A convolution whose weight layout tells NCHW from NHWC: grouped, 1x1 or one-channel
+    weights are contiguous in both."""
+    return next(
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.Conv2d)
+        and module.groups == 1
+        and module.kernel_size[0] > 1
+        and module.in_channels > 1
     )

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import layout_probe_conv
 
 from segflow.artifacts.predictions import merge_folds, nonempty_probs, write_prediction
 from segflow.artifacts.truths import original_truths
@@ -162,9 +163,8 @@ class _OutOfMemoryAbove(torch.nn.Module):
         return self.model(x)
 
 
-def test_a_batch_out_of_device_memory_is_retried_at_half_size_with_the_same_output() -> None:
-    from segflow.model.inference.predict import predict_rows_uncertain
-
+def _tiny_aux_model() -> torch.nn.Module:
+    """A seeded 1-channel Unet-mobilenet_v2 (depth 3) with the aux head, in eval mode."""
     torch.manual_seed(0)
     spec = ModelSpec(
         encoder="mobilenet_v2",
@@ -172,7 +172,13 @@ def test_a_batch_out_of_device_memory_is_retried_at_half_size_with_the_same_outp
         aux_head=True,
         extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
     )
-    model = build_model(spec).eval()
+    return build_model(spec).eval()
+
+
+def test_a_batch_out_of_device_memory_is_retried_at_half_size_with_the_same_output() -> None:
+    from segflow.model.inference.predict import predict_rows_uncertain
+
+    model = _tiny_aux_model()
     images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 1), dtype=np.uint8)
     rows = np.array([6, 0, 3, 1, 5, 2, 4])
     device = torch.device("cpu")
@@ -209,14 +215,7 @@ def test_predict_amp_is_bf16_or_off_in_the_options_and_the_schema() -> None:
 def test_channels_last_prediction_matches_the_contiguous_one_and_is_the_default() -> None:
     from segflow.model.inference.predict import predict_rows_uncertain
 
-    torch.manual_seed(0)
-    spec = ModelSpec(
-        encoder="mobilenet_v2",
-        in_channels=1,
-        aux_head=True,
-        extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-    )
-    model = build_model(spec).eval()
+    model = _tiny_aux_model()
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8)
     rows = np.arange(5)
     device = torch.device("cpu")
@@ -227,14 +226,7 @@ def test_channels_last_prediction_matches_the_contiguous_one_and_is_the_default(
 
     assert PredictOptions().channels_last is True
     nhwc = predict(True)
-    conv = next(  # a layout that NCHW and NHWC tell apart
-        m
-        for m in model.modules()
-        if isinstance(m, torch.nn.Conv2d)
-        and m.groups == 1
-        and m.kernel_size[0] > 1
-        and m.in_channels > 1
-    )
+    conv = layout_probe_conv(model)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     nchw = predict(False)
     assert conv.weight.is_contiguous()

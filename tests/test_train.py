@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import write_synthetic_arrays
+from helpers import layout_probe_conv, write_synthetic_arrays
 
 from segflow.core.errors import SegflowError
 from segflow.model.datasets import MemmapDataset, SegmentationArrays
@@ -692,14 +692,7 @@ def test_channels_last_reaches_the_cpu_model_and_its_inputs(
     original = train_module._FoldTrainer._forward
 
     def forward(self: Any, model: torch.nn.Module, images: torch.Tensor) -> Any:
-        conv = next(  # a layout that NCHW and NHWC tell apart
-            m
-            for m in model.modules()
-            if isinstance(m, torch.nn.Conv2d)
-            and m.groups == 1
-            and m.kernel_size[0] > 1
-            and m.in_channels > 1
-        )
+        conv = layout_probe_conv(model)
         seen.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
         return original(self, model, images)
 
