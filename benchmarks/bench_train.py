@@ -312,9 +312,13 @@ class Trainer:
         return cls(model, loss_fn, optimizer, setup.device, size, dtype, scaler, channels_last)
 
     def pad(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` padded to the model's size, in its memory format (channels-last or not)."""
         from segflow.model.datasets import pad_to_size
 
-        return pad_to_size(images, *self.size)[0]
+        padded = pad_to_size(images, *self.size)[0]
+        if self.channels_last:
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        return padded
 
     def step(self, images: torch.Tensor, masks: torch.Tensor, check_finite: bool = False) -> int:
         """One training step; returns the batch size. ``check_finite``: the trainer's per-batch
@@ -323,8 +327,6 @@ class Trainer:
 
         height, width = images.shape[-2:]
         padded = self.pad(images)
-        if self.channels_last:
-            padded = padded.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
         ):
@@ -415,10 +417,7 @@ def measure_tta(setup: Setup, trainer: Trainer, mode: str, seconds: float) -> Ra
     def predict(x: torch.Tensor) -> torch.Tensor:
         from segflow.model.datasets import crop_to
 
-        padded = trainer.pad(x)
-        if trainer.channels_last:
-            padded = padded.contiguous(memory_format=torch.channels_last)
-        return crop_to(model(padded), *x.shape[-2:]).sigmoid()
+        return crop_to(model(trainer.pad(x)), *x.shape[-2:]).sigmoid()
 
     with torch.inference_mode():
         for _ in range(2):
@@ -577,7 +576,8 @@ def run_size(args: argparse.Namespace, tmp: Path, size: int) -> dict[str, Any]:
     print_table(headers, _rate_rows(loader))
 
     print(
-        f"\n2. Training step: Unet-{args.encoder} (random weights), bce+dice, forward+loss+backward+step, fixed batch"
+        f"\n2. Training step: Unet-{args.encoder} (random weights), bce+dice, "
+        "forward+loss+backward+step, fixed batch"
     )
     print_table(headers, _rate_rows([step, *nan_check]))
     nan_cost = 1 - nan_check[1].images_per_s / nan_check[0].images_per_s

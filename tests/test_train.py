@@ -685,7 +685,7 @@ def test_validation_scores_from_device_counts_equal_the_per_batch_host_scores(
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_channels_last_reaches_the_cpu_model_and_its_inputs(
+def test_channels_last_reaches_the_cpu_model(
     arrays_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channels_last: bool
 ) -> None:
     seen: list[bool] = []
